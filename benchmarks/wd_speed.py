@@ -1,0 +1,201 @@
+"""Benchmark: streaming WD and vectorised MD against the per-neuron way of the paper's public code.
+
+Synthetic pre-activations, 65,536 tokens x 2,048 neurons (a tenth non-Gaussian: Student-t, negated lognormal,
+mixtures, shifted-after-the-first-batch). In one run it times:
+
+(a) the per-neuron baseline: ``scipy.stats.wasserstein_distance`` of each standardised neuron against a fresh
+    random N(0, 1) sample of the same size, over a 2-process ``multiprocessing`` pool (pool start-up not timed).
+    It is timed on a subset of neurons and extrapolated linearly to all of them (the output says so);
+(b) negmonitor's streaming path: ``NeuronStatsAccumulator`` fed 2,048-token batches, then ``compute()``
+    (which also gives mean, std, skew, kurtosis, negative fraction, min and max);
+
+and prints both times, the speed ratio, the largest absolute difference from the exact sort-based WD (for the
+streaming path and, on its subset, for the baseline), and the size of the streaming state. Then MD for all
+neurons with P = 1,000 pairs: ``mapping_difficulty`` against a per-neuron Python loop (numpy inside the loop).
+
+Run from the repository root::
+
+    python benchmarks/wd_speed.py            # full size, ~2-4 minutes on 2 cores
+    python benchmarks/wd_speed.py --quick    # 16,384 tokens x 512 neurons
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from negmonitor.metrics import (  # noqa: E402
+    NeuronStatsAccumulator,
+    mapping_difficulty,
+    sample_pairs,
+    wasserstein_to_gaussian_split,
+)
+
+BATCH = 2048
+
+
+def synthetic_activations(tokens: int, neurons: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian neurons with random mean/scale; every tenth neuron one of five non-Gaussian shapes."""
+    g = np.random.default_rng(seed)
+    x = g.standard_normal((tokens, neurons), dtype=np.float32)
+    x *= g.uniform(0.3, 3.0, neurons).astype(np.float32)
+    x += g.normal(-0.5, 1.0, neurons).astype(np.float32)
+    for k, j in enumerate(range(0, neurons, 10)):
+        kind = k % 5
+        if kind == 0:
+            col = g.standard_t(2.5, tokens)
+        elif kind == 1:
+            col = -g.lognormal(0.0, 1.0, tokens)
+        elif kind == 2:
+            col = np.where(g.random(tokens) < 0.3, g.normal(-3, 0.5, tokens), g.normal(1, 1, tokens))
+        elif kind == 3:
+            col = np.where(g.random(tokens) < 0.99, -0.2 + 0.01 * g.standard_normal(tokens),
+                           g.normal(2, 2, tokens))
+        else:
+            col = g.standard_normal(tokens)
+            col[BATCH:] += 4.0  # the first batch misleads the grid
+        x[:, j] = col
+    return torch.from_numpy(x)
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+def _scipy_one(args: tuple[np.ndarray, int]) -> float:
+    """The paper's per-neuron way: standardise, then W1 against a fresh N(0, 1) sample of the same size."""
+    column, seed = args
+    z = (column - column.mean()) / column.std()
+    gaussian = np.random.default_rng(seed).standard_normal(len(column))
+    return float(scipy.stats.wasserstein_distance(z, gaussian))
+
+
+def time_baseline(x: torch.Tensor, n_sample: int, processes: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Seconds for ``n_sample`` evenly spaced neurons over a pool, and their values and indices."""
+    idx = np.linspace(0, x.shape[1] - 1, n_sample).round().astype(int)
+    columns = [(np.ascontiguousarray(x[:, j].numpy(), dtype=np.float64), int(j)) for j in idx]
+    with mp.get_context("fork").Pool(processes) as pool:
+        pool.map(_scipy_one, columns[:processes])  # warm the workers (imports) outside the timing
+        start = time.perf_counter()
+        values = pool.map(_scipy_one, columns, chunksize=4)
+        seconds = time.perf_counter() - start
+    return seconds, np.array(values), idx
+
+
+# --------------------------------------------------------------------------------------------- streaming
+def time_streaming(x: torch.Tensor) -> tuple[float, float, dict[str, torch.Tensor], NeuronStatsAccumulator]:
+    acc = NeuronStatsAccumulator(x.shape[1])
+    start = time.perf_counter()
+    for s in range(0, x.shape[0], BATCH):
+        acc.update(x[s : s + BATCH])
+    updated = time.perf_counter()
+    stats = acc.compute()
+    done = time.perf_counter()
+    return updated - start, done - updated, stats, acc
+
+
+# -------------------------------------------------------------------------------------------------- MD
+def md_loop(x_a: np.ndarray, x_b: np.ndarray, y_a: np.ndarray, y_b: np.ndarray) -> np.ndarray:
+    """MD one neuron at a time (numpy over pairs inside a Python loop over neurons)."""
+    dx = np.linalg.norm(x_a - x_b, axis=1)
+    keep = dx > 0
+    d_in = dx[keep] / dx[keep].max()
+    md = np.full(y_a.shape[1], np.nan)
+    for j in range(y_a.shape[1]):
+        diff = np.abs(y_a[keep, j] - y_b[keep, j])
+        median = np.median(diff)
+        if median > 0:
+            md[j] = np.mean(diff / median / d_in)
+    return md
+
+
+def run_md(x: torch.Tensor, n_pairs: int, d_model: int, repeats: int = 3) -> None:
+    g = torch.Generator().manual_seed(1)
+    pairs = sample_pairs(x.shape[0], n_pairs, seed=0)
+    inputs = torch.randn(2 * n_pairs, d_model, generator=g)  # the pair tokens' MLP input vectors
+    x_a, x_b = inputs[:n_pairs], inputs[n_pairs:]
+    y_a, y_b = x[pairs[:, 0]].contiguous(), x[pairs[:, 1]].contiguous()
+    loop_args = [t.numpy() for t in (x_a, x_b, y_a, y_b)]
+    loop_s = min(_timed(lambda: md_loop(*loop_args)) for _ in range(repeats))
+    vec_s = min(_timed(lambda: mapping_difficulty(x_a, x_b, y_a, y_b)) for _ in range(repeats))
+    md, _ = mapping_difficulty(x_a, x_b, y_a, y_b)
+    diff = np.nanmax(np.abs(md.double().numpy() - md_loop(*loop_args)) / np.abs(md_loop(*loop_args)))
+    print(f"MD, {x.shape[1]:,} neurons, P = {n_pairs:,} pairs, d_model = {d_model} (best of {repeats}):")
+    print(f"  per-neuron Python loop (numpy inside): {loop_s * 1e3:9.1f} ms")
+    print(f"  mapping_difficulty (vectorised):       {vec_s * 1e3:9.1f} ms")
+    print(f"  speed-up: {loop_s / vec_s:.1f}x   (goal >= 20x)   max relative difference: {diff:.1e}")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="16,384 tokens x 512 neurons, 32-neuron baseline")
+    parser.add_argument("--tokens", type=int, default=None)
+    parser.add_argument("--neurons", type=int, default=None)
+    parser.add_argument("--baseline-neurons", type=int, default=None, help="neurons the scipy baseline runs on")
+    parser.add_argument("--processes", type=int, default=2, help="baseline pool size")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for negmonitor (default: torch's)")
+    args = parser.parse_args()
+    tokens = args.tokens or (16_384 if args.quick else 65_536)
+    neurons = args.neurons or (512 if args.quick else 2_048)
+    n_base = min(neurons, args.baseline_neurons or (32 if args.quick else 128))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"synthetic pre-activations: {tokens:,} tokens x {neurons:,} neurons (fp32), a tenth non-Gaussian")
+    print(f"machine: {mp.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
+          f"load average {' '.join(f'{v:.1f}' for v in _loadavg())}")
+    x = synthetic_activations(tokens, neurons)
+
+    base_s, base_vals, base_idx = time_baseline(x, n_base, args.processes)
+    base_all = base_s * neurons / n_base
+    print(f"\n(a) scipy.stats.wasserstein_distance per neuron vs a random N(0,1) sample, {args.processes}-process "
+          f"pool:\n    timed on {n_base} of {neurons:,} neurons: {base_s:.2f} s  ->  EXTRAPOLATED linearly to "
+          f"all {neurons:,}: {base_all:.1f} s")
+
+    upd_s, comp_s, stats, acc = time_streaming(x)
+    stream_s = upd_s + comp_s
+    print(f"(b) negmonitor NeuronStatsAccumulator, {BATCH:,}-token batches: update {upd_s:.2f} s + compute "
+          f"{comp_s:.2f} s = {stream_s:.2f} s for all {neurons:,} neurons")
+    print(f"    speed-up (a)/(b): {base_all / stream_s:.1f}x   (goal >= 50x)")
+
+    start = time.perf_counter()
+    exact = wasserstein_to_gaussian_split(x)
+    exact_s = time.perf_counter() - start
+    errs = {k: float((stats[k] - e).abs().max()) for k, e in zip(("wd", "wd_neg", "wd_pos"), exact)}
+    base_err = float(np.abs(base_vals - exact[0][torch.from_numpy(base_idx)].numpy()).max())
+    print(f"\naccuracy against the exact sort-based WD ({exact_s:.1f} s to compute exactly):")
+    print(f"    streaming: max |wd - exact| = {errs['wd']:.5f}, wd_neg {errs['wd_neg']:.5f}, "
+          f"wd_pos {errs['wd_pos']:.5f}   (bar 0.005)")
+    print(f"    scipy baseline (random-sample noise), on its {n_base} neurons: max |wd - exact| = {base_err:.5f}")
+    state = acc.state_bytes()
+    print(f"streaming state: {state:,} bytes = {state / 2**20:.1f} MiB for {neurons:,} neurons = "
+          f"{state / 2**20 / neurons * 1000:.1f} MiB per 1,000 neurons (goal <= 64), independent of token count\n")
+
+    run_md(x, n_pairs=1000 if tokens >= 2000 else tokens // 2, d_model=512)
+
+
+def _loadavg() -> tuple[float, float, float]:
+    try:
+        import os
+
+        return os.getloadavg()
+    except OSError:
+        return (float("nan"),) * 3
+
+
+if __name__ == "__main__":
+    main()

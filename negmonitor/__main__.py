@@ -1,0 +1,7 @@
+"""``python -m negmonitor`` runs the command line."""
+
+import sys
+
+from negmonitor.cli import main
+
+sys.exit(main())

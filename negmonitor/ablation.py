@@ -1,0 +1,546 @@
+"""The paper's Section 3 ablation protocol, its perplexity-matched control, and sweeps.
+
+:func:`run_protocol` evaluates a model under four conditions with the same intervention mode
+(``zero_negative`` by default):
+
+- ``baseline``: no intervention;
+- ``wasserstein``: the top ``fraction`` of neurons by WD in every layer;
+- ``random``: the same number of neurons per layer, drawn at random (seeded);
+- ``ppl_matched``: the bottom ``p`` of neurons by WD, with ``p`` found by bisection so that perplexity matches the
+  ``wasserstein`` perplexity within a relative tolerance (a fixed budget of perplexity evaluations; the closest
+  ``p`` is reported, with a warning, when the budget runs out).
+
+Each condition runs the same :class:`EvalSuite` (perplexity on a text, BLiMP and TSE minimal pairs, optional
+lm-eval tasks). The result is an :class:`AblationReport`: a table like the paper's A.2 (one row per condition:
+``ppl, blimp_acc, tse_acc, lm_eval:<task>, n_neurons, fraction``), per-suite breakdowns, the bisection trace and
+every selection, so each number can be traced to its neurons. :func:`layer_group_sweep` and
+:func:`fraction_sweep` reuse the same pieces. Everything is written atomically by :meth:`AblationReport.save`.
+
+Small samples keep it cheap enough to run inside training (the Lightning ``AblationMonitor``) and per checkpoint
+(replay).
+
+Example::
+
+    >>> suite = EvalSuite.build(tokenizer, ppl_text=text, blimp=load_blimp(dir, sample_per_uid=20))
+    >>> report = run_protocol(model, tokenizer, probe_result, suite, AblationSettings(fraction=0.01))
+    >>> print(report.to_markdown())
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
+from negmonitor.commands.common import check_fraction
+from negmonitor.errors import NegmonitorError
+from negmonitor.interventions import ablate, check_mode
+from negmonitor.selection import Selection, restrict_layers, select_neurons
+
+CONDITIONS = ("baseline", "wasserstein", "random", "ppl_matched")
+EVALUATIONS = ("ppl", "blimp", "tse", "lm_eval")
+BREAKDOWN_COLUMNS = ["suite", "level", "group", "accuracy", "n", "se"]
+
+
+@dataclass
+class AblationSettings:
+    """How the protocol runs.
+
+    Args:
+        fraction: fraction in (0, 1] of each layer's neurons in the ``wasserstein`` and ``random`` conditions.
+        mode: the intervention (see :mod:`negmonitor.interventions`).
+        metric: the per-neuron metric that ranks neurons (``wd``).
+        seed: seed of the random selection.
+        ppl_tolerance: relative perplexity difference that counts as matched (0.01 = 1%).
+        max_matching_evals: at most this many perplexity evaluations in the bisection.
+        batch_size: batch size of every evaluation.
+        per: rank within each ``layer`` or within groups of layers (``group``).
+        layers: restrict the selections to these layers (default all probed layers).
+        ppl_window: perplexity window (default: the model's maximum positions).
+        ppl_stride: perplexity stride (default: half the window).
+        lm_eval_limit: documents per lm-eval task (None: all).
+        lm_eval_task_dirs: folders of custom lm-eval task YAML files.
+        progress: show progress bars.
+    """
+
+    fraction: float = 0.01
+    mode: str = "zero_negative"
+    metric: str = "wd"
+    seed: int = 0
+    ppl_tolerance: float = 0.01
+    max_matching_evals: int = 12
+    batch_size: int = 8
+    per: str = "layer"
+    layers: tuple[int, ...] | None = None
+    ppl_window: int | None = None
+    ppl_stride: int | None = None
+    lm_eval_limit: int | float | None = None
+    lm_eval_task_dirs: tuple[str, ...] = ()
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_fraction(self.fraction, "fraction")
+        check_mode(self.mode)
+        if not (isinstance(self.ppl_tolerance, (int, float)) and self.ppl_tolerance > 0):
+            raise NegmonitorError(f"ppl_tolerance must be > 0, got {self.ppl_tolerance!r} — e.g. 0.01 for 1%")
+        if not isinstance(self.max_matching_evals, int) or self.max_matching_evals < 1:
+            raise NegmonitorError(f"max_matching_evals must be a positive integer, got {self.max_matching_evals!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise NegmonitorError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+
+@dataclass
+class EvalSuite:
+    """The evaluations run under every condition; leave out any that are not wanted.
+
+    Args:
+        ppl_ids: the perplexity text as one 1-D LongTensor of token ids (see :meth:`build`).
+        blimp: BLiMP pairs (:func:`negmonitor.evaluation.load_blimp`).
+        tse: TSE pairs (:func:`negmonitor.evaluation.load_tse`).
+        lm_eval_tasks: lm-eval task names.
+    """
+
+    ppl_ids: torch.Tensor | None = None
+    blimp: pd.DataFrame | None = None
+    tse: pd.DataFrame | None = None
+    lm_eval_tasks: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, tokenizer, ppl_text: str | Sequence[str] | torch.Tensor | None = None,
+              blimp: pd.DataFrame | None = None, tse: pd.DataFrame | None = None,
+              lm_eval_tasks: Sequence[str] = (), max_ppl_tokens: int | None = None) -> "EvalSuite":
+        """Tokenize the perplexity text once (keeping its first ``max_ppl_tokens`` tokens) and bundle the rest."""
+        ids = None if ppl_text is None else leading_tokens(tokenizer, ppl_text, max_ppl_tokens)
+        return cls(ids, blimp, tse, tuple(lm_eval_tasks))
+
+    @property
+    def names(self) -> list[str]:
+        """The evaluations this suite runs, in table order."""
+        present = {"ppl": self.ppl_ids is not None, "blimp": self.blimp is not None, "tse": self.tse is not None,
+                   "lm_eval": bool(self.lm_eval_tasks)}
+        return [name for name in EVALUATIONS if present[name]]
+
+
+def leading_tokens(tokenizer, text: str | Sequence[str] | torch.Tensor, n_tokens: int | None) -> torch.Tensor:
+    """The first ``n_tokens`` token ids of ``text`` (all if None), tokenizing only as much text as needed.
+
+    A long text is cut at a line break (else a space), where no token spans the cut, so the ids equal a prefix of
+    the whole text's; the cut doubles until it yields more than ``n_tokens`` tokens.
+    """
+    from negmonitor.evaluation.perplexity import token_stream
+
+    if n_tokens is None or not isinstance(text, str):
+        ids = token_stream(tokenizer, text)
+        return ids if n_tokens is None else ids[: int(n_tokens)]
+    chars = 8 * int(n_tokens)
+    while True:
+        cut = _cut_point(text, chars)
+        ids = token_stream(tokenizer, text[:cut])
+        if ids.numel() > n_tokens or cut >= len(text):
+            return ids[: int(n_tokens)]
+        chars *= 2
+
+
+def _cut_point(text: str, chars: int) -> int:
+    """An index at most ``chars`` into ``text`` just before a line break or space (the end if the text is short)."""
+    if chars >= len(text):
+        return len(text)
+    for sep in ("\n", " "):
+        cut = text.rfind(sep, 0, chars)
+        if cut > 0:
+            return cut
+    return chars
+
+
+@dataclass
+class Scores:
+    """One condition's numbers (``ppl``, ``blimp_acc``, ...) and its per-suite accuracy breakdown."""
+
+    metrics: dict[str, float]
+    breakdown: pd.DataFrame
+
+
+def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSettings,
+             include: Sequence[str] | None = None) -> Scores:
+    """Run the suite's evaluations (or only those in ``include``) on the model as it is now."""
+    wanted = [name for name in suite.names if include is None or name in include]
+    metrics: dict[str, float] = {}
+    frames = []
+    if "ppl" in wanted:
+        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings))
+    for name in ("blimp", "tse"):
+        if name in wanted:
+            value, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings)
+            metrics[f"{name}_acc"] = value
+            frames.append(table)
+    if "lm_eval" in wanted:
+        lm_metrics, table = _lm_eval(model, tokenizer, suite.lm_eval_tasks, settings)
+        metrics.update(lm_metrics)
+        frames.append(table)
+    breakdown = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BREAKDOWN_COLUMNS)
+    return Scores(metrics, breakdown)
+
+
+def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: AblationSettings) -> dict[str, float]:
+    from negmonitor.evaluation.perplexity import perplexity
+
+    result = perplexity(model, tokenizer, ids, window=settings.ppl_window, stride=settings.ppl_stride,
+                        batch_size=settings.batch_size)
+    return {"ppl": result.ppl, "nll": result.nll}
+
+
+def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame,
+                   settings: AblationSettings) -> tuple[float, pd.DataFrame]:
+    """Overall accuracy and the suite's accuracy levels (``suite, level, group, accuracy, n, se``)."""
+    from negmonitor.evaluation import blimp_accuracy, evaluate_pairs, tse_accuracy
+
+    scored = evaluate_pairs(model, tokenizer, pairs, batch_size=settings.batch_size)
+    table = (blimp_accuracy if suite == "blimp" else tse_accuracy)(scored)
+    table.insert(0, "suite", suite)
+    overall = table.loc[table["level"] == "overall", "accuracy"]
+    return float(overall.iloc[0]) if len(overall) else math.nan, table[BREAKDOWN_COLUMNS]
+
+
+def _lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str],
+             settings: AblationSettings) -> tuple[dict[str, float], pd.DataFrame]:
+    """One headline number per task (``acc`` with no filter when there is one) and every metric as breakdown."""
+    from negmonitor.evaluation import run_lm_eval
+
+    table = run_lm_eval(model, tokenizer, list(tasks), batch_size=settings.batch_size, limit=settings.lm_eval_limit,
+                        task_dirs=list(settings.lm_eval_task_dirs) or None)
+    metrics = {f"lm_eval:{task}": _headline(rows) for task, rows in table.groupby("task", sort=False)}
+    breakdown = pd.DataFrame({"suite": "lm_eval", "level": table["metric"] + "," + table["filter"],
+                              "group": table["task"], "accuracy": table["value"], "n": table["n_samples"],
+                              "se": table["stderr"]})
+    return metrics, breakdown
+
+
+def _headline(rows: pd.DataFrame) -> float:
+    """``acc`` (filter ``none``) if present, else the first metric."""
+    acc = rows[(rows["metric"] == "acc") & (rows["filter"] == "none")]
+    return float((acc if len(acc) else rows)["value"].iloc[0])
+
+
+def evaluate_under(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSettings,
+                   selection: Mapping | None, include: Sequence[str] | None = None) -> Scores:
+    """:func:`evaluate` with ``settings.mode`` applied to ``selection`` (None or empty: the clean model)."""
+    if not selection:
+        return evaluate(model, tokenizer, suite, settings, include)
+    with ablate(model, selection, settings.mode):
+        return evaluate(model, tokenizer, suite, settings, include)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Perplexity-matched control
+
+
+@dataclass
+class MatchResult:
+    """Outcome of the perplexity-matching bisection over the bottom-``p`` WD fraction.
+
+    ``matched`` is False when no evaluated ``p`` came within the tolerance; ``selection``, ``fraction`` and
+    ``ppl`` then describe the closest one. ``trace`` has one row per evaluation.
+    """
+
+    selection: Selection
+    fraction: float
+    ppl: float
+    target: float
+    matched: bool
+    n_evals: int
+    trace: pd.DataFrame
+
+    @property
+    def relative_error(self) -> float:
+        """``|ppl - target| / target`` of the chosen fraction."""
+        return abs(self.ppl - self.target) / self.target
+
+
+def match_perplexity(model: nn.Module, tokenizer, values: Mapping[int, torch.Tensor], suite: EvalSuite,
+                     target_ppl: float, settings: AblationSettings) -> MatchResult:
+    """Bisect the bottom-``p`` fraction (by ``values``) until perplexity is within tolerance of ``target_ppl``.
+
+    The first evaluation is ``p = 1`` (every ranked neuron): if even that stays below the target, no fraction can
+    match and the search stops. Otherwise ``p`` is bisected, assuming perplexity grows with ``p``; a fraction that
+    selects the same neurons as one already evaluated ends the search (the bracket cannot be refined further).
+    """
+    if suite.ppl_ids is None:
+        raise NegmonitorError("perplexity matching needs a perplexity text — add 'ppl' to the evaluations")
+    lo, hi, fraction = 0.0, 1.0, 1.0
+    seen: set[tuple] = set()
+    tried: list[tuple[float, Selection, float]] = []
+    for _ in range(settings.max_matching_evals):
+        selection = _bottom(values, fraction, settings)
+        key = tuple(sorted(selection.counts.items()))
+        if key in seen:
+            break
+        seen.add(key)
+        ppl = evaluate_under(model, tokenizer, suite, settings, selection, include=["ppl"]).metrics["ppl"]
+        tried.append((fraction, selection, ppl))
+        if abs(ppl - target_ppl) / target_ppl <= settings.ppl_tolerance or (fraction == 1.0 and ppl < target_ppl):
+            break
+        lo, hi = (fraction, hi) if ppl < target_ppl else (lo, fraction)
+        fraction = (lo + hi) / 2
+    trace = pd.DataFrame([{"eval": i + 1, "fraction": f, "n_neurons": sel.n_neurons, "ppl": p, "target": target_ppl,
+                           "rel_error": abs(p - target_ppl) / target_ppl} for i, (f, sel, p) in enumerate(tried)])
+    fraction, selection, ppl = min(tried, key=lambda t: abs(t[2] - target_ppl))
+    result = MatchResult(selection, fraction, ppl, target_ppl, False, len(tried), trace)
+    result.matched = result.relative_error <= settings.ppl_tolerance
+    if not result.matched:
+        warnings.warn(f"perplexity-matched control not matched within {settings.ppl_tolerance:.1%}: closest was "
+                      f"bottom {result.fraction:.2%} of neurons, perplexity {result.ppl:.3f} vs target "
+                      f"{target_ppl:.3f} ({result.relative_error:.1%} off) after {result.n_evals} evaluations — "
+                      "raise max_matching_evals or ppl_tolerance", stacklevel=2)
+    return result
+
+
+def _bottom(values: Mapping[int, torch.Tensor], fraction: float, settings: AblationSettings) -> Selection:
+    return select_neurons(values, how="bottom", frac=fraction, metric=settings.metric, per=settings.per,
+                          layers=settings.layers, label="ppl_matched")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The protocol
+
+
+@dataclass
+class AblationReport:
+    """Tables from :func:`run_protocol` or a sweep.
+
+    Attributes:
+        table: one row per condition (identifying columns first, then ``ppl, nll, blimp_acc, tse_acc,
+            lm_eval:<task>``).
+        breakdown: per-suite accuracies per condition (``condition, suite, level, group, accuracy, n, se``).
+        selections: every condition's neurons (:meth:`Selection.to_frame` rows plus ``condition``).
+        matching: the perplexity-matching trace (empty when not run).
+        meta: settings and the matching outcome.
+        name: file stem used by :meth:`save`.
+    """
+
+    table: pd.DataFrame
+    breakdown: pd.DataFrame
+    selections: pd.DataFrame
+    matching: pd.DataFrame = field(default_factory=pd.DataFrame)
+    meta: dict = field(default_factory=dict)
+    name: str = "ablation"
+
+    def to_markdown(self) -> str:
+        """The main table as a GitHub-flavoured markdown table."""
+        return markdown_table(self.table)
+
+    def save(self, directory: str | os.PathLike) -> dict[str, Path]:
+        """Write ``<name>.csv``, ``<name>.md``, ``<name>_breakdown.csv``, ``<name>_selections.parquet``,
+        ``<name>_matching.csv`` (if any) and ``<name>_meta.json`` atomically; return them by kind."""
+        out = Path(directory)
+        stem = out / self.name
+        paths = {
+            "table": write_text_atomic(self.table.to_csv(index=False), f"{stem}.csv"),
+            "markdown": write_text_atomic(self.to_markdown() + "\n", f"{stem}.md"),
+            "breakdown": write_text_atomic(self.breakdown.to_csv(index=False), f"{stem}_breakdown.csv"),
+            "selections": write_parquet_atomic(self.selections, f"{stem}_selections.parquet"),
+        }
+        if not self.matching.empty:
+            paths["matching"] = write_text_atomic(self.matching.to_csv(index=False), f"{stem}_matching.csv")
+        paths["meta"] = write_json_atomic(self.meta, f"{stem}_meta.json")
+        return paths
+
+
+@dataclass
+class _Condition:
+    """One row to evaluate: its identifying columns, and its neurons (None for the clean model)."""
+
+    columns: dict
+    selection: Selection | None
+    known: dict = field(default_factory=dict)  # metrics already measured (e.g. the matched perplexity)
+
+
+def run_protocol(model: nn.Module, tokenizer, result, suite: EvalSuite,
+                 settings: AblationSettings | None = None) -> AblationReport:
+    """Baseline, Wasserstein, random and perplexity-matched conditions on ``suite`` (see the module docstring).
+
+    Args:
+        result: a :class:`~negmonitor.result.ProbeResult`, a mapping layer → per-neuron metric values, or a
+            :class:`~negmonitor.probeset.ProbeSet` to probe the model with first.
+        suite: the evaluations; without a perplexity text there is no ``ppl_matched`` row.
+    """
+    settings = settings or AblationSettings()
+    values = neuron_values(model, tokenizer, result, settings)
+    top = _select(values, "top", settings.fraction, settings, label="wasserstein")
+    rand = _select(values, "random", settings.fraction, settings, label="random")
+    rows = _evaluate_conditions(model, tokenizer, suite, settings, [
+        _Condition({"condition": "baseline"}, None),
+        _Condition({"condition": "wasserstein"}, top),
+        _Condition({"condition": "random"}, rand),
+    ])
+    match = None
+    if "ppl" in suite.names:
+        target = next(s.metrics["ppl"] for s, c in rows if c.columns["condition"] == "wasserstein")
+        match = match_perplexity(model, tokenizer, values, suite, target, settings)
+        matched = _Condition({"condition": "ppl_matched"}, match.selection,
+                             {"ppl": match.ppl, "nll": math.log(match.ppl)})
+        rows += _evaluate_conditions(model, tokenizer, suite, settings, [matched])
+    report = _report(rows, settings, "ablation")
+    report.matching = match.trace if match is not None else pd.DataFrame()
+    report.meta["matching"] = _match_meta(match)
+    return report
+
+
+def neuron_values(model: nn.Module, tokenizer, result, settings: AblationSettings) -> dict[int, torch.Tensor]:
+    """Per-layer metric values from a ProbeResult, a mapping, or a ProbeSet (probed here)."""
+    from negmonitor.probeset import ProbeSet
+
+    if isinstance(result, ProbeSet):
+        from negmonitor.probe import probe
+
+        result = probe(model, result, layers=list(settings.layers) if settings.layers else None,
+                       tokenizer=tokenizer, batch_size=settings.batch_size, progress=settings.progress)
+    if isinstance(result, Mapping):
+        return {int(k): torch.as_tensor(v, dtype=torch.float64) for k, v in result.items()}
+    if hasattr(result, "values") and hasattr(result, "neurons"):
+        return result.values(settings.metric)
+    raise NegmonitorError(f"expected a ProbeResult, a ProbeSet or a mapping layer -> values, got "
+                          f"{type(result).__name__} — run negmonitor.probe first")
+
+
+def _select(values: Mapping[int, torch.Tensor], how: str, fraction: float, settings: AblationSettings,
+            label: str, layers: Sequence[int] | None = None) -> Selection:
+    return select_neurons(values, how=how, frac=fraction, metric=settings.metric, per=settings.per,
+                          seed=settings.seed, label=label, layers=layers if layers is not None else settings.layers)
+
+
+def _evaluate_conditions(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSettings,
+                         conditions: Sequence[_Condition]) -> list[tuple[Scores, _Condition]]:
+    """Evaluate each condition (skipping metrics it already knows); progress bar over conditions."""
+    from negmonitor.evaluation._common import progress_bar
+
+    out = []
+    for condition in progress_bar(conditions, settings.progress, total=len(conditions), desc="conditions"):
+        include = [n for n in suite.names if not (n == "ppl" and "ppl" in condition.known)]
+        scores = evaluate_under(model, tokenizer, suite, settings, condition.selection, include)
+        scores.metrics = {**condition.known, **scores.metrics}
+        out.append((scores, condition))
+    return out
+
+
+def _report(rows: list[tuple[Scores, _Condition]], settings: AblationSettings, name: str) -> AblationReport:
+    """Assemble the main table, the breakdown and the selections from evaluated conditions."""
+    table_rows, breakdowns, selections = [], [], []
+    for scores, condition in rows:
+        sel = condition.selection
+        row = {**condition.columns, "fraction": sel.fraction if sel is not None else 0.0,
+               "n_neurons": sel.n_neurons if sel is not None else 0, **scores.metrics}
+        table_rows.append(row)
+        breakdowns.append(_with_columns(scores.breakdown, condition.columns))
+        if sel is not None:
+            selections.append(_with_columns(sel.to_frame(), condition.columns))
+    table = pd.DataFrame(table_rows)
+    breakdown = pd.concat(breakdowns, ignore_index=True) if breakdowns else pd.DataFrame()
+    frame = pd.concat(selections, ignore_index=True) if selections else Selection({}).to_frame()
+    meta = {"settings": asdict(settings), "conditions": [r[1].columns for r in rows]}
+    return AblationReport(table, breakdown, frame, meta=meta, name=name)
+
+
+def _with_columns(df: pd.DataFrame, columns: dict) -> pd.DataFrame:
+    """``df`` with identifying columns put first."""
+    front = pd.DataFrame({k: [v] * len(df) for k, v in columns.items()}, index=df.index)
+    return pd.concat([front, df.drop(columns=[c for c in columns if c in df.columns])], axis=1)
+
+
+def _match_meta(match: MatchResult | None) -> dict:
+    if match is None:
+        return {"run": False}
+    return {"run": True, "matched": match.matched, "fraction": match.fraction, "ppl": match.ppl,
+            "target": match.target, "relative_error": match.relative_error, "n_evals": match.n_evals,
+            "n_neurons": match.selection.n_neurons}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def layer_group_sweep(model: nn.Module, tokenizer, result, suite: EvalSuite, group_size: int,
+                      settings: AblationSettings | None = None, how: Sequence[str] = ("top",)) -> AblationReport:
+    """Ablate groups of ``group_size`` consecutive layers: each group alone, and all groups up to it.
+
+    Rows: ``baseline``, then per group and selection kind (``how``: top/random/bottom by the metric) a row
+    with ``scope`` ``alone`` and, from the second group on, ``cumulative``. ``settings.fraction`` applies per
+    layer.
+    """
+    settings = settings or AblationSettings()
+    if not isinstance(group_size, int) or group_size < 1:
+        raise NegmonitorError(f"group_size must be a positive integer, got {group_size!r} — e.g. 2")
+    values = neuron_values(model, tokenizer, result, settings)
+    layers = sorted(restrict_layers(values, settings.layers))
+    groups = [layers[i:i + group_size] for i in range(0, len(layers), group_size)]
+    conditions = [_Condition({"condition": "baseline", "scope": "none", "group": "", "how": ""}, None)]
+    for kind in how:
+        for index, group in enumerate(groups):
+            cumulative = [layer for g in groups[: index + 1] for layer in g]
+            scopes = [("alone", group)] + ([("cumulative", cumulative)] if index > 0 else [])
+            for scope, chosen in scopes:
+                label = f"{kind}:{scope}:{_span(chosen)}"
+                columns = {"condition": label, "scope": scope, "group": _span(group), "how": kind}
+                selection = _select(values, kind, settings.fraction, settings, label=label, layers=chosen)
+                conditions.append(_Condition(columns, selection))
+    report = _report(_evaluate_conditions(model, tokenizer, suite, settings, conditions), settings, "layer_groups")
+    report.meta["group_size"] = group_size
+    return report
+
+
+def fraction_sweep(model: nn.Module, tokenizer, result, suite: EvalSuite, fractions: Sequence[float],
+                   settings: AblationSettings | None = None,
+                   how: Sequence[str] = ("top", "random", "bottom")) -> AblationReport:
+    """Evaluate the suite (usually perplexity only) with each ``how`` selection at each fraction, plus baseline."""
+    settings = settings or AblationSettings()
+    fractions = [check_fraction(f, "fraction") for f in fractions]
+    values = neuron_values(model, tokenizer, result, settings)
+    conditions = [_Condition({"condition": "baseline", "how": ""}, None)]
+    for kind in how:
+        for frac in fractions:
+            label = f"{kind}:{frac:g}"
+            conditions.append(_Condition({"condition": label, "how": kind},
+                                         _select(values, kind, frac, settings, label=label)))
+    return _report(_evaluate_conditions(model, tokenizer, suite, settings, conditions), settings, "fraction_sweep")
+
+
+def _span(layers: Sequence[int]) -> str:
+    """``[2, 3]`` → ``"2-3"``, ``[4]`` → ``"4"``."""
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
+    """A DataFrame as a GitHub-flavoured markdown table (floats to ``digits`` significant decimals)."""
+    header = [str(c) for c in df.columns]
+    body = [[_cell(v, digits) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def format_table(df: pd.DataFrame, digits: int = 4) -> str:
+    """A DataFrame as aligned plain text for the terminal."""
+    return df.to_string(index=False, float_format=lambda v: _cell(v, digits), na_rep="-")
+
+
+def _cell(value, digits: int) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+__all__ = ["AblationReport", "AblationSettings", "EvalSuite", "MatchResult", "Scores", "evaluate", "evaluate_under",
+           "fraction_sweep", "layer_group_sweep", "markdown_table", "match_perplexity", "neuron_values",
+           "run_protocol"]

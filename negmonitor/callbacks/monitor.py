@@ -1,0 +1,380 @@
+"""Lightning callbacks that measure Wasserstein neurons while a model trains.
+
+:class:`NegativeDifferentiationMonitor` runs one probe pass per scheduled step and logs every family of curves
+(WD and cohort, pair signs, weight drift, ablation damage). The single-purpose monitors
+(:class:`WassersteinMonitor`, :class:`PairSignMonitor`, :class:`WeightDriftMonitor`, :class:`AblationMonitor`) are
+the same machinery with one family switched on. Every value goes to TensorBoard (per-layer summaries) when the
+logger is a ``TensorBoardLogger``, and always to tidy parquet records under ``<log dir>/negmonitor/``.
+
+Example::
+
+    >>> from lightning import Trainer
+    >>> from negmonitor.callbacks import NegativeDifferentiationMonitor
+    >>> monitor = NegativeDifferentiationMonitor(probe="probe.txt", every_n_steps=500)
+    >>> trainer = Trainer(callbacks=[monitor])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from negmonitor.callbacks.schedule import Schedule
+from negmonitor.errors import NegmonitorError
+from negmonitor.monitoring import engine
+from negmonitor.monitoring import tensorboard as tb
+from negmonitor.monitoring.engine import MonitorSettings, MonitorState
+from negmonitor.probe import ProbeSettings
+from negmonitor.probeset import ProbeSet
+from negmonitor.records import RecordStore, scalar_rows
+
+FAMILIES = ("wd", "md", "moments", "jaccard", "health", "cohort", "pairs", "drift", "ablation")
+
+
+class NegativeDifferentiationMonitor(Callback):
+    """Measure WD, negative-side share, MD, pair signs, weight drift and ablation damage on a schedule.
+
+    Args:
+        probe: a :class:`ProbeSet`, a list of strings, a text file or folder, or a dataset id
+            (``ID[:CONFIG[:SPLIT]]``). The probe tokens are the same at every measurement.
+        every_n_steps: measure every N optimizer steps.
+        log_spaced_until: also measure at steps 0, 1, 2, 4, … up to this step (0: off).
+        at_end: measure when training ends.
+        tokenizer: the tokenizer (default: found as ``.tokenizer`` on the module or the datamodule).
+        model_attr: attribute of the LightningModule holding the transformers model (default: found automatically).
+        layers: layer indices to monitor (default: all).
+        probe_tokens, probe_window, n_pairs, seed, probe_batch_size: probe-set construction and pass settings.
+        cohort_frac: share of neurons per layer in the top-WD cohort followed for the whole run.
+        cohort_step: fix the cohort at the first measurement at or after this step (default: ``warmup_steps``).
+        warmup_steps: no cohort is fixed before this step.
+        ablation: :class:`~negmonitor.ablation.AblationSettings`, a dict of its fields, ``True`` (defaults) or
+            ``None`` (off).
+        ablation_every_n_steps: ablation cadence (default: ``every_n_steps``).
+        minimal_pairs: DataFrame of ``sentence_good``/``sentence_bad`` pairs for ablation accuracy (BLiMP- or
+            TSE-shaped), or ``"datamodule"`` to take the datamodule's ``minimal_pairs()``.
+        ppl_text: text (or list of texts) for the ablation perplexity.
+        media_every_n_steps: cadence of histograms, images and top-pair text (default: 5 × ``every_n_steps``).
+        log_dir: where records go (default: the logger's ``log_dir``, else the trainer's ``default_root_dir``).
+        run_name: the ``run`` column of the records (default: the log folder's name).
+        tokens_per_step: tokens per optimizer step (default: counted from the batches' ``input_ids`` shapes).
+        strict: re-raise a failure inside a measurement instead of warning and recording it.
+        families: which curve families to log (default: all).
+
+    Raises:
+        NegmonitorError: a setting is out of range (raised at construction).
+    """
+
+    def __init__(
+        self,
+        probe: Any = None,
+        every_n_steps: int = 500,
+        log_spaced_until: int = 0,
+        at_end: bool = True,
+        tokenizer: Any = None,
+        model_attr: str | None = None,
+        layers: Sequence[int] | None = None,
+        probe_tokens: int = 16_384,
+        probe_window: int = 256,
+        n_pairs: int = 1_000,
+        seed: int = 0,
+        probe_batch_size: int = 8,
+        cohort_frac: float = 0.05,
+        cohort_step: int | None = None,
+        warmup_steps: int = 0,
+        ablation: Any = None,
+        ablation_every_n_steps: int | None = None,
+        minimal_pairs: Any = None,
+        ppl_text: Any = None,
+        media_every_n_steps: int | None = None,
+        log_dir: str | os.PathLike | None = None,
+        run_name: str | None = None,
+        tokens_per_step: int | None = None,
+        strict: bool = False,
+        families: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < cohort_frac <= 1.0:
+            raise NegmonitorError(f"cohort_frac must be in (0, 1], got {cohort_frac} — e.g. 0.05 for the top 5%")
+        unknown = set(families or ()) - set(FAMILIES)
+        if unknown:
+            raise NegmonitorError(f"unknown families {sorted(unknown)} — choose from {', '.join(FAMILIES)}")
+        self.schedule = Schedule(every_n_steps, log_spaced_until, at_start=True, at_end=at_end)
+        self.probe_source = probe
+        self.tokenizer = tokenizer
+        self.model_attr = model_attr
+        self.probe_kwargs = dict(n_tokens=probe_tokens, window=probe_window, n_pairs=n_pairs, seed=seed)
+        self.families = tuple(families or FAMILIES)
+        self.settings = MonitorSettings(
+            layers=layers, cohort_frac=cohort_frac, cohort_step=cohort_step, warmup_steps=warmup_steps,
+            weight_drift="drift" in self.families,
+            probe=ProbeSettings(batch_size=probe_batch_size, top_neuron_frac=0.05, top_pairs=100),
+        )
+        self.ablation = None
+        if ablation is not None and ablation is not False and "ablation" in self.families:
+            from negmonitor.monitoring.ablation_rows import as_settings
+
+            self.ablation = as_settings(ablation)
+        self.ablation_every = ablation_every_n_steps or every_n_steps
+        self.minimal_pairs = minimal_pairs
+        self.ppl_text = ppl_text
+        self.media_every = media_every_n_steps if media_every_n_steps is not None else 5 * every_n_steps
+        self.log_dir = log_dir
+        self.run_name = run_name
+        self.tokens_per_step = tokens_per_step
+        self.strict = strict
+        self.state = MonitorState()
+        self.measured_steps: list[int] = []
+        self.tokens_seen = 0
+        self.timings: dict[str, float] = {}
+        self._probe_set: ProbeSet | None = None
+        self._store: RecordStore | None = None
+        self._writer: Any = None
+        self._hf_model: torch.nn.Module | None = None
+        self._ablation_baseline: dict | None = None
+
+    # -- Lightning hooks --------------------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.schedule.every_n_steps, families=self.families,
+                                        layers=self.settings.layers, cohort_frac=self.settings.cohort_frac,
+                                        seed=self.probe_kwargs["seed"])
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check the record folder and the logger before training starts."""
+        if stage != "fit":
+            return
+        root = Path(self.log_dir) if self.log_dir else Path(_log_dir(trainer))
+        self._store = RecordStore.for_logdir(root)
+        self.run_name = self.run_name or root.name
+        if trainer.is_global_zero:
+            from negmonitor.atomic import ensure_writable_dir
+
+            ensure_writable_dir(self._store.root, "negmonitor record folder")
+        self._writer = _tensorboard_writer(trainer)
+        if self._writer is None:
+            rank_zero_warn("negmonitor: no TensorBoardLogger on this Trainer; curves go to the parquet records "
+                           f"under {self._store.root} only")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Find the transformers model and tokenizer (built by now) and build the fixed probe set."""
+        self._hf_model = find_hf_model(pl_module, self.model_attr)
+        self.tokenizer = self.tokenizer or _find_tokenizer(pl_module, trainer)
+        if self.tokenizer is None:
+            raise NegmonitorError("no tokenizer found on the LightningModule or datamodule (.tokenizer) — pass "
+                                  "NegativeDifferentiationMonitor(tokenizer=...)")
+        datamodule = getattr(trainer, "datamodule", None)
+        source = self.probe_source
+        if source is None and hasattr(datamodule, "probe_texts"):
+            source = datamodule.probe_texts()
+        if isinstance(self.minimal_pairs, str) and self.minimal_pairs == "datamodule":
+            self.minimal_pairs = datamodule.minimal_pairs() if hasattr(datamodule, "minimal_pairs") else None
+        if self.ppl_text is None and hasattr(datamodule, "probe_texts"):
+            self.ppl_text = datamodule.probe_texts()
+        max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
+        self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Measure the starting point (step 0) when scheduled."""
+        step = trainer.global_step
+        if self.schedule.due(step) and step not in self.measured_steps:
+            self._measure(trainer, step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Count tokens (from shapes only) and measure when the step is scheduled."""
+        self._count_tokens(batch, trainer)
+        step = trainer.global_step
+        if self.schedule.due(step) and step not in self.measured_steps:
+            self._measure(trainer, step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Final measurement."""
+        if self.schedule.at_end and trainer.global_step not in self.measured_steps:
+            self._measure(trainer, trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state.to_dict(), "measured_steps": list(self.measured_steps),
+                "tokens_seen": self.tokens_seen, "ablation_baseline": self._ablation_baseline}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state = MonitorState.from_dict(state_dict.get("state", {}))
+        self.measured_steps = list(state_dict.get("measured_steps", []))
+        self.tokens_seen = int(state_dict.get("tokens_seen", 0))
+        self._ablation_baseline = state_dict.get("ablation_baseline")
+
+    @property
+    def record_key(self) -> str:
+        """Suffix of this instance's record files, so two monitors in one Trainer never overwrite each other."""
+        import hashlib
+
+        return hashlib.sha1(self.state_key.encode()).hexdigest()[:8]
+
+    # -- measurement ------------------------------------------------------------------------------------------
+
+    def _count_tokens(self, batch: Any, trainer: Trainer) -> None:
+        if self.tokens_per_step:
+            self.tokens_seen = trainer.global_step * self.tokens_per_step
+            return
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+        if isinstance(ids, torch.Tensor):
+            self.tokens_seen += int(ids.numel()) * trainer.world_size  # shape only: no device sync
+
+    def _measure(self, trainer: Trainer, step: int) -> None:
+        try:
+            self._measure_unguarded(trainer, step)
+        except NegmonitorError:
+            raise
+        except Exception as exc:  # a failed measurement must not end a long training run
+            if self.strict:
+                raise
+            rank_zero_warn(f"negmonitor: measurement at step {step} failed ({type(exc).__name__}: {exc}); "
+                           "training goes on, a 'health/measurement_failed' record is written")
+            if trainer.is_global_zero and self._store is not None:
+                rows = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
+                self._store.write_scalars(self.run_name, step, self.tokens_seen, rows, key=f"{self.record_key}-failed")
+        finally:
+            if step not in self.measured_steps:
+                self.measured_steps.append(step)
+
+    def _measure_unguarded(self, trainer: Trainer, step: int) -> None:
+        start = time.perf_counter()
+        measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
+                                              tokenizer=self.tokenizer, rank=trainer.global_rank,
+                                              world_size=trainer.world_size)
+        self.timings["probe"] = time.perf_counter() - start
+        scalars = measurement.scalars
+        if self._ablation_due(step):
+            start = time.perf_counter()
+            scalars = pd.concat([scalars, self._ablation_rows(measurement)], ignore_index=True)
+            self.timings["ablation"] = time.perf_counter() - start
+        if not trainer.is_global_zero:
+            return
+        start = time.perf_counter()
+        scalars = scalars[scalars.metric.map(_family).isin(self.families)]
+        key = self.record_key
+        self._store.write_scalars(self.run_name, step, self.tokens_seen, scalars, key=key)
+        self._store.write_neurons(self.run_name, step, self.tokens_seen, measurement.neurons, key=key)
+        if not measurement.result.top_pairs.empty and "pairs" in self.families:
+            top = _with_ids(measurement.result.top_pairs, self.run_name, step, self.tokens_seen)
+            self._store.write("pairs", top, step, key=key)
+        if self._writer is not None:
+            tb.log_scalars(self._writer, scalars, step)
+            if self._media_due(step):
+                tb.log_histograms(self._writer, measurement.neurons, step)
+                tb.log_images(self._writer, measurement.samples, step)
+                if "pairs" in self.families:
+                    tb.log_text(self._writer, measurement.result.top_pairs, step)
+            self._writer.flush()
+        self.timings["logging"] = time.perf_counter() - start
+
+    def _media_due(self, step: int) -> bool:
+        return step == 0 or (self.media_every > 0 and step % self.media_every == 0) or not self.measured_steps
+
+    def _ablation_due(self, step: int) -> bool:
+        return self.ablation is not None and (step == 0 or step % max(1, self.ablation_every) == 0)
+
+    def _ablation_rows(self, measurement: engine.Measurement) -> pd.DataFrame:
+        from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
+
+        return ablation_scalar_rows(self._hf_model, self.tokenizer, measurement.result, self.ablation,
+                                    self.minimal_pairs, self.ppl_text)
+
+
+class WassersteinMonitor(NegativeDifferentiationMonitor):
+    """WD, its negative-side share, MD and moments per layer, and the top-WD cohort (one probe pass)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("families", ("wd", "md", "moments", "jaccard", "health", "cohort"))
+        super().__init__(*args, **kwargs)
+
+
+class PairSignMonitor(NegativeDifferentiationMonitor):
+    """NN / PN / PP shares among the top pairs of the top-MD neurons, and top-pair tables."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("families", ("pairs", "md", "health"))
+        super().__init__(*args, **kwargs)
+
+
+class WeightDriftMonitor(NegativeDifferentiationMonitor):
+    """Weight drift (cosine dissimilarity between successive snapshots, layer-normalised) of the cohort vs the rest."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("families", ("drift", "cohort", "health"))
+        super().__init__(*args, **kwargs)
+
+
+class AblationMonitor(NegativeDifferentiationMonitor):
+    """Damage of sign-specific ablation (Wasserstein vs random vs perplexity-matched) over training."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("families", ("ablation", "health"))
+        if kwargs.get("ablation") is None:
+            from negmonitor.ablation import AblationSettings
+
+            kwargs["ablation"] = AblationSettings()
+        super().__init__(*args, **kwargs)
+
+
+def _family(metric: str) -> str:
+    return metric.split("/", 1)[0]
+
+
+def _with_ids(frame: pd.DataFrame, run: str, step: int, tokens_seen: int) -> pd.DataFrame:
+    out = frame.copy()
+    out.insert(0, "tokens_seen", tokens_seen)
+    out.insert(0, "step", step)
+    out.insert(0, "run", run)
+    return out
+
+
+def find_hf_model(pl_module: LightningModule, model_attr: str | None = None) -> torch.nn.Module:
+    """The transformers model inside ``pl_module`` (``model_attr``, or the first ``PreTrainedModel`` submodule)."""
+    from transformers import PreTrainedModel
+
+    if model_attr:
+        model = getattr(pl_module, model_attr, None)
+        if model is None:
+            raise NegmonitorError(f"the LightningModule has no attribute {model_attr!r} — fix model_attr")
+        return getattr(model, "_orig_mod", model)
+    for module in pl_module.modules():
+        candidate = getattr(module, "_orig_mod", module)
+        if isinstance(candidate, PreTrainedModel):
+            return candidate
+    raise NegmonitorError("no transformers PreTrainedModel found inside the LightningModule — pass "
+                          "model_attr='name_of_the_attribute'")
+
+
+def _find_tokenizer(pl_module: LightningModule, trainer: Trainer) -> Any:
+    for owner in (pl_module, getattr(trainer, "datamodule", None)):
+        tokenizer = getattr(owner, "tokenizer", None) if owner is not None else None
+        if tokenizer is not None:
+            return tokenizer
+    return None
+
+
+def _log_dir(trainer: Trainer) -> str:
+    logger = trainer.logger
+    for attr in ("log_dir", "save_dir"):
+        value = getattr(logger, attr, None) if logger is not None else None
+        if value:
+            return str(value)
+    return str(trainer.default_root_dir)
+
+
+def _tensorboard_writer(trainer: Trainer) -> Any:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment if trainer.is_global_zero else None
+    return None

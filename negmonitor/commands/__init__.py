@@ -1,0 +1,2 @@
+"""Sub-commands of the ``negmonitor`` command line, one module each."""
+

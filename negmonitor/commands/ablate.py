@@ -1,0 +1,226 @@
+"""``negmonitor ablate``: the paper's Section 3 protocol on one model, printed as an A.2-like table.
+
+Probes the model (or reads a saved probe), then evaluates baseline, Wasserstein (top ``--fraction`` by WD per
+layer), random (same count per layer) and perplexity-matched (bottom-p% by WD) conditions on perplexity, BLiMP,
+TSE and optional lm-eval tasks. Every table is written to ``--out`` as CSV and markdown, with the selections as
+parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+
+from negmonitor.commands.common import add_model_args, check_fraction, ensure_writable_dir, parse_layers
+from negmonitor.errors import NegmonitorError
+
+EVAL_NAMES = ("ppl", "blimp", "tse", "lm-eval:TASK1+TASK2")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``ablate`` sub-command."""
+    parser = sub.add_parser("ablate", help="sign-specific ablation of Wasserstein neurons vs controls",
+                            description="Ablate the top WD neurons of every layer and compare with random and "
+                                        "perplexity-matched controls on perplexity, BLiMP, TSE and lm-eval tasks.")
+    add_model_args(parser)
+    _add_ablation_args(parser)
+    _add_data_args(parser)
+    _add_probe_args(parser)
+    parser.add_argument("--out", required=True, help="folder for the tables")
+    parser.set_defaults(func=run)
+
+
+def _add_ablation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fraction", type=float, default=0.01, help="fraction of each layer's neurons (default 0.01)")
+    parser.add_argument("--mode", default="zero_negative",
+                        help="zero_negative (default), zero_positive, relu_positive, flip_negative_post, zero_neuron")
+    parser.add_argument("--metric", default="wd", help="per-neuron metric that ranks neurons (default wd)")
+    parser.add_argument("--eval", default=None,
+                        help="comma-separated evaluations: ppl, blimp, tse, lm-eval:TASK1+TASK2 (default ppl,blimp, "
+                             "plus tse when --tse is given)")
+    parser.add_argument("--ppl-tolerance", type=float, default=0.01, help="relative ppl match tolerance (default 0.01)")
+    parser.add_argument("--max-matching-evals", type=int, default=12, help="ppl evaluations for the matched control")
+    parser.add_argument("--layer-groups", type=int, default=None, metavar="G",
+                        help="also sweep groups of G consecutive layers (alone and cumulative)")
+    parser.add_argument("--fractions", default=None, metavar="F1,F2,..",
+                        help="also sweep perplexity (only) vs fraction for top, random and bottom neurons, "
+                             "e.g. 0.001,0.01,0.05")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text", default=None, help="perplexity text file (default: WikiText-2 raw validation, hub)")
+    parser.add_argument("--ppl-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    parser.add_argument("--blimp", default=None, help="folder of BLiMP <UID>.jsonl files (default: nyu-mll/blimp, hub)")
+    parser.add_argument("--tse", default=None, help="folder of the TSE pickles (needed for --eval tse)")
+    parser.add_argument("--sample", type=int, default=None, help="pairs per BLiMP UID / TSE construction (default all)")
+    parser.add_argument("--blimp-uids", default=None, help="comma-separated BLiMP UIDs (default all 67)")
+    parser.add_argument("--tse-constructions", default=None, help="comma-separated TSE constructions (default all)")
+    parser.add_argument("--lm-eval-limit", type=float, default=None, help="documents per lm-eval task")
+    parser.add_argument("--lm-eval-tasks-dir", default=None, help="folder of custom lm-eval task YAMLs")
+
+
+def _add_probe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--probe-text", default=None,
+                        help="probe text file or dataset id for WD (default: --text, else the probe default)")
+    parser.add_argument("--probe-result", default=None, help="reuse a `negmonitor probe --out` folder instead")
+    parser.add_argument("--tokens", type=int, default=32_768, help="probe token budget (default 32768)")
+    parser.add_argument("--window", type=int, default=512, help="tokens per probe window (clipped to the model)")
+    parser.add_argument("--layers", default=None, help="comma-separated layers to ablate (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the probe windows, samples and random control")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size of probe and evaluations")
+
+
+@dataclass
+class EvalRequest:
+    """Which evaluations the user asked for."""
+
+    names: list[str] = field(default_factory=list)
+    lm_eval_tasks: list[str] = field(default_factory=list)
+
+
+def parse_evals(text: str) -> EvalRequest:
+    """``"ppl,blimp,lm-eval:arc_easy+piqa"`` → names and lm-eval tasks; unknown names raise."""
+    request = EvalRequest()
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        name, _, tasks = part.partition(":")
+        if name in ("lm-eval", "lm_eval"):
+            request.lm_eval_tasks += [t for t in tasks.split("+") if t]
+            if not request.lm_eval_tasks:
+                raise NegmonitorError(f"--eval {part!r} names no task — write lm-eval:TASK1+TASK2")
+            name = "lm_eval"
+        elif name not in ("ppl", "blimp", "tse") or tasks:
+            raise NegmonitorError(f"unknown evaluation {part!r} in --eval — use any of {', '.join(EVAL_NAMES)}")
+        if name not in request.names:
+            request.names.append(name)
+    if not request.names:
+        raise NegmonitorError("--eval names no evaluation — e.g. --eval ppl,blimp,tse")
+    return request
+
+
+def _check_args(args: argparse.Namespace) -> tuple:
+    """Every check that needs no model, so a typo fails in the first second."""
+    from negmonitor.ablation import AblationSettings
+
+    check_fraction(args.fraction)
+    for flag in ("sample", "ppl_tokens", "layer_groups"):
+        _check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    settings = AblationSettings(
+        fraction=args.fraction, mode=args.mode, metric=args.metric, seed=args.seed, ppl_tolerance=args.ppl_tolerance,
+        max_matching_evals=args.max_matching_evals, batch_size=args.batch_size,
+        layers=tuple(parse_layers(args.layers)) if args.layers else None,
+        lm_eval_limit=_limit(args.lm_eval_limit),
+        lm_eval_task_dirs=(args.lm_eval_tasks_dir,) if args.lm_eval_tasks_dir else (), progress=True)
+    _check_metric(args.metric)
+    request = parse_evals(args.eval or ("ppl,blimp,tse" if args.tse else "ppl,blimp"))
+    if "tse" in request.names and args.tse is None:
+        raise NegmonitorError("--eval tse needs the TSE data — pass the folder of its pickles with --tse DIR")
+    fractions = [check_fraction(float(f), "--fractions") for f in _split_floats(args.fractions)]
+    return request, settings, fractions
+
+
+def _check_positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise NegmonitorError(f"{flag} must be a positive integer, got {value}")
+
+
+def _check_metric(metric: str) -> None:
+    from negmonitor.result import NEURON_COLUMNS
+
+    known = [c for c in NEURON_COLUMNS[2:] if c not in ("count", "nonfinite", "flagged")]
+    if metric not in known:
+        raise NegmonitorError(f"unknown --metric {metric!r} — use one of {', '.join(known)}")
+
+
+def _split_floats(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError as exc:
+        raise NegmonitorError(f"--fractions must be comma-separated numbers, got {text!r} — e.g. 0.01,0.05") from exc
+
+
+def _limit(value: float | None) -> int | float | None:
+    if value is None or math.isnan(value):
+        return None
+    return int(value) if value >= 1 else value
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check arguments, load, probe, run the protocol (and sweeps), print and write the tables."""
+    from negmonitor.ablation import EvalSuite, fraction_sweep, format_table, layer_group_sweep, run_protocol
+    from negmonitor.models import load_model
+
+    request, settings, fractions = _check_args(args)
+    out = ensure_writable_dir(args.out)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
+    suite = _build_suite(args, request, tokenizer)
+    values = _probe_values(args, model, tokenizer, settings, out)
+    print(f"ablating {args.model}{'@' + args.revision if args.revision else ''}: mode {settings.mode}, top "
+          f"{settings.fraction:g} of neurons by {settings.metric} per layer; evaluations {', '.join(suite.names)}")
+    reports = [run_protocol(model, tokenizer, values, suite, settings)]
+    if args.layer_groups:
+        reports.append(layer_group_sweep(model, tokenizer, values, suite, args.layer_groups, settings))
+    if fractions:
+        ppl_only = EvalSuite(ppl_ids=suite.ppl_ids) if suite.ppl_ids is not None else suite
+        reports.append(fraction_sweep(model, tokenizer, values, ppl_only, fractions, settings))
+    for report in reports:
+        report.meta.update(model=args.model, revision=args.revision)
+        print(f"\n{report.name}:\n{format_table(report.table)}")
+    _print_matching(reports[0].meta.get("matching", {}))
+    for report in reports:
+        for path in report.save(out).values():
+            print(f"wrote {path}")
+    return 0
+
+
+def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer):
+    """Load the evaluation data the user asked for (local folders, else the hub)."""
+    from negmonitor.ablation import EvalSuite
+    from negmonitor.evaluation import load_blimp, load_perplexity_text, load_tse
+
+    text = load_perplexity_text(args.text) if "ppl" in request.names else None
+    blimp = tse = None
+    if "blimp" in request.names:
+        blimp = load_blimp(args.blimp, uids=_names(args.blimp_uids), sample_per_uid=args.sample, seed=args.seed)
+    if "tse" in request.names:
+        tse = load_tse(args.tse, constructions=_names(args.tse_constructions), sample_per_construction=args.sample,
+                       seed=args.seed)
+    return EvalSuite.build(tokenizer, ppl_text=text, blimp=blimp, tse=tse, lm_eval_tasks=request.lm_eval_tasks,
+                           max_ppl_tokens=args.ppl_tokens)
+
+
+def _names(text: str | None) -> list[str] | None:
+    """``"a,b"`` → ``["a", "b"]``; None stays None (all)."""
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def _probe_values(args: argparse.Namespace, model, tokenizer, settings, out) -> dict:
+    """Per-layer metric values: from a saved probe, else a fresh probe pass (saved to ``out/probe``)."""
+    from negmonitor.probe import probe
+    from negmonitor.probeset import ProbeSet
+    from negmonitor.result import ProbeResult
+
+    if args.probe_result:
+        return ProbeResult.load(args.probe_result).values(settings.metric)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    probe_set = ProbeSet.build(args.probe_text or args.text, tokenizer, n_tokens=args.tokens, window=args.window,
+                               n_pairs=1_000 if settings.metric == "md" else 0, seed=args.seed,
+                               max_positions=max_positions)
+    print(f"probing on {probe_set.n_tokens} tokens ({probe_set.n_windows} windows of {probe_set.window}) from "
+          f"{probe_set.source}")
+    result = probe(model, probe_set, layers=list(settings.layers) if settings.layers else None, tokenizer=tokenizer,
+                   batch_size=settings.batch_size, progress=True)
+    result.meta.update(model=args.model, revision=args.revision)
+    print(f"probe tables written to {result.save(out / 'probe')}/ (reuse them with --probe-result)")
+    return result.values(settings.metric)
+
+
+def _print_matching(meta: dict) -> None:
+    if not meta.get("run"):
+        return
+    status = "matched" if meta["matched"] else "NOT matched (closest shown)"
+    print(f"\nperplexity-matched control: bottom {meta['fraction']:.2%} of neurons ({meta['n_neurons']}), "
+          f"ppl {meta['ppl']:.3f} vs target {meta['target']:.3f} ({meta['relative_error']:.2%} off), "
+          f"{status}, {meta['n_evals']} evaluations")

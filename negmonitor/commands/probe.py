@@ -1,0 +1,48 @@
+"""``negmonitor probe``: measure WD, MD and pair signs of one model and print a per-layer summary."""
+
+from __future__ import annotations
+
+import argparse
+
+from negmonitor.commands.common import add_model_args, add_probe_args, ensure_writable_dir, parse_layers, probe_source
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``probe`` sub-command."""
+    parser = sub.add_parser("probe", help="measure WD, MD and pair signs of a model's MLP neurons",
+                            description="Run probe text through a model once and write per-neuron, per-layer and "
+                                        "per-pair tables (parquet).")
+    add_model_args(parser)
+    add_probe_args(parser)
+    parser.add_argument("--out", required=True, help="folder for the tables")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, probe, print the summary and write the tables."""
+    from negmonitor.models import load_model
+    from negmonitor.probe import probe
+    from negmonitor.probeset import ProbeSet
+
+    out = ensure_writable_dir(args.out)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
+    layers = parse_layers(args.layers)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    probe_set = ProbeSet.build(probe_source(args), tokenizer, n_tokens=args.tokens, window=args.window,
+                               n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)
+    print(f"probing {args.model}{'@' + args.revision if args.revision else ''} on {probe_set.n_tokens} tokens "
+          f"({probe_set.n_windows} windows of {probe_set.window}) from {probe_set.source}")
+    result = probe(model, probe_set, layers=layers, tokenizer=tokenizer, batch_size=args.batch_size, progress=True)
+    result.meta.update(model=args.model, revision=args.revision)
+    result.save(out)
+    print(format_summary(result.layers))
+    print(f"tables written to {out}/ (neurons.parquet, layers.parquet, pairs.parquet, top_pairs.parquet, meta.json)")
+    return 0
+
+
+def format_summary(layers) -> str:
+    """Per-layer summary: max/mean WD, negative-side share, NN share, Jaccard of top-5% WD vs MD."""
+    columns = ["layer", "wd_max", "wd_mean", "wd_p99", "wd_neg_share", "md_mean", "nn_share", "jaccard_wd_md",
+               "nonfinite_tokens"]
+    shown = layers[[c for c in columns if c in layers.columns]]
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -1,0 +1,106 @@
+"""``negmonitor train --config training_configs/NAME.yaml [overrides]``: pretrain with the monitor attached.
+
+Built on ``LightningCLI``: model (``CausalLMModule``), data (``TextDataModule``), trainer and the monitor
+(``monitor:`` section, a :class:`~negmonitor.callbacks.NegativeDifferentiationMonitor`) all live in one YAML file,
+every key can be overridden on the command line (``--trainer.max_steps 100``), and the resolved config is saved as
+``config.yaml`` next to the logs. At the end it prints where the logs are and the headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from negmonitor.errors import NegmonitorError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` to ``negmonitor --help`` (its own arguments are parsed by LightningCLI)."""
+    parser = sub.add_parser("train", help="pretrain a model from a YAML config with the monitor attached",
+                            description="negmonitor train --config training_configs/tiny-neox-cpu.yaml "
+                                        "[--trainer.max_steps N ...]; `negmonitor train --help` lists every key.",
+                            add_help=False)
+    parser.set_defaults(func=lambda args: run_train([]))
+
+
+def build_cli(argv: Sequence[str], run: bool = False):
+    """Parse ``argv`` and instantiate model, datamodule, monitor and trainer (without fitting)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+    from negmonitor.train.datamodule import TextDataModule
+    from negmonitor.train.module import CausalLMModule
+
+    class TrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_lightning_class_args(NegativeDifferentiationMonitor, "monitor")
+
+    return TrainCLI(CausalLMModule, TextDataModule, args=list(argv), run=run,
+                    save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "negmonitor train"})
+
+
+def run_train(argv: Sequence[str]) -> int:
+    """Train, then print where the logs are and the headline numbers."""
+    argv = list(argv)
+    if not argv:
+        argv = ["--help"]
+    _check_config_exists(argv)
+    cli = build_cli(argv)
+    _prepare_vocab(cli)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    print(summary(cli.trainer))
+    return 0
+
+
+def _check_config_exists(argv: list[str]) -> None:
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("--config", "-c") and not Path(value).exists():
+            raise NegmonitorError(f"config file {value} does not exist — see training_configs/ for ready ones")
+
+
+def _prepare_vocab(cli) -> None:
+    """Give the model its tokenizer's vocabulary before fitting (the tokenizer is trained or loaded here)."""
+    datamodule = cli.datamodule
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if hasattr(cli.model, "configure_tokenizer"):
+        cli.model.configure_tokenizer(datamodule.tokenizer)
+
+
+def summary(trainer) -> str:
+    """Where the logs are, how to open them, and start/end values of the headline curves."""
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+    from negmonitor.records import RecordStore
+
+    monitors = [c for c in trainer.callbacks if isinstance(c, NegativeDifferentiationMonitor)]
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    lines = ["", "negmonitor: training finished", f"  TensorBoard logs: {log_dir}",
+             f"  open them with:   tensorboard --logdir {log_dir.parent}"]
+    for monitor in monitors:
+        if monitor._store is None:
+            continue
+        lines.append(f"  records:          {monitor._store.root}")
+        lines += headline_lines(RecordStore(monitor._store.root).read_scalars())
+    return "\n".join(lines)
+
+
+HEADLINES = [("wd/cohort_mean", "cohort mean WD (all layers)"), ("wd/rest_mean", "rest mean WD (all layers)"),
+             ("wd/neg_share", "negative-side share of WD"), ("pairs/nn_share", "NN share of top pairs"),
+             ("ablation/ppl_ratio/wasserstein", "ppl ratio, Wasserstein ablation"),
+             ("ablation/ppl_ratio/random", "ppl ratio, random ablation"),
+             ("ablation/acc_drop/grammar/wasserstein", "minimal-pair acc. drop, Wasserstein"),
+             ("ablation/acc_drop/grammar/random", "minimal-pair acc. drop, random")]
+
+
+def headline_lines(scalars) -> list[str]:
+    """``metric: first -> last`` lines for the whole-model headline curves that exist."""
+    lines = []
+    model_wide = scalars[scalars.layer == -1]
+    for metric, label in HEADLINES:
+        rows = model_wide[model_wide.metric == metric].sort_values("step")
+        if len(rows):
+            first, last = rows.iloc[0], rows.iloc[-1]
+            lines.append(f"  {label:<38} step {int(first.step):>5}: {first.value:8.4f}   "
+                         f"step {int(last.step):>5}: {last.value:8.4f}")
+    return lines

@@ -1,0 +1,242 @@
+"""Perplexity of a causal language model, by the standard sliding-window method.
+
+The text is tokenized into one stream (several texts are joined with ``"\\n\\n"``, as in the Hugging Face
+perplexity guide; no special tokens are added). Windows of ``window`` tokens start every ``stride`` tokens;
+each window scores only the tokens that the previous window did not score, so with ``stride < window`` every token
+except the first is scored exactly once, with between ``window - stride`` and ``window - 1`` tokens of context
+(the first window's tokens with less). ``stride == window`` gives disjoint chunks, each scored on its own: a
+chunk's first token has no context and is not scored (nor counted). ``stride == 1`` gives every token a full
+window of context. ``n_tokens`` counts exactly the tokens scored. The window never exceeds the model's maximum
+number of positions.
+
+The returned ``nll`` is the mean negative log-likelihood per scored token (nats) and ``ppl = exp(nll)``.
+
+Example::
+
+    >>> text = load_perplexity_text("../shared/data/wikitext-2/valid.txt")
+    >>> result = perplexity(model, tokenizer, text, window=512, stride=256)
+    >>> result.ppl, result.n_tokens
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from negmonitor.errors import NegmonitorError
+from negmonitor.evaluation._common import (
+    check_batch_size,
+    check_lm,
+    chunks,
+    eval_mode,
+    is_masked_lm,
+    load_hub_dataset,
+    max_positions,
+    model_device,
+    pad_token_id,
+    progress_bar,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+DEFAULT_DATASET = "wikitext"
+DEFAULT_CONFIG = "wikitext-2-raw-v1"
+SEPARATOR = "\n\n"
+_TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".text")
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity ``ppl = exp(nll)``, mean negative log-likelihood ``nll`` (nats/token), scored tokens ``n_tokens``."""
+
+    ppl: float
+    nll: float
+    n_tokens: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The three numbers as a plain dict."""
+        return {"ppl": self.ppl, "nll": self.nll, "n_tokens": self.n_tokens}
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows ``(begin, end, first_scored)`` over ``n_tokens`` tokens (Hugging Face's sliding-window method).
+
+    Window ``k`` covers tokens ``[k * stride, min(k * stride + window, n_tokens))`` and scores the tokens from the
+    previous window's end (at least ``begin + 1``, since a token needs context) to its own end.
+    """
+    spans, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            spans.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return spans
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts_or_token_ids: str | Sequence[str] | Sequence[int] | torch.Tensor,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Sliding-window perplexity of ``model`` on a text, a list of texts (joined) or a 1-D sequence of token ids.
+
+    Args:
+        window: tokens per window; default and maximum: the model's maximum positions.
+        stride: step between window starts; default ``window // 2``. Must be in ``[1, window]``.
+        batch_size: windows per forward pass (the result does not depend on it).
+        device: where to run; default the model's device.
+        progress: show a tqdm bar over batches.
+
+    Raises:
+        NegmonitorError: for a masked LM, fewer than two tokens, or a window/stride out of range.
+    """
+    check_lm(model)
+    if is_masked_lm(model):
+        raise NegmonitorError(f"perplexity needs a causal LM, got {type(model).__name__} — use a decoder model")
+    check_batch_size(batch_size)
+    ids = token_stream(tokenizer, texts_or_token_ids)
+    if ids.numel() < 2:
+        raise NegmonitorError(f"the text has {ids.numel()} token(s); perplexity needs at least 2 — pass more text")
+    window, stride = _resolve_window(model, tokenizer, window, stride)
+    spans = sliding_windows(ids.numel(), window, stride)
+    total_nll, n_scored = _score_spans(model, ids, spans, batch_size, model_device(model, device),
+                                       pad_token_id(tokenizer), progress)
+    nll = total_nll / n_scored
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_scored)
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase,
+                 texts_or_token_ids: str | Sequence[str] | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The input as one 1-D LongTensor of token ids (texts joined with ``"\\n\\n"``, no special tokens added)."""
+    data = texts_or_token_ids
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 2 and data.shape[0] == 1:
+            data = data[0]
+        if data.dim() != 1:
+            raise NegmonitorError(f"token ids must be 1-D, got shape {tuple(data.shape)} — pass one token stream")
+        return data.long().cpu()
+    if isinstance(data, str):
+        text = data
+    else:
+        items = list(data)
+        if items and all(isinstance(x, numbers.Integral) for x in items):
+            return torch.tensor([int(x) for x in items], dtype=torch.long)
+        if not all(isinstance(x, str) for x in items):
+            raise NegmonitorError("expected a text, a list of texts or a list of token ids — pass one of those")
+        text = SEPARATOR.join(items)
+    encoded = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(encoded, dtype=torch.long)
+
+
+def _resolve_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase, window: int | None,
+                    stride: int | None) -> tuple[int, int]:
+    """Default and check the window length and stride against the model's maximum positions."""
+    limit = max_positions(model, tokenizer)
+    if window is None:
+        if limit is None:
+            raise NegmonitorError("cannot tell the model's maximum input length — pass window=N explicitly")
+        window = limit
+    if not isinstance(window, int) or window < 2:
+        raise NegmonitorError(f"window must be an integer >= 2, got {window!r} — pass e.g. window=512")
+    if limit is not None and window > limit:
+        raise NegmonitorError(f"window {window} exceeds the model's {limit} positions — pass window={limit} or less")
+    stride = window // 2 if stride is None else stride
+    if not isinstance(stride, int) or not 1 <= stride <= window:
+        raise NegmonitorError(f"stride must be an integer in [1, window={window}], got {stride!r} — "
+                              f"pass e.g. stride={window // 2}")
+    return window, stride
+
+
+def _score_spans(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]], batch_size: int,
+                 device: torch.device, pad_id: int, progress: bool) -> tuple[float, int]:
+    """Summed NLL (float64) and count of the scored tokens over all windows."""
+    total, count = 0.0, 0
+    batches = list(chunks(spans, batch_size))
+    with eval_mode(model), torch.no_grad():
+        for batch in progress_bar(batches, progress, total=len(batches), desc="perplexity"):
+            nll, n = _score_batch(model, ids, batch, device, pad_id)
+            total, count = total + nll, count + n
+    return total, count
+
+
+def _score_batch(model: nn.Module, ids: torch.Tensor, batch: Sequence[tuple[int, int, int]], device: torch.device,
+                 pad_id: int) -> tuple[float, int]:
+    """One forward pass over a batch of windows, right-padded; returns summed NLL of scored tokens and their count."""
+    length = max(end - begin for begin, end, _ in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), length), dtype=torch.long)
+    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    for row, (begin, end, first) in enumerate(batch):
+        input_ids[row, : end - begin] = ids[begin:end]
+        attention[row, : end - begin] = 1
+        labels[row, first - begin: end - begin] = ids[first:end]
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    targets = labels[:, 1:].to(logits.device)
+    scored = targets != -100  # only the scored positions go through the (float32) softmax
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="sum")
+    return float(nll.double()), int(scored.sum())
+
+
+def load_perplexity_text(source: str | os.PathLike | None = None, name: str | None = None,
+                         split: str = "validation") -> str:
+    """The evaluation text: a local text file, a folder of text files, or a ``datasets`` hub id.
+
+    ``source=None`` loads WikiText-2 (raw) validation from the hub (``"wikitext"``, ``"wikitext-2-raw-v1"``).
+    Hub rows are joined with ``"\\n\\n"`` (the Hugging Face perplexity guide's convention); a folder's ``*.txt``
+    files are read in name order and joined the same way.
+
+    Raises:
+        NegmonitorError: missing file, empty folder, or a hub dataset that cannot be loaded (e.g. offline).
+    """
+    if source is None:
+        source = DEFAULT_DATASET
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.is_dir():
+        return _read_text_dir(path)
+    if _looks_like_path(str(source)):
+        raise NegmonitorError(f"no such file or folder: {source} — pass an existing text file with --text FILE")
+    return _load_hub_text(str(source), name, split)
+
+
+def _looks_like_path(source: str) -> bool:
+    """True if ``source`` is meant as a local path rather than a hub id."""
+    return source.startswith(("/", ".", "~")) or source.endswith(_TEXT_SUFFIXES)
+
+
+def _read_text_dir(path: Path) -> str:
+    """All text files of a folder, in name order, joined with blank lines."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _TEXT_SUFFIXES)
+    if not files:
+        raise NegmonitorError(f"no text files ({', '.join(_TEXT_SUFFIXES)}) in {path} — pass a text file with --text")
+    return SEPARATOR.join(p.read_text(encoding="utf-8") for p in files)
+
+
+def _load_hub_text(dataset: str, name: str | None, split: str) -> str:
+    """A hub dataset's text column joined with ``"\\n\\n"``."""
+    if name is None and dataset in (DEFAULT_DATASET, "Salesforce/wikitext"):
+        name = DEFAULT_CONFIG
+    data = load_hub_dataset(dataset, name, split, fix="pass a local text file with --text FILE")
+    column = "text" if "text" in data.column_names else next(
+        (c for c, f in data.features.items() if getattr(f, "dtype", None) in ("string", "large_string")), None)
+    if column is None:
+        raise NegmonitorError(f"{dataset!r} has no text column — pass a local text file with --text FILE")
+    return SEPARATOR.join(data[column])

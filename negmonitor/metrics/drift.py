@@ -1,0 +1,63 @@
+"""Per-neuron weight drift between two snapshots of a layer's input weights ``[n_neurons, d_in]``.
+
+Two views of how far each neuron's weight row moved: its direction (cosine dissimilarity ``1 − cos``) and its
+size (L2 norm of the change); each also divided by the layer mean over neurons, so layers of different scale
+compare.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from negmonitor.errors import NegmonitorError
+
+__all__ = ["weight_drift"]
+
+
+def weight_drift(prev: Tensor, cur: Tensor) -> dict[str, Tensor]:
+    """Per-neuron drift from ``prev`` to ``cur`` (both ``[n_neurons, d_in]``); fp64 ``[n_neurons]`` each.
+
+    Returns:
+        ``cos_dissim`` (``1 − cos``, NaN for a zero row in either snapshot), ``l2`` (``‖cur − prev‖``), and
+        ``cos_dissim_norm`` / ``l2_norm``: the same divided by their mean over neurons (NaNs ignored; NaN when
+        that mean is 0 or undefined).
+
+    Raises:
+        NegmonitorError: if the shapes differ or are not 2-D.
+    """
+    if prev.dim() != 2 or prev.shape != cur.shape:
+        raise NegmonitorError(
+            f"weight snapshots must both be [n_neurons, d_in] of the same shape, got {tuple(prev.shape)} and "
+            f"{tuple(cur.shape)}"
+        )
+    p, c = prev.detach().double(), cur.detach().to(device=prev.device, dtype=torch.float64)
+    l2 = torch.linalg.vector_norm(c - p, dim=1)
+    cos_dissim = _cosine_dissimilarity(p, c)
+    return {
+        "cos_dissim": cos_dissim,
+        "l2": l2,
+        "cos_dissim_norm": _over_mean(cos_dissim),
+        "l2_norm": _over_mean(l2),
+    }
+
+
+def _cosine_dissimilarity(p: Tensor, c: Tensor) -> Tensor:
+    """``1 − cos(p, c)`` per row as ``‖p̂ − ĉ‖² / 2`` (no cancellation for tiny angles); NaN for zero rows."""
+    norm_p = torch.linalg.vector_norm(p, dim=1, keepdim=True)
+    norm_c = torch.linalg.vector_norm(c, dim=1, keepdim=True)
+    ok = ((norm_p > 0) & (norm_c > 0)).squeeze(1)
+    unit_p = p / torch.where(norm_p > 0, norm_p, 1.0)
+    unit_c = c / torch.where(norm_c > 0, norm_c, 1.0)
+    dissim = 0.5 * (unit_p - unit_c).square().sum(dim=1)
+    return torch.where(ok, dissim, math.nan)
+
+
+def _over_mean(values: Tensor) -> Tensor:
+    """``values / nanmean(values)``; all NaN when the mean is 0 or there is no finite value."""
+    mean = values.nanmean()
+    if not bool(torch.isfinite(mean)) or float(mean) == 0.0:
+        return torch.full_like(values, math.nan)
+    return values / mean

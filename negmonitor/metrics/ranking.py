@@ -1,0 +1,61 @@
+"""Ranking helpers: the top or bottom fraction of neurons by a metric, and the overlap of two selections.
+
+NaN values (neurons a metric could not be computed for) are never selected, so a selection means "the highest
+(lowest) measured values", and at least one neuron is selected whenever one has a value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from negmonitor.errors import NegmonitorError
+
+__all__ = ["top_k_indices", "bottom_k_indices", "jaccard", "count_for_fraction"]
+
+
+def count_for_fraction(n: int, frac: float) -> int:
+    """How many of ``n`` items a fraction selects: ``floor(frac · n)``, at least 1 (0 when ``n`` is 0)."""
+    _check_fraction(frac)
+    if n <= 0:
+        return 0
+    return max(1, min(n, int(math.floor(frac * n + 1e-9))))
+
+
+def _check_fraction(frac: float) -> None:
+    if not (isinstance(frac, (int, float)) and 0.0 < float(frac) <= 1.0):
+        raise NegmonitorError(f"fraction must be in (0, 1], got {frac}")
+
+
+def _ranked(values: Tensor, frac: float, descending: bool) -> Tensor:
+    values = torch.as_tensor(values).detach().reshape(-1)
+    k = count_for_fraction(values.numel(), frac)
+    valid = (~torch.isnan(values)).nonzero().squeeze(1) if values.is_floating_point() else torch.arange(
+        values.numel(), device=values.device)
+    order = torch.sort(values[valid], descending=descending, stable=True).indices
+    return valid[order[: min(k, valid.numel())]].long()
+
+
+def top_k_indices(values: Tensor, frac: float) -> Tensor:
+    """Indices of the largest ``frac`` of ``values`` (``floor(frac·n)``, at least 1), largest first; NaNs skipped.
+
+    Raises:
+        NegmonitorError: if ``frac`` is not in (0, 1].
+    """
+    return _ranked(values, frac, descending=True)
+
+
+def bottom_k_indices(values: Tensor, frac: float) -> Tensor:
+    """Indices of the smallest ``frac`` of ``values`` (at least 1), smallest first; NaNs skipped."""
+    return _ranked(values, frac, descending=False)
+
+
+def jaccard(a: Tensor | Iterable[int], b: Tensor | Iterable[int]) -> float:
+    """Jaccard index ``|A ∩ B| / |A ∪ B|`` of two index sets; NaN when both are empty."""
+    set_a = set(torch.as_tensor(list(a) if not isinstance(a, Tensor) else a).reshape(-1).tolist())
+    set_b = set(torch.as_tensor(list(b) if not isinstance(b, Tensor) else b).reshape(-1).tolist())
+    union = set_a | set_b
+    return len(set_a & set_b) / len(union) if union else math.nan

@@ -1,0 +1,456 @@
+"""Streaming per-neuron statistics: moments, negative fraction and the Wasserstein distance to N(0, 1).
+
+:class:`NeuronStatsAccumulator` sees each batch of pre-activations ``[tokens, neurons]`` once and keeps only
+fixed-size, summable state, so a probe pass never stores activations and DDP's sum-reduction gives the
+single-process answer.
+
+How WD streams (one pass):
+    ``W1 = ∫|F − Φ|`` needs the CDF of the *standardised* values, but the mean and std are only known at the end.
+    So the histogram lives in raw units on a grid fixed by the first batch: per neuron a centre ``c`` (median) and
+    a unit ``u`` (robust spread), and ``d = (x − c) / u``. The bins are *log-spaced* in ``|d|`` on each side of
+    the centre: the float16 code of ``d``, made monotone and shifted right, keeps the sign, the exponent and the
+    top mantissa bits, so a bin is a fixed fraction (1/32 at the default 2048 bins) of its distance from ``c``,
+    from ``2^-24 u`` to ``65504 u``; values beyond are kept as exact count-and-sum tails. Being relative, the grid
+    keeps its resolution near the bulk when later batches are wider, narrower or shifted.
+    Each bin keeps its count and the sum of the dropped low code bits, i.e. the bin's centroid (at float16
+    precision, a 1e-5 effect on WD). Collapsing a bin's mass to its centroid leaves ``∫F`` over the bin unchanged,
+    so the only error comes from bins inside which ``F − Φ`` changes sign; tails are exact. At compute time the
+    centroids are standardised with the exact moments and
+    :func:`~negmonitor.metrics.wasserstein.w1_points_to_gaussian` integrates the point masses exactly.
+    Count and low-bit sum share one int64 per bin, so the hot loop is a single ``scatter_add_`` per block of
+    neurons over ``neuron * n_bins + bin`` indices.
+
+Measured against the exact sort-based value: max absolute error about 0.002 at 2048 bins on neurons of 16k
+tokens (Gaussian, heavy-tailed, multimodal, skewed, near-constant, shifted), inside the 0.005 target.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from negmonitor.errors import NegmonitorError
+from negmonitor.metrics.wasserstein import w1_points_to_gaussian
+
+__all__ = ["NeuronStatsAccumulator", "SUPPORTED_N_BINS"]
+
+# float16 codes: 16 bits; shifting right by r leaves 2^(16-r) bins (both signs), 2^(10-r) per octave.
+SUPPORTED_N_BINS = (512, 1024, 2048, 4096, 8192)
+_FP16_MAX = 65504.0  # |d| at or beyond this goes to the exact tail sums instead of a bin
+_MAX_ROWS = 1 << 16  # token rows per internal chunk: fp32 sums of a chunk's signs stay exact
+
+
+def _nan_aware_max(stacked: Tensor) -> Tensor:
+    """DDP/merge reduction for grid states: the (shared) value of the ranks whose grid is set (NaN = unset)."""
+    filled = torch.where(torch.isnan(stacked), -math.inf, stacked).amax(dim=0)
+    return torch.where(torch.isinf(filled) & (filled < 0), math.nan, filled)
+
+
+class NeuronStatsAccumulator(Metric):
+    """Per-neuron moments, negative fraction and WD to N(0, 1) over a stream of ``[tokens, neurons]`` batches.
+
+    State is fixed-size (one int64 per bin plus a few vectors: 16 KiB per neuron at the default) and reduced by
+    sum/min/max, so DDP gives the single-process answer; every rank must share the histogram grid, which
+    the first :meth:`update` broadcasts from rank 0 when ``torch.distributed`` is initialised (so every rank must
+    call :meth:`update` at least once), or which :meth:`set_grid` sets explicitly.
+
+    Args:
+        n_neurons: number of neurons (last axis of every batch).
+        n_bins: histogram bins per neuron, one of :data:`SUPPORTED_N_BINS`; 2048 gives bins 1/32 of the distance
+            from the grid centre wide (WD error about 0.002); each doubling cuts the error about 3-4x. A bin holds
+            up to 2^((63 - log2(65536 / n_bins)) // 2) values (2^29 at 2048 bins) per measurement.
+        min_count: neurons with fewer finite values get NaN WD and moments.
+        block_elements: CPU batches are processed in blocks of about this many elements (cache-sized
+            temporaries); on GPU a batch is one block.
+        sync_grid: broadcast rank 0's grid at the first update under ``torch.distributed``.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Raises:
+        NegmonitorError: for a bad ``n_neurons``, ``n_bins`` or ``min_count``, or a batch of the wrong width.
+
+    Example::
+
+        >>> acc = NeuronStatsAccumulator(n_neurons=3)
+        >>> acc.update(torch.randn(4096, 3))
+        >>> sorted(acc.compute())[:4]
+        ['count', 'kurtosis', 'max', 'mean']
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    center: Tensor
+    inv_unit: Tensor
+    hist: Tensor
+    tails: Tensor
+    power_sums: Tensor
+    count: Tensor
+    nonfinite: Tensor
+    negative: Tensor
+    min_value: Tensor
+    max_value: Tensor
+
+    def __init__(
+        self,
+        n_neurons: int,
+        n_bins: int = 2048,
+        min_count: int = 2,
+        block_elements: int = 1 << 17,
+        sync_grid: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if n_neurons < 1:
+            raise NegmonitorError(f"n_neurons must be at least 1, got {n_neurons}")
+        if n_bins not in SUPPORTED_N_BINS:
+            raise NegmonitorError(f"n_bins must be one of {SUPPORTED_N_BINS}, got {n_bins}")
+        if min_count < 1:
+            raise NegmonitorError(f"min_count must be at least 1, got {min_count}")
+        self.n_neurons, self.n_bins, self.min_count = int(n_neurons), int(n_bins), int(min_count)
+        self.block_elements, self.sync_grid = int(block_elements), bool(sync_grid)
+        self._code_shift = 16 - int(math.log2(n_bins))
+        self._count_bits = (63 - self._code_shift) // 2  # packed bin: count << low_bits | sum of low code bits
+        self._low_bits = 63 - self._count_bits
+        self._grid_set = False
+        n = self.n_neurons
+        self.add_state("center", torch.full((n,), math.nan), dist_reduce_fx=_nan_aware_max)
+        self.add_state("inv_unit", torch.full((n,), math.nan), dist_reduce_fx=_nan_aware_max)
+        self.add_state("hist", torch.zeros(n * n_bins, dtype=torch.long), dist_reduce_fx="sum")
+        # Exact tails beyond |d| = 65504: count and sum of d below and above.
+        self.add_state("tails", torch.zeros(4, n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("power_sums", torch.zeros(4, n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("nonfinite", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("negative", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("min_value", torch.full((n,), math.inf), dist_reduce_fx="min")
+        self.add_state("max_value", torch.full((n,), -math.inf), dist_reduce_fx="max")
+
+    # ----------------------------------------------------------------------------------------------- grid
+    @property
+    def grid(self) -> tuple[Tensor, Tensor]:
+        """``(center, unit)`` per neuron, raw units (NaN until the first update or :meth:`set_grid`)."""
+        return self.center.clone(), (1.0 / self.inv_unit.double()).float()
+
+    def copy_grid(self, other: "NeuronStatsAccumulator") -> None:
+        """Use exactly ``other``'s grid, so the two states can be merged. Call before updating."""
+        if other.n_neurons != self.n_neurons or other.n_bins != self.n_bins:
+            raise NegmonitorError("copy_grid needs an accumulator with the same n_neurons and n_bins")
+        if not other._grid_ready():
+            raise NegmonitorError("the other accumulator has no grid yet — update it (or set_grid) first")
+        self._check_no_data()
+        self.center = other.center.clone()
+        self.inv_unit = other.inv_unit.clone()
+        self._grid_set = True
+
+    def set_grid(self, center: Tensor, unit: Tensor) -> None:
+        """Fix the histogram grid: per-neuron centre and (positive) unit, raw units. Call before updating."""
+        center = torch.as_tensor(center, dtype=torch.float32, device=self.center.device).expand(self.n_neurons)
+        unit = torch.as_tensor(unit, dtype=torch.float32, device=self.center.device).expand(self.n_neurons)
+        if not (torch.isfinite(center).all() and torch.isfinite(unit).all() and (unit > 0).all()):
+            raise NegmonitorError("grid centre must be finite and unit finite and positive for every neuron")
+        self._check_no_data()
+        self.center = center.clone()
+        self.inv_unit = (1.0 / unit).clone()
+        self._grid_set = True
+
+    def init_grid(self, x: Tensor) -> None:
+        """Set the grid from a calibration batch ``[tokens, neurons]`` (median and robust spread per neuron)."""
+        center, unit = _grid_from_batch(self._as_rows(x))
+        center, unit = self._broadcast_grid(center, unit)
+        self.set_grid(center, unit)
+
+    def _broadcast_grid(self, center: Tensor, unit: Tensor) -> tuple[Tensor, Tensor]:
+        """Under ``torch.distributed`` every rank takes rank 0's grid, so histogram states sum across ranks."""
+        dist = torch.distributed
+        if not (self.sync_grid and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return center, unit
+        packed = torch.stack([center.float(), unit.float()])
+        group = self.process_group
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast(packed, src=src, group=group)
+        return packed[0], packed[1]
+
+    def _check_no_data(self) -> None:
+        if bool(self.count.sum() + self.nonfinite.sum() > 0):
+            raise NegmonitorError("cannot change the histogram grid after update() — call reset() first")
+
+    def _shift(self, j0: int = 0, j1: int | None = None) -> Tensor:
+        """``−c/u`` as used in fp32 by the update: ``d = x/u − c/u``."""
+        return -(self.center[j0:j1] * self.inv_unit[j0:j1])
+
+    def _grid_ready(self) -> bool:
+        if not self._grid_set:
+            self._grid_set = bool(torch.isfinite(self.center[:1]).all())
+        return self._grid_set
+
+    # --------------------------------------------------------------------------------------------- update
+    def _as_rows(self, x: Tensor) -> Tensor:
+        x = x.detach()
+        if x.dim() < 1 or x.shape[-1] != self.n_neurons:
+            raise NegmonitorError(
+                f"expected pre-activations [tokens, {self.n_neurons}], got shape {tuple(x.shape)}"
+            )
+        x = x.reshape(-1, self.n_neurons)
+        if not x.is_floating_point():
+            raise NegmonitorError(f"expected floating-point pre-activations, got {x.dtype}")
+        return x.to(device=self.center.device, dtype=torch.float32)
+
+    def update(self, x: Tensor) -> None:
+        """Add a batch ``[tokens, neurons]`` (any float dtype; leading axes are flattened)."""
+        rows = self._as_rows(x)
+        if rows.shape[0] == 0:
+            return
+        if not self._grid_ready():
+            self.init_grid(rows)
+        step = self.n_neurons if rows.device.type != "cpu" else max(1, self.block_elements // rows.shape[0])
+        for r0 in range(0, rows.shape[0], _MAX_ROWS):
+            chunk = rows[r0 : r0 + _MAX_ROWS]
+            for j0 in range(0, self.n_neurons, step):
+                self._update_block(chunk[:, j0 : j0 + step], j0)
+
+    def forward(self, x: Tensor) -> None:  # type: ignore[override]
+        """Same as :meth:`update` (a per-batch WD would need its own grid; call :meth:`compute` at the end)."""
+        self.update(x)
+
+    def _update_block(self, xb: Tensor, j0: int) -> None:
+        """Accumulate one block of neurons ``[tokens, nb]``: fast fp32 path, exact fp64 path if needed."""
+        j1 = j0 + xb.shape[1]
+        inv, shift = self.inv_unit[j0:j1], self._shift(j0, j1)
+        x_min, x_max = xb.amin(dim=0), xb.amax(dim=0)
+        d_lo, d_hi = x_min * inv + shift, x_max * inv + shift
+        if not bool(((d_lo > -_FP16_MAX) & (d_hi < _FP16_MAX)).all()):  # non-finite, or tails beyond the bins
+            self._update_block_exact(xb, j0)
+            return
+        d = torch.addcmul(shift, xb, inv)  # (x - c) / u
+        self.power_sums[:, j0:j1] += _centred_power_sums(d)
+        self._add_to_histogram(d, None, j0, j1)
+        self.count[j0:j1] += xb.shape[0]
+        self.negative[j0:j1] -= torch.sign(xb).clamp_(max=0).sum(dim=0).long()
+        self.min_value[j0:j1] = torch.minimum(self.min_value[j0:j1], x_min)
+        self.max_value[j0:j1] = torch.maximum(self.max_value[j0:j1], x_max)
+
+    def _update_block_exact(self, xb: Tensor, j0: int) -> None:
+        """Slow path in fp64 with masks: non-finite values are counted and skipped; far tails summed exactly."""
+        j1 = j0 + xb.shape[1]
+        x64 = xb.double()
+        finite = torch.isfinite(x64)
+        d64 = torch.where(finite, x64 * self.inv_unit[j0:j1].double() + self._shift(j0, j1).double(), 0.0)
+        powers = d64
+        for k in range(4):
+            self.power_sums[k, j0:j1] += powers.sum(dim=0)
+            powers = powers * d64
+        below, above = finite & (d64 <= -_FP16_MAX), finite & (d64 >= _FP16_MAX)
+        for row, mask in ((0, below), (2, above)):
+            self.tails[row, j0:j1] += mask.sum(dim=0)
+            self.tails[row + 1, j0:j1] += torch.where(mask, d64, 0.0).sum(dim=0)
+        binned = finite & ~below & ~above
+        self._add_to_histogram(torch.where(binned, d64, 0.0).float(), binned, j0, j1)
+        self.count[j0:j1] += finite.sum(dim=0)
+        self.nonfinite[j0:j1] += (~finite).sum(dim=0)
+        self.negative[j0:j1] += (finite & (x64 < 0)).sum(dim=0)
+        self.min_value[j0:j1] = torch.minimum(self.min_value[j0:j1], torch.where(finite, xb, math.inf).amin(dim=0))
+        self.max_value[j0:j1] = torch.maximum(self.max_value[j0:j1], torch.where(finite, xb, -math.inf).amax(dim=0))
+
+    def _add_to_histogram(self, d: Tensor, mask: Tensor | None, j0: int, j1: int) -> None:
+        """One ``scatter_add_`` over ``neuron * n_bins + bin``, adding ``1 << low_bits | low code bits``."""
+        code = d.half().view(torch.int16)
+        ordered = code ^ ((code >> 15) & 0x7FFF)  # two's-complement order == float order
+        offsets = torch.arange(j1 - j0, device=d.device) * self.n_bins + self.n_bins // 2
+        index = torch.add(ordered >> self._code_shift, offsets)  # int16 + int64 -> int64
+        packed = (ordered & ((1 << self._code_shift) - 1)).long() + (1 << self._low_bits)
+        if mask is not None:
+            packed = torch.where(mask, packed, 0)
+        self.hist[j0 * self.n_bins : j1 * self.n_bins].scatter_add_(0, index.view(-1), packed.view(-1))
+
+    # -------------------------------------------------------------------------------------------- compute
+    def compute(self) -> dict[str, Tensor]:
+        """Per-neuron ``wd, wd_neg, wd_pos, mean, std, skew, kurtosis, neg_frac, count, nonfinite, min, max``.
+
+        NaN WD, mean, std, skew and kurtosis for neurons with fewer than ``min_count`` finite values; a constant
+        neuron has its mean, std 0 and NaN WD, skew and kurtosis.
+        """
+        n = self.n_neurons
+        count = self.count.double()
+        inv = self.inv_unit.double()
+        mu_d, m2, m3, m4 = _central_moments(self.power_sums, count)
+        enough = self.count >= self.min_count
+        spread = (self.max_value > self.min_value) & (m2 > 0) & enough
+        nan = torch.full((n,), math.nan, dtype=torch.float64, device=count.device)
+        safe_m2 = torch.where(spread, m2, 1.0)
+        out = {
+            "mean": torch.where(enough, (mu_d - self._shift().double()) / inv, nan),
+            "std": torch.where(spread, safe_m2.sqrt() / inv, torch.where(enough, 0.0, nan)),
+            "skew": torch.where(spread, m3 / safe_m2**1.5, nan),
+            "kurtosis": torch.where(spread, m4 / safe_m2**2 - 3.0, nan),
+        }
+        if bool(self.count.max() >= 1 << self._count_bits):
+            raise NegmonitorError(
+                f"a neuron saw {int(self.count.max())} values, more than the {1 << self._count_bits} the "
+                f"{self.n_bins}-bin histogram can hold — use fewer probe tokens per measurement or more bins"
+            )
+        counts, low_sums = _unpack(self.hist.view(n, -1), self._low_bits)
+        wd = _histogram_wd(counts, low_sums, self.tails, mu_d, safe_m2.sqrt(), self._code_shift)
+        for key, value in zip(("wd", "wd_neg", "wd_pos"), wd):
+            out[key] = torch.where(spread, value, nan)
+        out["neg_frac"] = torch.where(self.count > 0, self.negative.double() / count.clamp(min=1), nan)
+        out["count"] = self.count.clone()
+        out["nonfinite"] = self.nonfinite.clone()
+        out["min"] = torch.where(self.count > 0, self.min_value.double(), nan)
+        out["max"] = torch.where(self.count > 0, self.max_value.double(), nan)
+        return {key: out[key] for key in _OUTPUT_ORDER}
+
+    def state_bytes(self) -> int:
+        """Bytes held by the state tensors (independent of the number of tokens seen)."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self._defaults)
+
+    # ---------------------------------------------------------------------------------------------- merge
+    def reset(self) -> None:
+        """Clear all state, the grid included (the next update picks a new grid)."""
+        super().reset()
+        self._grid_set = False
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Add another accumulator's state (same grid required; an empty one is ignored)."""
+        state = incoming_state.metric_state if isinstance(incoming_state, Metric) else incoming_state
+        incoming_ready = bool(torch.isfinite(state["center"][:1]).all())
+        if incoming_ready and self._grid_ready():
+            if not (torch.equal(state["center"], self.center) and torch.equal(state["inv_unit"], self.inv_unit)):
+                raise NegmonitorError(
+                    "cannot merge accumulators with different histogram grids — "
+                    "give them the same grid first (copy_grid(other) before updating)"
+                )
+        for name in self._defaults:
+            setattr(self, name, _reduce_pair(self._reductions[name], getattr(self, name), state[name]))
+        self._grid_set = False  # re-read from the merged state
+        self._computed = None  # drop torchmetrics' cached result
+        if isinstance(incoming_state, Metric):
+            self._update_count += incoming_state._update_count
+
+
+_OUTPUT_ORDER = ("wd", "wd_neg", "wd_pos", "mean", "std", "skew", "kurtosis", "neg_frac", "count", "nonfinite",
+                 "min", "max")
+
+
+def _reduce_pair(reduce_fn: Any, local: Tensor, incoming: Tensor) -> Tensor:
+    """Combine one state with another's the way DDP sync would (sum, min, max or the grid reduction)."""
+    incoming = incoming.to(local.device)
+    if reduce_fn is _nan_aware_max:
+        return _nan_aware_max(torch.stack([local, incoming]))
+    if getattr(reduce_fn, "__name__", "") == "dim_zero_min":
+        return torch.minimum(local, incoming)
+    if getattr(reduce_fn, "__name__", "") == "dim_zero_max":
+        return torch.maximum(local, incoming)
+    return local + incoming
+
+
+def _grid_from_batch(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Grid centre (median) and unit (MAD·1.4826, else std, else |centre|/1024, else 1) from finite values."""
+    x64 = x.double()
+    finite = torch.isfinite(x64)
+    masked = torch.where(finite, x64, math.nan)
+    center = torch.nan_to_num(masked.nanmedian(dim=0).values, nan=0.0)
+    mad = (masked - center).abs().nanmedian(dim=0).values * 1.4826
+    n = finite.sum(dim=0).clamp(min=1)
+    mean = torch.where(finite, x64, 0.0).sum(dim=0) / n
+    std = (torch.where(finite, x64 - mean, 0.0).square().sum(dim=0) / n).sqrt()
+    unit = torch.nan_to_num(mad, nan=0.0)
+    unit = torch.where(unit > 0, unit, std)
+    unit = torch.where(unit > 0, unit, center.abs() / 1024.0)
+    unit = torch.where(unit > 0, unit, 1.0)
+    tiny = center.abs() * 2.0**-40 + 1e-30  # keep (x - c) / u inside fp32 for any sane later value
+    return center.float(), torch.maximum(unit, tiny).float()
+
+
+def _centred_power_sums(d: Tensor) -> Tensor:
+    """``[4, nb]`` fp64 sums of ``d^1..d^4``: block-centred powers in fp32, expanded in fp64.
+
+    Centring on the block mean keeps the fp32 powers well conditioned; the binomial expansion back to powers of
+    ``d`` (which sum across blocks and ranks) is done per neuron in fp64.
+    """
+    t = d.shape[0]
+    m = d.mean(dim=0)
+    e = d - m
+    e2 = e * e
+    se, c2 = e.sum(dim=0).double(), e2.sum(dim=0).double()
+    c3, c4 = (e2 * e).sum(dim=0).double(), (e2 * e2).sum(dim=0).double()
+    m = m.double()
+    p1 = se + t * m
+    p2 = c2 + 2 * m * se + t * m**2
+    p3 = c3 + 3 * m * c2 + 3 * m**2 * se + t * m**3
+    p4 = c4 + 4 * m * c3 + 6 * m**2 * c2 + 4 * m**3 * se + t * m**4
+    return torch.stack([p1, p2, p3, p4])
+
+
+def _central_moments(power_sums: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean and 2nd-4th central moments (fp64) from raw power sums about the grid centre."""
+    n = count.clamp(min=1)
+    r1, r2, r3, r4 = (power_sums[k] / n for k in range(4))
+    mu = r1
+    m2 = (r2 - mu**2).clamp(min=0.0)
+    m3 = r3 - 3 * mu * r2 + 2 * mu**3
+    m4 = r4 - 4 * mu * r3 + 6 * mu**2 * r2 - 3 * mu**4
+    return mu, m2, m3, m4
+
+
+def _bin_index(d: Tensor, shift: int, n_bins: int) -> Tensor:
+    """Bin of each ``d`` (as in the update): monotone float16 code shifted right; int64 in ``[0, n_bins)``."""
+    code = d.half().view(torch.int16)
+    ordered = code ^ ((code >> 15) & 0x7FFF)
+    return (ordered >> shift).long() + n_bins // 2
+
+
+def _bin_geometry(shift: int, n_bins: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per bin, the value of its lowest float16 code and the step between its codes (``d`` units, fp64).
+
+    Codes within a bin share an exponent, so value = lowest + (low bits) · step exactly. Bins of the inf/NaN
+    codes never fill (those values go to the tails); they get position ±65504 and step 0.
+    """
+    ordered = (torch.arange(n_bins, device=device) - n_bins // 2) << shift
+
+    def value(o: Tensor) -> Tensor:
+        code = torch.where(o < 0, o ^ 0x7FFF, o).to(torch.int16)
+        return code.view(torch.float16).double()
+
+    low, nxt = value(ordered), value(ordered + 1)
+    usable = torch.isfinite(low) & torch.isfinite(nxt)
+    edge = torch.where(ordered < 0, -_FP16_MAX, _FP16_MAX).double()
+    return torch.where(usable, low, edge), torch.where(usable, nxt - low, 0.0)
+
+
+def _unpack(packed: Tensor, low_bits: int) -> tuple[Tensor, Tensor]:
+    """Split packed bins into (count, sum of low code bits), both fp64."""
+    return (packed >> low_bits).double(), (packed & ((1 << low_bits) - 1)).double()
+
+
+def _histogram_wd(
+    counts: Tensor, low_sums: Tensor, tails: Tensor, mu_d: Tensor, sd_d: Tensor, shift: int, chunk: int = 256
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact W1 to N(0, 1) of the bin centroids and the two tail centroids, standardised; chunked over neurons."""
+    n, n_bins = counts.shape
+    low, step = _bin_geometry(shift, n_bins, counts.device)
+    outs = [torch.empty(n, dtype=torch.float64, device=counts.device) for _ in range(3)]
+    for j0 in range(0, n, chunk):
+        j1 = min(n, j0 + chunk)
+        c = counts[j0:j1]
+        centroid = low + torch.where(c > 0, low_sums[j0:j1] / c.clamp(min=1), 0.0) * step
+        below_n, below_s, above_n, above_s = tails[:, j0:j1]
+        below = torch.where(below_n > 0, below_s / below_n.clamp(min=1), -_FP16_MAX).clamp(max=-_FP16_MAX)
+        above = torch.where(above_n > 0, above_s / above_n.clamp(min=1), _FP16_MAX).clamp(min=_FP16_MAX)
+        points = torch.cat([below[:, None], centroid, above[:, None]], dim=1)
+        weights = torch.cat([below_n[:, None], c, above_n[:, None]], dim=1)
+        # Empty bins outside the data collapse onto the extreme centroids: zero-length segments, so no rounding
+        # noise from integrating out to ±65504 units and back.
+        filled = weights > 0
+        first = torch.where(filled, points, math.inf).amin(dim=1, keepdim=True)
+        last = torch.where(filled, points, -math.inf).amax(dim=1, keepdim=True)
+        points = torch.minimum(torch.maximum(points, first), last).nan_to_num(0.0)
+        z = (points - mu_d[j0:j1, None]) / sd_d[j0:j1, None]
+        cdf = (weights.cumsum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1))[:, :-1]
+        for out, part in zip(outs, w1_points_to_gaussian(z, cdf)):
+            out[j0:j1] = part
+    return outs[0], outs[1], outs[2]

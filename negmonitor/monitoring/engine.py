@@ -1,0 +1,228 @@
+"""One measurement of a model at a training step, shared by the live callbacks and the checkpoint replay.
+
+:func:`take_measurement` runs one probe pass (all layers at once), follows the fixed cohort, measures weight drift
+against the previous snapshot and returns a :class:`Measurement`: per-layer scalar rows (the TensorBoard curves),
+a per-neuron snapshot (the parquet records) and a few samples for histograms and images. Under
+``torch.distributed`` every rank measures its share of the probe windows and the sums are reduced, so the result
+equals the single-process one; every rank must call it (it contains collectives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from negmonitor.adapters import MLPSite, find_sites
+from negmonitor.capture import unwrap_compiled
+from negmonitor.metrics.drift import weight_drift
+from negmonitor.metrics.ranking import jaccard, top_k_indices
+from negmonitor.probe import ProbeSettings, measure
+from negmonitor.probeset import ProbeSet
+from negmonitor.records import scalar_rows
+from negmonitor.result import ProbeResult
+
+
+@dataclass
+class MonitorSettings:
+    """What a measurement computes.
+
+    Args:
+        layers: layer indices to monitor (None: all).
+        cohort_frac: share of neurons per layer in the top-WD cohort (the paper: a few %).
+        cohort_step: fix the cohort at the first measurement at or after this step (None: the first measurement
+            after ``warmup_steps``).
+        warmup_steps: steps before which no cohort is fixed.
+        weight_drift: measure the weight drift between successive measurements.
+        image_neurons: how many top-WD neurons per layer get a pre-activation histogram image.
+        probe: probe-pass settings (batch size, pair-sign defaults).
+    """
+
+    layers: Sequence[int] | None = None
+    cohort_frac: float = 0.05
+    cohort_step: int | None = None
+    warmup_steps: int = 0
+    weight_drift: bool = True
+    image_neurons: int = 4
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+
+
+@dataclass
+class MonitorState:
+    """What must survive between measurements (and a restart): the cohort and the previous weight snapshot."""
+
+    cohort: dict[int, list[int]] | None = None
+    cohort_step: int | None = None
+    prev_weights: dict[int, torch.Tensor] | None = None
+    prev_step: int | None = None
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for ``state_dict``."""
+        return {"cohort": self.cohort, "cohort_step": self.cohort_step, "prev_step": self.prev_step,
+                "prev_weights": self.prev_weights}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MonitorState":
+        """Inverse of :meth:`to_dict`; missing keys take their defaults."""
+        cohort = data.get("cohort")
+        return cls(cohort={int(k): list(v) for k, v in cohort.items()} if cohort else None,
+                   cohort_step=data.get("cohort_step"), prev_weights=data.get("prev_weights"),
+                   prev_step=data.get("prev_step"))
+
+
+@dataclass
+class Measurement:
+    """Everything one measurement produced."""
+
+    step: int
+    result: ProbeResult
+    scalars: pd.DataFrame
+    neurons: pd.DataFrame
+    samples: dict[int, tuple[list[int], np.ndarray]] = field(default_factory=dict)
+
+    def scalar(self, metric: str, layer: int) -> float:
+        """One scalar value (NaN when absent)."""
+        rows = self.scalars[(self.scalars.metric == metric) & (self.scalars.layer == layer)]
+        return float(rows.value.iloc[0]) if len(rows) else float("nan")
+
+
+def take_measurement(
+    model: nn.Module,
+    probe_set: ProbeSet,
+    step: int,
+    settings: MonitorSettings,
+    state: MonitorState,
+    tokenizer: object | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Measurement:
+    """Measure ``model`` at ``step``, update ``state`` (cohort, weight snapshot) and return the measurement."""
+    eager = unwrap_compiled(model)
+    sites = find_sites(eager, settings.layers)
+    recorders = measure(eager, probe_set, sites, settings.probe, rank=rank, world_size=world_size)
+    _reduce_counts(recorders, world_size)
+    result = ProbeResult.from_recorders(recorders, sites, probe_set, tokenizer, settings.probe)
+    samples = _samples(recorders, result, settings.image_neurons)
+    del recorders
+    _maybe_fix_cohort(result, step, settings, state)
+    drift = _drift(sites, state, step) if settings.weight_drift else {}
+    neurons = _neuron_snapshot(result, state, drift)
+    scalars = _layer_scalars(result, neurons, state, drift, settings)
+    return Measurement(step, result, scalars, neurons, samples)
+
+
+def _reduce_counts(recorders: list, world_size: int) -> None:
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for recorder in recorders:
+            torch.distributed.all_reduce(recorder.nonfinite_tokens)
+            torch.distributed.all_reduce(recorder.calls)
+
+
+def _samples(recorders: list, result: ProbeResult, k: int) -> dict[int, tuple[list[int], np.ndarray]]:
+    """Pre-activations of each layer's top-WD neurons at the pair positions (for histogram images)."""
+    out = {}
+    wd = result.values("wd")
+    for recorder in recorders:
+        if k <= 0 or recorder.layer not in wd:
+            continue
+        y = recorder.pairs.compute()["y"]
+        top = top_k_indices(wd[recorder.layer], min(1.0, k / max(1, len(wd[recorder.layer]))))[:k].tolist()
+        out[recorder.layer] = (top, y[:, top].float().cpu().numpy())
+    return out
+
+
+def _maybe_fix_cohort(result: ProbeResult, step: int, settings: MonitorSettings, state: MonitorState) -> None:
+    if state.cohort is not None:
+        return
+    first_step = settings.cohort_step if settings.cohort_step is not None else settings.warmup_steps
+    if step < first_step:
+        return
+    state.cohort = {layer: top_k_indices(values, settings.cohort_frac).tolist()
+                    for layer, values in result.values("wd").items()}
+    state.cohort_step = int(step)
+
+
+def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Per-neuron weight drift since the previous measurement; the snapshot is replaced by the current weights."""
+    current = {site.layer: site.weight_rows().float().cpu().clone() for site in sites}
+    previous = state.prev_weights or {}
+    drift = {layer: weight_drift(previous[layer], rows) for layer, rows in current.items()
+             if layer in previous and previous[layer].shape == rows.shape}
+    state.prev_weights, state.prev_step = current, int(step)
+    return drift
+
+
+def _neuron_snapshot(result: ProbeResult, state: MonitorState, drift: dict) -> pd.DataFrame:
+    frame = result.neurons.copy()
+    cohort = state.cohort or {}
+    frame["in_cohort"] = [n in set_ for n, set_ in zip(frame.neuron, (set(cohort.get(l, ())) for l in frame.layer))]
+    for key in ("cos_dissim", "cos_dissim_norm", "l2", "l2_norm"):
+        frame[f"drift_{key}"] = np.nan
+    for layer, values in drift.items():
+        rows = frame.index[frame.layer == layer]
+        for key in ("cos_dissim", "cos_dissim_norm", "l2", "l2_norm"):
+            frame.loc[rows, f"drift_{key}"] = values[key].double().numpy()
+    return frame
+
+
+LAYER_COLUMNS = {"wd/max": "wd_max", "wd/mean": "wd_mean", "wd/p99": "wd_p99", "wd/neg_share": "wd_neg_share",
+                 "wd/neg_share_top": "wd_neg_share_top", "md/mean": "md_mean", "md/max": "md_max",
+                 "pairs/nn_share": "nn_share", "pairs/pn_share": "pn_share", "pairs/pp_share": "pp_share",
+                 "jaccard/wd_md_top": "jaccard_wd_md", "health/nonfinite_tokens": "nonfinite_tokens",
+                 "health/nan_neurons": "nan_neurons"}
+
+
+def _layer_scalars(result: ProbeResult, neurons: pd.DataFrame, state: MonitorState, drift: dict,
+                   settings: MonitorSettings) -> pd.DataFrame:
+    rows: list[tuple[int, int, str, float]] = []
+    for record in result.layers.to_dict("records"):
+        layer = int(record["layer"])
+        rows += [(layer, -1, metric, float(record[column])) for metric, column in LAYER_COLUMNS.items()]
+        rows += _cohort_rows(layer, neurons[neurons.layer == layer], state, settings)
+    rows += _whole_model_rows(rows)
+    return scalar_rows(rows)
+
+
+def _cohort_rows(layer: int, frame: pd.DataFrame, state: MonitorState, settings: MonitorSettings) -> list:
+    wd = frame.sort_values("neuron").wd.to_numpy()
+    current = top_k_indices(torch.tensor(wd), settings.cohort_frac).numpy() if np.isfinite(wd).any() else np.array([])
+    rows = [(layer, -1, "wd/current_top_mean", _mean(wd[current]))]
+    if not state.cohort or layer not in state.cohort:
+        return rows
+    members = frame.in_cohort.to_numpy()
+    rows += [(layer, -1, "wd/cohort_mean", _mean(frame.wd.to_numpy()[members])),
+             (layer, -1, "wd/rest_mean", _mean(frame.wd.to_numpy()[~members])),
+             (layer, -1, "wd/cohort_neg_share", _share(frame.wd_neg.to_numpy()[members], frame.wd.to_numpy()[members])),
+             (layer, -1, "cohort/overlap_with_current_top", jaccard(torch.tensor(state.cohort[layer]),
+                                                                   torch.tensor(current)))]
+    drift = frame.drift_cos_dissim_norm.to_numpy()
+    if np.isfinite(drift).any():
+        cohort, rest = _mean(drift[members]), _mean(drift[~members])
+        rows += [(layer, -1, "drift/cohort", cohort), (layer, -1, "drift/rest", rest),
+                 (layer, -1, "drift/cohort_vs_rest", cohort / rest if rest and np.isfinite(rest) else float("nan"))]
+    return rows
+
+
+def _whole_model_rows(rows: list) -> list:
+    """Model-wide means (``layer = -1``) of the headline curves."""
+    out = []
+    for metric in ("wd/cohort_mean", "wd/rest_mean", "wd/max", "wd/neg_share", "pairs/nn_share", "drift/cohort_vs_rest"):
+        values = [v for _, _, m, v in rows if m == metric and np.isfinite(v)]
+        if values:
+            out.append((-1, -1, metric, float(np.mean(values))))
+    return out
+
+
+def _mean(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _share(part: np.ndarray, whole: np.ndarray) -> float:
+    ok = np.isfinite(part) & np.isfinite(whole)
+    total = whole[ok].sum()
+    return float(part[ok].sum() / total) if total > 0 else float("nan")

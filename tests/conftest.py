@@ -1,0 +1,29 @@
+"""Shared test set-up: make tests/ importable (tiny_models) and locate the real data beside the repo."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tiny models run fastest on one thread, and the suite then behaves the same on a loaded 2-core machine.
+torch.set_num_threads(1)
+
+SHARED_DATA = TESTS.parents[1] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` beside the repo; skip where it is absent (a user's clone)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (CI and dev machines have it)")
+    return SHARED_DATA

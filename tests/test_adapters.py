@@ -1,0 +1,85 @@
+"""Adapters find the pre-activation projection and nonlinearity of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from negmonitor.adapters import find_sites, register_adapter
+from negmonitor.errors import NegmonitorError
+from tiny_models import tiny_bert, tiny_causal_lm
+
+EXPECTED = {
+    "neox": ("gpt_neox", "gpt_neox.layers.1.mlp.dense_h_to_4h", "act"),
+    "llama": ("llama", "model.layers.1.mlp.gate_proj", "act_fn"),
+    "gpt2": ("gpt2", "transformer.h.1.mlp.c_fc", "act"),
+    "opt": ("opt", "model.decoder.layers.1.fc1", "activation_fn"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_decoder_families(family: str) -> None:
+    model = tiny_causal_lm(family)
+    sites = find_sites(model)
+    name, path, act_attr = EXPECTED[family]
+    assert [s.layer for s in sites] == [0, 1]
+    assert sites[1].family == name and sites[1].path == path and sites[1].act_attr == act_attr
+    assert sites[1].projection is model.get_submodule(path)
+    assert sites[0].n_neurons == 64 and sites[0].d_in == 32
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_weight_rows_reproduce_the_pre_activation(family: str) -> None:
+    """Row i of weight_rows() dotted with the input gives neuron i's output (GPT-2's Conv1D is transposed)."""
+    site = find_sites(tiny_causal_lm(family), 0)[0]
+    x = torch.randn(5, site.d_in)
+    bias = getattr(site.projection, "bias", None)
+    expected = x @ site.weight_rows().t() + (bias if bias is not None else 0)
+    torch.testing.assert_close(site.projection(x), expected)
+
+
+def test_gate_not_up_for_llama() -> None:
+    site = find_sites(tiny_causal_lm("llama"), 0)[0]
+    assert site.projection is site.act_owner.gate_proj
+    assert isinstance(site.activation, nn.SiLU) or "silu" in type(site.activation).__name__.lower()
+
+
+@pytest.mark.parametrize("head", ["mlm", "base"])
+def test_bert_encoder(head: str) -> None:
+    model = tiny_bert(head=head)
+    sites = find_sites(model)
+    assert len(sites) == 2 and sites[0].act_attr == "intermediate_act_fn"
+    assert sites[0].path.endswith("encoder.layer.0.intermediate.dense")
+
+
+def test_layer_selection_and_errors() -> None:
+    model = tiny_causal_lm("neox")
+    assert [s.layer for s in find_sites(model, [-1])] == [1]
+    with pytest.raises(NegmonitorError, match="layer 5 is out of range.*0..1"):
+        find_sites(model, [5])
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"w_in": nn.Linear(4, 8), "act": nn.GELU()}) for _ in range(3))
+
+
+def test_unsupported_model_names_families_and_registration() -> None:
+    with pytest.raises(NegmonitorError) as err:
+        find_sites(_Toy())
+    message = str(err.value)
+    assert "gpt_neox" in message and "llama" in message and "register_adapter" in message
+    assert "\n" not in message
+
+
+def test_register_adapter_from_user_code() -> None:
+    register_adapter("toy", ["toy"], "blocks", "w_in", "act")
+    try:
+        sites = find_sites(_Toy())
+        assert len(sites) == 3 and sites[2].n_neurons == 8 and sites[0].path == "blocks.0.w_in"
+    finally:
+        from negmonitor import adapters
+
+        adapters._REGISTRY.pop("toy")

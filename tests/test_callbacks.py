@@ -1,0 +1,198 @@
+"""The Lightning callbacks on real Trainer runs: TensorBoard tags, records, training untouched, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_helpers import TEXT, TinyLM, token_loader, trainer
+from negmonitor.callbacks import (NegativeDifferentiationMonitor, PairSignMonitor, WassersteinMonitor,
+                                  WeightDriftMonitor)
+from negmonitor.records import RecordStore
+
+PROBE = [TEXT]
+SMALL = dict(probe=PROBE, probe_tokens=2_048, probe_window=64, n_pairs=200)
+
+
+def _events(log_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_monitor_logs_curves_and_records(tmp_path) -> None:
+    seed_everything(0)
+    module = TinyLM()
+    monitor = NegativeDifferentiationMonitor(every_n_steps=4, log_spaced_until=2, media_every_n_steps=8, **SMALL)
+    trainer(tmp_path, 10, [monitor]).fit(module, token_loader(module.tokenizer))
+    log_dir = tmp_path / "run" / "version_0"
+    acc = _events(log_dir)
+    tags = acc.Tags()
+    for metric in ("wd/max", "wd/cohort_mean", "wd/rest_mean", "wd/neg_share", "pairs/nn_share", "md/mean",
+                   "drift/cohort_vs_rest"):
+        assert f"negmonitor/{metric}/layer_01" in tags["scalars"], metric
+    steps = [e.step for e in acc.Scalars("negmonitor/wd/max/layer_00")]
+    assert steps == [0, 1, 2, 4, 8, 10]
+    assert [e.step for e in acc.Scalars("negmonitor/drift/cohort/layer_00")] == [1, 2, 4, 8, 10]
+    assert "negmonitor/wd/distribution/layer_00" in tags["histograms"]
+    assert "negmonitor/images/top_neurons/layer_01" in tags["images"]
+    assert any(t.startswith("negmonitor/pairs/top/layer_00") for t in tags["tensors"])
+    assert len([t for t in tags["scalars"] if t.startswith("negmonitor/")]) < 30 * 2 + 10  # bounded, per layer
+
+    store = RecordStore.for_logdir(log_dir)
+    scalars = store.read_scalars()
+    assert list(scalars.columns) == ["run", "step", "tokens_seen", "layer", "neuron", "metric", "value"]
+    assert sorted(scalars.step.unique()) == [0, 1, 2, 4, 8, 10]
+    assert scalars.groupby(["step", "layer", "metric"]).size().max() == 1  # no duplicates
+    tokens = scalars.groupby("step").tokens_seen.first()
+    assert tokens[4] == 4 * 8 * 32 and tokens[0] == 0
+    tb = {e.step: e.value for e in acc.Scalars("negmonitor/wd/max/layer_01")}
+    rec = scalars[(scalars.metric == "wd/max") & (scalars.layer == 1)].set_index("step").value
+    for step, value in tb.items():
+        assert math.isclose(value, rec[step], rel_tol=1e-6)
+    neurons = store.read_neurons()
+    assert {"wd", "wd_neg", "md", "in_cohort", "drift_cos_dissim_norm"} <= set(neurons.columns)
+    assert neurons[neurons.step == 10].groupby("layer").in_cohort.sum().tolist() == [3, 3]  # 5% of 64 -> 3 (floor, at least 1)
+    assert not list((log_dir / "negmonitor").rglob("*.tmp"))
+
+
+def test_weights_identical_with_and_without_monitor(tmp_path) -> None:
+    def train(callbacks):
+        seed_everything(0)
+        module = TinyLM()
+        module.model.config.hidden_dropout = 0.0
+        trainer(tmp_path / str(len(callbacks)), 6, callbacks).fit(module, token_loader(module.tokenizer))
+        return {k: v.clone() for k, v in module.state_dict().items()}
+
+    plain = train([])
+    monitored = train([NegativeDifferentiationMonitor(every_n_steps=2, **SMALL)])
+    assert plain.keys() == monitored.keys()
+    for key in plain:
+        assert torch.equal(plain[key], monitored[key]), key
+
+
+def test_no_logger_still_writes_records(tmp_path) -> None:
+    seed_everything(0)
+    module = TinyLM()
+    monitor = WassersteinMonitor(every_n_steps=3, log_dir=tmp_path / "records", **SMALL)
+    with pytest.warns(UserWarning, match="no TensorBoardLogger"):
+        trainer(tmp_path, 3, [monitor], logger=False).fit(module, token_loader(module.tokenizer))
+    scalars = RecordStore.for_logdir(tmp_path / "records").read_scalars()
+    assert sorted(scalars.step.unique()) == [0, 3]
+    assert set(scalars.metric.str.split("/").str[0]) <= {"wd", "md", "moments", "jaccard", "health", "cohort"}
+
+
+class _Crash(Callback):
+    """Kill the run (as a crash would) once it reaches ``at_step``."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer_, *args) -> None:
+        if trainer_.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def _run(tmp_path, max_steps, ckpt_path=None, crash_at=None):
+    seed_everything(0)
+    module = TinyLM()
+    monitors = [WassersteinMonitor(every_n_steps=2, run_name="a", **SMALL),
+                WeightDriftMonitor(every_n_steps=3, run_name="b", **SMALL)]
+    extra = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)]
+    extra += [_Crash(crash_at)] if crash_at else []
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    tr = trainer(tmp_path, max_steps, monitors + extra, logger=TensorBoardLogger(str(tmp_path), name="run", version=0))
+    tr.fit(module, token_loader(module.tokenizer, n_batches=6), ckpt_path=ckpt_path)
+    return monitors
+
+
+def test_resume_gives_the_same_records_and_two_monitors_coexist(tmp_path) -> None:
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    first = _run(full_dir, 12)
+    assert first[0].state_key != first[1].state_key
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(resumed_dir, 12, crash_at=8)
+    (checkpoint_path,) = (resumed_dir / "ckpt").glob("*step=6*.ckpt")
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    assert {m.state_key for m in first} <= set(checkpoint["callbacks"])
+    _run(resumed_dir, 12, ckpt_path=str(checkpoint_path))
+    full = RecordStore.for_logdir(full_dir / "run" / "version_0").read_scalars()
+    resumed = RecordStore.for_logdir(resumed_dir / "run" / "version_0").read_scalars()
+    assert set(full.run) == {"a", "b"}
+    assert sorted(full[full.run == "a"].step.unique()) == [0, 2, 4, 6, 8, 10, 12]
+    assert sorted(full[full.run == "b"].step.unique()) == [0, 3, 6, 9, 12]
+    pd.testing.assert_frame_equal(full.reset_index(drop=True), resumed.reset_index(drop=True), check_exact=False,
+                                  rtol=1e-6, atol=1e-9)
+
+
+def test_pair_sign_monitor_and_failure_is_warned_not_fatal(tmp_path) -> None:
+    seed_everything(0)
+    module = TinyLM()
+    monitor = PairSignMonitor(every_n_steps=2, **SMALL)
+    original = monitor._measure_unguarded
+    calls = []
+
+    def flaky(trainer_, step):
+        calls.append(step)
+        if step == 2:
+            raise RuntimeError("simulated failure")
+        return original(trainer_, step)
+
+    monitor._measure_unguarded = flaky
+    with pytest.warns(UserWarning, match="measurement at step 2 failed"):
+        trainer(tmp_path, 4, [monitor]).fit(module, token_loader(module.tokenizer))
+    scalars = RecordStore.for_logdir(tmp_path / "run" / "version_0").read_scalars()
+    assert sorted(scalars.step.unique()) == [0, 2, 4]
+    failed = scalars[scalars.metric == "health/measurement_failed"]
+    assert failed.step.tolist() == [2]
+    assert set(scalars[scalars.step == 4].metric) >= {"pairs/nn_share", "pairs/pp_share"}
+
+
+def test_strict_mode_raises(tmp_path) -> None:
+    module = TinyLM()
+    monitor = NegativeDifferentiationMonitor(every_n_steps=2, strict=True, **SMALL)
+    monitor._measure_unguarded = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, 2, [monitor]).fit(module, token_loader(module.tokenizer))
+
+
+def test_bad_settings_fail_at_construction() -> None:
+    from negmonitor.errors import NegmonitorError
+
+    with pytest.raises(NegmonitorError, match=r"cohort_frac must be in \(0, 1\]"):
+        NegativeDifferentiationMonitor(probe=PROBE, cohort_frac=1.5)
+    with pytest.raises(NegmonitorError, match="unknown families"):
+        NegativeDifferentiationMonitor(probe=PROBE, families=["nope"])
+    with pytest.raises(NegmonitorError, match="every_n_steps"):
+        NegativeDifferentiationMonitor(probe=PROBE, every_n_steps=-1)
+
+
+def test_ablation_damage_is_logged(tmp_path, shared_data) -> None:
+    from negmonitor.evaluation import load_tse
+    from negmonitor.callbacks import AblationMonitor
+
+    seed_everything(0)
+    module = TinyLM()
+    pairs = load_tse(shared_data / "tse", constructions=["simple_agrmt"], sample_per_construction=20)
+    monitor = AblationMonitor(every_n_steps=4, minimal_pairs=pairs, ppl_text=TEXT,
+                              ablation={"fraction": 0.05, "max_matching_evals": 3}, **SMALL)
+    trainer(tmp_path, 4, [monitor]).fit(module, token_loader(module.tokenizer))
+    log_dir = tmp_path / "run" / "version_0"
+    scalars = RecordStore.for_logdir(log_dir).read_scalars()
+    metrics = set(scalars.metric)
+    for name in ("ablation/ppl_ratio/wasserstein", "ablation/ppl_ratio/random", "ablation/ppl_ratio/ppl_matched",
+                 "ablation/acc_drop/tse/wasserstein", "ablation/acc_drop/tse/random"):
+        assert name in metrics, name
+    assert sorted(scalars[scalars.metric == "ablation/ppl_ratio/wasserstein"].step) == [0, 4]
+    assert (scalars[scalars.metric.str.startswith("ablation/ppl_ratio")].value > 0).all()
+    tags = _events(log_dir).Tags()["scalars"]
+    assert "negmonitor/ablation/ppl_ratio/wasserstein" in tags
+    assert "negmonitor/ablation/acc_drop/tse/random" in tags

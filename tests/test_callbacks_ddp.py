@@ -1,0 +1,57 @@
+"""Under Lightning DDP (2 CPU processes, gloo) the logged statistics equal the single-process values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from lightning_helpers import TEXT, TinyLM
+from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
+from negmonitor.probeset import ProbeSet
+from negmonitor.records import RecordStore
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    import lightning as L
+    from lightning.pytorch import seed_everything
+    from lightning_helpers import TEXT, TinyLM, token_loader
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+
+    seed_everything(0)
+    module = TinyLM()
+    monitor = NegativeDifferentiationMonitor(probe=[TEXT], probe_tokens=2_048, probe_window=64, n_pairs=200,
+                                             every_n_steps=2, log_dir=sys.argv[1])
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=2, logger=False, callbacks=[monitor],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=sys.argv[1])
+    trainer.fit(module, token_loader(module.tokenizer))
+''')
+
+
+def test_ddp_equals_single_process(tmp_path) -> None:
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT)
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "logs"), tests_dir], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = RecordStore.for_logdir(tmp_path / "logs")
+    assert list((tmp_path / "logs" / "negmonitor" / "scalars").glob("*.parquet")), "rank 0 wrote no records"
+    neurons = store.read_neurons()
+    ddp = neurons[neurons.step == 0].sort_values(["layer", "neuron"])
+
+    module = TinyLM()  # same seed: the same initial weights the DDP run measured at step 0
+    probe_set = ProbeSet.build([TEXT], module.tokenizer, n_tokens=2_048, window=64, n_pairs=200)
+    single = take_measurement(module.model, probe_set, 0, MonitorSettings(), MonitorState()).neurons
+    single = single.sort_values(["layer", "neuron"])
+    for column in ("wd", "wd_neg", "md", "mean", "std"):
+        np.testing.assert_allclose(ddp[column].to_numpy(), single[column].to_numpy(), atol=1e-4, rtol=0, err_msg=column)
+    scalars = store.read_scalars()
+    assert scalars.groupby(["run", "step", "layer", "metric"]).size().max() == 1  # only rank 0 wrote

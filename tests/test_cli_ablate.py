@@ -1,0 +1,103 @@
+"""End to end: ``negmonitor ablate`` on a saved tiny model with the shared WikiText-2, BLiMP and TSE data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from negmonitor.cli import main
+from negmonitor.commands.ablate import parse_evals
+from negmonitor.errors import NegmonitorError
+from tiny_models import tiny_causal_lm, tiny_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "blimp").is_dir() or not (DATA / "tse").is_dir()
+                                or not (DATA / "wikitext-2" / "valid.txt").is_file(),
+                                reason=f"shared reference data not found at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_neox")
+    tiny_causal_lm("neox").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["ablate", "--model", str(model), "--fraction", "0.05", "--out", str(out), *extra]
+
+
+@needs_data
+def test_ablate_end_to_end(saved_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    probe_text = tmp_path / "probe.txt"
+    probe_text.write_text((DATA / "wikitext-2" / "test.txt").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    code = main(_args(saved_model, out, "--eval", "ppl,blimp,tse", "--text", str(DATA / "wikitext-2" / "valid.txt"),
+                      "--ppl-tokens", "2048", "--blimp", str(DATA / "blimp"), "--tse", str(DATA / "tse"),
+                      "--blimp-uids", "anaphor_gender_agreement,passive_1,npi_present_1",
+                      "--tse-constructions", "simple_agrmt,simple_reflexives,npi_across_anim", "--sample", "4",
+                      "--probe-text", str(probe_text), "--tokens", "2048", "--window", "128", "--batch-size", "16",
+                      "--max-matching-evals", "3", "--ppl-tolerance", "0.05", "--fractions", "0.1"))
+    printed = capsys.readouterr().out
+    assert code == 0
+    for condition in ("baseline", "wasserstein", "random", "ppl_matched"):
+        assert condition in printed
+    assert "perplexity-matched control: bottom" in printed
+    expected = ["ablation.csv", "ablation.md", "ablation_breakdown.csv", "ablation_selections.parquet",
+                "ablation_meta.json", "fraction_sweep.csv", "fraction_sweep.md"]
+    for name in expected:
+        assert (out / name).is_file(), name
+        assert f"wrote {out / name}" in printed
+    assert (out / "probe" / "neurons.parquet").is_file() and "reuse them with --probe-result" in printed
+    table = pd.read_csv(out / "ablation.csv")
+    assert list(table["condition"]) == ["baseline", "wasserstein", "random", "ppl_matched"]
+    assert {"ppl", "blimp_acc", "tse_acc", "n_neurons", "fraction"} <= set(table.columns)
+    assert table[["ppl", "blimp_acc", "tse_acc"]].notna().all().all()
+    selections = pd.read_parquet(out / "ablation_selections.parquet")
+    assert set(selections["condition"]) == {"wasserstein", "random", "ppl_matched"}
+    breakdown = pd.read_csv(out / "ablation_breakdown.csv")
+    assert set(breakdown.query("level == 'uid'")["group"]) == {"anaphor_gender_agreement", "passive_1", "npi_present_1"}
+    assert (breakdown.query("suite == 'tse' and level == 'construction'")["n"] == 4).all()
+    sweep = pd.read_csv(out / "fraction_sweep.csv")
+    assert list(sweep["how"].fillna("")) == ["", "top", "random", "bottom"] and "blimp_acc" not in sweep.columns
+
+    again = tmp_path / "again"
+    code = main(_args(saved_model, again, "--eval", "ppl", "--text", str(DATA / "wikitext-2" / "valid.txt"),
+                      "--ppl-tokens", "512", "--probe-result", str(out / "probe"), "--layer-groups", "1",
+                      "--max-matching-evals", "2", "--ppl-tolerance", "0.5"))
+    printed = capsys.readouterr().out
+    assert code == 0 and "probing on" not in printed
+    groups = pd.read_csv(again / "layer_groups.csv")
+    assert list(groups["condition"]) == ["baseline", "top:alone:0", "top:alone:1", "top:cumulative:0-1"]
+    again_selection = pd.read_parquet(again / "ablation_selections.parquet").query("condition == 'wasserstein'")
+    assert again_selection[["layer", "neuron"]].values.tolist() == selections.query(
+        "condition == 'wasserstein'")[["layer", "neuron"]].values.tolist()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mode", "zero_negatve"], "unknown ablation mode 'zero_negatve' — use one of zero_negative"),
+    (["--fraction", "1.5"], r"--fraction must be in (0, 1], got 1.5"),
+    (["--fraction", "0"], r"--fraction must be in (0, 1], got 0.0"),
+    (["--eval", "ppl,glue"], "unknown evaluation 'glue' in --eval"),
+    (["--eval", "tse"], "--eval tse needs the TSE data"),
+    (["--sample", "0"], "--sample must be a positive integer, got 0"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code = main(_args(tmp_path / "no-model-needed", out, *extra))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_parse_evals():
+    request = parse_evals("ppl, blimp,lm-eval:arc_easy+piqa,ppl")
+    assert request.names == ["ppl", "blimp", "lm_eval"] and request.lm_eval_tasks == ["arc_easy", "piqa"]
+    with pytest.raises(NegmonitorError, match="names no task"):
+        parse_evals("lm-eval:")
+    with pytest.raises(NegmonitorError, match="unknown evaluation 'ppl:x'"):
+        parse_evals("ppl:x")

@@ -1,0 +1,200 @@
+"""Tests for negmonitor.evaluation.perplexity: sliding windows, brute-force agreement, loaders, errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from negmonitor.errors import NegmonitorError
+from negmonitor.evaluation.perplexity import (
+    PerplexityResult,
+    load_perplexity_text,
+    perplexity,
+    sliding_windows,
+    token_stream,
+)
+from tiny_models import TINY_MAX_POSITIONS, tiny_bert, tiny_causal_lm, tiny_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKITEXT_VALID = DATA / "wikitext-2" / "valid.txt"
+SHORT_TEXT = ("Homarus gammarus, known as the European lobster or common lobster, is a species of lobster from the "
+              "eastern Atlantic Ocean. It may grow to a length of 60 cm and a mass of 6 kilograms.")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Width-32 models run fastest on one thread, and a shared 2-core machine stays responsive; restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_causal_lm("neox", init_range=0.3)
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """Make `datasets` fail fast, as it does on a machine without network access."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def brute_force_nll(model, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    """Score every token on its own: find the window that scores it (HF's rule), run that context, sum -log p.
+
+    With ``stride == window`` (disjoint chunks) a chunk's first token has no context in its chunk: not scored.
+    """
+    n, total, count = len(ids), 0.0, 0
+    for t in range(1, n):
+        k = 0
+        while min(k * stride + window, n) <= t:  # the first window whose end is past t scores token t
+            k += 1
+        begin = k * stride
+        if begin == t:
+            continue
+        context = torch.tensor([ids[begin:t]])
+        with torch.no_grad():
+            logits = model(input_ids=context).logits[0, -1].float()
+        total -= torch.log_softmax(logits, -1)[ids[t]].item()
+        count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("n,window,stride", [(10, 4, 2), (11, 4, 4), (7, 16, 3), (30, 8, 1), (2, 2, 1), (50, 9, 7)])
+def test_sliding_windows_score_each_token_once(n, window, stride):
+    spans = sliding_windows(n, window, stride)
+    scored = [t for begin, end, first in spans for t in range(first, end)]
+    if stride < window:
+        assert scored == list(range(1, n))
+    else:  # disjoint chunks: each chunk's first token has no context
+        assert scored == [t for t in range(n) if t % window != 0]
+    assert all(end - begin <= window and begin < first for begin, end, first in spans)
+
+
+@pytest.mark.parametrize("window,stride", [(12, 5), (8, 8), (10, 1), (64, 32)])
+def test_matches_brute_force(model, tokenizer, window, stride):
+    ids = token_stream(tokenizer, SHORT_TEXT).tolist()[:30]
+    expected_total, expected_count = brute_force_nll(model, ids, window, stride)
+    result = perplexity(model, tokenizer, ids, window=window, stride=stride, batch_size=3)
+    assert result.n_tokens == expected_count == len(ids) - 1 - (len(ids) - 1) // window * (stride == window)
+    assert result.nll == pytest.approx(expected_total / expected_count, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(expected_total / expected_count), rel=1e-5)
+
+
+def test_one_window_equals_model_loss(model, tokenizer):
+    ids = token_stream(tokenizer, SHORT_TEXT)[:60]
+    result = perplexity(model, tokenizer, ids, window=64)
+    with torch.no_grad():
+        loss = model(input_ids=ids[None], labels=ids[None]).loss.item()
+    assert result.nll == pytest.approx(loss, rel=1e-5)
+    assert result.n_tokens == 59
+
+
+def test_batch_size_and_input_form_do_not_matter(model, tokenizer):
+    parts = [SHORT_TEXT[:80], SHORT_TEXT[80:]]
+    one = perplexity(model, tokenizer, parts, window=16, stride=8, batch_size=1)
+    many = perplexity(model, tokenizer, "\n\n".join(parts), window=16, stride=8, batch_size=7)
+    ids = perplexity(model, tokenizer, token_stream(tokenizer, parts), window=16, stride=8, batch_size=4)
+    assert one.n_tokens == many.n_tokens == ids.n_tokens
+    assert many.nll == pytest.approx(one.nll, rel=1e-6) and ids.nll == pytest.approx(one.nll, rel=1e-6)
+    assert isinstance(one, PerplexityResult) and set(one.as_dict()) == {"ppl", "nll", "n_tokens"}
+
+
+def test_default_window_never_exceeds_max_positions(tokenizer):
+    model = tiny_causal_lm("gpt2")
+    lengths = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    try:
+        ids = torch.arange(TINY_MAX_POSITIONS * 2 + 17) % 500
+        result = perplexity(model, tokenizer, ids, batch_size=2)
+    finally:
+        handle.remove()
+    assert max(lengths) == TINY_MAX_POSITIONS
+    assert result.n_tokens == ids.numel() - 1
+    with pytest.raises(NegmonitorError, match="exceeds the model's 256 positions"):
+        perplexity(model, tokenizer, ids, window=TINY_MAX_POSITIONS + 1)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"window": 8, "stride": 9}, "stride"),
+                                          ({"window": 8, "stride": 0}, "stride"),
+                                          ({"window": 1}, "window"), ({"batch_size": 0}, "batch_size")])
+def test_bad_settings_raise(model, tokenizer, kwargs, match):
+    with pytest.raises(NegmonitorError, match=match):
+        perplexity(model, tokenizer, SHORT_TEXT, **kwargs)
+
+
+def test_too_little_text_raises(model, tokenizer):
+    with pytest.raises(NegmonitorError, match="at least 2"):
+        perplexity(model, tokenizer, [5], window=8)
+
+
+def test_masked_lm_is_refused(tokenizer):
+    with pytest.raises(NegmonitorError, match="causal LM"):
+        perplexity(tiny_bert(), tokenizer, SHORT_TEXT)
+
+
+def test_training_flag_is_restored(tokenizer):
+    model = tiny_causal_lm("llama").train()
+    perplexity(model, tokenizer, SHORT_TEXT, window=16, progress=True)
+    assert model.training
+
+
+@pytest.mark.skipif(not WIKITEXT_VALID.exists(), reason="../shared/data/wikitext-2/valid.txt is not present")
+def test_wikitext_valid(model, tokenizer):
+    text = load_perplexity_text(WIKITEXT_VALID)
+    ids = token_stream(tokenizer, text[:10_000])[:2000]
+    result = perplexity(model, tokenizer, ids, window=256, stride=128, batch_size=8)
+    assert result.n_tokens == ids.numel() - 1
+    assert math.isfinite(result.ppl) and 1 < result.ppl < 100 * tokenizer.vocab_size
+    assert result.ppl == pytest.approx(math.exp(result.nll))
+
+
+def test_load_text_from_file_and_folder(tmp_path):
+    (tmp_path / "b.txt").write_text("second", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "skip.json").write_text("{}", encoding="utf-8")
+    assert load_perplexity_text(tmp_path / "a.txt") == "first"
+    assert load_perplexity_text(tmp_path) == "first\n\nsecond"
+
+
+def test_load_text_errors(tmp_path):
+    with pytest.raises(NegmonitorError, match="no text files"):
+        load_perplexity_text(tmp_path)
+    with pytest.raises(NegmonitorError, match="--text"):
+        load_perplexity_text(tmp_path / "missing.txt")
+
+
+def test_hub_default_fails_clearly_offline(hub_offline):
+    with pytest.raises(NegmonitorError, match=r"'wikitext' \(wikitext-2-raw-v1\).*--text FILE"):
+        load_perplexity_text(None)
+
+
+def test_hub_path_is_datasets_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, split=None):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"text": [" = Title = \n", " Body line . \n"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_perplexity_text() == " = Title = \n\n\n Body line . \n"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]

@@ -1,0 +1,182 @@
+"""Mapping difficulty, OI ratios, pair sampling and pair sign shares against plain per-neuron loops."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from negmonitor.errors import NegmonitorError
+from negmonitor.metrics import mapping_difficulty, pair_sign_shares, sample_pairs, sign_classes, top_pairs
+from negmonitor.metrics.mapping import NN, PN, PP
+
+
+def _loop_md(x_a, x_b, y_a, y_b) -> tuple[np.ndarray, np.ndarray]:
+    """The definition, one neuron and one pair at a time (float64 numpy)."""
+    x_a, x_b, y_a, y_b = (np.asarray(t, dtype=np.float64) for t in (x_a, x_b, y_a, y_b))
+    n_pairs, n_neurons = y_a.shape
+    dx = [math.sqrt(sum((x_a[i, k] - x_b[i, k]) ** 2 for k in range(x_a.shape[1]))) for i in range(n_pairs)]
+    keep = [i for i in range(n_pairs) if dx[i] > 0]
+    top = max(dx[i] for i in keep)
+    md = np.full(n_neurons, np.nan)
+    oi = np.full((n_pairs, n_neurons), np.nan)
+    for j in range(n_neurons):
+        diffs = [abs(y_a[i, j] - y_b[i, j]) for i in keep]
+        median = float(np.median(diffs))
+        if median == 0:
+            continue
+        for i in keep:
+            oi[i, j] = (abs(y_a[i, j] - y_b[i, j]) / median) / (dx[i] / top)
+        md[j] = np.mean([oi[i, j] for i in keep])
+    return md, oi
+
+
+def _pairs_data(n_pairs: int = 60, d: int = 5, n: int = 7, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x_a, x_b = torch.randn(n_pairs, d, generator=g), torch.randn(n_pairs, d, generator=g)
+    y_a, y_b = torch.randn(n_pairs, n, generator=g) * 2 - 0.5, torch.randn(n_pairs, n, generator=g)
+    return x_a, x_b, y_a, y_b
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+def test_sample_pairs_disjoint_seeded_and_in_range() -> None:
+    pairs = sample_pairs(1000, 300, seed=7)
+    assert pairs.shape == (300, 2) and pairs.dtype == torch.long
+    flat = pairs.reshape(-1)
+    assert flat.unique().numel() == 600
+    assert flat.min() >= 0 and flat.max() < 1000
+    assert torch.equal(pairs, sample_pairs(1000, 300, seed=7))
+    assert not torch.equal(pairs, sample_pairs(1000, 300, seed=8))
+    assert sample_pairs(10, 0, seed=0).shape == (0, 2)
+    assert sample_pairs(10, 5, seed=0).reshape(-1).sort().values.tolist() == list(range(10))  # exactly fits
+
+
+def test_sample_pairs_says_how_many_tokens_are_needed() -> None:
+    with pytest.raises(NegmonitorError, match="need 2000 distinct tokens but only 1999"):
+        sample_pairs(1999, 1000, seed=0)
+    with pytest.raises(NegmonitorError):
+        sample_pairs(10, -1, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------- MD
+def test_mapping_difficulty_matches_the_loop() -> None:
+    x_a, x_b, y_a, y_b = _pairs_data()
+    md, oi = mapping_difficulty(x_a, x_b, y_a, y_b)
+    want_md, want_oi = _loop_md(x_a, x_b, y_a, y_b)
+    assert md.shape == (7,) and oi.shape == (60, 7)
+    np.testing.assert_allclose(md.numpy(), want_md, rtol=1e-5)
+    np.testing.assert_allclose(oi.numpy(), want_oi, rtol=1e-5)
+
+
+def test_mapping_difficulty_guards_degenerate_pairs_and_neurons() -> None:
+    """A repeated input is left out; a neuron with zero median difference is NaN; no warnings."""
+    x_a, x_b, y_a, y_b = _pairs_data(n_pairs=41)
+    x_b[3] = x_a[3]  # zero input distance
+    x_b[10] = x_a[10]
+    y_b[:, 2] = y_a[:, 2]  # neuron 2: all output differences zero
+    y_b[:30, 4] = y_a[:30, 4]  # neuron 4: median difference zero
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        md, oi = mapping_difficulty(x_a, x_b, y_a, y_b)
+    want_md, want_oi = _loop_md(x_a, x_b, y_a, y_b)
+    np.testing.assert_allclose(md.numpy(), want_md, rtol=1e-5)
+    np.testing.assert_allclose(oi.numpy(), want_oi, rtol=1e-5)
+    assert torch.isnan(oi[[3, 10]]).all() and torch.isfinite(oi[0, [0, 1, 3]]).all()
+    assert torch.isnan(md[[2, 4]]).all() and torch.isfinite(md[[0, 1, 3, 5, 6]]).all()
+
+
+def test_mapping_difficulty_all_inputs_equal_and_dtypes() -> None:
+    x_a, x_b, y_a, y_b = _pairs_data(n_pairs=8, n=3)
+    md, oi = mapping_difficulty(x_a, x_a.clone(), y_a, y_b)
+    assert torch.isnan(md).all() and torch.isnan(oi).all() and md.shape == (3,)
+    ref, _ = mapping_difficulty(x_a, x_b, y_a, y_b)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        low = [t.to(dtype) for t in (x_a, x_b, y_a, y_b)]
+        want, _ = _loop_md(*[t.double() for t in low])
+        got, _ = mapping_difficulty(*low)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    with pytest.raises(NegmonitorError):
+        mapping_difficulty(x_a, x_b[:4], y_a, y_b)
+
+
+def test_mapping_difficulty_scale_behaviour() -> None:
+    """MD is invariant to scaling a neuron's outputs or all inputs (both distances are normalised)."""
+    x_a, x_b, y_a, y_b = _pairs_data()
+    md, _ = mapping_difficulty(x_a, x_b, y_a, y_b)
+    md2, _ = mapping_difficulty(3 * x_a, 3 * x_b, 5 * y_a + 1, 5 * y_b + 1)
+    torch.testing.assert_close(md2, md, rtol=1e-5, atol=0)
+
+
+# --------------------------------------------------------------------------------------- signs and top pairs
+def test_sign_classes() -> None:
+    y_a = torch.tensor([[-1.0, -1.0, 2.0, 0.0, -0.5]])
+    y_b = torch.tensor([[-2.0, 3.0, -1.0, 0.0, 0.0]])
+    assert sign_classes(y_a, y_b).tolist() == [[NN, PN, PN, PP, PN]]
+
+
+def test_top_pairs_sorted_with_nan_last() -> None:
+    oi = torch.tensor([[1.0, 5.0], [math.nan, 1.0], [3.0, 2.0], [2.0, math.nan]])
+    best = top_pairs(oi, 4)
+    assert best.shape == (4, 2)
+    assert best[:, 0].tolist() == [2, 3, 0, 1]
+    assert best[:, 1].tolist() == [0, 2, 1, 3]
+    assert top_pairs(oi, 0).shape == (0, 2)
+    with pytest.raises(NegmonitorError, match="number of pairs"):
+        top_pairs(oi, 5)
+
+
+def _loop_shares(oi, y_a, y_b, md, frac, m):
+    """Reference: sort neurons by MD (NaN out), take floor(frac·n) ≥ 1, each one's top-m finite-OI pairs."""
+    n = md.numel()
+    valid = [j for j in range(n) if not math.isnan(md[j].item())]
+    chosen = sorted(valid, key=lambda j: -md[j].item())[: max(1, int(frac * n))]
+    counts = [0, 0, 0]
+    for j in chosen:
+        ranked = sorted(range(oi.shape[0]), key=lambda i: -(oi[i, j].item() if math.isfinite(oi[i, j].item())
+                                                            else -math.inf))
+        for i in ranked[:m]:
+            if math.isfinite(oi[i, j].item()):
+                counts[(y_a[i, j] >= 0).int().item() + (y_b[i, j] >= 0).int().item()] += 1
+    total = sum(counts)
+    return [c / total for c in counts], len(chosen), total
+
+
+@pytest.mark.parametrize("frac,m", [(0.05, 100), (0.3, 10), (1.0, 1000)])
+def test_pair_sign_shares_match_the_loop(frac: float, m: int) -> None:
+    x_a, x_b, y_a, y_b = _pairs_data(n_pairs=200, n=40, seed=3)
+    x_b[5] = x_a[5]  # one excluded pair
+    md, oi = mapping_difficulty(x_a, x_b, y_a, y_b)
+    md[7] = math.nan  # never chosen
+    got = pair_sign_shares(oi, y_a, y_b, md, top_neuron_frac=frac, top_pairs=m)
+    shares, n_chosen, total = _loop_shares(oi, y_a, y_b, md, frac, m)
+    assert [got["nn"], got["pn"], got["pp"]] == pytest.approx(shares, abs=1e-12)
+    assert got["n_neurons"] == n_chosen and got["n_counted"] == total
+    assert got["n_pairs"] == min(m, 200)
+    assert got["nn"] + got["pn"] + got["pp"] == pytest.approx(1.0)
+
+
+def test_pair_sign_shares_find_an_all_negative_neuron() -> None:
+    """A neuron whose hardest pairs are both-negative gives NN share 1 when it is the top-MD neuron."""
+    g = torch.Generator().manual_seed(9)
+    n_pairs = 1000
+    x_a = torch.randn(n_pairs, 4, generator=g)
+    step = torch.nn.functional.normalize(torch.randn(n_pairs, 4, generator=g), dim=1)
+    x_b = x_a + step * (0.5 + 0.5 * torch.rand(n_pairs, 1, generator=g))  # input distances within 2x
+    y_a, y_b = torch.rand(n_pairs, 20, generator=g), torch.rand(n_pairs, 20, generator=g)  # all PP, diffs < 1
+    hard = torch.arange(0, 100)
+    y_a[hard, 11] = -11.0 - 50 * torch.rand(100, generator=g)  # >= 10 apart, both negative
+    y_b[hard, 11] = -1.0
+    md, oi = mapping_difficulty(x_a, x_b, y_a, y_b)
+    assert int(torch.argmax(md)) == 11
+    got = pair_sign_shares(oi, y_a, y_b, md)  # defaults: top 5% of 20 neurons = 1, top 100 pairs
+    assert got["n_neurons"] == 1 and got["n_pairs"] == 100
+    assert got["nn"] == 1.0 and got["pn"] == 0.0 and got["pp"] == 0.0
+
+
+def test_pair_sign_shares_nothing_to_count() -> None:
+    oi = torch.full((5, 3), math.nan)
+    got = pair_sign_shares(oi, torch.zeros(5, 3), torch.zeros(5, 3), torch.full((3,), math.nan))
+    assert got["n_neurons"] == 0 and math.isnan(got["nn"])

@@ -1,0 +1,218 @@
+"""The one-pass probe agrees with exact, in-memory computations of the definitions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from negmonitor.adapters import find_sites
+from negmonitor.errors import NegmonitorError
+from negmonitor.metrics.mapping import mapping_difficulty
+from negmonitor.metrics.wasserstein import wasserstein_to_gaussian
+from negmonitor.probe import probe
+from negmonitor.probeset import ProbeSet
+from negmonitor.result import ProbeResult
+from tiny_models import tiny_bert, tiny_bert_tokenizer, tiny_causal_lm, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def wiki_text(request) -> str:
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "wikitext-2" / "valid.txt"
+    if not path.exists():
+        pytest.skip(f"real data not found at {path}")
+    return path.read_text()[:120_000]
+
+
+def _full_activations(model, probe_set: ProbeSet, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All unpadded pre-activations and inputs of one layer, kept in memory (the reference)."""
+    site = find_sites(model, layer)[0]
+    ins, outs = [], []
+
+    def keep(module, args, output) -> None:
+        ins.append(args[0].detach())
+        outs.append(output.detach())
+
+    handle = site.projection.register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            model(input_ids=probe_set.input_ids, attention_mask=probe_set.attention_mask)
+    finally:
+        handle.remove()
+    mask = probe_set.attention_mask.bool().reshape(-1)
+    x = torch.cat(ins).reshape(-1, ins[0].shape[-1]).float()
+    y = torch.cat(outs).reshape(-1, outs[0].shape[-1]).float()
+    return x, y, mask
+
+
+@pytest.mark.parametrize("family", ["neox", "llama", "gpt2", "opt"])
+def test_probe_matches_exact_definitions(family, tokenizer, wiki_text) -> None:
+    model = tiny_causal_lm(family)
+    probe_set = ProbeSet.build([wiki_text], tokenizer, n_tokens=12_000, window=128, n_pairs=500, seed=1)
+    result = probe(model, probe_set, tokenizer=tokenizer, batch_size=16)
+    assert set(result.neurons.layer) == {0, 1}
+    for layer in (0, 1):
+        x, y, mask = _full_activations(model, probe_set, layer)
+        exact = wasserstein_to_gaussian(y[mask])
+        got = result.values("wd")[layer]
+        assert int(result.neurons[result.neurons.layer == layer]["count"].max()) == int(mask.sum())
+        assert torch.allclose(got.float(), exact.float(), atol=0.005, equal_nan=True)
+        flat = probe_set.pair_positions
+        md, _ = mapping_difficulty(x[flat[:, 0]], x[flat[:, 1]], y[flat[:, 0]], y[flat[:, 1]])
+        np.testing.assert_allclose(result.values("md")[layer].numpy(), md.double().numpy(), rtol=1e-4)
+    assert {"nn_share", "pn_share", "pp_share", "wd_neg_share", "jaccard_wd_md"} <= set(result.layers.columns)
+    shares = result.layers[["nn_share", "pn_share", "pp_share"]].sum(axis=1)
+    np.testing.assert_allclose(shares.to_numpy(), 1.0, atol=1e-6)
+    assert {"NN", "PN", "PP"} >= set(result.top_pairs.sign)
+    assert result.top_pairs.context_a.str.contains(r"\[\[").all()
+
+
+def test_padding_never_enters_a_statistic(tokenizer) -> None:
+    """A short last window is padded; the statistics equal those of the unpadded tokens only."""
+    model = tiny_causal_lm("neox")
+    texts = ["the cat sees the dog and the dogs see the cats"] * 300
+    probe_set = ProbeSet.build(texts, tokenizer, n_tokens=10**6, window=200, n_pairs=100)
+    assert probe_set.attention_mask[-1].sum() < probe_set.window  # a padded last window exists
+    result = probe(model, probe_set, layers=[0], batch_size=4)
+    _, y, mask = _full_activations(model, probe_set, 0)
+    assert int(result.neurons["count"].max()) == probe_set.n_tokens == int(mask.sum())
+    torch.testing.assert_close(torch.tensor(result.neurons["mean"].to_numpy()), y[mask].double().mean(0),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_probe_set_is_deterministic_and_clipped(tokenizer, wiki_text) -> None:
+    a = ProbeSet.build([wiki_text], tokenizer, n_tokens=4_096, window=1024, seed=3, max_positions=128)
+    b = ProbeSet.build([wiki_text], tokenizer, n_tokens=4_096, window=1024, seed=3, max_positions=128)
+    c = ProbeSet.build([wiki_text], tokenizer, n_tokens=4_096, window=1024, seed=4, max_positions=128)
+    assert a.window == 128 and a.n_tokens == 4_096
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pair_positions, b.pair_positions)
+    assert not torch.equal(a.input_ids, c.input_ids)
+    flat = a.pair_positions.reshape(-1)
+    assert flat.unique().numel() == flat.numel() and bool(a.attention_mask.view(-1)[flat].all())
+
+
+def test_probe_set_from_file_and_folder(tmp_path, tokenizer) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("the cat sees the dog . " * 200)
+    (tmp_path / "docs" / "b.txt").write_text("the dogs see the cats . " * 200)
+    from_dir = ProbeSet.build(tmp_path / "docs", tokenizer, n_tokens=1_000, window=64, n_pairs=50)
+    from_file = ProbeSet.build(str(tmp_path / "docs" / "a.txt"), tokenizer, n_tokens=1_000, window=64, n_pairs=50)
+    assert from_dir.n_tokens == from_file.n_tokens == 1_000 + (64 - 1_000 % 64) % 64
+
+
+def test_probe_set_errors(tmp_path, tokenizer) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(NegmonitorError, match="empty"):
+        ProbeSet.build(str(empty), tokenizer)
+    with pytest.raises(NegmonitorError, match="fewer than the 2000 needed for 1000 MD pairs"):
+        ProbeSet.build(["just a few words"], tokenizer, n_pairs=1_000)
+    with pytest.raises(NegmonitorError, match="does not exist"):
+        ProbeSet.build(str(tmp_path / "missing.txt"), tokenizer)
+    with pytest.raises(NegmonitorError, match="could not load dataset"):
+        ProbeSet.build("no-such-dataset-xyz:cfg:test", tokenizer)
+
+
+def test_bf16_copy_gives_the_same_wd_ranking(tokenizer, wiki_text) -> None:
+    model = tiny_causal_lm("neox")
+    probe_set = ProbeSet.build([wiki_text], tokenizer, n_tokens=16_000, window=128, n_pairs=200)
+    fp32 = probe(model, probe_set, batch_size=16)
+    bf16 = probe(tiny_causal_lm("neox").to(torch.bfloat16), probe_set, batch_size=16)
+    from scipy.stats import spearmanr
+
+    for layer in (0, 1):
+        a, b = fp32.values("wd")[layer].numpy(), bf16.values("wd")[layer].numpy()
+        assert spearmanr(a, b).statistic > 0.9
+        top_a, top_b = set(np.argsort(-a)[:6]), set(np.argsort(-b)[:6])
+        assert len(top_a & top_b) >= 4
+
+
+def test_hooks_removed_and_user_hooks_kept(tokenizer) -> None:
+    model = tiny_causal_lm("gpt2")
+    site = find_sites(model, 0)[0]
+    calls = []
+    user = site.projection.register_forward_hook(lambda *a: calls.append(1) and None)
+    before = {name: len(m._forward_hooks) for name, m in model.named_modules()}
+    probe_set = ProbeSet.build(["the cat sees the dog ."] * 200, tokenizer, n_tokens=2_000, window=64, n_pairs=100)
+    probe(model, probe_set)
+    assert {name: len(m._forward_hooks) for name, m in model.named_modules()} == before
+    assert calls, "the user's hook must still fire"
+    user.remove()
+
+
+def test_hooks_removed_after_an_exception(tokenizer) -> None:
+    model = tiny_causal_lm("neox")
+    probe_set = ProbeSet.build(["the cat sees the dog ."] * 200, tokenizer, n_tokens=2_000, window=64, n_pairs=100)
+    probe_set.input_ids[0, 0] = 10**6  # out of vocabulary: the forward pass raises inside torch
+    with pytest.raises(Exception):
+        probe(model, probe_set)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    assert model.training is False
+
+
+def test_compiled_model_is_handled(tokenizer) -> None:
+    model = tiny_causal_lm("neox")
+    probe_set = ProbeSet.build(["the cat sees the dog ."] * 200, tokenizer, n_tokens=2_000, window=64, n_pairs=100)
+    eager = probe(model, probe_set)
+    compiled = probe(torch.compile(model), probe_set)
+    np.testing.assert_allclose(eager.neurons.wd.to_numpy(), compiled.neurons.wd.to_numpy())
+
+
+def test_encoder_model(tmp_path) -> None:
+    tok = tiny_bert_tokenizer()
+    model = tiny_bert(head="base")
+    probe_set = ProbeSet.build(["the cat sees the dog ."] * 300, tok, n_tokens=2_000, window=64, n_pairs=100)
+    result = probe(model, probe_set, tokenizer=tok)
+    assert len(result.layers) == 2 and result.neurons.wd.notna().all()
+
+
+def test_result_round_trip(tmp_path, tokenizer) -> None:
+    model = tiny_causal_lm("llama")
+    probe_set = ProbeSet.build(["the cat sees the dog ."] * 300, tokenizer, n_tokens=3_000, window=64, n_pairs=100)
+    result = probe(model, probe_set, tokenizer=tokenizer)
+    result.save(tmp_path / "r")
+    back = ProbeResult.load(tmp_path / "r")
+    for name in ("neurons", "layers", "pairs", "top_pairs"):
+        assert getattr(back, name).equals(getattr(result, name)), name
+    assert not list((tmp_path / "r").glob("*.tmp"))
+
+
+def test_memory_is_bounded_in_the_token_budget(tmp_path) -> None:
+    """Peak RSS of a probe over 8x more tokens grows by far less than one [tokens x neurons] matrix."""
+    script = textwrap.dedent('''
+        import resource, sys, torch
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        from negmonitor.probe import probe
+        from negmonitor.probeset import ProbeSet
+        from tiny_models import tiny_tokenizer
+        tok = tiny_tokenizer()
+        torch.manual_seed(0)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=4096, vocab_size=512, max_position_embeddings=256)).eval()
+        n = int(sys.argv[1])
+        ps = ProbeSet.build(["the cat sees the dogs and the dog sees a cat ."] * (n // 8), tok, n_tokens=n,
+                            window=256, n_pairs=200)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        probe(model, ps, batch_size=4)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+    ''')
+    growth = {}
+    for n in (8_192, 65_536):
+        out = subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True,
+                             text=True, check=False, cwd=str(Path(__file__).parent))
+        assert out.returncode == 0, out.stderr[-2000:]
+        growth[n] = int(out.stdout.strip().splitlines()[-1]) * 1024  # KiB -> bytes
+    full_matrix = 65_536 * 4096 * 4  # 1 GiB if the activations were kept
+    assert growth[65_536] - growth[8_192] < full_matrix / 8, growth

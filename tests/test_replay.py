@@ -1,0 +1,335 @@
+"""Replay end to end on tiny offline series: a hub cache, step folders, Lightning checkpoints; resume and shards.
+
+Every series is a tiny GPT-NeoX (2 layers, width 32) whose weights take a seeded random walk from checkpoint to
+checkpoint, so WD, the cohort and the weight drift all move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from tiny_models import _WORDS, tiny_causal_lm, tiny_tokenizer
+
+from negmonitor.errors import NegmonitorError
+from negmonitor.records import RecordStore
+from negmonitor.replay import read_manifest, replay
+
+STEPS = [0, 10, 20, 40]
+PROBE = dict(probe_tokens=512, probe_window=64, n_pairs=32, batch_size=8)
+QUIET = dict(progress=False, media_every=1000)
+
+
+def _probe_text() -> str:
+    rng = random.Random(0)
+    return "\n".join(" ".join(rng.choice(_WORDS) for _ in range(12)) + " ." for _ in range(300))
+
+
+def _walk(model: torch.nn.Module, step: int) -> None:
+    """Move the weights as if trained up to ``step`` (deterministic)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=gen))
+
+
+def _snapshots() -> dict[int, torch.nn.Module]:
+    model = tiny_causal_lm("neox", seed=0)
+    out = {}
+    for step in STEPS:
+        _walk(model, step)
+        out[step] = model
+        model = _clone(model)
+    return out
+
+
+def _clone(model: torch.nn.Module) -> torch.nn.Module:
+    copy = tiny_causal_lm("neox", seed=0)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+@pytest.fixture(scope="module")
+def probe_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("probe") / "probe.txt"
+    path.write_text(_probe_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def step_series(tmp_path_factory) -> Path:
+    """``series/step-<N>/`` save_pretrained folders, the tokenizer beside them."""
+    root = tmp_path_factory.mktemp("series")
+    for step, model in _snapshots().items():
+        model.save_pretrained(root / f"step-{step}")
+    tiny_tokenizer().save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory) -> Path:
+    """A Hugging Face hub cache holding ``tiny-org/pythia-tiny`` with one ref per revision.
+
+    ``step4`` is byte-identical to ``step2``; ``step16`` has a ref but no weights (never uploaded); ``step32``'s
+    weights file is corrupt.
+    """
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--tiny-org--pythia-tiny"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm("neox", seed=0)
+    for i, step in enumerate([0, 1, 2, 4, 8, 16, 32]):
+        commit = f"{i + 1:040x}"
+        snapshot = repo / "snapshots" / commit
+        if step != 4:
+            _walk(model, step)
+        model.save_pretrained(snapshot)
+        tokenizer.save_pretrained(snapshot)
+        for weights in snapshot.glob("*.safetensors"):
+            if step == 16:
+                weights.unlink()
+            elif step == 32:
+                weights.write_bytes(b"not a safetensors file")
+        _files_to_blobs(snapshot, repo / "blobs")
+        (repo / "refs" / f"step{step}").write_text(commit)  # no newline: the hub writes the bare commit hash
+    return cache
+
+
+def _files_to_blobs(snapshot: Path, blobs: Path) -> None:
+    """Move a snapshot's files into ``blobs/<sha256>`` and leave relative symlinks, as the hub cache does."""
+    for file in sorted(p for p in snapshot.iterdir() if p.is_file()):
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        blob = blobs / digest
+        if not blob.exists():
+            shutil.copyfile(file, blob)
+        file.unlink()
+        file.symlink_to(Path("..") / ".." / "blobs" / digest)
+
+
+def _records(logdir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    store = RecordStore.for_logdir(logdir)
+    return store.read_scalars(), store.read_neurons()
+
+
+def _assert_same_records(a: Path, b: Path) -> None:
+    scalars_a, neurons_a = _records(a)
+    scalars_b, neurons_b = _records(b)
+    assert len(scalars_a) > 0 and len(neurons_a) > 0
+    pd.testing.assert_frame_equal(scalars_a, scalars_b)
+    pd.testing.assert_frame_equal(neurons_a, neurons_b)
+    keep = ["revision", "status", "weights_sha256", "identical_to_previous", "previous"]
+    pd.testing.assert_frame_equal(read_manifest(a)[keep], read_manifest(b)[keep])
+
+
+@pytest.fixture(scope="module")
+def reference_run(step_series, probe_file, tmp_path_factory) -> Path:
+    """An uninterrupted single-process replay of the step-folder series, through the command line."""
+    from negmonitor.cli import main
+
+    logdir = tmp_path_factory.mktemp("runs") / "reference"
+    code = main(["replay", "--model", str(step_series), "--revisions", "all", "--logdir", str(logdir),
+                 "--probe", str(probe_file), "--tokens", "512", "--window", "64", "--pairs", "32",
+                 "--tokens-per-step", "1000", "--run-name", "tiny", "--no-progress", "--media-every", "2",
+                 "--image-neurons", "1"])
+    assert code == 0
+    return logdir
+
+
+def test_cli_replay_writes_records_manifest_and_prints_paths(reference_run, capsys):
+    scalars, neurons = _records(reference_run)
+    assert sorted(scalars.step.unique()) == STEPS
+    assert (scalars.tokens_seen == scalars.step * 1000).all()
+    assert set(scalars.run) == {"tiny"}
+    drift = scalars[scalars.metric == "drift/cohort_vs_rest"]
+    assert sorted(drift.step.unique()) == STEPS[1:]  # no predecessor at the first checkpoint
+    cohort = neurons[neurons.in_cohort]
+    assert cohort.groupby("step").size().nunique() == 1  # the same cohort everywhere, earlier checkpoints included
+    manifest = read_manifest(reference_run)
+    assert manifest.status.tolist() == ["ok"] * len(STEPS)
+    assert manifest.weights_sha256.str.len().eq(64).all()
+    assert (reference_run / "negmonitor" / "manifest.json").is_file()
+    assert (reference_run / "negmonitor" / "cohort.json").is_file()
+
+
+def test_tensorboard_tags_overlay_a_live_run(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference_run), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("negmonitor/wd/cohort_mean/layer_00", "negmonitor/wd/max/layer_01", "negmonitor/wd/cohort_mean",
+                "negmonitor/pairs/nn_share/layer_00"):
+        assert tag in tags
+        assert [e.step for e in events.Scalars(tag)] == STEPS
+    assert [e.step for e in events.Scalars("negmonitor/drift/cohort_vs_rest/layer_00")] == STEPS[1:]
+    histograms = events.Tags()["histograms"]
+    assert "negmonitor/wd/distribution/layer_00" in histograms
+    assert [e.step for e in events.Histograms("negmonitor/wd/distribution/layer_00")] == [0, 20, 40]
+    assert "negmonitor/images/top_neurons/layer_01" in events.Tags()["images"]
+
+
+def test_interrupted_replay_resumes_to_the_same_records(reference_run, step_series, probe_file, tmp_path,
+                                                        monkeypatch):
+    from negmonitor.monitoring import engine
+
+    real = engine.take_measurement
+    calls = []
+
+    def interrupting(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 4:  # cohort pass, step0, step10, then stop inside step20
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    logdir = tmp_path / "resumed"
+    monkeypatch.setattr(engine, "take_measurement", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        replay(step_series, "all", logdir, probe=str(probe_file), tokens_per_step=1000, run_name="tiny", **PROBE,
+               **QUIET)
+    assert read_manifest(logdir).revision.tolist() == ["step0", "step10"]
+    monkeypatch.setattr(engine, "take_measurement", real)
+    result = replay(step_series, "all", logdir, probe=str(probe_file), tokens_per_step=1000, run_name="tiny",
+                    tensorboard=False, **PROBE, **QUIET)
+    assert result.skipped == ["step0", "step10"] and result.processed == ["step20", "step40"]
+    _assert_same_records(reference_run, logdir)
+    again = replay(step_series, "all", logdir, probe=str(probe_file), tokens_per_step=1000, run_name="tiny",
+                   tensorboard=False, **PROBE, **QUIET)
+    assert again.processed == [] and len(again.skipped) == len(STEPS)
+
+
+def test_two_shards_equal_one_process(reference_run, step_series, probe_file, tmp_path):
+    logdir = tmp_path / "sharded"
+    for shard in ("2/2", "1/2"):  # the later block first: its predecessor is loaded from the other block
+        result = replay(step_series, "all", logdir, probe=str(probe_file), tokens_per_step=1000, run_name="tiny",
+                        shard=shard, tensorboard=False, **PROBE, **QUIET)
+        assert result.processed and len(result.processed) < len(STEPS)
+    assert result.manifest.status.tolist() == ["ok"] * len(STEPS)
+    _assert_same_records(reference_run, logdir)
+
+
+def test_failed_measurement_is_recorded_and_retried(step_series, probe_file, tmp_path, monkeypatch):
+    from negmonitor.monitoring import engine
+
+    real = engine.take_measurement
+    calls = []
+
+    def broken_after_the_cohort_pass(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    logdir = tmp_path / "log"
+    monkeypatch.setattr(engine, "take_measurement", broken_after_the_cohort_pass)
+    with pytest.warns(UserWarning, match="measurement of step10 failed"):
+        result = replay(step_series, "step10", logdir, probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    assert result.manifest.status.tolist() == ["failed"] and "boom" in result.manifest.error[0]
+    assert result.read_scalars().metric.tolist() == ["health/measurement_failed"]
+    monkeypatch.setattr(engine, "take_measurement", real)
+    retried = replay(step_series, "step10", logdir, probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    assert retried.processed == ["step10"] and retried.manifest.status.tolist() == ["ok"]
+    assert "health/measurement_failed" not in set(retried.read_scalars().metric)
+
+
+def test_resume_with_other_settings_is_refused(reference_run, step_series, probe_file):
+    with pytest.raises(NegmonitorError, match="other settings"):
+        replay(step_series, "all", reference_run, probe=str(probe_file), tokens_per_step=1000, run_name="tiny",
+               **{**PROBE, "n_pairs": 16}, **QUIET)
+
+
+def test_hub_cache_replay_offline_through_from_pretrained(hub_cache, probe_file, tmp_path):
+    logdir = tmp_path / "pythia-tiny"
+    result = replay("tiny-org/pythia-tiny", "step0,step2,step4,step8,step16,step32", logdir, probe=str(probe_file),
+                    cache_dir=hub_cache, tensorboard=False, **PROBE, **QUIET)
+    manifest = result.manifest.set_index("revision")
+    assert manifest.status.to_dict() == {"step0": "ok", "step2": "ok", "step4": "duplicate", "step8": "ok",
+                                         "step16": "missing", "step32": "failed"}
+    assert manifest.loc["step4", "identical_to"] == "step2" and manifest.loc["step4", "identical_to_previous"]
+    assert manifest.loc["step8", "previous"] == "step4"
+    assert "model.safetensors" in manifest.loc["step16", "error"]
+    assert manifest.loc["step32", "error"].startswith("load: ")
+    assert set(manifest.variant) == {"standard"}
+    cohort = json.loads((logdir / "negmonitor" / "cohort.json").read_text())
+    assert cohort["revision"] == "step8"  # the last revision of the list that loads
+    scalars = result.read_scalars()
+    assert sorted(scalars.step.unique()) == [0, 2, 8]
+    assert (scalars.tokens_seen == scalars.step * 2_097_152).all()
+    assert "step16" in result.summary() and str(result.records_root) in result.summary()
+
+    # A preset over Pythia's schedule: revisions the cache lacks are recorded as missing, never fatal; the
+    # revisions already replayed are skipped and the cohort is re-read.
+    preset = replay("tiny-org/pythia-tiny", "log:6", logdir, probe=str(probe_file), cache_dir=hub_cache,
+                    tensorboard=False, **PROBE, **QUIET)
+    statuses = preset.manifest.set_index("revision").status
+    assert statuses.index[0] == "step0" and statuses.index[-1] == "step143000"
+    assert preset.skipped == ["step0", "step8"] and statuses.drop(["step0", "step8"]).eq("missing").all()
+    merged = read_manifest(logdir).revision  # both runs' entries, merged
+    assert set(merged) == set(preset.revisions) | {"step2", "step4", "step16", "step32"}
+    assert json.loads((logdir / "negmonitor" / "cohort.json").read_text()) == cohort
+
+
+def test_hub_unknown_revision_and_model_are_clear_errors(hub_cache, tmp_path):
+    with pytest.raises(NegmonitorError, match=r"unknown revision\(s\) step3 .* available: step0, step1, step2"):
+        replay("tiny-org/pythia-tiny", "step0,step3", tmp_path / "a", cache_dir=hub_cache, **QUIET)
+    with pytest.raises(NegmonitorError, match="not in the local hub cache"):
+        replay("tiny-org/no-such-model", "step0", tmp_path / "b", cache_dir=hub_cache, **QUIET)
+
+
+def test_model_without_adapter_is_a_clear_error(tmp_path, probe_file):
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    model = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=512))
+    model.save_pretrained(tmp_path / "series" / "step-0")
+    tiny_tokenizer().save_pretrained(tmp_path / "series")
+    with pytest.raises(NegmonitorError, match="adapter|register_adapter|bloom"):
+        replay(tmp_path / "series", "all", tmp_path / "log", probe=str(probe_file), **PROBE, **QUIET)
+
+
+def test_lightning_checkpoints_of_ones_own_run(tmp_path, probe_file):
+    import lightning
+
+    from negmonitor.train.module import CausalLMModule
+
+    module = CausalLMModule(family="neox", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                            max_position_embeddings=256, vocab_size=512)
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in (3, 9):
+        _walk(module.model, step)
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                    "global_step": step, "epoch": 0, "pytorch-lightning_version": lightning.__version__,
+                    "negmonitor_tokens_seen": step * 64}, folder / f"epoch=0-step={step}.ckpt")
+    shutil.copy(folder / "epoch=0-step=9.ckpt", folder / "last.ckpt")  # same step twice: one checkpoint
+    tiny_tokenizer().save_pretrained(tmp_path / "run")
+    result = replay(folder, "all", tmp_path / "log", probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    assert result.manifest.status.tolist() == ["ok", "ok"]
+    scalars = result.read_scalars()
+    assert sorted(scalars.step.unique()) == [3, 9]
+    assert (scalars.tokens_seen == scalars.step * 64).all()
+
+
+def test_ablation_damage_at_every_checkpoint(step_series, probe_file, tmp_path):
+    pytest.importorskip("negmonitor.monitoring.ablation_rows",
+                        reason="negmonitor.monitoring.ablation_rows (the live callback's ablation rows) is not "
+                               "written yet; replay --ablate uses the same function")
+    from negmonitor.ablation import AblationSettings
+
+    pairs = pd.DataFrame({"suite": ["blimp"] * 4, "uid": ["agr"] * 4, "field": ["morphology"] * 4,
+                          "linguistics_term": ["s-v_agreement"] * 4, "pair_id": range(4),
+                          "sentence_good": ["the cat laughs .", "the cats laugh .", "a dog swims .", "dogs swim ."],
+                          "sentence_bad": ["the cat laugh .", "the cats laughs .", "a dog swim .", "dogs swims ."]})
+    result = replay(step_series, "step0,step40", tmp_path / "log", probe=str(probe_file), tensorboard=False,
+                    ablation=AblationSettings(fraction=0.05, max_matching_evals=3), minimal_pairs=pairs,
+                    ppl_text=_probe_text()[:3000], **PROBE, **QUIET)
+    scalars = result.read_scalars()
+    for metric in ("ablation/ppl_ratio/wasserstein", "ablation/ppl_ratio/random", "ablation/ppl_ratio/ppl_matched",
+                   "ablation/acc_drop/blimp/wasserstein"):
+        assert sorted(scalars[scalars.metric == metric].step) == [0, 40]
+    assert sorted(scalars[scalars.metric == "wd/cohort_mean"].step.unique()) == [0, 40]  # damage vs cohort WD
