@@ -147,13 +147,14 @@ def main() -> None:
     parser.add_argument("--neurons", type=int, default=None)
     parser.add_argument("--baseline-neurons", type=int, default=None, help="neurons the scipy baseline runs on")
     parser.add_argument("--processes", type=int, default=2, help="baseline pool size")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for negmonitor (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for negmonitor (default 1: conservative against the 2-process baseline, "
+                             "and OpenMP barriers stall when the cores are shared with other jobs)")
     args = parser.parse_args()
     tokens = args.tokens or (16_384 if args.quick else 65_536)
     neurons = args.neurons or (512 if args.quick else 2_048)
     n_base = min(neurons, args.baseline_neurons or (32 if args.quick else 128))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     print(f"synthetic pre-activations: {tokens:,} tokens x {neurons:,} neurons (fp32), a tenth non-Gaussian")
     print(f"machine: {mp.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} torch threads; "

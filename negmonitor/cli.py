@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     if argv and argv[0] == "train":  # LightningCLI parses its own arguments
         from negmonitor.commands.train import run_train
 

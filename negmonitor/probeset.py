@@ -152,7 +152,7 @@ def _tokenize(texts: list[str], tokenizer: object) -> list[int]:
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         return []
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # long texts: no length warning
     sep = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
     for doc in encoded:

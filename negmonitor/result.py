@@ -133,7 +133,7 @@ def _layer_row(layer: int, frame: pd.DataFrame, shares: dict, nonfinite_tokens: 
     wd = frame["wd"].to_numpy()
     finite = np.isfinite(wd)
     wd_ok = wd[finite]
-    top = top_k_indices(torch.tensor(wd), settings.top_frac_for_jaccard).numpy() if finite.any() else np.array([])
+    top = top_k_indices(torch.tensor(wd), settings.top_frac_for_jaccard).numpy() if finite.any() else np.array([], dtype=np.int64)
     md = frame["md"].to_numpy()
     row = {
         "layer": layer,

@@ -55,7 +55,7 @@ def test_local_text_file_source(shared_data, tmp_path):
     lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()[:400]
     path = tmp_path / "wiki.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    dm = TextDataModule(source=str(path), seq_len=64, batch_size=4, vocab_size=800, val_fraction=0.1,
+    dm = TextDataModule(source=str(path), seq_len=64, batch_size=4, tokenizer_vocab_size=800, val_fraction=0.1,
                         cache_dir=str(tmp_path / "tok"))
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -71,7 +71,7 @@ def test_local_folder_source(tmp_path):
     (folder / "a.txt").write_text("the cat sat on the mat .\n\nthe dog ran .\n" * 30)
     (folder / "sub" / "b.txt").write_text("a bird sang in the tree .\n" * 30)
     (folder / "skip.bin").write_bytes(b"\x00\x01")
-    dm = TextDataModule(source=str(folder), seq_len=16, batch_size=2, vocab_size=300,
+    dm = TextDataModule(source=str(folder), seq_len=16, batch_size=2, tokenizer_vocab_size=300,
                         cache_dir=str(tmp_path / "tok"))
     assert len(dm.documents()[0]) + len(dm.documents()[1]) == 90
     dm.setup()

@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from negmonitor.ablation import AblationSettings
 from negmonitor.callbacks.schedule import Schedule
 from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
@@ -58,9 +59,12 @@ class NegativeDifferentiationMonitor(Callback):
         ablation: :class:`~negmonitor.ablation.AblationSettings`, a dict of its fields, ``True`` (defaults) or
             ``None`` (off).
         ablation_every_n_steps: ablation cadence (default: ``every_n_steps``).
-        minimal_pairs: DataFrame of ``sentence_good``/``sentence_bad`` pairs for ablation accuracy (BLiMP- or
-            TSE-shaped), or ``"datamodule"`` to take the datamodule's ``minimal_pairs()``.
-        ppl_text: text (or list of texts) for the ablation perplexity.
+        minimal_pairs: pairs for the ablation accuracy: a DataFrame (BLiMP- or TSE-shaped), a BLiMP folder of JSONL
+            files, a TSE folder of pickles, ``"blimp"`` (the hub's ``nyu-mll/blimp``), or ``"datamodule"`` (the
+            datamodule's ``minimal_pairs()``, e.g. the built-in grammar's).
+        minimal_pairs_sample: pairs per sub-dataset / construction when loading ``minimal_pairs`` (seeded).
+        ppl_text: text for the ablation perplexity: a string, a list of strings, a text file, a dataset id
+            (``ID[:CONFIG[:SPLIT]]``) or ``None`` (the datamodule's held-out texts when it has them).
         media_every_n_steps: cadence of histograms, images and top-pair text (default: 5 × ``every_n_steps``).
         log_dir: where records go (default: the logger's ``log_dir``, else the trainer's ``default_root_dir``).
         run_name: the ``run`` column of the records (default: the log folder's name).
@@ -89,9 +93,10 @@ class NegativeDifferentiationMonitor(Callback):
         cohort_frac: float = 0.05,
         cohort_step: int | None = None,
         warmup_steps: int = 0,
-        ablation: Any = None,
+        ablation: AblationSettings | None = None,
         ablation_every_n_steps: int | None = None,
         minimal_pairs: Any = None,
+        minimal_pairs_sample: int = 40,
         ppl_text: Any = None,
         media_every_n_steps: int | None = None,
         log_dir: str | os.PathLike | None = None,
@@ -124,6 +129,7 @@ class NegativeDifferentiationMonitor(Callback):
             self.ablation = as_settings(ablation)
         self.ablation_every = ablation_every_n_steps or every_n_steps
         self.minimal_pairs = minimal_pairs
+        self.minimal_pairs_sample = minimal_pairs_sample
         self.ppl_text = ppl_text
         self.media_every = media_every_n_steps if media_every_n_steps is not None else 5 * every_n_steps
         self.log_dir = log_dir
@@ -175,10 +181,9 @@ class NegativeDifferentiationMonitor(Callback):
         source = self.probe_source
         if source is None and hasattr(datamodule, "probe_texts"):
             source = datamodule.probe_texts()
-        if isinstance(self.minimal_pairs, str) and self.minimal_pairs == "datamodule":
-            self.minimal_pairs = datamodule.minimal_pairs() if hasattr(datamodule, "minimal_pairs") else None
-        if self.ppl_text is None and hasattr(datamodule, "probe_texts"):
-            self.ppl_text = datamodule.probe_texts()
+        if self.ablation is not None:
+            self.minimal_pairs = resolve_minimal_pairs(self.minimal_pairs, datamodule, self.minimal_pairs_sample)
+            self.ppl_text = resolve_ppl_text(self.ppl_text, datamodule)
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
 
@@ -323,6 +328,42 @@ class AblationMonitor(NegativeDifferentiationMonitor):
 
             kwargs["ablation"] = AblationSettings()
         super().__init__(*args, **kwargs)
+
+
+def resolve_minimal_pairs(spec: Any, datamodule: Any = None, sample: int | None = 40) -> pd.DataFrame | None:
+    """Minimal pairs from a DataFrame, ``"datamodule"``, ``"blimp"`` (hub), or a BLiMP / TSE folder."""
+    if spec is None or isinstance(spec, pd.DataFrame):
+        return spec
+    from negmonitor.evaluation import load_blimp, load_tse
+
+    text = str(spec)
+    if text == "datamodule":
+        if not hasattr(datamodule, "minimal_pairs"):
+            raise NegmonitorError("minimal_pairs='datamodule' but the datamodule has no minimal_pairs() — pass a "
+                                  "BLiMP or TSE folder instead")
+        return datamodule.minimal_pairs(sample) if sample else datamodule.minimal_pairs()
+    if text == "blimp":
+        return load_blimp(None, sample_per_uid=sample)
+    path = Path(text).expanduser()
+    if path.is_dir() and any(path.glob("*.pickle")):
+        return load_tse(path, sample_per_construction=sample)
+    return load_blimp(path, sample_per_uid=sample)
+
+
+def resolve_ppl_text(spec: Any, datamodule: Any = None) -> Any:
+    """Perplexity text from a string/list, a file, a dataset id ``ID[:CONFIG[:SPLIT]]``, or the datamodule."""
+    if spec is None:
+        return datamodule.probe_texts() if hasattr(datamodule, "probe_texts") else None
+    if not isinstance(spec, str):
+        return spec
+    from negmonitor.evaluation.perplexity import load_perplexity_text
+
+    if Path(spec).expanduser().exists() or ("\n" not in spec and (":" in spec or "/" in spec) and " " not in spec):
+        parts = spec.split(":")
+        if len(parts) > 1 and not Path(spec).exists():
+            return load_perplexity_text(parts[0], parts[1] or None, parts[2] if len(parts) > 2 else "validation")
+        return load_perplexity_text(spec)
+    return spec
 
 
 def _family(metric: str) -> str:

@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from negmonitor.probeset import ProbeSet
 
     out = ensure_writable_dir(args.out)
-    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
     layers = parse_layers(args.layers)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     probe_set = ProbeSet.build(probe_source(args), tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)

@@ -9,6 +9,7 @@ every key can be overridden on the command line (``--trainer.max_steps 100``), a
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -36,8 +37,10 @@ def build_cli(argv: Sequence[str], run: bool = False):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(NegativeDifferentiationMonitor, "monitor")
 
-    return TrainCLI(CausalLMModule, TextDataModule, args=list(argv), run=run,
-                    save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "negmonitor train"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass argv on purpose
+        return TrainCLI(CausalLMModule, TextDataModule, args=list(argv), run=run,
+                        save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "negmonitor train"})
 
 
 def run_train(argv: Sequence[str]) -> int:

@@ -189,7 +189,7 @@ def _layer_scalars(result: ProbeResult, neurons: pd.DataFrame, state: MonitorSta
 
 def _cohort_rows(layer: int, frame: pd.DataFrame, state: MonitorState, settings: MonitorSettings) -> list:
     wd = frame.sort_values("neuron").wd.to_numpy()
-    current = top_k_indices(torch.tensor(wd), settings.cohort_frac).numpy() if np.isfinite(wd).any() else np.array([])
+    current = top_k_indices(torch.tensor(wd), settings.cohort_frac).numpy() if np.isfinite(wd).any() else np.array([], dtype=np.int64)
     rows = [(layer, -1, "wd/current_top_mean", _mean(wd[current]))]
     if not state.cohort or layer not in state.cohort:
         return rows

@@ -54,7 +54,8 @@ class TextDataModule(L.LightningDataModule):
         split: ``datasets`` split (hub sources).
         text_column: column holding the text (hub sources).
         tokenizer: ``"train"`` (train one on the training documents) or a hub id / local tokenizer folder.
-        vocab_size: vocabulary size of a trained tokenizer.
+        tokenizer_vocab_size: target vocabulary size of a trained tokenizer (distinct from the model's
+            ``vocab_size`` hparam, which Lightning merges with this module's hparams).
         tokenizer_kind: ``"bpe"`` (byte-level) or ``"wordlevel"`` for a trained tokenizer.
         seq_len: tokens per block.
         batch_size: blocks per batch.
@@ -83,9 +84,9 @@ class TextDataModule(L.LightningDataModule):
         split: str = "train",
         text_column: str = "text",
         tokenizer: str = "train",
-        vocab_size: int = 4096,
+        tokenizer_vocab_size: int = 4096,
         tokenizer_kind: str = "bpe",
-        seq_len: int = 128,
+        seq_len: int = 64,
         batch_size: int = 32,
         val_fraction: float = 0.02,
         num_workers: int = 0,
@@ -142,7 +143,7 @@ class TextDataModule(L.LightningDataModule):
             h = self.hparams
             texts = self.documents()[0] if h.tokenizer == "train" else None
             self._tokenizer = load_or_train_tokenizer(h.tokenizer, texts, cache_dir=h.cache_dir,
-                                                      vocab_size=h.vocab_size, kind=h.tokenizer_kind)
+                                                      vocab_size=h.tokenizer_vocab_size, kind=h.tokenizer_kind)
         return self._tokenizer
 
     @property

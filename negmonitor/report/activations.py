@@ -1,0 +1,218 @@
+"""Pre- and post-activation values of a run's top neurons, for the histograms of Fig. 1c / 6b.
+
+The records hold no raw activations, so the values come from one of two places:
+
+(a) **recomputed**: when a model is given (``--model``, or a local model named in the run's tables), it is loaded
+    with :func:`negmonitor.models.load_model`, only the chosen neurons are hooked at the MLP sites, and a small
+    probe pass runs over the probe text; post-activations apply the site's own nonlinearity;
+(b) **stored**: otherwise the pre-activations of the neuron's top pairs (``y_a``, ``y_b`` of every stored rank), with
+    the family's nonlinearity (GELU for GPT-NeoX and GPT-2, SiLU for Llama-like, ReLU for OPT) applied for the
+    post-activations.
+
+The caption says which one was used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from negmonitor.report.base import ReportContext, last_snapshot
+from negmonitor.report.sources import RunData
+
+FAMILY_ACTIVATIONS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "gpt_neox": ("GELU", torch.nn.functional.gelu),
+    "bert": ("GELU", torch.nn.functional.gelu),
+    "gpt2": ("GELU (tanh)", lambda x: torch.nn.functional.gelu(x, approximate="tanh")),
+    "llama": ("SiLU", torch.nn.functional.silu),
+    "opt": ("ReLU", torch.relu),
+}
+MARKER = re.compile(r"\[\[(.*)\]\]\s*$", re.S)
+
+
+@dataclass
+class NeuronValues:
+    """Pre- and post-activation samples of one neuron and its top pairs at ``step``."""
+
+    layer: int
+    neuron: int
+    wd: float
+    pre: np.ndarray
+    post: np.ndarray
+    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.gelu
+
+
+@dataclass
+class RunActivations:
+    """The chosen neurons of one run and where their values came from."""
+
+    run: RunData
+    step: int
+    neurons: list[NeuronValues]
+    how: str
+
+
+def run_activations(ctx: ReportContext, run: RunData) -> RunActivations | None:
+    """Values for ``run``'s top neurons (cached per run); None when it has no per-neuron data."""
+    cache = ctx.cache.setdefault("activations", {})
+    if run.label not in cache:
+        cache[run.label] = _compute(ctx, run)
+    return cache[run.label]
+
+
+def choose_neurons(run: RunData, k: int) -> tuple[int, list[tuple[int, int]], pd.DataFrame, pd.DataFrame] | None:
+    """``(step, [(layer, neuron)], pairs at step, neurons at step)``: the top-WD neurons among those with stored
+    top pairs (the top-MD neurons), else the top-WD neurons; None without data."""
+    pair_step, pairs = last_snapshot(run.pairs)
+    neuron_step, snap = last_snapshot(run.neurons)
+    if pair_step is not None and "y_a" in pairs.columns:
+        step = pair_step
+        snap = run.neurons[run.neurons.step == step] if not run.neurons.empty else snap
+        candidates = pairs.groupby(["layer", "neuron"])["md"].first().reset_index()
+        if "wd" in snap.columns and len(snap):
+            candidates = candidates.merge(snap[["layer", "neuron", "wd"]], on=["layer", "neuron"], how="left")
+            candidates = candidates.sort_values(["wd", "md"], ascending=False)
+        else:
+            candidates = candidates.sort_values("md", ascending=False)
+    elif neuron_step is not None and "wd" in snap.columns:
+        step, candidates = neuron_step, snap.sort_values("wd", ascending=False)
+    else:
+        return None
+    chosen = [(int(r.layer), int(r.neuron)) for r in candidates.head(k).itertuples(index=False)]
+    return step, chosen, pairs if pair_step == step else pairs.iloc[0:0], snap
+
+
+def _compute(ctx: ReportContext, run: RunData) -> RunActivations | None:
+    picked = choose_neurons(run, ctx.options.top_neurons)
+    if picked is None or not picked[1]:
+        return None
+    step, chosen, pairs, snap = picked
+    wd = {(int(r.layer), int(r.neuron)): float(r.wd) for r in snap.itertuples(index=False)} if "wd" in snap else {}
+    model_path = ctx.model_for(run)
+    recomputed = _recompute(ctx, run, model_path, chosen) if model_path is not None else None
+    if recomputed is not None:
+        pre, activations, how = recomputed
+        fallback = torch.nn.functional.gelu
+    else:
+        pre, activations = _stored(chosen, pairs), {}
+        name, fallback = _family_activation(run.meta.get("family"))
+        how = (f"stored values: the pre-activations of each neuron's stored top pairs at step {step} (the records "
+               f"keep no raw activations; pass --model to recompute them), post-activation = {name}")
+    values = []
+    for key in chosen:
+        x = torch.as_tensor(pre.get(key, np.zeros(0)), dtype=torch.float32)
+        act = activations.get(key[0], fallback)
+        with torch.no_grad():
+            post = act(x).numpy() if x.numel() else np.zeros(0)
+        neuron_pairs = pairs[(pairs.layer == key[0]) & (pairs.neuron == key[1])].sort_values("rank") \
+            if len(pairs) else pairs
+        values.append(NeuronValues(key[0], key[1], wd.get(key, float("nan")), x.numpy(), post, neuron_pairs, act))
+    return RunActivations(run, step, values, how)
+
+
+def _stored(chosen: list[tuple[int, int]], pairs: pd.DataFrame) -> dict[tuple[int, int], np.ndarray]:
+    out = {}
+    for layer, neuron in chosen:
+        rows = pairs[(pairs.layer == layer) & (pairs.neuron == neuron)] if len(pairs) else pairs
+        out[(layer, neuron)] = np.concatenate([rows.y_a.to_numpy(float), rows.y_b.to_numpy(float)]) if len(rows) \
+            else np.zeros(0)
+    return out
+
+
+def _family_activation(family: str | None) -> tuple[str, Callable]:
+    if family in FAMILY_ACTIVATIONS:
+        return FAMILY_ACTIVATIONS[family]
+    return f"GELU (assumed: model family {'unknown' if not family else family!r})", torch.nn.functional.gelu
+
+
+def _recompute(ctx: ReportContext, run: RunData, model_path: str,
+               chosen: list[tuple[int, int]]) -> tuple[dict, dict, str] | None:
+    """Hook the chosen neurons during a probe pass with the model; return values, activation modules, a caption
+    (None when there is no text to run)."""
+    from negmonitor.adapters import find_sites
+    from negmonitor.probeset import ProbeSet
+
+    source, described = probe_source(ctx, run)
+    if source is None:
+        return None
+    model, tokenizer = load_cached(ctx, model_path)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    probe_set = ProbeSet.build(source, tokenizer, n_tokens=ctx.options.hist_tokens, window=256, n_pairs=0,
+                               max_positions=max_positions)
+    sites = {s.layer: s for s in find_sites(model, sorted({layer for layer, _ in chosen}))}
+    columns = {layer: [n for l2, n in chosen if l2 == layer] for layer in sites}
+    store: dict[int, list[torch.Tensor]] = {layer: [] for layer in sites}
+    mask_now: list[torch.Tensor] = []
+
+    def hook_for(layer: int):
+        index = torch.tensor(columns[layer])
+
+        def hook(module, args, output):
+            flat = output.detach()[..., index.to(output.device)].reshape(-1, len(index)).float().cpu()
+            store[layer].append(flat[mask_now[0]])
+        return hook
+
+    device = next(model.parameters()).device
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for layer, site in sites.items():
+            stack.callback(site.projection.register_forward_hook(hook_for(layer)).remove)
+        for start in range(0, probe_set.n_windows, 8):
+            ids = probe_set.input_ids[start:start + 8]
+            mask = probe_set.attention_mask[start:start + 8]
+            mask_now[:] = [mask.reshape(-1).bool()]
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    values = {}
+    for layer, chunks in store.items():
+        stacked = torch.cat(chunks).numpy()
+        for column, neuron in enumerate(columns[layer]):
+            values[(layer, neuron)] = stacked[:, column]
+    activations = {layer: site.activation for layer, site in sites.items()}
+    site = next(iter(sites.values()))
+    how = (f"recomputed: pre-activations of the model at {model_path} ({site.family}) over {probe_set.n_tokens} "
+           f"tokens of {described}; post-activation = the model's own nonlinearity "
+           f"({type(site.activation).__name__})")
+    return values, activations, how
+
+
+def load_cached(ctx: ReportContext, path: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` loaded once per report."""
+    from negmonitor.models import load_model
+
+    models = ctx.cache.setdefault("models", {})
+    if path not in models:
+        models[path] = load_model(path, device=ctx.options.device)
+    return models[path]
+
+
+def probe_source(ctx: ReportContext, run: RunData) -> tuple[Any, str]:
+    """The probe text for ``run``: ``--probe-text``, the run's own probe file, else its stored pair contexts."""
+    if ctx.options.probe_text:
+        return str(ctx.options.probe_text), f"the probe text {ctx.options.probe_text}"
+    own = run.meta.get("probe_source")
+    if own and Path(str(own)).expanduser().exists():
+        return str(own), f"the run's probe text {own}"
+    contexts = stored_contexts(run)
+    if contexts:
+        return contexts, f"the {len(contexts)} contexts stored with the run's top pairs (no probe text given)"
+    return None, "no probe text"
+
+
+def stored_contexts(run: RunData) -> list[str]:
+    """Distinct texts of the contexts stored with the top pairs, markers removed."""
+    if run.pairs.empty or "context_a" not in run.pairs.columns:
+        return []
+    texts = pd.concat([run.pairs.context_a, run.pairs.context_b]).dropna().astype(str)
+    return sorted({strip_marker(t) for t in texts if t.strip()})
+
+
+def strip_marker(context: str) -> str:
+    """``"the cat[[ sees]]"`` → ``"the cat sees"``."""
+    return MARKER.sub(lambda m: m.group(1), context)

@@ -1,0 +1,72 @@
+"""Command line of the report: ``negmonitor report`` and the one-figure scripts in ``analysis/``.
+
+Both parse the same arguments (:func:`add_arguments`) and call :func:`run`, so there is one implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+USAGE_NOTE = ("RUN_DIR may be a log folder (with negmonitor/ inside), a records folder, a `negmonitor probe --out` "
+              "or `negmonitor ablate --out` folder, or a folder above several of them; give several to overlay them.")
+
+
+def add_arguments(parser: argparse.ArgumentParser, figures: bool = True) -> None:
+    """The report's arguments (``--only`` left out for a one-figure script)."""
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs to report on (overlaid in each figure)")
+    parser.add_argument("--out", required=True, help="folder for the PNGs, CSVs and index.html")
+    parser.add_argument("--model", action="append", default=[], metavar="PATH",
+                        help="model folder or id for recomputed activations (Fig. 1c/6b) and POS surprisal (3d); "
+                             "repeat to match the RUN_DIRs in order (one --model goes with the first RUN_DIR)")
+    parser.add_argument("--probe-text", default=None, metavar="FILE",
+                        help="text for recomputed activations and POS base rates (default: the run's own probe "
+                             "text when it is a local file, else the contexts stored with the top pairs)")
+    parser.add_argument("--top-neurons", type=int, default=4, help="neurons per run in the activation histograms")
+    parser.add_argument("--hist-tokens", type=int, default=16_384, help="probe tokens for recomputed histograms")
+    parser.add_argument("--pos-texts", type=int, default=200, help="lines of text for the POS surprisal (3d)")
+    parser.add_argument("--device", default=None, help="device for recomputation (default cpu)")
+    parser.add_argument("--title", default=None, help="title of index.html")
+    if figures:
+        parser.add_argument("--only", default=None, metavar="KEYS",
+                            help="comma-separated figure keys or paper numbers (e.g. 2b,7a,A.2); default all")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Argument checks that need no data."""
+    from negmonitor.errors import NegmonitorError
+
+    for flag in ("top_neurons", "hist_tokens", "pos_texts"):
+        if getattr(args, flag) < 1:
+            raise NegmonitorError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+
+
+def run(args: argparse.Namespace, only: Sequence[str] | None = None) -> int:
+    """Make the report and print where it is."""
+    from negmonitor.report.base import ReportOptions
+    from negmonitor.report.build import build_report
+
+    check(args)
+    options = ReportOptions(models=list(args.model), probe_text=args.probe_text, hist_tokens=args.hist_tokens,
+                            top_neurons=args.top_neurons, pos_texts=args.pos_texts, device=args.device)
+    chosen = only or ([k for k in args.only.split(",") if k.strip()] if getattr(args, "only", None) else None)
+    result = build_report(args.run_dirs, args.out, options, only=chosen, title=args.title)
+    print(f"report written to {result.index} ({len(result.figures)} figure(s), {len(result.skipped)} skipped)")
+    return 0
+
+
+def script_main(key: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``analysis/<key>.py``: the report's arguments, drawing only figure ``key``."""
+    from negmonitor.cli import _guarded
+    from negmonitor.report.build import figure_keys
+
+    if key not in figure_keys():
+        raise SystemExit(f"unknown figure {key!r}")
+    parser = argparse.ArgumentParser(prog=f"analysis/{key}.py", description=f"Draw {key} from negmonitor records. "
+                                     + USAGE_NOTE)
+    add_arguments(parser, figures=False)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    return _guarded(lambda: run(args, only=[key]), args.debug)

@@ -1,0 +1,87 @@
+"""``negmonitor probe`` end to end, and the one-line errors of the command line."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from negmonitor.cli import main
+from tiny_models import tiny_causal_lm, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "tiny-neox"
+    tiny_causal_lm("neox").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from conftest import SHARED_DATA
+
+    source = SHARED_DATA / "wikitext-2" / "valid.txt"
+    path = tmp_path_factory.mktemp("text") / "probe.txt"
+    path.write_text(source.read_text()[:40_000] if source.exists() else "the cat sees the dogs . " * 2_000)
+    return path
+
+
+def test_probe_command_writes_tables_and_prints_summary(model_dir, text_file, tmp_path, capsys) -> None:
+    code = main(["probe", "--model", str(model_dir), "--text", str(text_file), "--tokens", "4096", "--window", "128",
+                 "--pairs", "300", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("neurons", "layers", "pairs", "top_pairs"):
+        assert (tmp_path / "out" / f"{name}.parquet").exists()
+    layers = pd.read_parquet(tmp_path / "out" / "layers.parquet")
+    assert list(layers.layer) == [0, 1]
+    assert "wd_max" in out and "wd_neg_share" in out and "jaccard_wd_md" in out and str(tmp_path / "out") in out
+
+
+def test_help_lists_every_command(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("probe", "ablate", "replay", "train", "report"):
+        assert command in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no/such-model-xyz"], "could not load"),
+    (["--model", "./missing-folder"], "is not a folder here nor a hub id"),
+    (["--layers", "7"], "layer 7 is out of range"),
+    (["--layers", "a,b"], "--layers must be comma-separated integers"),
+    (["--pairs", "100000"], "fewer than the 200000 needed"),
+])
+def test_bad_input_is_one_line_exit_2(model_dir, text_file, tmp_path, capsys, args, message) -> None:
+    base = {"--model": str(model_dir), "--text": str(text_file), "--tokens": "2048", "--window": "64",
+            "--pairs": "100", "--out": str(tmp_path / "o")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["probe"] + [x for pair in base.items() for x in pair]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # earlier lines are progress bars (weights loading)
+    assert last.startswith("negmonitor: error: ") and message in last, err
+    assert "Traceback" not in err
+
+
+def test_empty_text_and_unwritable_out(model_dir, tmp_path, capsys) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["probe", "--model", str(model_dir), "--text", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["probe", "--model", str(model_dir), "--text", str(empty), "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written" in err and len(err.strip().splitlines()) == 1  # fails before loading anything
+
+
+def test_debug_shows_the_traceback(model_dir, tmp_path) -> None:
+    from negmonitor.errors import NegmonitorError
+
+    with pytest.raises(NegmonitorError):
+        main(["probe", "--debug", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])

@@ -1,0 +1,214 @@
+"""``negmonitor report`` end to end: records from a real tiny Lightning run and a tiny replay, plus an ``ablate --out``
+folder, every figure drawn, each PNG decoded and checked, and the index listing them all.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+
+from lightning_helpers import TEXT, TinyLM, token_loader, trainer
+from negmonitor.callbacks import NegativeDifferentiationMonitor
+from negmonitor.cli import main
+from negmonitor.errors import NegmonitorError
+from tiny_models import tiny_causal_lm, tiny_tokenizer
+
+pytest.importorskip("matplotlib")
+ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GOOD_BAD = [("the cat sees the dogs .", "the cat see the dogs ."), ("the dog runs .", "the dog run ."),
+            ("the dogs run .", "the dogs runs ."), ("a pilot hurt himself .", "a pilot hurt themselves ."),
+            ("the senators hurt themselves .", "the senators hurt himself ."),
+            ("the cats see the dog .", "the cats sees the dog ."), ("the authors laugh .", "the authors laughs ."),
+            ("the guard likes the cat .", "the guard like the cat .")]
+PAIRS = pd.DataFrame({"suite": "grammar", "construction": ["agreement"] * 3 + ["reflexive"] * 2 + ["agreement"] * 3,
+                      "condition": ["sg", "sg", "pl", "sg", "pl", "pl", "pl", "sg"],
+                      "sentence_good": [g for g, _ in GOOD_BAD], "sentence_bad": [b for _, b in GOOD_BAD]})
+HAS_TSE = (SHARED_DATA / "tse").is_dir()
+
+
+@pytest.fixture(scope="module")
+def probe_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("probe") / "probe.txt"
+    path.write_text(TEXT.replace(" . ", " .\n"), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A real Lightning run of TinyLM with the monitor (every family, ablation with minimal pairs); its model saved."""
+    root = tmp_path_factory.mktemp("live")
+    seed_everything(0)
+    module = TinyLM()
+    monitor = NegativeDifferentiationMonitor(
+        probe=[TEXT], probe_tokens=1_024, probe_window=64, n_pairs=100, every_n_steps=3, minimal_pairs=PAIRS,
+        ppl_text=[TEXT[:2_000]], ablation={"fraction": 0.05, "max_matching_evals": 2}, media_every_n_steps=1_000)
+    trainer(root, 9, [monitor]).fit(module, token_loader(module.tokenizer))
+    model_dir = root / "model"
+    module.model.save_pretrained(model_dir)
+    module.tokenizer.save_pretrained(model_dir)
+    return root / "run" / "version_0", model_dir
+
+
+@pytest.fixture(scope="module")
+def replay_run(tmp_path_factory, probe_file) -> Path:
+    """A replay of three step folders whose weights take a seeded random walk."""
+    from negmonitor.replay import replay
+
+    series = tmp_path_factory.mktemp("series")
+    model = tiny_causal_lm("neox", seed=0)
+    for step in (0, 10, 20):
+        gen = torch.Generator().manual_seed(step)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=gen))
+        model.save_pretrained(series / f"step-{step}")
+    tiny_tokenizer().save_pretrained(series)
+    logdir = tmp_path_factory.mktemp("runs") / "replayed"
+    replay(series, "all", logdir, probe=str(probe_file), tokens_per_step=1_000, run_name="replayed",
+           probe_tokens=512, probe_window=64, n_pairs=32, progress=False, tensorboard=False)
+    return logdir
+
+
+@pytest.fixture(scope="module")
+def ablate_dir(tmp_path_factory, probe_file) -> Path:
+    """``negmonitor ablate --out`` of a saved tiny model, with a layer-group and a fraction sweep."""
+    folder = tmp_path_factory.mktemp("ablate_model")
+    tiny_causal_lm("neox").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    out = tmp_path_factory.mktemp("ablate") / "tiny-ablate"
+    evals = ["--eval", "ppl,tse", "--tse", str(SHARED_DATA / "tse"), "--tse-constructions",
+             "simple_agrmt,simple_reflexives", "--sample", "4"] if HAS_TSE else ["--eval", "ppl"]
+    code = main(["ablate", "--model", str(folder), "--fraction", "0.05", "--out", str(out), *evals,
+                 "--text", str(probe_file), "--ppl-tokens", "256", "--probe-text", str(probe_file), "--tokens", "1024",
+                 "--window", "64", "--layer-groups", "1", "--fractions", "0.05,0.3", "--max-matching-evals", "2"])
+    assert code == 0
+    return out
+
+
+def _check_png(path: Path) -> None:
+    """The PNG decodes, is a real picture (not tiny, not blank)."""
+    from matplotlib import image
+
+    pixels = image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] >= 150 and pixels.shape[1] >= 150, path.name
+    rgb = pixels[..., :3].reshape(-1, 3)
+    assert rgb.std() > 0.05, f"{path.name} is nearly blank"
+    assert len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 20, f"{path.name} has almost no colours"
+    assert (rgb.min(axis=1) < 0.9).mean() > 0.01, f"{path.name} draws almost nothing"
+
+
+def test_report_draws_every_figure(live_run, replay_run, ablate_dir, probe_file, tmp_path, capsys):
+    from negmonitor.report import figure_keys
+
+    log_dir, model_dir = live_run
+    out = tmp_path / "report"
+    code = main(["report", str(log_dir), str(replay_run), str(ablate_dir), "--out", str(out),
+                 "--model", str(model_dir), "--probe-text", str(probe_file), "--pos-texts", "24",
+                 "--hist-tokens", "2048"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"report written to {out / 'index.html'} ({len(figure_keys())} figure(s), 0 skipped)" in printed
+    assert "skipped " not in printed and "FAILED" not in printed
+    assert len([line for line in printed.splitlines() if line.startswith("  drew")]) == len(figure_keys())
+
+    page = (out / "index.html").read_text(encoding="utf-8")
+    pngs = sorted(out.glob("*.png"))
+    assert {p.stem for p in pngs} == set(figure_keys()) - {"tab_top_pairs"}
+    for png in pngs:
+        _check_png(png)
+        assert f"data-file='{png.name}'" in page
+    assert page.count("data:image/png;base64,") == len(pngs)
+    for key in figure_keys():
+        assert f"id='{key}'" in page and (out / f"{key}.csv").is_file(), key
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page, re.S)
+    assert len(captions) == len(figure_keys())
+    for caption in captions:
+        assert "step" in caption and len(caption) > 120
+    assert "None: every figure had its data" in page and not list(out.glob("*.tmp"))
+
+    emergence = html.unescape(captions[figure_keys().index("fig2b_emergence")])
+    assert "version_0 (steps 0–9 (4 measurements)" in emergence and "replayed (steps 0–20 (3 measurements)" in emergence
+    histograms = html.unescape(captions[figure_keys().index("fig1c_preactivations")])
+    assert "recomputed: pre-activations of the model at" in histograms  # the live run, --model given
+    assert "stored values" in histograms  # the replay: no model, its top pairs' values
+    assert f"the model at {ablate_dir.parent}" not in histograms
+    table = pd.read_csv(out / "tabA2_ablation.csv")
+    assert set(table.source) == {"ablate", "records"}
+    assert list(table[table.source == "ablate"].condition) == ["baseline", "wasserstein", "random", "ppl_matched"]
+    assert {"grammar_acc", "ppl_ratio"} <= set(table.columns) and ("tse_acc" in table.columns) == HAS_TSE
+    correlation = pd.read_csv(out / "fig2d_wd_vs_accuracy.csv")
+    assert len(correlation) == 4 and correlation.cohort_wd.notna().all()
+    pos = pd.read_csv(out / "fig3d_pos_surprisal.csv")
+    assert set(pos.condition) == {"wasserstein", "ppl_matched", "random"} and {"NOUN", "DET"} <= set(pos.pos)
+    pairs = pd.read_csv(out / "tab_top_pairs.csv")
+    assert (pairs.groupby(["run", "layer", "neuron"]).size() > 1).all()  # every rank kept, not one row per neuron
+    assert {"version_0", "replayed"} <= set(pairs.run)
+
+
+def test_missing_data_is_skipped_with_a_reason(ablate_dir, tmp_path):
+    from negmonitor.report import build_report
+
+    lines: list[str] = []
+    result = build_report([ablate_dir / "probe"], tmp_path / "out", echo=lines.append)
+    drawn = {f.key for f in result.figures}
+    skipped = {key: reason for key, _, reason in result.skipped}
+    assert {"fig2a_wd_distribution", "figA1_jaccard", "fig1c_preactivations"} <= drawn
+    for key in ("fig2b_emergence", "fig2c_weight_drift", "fig2d_wd_vs_accuracy", "fig3a_ppl_vs_fraction",
+                "tabA2_ablation", "fig5_layer_groups", "fig7b_pair_signs_over_training", "fig7c_damage_accuracy",
+                "tab_top_pairs"):
+        assert key in skipped and len(skipped[key]) > 30, key
+        assert not (tmp_path / "out" / f"{key}.png").exists()
+    assert "ablate --fractions" in skipped["fig3a_ppl_vs_fraction"]
+    assert drawn.isdisjoint(skipped) and len(drawn) + len(skipped) == 17
+    assert len(lines) == 1 + 17 and sum("skipped" in line for line in lines) == len(skipped)
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    section = page[page.index("id='skipped'"):]
+    for key, reason in skipped.items():
+        assert f"<code>{key}</code>: {html.escape(reason, quote=True)}" in section
+
+
+def test_sources_are_detected(live_run, replay_run, ablate_dir, tmp_path):
+    from negmonitor.report import detect, load_runs
+
+    log_dir, _ = live_run
+    assert [(s.path, s.kind) for s in detect(log_dir)] == [(log_dir / "negmonitor", "records")]
+    assert [s.kind for s in detect(log_dir / "negmonitor")] == ["records"]
+    assert [(s.path, s.kind) for s in detect(log_dir.parents[1])] == [(log_dir / "negmonitor", "records")]
+    assert [(s.path.name, s.kind) for s in detect(ablate_dir)] == [("tiny-ablate", "ablate"), ("probe", "probe")]
+    runs = load_runs([log_dir, log_dir, replay_run, ablate_dir])
+    assert len({r.label for r in runs}) == 4 and runs[2].label == "replayed"
+    assert runs[3].kinds == ("ablate", "probe") and runs[3].table("layer_groups") is not None
+    assert runs[2].meta["cohort"]["step"] == 20 and runs[2].meta["probe_source"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NegmonitorError, match="holds no negmonitor records"):
+        detect(tmp_path / "empty")
+    with pytest.raises(NegmonitorError, match="is not a folder"):
+        detect(tmp_path / "missing")
+
+
+def test_analysis_scripts_cover_every_figure(replay_run, tmp_path, monkeypatch, capsys):
+    from negmonitor.report import figure_keys
+
+    scripts = {p.stem for p in ANALYSIS.glob("*.py")} - {"report"}
+    assert scripts == set(figure_keys())
+    out = tmp_path / "one"
+    monkeypatch.setattr(sys, "argv", ["fig2b_emergence.py", str(replay_run), "--out", str(out)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ANALYSIS / "fig2b_emergence.py"), run_name="__main__")
+    assert done.value.code == 0
+    assert "report written to" in capsys.readouterr().out
+    _check_png(out / "fig2b_emergence.png")
+    assert [p.name for p in out.glob("*.png")] == ["fig2b_emergence.png"]
+    assert main(["report", str(replay_run), "--out", str(out), "--only", "9z"]) == 2
+    assert "unknown figure '9z'" in capsys.readouterr().err
+
