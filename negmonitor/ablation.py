@@ -179,8 +179,9 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
         metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings))
     for name in ("blimp", "tse"):
         if name in wanted:
-            value, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings)
+            value, margin, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings)
             metrics[f"{name}_acc"] = value
+            metrics[f"{name}_margin"] = margin
             frames.append(table)
     if "lm_eval" in wanted:
         lm_metrics, table = _lm_eval(model, tokenizer, suite.lm_eval_tasks, settings)
@@ -199,15 +200,20 @@ def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: Ablati
 
 
 def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame,
-                   settings: AblationSettings) -> tuple[float, pd.DataFrame]:
-    """Overall accuracy and the suite's accuracy levels (``suite, level, group, accuracy, n, se``)."""
+                   settings: AblationSettings) -> tuple[float, float, pd.DataFrame]:
+    """Overall accuracy, mean log-probability margin (good − bad, nats) and the suite's accuracy levels.
+
+    The margin still moves when accuracy is saturated (a small model that gets every pair right), so damage to the
+    model's preference for the grammatical sentence is visible before any pair flips.
+    """
     from negmonitor.evaluation import blimp_accuracy, evaluate_pairs, tse_accuracy
 
     scored = evaluate_pairs(model, tokenizer, pairs, batch_size=settings.batch_size)
     table = (blimp_accuracy if suite == "blimp" else tse_accuracy)(scored)
     table.insert(0, "suite", suite)
     overall = table.loc[table["level"] == "overall", "accuracy"]
-    return float(overall.iloc[0]) if len(overall) else math.nan, table[BREAKDOWN_COLUMNS]
+    margin = float((scored["logp_good"] - scored["logp_bad"]).mean()) if len(scored) else math.nan
+    return float(overall.iloc[0]) if len(overall) else math.nan, margin, table[BREAKDOWN_COLUMNS]
 
 
 def _lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str],
@@ -481,14 +487,14 @@ def layer_group_sweep(model: nn.Module, tokenizer, result, suite: EvalSuite, gro
     values = neuron_values(model, tokenizer, result, settings)
     layers = sorted(restrict_layers(values, settings.layers))
     groups = [layers[i:i + group_size] for i in range(0, len(layers), group_size)]
-    conditions = [_Condition({"condition": "baseline", "scope": "none", "group": "", "how": ""}, None)]
+    conditions = [_Condition({"condition": "baseline", "scope": "none", "layer_group": "", "how": ""}, None)]
     for kind in how:
         for index, group in enumerate(groups):
             cumulative = [layer for g in groups[: index + 1] for layer in g]
             scopes = [("alone", group)] + ([("cumulative", cumulative)] if index > 0 else [])
             for scope, chosen in scopes:
                 label = f"{kind}:{scope}:{_span(chosen)}"
-                columns = {"condition": label, "scope": scope, "group": _span(group), "how": kind}
+                columns = {"condition": label, "scope": scope, "layer_group": _span(group), "how": kind}
                 selection = _select(values, kind, settings.fraction, settings, label=label, layers=chosen)
                 conditions.append(_Condition(columns, selection))
     report = _report(_evaluate_conditions(model, tokenizer, suite, settings, conditions), settings, "layer_groups")

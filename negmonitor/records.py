@@ -22,6 +22,8 @@ from negmonitor.atomic import write_parquet_atomic
 
 SCALAR_COLUMNS = ["run", "step", "tokens_seen", "layer", "neuron", "metric", "value"]
 KEY_COLUMNS = ["run", "step", "layer", "neuron", "metric"]
+ROW_KEYS = {"scalars": KEY_COLUMNS, "neurons": ["run", "step", "layer", "neuron"],
+            "pairs": ["run", "step", "layer", "neuron", "rank"]}
 
 
 class RecordStore:
@@ -67,10 +69,11 @@ class RecordStore:
         """All rows of ``kind``, merged across files, duplicates dropped (last file wins)."""
         folder = self.root / kind
         files = sorted(folder.glob("step-*.parquet")) if folder.exists() else []
+        row_keys = ROW_KEYS.get(kind, ROW_KEYS["neurons"])
         if not files:
-            return pd.DataFrame(columns=SCALAR_COLUMNS if kind == "scalars" else ["run", "step", "layer", "neuron"])
+            return pd.DataFrame(columns=SCALAR_COLUMNS if kind == "scalars" else row_keys)
         frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-        keys = [c for c in (KEY_COLUMNS if kind == "scalars" else ["run", "step", "layer", "neuron"]) if c in frame]
+        keys = [c for c in row_keys if c in frame]
         return frame.drop_duplicates(subset=keys, keep="last").sort_values(keys).reset_index(drop=True)
 
     def read_scalars(self) -> pd.DataFrame:

@@ -251,3 +251,12 @@ def test_markdown_table():
     df = pd.DataFrame({"condition": ["baseline", "random"], "ppl": [12.3456789, math.nan], "n_neurons": [0, 5]})
     assert markdown_table(df, digits=2).splitlines() == [
         "| condition | ppl | n_neurons |", "|---|---|---|", "| baseline | 12.35 | 0 |", "| random | - | 5 |"]
+
+
+def test_layer_group_breakdown_keeps_the_suite_groups(model, tokenizer, suite, values):
+    """The sweep's own identifying column (layer_group) must not overwrite the breakdown's UID/construction names."""
+    pairs = EvalSuite(blimp=suite.blimp)
+    groups = layer_group_sweep(model, tokenizer, values, pairs, group_size=1, settings=_settings())
+    uids = set(groups.breakdown.query("level == 'uid'")["group"])
+    assert uids and uids <= set(suite.blimp["uid"])
+    assert set(groups.breakdown["layer_group"]) == {"", "0", "1"}

@@ -61,6 +61,11 @@ def test_monitor_logs_curves_and_records(tmp_path) -> None:
     assert {"wd", "wd_neg", "md", "in_cohort", "drift_cos_dissim_norm"} <= set(neurons.columns)
     assert neurons[neurons.step == 10].groupby("layer").in_cohort.sum().tolist() == [3, 3]  # 5% of 64 -> 3 (floor, at least 1)
     assert not list((log_dir / "negmonitor").rglob("*.tmp"))
+    import json
+
+    (info_path,) = (log_dir / "negmonitor").glob("run-*.json")
+    info = json.loads(info_path.read_text())
+    assert info["family"] == "gpt_neox" and info["probe_tokens"] == 2_048 and info["cohort_frac"] == 0.05
 
 
 def test_weights_identical_with_and_without_monitor(tmp_path) -> None:

@@ -72,6 +72,7 @@ def test_ablate_end_to_end(saved_model, tmp_path, capsys):
     assert code == 0 and "probing on" not in printed
     groups = pd.read_csv(again / "layer_groups.csv")
     assert list(groups["condition"]) == ["baseline", "top:alone:0", "top:alone:1", "top:cumulative:0-1"]
+    assert list(pd.read_csv(again / "layer_groups.csv", dtype=str)["layer_group"].fillna("")) == ["", "0", "1", "1"]  # cumulative up to group 1
     again_selection = pd.read_parquet(again / "ablation_selections.parquet").query("condition == 'wasserstein'")
     assert again_selection[["layer", "neuron"]].values.tolist() == selections.query(
         "condition == 'wasserstein'")[["layer", "neuron"]].values.tolist()

@@ -113,8 +113,8 @@ def test_report_draws_every_figure(live_run, replay_run, ablate_dir, probe_file,
     log_dir, model_dir = live_run
     out = tmp_path / "report"
     code = main(["report", str(log_dir), str(replay_run), str(ablate_dir), "--out", str(out),
-                 "--model", str(model_dir), "--probe-text", str(probe_file), "--pos-texts", "24",
-                 "--hist-tokens", "2048"])
+                 "--model", str(model_dir), "--probe-text", str(probe_file), "--pos-texts", "16", "--top-neurons", "2",
+                 "--hist-tokens", "1024"])
     printed = capsys.readouterr().out
     assert code == 0
     assert f"report written to {out / 'index.html'} ({len(figure_keys())} figure(s), 0 skipped)" in printed
@@ -137,11 +137,14 @@ def test_report_draws_every_figure(live_run, replay_run, ablate_dir, probe_file,
     assert "None: every figure had its data" in page and not list(out.glob("*.tmp"))
 
     emergence = html.unescape(captions[figure_keys().index("fig2b_emergence")])
-    assert "version_0 (steps 0–9 (4 measurements)" in emergence and "replayed (steps 0–20 (3 measurements)" in emergence
+    assert "run/version_0 (steps 0–9 (4 measurements)" in emergence
+    assert "replayed (steps 0–20 (3 measurements)" in emergence
     histograms = html.unescape(captions[figure_keys().index("fig1c_preactivations")])
-    assert "recomputed: pre-activations of the model at" in histograms  # the live run, --model given
-    assert "stored values" in histograms  # the replay: no model, its top pairs' values
-    assert f"the model at {ablate_dir.parent}" not in histograms
+    assert histograms.count("recomputed: pre-activations of the model at") == 3
+    assert f"run/version_0 (step 9; recomputed: pre-activations of the model at {model_dir} " in histograms  # --model
+    assert "replayed (step 20; recomputed: pre-activations of the model at " in histograms
+    assert "step-20 (gpt_neox)" in histograms  # the replay's own checkpoint of the shown step, found in its series
+    assert "stored values" not in histograms
     table = pd.read_csv(out / "tabA2_ablation.csv")
     assert set(table.source) == {"ablate", "records"}
     assert list(table[table.source == "ablate"].condition) == ["baseline", "wasserstein", "random", "ppl_matched"]
@@ -152,7 +155,7 @@ def test_report_draws_every_figure(live_run, replay_run, ablate_dir, probe_file,
     assert set(pos.condition) == {"wasserstein", "ppl_matched", "random"} and {"NOUN", "DET"} <= set(pos.pos)
     pairs = pd.read_csv(out / "tab_top_pairs.csv")
     assert (pairs.groupby(["run", "layer", "neuron"]).size() > 1).all()  # every rank kept, not one row per neuron
-    assert {"version_0", "replayed"} <= set(pairs.run)
+    assert {"run/version_0", "replayed"} <= set(pairs.run)
 
 
 def test_missing_data_is_skipped_with_a_reason(ablate_dir, tmp_path):
@@ -170,7 +173,7 @@ def test_missing_data_is_skipped_with_a_reason(ablate_dir, tmp_path):
         assert not (tmp_path / "out" / f"{key}.png").exists()
     assert "ablate --fractions" in skipped["fig3a_ppl_vs_fraction"]
     assert drawn.isdisjoint(skipped) and len(drawn) + len(skipped) == 17
-    assert len(lines) == 1 + 17 and sum("skipped" in line for line in lines) == len(skipped)
+    assert len(lines) == 1 + 17 and sum(line.lstrip().startswith("skipped") for line in lines) == len(skipped)
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     section = page[page.index("id='skipped'"):]
     for key, reason in skipped.items():
@@ -196,19 +199,59 @@ def test_sources_are_detected(live_run, replay_run, ablate_dir, tmp_path):
         detect(tmp_path / "missing")
 
 
-def test_analysis_scripts_cover_every_figure(replay_run, tmp_path, monkeypatch, capsys):
+def test_analysis_scripts_cover_every_figure(live_run, replay_run, tmp_path, monkeypatch, capsys):
     from negmonitor.report import figure_keys
 
     scripts = {p.stem for p in ANALYSIS.glob("*.py")} - {"report"}
     assert scripts == set(figure_keys())
     out = tmp_path / "one"
-    monkeypatch.setattr(sys, "argv", ["fig2b_emergence.py", str(replay_run), "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["fig1c_preactivations.py", str(live_run[0]), "--out", str(out)])
     with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(ANALYSIS / "fig2b_emergence.py"), run_name="__main__")
+        runpy.run_path(str(ANALYSIS / "fig1c_preactivations.py"), run_name="__main__")
     assert done.value.code == 0
     assert "report written to" in capsys.readouterr().out
-    _check_png(out / "fig2b_emergence.png")
-    assert [p.name for p in out.glob("*.png")] == ["fig2b_emergence.png"]
+    _check_png(out / "fig1c_preactivations.png")
+    assert [p.name for p in out.glob("*.png")] == ["fig1c_preactivations.png"]
+    page = html.unescape((out / "index.html").read_text(encoding="utf-8"))
+    assert "run/version_0 (step 9; stored values: the pre-activations of each neuron's stored top pairs" in page
+    assert "post-activation = GELU (assumed" in page  # no model, and the records do not name the family
     assert main(["report", str(replay_run), "--out", str(out), "--only", "9z"]) == 2
     assert "unknown figure '9z'" in capsys.readouterr().err
 
+
+def _synthetic_run() -> "RunData":
+    from negmonitor.report.sources import RunData
+
+    steps, wd, acc = [0, 10, 20, 30, 40], [0.1, 0.2, 0.25, 0.4, 0.5], [0.5, 0.55, 0.7, 0.65, 0.8]
+    rows = [("syn", s, s * 100, -1, -1, "wd/cohort_mean", w) for s, w in zip(steps, wd)]
+    rows += [("syn", s, s * 100, -1, -1, "ablation/acc/blimp/baseline", a) for s, a in zip(steps, acc)]
+    rows += [("syn", s, s * 100, -1, -1, f"ablation/acc_drop/blimp/{c}", a * k)
+             for s, a in zip(steps[1:], acc[1:]) for c, k in (("wasserstein", 0.2), ("random", 0.05))]
+    rows += [("syn", s, s * 100, layer, -1, "drift/cohort", 1.0 + layer + s / 100)
+             for s in steps[1:] for layer in (0, 1)]
+    scalars = pd.DataFrame(rows, columns=["run", "step", "tokens_seen", "layer", "neuron", "metric", "value"])
+    empty = pd.DataFrame(columns=["run", "step", "layer", "neuron"])
+    return RunData("syn", Path("."), ("records",), scalars, empty, empty.copy())
+
+
+def test_figures_join_the_right_numbers(tmp_path):
+    from scipy import stats
+
+    from negmonitor.report.base import ReportContext, whole_model
+    from negmonitor.report.figures_training import damage_accuracy, wd_vs_accuracy
+
+    run = _synthetic_run()
+    ctx = ReportContext([run], tmp_path)
+    correlation = wd_vs_accuracy(ctx).table.iloc[0]
+    wd, acc = [0.1, 0.2, 0.25, 0.4, 0.5], [0.5, 0.55, 0.7, 0.65, 0.8]
+    assert correlation.n_steps == 5 and correlation.suite == "blimp"
+    assert correlation.pearson_r == pytest.approx(stats.pearsonr(wd, acc)[0])
+    assert correlation.spearman_rho == pytest.approx(stats.spearmanr(wd, acc)[0])
+    damage = damage_accuracy(ctx).data
+    assert sorted(damage.condition.unique()) == ["random", "wasserstein"]
+    wasserstein = damage[damage.condition == "wasserstein"].sort_values("step")
+    assert wasserstein.step.tolist() == [10, 20, 30, 40] and wasserstein.cohort_wd.tolist() == wd[1:]
+    assert wasserstein.value.tolist() == pytest.approx([a * 0.2 for a in acc[1:]])
+    drift = whole_model(run, "drift/cohort")  # no whole-model row: the mean over the per-layer rows
+    assert drift.value.tolist() == pytest.approx([1.5 + s / 100 for s in (10, 20, 30, 40)])
+    _check_png(tmp_path / "fig2d_wd_vs_accuracy.png")

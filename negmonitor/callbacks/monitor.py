@@ -186,6 +186,22 @@ class NegativeDifferentiationMonitor(Callback):
             self.ppl_text = resolve_ppl_text(self.ppl_text, datamodule)
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
+        if trainer.is_global_zero:
+            self._write_run_info()
+
+    def _write_run_info(self) -> None:
+        """``run.json`` beside the records: what was monitored and how (read by the report)."""
+        from negmonitor.adapters import model_family
+        from negmonitor.atomic import write_json_atomic
+
+        info = {"run": self.run_name, "monitor": type(self).__name__, "family": model_family(self._hf_model),
+                "model_type": getattr(self._hf_model.config, "model_type", None),
+                "probe_source": self._probe_set.source, "probe_tokens": self._probe_set.n_tokens,
+                "probe_window": self._probe_set.window, "n_pairs": self._probe_set.n_pairs,
+                "cohort_frac": self.settings.cohort_frac, "cohort_step": self.settings.cohort_step,
+                "warmup_steps": self.settings.warmup_steps, "every_n_steps": self.schedule.every_n_steps,
+                "families": list(self.families), "record_key": self.record_key}
+        write_json_atomic(info, self._store.root / f"run-{self.record_key}.json")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Measure the starting point (step 0) when scheduled."""
@@ -354,16 +370,19 @@ def resolve_ppl_text(spec: Any, datamodule: Any = None) -> Any:
     """Perplexity text from a string/list, a file, a dataset id ``ID[:CONFIG[:SPLIT]]``, or the datamodule."""
     if spec is None:
         return datamodule.probe_texts() if hasattr(datamodule, "probe_texts") else None
-    if not isinstance(spec, str):
-        return spec
+    if not isinstance(spec, str) or not _looks_like_source(spec):
+        return spec  # the text itself
     from negmonitor.evaluation.perplexity import load_perplexity_text
 
-    if Path(spec).expanduser().exists() or ("\n" not in spec and (":" in spec or "/" in spec) and " " not in spec):
-        parts = spec.split(":")
-        if len(parts) > 1 and not Path(spec).exists():
-            return load_perplexity_text(parts[0], parts[1] or None, parts[2] if len(parts) > 2 else "validation")
+    if Path(spec).expanduser().exists() or ":" not in spec:
         return load_perplexity_text(spec)
-    return spec
+    dataset_id, config, *split = spec.split(":")
+    return load_perplexity_text(dataset_id, config or None, split[0] if split else "validation")
+
+
+def _looks_like_source(text: str) -> bool:
+    """A short, single-token string is a path or a dataset id; anything else is text to evaluate."""
+    return len(text) < 1024 and not any(c.isspace() for c in text)
 
 
 def _family(metric: str) -> str:

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from negmonitor.errors import NegmonitorError
+
 __all__ = ["wasserstein_to_gaussian", "wasserstein_to_gaussian_split", "w1_points_to_gaussian"]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _G0 = _INV_SQRT_2PI  # G(0) = φ(0)
-# Elements per working chunk of the reference (about 32 MiB per fp64 temporary).
+# Elements per working chunk of the reference (4 MiB per fp64 temporary: cache-friendly, no page-fault churn).
 _CHUNK_ELEMENTS = 1 << 19
 
 
@@ -91,7 +93,10 @@ def _negative_part(
     neg = torch.where(z[:, 1:] < 0, segments, 0.0).sum(dim=1)
     neg = neg + torch.where(j >= 1, left, _G0) + torch.where(j == k, right - _G0, 0.0)
     straddle = (j - 1).clamp(0, k - 2).unsqueeze(1)
-    pick = lambda t: t.gather(1, straddle)  # noqa: E731
+
+    def pick(t: Tensor) -> Tensor:
+        return t.gather(1, straddle)
+
     zero = torch.zeros_like(pick(z))
     c = cdf.expand(rows, k - 1).gather(1, straddle)
     part = _segment_integrals(pick(z), zero, pick(phi_z), zero + 0.5, pick(g_z), zero + _G0, c, None).squeeze(1)
@@ -132,7 +137,7 @@ def wasserstein_to_gaussian_split(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         two tokens, or contain a non-finite value (no warnings).
     """
     if x.dim() != 2:
-        raise ValueError(f"expected a [tokens, neurons] tensor, got shape {tuple(x.shape)}")
+        raise NegmonitorError(f"expected a [tokens, neurons] tensor, got shape {tuple(x.shape)}")
     n_tokens, n_neurons = x.shape
     outs = [torch.full((n_neurons,), math.nan, dtype=torch.float64, device=x.device) for _ in range(3)]
     if n_tokens < 2 or n_neurons == 0:

@@ -2,7 +2,8 @@
 
 Metrics (whole model, ``layer = -1``): ``ablation/ppl/baseline``, ``ablation/ppl_ratio/<condition>`` (perplexity
 under ablation over the baseline's), ``ablation/acc/<suite>/<condition>`` and ``ablation/acc_drop/<suite>/<condition>``
-(baseline accuracy minus the condition's), ``ablation/ppl_matched_fraction`` (the bottom-WD share that matched), for
+(baseline accuracy minus the condition's), ``ablation/margin_drop/<suite>/<condition>`` (relative drop of the mean
+log-probability margin good − bad, sensitive when accuracy is saturated), ``ablation/ppl_matched_fraction`` (the bottom-WD share that matched), for
 conditions ``wasserstein``, ``random`` and ``ppl_matched``. ``<suite>`` is the minimal-pair set's ``suite`` column
 (``blimp``, ``tse`` or ``grammar``).
 """
@@ -59,6 +60,8 @@ def damage_rows(table: pd.DataFrame, suite_name: str | None, matching: dict) -> 
     by = table.set_index("condition")
     rows: list[tuple[int, int, str, float]] = []
     acc_column = next((c for c in ("blimp_acc", "tse_acc") if c in by.columns and by[c].notna().any()), None)
+    margin_column = acc_column.replace("_acc", "_margin") if acc_column else None
+    base_margin = float(by.loc["baseline", margin_column]) if margin_column in by.columns else math.nan
     base_ppl = float(by.loc["baseline", "ppl"]) if "ppl" in by.columns else math.nan
     if math.isfinite(base_ppl):
         rows.append((-1, -1, "ablation/ppl/baseline", base_ppl))
@@ -74,6 +77,9 @@ def damage_rows(table: pd.DataFrame, suite_name: str | None, matching: dict) -> 
             rows.append((-1, -1, f"ablation/acc/{suite_name}/{condition}", acc))
             rows.append((-1, -1, f"ablation/acc_drop/{suite_name}/{condition}",
                          float(by.loc["baseline", acc_column]) - acc))
+            if math.isfinite(base_margin) and base_margin != 0:
+                drop = (base_margin - float(by.loc[condition, margin_column])) / abs(base_margin)
+                rows.append((-1, -1, f"ablation/margin_drop/{suite_name}/{condition}", drop))
     if matching.get("fraction") is not None:
         rows.append((-1, -1, "ablation/ppl_matched_fraction", float(matching["fraction"])))
     return rows

@@ -2,9 +2,10 @@
 
 The records hold no raw activations, so the values come from one of two places:
 
-(a) **recomputed**: when a model is given (``--model``, or a local model named in the run's tables), it is loaded
-    with :func:`negmonitor.models.load_model`, only the chosen neurons are hooked at the MLP sites, and a small
-    probe pass runs over the probe text; post-activations apply the site's own nonlinearity;
+(a) **recomputed**: when a model is at hand (``--model``, a local model named in a probe/ablate folder, or the
+    checkpoint of the shown step in a replay's local series), it is loaded with
+    :func:`negmonitor.models.load_model`, only the chosen neurons are hooked at the MLP sites, and a small probe pass
+    runs over the probe text; post-activations apply the site's own nonlinearity;
 (b) **stored**: otherwise the pre-activations of the neuron's top pairs (``y_a``, ``y_b`` of every stored rank), with
     the family's nonlinearity (GELU for GPT-NeoX and GPT-2, SiLU for Llama-like, ReLU for OPT) applied for the
     post-activations.
@@ -96,7 +97,7 @@ def _compute(ctx: ReportContext, run: RunData) -> RunActivations | None:
         return None
     step, chosen, pairs, snap = picked
     wd = {(int(r.layer), int(r.neuron)): float(r.wd) for r in snap.itertuples(index=False)} if "wd" in snap else {}
-    model_path = ctx.model_for(run)
+    model_path = ctx.model_for(run, step)
     recomputed = _recompute(ctx, run, model_path, chosen) if model_path is not None else None
     if recomputed is not None:
         pre, activations, how = recomputed

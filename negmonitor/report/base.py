@@ -7,6 +7,7 @@ one-line reason when the runs lack its data, so the report lists it as skipped i
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +34,7 @@ class Figure:
         png: the PNG written (None for a table-only item).
         table: a table shown in the HTML index (None for a picture-only item).
         data: the numbers behind it, written beside the PNG as ``<key>.csv``.
+        csv: that CSV once written.
     """
 
     key: str
@@ -81,15 +83,23 @@ class ReportContext:
     options: ReportOptions = field(default_factory=ReportOptions)
     cache: dict = field(default_factory=dict)
 
-    def model_for(self, run: RunData) -> str | None:
-        """The model folder/id given for ``run`` (``--model`` in run order), else a local model its tables name."""
-        index = self.runs.index(run)
+    def model_for(self, run: RunData, step: int | None = None) -> str | None:
+        """The model for ``run``: ``--model`` (in run order), else a local model folder its probe or ablate tables
+        name, else the checkpoint of ``step`` in a replay's local series of step folders (never a hub id: a report
+        does not download)."""
+        index = next(i for i, other in enumerate(self.runs) if other is run)
         models = list(self.options.models)
         if index < len(models):
             return str(models[index])
         named = run.meta.get("model")
-        if named and Path(str(named)).expanduser().exists():
+        if named and (Path(str(named)).expanduser() / "config.json").is_file():
             return str(named)
+        series = run.meta.get("series")
+        if series and step is not None and Path(str(series)).expanduser().is_dir():
+            for folder in sorted(Path(str(series)).expanduser().iterdir()):
+                match = re.search(r"(\d+)$", folder.name)
+                if match and int(match.group(1)) == int(step) and (folder / "config.json").is_file():
+                    return str(folder)
         return None
 
 
@@ -178,11 +188,6 @@ def describe_steps(steps: Sequence[int] | pd.Series) -> str:
     return f"steps {values[0]}–{values[-1]} ({len(values)} measurements)"
 
 
-def runs_phrase(parts: Sequence[str]) -> str:
-    """Join per-run descriptions for a caption."""
-    return "; ".join(parts)
-
-
 def cohort_step(run: RunData) -> int | None:
     """The step the run's cohort was fixed at (``cohort.json``, else the first step with cohort members)."""
     cohort = run.meta.get("cohort") or {}
@@ -204,6 +209,24 @@ def cohort_fraction(run: RunData) -> float | None:
         return None
     step, last = last_snapshot(neurons)
     return float(last.in_cohort.astype(bool).mean())
+
+
+def checkpoint_words(run: RunData) -> str:
+    """Which model and checkpoint a probe or ablate folder measured, for captions."""
+    from negmonitor.report.sources import step_of_revision
+
+    model = run.meta.get("model") or "an unnamed model"
+    revision = run.meta.get("revision")
+    if revision:
+        return f"model {model} at {revision} (step {step_of_revision(revision)})"
+    return f"model {model}, one checkpoint (training step not recorded)"
+
+
+def at_step(run: RunData, step: int | None) -> str:
+    """``"step 9"``, or for a probe/ablate folder without a revision ``"one checkpoint, step not recorded"``."""
+    if "records" not in run.kinds and not run.meta.get("revision"):
+        return "one checkpoint, step not recorded"
+    return f"step {step}"
 
 
 def fmt(value: float, digits: int = 3) -> str:

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser, figures: bool = True) -> None
     parser.add_argument("--out", required=True, help="folder for the PNGs, CSVs and index.html")
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
                         help="model folder or id for recomputed activations (Fig. 1c/6b) and POS surprisal (3d); "
-                             "repeat to match the RUN_DIRs in order (one --model goes with the first RUN_DIR)")
+                             "repeat to match the RUN_DIRs in order (one --model goes with the first RUN_DIR); "
+                             "default: the local model an ablate/probe folder names, or a replay's local checkpoint")
     parser.add_argument("--probe-text", default=None, metavar="FILE",
                         help="text for recomputed activations and POS base rates (default: the run's own probe "
                              "text when it is a local file, else the contexts stored with the top pairs)")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from negmonitor.report.base import ReportContext, Skip, figure, make, metrics_like, whole_model
+from negmonitor.report.base import (ReportContext, Skip, checkpoint_words, figure, make, metrics_like,
+                                    whole_model)
 from negmonitor.report.plotting import CONDITION_COLOURS, CONDITION_NAMES, new_figure, no_data, run_colour, save_png
 
 CONDITIONS = ("baseline", "wasserstein", "random", "ppl_matched")
@@ -22,7 +23,7 @@ def _settings_words(run) -> str:
     settings = (run.meta.get("ablation_meta") or {}).get("settings") or {}
     mode = settings.get("mode", "zero_negative")
     metric = settings.get("metric", "wd")
-    return f"mode {mode}, ranked by {metric}"
+    return f"{checkpoint_words(run)}; mode {mode}, ranked by {metric}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,7 +205,8 @@ def group_damage(table: pd.DataFrame) -> pd.DataFrame:
 
     The first group's cumulative cell is the group alone (the sweep writes no separate row for it).
     """
-    table = table.assign(how=table["how"].fillna(""), group=table["group"].astype(str))
+    group_column = "layer_group" if "layer_group" in table.columns else "group"  # older files: "group"
+    table = table.assign(how=table["how"].fillna(""), group=table[group_column].astype(str))
     base = table[table.condition == "baseline"].iloc[0]
     accuracy = [c for c in table.columns if c.endswith("_acc") or c.startswith("lm_eval:")]
     rows = []

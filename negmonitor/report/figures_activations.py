@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from negmonitor.report.activations import NeuronValues, RunActivations, run_activations
-from negmonitor.report.base import ReportContext, Skip, figure, fmt, make
+from negmonitor.report.base import ReportContext, Skip, at_step, figure, fmt, make
 from negmonitor.report.plotting import SIGN_COLOURS, new_figure, no_data, run_colour, save_png
 
 MARKED_PAIRS = 3
@@ -47,12 +47,12 @@ def _histograms(ctx: ReportContext, key: str, post: bool):
             kind = "post" if post else "pre"
             rows += [(values.run.label, values.step, item.layer, item.neuron, kind, lo, hi, int(n))
                      for lo, hi, n in zip(edges[:-1], edges[1:], counts)]
-        parts.append(f"{values.run.label} (step {values.step}; {values.how})")
+        parts.append(f"{values.run.label} ({at_step(values.run, values.step)}; {values.how})")
     png = save_png(fig, ctx.out / f"{key}.png")
     which = "post-activations (the nonlinearity applied)" if post else "pre-activations (input of the nonlinearity)"
-    caption = (f"Histograms of the {which} of each run's top neurons — the highest-WD neurons among those with stored "
-               f"top pairs (the top-MD neurons) — with the {MARKED_PAIRS} highest-OI pairs marked (solid: token a, "
-               "dashed: token b; colour: NN blue, PN grey, PP orange). Runs: " + "; ".join(parts) + ".")
+    caption = (f"Histograms of the {which} of each run's top neurons — the highest-WD neurons among those with "
+               f"stored top pairs (the top-MD neurons) — with the {MARKED_PAIRS} highest-OI pairs marked (solid: "
+               "token a, dashed: token b; colour: NN blue, PN grey, PP orange). Runs: " + "; ".join(parts) + ".")
     data = pd.DataFrame(rows, columns=["run", "step", "layer", "neuron", "kind", "bin_left", "bin_right", "count"])
     return make(key, caption, png=png, data=data)
 

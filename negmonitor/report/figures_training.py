@@ -13,8 +13,8 @@ import pandas as pd
 import torch
 
 from negmonitor.metrics.ranking import top_k_indices
-from negmonitor.report.base import (ReportContext, Skip, cohort_fraction, cohort_step, describe_steps, figure, fmt,
-                                    last_snapshot, make, metrics_like, per_layer, whole_model)
+from negmonitor.report.base import (ReportContext, Skip, at_step, cohort_fraction, cohort_step, describe_steps,
+                                    figure, fmt, last_snapshot, make, metrics_like, per_layer, whole_model)
 from negmonitor.report.plotting import (CONDITION_COLOURS, CONDITION_NAMES, SIGN_COLOURS, new_figure, no_data,
                                         run_colour, save_png, step_axis)
 
@@ -61,11 +61,11 @@ def wd_distribution(ctx: ReportContext):
         ax.hist(wd[ok & marked], bins, histtype="step", color="black", lw=1.4, label=f"{how} ({(ok & marked).sum()})")
         ax.set_yscale("log")
         ax.set_ylabel("neurons")
-        ax.set_title(f"{run.label} — step {step}", fontsize=9)
+        ax.set_title(f"{run.label} — {at_step(run, step)}", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
         frames.append(pd.DataFrame({"run": run.label, "step": step, "layer": snap.layer, "neuron": snap.neuron,
                                     "wd": wd, "marked": marked}))
-        parts.append(f"{run.label} (step {step}, {ok.sum()} neurons, outline: {how})")
+        parts.append(f"{run.label} ({at_step(run, step)}, {ok.sum()} neurons, outline: {how})")
     axes[-1, 0].set_xlabel("WD (1-Wasserstein distance of standardised pre-activations to N(0,1))")
     png = save_png(fig, ctx.out / "fig2a_wd_distribution.png")
     caption = ("Distribution of per-neuron WD over all layers at each run's last measured step (log count). The "
@@ -129,8 +129,8 @@ def weight_drift(ctx: ReportContext):
                whole_model(run, "drift/cohort_vs_rest")) for i, run in enumerate(ctx.runs)]
     series = [s for s in series if len(s[2])]
     if not series:
-        raise Skip("no weight-drift rows (drift/cohort, drift/rest) in any run — needs a monitored run or replay with "
-                   "the 'drift' family and at least two measurements after the cohort is fixed")
+        raise Skip("no weight-drift rows (drift/cohort, drift/rest) in any run — needs a monitored run or replay "
+                   "with the 'drift' family and at least two measurements after the cohort is fixed")
     fig, axes = new_figure(1, 2, 9.6, 3.8)
     left, right = axes[0]
     rows, parts, steps = [], [], []

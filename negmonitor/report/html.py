@@ -58,6 +58,7 @@ def _runs_list(runs: Sequence[RunData]) -> str:
         steps = sorted(set(run.scalars.step.astype(int)) | set(run.neurons.get("step", pd.Series(dtype=int))))
         span = f"steps {steps[0]}–{steps[-1]}" if len(steps) > 1 else (f"step {steps[0]}" if steps else "no steps")
         model = f", model {run.meta['model']}" if run.meta.get("model") else ""
+        model += f", checkpoint series {run.meta['series']}" if run.meta.get("series") else ""
         items.append(f"<li><b>{_e(run.label)}</b>: {_e(', '.join(run.kinds))} from <code>{_e(run.path)}</code> "
                      f"({_e(span)}{_e(model)})</li>")
     return "<ul>" + "".join(items) + "</ul>"

@@ -30,7 +30,7 @@ RECORD_KINDS = ("scalars", "neurons", "pairs")
 ABLATION_TABLES = ("ablation", "ablation_breakdown", "fraction_sweep", "fraction_sweep_breakdown", "layer_groups",
                    "layer_groups_breakdown")
 PAIR_KEYS = ["run", "step", "layer", "neuron", "rank"]
-TEXT_COLUMNS = {"condition": str, "how": str, "scope": str, "group": str, "suite": str, "level": str}
+TEXT_COLUMNS = {"condition": str, "how": str, "scope": str, "group": str, "layer_group": str, "suite": str, "level": str}
 SEARCH_DEPTH = 3
 
 
@@ -42,7 +42,7 @@ class Source:
     kind: str
 
 
-@dataclass
+@dataclass(eq=False)
 class RunData:
     """Everything a report knows about one run (a live run, a replay, a probe or an ablation folder).
 
@@ -182,15 +182,20 @@ def load_records(root: Path) -> list[RunData]:
                     | set(pairs.get("run", pd.Series(dtype=str)).astype(str)))
     if not labels:
         labels = [root.parent.name if root.name == "negmonitor" else root.name]
-    out = []
-    for label in labels:
-        out.append(RunData(label, root, ("records",), _only(scalars, label), _only(neurons, label),
-                           _only(pairs, label), meta=dict(meta)))
-    return out
+    return [RunData(_display_name(label, root), root, ("records",), _only(scalars, label), _only(neurons, label),
+                    _only(pairs, label), meta={**meta, "run": label}) for label in labels]
+
+
+def _display_name(label: str, root: Path) -> str:
+    """``version_0`` (Lightning's default run folder) becomes ``<logger name>/version_0``."""
+    log_dir = root.parent if root.name == "negmonitor" else root
+    if re.fullmatch(r"version_\d+", label) and log_dir.name == label and log_dir.parent.name:
+        return f"{log_dir.parent.name}/{label}"
+    return label
 
 
 def read_pairs(root: Path) -> pd.DataFrame:
-    """All top-pair rows of a records root, every rank kept (duplicates dropped on ``run, step, layer, neuron, rank``)."""
+    """All top-pair rows of a records root, every rank kept (de-duplicated on ``run, step, layer, neuron, rank``)."""
     folder = Path(root) / "pairs"
     files = sorted(folder.glob("step-*.parquet")) if folder.is_dir() else []
     if not files:
@@ -224,7 +229,7 @@ def _records_meta(root: Path) -> dict:
     replay = _read_json(root / "replay.json")
     if replay:
         meta["replay"] = replay
-        meta["model"] = replay.get("model") or replay.get("name")
+        meta["series"] = replay.get("model") or replay.get("name")
         meta["probe_source"] = replay.get("probe")
     cohort = _read_json(root / "cohort.json")
     if cohort:
@@ -245,7 +250,8 @@ def load_probe(folder: Path, label: str | None = None) -> RunData:
     label = label or (folder.parent.name if folder.name == "probe" else folder.name)
     step = step_of_revision(meta.get("revision"))
     neurons = _identified(result.neurons, label, step)
-    pairs = _identified(result.top_pairs, label, step) if not result.top_pairs.empty else pd.DataFrame(columns=PAIR_KEYS)
+    pairs = (_identified(result.top_pairs, label, step) if not result.top_pairs.empty
+             else pd.DataFrame(columns=PAIR_KEYS))
     scalars = _typed_scalars(layer_scalars(result.layers, label, step))
     info = {"model": meta.get("model"), "revision": meta.get("revision"), "family": meta.get("family"),
             "probe_source": meta.get("probe_source"), "probe_tokens": meta.get("probe_tokens"), "probe": meta}
