@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from negmonitor.adapters import MLPSite, find_sites
 from negmonitor.capture import BatchContext, SiteRecorder, check_hooks_fired, recording, unwrap_compiled
 from negmonitor.errors import NegmonitorError
 from negmonitor.probeset import ProbeSet
+
+if TYPE_CHECKING:
+    from negmonitor.result import ProbeResult
 
 
 @dataclass

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.blimp import BLIMP_UIDS, COLUMNS, blimp_accuracy, load_blimp
@@ -18,24 +17,6 @@ BLIMP = Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"
 needs_blimp = pytest.mark.skipif(not BLIMP.is_dir(), reason="../shared/data/blimp is not present")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Width-32 models run fastest on one thread, and a shared 2-core machine stays responsive; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def hub_offline(monkeypatch):
-    """Make `datasets` fail fast, as it does on a machine without network access."""
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

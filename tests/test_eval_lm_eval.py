@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.lm_eval_bridge import RESULT_COLUMNS, _task_manager, results_table, run_lm_eval
@@ -50,13 +49,6 @@ metric_list:
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Width-32 models run fastest on one thread, and a shared 2-core machine stays responsive; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -28,13 +28,6 @@ FALLBACK = ["The author laughs.", "The authors laugh.", "Who should Derek hug af
             "It may grow to a length of 60 cm (24 in) and a mass of 6 kilograms (13 lb)."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Width-32 models run fastest on one thread, and a shared 2-core machine stays responsive; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def sentences(n: int = 14) -> list[str]:

@@ -24,13 +24,6 @@ SHORT_TEXT = ("Homarus gammarus, known as the European lobster or common lobster
               "eastern Atlantic Ocean. It may grow to a length of 60 cm and a mass of 6 kilograms.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Width-32 models run fastest on one thread, and a shared 2-core machine stays responsive; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +34,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model():
     return tiny_causal_lm("neox", init_range=0.3)
-
-
-@pytest.fixture
-def hub_offline(monkeypatch):
-    """Make `datasets` fail fast, as it does on a machine without network access."""
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def brute_force_nll(model, ids: list[int], window: int, stride: int) -> tuple[float, int]:

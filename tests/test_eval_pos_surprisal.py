@@ -28,13 +28,6 @@ TEXTS = ["The author that the guard likes laughs.", "No authors have ever been p
          "Homarus gammarus is a species of lobster from the eastern Atlantic Ocean."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Width-32 models run fastest on one thread, and a shared 2-core machine stays responsive; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

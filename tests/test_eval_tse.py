@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.minimal_pairs import evaluate_pairs
@@ -20,13 +19,6 @@ TSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tse"
 needs_tse = pytest.mark.skipif(not TSE.is_dir(), reason="../shared/data/tse is not present")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Width-32 models run fastest on one thread, and a shared 2-core machine stays responsive; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class _RunsShell:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from negmonitor.ablation import AblationSettings
 from negmonitor.callbacks.schedule import Schedule

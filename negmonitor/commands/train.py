@@ -93,7 +93,9 @@ HEADLINES = [("wd/cohort_mean", "cohort mean WD (all layers)"), ("wd/rest_mean",
              ("ablation/ppl_ratio/wasserstein", "ppl ratio, Wasserstein ablation"),
              ("ablation/ppl_ratio/random", "ppl ratio, random ablation"),
              ("ablation/acc_drop/grammar/wasserstein", "minimal-pair acc. drop, Wasserstein"),
-             ("ablation/acc_drop/grammar/random", "minimal-pair acc. drop, random")]
+             ("ablation/acc_drop/grammar/random", "minimal-pair acc. drop, random"),
+             ("ablation/margin_drop/grammar/wasserstein", "minimal-pair margin drop, Wasserstein"),
+             ("ablation/margin_drop/grammar/random", "minimal-pair margin drop, random")]
 
 
 def headline_lines(scalars) -> list[str]:
