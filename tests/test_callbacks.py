@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -200,3 +201,27 @@ def test_ablation_damage_is_logged(tmp_path, shared_data) -> None:
     tags = _events(log_dir).Tags()["scalars"]
     assert "negmonitor/ablation/ppl_ratio/wasserstein" in tags
     assert "negmonitor/ablation/acc_drop/tse/random" in tags
+
+
+def test_a_measurement_leaves_rng_and_grads_untouched() -> None:
+    """Probe pass and ablation protocol use their own generators: the global RNG streams and .grad stay as they were."""
+    import random
+
+    from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
+    from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
+    from negmonitor.probeset import ProbeSet
+
+    module = TinyLM()
+    module.model.train()
+    loss = module.model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    probe_set = ProbeSet.build([TEXT], module.tokenizer, n_tokens=2_048, window=64, n_pairs=200)
+    measurement = take_measurement(module.model, probe_set, 0, MonitorSettings(), MonitorState(), module.tokenizer)
+    ablation_scalar_rows(module.model, module.tokenizer, measurement.result, {"max_matching_evals": 2}, None, TEXT)
+    assert torch.equal(torch_state, torch.get_rng_state())
+    assert py_state == random.getstate()
+    assert np.array_equal(np_state[1], np.random.get_state()[1])
+    assert module.model.training  # train mode restored
+    assert all(torch.equal(grads[n], p.grad) for n, p in module.model.named_parameters())
