@@ -85,6 +85,7 @@ def test_ablate_end_to_end(saved_model, tmp_path, capsys):
     (["--eval", "ppl,glue"], "unknown evaluation 'glue' in --eval"),
     (["--eval", "tse"], "--eval tse needs the TSE data"),
     (["--sample", "0"], "--sample must be a positive integer, got 0"),
+    (["--metric", "wdd"], "unknown --metric 'wdd'"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, extra, message):
     out = tmp_path / "out"

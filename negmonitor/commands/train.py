@@ -84,7 +84,9 @@ def summary(trainer) -> str:
         if monitor._store is None:
             continue
         lines.append(f"  records:          {monitor._store.root}")
-        lines += headline_lines(RecordStore(monitor._store.root).read_scalars())
+        store = RecordStore(monitor._store.root)
+        lines += headline_lines(store.read_scalars())
+        lines += retrospective_lines(store.read_neurons())
     return "\n".join(lines)
 
 
@@ -96,6 +98,20 @@ HEADLINES = [("wd/cohort_mean", "cohort mean WD (all layers)"), ("wd/rest_mean",
              ("ablation/acc_drop/grammar/random", "minimal-pair acc. drop, random"),
              ("ablation/margin_drop/grammar/wasserstein", "minimal-pair margin drop, Wasserstein"),
              ("ablation/margin_drop/grammar/random", "minimal-pair margin drop, random")]
+
+
+def retrospective_lines(neurons) -> list[str]:
+    """The paper's cohort (top 5% WD at the last step, followed back) at the first and last snapshot."""
+    from negmonitor.monitoring.cohort import final_cohort_curve
+
+    curve = final_cohort_curve(neurons)
+    if len(curve) < 2:
+        return []
+    first, last = curve.iloc[0], curve.iloc[-1]
+    return [f"  {'final-step top-5% WD, followed back':<38} step {int(first.step):>5}: {first.cohort:8.4f}   "
+            f"step {int(last.step):>5}: {last.cohort:8.4f}",
+            f"  {'  ... and the rest':<38} step {int(first.step):>5}: {first.rest:8.4f}   "
+            f"step {int(last.step):>5}: {last.rest:8.4f}"]
 
 
 def headline_lines(scalars) -> list[str]:

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from negmonitor.metrics.ranking import top_k_indices
+from negmonitor.monitoring.cohort import final_cohort_curve
 from negmonitor.report.base import (ReportContext, Skip, at_step, cohort_fraction, cohort_step, describe_steps,
                                     figure, fmt, last_snapshot, make, metrics_like, per_layer, whole_model)
 from negmonitor.report.plotting import (CONDITION_COLOURS, CONDITION_NAMES, SIGN_COLOURS, new_figure, no_data,
@@ -90,30 +91,43 @@ def _marked(snap: pd.DataFrame) -> tuple[np.ndarray, str]:
 
 @figure("fig2b_emergence", "Fig. 2b", "Emergence of the cohort's WD")
 def emergence(ctx: ReportContext):
-    """Mean WD of the fixed cohort (solid) vs all other neurons (dashed) over steps, one colour per run."""
-    series = [(i, run, whole_model(run, "wd/cohort_mean"), whole_model(run, "wd/rest_mean"))
+    """Left: the live cohort (fixed during the run) vs the rest. Right: the paper's cohort — the top-WD neurons of
+    the last snapshot, followed back through every earlier snapshot — vs the rest."""
+    series = [(i, run, whole_model(run, "wd/cohort_mean"), whole_model(run, "wd/rest_mean"), final_cohort_curve(run.neurons))
               for i, run in enumerate(ctx.runs)]
-    series = [s for s in series if len(s[2]) >= 1]
-    if not any(len(s[2]) >= 2 for s in series):
-        raise Skip("no run has the cohort's mean WD (wd/cohort_mean) at two or more steps — needs a monitored run "
-                   "or a replay with the 'cohort' family over several measurements")
-    fig, axes = new_figure(1, 1, 6.4, 4.0)
-    ax = axes[0, 0]
+    series = [s for s in series if len(s[2]) >= 1 or len(s[4]) >= 2]
+    if not any(len(s[2]) >= 2 or len(s[4]) >= 2 for s in series):
+        raise Skip("no run has the cohort's mean WD (wd/cohort_mean) or per-neuron snapshots at two or more steps — "
+                   "needs a monitored run or a replay over several measurements")
+    fig, axes = new_figure(1, 2, 11.0, 4.0)
+    live_ax, paper_ax = axes[0]
     rows, parts, steps = [], [], []
-    for index, run, cohort, rest in series:
+    for index, run, cohort, rest, retro in series:
         colour = run_colour(index)
-        ax.plot(cohort.step, cohort.value, "-o", ms=3, color=colour, label=f"{run.label}: cohort")
-        ax.plot(rest.step, rest.value, "--", color=colour, label=f"{run.label}: rest")
-        rows += [(run.label, s, "cohort", v) for s, v in zip(cohort.step, cohort.value)]
-        rows += [(run.label, s, "rest", v) for s, v in zip(rest.step, rest.value)]
+        live_ax.plot(cohort.step, cohort.value, "-o", ms=3, color=colour, label=f"{run.label}: cohort")
+        live_ax.plot(rest.step, rest.value, "--", color=colour, label=f"{run.label}: rest")
+        rows += [(run.label, s, "live cohort", v) for s, v in zip(cohort.step, cohort.value)]
+        rows += [(run.label, s, "live rest", v) for s, v in zip(rest.step, rest.value)]
+        if len(retro):
+            paper_ax.plot(retro.step, retro.cohort, "-o", ms=3, color=colour, label=f"{run.label}: final-step top")
+            paper_ax.plot(retro.step, retro.rest, "--", color=colour, label=f"{run.label}: rest")
+            rows += [(run.label, s, "final-step cohort", v) for s, v in zip(retro.step, retro.cohort)]
+            rows += [(run.label, s, "final-step rest", v) for s, v in zip(retro.step, retro.rest)]
+            steps += retro.step.tolist()
         steps += cohort.step.tolist()
-        parts.append(f"{run.label} ({describe_steps(cohort.step)}; {_cohort_words(run)})")
-    step_axis(ax, steps)
-    ax.set_ylabel("mean WD (averaged over layers)")
-    ax.legend(fontsize=7)
+        parts.append(f"{run.label} ({describe_steps(cohort.step if len(cohort) else retro.step)}; "
+                     f"{_cohort_words(run)})")
+    for ax in (live_ax, paper_ax):
+        step_axis(ax, steps)
+        ax.set_ylabel("mean WD (averaged over layers)")
+        ax.legend(fontsize=7)
+    live_ax.set_title("cohort fixed during the run", fontsize=9)
+    paper_ax.set_title("cohort = top 5% WD at the last step, followed back", fontsize=9)
     png = save_png(fig, ctx.out / "fig2b_emergence.png")
-    caption = ("Emergence: mean WD of the fixed cohort (solid) and of all other neurons (dashed), averaged over "
-               "layers, at every measured step. Runs: " + "; ".join(parts) + ".")
+    caption = ("Emergence. Left: mean WD of the cohort fixed during the run (solid) and of all other neurons "
+               "(dashed), averaged over layers. Right: the paper's definition — the top 5% WD neurons of each layer at "
+               "the last snapshot, followed back through every earlier snapshot (solid), against the rest (dashed). "
+               "Runs: " + "; ".join(parts) + ".")
     return make("fig2b_emergence", caption, png=png,
                 data=pd.DataFrame(rows, columns=["run", "step", "group", "wd_mean"]))
 
