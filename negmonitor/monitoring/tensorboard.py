@@ -48,15 +48,15 @@ def log_images(writer: object, samples: dict[int, tuple[list[int], np.ndarray]],
     """One image per layer: pre-activation histograms of its top-WD neurons (at the probe's pair positions)."""
     if not supports(writer, "add_figure") or not samples:
         return
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     for layer, (neurons, values) in samples.items():
         if not neurons:
             continue
-        fig, axes = plt.subplots(1, len(neurons), figsize=(3 * len(neurons), 2.4), squeeze=False)
+        fig = Figure(figsize=(3 * len(neurons), 2.4), dpi=80)  # no pyplot: no global state, no GUI backend
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, len(neurons), squeeze=False)
         for ax, neuron, column in zip(axes[0], neurons, values.T):
             column = column[np.isfinite(column)]
             ax.hist(column, bins=60, color="tab:blue")
@@ -64,8 +64,8 @@ def log_images(writer: object, samples: dict[int, tuple[list[int], np.ndarray]],
             ax.set_title(f"L{layer} n{neuron}", fontsize=8)
             ax.tick_params(labelsize=6)
         fig.suptitle(f"pre-activations of top-WD neurons, layer {layer}, step {step}", fontsize=8)
-        fig.tight_layout()
-        writer.add_figure(tag("images/top_neurons", int(layer)), fig, int(step), close=True)
+        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.15, top=0.8, wspace=0.25)
+        writer.add_figure(tag("images/top_neurons", int(layer)), fig, int(step), close=False)
 
 
 def log_text(writer: object, top_pairs: pd.DataFrame, step: int, rows_per_layer: int = 10) -> None:
