@@ -65,6 +65,10 @@ class RecordStore:
         """Write a per-neuron snapshot (``layer, neuron, wd, ...``) with the identifying columns first."""
         return self.write("neurons", _identify(rows, run, step, tokens_seen), step, key)
 
+    def write_pairs(self, run: str, step: int, tokens_seen: int, rows: pd.DataFrame, key: str | None = None) -> Path:
+        """Write the top differentiated pairs (``layer, neuron, rank, ...``) with the identifying columns first."""
+        return self.write("pairs", _identify(rows, run, step, tokens_seen), step, key)
+
     def read(self, kind: str = "scalars") -> pd.DataFrame:
         """All rows of ``kind``, merged across files, duplicates dropped (last file wins)."""
         folder = self.root / kind

@@ -284,8 +284,7 @@ class NegativeDifferentiationMonitor(Callback):
         self._store.write_scalars(self.run_name, step, self.tokens_seen, scalars, key=key)
         self._store.write_neurons(self.run_name, step, self.tokens_seen, measurement.neurons, key=key)
         if not measurement.result.top_pairs.empty and "pairs" in self.families:
-            top = _with_ids(measurement.result.top_pairs, self.run_name, step, self.tokens_seen)
-            self._store.write("pairs", top, step, key=key)
+            self._store.write_pairs(self.run_name, step, self.tokens_seen, measurement.result.top_pairs, key=key)
         if self._writer is not None:
             tb.log_scalars(self._writer, scalars, step)
             if self._media_due(step):
@@ -386,14 +385,6 @@ def _looks_like_source(text: str) -> bool:
 
 def _family(metric: str) -> str:
     return metric.split("/", 1)[0]
-
-
-def _with_ids(frame: pd.DataFrame, run: str, step: int, tokens_seen: int) -> pd.DataFrame:
-    out = frame.copy()
-    out.insert(0, "tokens_seen", tokens_seen)
-    out.insert(0, "step", step)
-    out.insert(0, "run", run)
-    return out
 
 
 def find_hf_model(pl_module: LightningModule, model_attr: str | None = None) -> torch.nn.Module:

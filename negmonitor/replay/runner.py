@@ -325,7 +325,7 @@ class _Replay:
         """Records first (parquet, atomic), then the TensorBoard view of the same numbers."""
         self.store.write_neurons(self.run_name, step, tokens, measurement.neurons)
         if not measurement.result.top_pairs.empty:
-            self.store.write("pairs", _with_ids(measurement.result.top_pairs, self.run_name, step, tokens), step)
+            self.store.write_pairs(self.run_name, step, tokens, measurement.result.top_pairs)
         self.store.write_scalars(self.run_name, step, tokens, scalars)
         self.store.path("scalars", step, "failed").unlink(missing_ok=True)
         if self.writer is None:
@@ -514,14 +514,6 @@ def _probe_id(probe: Any) -> str:
         return "strings:" + hashlib.sha256("\x00".join(map(str, probe)).encode()).hexdigest()[:16]
     path = Path(os.fspath(probe)).expanduser()
     return str(path.resolve()) if path.exists() else str(probe)
-
-
-def _with_ids(frame: pd.DataFrame, run: str, step: int, tokens_seen: int) -> pd.DataFrame:
-    out = frame.copy()
-    out.insert(0, "tokens_seen", int(tokens_seen))
-    out.insert(0, "step", int(step))
-    out.insert(0, "run", run)
-    return out
 
 
 def _progress(indices: list[int], enabled: bool, revisions: list[str], shard: tuple[int, int]):
