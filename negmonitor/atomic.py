@@ -60,6 +60,17 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``, or ``None`` when it is missing or unreadable (a file written elsewhere, being replaced)."""
+    target = Path(path)
+    if not target.is_file():
+        return None
+    try:
+        return json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """Create ``path`` if needed and prove it can be written, before any long work starts."""
     folder = Path(path).expanduser()

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from negmonitor.atomic import write_json_atomic
+from negmonitor.atomic import read_json, write_json_atomic
 from negmonitor.replay.revisions import step_of
 
 STATUSES = ("ok", "duplicate", "missing", "failed")
@@ -80,13 +80,7 @@ class Manifest:
 
     def entry(self, revision: str) -> dict | None:
         """The recorded entry of ``revision``, or ``None``."""
-        path = self.path(revision)
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        return read_json(self.path(revision))
 
     def is_done(self, revision: str) -> bool:
         """Whether ``revision`` was loaded and handled (``ok`` or ``duplicate``); missing/failed ones are retried."""
@@ -97,12 +91,9 @@ class Manifest:
         """All entries (or those of ``revisions``, with ``pending`` rows for revisions not tried yet), step order."""
         files = sorted(self.folder.glob("step-*.json")) if self.folder.is_dir() else []
         rows = {}
-        for file in files:
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            rows[data["revision"]] = data
+        for data in map(read_json, files):
+            if data is not None:
+                rows[data["revision"]] = data
         if revisions is not None:
             rows = {r: rows.get(r) or {"revision": r, "step": step_of(r), "status": "pending"} for r in revisions}
         frame = pd.DataFrame(list(rows.values()), columns=[c for c in COLUMNS if c != "identical_to"])

@@ -14,7 +14,6 @@ Only the tidy records and tables are read, never TensorBoard event files.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from negmonitor.atomic import read_json
 from negmonitor.errors import NegmonitorError
 
 RECORD_KINDS = ("scalars", "neurons", "pairs")
@@ -226,12 +226,12 @@ def _only(frame: pd.DataFrame, label: str) -> pd.DataFrame:
 def _records_meta(root: Path) -> dict:
     """Replay settings (``replay.json``) and the cohort (``cohort.json``) where present."""
     meta: dict = {}
-    replay = _read_json(root / "replay.json")
+    replay = read_json(root / "replay.json")
     if replay:
         meta["replay"] = replay
         meta["series"] = replay.get("model") or replay.get("name")
         meta["probe_source"] = replay.get("probe")
-    cohort = _read_json(root / "cohort.json")
+    cohort = read_json(root / "cohort.json")
     if cohort:
         meta["cohort"] = {k: cohort[k] for k in ("revision", "step", "cohort_frac") if k in cohort}
     return meta
@@ -268,7 +268,7 @@ def load_ablate(folder: Path, probe: Path | None = None) -> RunData:
     for stem in ("pos_surprisal",):
         if (folder / f"{stem}.csv").is_file():
             tables[stem] = pd.read_csv(folder / f"{stem}.csv")
-    ablation_meta = _read_json(folder / "ablation_meta.json") or {}
+    ablation_meta = read_json(folder / "ablation_meta.json") or {}
     label = folder.name
     if probe is not None:
         run = load_probe(probe, label=label)
@@ -307,12 +307,3 @@ def step_of_revision(revision: object) -> int:
     """``"step1000"`` → 1000; anything else → 0."""
     match = re.search(r"(\d+)$", str(revision or ""))
     return int(match.group(1)) if match else 0
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
