@@ -271,13 +271,13 @@ class NegativeDifferentiationMonitor(Callback):
                                               tokenizer=self.tokenizer, rank=trainer.global_rank,
                                               world_size=trainer.world_size)
         self.timings["probe"] = time.perf_counter() - start
+        if not trainer.is_global_zero:
+            return  # the probe pass above is shared by every rank; ablation (no collectives) and writing are not
         scalars = measurement.scalars
         if self._ablation_due(step):
             start = time.perf_counter()
             scalars = pd.concat([scalars, self._ablation_rows(measurement)], ignore_index=True)
             self.timings["ablation"] = time.perf_counter() - start
-        if not trainer.is_global_zero:
-            return
         start = time.perf_counter()
         scalars = scalars[scalars.metric.map(_family).isin(self.families)]
         key = self.record_key
