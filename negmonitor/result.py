@@ -4,7 +4,7 @@
   count, nonfinite, flagged``).
 - ``layers``: one row per layer (max/mean/p99 WD, negative-side share, MD summary, NN/PN/PP shares, Jaccard of the
   top-5% WD and MD sets, non-finite token count).
-- ``pairs``: the MD token pairs (positions, token ids, input distance).
+- ``pairs``: the MD token pairs (positions, token ids, normalised input distance per layer).
 - ``top_pairs``: for the top-MD neurons of each layer, their highest-OI pairs with sign class, tokens and context.
 """
 
@@ -96,7 +96,8 @@ def summarise(stats: list[dict], pairs: list[dict], nonfinite: list[int], sites:
     meta = {"probe_source": probe_set.source, "probe_tokens": probe_set.n_tokens, "probe_windows": probe_set.n_windows,
             "window": probe_set.window, "n_pairs": probe_set.n_pairs, "seed": probe_set.seed,
             "family": sites[0].family if sites else None}
-    return ProbeResult(neurons, pd.DataFrame(layer_rows), _pair_frame(pairs, probe_set, tokenizer), top, meta)
+    pair_frame = _pair_frame(pairs, [site.layer for site in sites], probe_set, tokenizer)
+    return ProbeResult(neurons, pd.DataFrame(layer_rows), pair_frame, top, meta)
 
 
 def _mapping(pb: dict) -> tuple:
@@ -189,17 +190,18 @@ def _top_pair_frame(layer, md, oi, y_a, y_b, probe_set, tokenizer, settings) -> 
     return pd.DataFrame(rows)
 
 
-def _pair_frame(pairs: list[dict], probe_set, tokenizer) -> pd.DataFrame:
+def _pair_frame(pairs: list[dict], layers: list[int], probe_set, tokenizer) -> pd.DataFrame:
+    """The MD pairs: positions, token ids and, per monitored layer, the normalised input distance."""
     flat = probe_set.pair_positions
     if flat.numel() == 0:
         return pd.DataFrame(columns=["pair", "pos_a", "pos_b"])
     ids = probe_set.input_ids.view(-1)
     frame = pd.DataFrame({"pair": np.arange(len(flat)), "pos_a": flat[:, 0].numpy(), "pos_b": flat[:, 1].numpy(),
                           "token_a_id": ids[flat[:, 0]].numpy(), "token_b_id": ids[flat[:, 1]].numpy()})
-    if pairs:
-        x = pairs[0]["x"].float().cpu()
+    for layer, buffers in zip(layers, pairs):  # each layer sees different input vectors
+        x = buffers["x"].float().cpu()
         dist = (x[0::2] - x[1::2]).norm(dim=1)
-        frame["input_dist"] = (dist / dist.max().clamp_min(1e-12)).numpy()
+        frame[f"input_dist_layer_{layer:02d}"] = (dist / dist.max().clamp_min(1e-12)).numpy()
     if tokenizer is not None:
         frame["token_a"] = [tokenizer.decode([int(i)]) for i in frame["token_a_id"]]
         frame["token_b"] = [tokenizer.decode([int(i)]) for i in frame["token_b_id"]]
