@@ -217,3 +217,17 @@ def test_memory_is_bounded_in_the_token_budget(tmp_path) -> None:
         growth[n] = int(out.stdout.strip().splitlines()[-1]) * 1024  # KiB -> bytes
     full_matrix = 65_536 * 1024 * 4  # 256 MiB if the activations were kept
     assert growth[65_536] - growth[8_192] < full_matrix / 8, growth
+
+
+def test_package_level_probe_is_the_function() -> None:
+    """``negmonitor.probe`` names a submodule too; the package attribute must stay the callable."""
+    import importlib
+
+    import negmonitor
+
+    importlib.import_module("negmonitor.probe")
+    tokenizer = tiny_tokenizer()
+    probe_set = ProbeSet.build(["the cat sees the dog ."] * 200, tokenizer, n_tokens=2_000, window=64, n_pairs=100)
+    result = negmonitor.probe(tiny_causal_lm("neox"), probe_set)
+    assert isinstance(result, ProbeResult) and len(result.layers) == 2
+    assert "probe" in negmonitor.__all__
