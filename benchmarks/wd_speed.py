@@ -7,7 +7,8 @@ mixtures, shifted-after-the-first-batch). In one run it times:
     random N(0, 1) sample of the same size, over a 2-process ``multiprocessing`` pool (pool start-up not timed).
     It is timed on a subset of neurons and extrapolated linearly to all of them (the output says so);
 (b) negmonitor's streaming path: ``NeuronStatsAccumulator`` fed 2,048-token batches, then ``compute()``
-    (which also gives mean, std, skew, kurtosis, negative fraction, min and max);
+    (which also gives mean, std, skew, kurtosis, negative fraction, min and max), on as many torch threads as
+    the baseline has processes (the same cores for both), and again on one thread;
 
 and prints both times, the speed ratio, the largest absolute difference from the exact sort-based WD (for the
 streaming path and, on its subset, for the baseline), and the size of the streaming state. Then MD for all
@@ -121,7 +122,7 @@ def md_loop(x_a: np.ndarray, x_b: np.ndarray, y_a: np.ndarray, y_b: np.ndarray) 
     return md
 
 
-def run_md(x: torch.Tensor, n_pairs: int, d_model: int, repeats: int = 3) -> None:
+def run_md(x: torch.Tensor, n_pairs: int, d_model: int, repeats: int = 5) -> None:
     g = torch.Generator().manual_seed(1)
     pairs = sample_pairs(x.shape[0], n_pairs, seed=0)
     inputs = torch.randn(2 * n_pairs, d_model, generator=g)  # the pair tokens' MLP input vectors
@@ -130,11 +131,12 @@ def run_md(x: torch.Tensor, n_pairs: int, d_model: int, repeats: int = 3) -> Non
     loop_args = [t.numpy() for t in (x_a, x_b, y_a, y_b)]
     loop_s = min(_timed(lambda: md_loop(*loop_args)) for _ in range(repeats))
     vec_s = min(_timed(lambda: mapping_difficulty(x_a, x_b, y_a, y_b)) for _ in range(repeats))
+    threads = torch.get_num_threads()
     md, _ = mapping_difficulty(x_a, x_b, y_a, y_b)
     diff = np.nanmax(np.abs(md.double().numpy() - md_loop(*loop_args)) / np.abs(md_loop(*loop_args)))
     print(f"MD, {x.shape[1]:,} neurons, P = {n_pairs:,} pairs, d_model = {d_model} (best of {repeats}):")
     print(f"  per-neuron Python loop (numpy inside): {loop_s * 1e3:9.1f} ms")
-    print(f"  mapping_difficulty (vectorised):       {vec_s * 1e3:9.1f} ms")
+    print(f"  mapping_difficulty (vectorised, {threads} thread(s)): {vec_s * 1e3:6.1f} ms")
     print(f"  speed-up: {loop_s / vec_s:.1f}x   (goal >= 20x)   max relative difference: {diff:.1e}")
 
 
@@ -152,14 +154,15 @@ def main() -> None:
     parser.add_argument("--neurons", type=int, default=None)
     parser.add_argument("--baseline-neurons", type=int, default=None, help="neurons the scipy baseline runs on")
     parser.add_argument("--processes", type=int, default=2, help="baseline pool size")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for negmonitor (default 1: conservative against the 2-process baseline, "
-                             "and OpenMP barriers stall when the cores are shared with other jobs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for negmonitor (default: as many as the baseline's processes, so both "
+                             "sides use the same cores); the streaming path is also timed on 1 thread")
     args = parser.parse_args()
     tokens = args.tokens or (16_384 if args.quick else 65_536)
     neurons = args.neurons or (512 if args.quick else 2_048)
     n_base = min(neurons, args.baseline_neurons or (32 if args.quick else 128))
-    torch.set_num_threads(args.threads)
+    threads = args.threads or args.processes
+    torch.set_num_threads(threads)
 
     print(f"synthetic pre-activations: {tokens:,} tokens x {neurons:,} neurons (fp32), a tenth non-Gaussian")
     print(f"machine: {mp.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
@@ -176,10 +179,15 @@ def main() -> None:
 
     upd_s, comp_s, stats, acc = time_streaming(x)
     stream_s = upd_s + comp_s
-    print(f"(b) negmonitor NeuronStatsAccumulator, {BATCH:,}-token batches: update {upd_s:.2f} s + compute "
-          f"{comp_s:.2f} s = {stream_s:.2f} s for all {neurons:,} neurons")
+    print(f"(b) negmonitor NeuronStatsAccumulator, {BATCH:,}-token batches, {threads} thread(s): update "
+          f"{upd_s:.2f} s + compute {comp_s:.2f} s = {stream_s:.2f} s for all {neurons:,} neurons")
     print(f"    speed-up (a)/(b): {base_all / stream_s:.1f}x as measured; {ideal_all / stream_s:.1f}x against the "
           f"perfectly parallel pool   (goal >= 50x)")
+    if threads > 1:
+        torch.set_num_threads(1)
+        one_upd, one_comp, _, _ = time_streaming(x)
+        torch.set_num_threads(threads)
+        print(f"    on 1 thread: {one_upd + one_comp:.2f} s, {base_all / (one_upd + one_comp):.1f}x")
 
     start = time.perf_counter()
     exact = wasserstein_to_gaussian_split(x)
@@ -195,6 +203,10 @@ def main() -> None:
           f"{state / 2**20 / neurons * 1000:.1f} MiB per 1,000 neurons (goal <= 64), independent of token count\n")
 
     run_md(x, n_pairs=1000 if tokens >= 2000 else tokens // 2, d_model=512)
+    if threads > 1:
+        torch.set_num_threads(1)
+        print("same on 1 thread:")
+        run_md(x, n_pairs=1000 if tokens >= 2000 else tokens // 2, d_model=512)
 
 
 def _loadavg() -> tuple[float, float, float]:

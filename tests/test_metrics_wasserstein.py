@@ -17,7 +17,7 @@ import torch
 
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics import NeuronStatsAccumulator, wasserstein_to_gaussian, wasserstein_to_gaussian_split
-from negmonitor.metrics.streaming import SUPPORTED_N_BINS, _bin_geometry, _bin_index
+from negmonitor.metrics.streaming import SUPPORTED_N_BINS, _filled_bins_in_order, _raw_bin_geometry, _raw_bins
 
 BATCH = 2048
 TOKENS = 16_384  # the accuracy bar is stated for neurons with >= 10,000 tokens
@@ -294,6 +294,41 @@ def test_streaming_merge_equals_single_pass(suite) -> None:
     assert torch.equal(first.hist, single.hist)
 
 
+def test_streaming_on_two_threads_equals_one_thread(suite) -> None:
+    """Blocks of neurons split across threads (fast and exact-path blocks alike) give bit-identical state."""
+    _, x, _ = suite
+    x = torch.cat([x, x.flip(0)], dim=1)  # more neurons: more blocks
+    x[7, 3] = math.nan  # one block takes the exact fp64 path
+    states = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        acc = NeuronStatsAccumulator(x.shape[1], block_elements=3 * BATCH)
+        for start in range(0, x.shape[0], BATCH):
+            acc.update(x[start : start + BATCH])
+        states.append({name: getattr(acc, name).clone() for name in acc._defaults})
+    assert int(states[1]["nonfinite"].sum()) == 1
+    for name in states[0]:
+        assert torch.equal(states[0][name].nan_to_num(), states[1][name].nan_to_num()), name
+
+
+def test_run_split_waits_for_every_thread_and_re_raises() -> None:
+    """A failing block raises in the caller after all threads are done, and torch's thread count is restored."""
+    from negmonitor.metrics._threads import run_split
+
+    torch.set_num_threads(2)
+    done: list[int] = []
+
+    def work(part) -> None:
+        for item in part:
+            if item == 5:
+                raise ValueError("block 5 failed")
+            done.append(item)
+
+    with pytest.raises(ValueError, match="block 5 failed"):
+        run_split(work, list(range(8)), workers=2)
+    assert sorted(done) == [0, 1, 2, 3, 4] and torch.get_num_threads() == 2
+
+
 def test_streaming_merge_rejects_different_grids() -> None:
     a, b = NeuronStatsAccumulator(2), NeuronStatsAccumulator(2)
     a.update(torch.randn(100, 2))
@@ -344,19 +379,27 @@ def test_explicit_grid_and_forward() -> None:
     torch.testing.assert_close(unit, torch.tensor([1.0, 2.0]))
 
 
-def test_bin_index_is_monotone_and_bin_geometry_is_consistent() -> None:
-    """Bins are monotone in d, and every float16 value in a bin is its lowest value + low code bits x step."""
+def test_raw_bins_rebuild_every_value_and_come_back_in_value_order() -> None:
+    """Each d's bin and low bits rebuild its float16 value exactly; the filled bins come back in value order."""
     for n_bins in SUPPORTED_N_BINS:
         shift = 16 - int(math.log2(n_bins))
-        d = torch.sort(torch.cat([torch.randn(5000) * 10.0 ** torch.randint(-8, 5, (5000,)),
-                                  torch.tensor([0.0, 65000.0, -65000.0])])).values
-        idx = _bin_index(d, shift, n_bins)
-        assert (idx.diff() >= 0).all() and idx.min() >= 0 and idx.max() < n_bins
-        low, step = _bin_geometry(shift, n_bins, torch.device("cpu"))
-        code = d.half().view(torch.int16)
-        bits = (code ^ ((code >> 15) & 0x7FFF)) & ((1 << shift) - 1)
-        rebuilt = low[idx] + bits.double() * step[idx]
+        low_bits = 40
+        g = torch.Generator().manual_seed(n_bins)
+        d = torch.cat([torch.randn(5000, generator=g) * 10.0 ** torch.randint(-8, 5, (5000,), generator=g),
+                       torch.tensor([0.0, -1e-3, 65000.0, -65000.0])])
+        bins, packed = _raw_bins(d, shift, low_bits)
+        assert bins.min() >= -n_bins // 2 and bins.max() < n_bins // 2
+        base, step = _raw_bin_geometry(shift, n_bins, torch.device("cpu"))
+        col = bins + n_bins // 2
+        rebuilt = base[col] + (packed & ((1 << low_bits) - 1)).double() * step[col]
         torch.testing.assert_close(rebuilt, d.half().double(), rtol=0, atol=0)
+        # One neuron's histogram of all these values: its filled bins, put in order, have ascending centroids.
+        hist = torch.zeros(n_bins, dtype=torch.long).scatter_add_(0, col, packed)[None]
+        row, position, centroid, count, filled = _filled_bins_in_order(hist, low_bits, shift)
+        ordered = torch.empty_like(centroid)
+        ordered[position] = centroid
+        assert (ordered.diff() >= 0).all() and int(count.sum()) == d.numel() and int(filled[0]) == centroid.numel()
+        assert torch.equal(torch.sort(position).values, torch.arange(position.numel()))
 
 
 _DDP_WORKER = """

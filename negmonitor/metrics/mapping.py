@@ -14,16 +14,19 @@ midpoint median (as ``numpy.median``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from negmonitor.errors import NegmonitorError
+from negmonitor.metrics._threads import run_split, scratch, worker_count
 from negmonitor.metrics.ranking import top_k_indices
 
 __all__ = ["NN", "PN", "PP", "sample_pairs", "mapping_difficulty", "sign_classes", "top_pairs", "pair_sign_shares"]
 
 NN, PN, PP = 0, 1, 2
+_SORT_ROWS = 256  # neurons per sort task
 
 
 def sample_pairs(n_positions: int, n_pairs: int, seed: int = 0) -> Tensor:
@@ -86,13 +89,25 @@ def mapping_difficulty(x_a: Tensor, x_b: Tensor, y_a: Tensor, y_b: Tensor) -> tu
 
 
 def _median_over_pairs(values: Tensor) -> Tensor:
-    """Midpoint median along axis 0 of ``[P, n]``: sort a neuron-major copy (numpy's SIMD sort on CPU)."""
+    """Midpoint median along axis 0 of ``[P, n]``: sort a neuron-major copy.
+
+    On CPU the copy is sorted in place with numpy's SIMD sort (~10x faster than ``torch.sort`` there), its rows
+    split across torch's CPU threads (numpy releases the GIL while sorting).
+    """
     n_pairs = values.shape[0]
-    rows = values.t().contiguous()
-    if rows.device.type == "cpu":
-        rows.numpy().sort(axis=1)  # in place, on our own copy; ~10x faster than torch.sort on CPU
+    if values.device.type == "cpu":
+        # A reused buffer: a fresh multi-megabyte copy per call costs more in page faults than the sort.
+        rows = scratch(0, (values.shape[1], n_pairs), values.dtype, values.device).copy_(values.t())
+        array = rows.numpy()  # our own copy: sorting it in place is safe
+        starts = list(range(0, rows.shape[0], _SORT_ROWS))
+
+        def work(part: Sequence[int]) -> None:
+            for start in part:
+                array[start : start + _SORT_ROWS].sort(axis=1)
+
+        run_split(work, starts, worker_count(rows.device, len(starts)))
     else:
-        rows = torch.sort(rows, dim=1).values
+        rows = torch.sort(values.t(), dim=1).values
     return 0.5 * (rows[:, (n_pairs - 1) // 2] + rows[:, n_pairs // 2])
 
 

@@ -1,0 +1,81 @@
+"""Run independent blocks of CPU work on the threads torch is allowed to use, with reusable scratch buffers.
+
+Torch's own intra-op threads help little here: the histogram's ``scatter_add_`` runs serially, and ops on
+cache-sized blocks are too small to amortise a parallel region. So blocks of neurons are split across Python
+threads instead (torch releases the GIL inside every op), with torch's intra-op threads set to one for the
+duration so that the two levels do not oversubscribe the cores. The number of threads is
+``torch.get_num_threads()``: what the user (or ``OMP_NUM_THREADS``, or torchrun) allowed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["worker_count", "run_split", "scratch"]
+
+T = TypeVar("T")
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_LOCAL = threading.local()
+
+
+def worker_count(device: torch.device, n_tasks: int) -> int:
+    """Threads to use for ``n_tasks`` blocks on ``device``: torch's thread budget on CPU, one elsewhere."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), n_tasks))
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(thread_name_prefix="negmonitor")
+        return _POOL
+
+
+def run_split(work: Callable[[Sequence[T]], None], items: Sequence[T], workers: int) -> None:
+    """Call ``work`` on ``workers`` contiguous slices of ``items`` concurrently (in this thread if one)."""
+    if workers <= 1 or len(items) <= 1:
+        work(items)
+        return
+    bounds = [round(i * len(items) / workers) for i in range(workers + 1)]
+    parts = [items[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_pool().submit(work, part) for part in parts[1:]]
+        try:
+            work(parts[0])
+        finally:
+            errors = [f.exception() for f in futures]  # wait for every thread before anything else happens
+        for error in errors:
+            if error is not None:
+                raise error
+    finally:
+        torch.set_num_threads(previous)
+
+
+def scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A contiguous scratch tensor of ``shape``, reused by this thread for the same ``slot``, dtype and device.
+
+    Fresh multi-megabyte tensors for every block cost page faults (measured: they doubled the time of the
+    histogram update), so each thread keeps its buffers; they grow to the largest block seen and no further.
+    """
+    buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = _LOCAL.__dict__.setdefault("buffers", {})
+    key = (slot, dtype, device)
+    numel = 1
+    for size in shape:
+        numel *= size
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        buffers[key] = buffer
+    return buffer[:numel].view(shape)
