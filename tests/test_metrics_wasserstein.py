@@ -388,6 +388,10 @@ def test_raw_bins_rebuild_every_value_and_come_back_in_value_order() -> None:
         d = torch.cat([torch.randn(5000, generator=g) * 10.0 ** torch.randint(-8, 5, (5000,), generator=g),
                        torch.tensor([0.0, -1e-3, 65000.0, -65000.0])])
         bins, packed = _raw_bins(d, shift, low_bits)
+        buffers = (torch.empty(d.shape, dtype=torch.float16), torch.empty(d.shape, dtype=torch.long),
+                   torch.empty(d.shape, dtype=torch.long))  # the update's in-place form gives the same
+        in_place = _raw_bins(d, shift, low_bits, buffers)
+        assert torch.equal(in_place[0], bins) and torch.equal(in_place[1], packed)
         assert bins.min() >= -n_bins // 2 and bins.max() < n_bins // 2
         base, step = _raw_bin_geometry(shift, n_bins, torch.device("cpu"))
         col = bins + n_bins // 2

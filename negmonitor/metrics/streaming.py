@@ -290,13 +290,10 @@ class NeuronStatsAccumulator(Metric):
         torch.sum(e.mul_(e2), dim=0, out=out[3])
         torch.sum(e2.square_(), dim=0, out=out[4])
         torch.sum(torch.sign(xb, out=e).clamp_(max=0), dim=0, out=out[5])
-        half = scratch(3, shape, torch.float16, device)
-        code, packed = scratch(4, shape, torch.int64, device), scratch(5, shape, torch.int64, device)
-        half.copy_(d)
-        code.copy_(half.view(torch.int16))  # as in _raw_bins, without the allocations
-        torch.bitwise_and(code, (1 << self._code_shift) - 1, out=packed).bitwise_or_(1 << self._low_bits)
-        code.bitwise_right_shift_(self._code_shift).add_(self._offsets[j0:j1])
-        self.hist.scatter_add_(0, code.view(-1), packed.view(-1))
+        buffers = (scratch(3, shape, torch.float16, device), scratch(4, shape, torch.int64, device),
+                   scratch(5, shape, torch.int64, device))
+        index, packed = _raw_bins(d, self._code_shift, self._low_bits, buffers)
+        self.hist.scatter_add_(0, index.add_(self._offsets[j0:j1]).view(-1), packed.view(-1))
         return True
 
     def _update_block_exact(self, xb: Tensor, j0: int) -> None:
@@ -463,17 +460,25 @@ def _central_moments(power_sums: Tensor, count: Tensor) -> tuple[Tensor, Tensor,
     return mu, m2, m3, m4
 
 
-def _raw_bins(d: Tensor, shift: int, low_bits: int) -> tuple[Tensor, Tensor]:
+def _raw_bins(
+    d: Tensor, shift: int, low_bits: int, buffers: tuple[Tensor, Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Histogram bin (``[-n_bins/2, n_bins/2)``, int64) and packed increment of each ``d``, as the update adds them.
 
     The float16 code of ``d`` read as a signed integer is sign-and-magnitude: non-negative codes grow with ``d``;
     negative ones grow with ``|d|``. Its arithmetic right shift by ``shift`` is the bin, the dropped bits are the
     position inside it. No reordering here (the hot loop); :func:`_raw_bin_geometry` and :func:`_histogram_wd`
-    put the bins in value order at compute time.
+    put the bins in value order at compute time. ``buffers`` (float16, int64, int64 of ``d``'s shape), when given,
+    receive the work in place, so the hot loop allocates nothing.
     """
-    code = d.half().view(torch.int16).long()
-    packed = torch.bitwise_and(code, (1 << shift) - 1).bitwise_or_(1 << low_bits)
-    return code.bitwise_right_shift_(shift), packed
+    if buffers is None:
+        code = d.half().view(torch.int16).long()
+        packed = torch.bitwise_and(code, (1 << shift) - 1)
+    else:
+        half, code, packed = buffers
+        code.copy_(half.copy_(d).view(torch.int16))
+        torch.bitwise_and(code, (1 << shift) - 1, out=packed)
+    return code.bitwise_right_shift_(shift), packed.bitwise_or_(1 << low_bits)
 
 
 def _raw_bin_geometry(shift: int, n_bins: int, device: torch.device) -> tuple[Tensor, Tensor]:
