@@ -9,6 +9,7 @@ duration so that the two levels do not oversubscribe the cores. The number of th
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,9 +72,7 @@ def scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     """
     buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = _LOCAL.__dict__.setdefault("buffers", {})
     key = (slot, dtype, device)
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = torch.empty(numel, dtype=dtype, device=device)

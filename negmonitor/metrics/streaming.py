@@ -250,15 +250,8 @@ class NeuronStatsAccumulator(Metric):
         run_split(work, blocks, worker_count(chunk.device, len(blocks)))
         if not bool(fast.any()):
             return
-        mean, se, c2, c3, c4, neg, lo, hi = (row.double() for row in stats)
+        mean, se, c2, c3, c4, neg = stats[:6].double().unbind(0)
         expanded = _expand_power_sums(t, mean, se, c2, c3, c4)
-        if bool(fast.all()):
-            self.power_sums += expanded
-            self.count += t
-            self.negative -= neg.long()
-            self.min_value = torch.minimum(self.min_value, stats[6])
-            self.max_value = torch.maximum(self.max_value, stats[7])
-            return
         self.power_sums += torch.where(fast, expanded, 0.0)
         self.count += torch.where(fast, t, 0)
         self.negative -= torch.where(fast, neg.long(), 0)
