@@ -27,6 +27,7 @@ __all__ = ["NN", "PN", "PP", "sample_pairs", "mapping_difficulty", "sign_classes
 
 NN, PN, PP = 0, 1, 2
 _SORT_ROWS = 256  # neurons per sort task
+_TILE = 16  # neurons per tile of the two-step transpose
 
 
 def sample_pairs(n_positions: int, n_pairs: int, seed: int = 0) -> Tensor:
@@ -71,7 +72,7 @@ def mapping_difficulty(x_a: Tensor, x_b: Tensor, y_a: Tensor, y_b: Tensor) -> tu
     """
     _check_pair_shapes(x_a, x_b, y_a, y_b)
     n_pairs, n_neurons = y_a.shape
-    dx = torch.linalg.vector_norm(x_a.detach().double() - x_b.detach().double(), dim=1)
+    dx = torch.linalg.vector_norm(x_a.detach().float() - x_b.detach().float(), dim=1)
     keep = dx > 0
     if not bool(keep.any()):
         nan = torch.full((n_pairs, n_neurons), math.nan, dtype=torch.float32, device=y_a.device)
@@ -97,7 +98,7 @@ def _median_over_pairs(values: Tensor) -> Tensor:
     n_pairs = values.shape[0]
     if values.device.type == "cpu":
         # A reused buffer: a fresh multi-megabyte copy per call costs more in page faults than the sort.
-        rows = scratch(0, (values.shape[1], n_pairs), values.dtype, values.device).copy_(values.t())
+        rows = _neuron_major(values)
         array = rows.numpy()  # our own copy: sorting it in place is safe
         starts = list(range(0, rows.shape[0], _SORT_ROWS))
 
@@ -109,6 +110,22 @@ def _median_over_pairs(values: Tensor) -> Tensor:
     else:
         rows = torch.sort(values.t(), dim=1).values
     return 0.5 * (rows[:, (n_pairs - 1) // 2] + rows[:, n_pairs // 2])
+
+
+def _neuron_major(values: Tensor) -> Tensor:
+    """``values.t()`` as a contiguous scratch copy, transposed in two cache-friendly steps.
+
+    Torch's direct 2-D transpose copy strides through memory on one thread; moving contiguous runs of
+    ``_TILE`` neurons first and then transposing each ``[P, _TILE]`` tile uses the threads and the cache (~1.5x).
+    """
+    n_pairs, n_neurons = values.shape
+    rows = scratch(0, (n_neurons, n_pairs), values.dtype, values.device)
+    if n_neurons % _TILE or not values.is_contiguous():
+        return rows.copy_(values.t())
+    tiles = scratch(1, (n_neurons // _TILE, n_pairs, _TILE), values.dtype, values.device)
+    tiles.copy_(values.unflatten(1, (n_neurons // _TILE, _TILE)).permute(1, 0, 2))
+    rows.view(n_neurons // _TILE, _TILE, n_pairs).copy_(tiles.transpose(1, 2))
+    return rows
 
 
 def sign_classes(y_a: Tensor, y_b: Tensor) -> Tensor:

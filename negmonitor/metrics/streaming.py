@@ -18,11 +18,12 @@ How WD streams (one pass):
     non-empty bins are put in value order, their centroids standardised with the exact moments, and
     :func:`~negmonitor.metrics.wasserstein.w1_points_to_gaussian` integrates the point masses exactly.
     Count and low-bit sum share one int64 per bin, so the hot loop is a single ``scatter_add_`` per block of
-    neurons over ``neuron * n_bins + bin`` indices.
+    neurons, along each neuron's row of bins (the codes are laid out neuron-major for it).
 
-Speed: the update works on cache-sized blocks of neurons with per-thread scratch buffers (no allocation per
-block) and splits the blocks over ``torch.get_num_threads()`` threads; ``benchmarks/wd_speed.py`` measures it.
-What bounds it on CPU is the histogram's random access into its 32 KiB per neuron.
+Speed: the update copies each block of neurons into contiguous per-thread scratch buffers (no allocation per
+block) and splits the blocks over ``torch.get_num_threads()`` threads; blocks are cache-sized on one thread and
+4x larger on several (each op hands the GIL over, so fewer, longer ops scale better). ``benchmarks/wd_speed.py``
+measures it. What bounds it on CPU is the histogram's random access into its 32 KiB per neuron.
 
 Measured against the exact sort-based value (max absolute error over Gaussian, heavy-tailed, multimodal, skewed,
 near-constant and first-batch-misleading neurons): 4096 bins (default) 0.0004 at 16k tokens, 0.0016 at 1M tokens;
@@ -51,6 +52,8 @@ __all__ = ["NeuronStatsAccumulator", "SUPPORTED_N_BINS"]
 SUPPORTED_N_BINS = (512, 1024, 2048, 4096, 8192)
 _FP16_MAX = 65504.0  # |d| at or beyond this goes to the exact tail sums instead of a bin
 _MAX_ROWS = 1 << 16  # token rows per internal chunk: fp32 sums of a chunk's signs stay exact
+_CPU_BLOCK_ELEMENTS = 1 << 17  # one thread: temporaries of a block stay in cache
+_CPU_THREADED_BLOCK_ELEMENTS = 1 << 19  # several threads: fewer GIL hand-offs per element
 _GPU_BLOCK_ELEMENTS = 1 << 26  # on GPU a block is as wide as fits ~0.5 GiB of int64 temporaries
 
 
@@ -74,8 +77,10 @@ class NeuronStatsAccumulator(Metric):
             distance from the grid centre (WD error under 0.002 up to 1M tokens); each halving roughly doubles
             to triples the error. A bin holds up to 2^((63 - log2(65536 / n_bins)) // 2) values (2^29 at 4096).
         min_count: neurons with fewer finite values get NaN WD and moments.
-        block_elements: CPU batches are processed in blocks of neurons of about this many elements
-            (cache-sized temporaries and state slices); GPU blocks are up to 2^26 elements.
+        block_elements: CPU batches are processed in blocks of neurons of about this many elements; by default
+            2^17 on one thread (cache-sized temporaries and state slices) and 2^19 when several threads share
+            the work (fewer, longer ops: each op hands the GIL to the other threads, measured 25% faster at 2
+            threads); GPU blocks are up to 2^26 elements.
         sync_grid: broadcast rank 0's grid at the first update under ``torch.distributed``.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
@@ -110,7 +115,7 @@ class NeuronStatsAccumulator(Metric):
         n_neurons: int,
         n_bins: int = 4096,
         min_count: int = 2,
-        block_elements: int = 1 << 17,
+        block_elements: int | None = None,
         sync_grid: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -122,12 +127,12 @@ class NeuronStatsAccumulator(Metric):
         if min_count < 1:
             raise NegmonitorError(f"min_count must be at least 1, got {min_count}")
         self.n_neurons, self.n_bins, self.min_count = int(n_neurons), int(n_bins), int(min_count)
-        self.block_elements, self.sync_grid = int(block_elements), bool(sync_grid)
+        self.block_elements = None if block_elements is None else int(block_elements)
+        self.sync_grid = bool(sync_grid)
         self._code_shift = 16 - int(math.log2(n_bins))
         self._count_bits = (63 - self._code_shift) // 2  # packed bin: count << low_bits | sum of low code bits
         self._low_bits = 63 - self._count_bits
         self._grid_set = False
-        self._offsets: Tensor | None = None  # per neuron: where its bins start in ``hist``, plus n_bins // 2
         n = self.n_neurons
         self.add_state("center", torch.full((n,), math.nan), dist_reduce_fx=_nan_aware_max)
         self.add_state("inv_unit", torch.full((n,), math.nan), dist_reduce_fx=_nan_aware_max)
@@ -218,11 +223,21 @@ class NeuronStatsAccumulator(Metric):
             return
         if not self._grid_ready():
             self.init_grid(rows)
-        if self._offsets is None or self._offsets.device != rows.device:
-            self._offsets = torch.arange(self.n_neurons, device=rows.device) * self.n_bins + self.n_bins // 2
-        budget = self.block_elements if rows.device.type == "cpu" else _GPU_BLOCK_ELEMENTS
         for r0 in range(0, rows.shape[0], _MAX_ROWS):
-            self._update_chunk(rows[r0 : r0 + _MAX_ROWS], max(1, budget // min(rows.shape[0], _MAX_ROWS)))
+            chunk = rows[r0 : r0 + _MAX_ROWS]
+            self._update_chunk(chunk, self._block_width(chunk))
+
+    def _block_width(self, chunk: Tensor) -> int:
+        """Neurons per block: about ``block_elements`` (else a default by device and thread count), and at least
+        one block per thread."""
+        workers = worker_count(chunk.device, self.n_neurons)
+        if chunk.device.type != "cpu":
+            budget = _GPU_BLOCK_ELEMENTS
+        elif self.block_elements is not None:
+            budget = self.block_elements
+        else:
+            budget = _CPU_BLOCK_ELEMENTS if workers == 1 else _CPU_THREADED_BLOCK_ELEMENTS
+        return max(1, min(budget // chunk.shape[0], -(-self.n_neurons // workers)))
 
     def forward(self, x: Tensor) -> None:  # type: ignore[override]
         """Same as :meth:`update` (a per-batch WD would need its own grid; call :meth:`compute` at the end)."""
@@ -268,11 +283,13 @@ class NeuronStatsAccumulator(Metric):
         """
         j1 = j0 + xb.shape[1]
         inv, shift = self.inv_unit[j0:j1], self._shift(j0, j1)
+        shape, device = tuple(xb.shape), xb.device
+        if not xb.is_contiguous():  # a column block of the batch: one copy makes every later read contiguous
+            xb = scratch(6, shape, torch.float32, device).copy_(xb)
         torch.amin(xb, dim=0, out=out[6])
         torch.amax(xb, dim=0, out=out[7])
         if not bool(((out[6] * inv + shift > -_FP16_MAX) & (out[7] * inv + shift < _FP16_MAX)).all()):
             return False  # non-finite values, or tails beyond the bins
-        shape, device = tuple(xb.shape), xb.device
         d, e, e2 = (scratch(slot, shape, torch.float32, device) for slot in range(3))
         torch.addcmul(shift, xb, inv, out=d)  # (x - c) / u
         torch.mean(d, dim=0, out=out[0])
@@ -283,10 +300,10 @@ class NeuronStatsAccumulator(Metric):
         torch.sum(e.mul_(e2), dim=0, out=out[3])
         torch.sum(e2.square_(), dim=0, out=out[4])
         torch.sum(torch.sign(xb, out=e).clamp_(max=0), dim=0, out=out[5])
-        buffers = (scratch(3, shape, torch.float16, device), scratch(4, shape, torch.int64, device),
-                   scratch(5, shape, torch.int64, device))
-        index, packed = _raw_bins(d, self._code_shift, self._low_bits, buffers)
-        self.hist.scatter_add_(0, index.add_(self._offsets[j0:j1]).view(-1), packed.view(-1))
+        buffers = (scratch(3, shape, torch.float16, device), scratch(4, shape[::-1], torch.int64, device),
+                   scratch(5, shape[::-1], torch.int64, device))
+        column, packed = _raw_bins(d, self._code_shift, self._low_bits, buffers)
+        self.hist.view(self.n_neurons, self.n_bins)[j0:j1].scatter_add_(1, column, packed)
         return True
 
     def _update_block_exact(self, xb: Tensor, j0: int) -> None:
@@ -312,12 +329,11 @@ class NeuronStatsAccumulator(Metric):
         self.max_value[j0:j1] = torch.maximum(self.max_value[j0:j1], torch.where(finite, xb, -math.inf).amax(dim=0))
 
     def _add_to_histogram(self, d: Tensor, mask: Tensor | None, j0: int, j1: int) -> None:
-        """One ``scatter_add_`` over ``neuron * n_bins + bin``, adding ``1 << low_bits | low code bits``."""
-        index, packed = _raw_bins(d, self._code_shift, self._low_bits)
-        index += self._offsets[j0:j1]
+        """One ``scatter_add_`` along each neuron's row of bins, adding ``1 << low_bits | low code bits``."""
+        column, packed = _raw_bins(d, self._code_shift, self._low_bits)
         if mask is not None:
-            packed = torch.where(mask, packed, 0)
-        self.hist.scatter_add_(0, index.view(-1), packed.view(-1))
+            packed = torch.where(mask.t(), packed, 0)
+        self.hist.view(self.n_neurons, self.n_bins)[j0:j1].scatter_add_(1, column, packed)
 
     # -------------------------------------------------------------------------------------------- compute
     def compute(self) -> dict[str, Tensor]:
@@ -456,32 +472,37 @@ def _central_moments(power_sums: Tensor, count: Tensor) -> tuple[Tensor, Tensor,
 def _raw_bins(
     d: Tensor, shift: int, low_bits: int, buffers: tuple[Tensor, Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Histogram bin (``[-n_bins/2, n_bins/2)``, int64) and packed increment of each ``d``, as the update adds them.
+    """Raw histogram column (``[0, n_bins)``) and packed increment of each ``d`` ``[tokens, nb]``, neuron-major.
 
-    The float16 code of ``d`` read as a signed integer is sign-and-magnitude: non-negative codes grow with ``d``;
-    negative ones grow with ``|d|``. Its arithmetic right shift by ``shift`` is the bin, the dropped bits are the
-    position inside it. No reordering here (the hot loop); :func:`_raw_bin_geometry` and :func:`_histogram_wd`
-    put the bins in value order at compute time. ``buffers`` (float16, int64, int64 of ``d``'s shape), when given,
-    receive the work in place, so the hot loop allocates nothing.
+    Both come back ``[nb, tokens]`` (contiguous): ``scatter_add_`` along each neuron's row of bins needs no
+    per-neuron offset and runs faster than into a flat index. The float16 code of ``d`` read as an unsigned
+    16-bit integer, shifted right by ``shift``, is the column: ``[0, n_bins/2)`` holds ``d ≥ 0`` in ascending
+    order, ``[n_bins/2, n_bins)`` holds ``d < 0`` (and −0) with ``|d|`` ascending. The dropped bits are the position
+    inside the bin. :func:`_raw_bin_geometry` and :func:`_filled_bins_in_order` put the bins in value order at
+    compute time. ``buffers`` (float16 of ``d``'s shape, then int64 and int64 of the transposed shape), when
+    given, receive the work in place, so the hot loop allocates nothing.
     """
     if buffers is None:
-        code = d.half().view(torch.int16).long()
-        packed = torch.bitwise_and(code, (1 << shift) - 1)
+        half = d.half()
+        code = torch.empty(d.shape[::-1], dtype=torch.int64, device=d.device)
+        packed = torch.empty_like(code)
     else:
         half, code, packed = buffers
-        code.copy_(half.copy_(d).view(torch.int16))
-        torch.bitwise_and(code, (1 << shift) - 1, out=packed)
+        half.copy_(d)
+    code.copy_(half.view(torch.uint16).t())  # the transposing copy also widens to int64
+    torch.bitwise_and(code, (1 << shift) - 1, out=packed)
     return code.bitwise_right_shift_(shift), packed.bitwise_or_(1 << low_bits)
 
 
 def _raw_bin_geometry(shift: int, n_bins: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per raw bin column (bin + n_bins/2): the value of its code with zero low bits and the step per low bit.
+    """Per raw bin column: the value of its code with zero low bits and the step per low bit.
 
     Codes within a bin share an exponent, so ``value = base + (low bits) · step`` exactly (``step < 0`` for the
     negative bins, whose magnitude grows with the low bits). Bins of the inf/NaN codes never fill (those values go
     to the tails); they get base ±65504 and step 0.
     """
-    code = ((torch.arange(n_bins, device=device) - n_bins // 2) << shift).to(torch.int16)
+    unsigned = torch.arange(n_bins, device=device) << shift
+    code = torch.where(unsigned >= 1 << 15, unsigned - (1 << 16), unsigned).to(torch.int16)
     base, nxt = code.view(torch.float16).double(), (code + 1).view(torch.float16).double()
     usable = torch.isfinite(base) & torch.isfinite(nxt)
     edge = torch.where(code < 0, -_FP16_MAX, _FP16_MAX).double()
@@ -494,13 +515,13 @@ def _filled_bins_in_order(
     """The non-empty bins of ``packed`` ``[rows, n_bins]`` as a flat list in value order within each row.
 
     Returns ``(row, position, centroid, count, filled_per_row)``: ``position`` is the bin's rank by value among
-    its row's non-empty bins. Raw columns below ``n_bins/2`` hold negative values in decreasing order, so that
-    run is reversed; the others are already ascending.
+    its row's non-empty bins. Raw columns from ``n_bins/2`` on hold negative values in decreasing order: they go
+    first, reversed; the columns below ``n_bins/2`` (ascending values) follow them.
     """
     rows_n, n_bins = packed.shape
     base, step = _raw_bin_geometry(shift, n_bins, packed.device)
     flat = packed.reshape(-1)
-    where = flat.nonzero().squeeze(1)  # row-major: rows ascending, raw columns ascending within a row
+    where = _flat_nonzero(flat)  # row-major: rows ascending, raw columns ascending within a row
     values = flat[where]
     log2_bins = n_bins.bit_length() - 1  # n_bins is a power of two
     row, col = where >> log2_bins, where & (n_bins - 1)
@@ -508,14 +529,24 @@ def _filled_bins_in_order(
     lows = (values & ((1 << low_bits) - 1)).double()
     centroid = base.index_select(0, col) + lows / count * step.index_select(0, col)
     filled = torch.bincount(row, minlength=rows_n)
-    n_negative = torch.bincount(row[col < n_bins // 2], minlength=rows_n)
+    negative = col >= n_bins // 2
+    n_negative = torch.bincount(row[negative], minlength=rows_n).index_select(0, row)
     rank = torch.arange(row.numel(), device=packed.device) - (filled.cumsum(0) - filled).index_select(0, row)
-    position = torch.where(col < n_bins // 2, n_negative.index_select(0, row) - 1 - rank, rank)
+    # Within a row the positive bins come first in ``where``: a negative bin's rank among negatives is
+    # rank - (positives in its row) = rank - filled + n_negative.
+    position = torch.where(negative, filled.index_select(0, row) - 1 - rank, n_negative + rank)
     return row, position, centroid, count, filled
 
 
+def _flat_nonzero(flat: Tensor) -> Tensor:
+    """Indices of the non-zero entries of a 1-D tensor (numpy's on CPU: ~2.5x ``torch.nonzero`` there)."""
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flat.numpy() != 0))
+    return flat.nonzero().squeeze(1)
+
+
 def _histogram_wd(
-    packed: Tensor, low_bits: int, tails: Tensor, mu_d: Tensor, sd_d: Tensor, shift: int, chunk: int = 256
+    packed: Tensor, low_bits: int, tails: Tensor, mu_d: Tensor, sd_d: Tensor, shift: int, chunk: int = 128
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact W1 to N(0, 1) of the bin centroids and the two tail centroids, standardised; chunked over neurons.
 
