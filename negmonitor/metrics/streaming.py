@@ -489,7 +489,10 @@ def _raw_bins(
     else:
         half, code, packed = buffers
         half.copy_(d)
-    code.copy_(half.view(torch.uint16).t())  # the transposing copy also widens to int64
+    if d.device.type == "cpu":
+        code.copy_(half.view(torch.uint16).t())  # the transposing copy also widens to int64
+    else:  # uint16 is a "barebones" dtype whose op coverage varies by backend: widen int16, then mask
+        code.copy_(half.view(torch.int16).t()).bitwise_and_(0xFFFF)
     torch.bitwise_and(code, (1 << shift) - 1, out=packed)
     return code.bitwise_right_shift_(shift), packed.bitwise_or_(1 << low_bits)
 
