@@ -5,7 +5,8 @@
 
 - ``baseline``: no intervention;
 - ``wasserstein``: the top ``fraction`` of neurons by WD in every layer;
-- ``random``: the same number of neurons per layer, drawn at random (seeded);
+- ``random``: the same number of neurons per layer, drawn at random (seeded); with ``random_draws`` > 1 also
+  ``random_draw1``, ``random_draw2``, ... (seeds ``seed + 1``, ...), so the spread of the control is known;
 - ``ppl_matched``: the bottom ``p`` of neurons by WD, with ``p`` found by bisection so that perplexity matches the
   ``wasserstein`` perplexity within a relative tolerance (a fixed budget of perplexity evaluations; the closest
   ``p`` is reported, with a warning, when the budget runs out).
@@ -31,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -60,6 +61,9 @@ class AblationSettings:
         mode: the intervention (see :mod:`negmonitor.interventions`).
         metric: the per-neuron metric that ranks neurons (``wd``).
         seed: seed of the random selection.
+        random_draws: random selections to evaluate (seeds ``seed, seed + 1, ...``): rows ``random``,
+            ``random_draw1``, ... One draw can be lucky or unlucky; several give the spread that the Wasserstein
+            damage has to stand out from (the training monitor logs their mean and standard deviation).
         ppl_tolerance: relative perplexity difference that counts as matched (0.01 = 1%).
         max_matching_evals: at most this many perplexity evaluations in the bisection.
         batch_size: batch size of every evaluation.
@@ -76,6 +80,7 @@ class AblationSettings:
     mode: str = "zero_negative"
     metric: str = "wd"
     seed: int = 0
+    random_draws: int = 1
     ppl_tolerance: float = 0.01
     max_matching_evals: int = 12
     batch_size: int = 8
@@ -92,6 +97,8 @@ class AblationSettings:
         check_mode(self.mode)
         if not (isinstance(self.ppl_tolerance, (int, float)) and self.ppl_tolerance > 0):
             raise NegmonitorError(f"ppl_tolerance must be > 0, got {self.ppl_tolerance!r} — e.g. 0.01 for 1%")
+        if not isinstance(self.random_draws, int) or self.random_draws < 1:
+            raise NegmonitorError(f"random_draws must be a positive integer, got {self.random_draws!r} — e.g. 3")
         if not isinstance(self.max_matching_evals, int) or self.max_matching_evals < 1:
             raise NegmonitorError(f"max_matching_evals must be a positive integer, got {self.max_matching_evals!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -381,11 +388,10 @@ def run_protocol(model: nn.Module, tokenizer, result, suite: EvalSuite,
     settings = settings or AblationSettings()
     values = neuron_values(model, tokenizer, result, settings)
     top = _select(values, "top", settings.fraction, settings, label="wasserstein")
-    rand = _select(values, "random", settings.fraction, settings, label="random")
     rows = _evaluate_conditions(model, tokenizer, suite, settings, [
         _Condition({"condition": "baseline"}, None),
         _Condition({"condition": "wasserstein"}, top),
-        _Condition({"condition": "random"}, rand),
+        *_random_conditions(values, settings),
     ])
     match = None
     if "ppl" in suite.names:
@@ -398,6 +404,21 @@ def run_protocol(model: nn.Module, tokenizer, result, suite: EvalSuite,
     report.matching = match.trace if match is not None else pd.DataFrame()
     report.meta["matching"] = _match_meta(match)
     return report
+
+
+def random_condition_name(draw: int) -> str:
+    """Row name of random draw ``draw``: ``random`` for the first, ``random_draw<k>`` for the others."""
+    return "random" if draw == 0 else f"random_draw{draw}"
+
+
+def _random_conditions(values: Mapping[int, torch.Tensor], settings: AblationSettings) -> list[_Condition]:
+    """One condition per random draw, seeded ``settings.seed + draw``."""
+    conditions = []
+    for draw in range(settings.random_draws):
+        name = random_condition_name(draw)
+        chosen = _select(values, "random", settings.fraction, replace(settings, seed=settings.seed + draw), label=name)
+        conditions.append(_Condition({"condition": name}, chosen))
+    return conditions
 
 
 def neuron_values(model: nn.Module, tokenizer, result, settings: AblationSettings) -> dict[int, torch.Tensor]:

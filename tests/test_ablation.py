@@ -106,6 +106,37 @@ def test_protocol_table_breakdown_selections_and_files(model, tokenizer, suite, 
 
 
 @needs_data
+def test_several_random_draws_are_separate_seeded_rows(model, tokenizer, suite, values):
+    """random_draws=3: rows random, random_draw1, random_draw2, each what a one-draw run with that seed gives."""
+    from negmonitor.monitoring.ablation_rows import damage_rows
+
+    small = EvalSuite(ppl_ids=suite.ppl_ids[:512], tse=suite.tse)
+    report = run_protocol(model, tokenizer, values, small, _settings(random_draws=3, max_matching_evals=1,
+                                                                      ppl_tolerance=10.0, fraction=0.1))
+    table = report.table.set_index("condition")
+    assert list(table.index) == ["baseline", "wasserstein", "random", "random_draw1", "random_draw2", "ppl_matched"]
+    draws = [Selection.from_frame(report.selections, name=n) for n in ("random", "random_draw1", "random_draw2")]
+    assert draws[0] != draws[1] and draws[1] != draws[2]
+    for seed, selection in enumerate(draws):
+        assert selection == select_neurons(values, "random", frac=0.1, seed=seed)
+    single = run_protocol(model, tokenizer, values, EvalSuite(ppl_ids=small.ppl_ids, tse=small.tse),
+                          _settings(seed=1, max_matching_evals=1, ppl_tolerance=10.0, fraction=0.1))
+    once = single.table.set_index("condition").loc["random"]
+    assert table.loc["random_draw1", "ppl"] == pytest.approx(once["ppl"])
+    assert table.loc["random_draw1", "tse_margin"] == pytest.approx(once["tse_margin"])
+    # The monitor's scalars: random stays the first draw; mean and sd are over the three draws.
+    scalars = {metric: value for _, _, metric, value in damage_rows(report.table, "tse", {})}
+    ratios = table.loc[["random", "random_draw1", "random_draw2"], "ppl"] / table.loc["baseline", "ppl"]
+    assert scalars["ablation/ppl_ratio/random"] == pytest.approx(ratios.iloc[0])
+    assert scalars["ablation/ppl_ratio/random_mean"] == pytest.approx(ratios.mean())
+    assert scalars["ablation/ppl_ratio/random_sd"] == pytest.approx(ratios.std(ddof=1))
+    margins = table.loc[["random", "random_draw1", "random_draw2"], "tse_margin"]
+    base = table.loc["baseline", "tse_margin"]
+    assert scalars["ablation/margin_drop/tse/random_sd"] == pytest.approx(margins.std(ddof=1) / abs(base))
+    assert "ablation/ppl_ratio/random_draw1" not in scalars
+
+
+@needs_data
 def test_baseline_matches_the_plain_evaluations(model, tokenizer, suite, values):
     from negmonitor.evaluation import blimp_accuracy, evaluate_pairs, perplexity
 
@@ -245,6 +276,8 @@ def test_settings_validation():
         AblationSettings(ppl_tolerance=0)
     with pytest.raises(NegmonitorError, match="max_matching_evals"):
         AblationSettings(max_matching_evals=0)
+    with pytest.raises(NegmonitorError, match="random_draws must be a positive integer"):
+        AblationSettings(random_draws=0)
 
 
 def test_markdown_table():

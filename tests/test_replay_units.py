@@ -106,6 +106,8 @@ def test_open_series_rejects_paths_that_are_not_series(tmp_path):
     (["--revisions", "all", "--shard", "3/2"], "shard"),
     (["--revisions", "all", "--shard", "one"], "K/N"),
     (["--revisions", "all", "--blimp", "x"], "only matter with --ablate"),
+    (["--revisions", "all", "--random-draws", "3"], "only matter with --ablate"),
+    (["--revisions", "all", "--ablate", "--blimp", "x", "--random-draws", "0"], "random_draws must be a positive"),
     (["--revisions", "all", "--ablate", "--blimp", "x", "--tse", "y"], "not both"),
     (["--revisions", "all", "--ablate", "2"], "--ablate must be in (0, 1]"),
 ])

@@ -39,6 +39,9 @@ def _add_ablation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", default=None,
                         help="comma-separated evaluations: ppl, blimp, tse, lm-eval:TASK1+TASK2 (default ppl,blimp, "
                              "plus tse when --tse is given)")
+    parser.add_argument("--random-draws", type=int, default=1, metavar="N",
+                        help="random controls to evaluate, seeds SEED, SEED+1, ... (rows random, random_draw1, ...; "
+                             "default 1)")
     parser.add_argument("--ppl-tolerance", type=float, default=0.01, help="relative ppl match tolerance (default 0.01)")
     parser.add_argument("--max-matching-evals", type=int, default=12, help="ppl evaluations for the matched control")
     parser.add_argument("--layer-groups", type=int, default=None, metavar="G",
@@ -106,7 +109,8 @@ def _check_args(args: argparse.Namespace) -> tuple:
     for flag in ("sample", "ppl_tokens", "layer_groups"):
         _check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     settings = AblationSettings(
-        fraction=args.fraction, mode=args.mode, metric=args.metric, seed=args.seed, ppl_tolerance=args.ppl_tolerance,
+        fraction=args.fraction, mode=args.mode, metric=args.metric, seed=args.seed, random_draws=args.random_draws,
+        ppl_tolerance=args.ppl_tolerance,
         max_matching_evals=args.max_matching_evals, batch_size=args.batch_size,
         layers=tuple(parse_layers(args.layers)) if args.layers else None,
         lm_eval_limit=_limit(args.lm_eval_limit),

@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--ablate", nargs="?", type=float, const=0.01, default=None, metavar="FRACTION",
                         help="also measure ablation damage at every checkpoint (top FRACTION of WD neurons, "
                              "default 0.01)")
+    parser.add_argument("--random-draws", type=int, default=1, metavar="N",
+                        help="random controls per checkpoint (with --ablate; mean and sd are logged; default 1)")
     parser.add_argument("--blimp", default=None, help="folder of BLiMP .jsonl files for the ablation accuracy")
     parser.add_argument("--tse", default=None, help="folder of TSE pickles for the ablation accuracy (instead of "
                                                     "--blimp)")
@@ -95,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
 def _ablation(args: argparse.Namespace) -> tuple:
     """``(AblationSettings | None, minimal pairs | None, perplexity text | None)`` from the flags, checked early."""
     if args.ablate is None:
-        if args.blimp or args.tse or args.ppl_text:
-            raise NegmonitorError("--blimp, --tse and --ppl-text only matter with --ablate — add --ablate")
+        if args.blimp or args.tse or args.ppl_text or args.random_draws != 1:
+            raise NegmonitorError("--blimp, --tse, --ppl-text and --random-draws only matter with --ablate — add "
+                                  "--ablate")
         return None, None, None
     from negmonitor.ablation import AblationSettings
 
     ablation = AblationSettings(fraction=check_fraction(args.ablate, "--ablate"), seed=args.seed,
-                                batch_size=args.batch_size)
+                                random_draws=args.random_draws, batch_size=args.batch_size)
     if args.blimp and args.tse:
         raise NegmonitorError("replay --ablate scores one minimal-pair suite per checkpoint — give --blimp or --tse, "
                               "not both")

@@ -97,7 +97,9 @@ HEADLINES = [("wd/cohort_mean", "cohort mean WD (all layers)"), ("wd/rest_mean",
              ("ablation/acc_drop/grammar/wasserstein", "minimal-pair acc. drop, Wasserstein"),
              ("ablation/acc_drop/grammar/random", "minimal-pair acc. drop, random"),
              ("ablation/margin_drop/grammar/wasserstein", "minimal-pair margin drop, Wasserstein"),
-             ("ablation/margin_drop/grammar/random", "minimal-pair margin drop, random")]
+             ("ablation/margin_drop/grammar/random", "minimal-pair margin drop, random"),
+             ("ablation/margin_drop/grammar/random_mean", "  ... mean over the random draws"),
+             ("ablation/margin_drop/grammar/random_sd", "  ... sd over the random draws")]
 
 
 def retrospective_lines(neurons) -> list[str]:

@@ -4,8 +4,9 @@ Metrics (whole model, ``layer = -1``): ``ablation/ppl/baseline``, ``ablation/ppl
 under ablation over the baseline's), ``ablation/acc/<suite>/<condition>`` and ``ablation/acc_drop/<suite>/<condition>``
 (baseline accuracy minus the condition's), ``ablation/margin_drop/<suite>/<condition>`` (relative drop of the mean
 log-probability margin good − bad, sensitive when accuracy is saturated), ``ablation/ppl_matched_fraction`` (the bottom-WD share that matched), for
-conditions ``wasserstein``, ``random`` and ``ppl_matched``. ``<suite>`` is the minimal-pair set's ``suite`` column
-(``blimp``, ``tse`` or ``grammar``).
+conditions ``wasserstein``, ``random`` and ``ppl_matched``, plus ``random_mean`` and ``random_sd`` over the random
+draws when there are several (``AblationSettings.random_draws``). ``<suite>`` is the minimal-pair set's ``suite``
+column (``blimp``, ``tse`` or ``grammar``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from negmonitor.records import scalar_rows
@@ -56,30 +58,48 @@ def _pairs_slot(pairs: pd.DataFrame | None) -> tuple[str | None, pd.DataFrame | 
 
 
 def damage_rows(table: pd.DataFrame, suite_name: str | None, matching: dict) -> list[tuple[int, int, str, float]]:
-    """Scalar tuples from the protocol's condition table."""
+    """Scalar tuples from the protocol's condition table.
+
+    With several random draws (rows ``random``, ``random_draw1``, ...) every random metric also gets
+    ``.../random_mean`` and ``.../random_sd`` over the draws (``random`` itself stays the first draw).
+    """
     by = table.set_index("condition")
     rows: list[tuple[int, int, str, float]] = []
     acc_column = next((c for c in ("blimp_acc", "tse_acc") if c in by.columns and by[c].notna().any()), None)
     margin_column = acc_column.replace("_acc", "_margin") if acc_column else None
-    base_margin = float(by.loc["baseline", margin_column]) if margin_column in by.columns else math.nan
     base_ppl = float(by.loc["baseline", "ppl"]) if "ppl" in by.columns else math.nan
     if math.isfinite(base_ppl):
         rows.append((-1, -1, "ablation/ppl/baseline", base_ppl))
     if acc_column:
         rows.append((-1, -1, f"ablation/acc/{suite_name}/baseline", float(by.loc["baseline", acc_column])))
+    draws = [c for c in by.index if c == "random" or str(c).startswith("random_draw")]
     for condition in CONDITIONS:
-        if condition not in by.index:
-            continue
-        if math.isfinite(base_ppl):
-            rows.append((-1, -1, f"ablation/ppl_ratio/{condition}", float(by.loc[condition, "ppl"]) / base_ppl))
-        if acc_column:
-            acc = float(by.loc[condition, acc_column])
-            rows.append((-1, -1, f"ablation/acc/{suite_name}/{condition}", acc))
-            rows.append((-1, -1, f"ablation/acc_drop/{suite_name}/{condition}",
-                         float(by.loc["baseline", acc_column]) - acc))
-            if math.isfinite(base_margin) and base_margin != 0:
-                drop = (base_margin - float(by.loc[condition, margin_column])) / abs(base_margin)
-                rows.append((-1, -1, f"ablation/margin_drop/{suite_name}/{condition}", drop))
+        if condition in by.index:
+            metrics = _condition_metrics(by, condition, base_ppl, acc_column, margin_column, suite_name)
+            rows += [(-1, -1, f"{name}/{condition}", value) for name, value in metrics.items()]
+    if len(draws) > 1:
+        per_draw = [_condition_metrics(by, d, base_ppl, acc_column, margin_column, suite_name) for d in draws]
+        for name in per_draw[0]:
+            values = np.array([m[name] for m in per_draw], dtype=float)
+            rows.append((-1, -1, f"{name}/random_mean", float(values.mean())))
+            rows.append((-1, -1, f"{name}/random_sd", float(values.std(ddof=1))))
     if matching.get("fraction") is not None:
         rows.append((-1, -1, "ablation/ppl_matched_fraction", float(matching["fraction"])))
     return rows
+
+
+def _condition_metrics(by: pd.DataFrame, condition: str, base_ppl: float, acc_column: str | None,
+                       margin_column: str | None, suite_name: str | None) -> dict[str, float]:
+    """One condition's damage: ``ablation/<metric>[/<suite>]`` (without the condition) → value."""
+    out: dict[str, float] = {}
+    if math.isfinite(base_ppl):
+        out["ablation/ppl_ratio"] = float(by.loc[condition, "ppl"]) / base_ppl
+    if acc_column:
+        acc = float(by.loc[condition, acc_column])
+        out[f"ablation/acc/{suite_name}"] = acc
+        out[f"ablation/acc_drop/{suite_name}"] = float(by.loc["baseline", acc_column]) - acc
+        base_margin = float(by.loc["baseline", margin_column]) if margin_column in by.columns else math.nan
+        if math.isfinite(base_margin) and base_margin != 0:
+            margin = float(by.loc[condition, margin_column])
+            out[f"ablation/margin_drop/{suite_name}"] = (base_margin - margin) / abs(base_margin)
+    return out
