@@ -137,6 +137,35 @@ def test_several_random_draws_are_separate_seeded_rows(model, tokenizer, suite, 
 
 
 @needs_data
+def test_monitor_rows_score_blimp_and_tse_in_one_protocol_run(model, tokenizer, text, values):
+    from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
+
+    blimp = load_blimp(DATA / "blimp", uids=["anaphor_gender_agreement"], sample_per_uid=4)
+    tse = load_tse(DATA / "tse", constructions=["simple_agrmt"], sample_per_construction=4)
+    settings = {"fraction": 0.05, "batch_size": 16, "ppl_window": 128, "ppl_stride": 128, "max_matching_evals": 1,
+                "ppl_tolerance": 10.0}
+    rows = ablation_scalar_rows(model, tokenizer, values, settings, [blimp, tse], text[:4000])
+    metrics = list(rows.metric)
+    names = (str(blimp["suite"].iloc[0]), str(tse["suite"].iloc[0]))
+    assert names[0] != names[1]
+    for name in names:
+        for kind in ("acc", "acc_drop", "margin_drop"):
+            assert f"ablation/{kind}/{name}/wasserstein" in metrics and f"ablation/{kind}/{name}/random" in metrics
+        assert f"ablation/acc/{name}/baseline" in metrics
+    assert metrics.count("ablation/ppl_ratio/wasserstein") == 1
+
+
+@needs_data
+def test_monitor_resolves_a_list_of_minimal_pair_sources():
+    from negmonitor.callbacks.monitor import resolve_minimal_pairs
+
+    frames = resolve_minimal_pairs([str(DATA / "blimp"), str(DATA / "tse")], sample=1)
+    assert [("uid" in f.columns) for f in frames] == [True, False] and all(len(f) for f in frames)
+    with pytest.raises(NegmonitorError, match="two BLIMP-shaped"):
+        resolve_minimal_pairs([str(DATA / "blimp"), str(DATA / "blimp")], sample=1)
+
+
+@needs_data
 def test_baseline_matches_the_plain_evaluations(model, tokenizer, suite, values):
     from negmonitor.evaluation import blimp_accuracy, evaluate_pairs, perplexity
 

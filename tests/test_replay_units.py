@@ -108,7 +108,6 @@ def test_open_series_rejects_paths_that_are_not_series(tmp_path):
     (["--revisions", "all", "--blimp", "x"], "only matter with --ablate"),
     (["--revisions", "all", "--random-draws", "3"], "only matter with --ablate"),
     (["--revisions", "all", "--ablate", "--blimp", "x", "--random-draws", "0"], "random_draws must be a positive"),
-    (["--revisions", "all", "--ablate", "--blimp", "x", "--tse", "y"], "not both"),
     (["--revisions", "all", "--ablate", "2"], "--ablate must be in (0, 1]"),
 ])
 def test_cli_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, message):
@@ -119,6 +118,28 @@ def test_cli_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, message):
     code = main(["replay", "--model", str(tmp_path / "series"), "--logdir", str(tmp_path / "log"), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_replay_ablation_takes_blimp_and_tse_together():
+    """--blimp and --tse together give one BLiMP-shaped and one TSE-shaped set, scored in one protocol run."""
+    from pathlib import Path
+
+    from negmonitor.cli import build_parser
+    from negmonitor.commands.replay import _ablation
+    from negmonitor.monitoring.ablation_rows import pair_slots
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (data / "blimp").is_dir() or not (data / "tse").is_dir():
+        pytest.skip(f"BLiMP/TSE not found at {data}")
+    args = build_parser().parse_args(["replay", "--model", "m", "--logdir", "l", "--revisions", "all", "--ablate",
+                                      "--blimp", str(data / "blimp"), "--tse", str(data / "tse"),
+                                      "--pairs-per-suite", "2", "--ppl-text", str(data / "wikitext-2" / "valid.txt")])
+    settings, pairs, ppl_text = _ablation(args)
+    slots = pair_slots(pairs)
+    assert set(slots) == {"blimp", "tse"} and settings.fraction == 0.01 and ppl_text
+    assert slots["blimp"][0] == "blimp" and len(slots["blimp"][1]) == 2 * 67
+    with pytest.raises(NegmonitorError, match="two BLIMP-shaped"):
+        pair_slots([slots["blimp"][1], slots["blimp"][1]])
 
 
 def test_cli_checks_the_log_folder_before_loading_anything(tmp_path, capsys):

@@ -59,8 +59,9 @@ class NegativeDifferentiationMonitor(Callback):
             ``None`` (off).
         ablation_every_n_steps: ablation cadence (default: ``every_n_steps``).
         minimal_pairs: pairs for the ablation accuracy: a DataFrame (BLiMP- or TSE-shaped), a BLiMP folder of JSONL
-            files, a TSE folder of pickles, ``"blimp"`` (the hub's ``nyu-mll/blimp``), or ``"datamodule"`` (the
-            datamodule's ``minimal_pairs()``, e.g. the built-in grammar's).
+            files, a TSE folder of pickles, ``"blimp"`` (the hub's ``nyu-mll/blimp``), ``"datamodule"`` (the
+            datamodule's ``minimal_pairs()``, e.g. the built-in grammar's), or a list of these with at most one
+            BLiMP-shaped and one TSE-shaped set (scored in the same protocol run).
         minimal_pairs_sample: pairs per sub-dataset / construction when loading ``minimal_pairs`` (seeded).
         ppl_text: text for the ablation perplexity: a string, a list of strings, a text file, a dataset id
             (``ID[:CONFIG[:SPLIT]]``) or ``None`` (the datamodule's held-out texts when it has them).
@@ -344,10 +345,17 @@ class AblationMonitor(NegativeDifferentiationMonitor):
         super().__init__(*args, **kwargs)
 
 
-def resolve_minimal_pairs(spec: Any, datamodule: Any = None, sample: int | None = 40) -> pd.DataFrame | None:
-    """Minimal pairs from a DataFrame, ``"datamodule"``, ``"blimp"`` (hub), or a BLiMP / TSE folder."""
+def resolve_minimal_pairs(spec: Any, datamodule: Any = None,
+                          sample: int | None = 40) -> pd.DataFrame | list[pd.DataFrame] | None:
+    """Minimal pairs from a DataFrame, ``"datamodule"``, ``"blimp"`` (hub), a BLiMP / TSE folder, or a list of these."""
     if spec is None or isinstance(spec, pd.DataFrame):
         return spec
+    if isinstance(spec, (list, tuple)):
+        from negmonitor.monitoring.ablation_rows import pair_slots
+
+        frames = [resolve_minimal_pairs(item, datamodule, sample) for item in spec]
+        pair_slots(frames)  # at most one of each shape: fail now, not at the first ablation
+        return frames
     from negmonitor.evaluation import load_blimp, load_tse
 
     text = str(spec)

@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--random-draws", type=int, default=1, metavar="N",
                         help="random controls per checkpoint (with --ablate; mean and sd are logged; default 1)")
     parser.add_argument("--blimp", default=None, help="folder of BLiMP .jsonl files for the ablation accuracy")
-    parser.add_argument("--tse", default=None, help="folder of TSE pickles for the ablation accuracy (instead of "
-                                                    "--blimp)")
+    parser.add_argument("--tse", default=None, help="folder of TSE pickles for the ablation accuracy (with or "
+                                                    "without --blimp)")
     parser.add_argument("--pairs-per-suite", type=int, default=20,
                         help="minimal pairs sampled per BLiMP UID / TSE construction (default 20)")
     parser.add_argument("--ppl-text", default=None,
@@ -105,22 +105,19 @@ def _ablation(args: argparse.Namespace) -> tuple:
 
     ablation = AblationSettings(fraction=check_fraction(args.ablate, "--ablate"), seed=args.seed,
                                 random_draws=args.random_draws, batch_size=args.batch_size)
-    if args.blimp and args.tse:
-        raise NegmonitorError("replay --ablate scores one minimal-pair suite per checkpoint — give --blimp or --tse, "
-                              "not both")
-    minimal_pairs = None
+    minimal_pairs = []  # BLiMP and TSE together are scored in the same protocol run
     if args.blimp:
         from negmonitor.evaluation.blimp import load_blimp
 
-        minimal_pairs = load_blimp(args.blimp, sample_per_uid=args.pairs_per_suite, seed=args.seed)
-    elif args.tse:
+        minimal_pairs.append(load_blimp(args.blimp, sample_per_uid=args.pairs_per_suite, seed=args.seed))
+    if args.tse:
         from negmonitor.evaluation.tse import load_tse
 
-        minimal_pairs = load_tse(args.tse, sample_per_construction=args.pairs_per_suite, seed=args.seed)
+        minimal_pairs.append(load_tse(args.tse, sample_per_construction=args.pairs_per_suite, seed=args.seed))
     from pathlib import Path
 
     from negmonitor.evaluation.perplexity import load_perplexity_text
 
     local_probe = next((p for p in (args.probe, args.text) if p and Path(p).expanduser().exists()), None)
     ppl_text = load_perplexity_text(args.ppl_text or local_probe)  # None: WikiText-2 validation from the hub
-    return ablation, minimal_pairs, ppl_text
+    return ablation, minimal_pairs or None, ppl_text

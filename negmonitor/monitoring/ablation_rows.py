@@ -12,11 +12,13 @@ column (``blimp``, ``tse`` or ``grammar``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from negmonitor.errors import NegmonitorError
 from negmonitor.records import scalar_rows
 
 CONDITIONS = ("wasserstein", "random", "ppl_matched")
@@ -35,50 +37,68 @@ def as_settings(settings: Any):
     raise TypeError(f"ablation settings must be AblationSettings, a dict or True, got {type(settings).__name__}")
 
 
-def ablation_scalar_rows(model, tokenizer, result, settings: Any, minimal_pairs: pd.DataFrame | None,
-                         ppl_text: Any, max_ppl_tokens: int = 4_096) -> pd.DataFrame:
-    """Run baseline / Wasserstein / random / perplexity-matched once and return ``layer, neuron, metric, value``."""
+def ablation_scalar_rows(model, tokenizer, result, settings: Any, minimal_pairs: Any, ppl_text: Any,
+                         max_ppl_tokens: int = 4_096) -> pd.DataFrame:
+    """Run baseline / Wasserstein / random / perplexity-matched once and return ``layer, neuron, metric, value``.
+
+    ``minimal_pairs``: None, one DataFrame (BLiMP- or TSE-shaped), or a list of them, at most one of each shape
+    (e.g. BLiMP and TSE together: one protocol run, scalars for both suites).
+    """
     from negmonitor.ablation import EvalSuite, run_protocol
 
     settings = as_settings(settings)
-    suite_name, blimp, tse = _pairs_slot(minimal_pairs)
+    slots = pair_slots(minimal_pairs)
+    blimp, tse = (slots.get(kind, (None, None))[1] for kind in ("blimp", "tse"))
     suite = EvalSuite.build(tokenizer, ppl_text=ppl_text, blimp=blimp, tse=tse, max_ppl_tokens=max_ppl_tokens)
     report = run_protocol(model, tokenizer, result, suite, settings)
-    return scalar_rows(damage_rows(report.table, suite_name, report.meta.get("matching") or {}))
+    suites = {name: kind for kind, (name, _) in slots.items()}
+    return scalar_rows(damage_rows(report.table, suites, report.meta.get("matching") or {}))
 
 
-def _pairs_slot(pairs: pd.DataFrame | None) -> tuple[str | None, pd.DataFrame | None, pd.DataFrame | None]:
-    """BLiMP-shaped pairs go to the BLiMP slot; TSE-shaped ones (construction/condition) to the TSE slot."""
-    if pairs is None or len(pairs) == 0:
-        return None, None, None
-    name = str(pairs["suite"].iloc[0]) if "suite" in pairs.columns else "pairs"
-    if "uid" in pairs.columns:
-        return name, pairs, None
-    return name, None, pairs
+def pair_slots(pairs: Any) -> dict[str, tuple[str, pd.DataFrame]]:
+    """``{"blimp" | "tse": (suite name, pairs)}``: BLiMP-shaped pairs (with ``uid``) go to the BLiMP slot, TSE-shaped
+    ones (construction/condition) to the TSE slot; the name is the pairs' ``suite`` column.
+
+    Raises:
+        NegmonitorError: for two sets of the same shape.
+    """
+    frames = [] if pairs is None else [pairs] if isinstance(pairs, pd.DataFrame) else list(pairs)
+    slots: dict[str, tuple[str, pd.DataFrame]] = {}
+    for frame in frames:
+        if frame is None or len(frame) == 0:
+            continue
+        kind = "blimp" if "uid" in frame.columns else "tse"
+        if kind in slots:
+            raise NegmonitorError(f"two {kind.upper()}-shaped minimal-pair sets — give at most one BLiMP-shaped and "
+                                  "one TSE-shaped set")
+        slots[kind] = (str(frame["suite"].iloc[0]) if "suite" in frame.columns else kind, frame)
+    return slots
 
 
-def damage_rows(table: pd.DataFrame, suite_name: str | None, matching: dict) -> list[tuple[int, int, str, float]]:
+def damage_rows(table: pd.DataFrame, suites: str | Mapping[str, str] | None,
+                matching: dict) -> list[tuple[int, int, str, float]]:
     """Scalar tuples from the protocol's condition table.
 
-    With several random draws (rows ``random``, ``random_draw1``, ...) every random metric also gets
-    ``.../random_mean`` and ``.../random_sd`` over the draws (``random`` itself stays the first draw).
+    ``suites``: ``{suite name: "blimp" | "tse"}`` (which accuracy columns each name reads), or one name for the
+    table's single minimal-pair suite. With several random draws (rows ``random``, ``random_draw1``, ...) every
+    random metric also gets ``.../random_mean`` and ``.../random_sd`` over the draws (``random`` itself stays the
+    first draw).
     """
     by = table.set_index("condition")
     rows: list[tuple[int, int, str, float]] = []
-    acc_column = next((c for c in ("blimp_acc", "tse_acc") if c in by.columns and by[c].notna().any()), None)
-    margin_column = acc_column.replace("_acc", "_margin") if acc_column else None
+    columns = _suite_columns(by, suites)
     base_ppl = float(by.loc["baseline", "ppl"]) if "ppl" in by.columns else math.nan
     if math.isfinite(base_ppl):
         rows.append((-1, -1, "ablation/ppl/baseline", base_ppl))
-    if acc_column:
-        rows.append((-1, -1, f"ablation/acc/{suite_name}/baseline", float(by.loc["baseline", acc_column])))
+    for name, acc_column in columns.items():
+        rows.append((-1, -1, f"ablation/acc/{name}/baseline", float(by.loc["baseline", acc_column])))
     draws = [c for c in by.index if c == "random" or str(c).startswith("random_draw")]
     for condition in CONDITIONS:
         if condition in by.index:
-            metrics = _condition_metrics(by, condition, base_ppl, acc_column, margin_column, suite_name)
+            metrics = _condition_metrics(by, condition, base_ppl, columns)
             rows += [(-1, -1, f"{name}/{condition}", value) for name, value in metrics.items()]
     if len(draws) > 1:
-        per_draw = [_condition_metrics(by, d, base_ppl, acc_column, margin_column, suite_name) for d in draws]
+        per_draw = [_condition_metrics(by, d, base_ppl, columns) for d in draws]
         for name in per_draw[0]:
             values = np.array([m[name] for m in per_draw], dtype=float)
             rows.append((-1, -1, f"{name}/random_mean", float(values.mean())))
@@ -88,18 +108,30 @@ def damage_rows(table: pd.DataFrame, suite_name: str | None, matching: dict) -> 
     return rows
 
 
-def _condition_metrics(by: pd.DataFrame, condition: str, base_ppl: float, acc_column: str | None,
-                       margin_column: str | None, suite_name: str | None) -> dict[str, float]:
+def _suite_columns(by: pd.DataFrame, suites: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``{suite name: accuracy column}`` for the suites whose accuracy the table holds."""
+    if suites is None:
+        return {}
+    if isinstance(suites, str):
+        column = next((c for c in ("blimp_acc", "tse_acc") if c in by.columns and by[c].notna().any()), None)
+        return {suites: column} if column else {}
+    return {name: f"{kind}_acc" for name, kind in suites.items()
+            if f"{kind}_acc" in by.columns and by[f"{kind}_acc"].notna().any()}
+
+
+def _condition_metrics(by: pd.DataFrame, condition: str, base_ppl: float,
+                       columns: Mapping[str, str]) -> dict[str, float]:
     """One condition's damage: ``ablation/<metric>[/<suite>]`` (without the condition) → value."""
     out: dict[str, float] = {}
     if math.isfinite(base_ppl):
         out["ablation/ppl_ratio"] = float(by.loc[condition, "ppl"]) / base_ppl
-    if acc_column:
+    for name, acc_column in columns.items():
         acc = float(by.loc[condition, acc_column])
-        out[f"ablation/acc/{suite_name}"] = acc
-        out[f"ablation/acc_drop/{suite_name}"] = float(by.loc["baseline", acc_column]) - acc
+        out[f"ablation/acc/{name}"] = acc
+        out[f"ablation/acc_drop/{name}"] = float(by.loc["baseline", acc_column]) - acc
+        margin_column = acc_column.replace("_acc", "_margin")
         base_margin = float(by.loc["baseline", margin_column]) if margin_column in by.columns else math.nan
         if math.isfinite(base_margin) and base_margin != 0:
             margin = float(by.loc[condition, margin_column])
-            out[f"ablation/margin_drop/{suite_name}"] = (base_margin - margin) / abs(base_margin)
+            out[f"ablation/margin_drop/{name}"] = (base_margin - margin) / abs(base_margin)
     return out

@@ -73,7 +73,8 @@ class ReplaySettings:
         cohort_frac: share of neurons per layer in the top-WD cohort.
         cohort_revision: the reference checkpoint of the cohort (default: the last of the list that loads).
         ablation: an :class:`~negmonitor.ablation.AblationSettings` to measure ablation damage at every checkpoint.
-        minimal_pairs: minimal pairs (``suite, sentence_good, sentence_bad``) for the ablation accuracy.
+        minimal_pairs: minimal pairs (``suite, sentence_good, sentence_bad``) for the ablation accuracy: one
+            BLiMP- or TSE-shaped DataFrame, or a list with at most one of each.
         ppl_text: text for the ablation perplexity.
         dtype: ``fp32``, ``fp16`` or ``bf16`` (default: as saved).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
