@@ -227,6 +227,8 @@ def _synthetic_run() -> "RunData":
     rows += [("syn", s, s * 100, -1, -1, "ablation/acc/blimp/baseline", a) for s, a in zip(steps, acc)]
     rows += [("syn", s, s * 100, -1, -1, f"ablation/acc_drop/blimp/{c}", a * k)
              for s, a in zip(steps[1:], acc[1:]) for c, k in (("wasserstein", 0.2), ("random", 0.05))]
+    rows += [("syn", s, s * 100, -1, -1, f"ablation/acc_drop/blimp/random_{c}", a * k)  # three random draws
+             for s, a in zip(steps[1:], acc[1:]) for c, k in (("mean", 0.04), ("sd", 0.01))]
     rows += [("syn", s, s * 100, layer, -1, "drift/cohort", 1.0 + layer + s / 100)
              for s in steps[1:] for layer in (0, 1)]
     scalars = pd.DataFrame(rows, columns=["run", "step", "tokens_seen", "layer", "neuron", "metric", "value"])
@@ -248,7 +250,11 @@ def test_figures_join_the_right_numbers(tmp_path):
     assert correlation.pearson_r == pytest.approx(stats.pearsonr(wd, acc)[0])
     assert correlation.spearman_rho == pytest.approx(stats.spearmanr(wd, acc)[0])
     damage = damage_accuracy(ctx).data
-    assert sorted(damage.condition.unique()) == ["random", "wasserstein"]
+    assert sorted(damage.condition.unique()) == ["random", "random_mean", "wasserstein"]  # the sd is an error bar
+    spread = damage[damage.condition == "random_mean"].sort_values("step")
+    assert spread.value.tolist() == pytest.approx([a * 0.04 for a in acc[1:]])
+    assert spread.sd.tolist() == pytest.approx([a * 0.01 for a in acc[1:]])
+    assert damage[damage.condition == "random"].sd.isna().all()
     wasserstein = damage[damage.condition == "wasserstein"].sort_values("step")
     assert wasserstein.step.tolist() == [10, 20, 30, 40] and wasserstein.cohort_wd.tolist() == wd[1:]
     assert wasserstein.value.tolist() == pytest.approx([a * 0.2 for a in acc[1:]])

@@ -282,8 +282,13 @@ def _damage(ctx: ReportContext, key: str, kind: str):
         names = metrics_like(run, "ablation/acc_drop/") if kind == "acc" else metrics_like(run, "ablation/ppl_ratio/")
         for metric in names:
             condition = metric.rsplit("/", 1)[1]
+            if condition.endswith("_sd") or condition.startswith("random_draw"):
+                continue  # the spread of the random draws is drawn as error bars on their mean
             panel = metric.split("/")[2] if kind == "acc" else "perplexity"
             joined = wd.merge(whole_model(run, metric), on="step")
+            if condition == "random_mean":
+                spread = whole_model(run, metric[: -len("_mean")] + "_sd").rename(columns={"value": "sd"})
+                joined = joined.merge(spread[["step", "sd"]], on="step", how="left")
             if len(joined):
                 groups.setdefault(panel, []).append((index, run, condition, joined))
     if not groups:
@@ -296,11 +301,16 @@ def _damage(ctx: ReportContext, key: str, kind: str):
     for ax, (panel, entries) in zip(axes[0], sorted(groups.items())):
         for index, run, condition, joined in entries:
             marker = MARKERS[list(run_index).index(run.label) % len(MARKERS)]
-            ax.plot(joined.cohort_wd, joined.value, "-", marker=marker, ms=4, lw=0.9,
-                    color=CONDITION_COLOURS.get(condition, "black"),
-                    label=f"{run.label}: {CONDITION_NAMES.get(condition, condition)}")
-            rows += [(run.label, panel, condition, s, w, v) for s, w, v in zip(joined.step, joined.cohort_wd,
-                                                                               joined.value)]
+            style = dict(marker=marker, ms=4, lw=0.9, color=CONDITION_COLOURS.get(condition, "black"),
+                         label=f"{run.label}: {CONDITION_NAMES.get(condition, condition)}")
+            if "sd" in joined.columns:
+                ax.errorbar(joined.cohort_wd, joined.value, yerr=joined.sd.to_numpy(float), ls="--", capsize=2,
+                            **style)
+            else:
+                ax.plot(joined.cohort_wd, joined.value, "-", **style)
+            sd = joined.sd if "sd" in joined.columns else [float("nan")] * len(joined)
+            rows += [(run.label, panel, condition, s, w, v, e) for s, w, v, e in zip(joined.step, joined.cohort_wd,
+                                                                                     joined.value, sd)]
             parts.add(f"{run.label} ({describe_steps(joined.step)})")
         if kind == "acc":
             ax.axhline(0.0, color="#999999", lw=0.8)
@@ -313,10 +323,11 @@ def _damage(ctx: ReportContext, key: str, kind: str):
     png = save_png(fig, ctx.out / f"{key}.png")
     what = ("minimal-pair accuracy lost" if kind == "acc" else "perplexity ratio") + " under sign-specific ablation"
     caption = (f"Ablation damage ({what}: negative pre-activations zeroed) of the top-WD neurons (Wasserstein), "
-               "the same number of random neurons, and the bottom-WD neurons matched in perplexity, against the "
+               "the same number of random neurons (with several random draws also their mean, dashed, ± one sd "
+               "across draws), and the bottom-WD neurons matched in perplexity, against the "
                "mean WD of the fixed cohort at the same step (one point per measured step, joined in step order). "
                "Runs: " + "; ".join(sorted(parts)) + ".")
-    data = pd.DataFrame(rows, columns=["run", "panel", "condition", "step", "cohort_wd", "value"])
+    data = pd.DataFrame(rows, columns=["run", "panel", "condition", "step", "cohort_wd", "value", "sd"])
     return make(key, caption, png=png, data=data)
 
 

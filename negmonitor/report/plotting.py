@@ -11,9 +11,10 @@ from negmonitor.atomic import atomic_path
 
 DPI = 110
 SIGN_COLOURS = {"NN": "#3b6fb6", "PN": "#9b9b9b", "PP": "#d9622b"}
-CONDITION_COLOURS = {"baseline": "#444444", "wasserstein": "#c0392b", "random": "#7f8c8d", "ppl_matched": "#2e86c1"}
+CONDITION_COLOURS = {"baseline": "#444444", "wasserstein": "#c0392b", "random": "#7f8c8d", "random_mean": "#7f8c8d",
+                     "ppl_matched": "#2e86c1"}
 CONDITION_NAMES = {"baseline": "baseline", "wasserstein": "Wasserstein (top WD)", "random": "random",
-                   "ppl_matched": "perplexity-matched"}
+                   "random_mean": "random, mean ± sd of the draws", "ppl_matched": "perplexity-matched"}
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, width: float = 6.4, height: float = 4.0, **kwargs):
