@@ -180,3 +180,21 @@ def test_pair_sign_shares_nothing_to_count() -> None:
     oi = torch.full((5, 3), math.nan)
     got = pair_sign_shares(oi, torch.zeros(5, 3), torch.zeros(5, 3), torch.full((3,), math.nan))
     assert got["n_neurons"] == 0 and math.isnan(got["nn"])
+
+
+def test_median_along_first_axis_is_numpys_median():
+    """Even and odd lengths, widths that are and are not multiples of the transpose tile, strided input, 2 threads."""
+    from negmonitor.metrics._median import median_along_first_axis
+
+    g = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for m, n in ((1000, 2048), (999, 33), (1, 5), (4, 16)):
+            x = torch.randn(m, n, generator=g) ** 3
+            expected = torch.from_numpy(np.median(x.numpy(), axis=0)).float()
+            assert torch.equal(median_along_first_axis(x), expected), (m, n)
+        strided = torch.randn(300, 64, generator=g)[::3]
+        assert torch.equal(median_along_first_axis(strided), torch.from_numpy(np.median(strided.numpy(), axis=0)))
+    finally:
+        torch.set_num_threads(threads)

@@ -14,20 +14,17 @@ midpoint median (as ``numpy.median``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics._threads import run_split, scratch, worker_count
+from negmonitor.metrics._median import median_along_first_axis
 from negmonitor.metrics.ranking import top_k_indices
 
 __all__ = ["NN", "PN", "PP", "sample_pairs", "mapping_difficulty", "sign_classes", "top_pairs", "pair_sign_shares"]
 
 NN, PN, PP = 0, 1, 2
-_SORT_ROWS = 256  # neurons per sort task
-_TILE = 16  # neurons per tile of the two-step transpose
 
 
 def sample_pairs(n_positions: int, n_pairs: int, seed: int = 0) -> Tensor:
@@ -80,52 +77,13 @@ def mapping_difficulty(x_a: Tensor, x_b: Tensor, y_a: Tensor, y_b: Tensor) -> tu
     all_kept = bool(keep.all())
     inv_d_in = torch.where(keep, dx[keep].max() / torch.where(keep, dx, 1.0), 0.0).float()  # 1 / input distance
     dy = (y_a.detach().float() - y_b.detach().float()).abs_()
-    median = _median_over_pairs(dy if all_kept else dy[keep])
+    median = median_along_first_axis(dy if all_kept else dy[keep])
     inv_scale = torch.where(median > 0, 1.0 / median, math.nan)
     oi = dy.mul_(inv_d_in[:, None]).mul_(inv_scale)
     if not all_kept:
         oi[~keep] = math.nan
         return oi[keep].mean(dim=0), oi
     return oi.mean(dim=0), oi
-
-
-def _median_over_pairs(values: Tensor) -> Tensor:
-    """Midpoint median along axis 0 of ``[P, n]``: sort a neuron-major copy.
-
-    On CPU the copy is sorted in place with numpy's SIMD sort (~10x faster than ``torch.sort`` there), its rows
-    split across torch's CPU threads (numpy releases the GIL while sorting).
-    """
-    n_pairs = values.shape[0]
-    if values.device.type == "cpu":
-        # A reused buffer: a fresh multi-megabyte copy per call costs more in page faults than the sort.
-        rows = _neuron_major(values)
-        array = rows.numpy()  # our own copy: sorting it in place is safe
-        starts = list(range(0, rows.shape[0], _SORT_ROWS))
-
-        def work(part: Sequence[int]) -> None:
-            for start in part:
-                array[start : start + _SORT_ROWS].sort(axis=1)
-
-        run_split(work, starts, worker_count(rows.device, len(starts)))
-    else:
-        rows = torch.sort(values.t(), dim=1).values
-    return 0.5 * (rows[:, (n_pairs - 1) // 2] + rows[:, n_pairs // 2])
-
-
-def _neuron_major(values: Tensor) -> Tensor:
-    """``values.t()`` as a contiguous scratch copy, transposed in two cache-friendly steps.
-
-    Torch's direct 2-D transpose copy strides through memory on one thread; moving contiguous runs of
-    ``_TILE`` neurons first and then transposing each ``[P, _TILE]`` tile uses the threads and the cache (~1.5x).
-    """
-    n_pairs, n_neurons = values.shape
-    rows = scratch(0, (n_neurons, n_pairs), values.dtype, values.device)
-    if n_neurons % _TILE or not values.is_contiguous():
-        return rows.copy_(values.t())
-    tiles = scratch(1, (n_neurons // _TILE, n_pairs, _TILE), values.dtype, values.device)
-    tiles.copy_(values.unflatten(1, (n_neurons // _TILE, _TILE)).permute(1, 0, 2))
-    rows.view(n_neurons // _TILE, _TILE, n_pairs).copy_(tiles.transpose(1, 2))
-    return rows
 
 
 def sign_classes(y_a: Tensor, y_b: Tensor) -> Tensor:

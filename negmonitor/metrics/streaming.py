@@ -43,6 +43,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from negmonitor.errors import NegmonitorError
+from negmonitor.metrics._median import median_along_first_axis
 from negmonitor.metrics._threads import run_split, scratch, worker_count
 from negmonitor.metrics.wasserstein import w1_points_to_gaussian
 
@@ -425,11 +426,10 @@ def _grid_from_batch(x: Tensor, max_rows: int = 1024) -> tuple[Tensor, Tensor]:
         x = x[:: -(-x.shape[0] // max_rows)]
     x64 = x.double()
     finite = torch.isfinite(x64)
-    if x.device.type == "cpu" and bool(finite.all()):  # numpy's selection-based median: ~4x torch's sort-based
-        values = x64.numpy()
-        center_np = np.median(values, axis=0)
-        center = torch.from_numpy(center_np)
-        mad = torch.from_numpy(np.median(np.abs(values - center_np), axis=0)) * 1.4826
+    if bool(finite.all()):  # sorted neuron-major rows: ~5x numpy.median along the batch axis
+        center32 = median_along_first_axis(x)
+        center = center32.double()
+        mad = median_along_first_axis((x - center32).abs_()).double() * 1.4826
     else:
         masked = torch.where(finite, x64, math.nan)
         center = torch.nan_to_num(masked.nanmedian(dim=0).values, nan=0.0)
