@@ -67,9 +67,11 @@ def test_ablate_end_to_end(saved_model, tmp_path, capsys):
     again = tmp_path / "again"
     code = main(_args(saved_model, again, "--eval", "ppl", "--text", str(DATA / "wikitext-2" / "valid.txt"),
                       "--ppl-tokens", "512", "--probe-result", str(out / "probe"), "--layer-groups", "1",
-                      "--max-matching-evals", "2", "--ppl-tolerance", "0.5"))
+                      "--max-matching-evals", "2", "--ppl-tolerance", "0.5", "--random-draws", "2"))
     printed = capsys.readouterr().out
     assert code == 0 and "probing on" not in printed
+    assert list(pd.read_csv(again / "ablation.csv")["condition"]) == ["baseline", "wasserstein", "random",
+                                                                      "random_draw1", "ppl_matched"]
     groups = pd.read_csv(again / "layer_groups.csv")
     assert list(groups["condition"]) == ["baseline", "top:alone:0", "top:alone:1", "top:cumulative:0-1"]
     assert list(pd.read_csv(again / "layer_groups.csv", dtype=str)["layer_group"].fillna("")) == ["", "0", "1", "1"]  # cumulative up to group 1
@@ -86,6 +88,7 @@ def test_ablate_end_to_end(saved_model, tmp_path, capsys):
     (["--eval", "tse"], "--eval tse needs the TSE data"),
     (["--sample", "0"], "--sample must be a positive integer, got 0"),
     (["--metric", "wdd"], "unknown --metric 'wdd'"),
+    (["--random-draws", "0"], "--random-draws must be a positive integer, got 0"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, extra, message):
     out = tmp_path / "out"

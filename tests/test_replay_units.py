@@ -107,7 +107,7 @@ def test_open_series_rejects_paths_that_are_not_series(tmp_path):
     (["--revisions", "all", "--shard", "one"], "K/N"),
     (["--revisions", "all", "--blimp", "x"], "only matter with --ablate"),
     (["--revisions", "all", "--random-draws", "3"], "only matter with --ablate"),
-    (["--revisions", "all", "--ablate", "--blimp", "x", "--random-draws", "0"], "random_draws must be a positive"),
+    (["--revisions", "all", "--ablate", "--blimp", "x", "--random-draws", "0"], "--random-draws must be a positive"),
     (["--revisions", "all", "--ablate", "2"], "--ablate must be in (0, 1]"),
 ])
 def test_cli_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, message):

@@ -106,7 +106,7 @@ def _check_args(args: argparse.Namespace) -> tuple:
     from negmonitor.ablation import AblationSettings
 
     check_fraction(args.fraction)
-    for flag in ("sample", "ppl_tokens", "layer_groups"):
+    for flag in ("sample", "ppl_tokens", "layer_groups", "random_draws"):
         _check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     settings = AblationSettings(
         fraction=args.fraction, mode=args.mode, metric=args.metric, seed=args.seed, random_draws=args.random_draws,

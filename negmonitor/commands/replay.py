@@ -103,6 +103,8 @@ def _ablation(args: argparse.Namespace) -> tuple:
         return None, None, None
     from negmonitor.ablation import AblationSettings
 
+    if args.random_draws < 1:
+        raise NegmonitorError(f"--random-draws must be a positive integer, got {args.random_draws} — e.g. 3")
     ablation = AblationSettings(fraction=check_fraction(args.ablate, "--ablate"), seed=args.seed,
                                 random_draws=args.random_draws, batch_size=args.batch_size)
     minimal_pairs = []  # BLiMP and TSE together are scored in the same protocol run
