@@ -12,7 +12,8 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
-from negmonitor.commands.common import add_model_args, check_fraction, ensure_writable_dir, parse_layers
+from negmonitor.commands.common import (add_model_args, check_fraction, check_positive, ensure_writable_dir,
+                                        parse_layers)
 from negmonitor.errors import NegmonitorError
 
 EVAL_NAMES = ("ppl", "blimp", "tse", "lm-eval:TASK1+TASK2")
@@ -107,7 +108,7 @@ def _check_args(args: argparse.Namespace) -> tuple:
 
     check_fraction(args.fraction)
     for flag in ("sample", "ppl_tokens", "layer_groups", "random_draws"):
-        _check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+        check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     settings = AblationSettings(
         fraction=args.fraction, mode=args.mode, metric=args.metric, seed=args.seed, random_draws=args.random_draws,
         ppl_tolerance=args.ppl_tolerance,
@@ -121,11 +122,6 @@ def _check_args(args: argparse.Namespace) -> tuple:
         raise NegmonitorError("--eval tse needs the TSE data — pass the folder of its pickles with --tse DIR")
     fractions = [check_fraction(float(f), "--fractions") for f in _split_floats(args.fractions)]
     return request, settings, fractions
-
-
-def _check_positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise NegmonitorError(f"{flag} must be a positive integer, got {value}")
 
 
 def _check_metric(metric: str) -> None:

@@ -47,6 +47,12 @@ def check_fraction(value: float, name: str = "--fraction") -> float:
     return float(value)
 
 
+def check_positive(value: int | None, flag: str) -> None:
+    """A count given on the command line (None: not given) must be at least 1."""
+    if value is not None and value < 1:
+        raise NegmonitorError(f"{flag} must be a positive integer, got {value}")
+
+
 def probe_source(args: argparse.Namespace) -> str | None:
     """The probe source the user chose (a text path, a dataset id, or None for the default)."""
     return args.text or args.dataset

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from negmonitor.commands.common import add_probe_args, check_fraction, ensure_writable_dir, parse_layers
+from negmonitor.commands.common import (add_probe_args, check_fraction, check_positive, ensure_writable_dir,
+                                        parse_layers)
 from negmonitor.errors import NegmonitorError
 
 
@@ -103,8 +104,7 @@ def _ablation(args: argparse.Namespace) -> tuple:
         return None, None, None
     from negmonitor.ablation import AblationSettings
 
-    if args.random_draws < 1:
-        raise NegmonitorError(f"--random-draws must be a positive integer, got {args.random_draws} — e.g. 3")
+    check_positive(args.random_draws, "--random-draws")
     ablation = AblationSettings(fraction=check_fraction(args.ablate, "--ablate"), seed=args.seed,
                                 random_draws=args.random_draws, batch_size=args.batch_size)
     minimal_pairs = []  # BLiMP and TSE together are scored in the same protocol run
