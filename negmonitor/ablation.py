@@ -411,6 +411,11 @@ def random_condition_name(draw: int) -> str:
     return "random" if draw == 0 else f"random_draw{draw}"
 
 
+def is_random_condition(name: str) -> bool:
+    """Whether a condition row is one of the random draws (``random``, ``random_draw<k>``)."""
+    return name == "random" or name.startswith("random_draw")
+
+
 def _random_conditions(values: Mapping[int, torch.Tensor], settings: AblationSettings) -> list[_Condition]:
     """One condition per random draw, seeded ``settings.seed + draw``."""
     conditions = []

@@ -84,6 +84,8 @@ def damage_rows(table: pd.DataFrame, suites: str | Mapping[str, str] | None,
     random metric also gets ``.../random_mean`` and ``.../random_sd`` over the draws (``random`` itself stays the
     first draw).
     """
+    from negmonitor.ablation import is_random_condition
+
     by = table.set_index("condition")
     rows: list[tuple[int, int, str, float]] = []
     columns = _suite_columns(by, suites)
@@ -92,7 +94,7 @@ def damage_rows(table: pd.DataFrame, suites: str | Mapping[str, str] | None,
         rows.append((-1, -1, "ablation/ppl/baseline", base_ppl))
     for name, acc_column in columns.items():
         rows.append((-1, -1, f"ablation/acc/{name}/baseline", float(by.loc["baseline", acc_column])))
-    draws = [c for c in by.index if c == "random" or str(c).startswith("random_draw")]
+    draws = [c for c in by.index if is_random_condition(str(c))]
     for condition in CONDITIONS:
         if condition in by.index:
             metrics = _condition_metrics(by, condition, base_ppl, columns)

@@ -282,7 +282,7 @@ def _damage(ctx: ReportContext, key: str, kind: str):
         names = metrics_like(run, "ablation/acc_drop/") if kind == "acc" else metrics_like(run, "ablation/ppl_ratio/")
         for metric in names:
             condition = metric.rsplit("/", 1)[1]
-            if condition.endswith("_sd") or condition.startswith("random_draw"):
+            if condition == "random_sd":
                 continue  # the spread of the random draws is drawn as error bars on their mean
             panel = metric.split("/")[2] if kind == "acc" else "perplexity"
             joined = wd.merge(whole_model(run, metric), on="step")
