@@ -33,6 +33,7 @@ it grows towards about a quarter of the mean bin width (in σ) as the token coun
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -497,8 +498,10 @@ def _raw_bins(
     return code.bitwise_right_shift_(shift), packed.bitwise_or_(1 << low_bits)
 
 
+@functools.lru_cache(maxsize=8)
 def _raw_bin_geometry(shift: int, n_bins: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per raw bin column: the value of its code with zero low bits and the step per low bit.
+    """Per raw bin column: the value of its code with zero low bits and the step per low bit (cached: read-only,
+    the same for every chunk of every compute).
 
     Codes within a bin share an exponent, so ``value = base + (low bits) · step`` exactly (``step < 0`` for the
     negative bins, whose magnitude grows with the low bits). Bins of the inf/NaN codes never fill (those values go
