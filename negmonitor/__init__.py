@@ -17,11 +17,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "MLPSite": "negmonitor.adapters", "find_sites": "negmonitor.adapters", "register_adapter": "negmonitor.adapters",
-    "NegmonitorError": "negmonitor.errors", "ProbeSettings": "negmonitor.probe",
+    "NegmonitorError": "negmonitor.errors", "ProbeSettings": "negmonitor.probe", "probe": "negmonitor.probe",
     "ProbeSet": "negmonitor.probeset", "ProbeResult": "negmonitor.result", "load_model": "negmonitor.models",
 }
-__all__ = sorted([*_EXPORTS, "probe"]) + ["__version__"]
-_EXPORTS["probe"] = "negmonitor.probe"
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
