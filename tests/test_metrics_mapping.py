@@ -102,6 +102,33 @@ def test_mapping_difficulty_all_inputs_equal_and_dtypes() -> None:
         mapping_difficulty(x_a, x_b[:4], y_a, y_b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mapping_difficulty_in_column_blocks_on_threads(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """Many column blocks (the last one partial) over one or two threads, with a left-out pair and a dead neuron:
+    MD and OI as the loop; ``with_oi=False`` gives the same MD and no OI; torch's thread count is left as it was."""
+    from negmonitor.metrics import _median
+
+    monkeypatch.setattr(_median, "_BLOCK_ELEMENTS", 16 * 59)  # 16 columns per block of 59 kept pairs
+    assert _median._block_width(59, 70, threads) == 16
+    x_a, x_b, y_a, y_b = _pairs_data(n_pairs=60, n=70, seed=4)
+    x_b[7] = x_a[7]
+    y_b[:, 33] = y_a[:, 33]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        md, oi = mapping_difficulty(x_a, x_b, y_a, y_b)
+        md_alone, no_oi = mapping_difficulty(x_a, x_b, y_a, y_b, with_oi=False)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(previous)
+    want_md, want_oi = _loop_md(x_a, x_b, y_a, y_b)
+    np.testing.assert_allclose(md.numpy(), want_md, rtol=1e-5)
+    np.testing.assert_allclose(oi.numpy(), want_oi, rtol=1e-5)
+    assert no_oi is None
+    torch.testing.assert_close(md_alone, md, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(md[33]) and torch.isnan(oi[7]).all()
+
+
 def test_mapping_difficulty_scale_behaviour() -> None:
     """MD is invariant to scaling a neuron's outputs or all inputs (both distances are normalised)."""
     x_a, x_b, y_a, y_b = _pairs_data()
@@ -198,3 +225,23 @@ def test_median_along_first_axis_is_numpys_median():
         assert torch.equal(median_along_first_axis(strided), torch.from_numpy(np.median(strided.numpy(), axis=0)))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_single_torch_thread_keeps_the_budget_and_restores_on_errors() -> None:
+    """Inside, torch runs on one intra-op thread but the split still sees the outer budget; after (also after an
+    exception) torch's thread count is what it was."""
+    from negmonitor.metrics._threads import single_torch_thread, thread_budget, worker_count
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with single_torch_thread(torch.device("cpu")):
+                assert torch.get_num_threads() == 1 and thread_budget() == 2
+                assert worker_count(torch.device("cpu"), 8) == 2
+                with single_torch_thread(torch.device("cpu")):  # nested: the budget is still the outer one
+                    assert thread_budget() == 2
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2 and thread_budget() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["worker_count", "run_split", "scratch"]
+__all__ = ["worker_count", "run_split", "scratch", "single_torch_thread", "thread_budget"]
 
 T = TypeVar("T")
 
@@ -31,7 +32,12 @@ def worker_count(device: torch.device, n_tasks: int) -> int:
     """Threads to use for ``n_tasks`` blocks on ``device``: torch's thread budget on CPU, one elsewhere."""
     if device.type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), n_tasks))
+    return max(1, min(thread_budget(), n_tasks))
+
+
+def thread_budget() -> int:
+    """The CPU threads this work may use: torch's, or what it was before ``single_torch_thread`` pinned it to one."""
+    return getattr(_LOCAL, "budget", None) or torch.get_num_threads()
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -40,6 +46,26 @@ def _pool() -> ThreadPoolExecutor:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(thread_name_prefix="negmonitor")
         return _POOL
+
+
+@contextmanager
+def single_torch_thread(device: torch.device) -> Iterator[None]:
+    """Torch's CPU ops on one intra-op thread inside the block (restored after, also on exceptions).
+
+    For work whose parallelism is ``run_split``'s: a parallel op just before it would leave OpenMP's workers
+    spinning (libgomp's default wait policy) on the cores its threads need. Nothing changes for other devices.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous, outer_budget = torch.get_num_threads(), getattr(_LOCAL, "budget", None)
+    _LOCAL.budget = thread_budget()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+        _LOCAL.budget = outer_budget
 
 
 def run_split(work: Callable[[Sequence[T]], None], items: Sequence[T], workers: int) -> None:

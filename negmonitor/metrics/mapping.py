@@ -19,12 +19,14 @@ import torch
 from torch import Tensor
 
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics._median import median_along_first_axis
+from negmonitor.metrics._median import column_block_medians
+from negmonitor.metrics._threads import scratch, single_torch_thread
 from negmonitor.metrics.ranking import top_k_indices
 
 __all__ = ["NN", "PN", "PP", "sample_pairs", "mapping_difficulty", "sign_classes", "top_pairs", "pair_sign_shares"]
 
 NN, PN, PP = 0, 1, 2
+_DIFF_SLOT = 11  # scratch slot of a block of output differences
 
 
 def sample_pairs(n_positions: int, n_pairs: int, seed: int = 0) -> Tensor:
@@ -53,37 +55,74 @@ def _check_pair_shapes(x_a: Tensor, x_b: Tensor, y_a: Tensor, y_b: Tensor) -> No
         )
 
 
-def mapping_difficulty(x_a: Tensor, x_b: Tensor, y_a: Tensor, y_b: Tensor) -> tuple[Tensor, Tensor]:
+def mapping_difficulty(
+    x_a: Tensor, x_b: Tensor, y_a: Tensor, y_b: Tensor, *, with_oi: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """MD per neuron and the OI ratio of every pair.
 
     Args:
         x_a, x_b: ``[P, d]`` input vectors of the two tokens of each pair.
         y_a, y_b: ``[P, n]`` pre-activations of the same tokens.
+        with_oi: also return the ``[P, n]`` OI ratios (``False``: MD alone, faster, no ``[P, n]`` output).
 
     Returns:
-        ``(md, oi)``: fp32 ``[n]`` and ``[P, n]``. OI is NaN for pairs with zero input distance and for neurons
-        with a zero median output difference; MD is the mean over the other pairs (NaN if none).
+        ``(md, oi)``: fp32 ``[n]`` and ``[P, n]`` (``None`` without ``with_oi``). OI is NaN for pairs with zero
+        input distance and for neurons with a zero median output difference; MD is the mean over the other
+        pairs (NaN if none).
 
     Raises:
         NegmonitorError: for mismatched shapes.
     """
     _check_pair_shapes(x_a, x_b, y_a, y_b)
     n_pairs, n_neurons = y_a.shape
-    dx = torch.linalg.vector_norm(x_a.detach().float() - x_b.detach().float(), dim=1)
-    keep = dx > 0
-    if not bool(keep.any()):
-        nan = torch.full((n_pairs, n_neurons), math.nan, dtype=torch.float32, device=y_a.device)
-        return torch.full((n_neurons,), math.nan, device=y_a.device), nan
-    all_kept = bool(keep.all())
-    inv_d_in = torch.where(keep, dx[keep].max() / torch.where(keep, dx, 1.0), 0.0).float()  # 1 / input distance
-    dy = (y_a.detach().float() - y_b.detach().float()).abs_()
-    median = median_along_first_axis(dy if all_kept else dy[keep])
-    inv_scale = torch.where(median > 0, 1.0 / median, math.nan)
-    oi = dy.mul_(inv_d_in[:, None]).mul_(inv_scale)
-    if not all_kept:
-        oi[~keep] = math.nan
-        return oi[keep].mean(dim=0), oi
-    return oi.mean(dim=0), oi
+    with torch.no_grad(), single_torch_thread(y_a.device):  # see _md_and_oi
+        dx = torch.linalg.vector_norm(x_a.float() - x_b.float(), dim=1)
+        keep = dx > 0
+        if not bool(keep.any()):
+            md = torch.full((n_neurons,), math.nan, device=y_a.device)
+            return md, torch.full((n_pairs, n_neurons), math.nan, device=y_a.device) if with_oi else None
+        inv_d_in = dx[keep].max() / dx[keep]  # 1 / input distance of the kept pairs
+        y_a, y_b = y_a.float(), y_b.float()  # differences in fp32 whatever the capture dtype
+        if bool(keep.all()):
+            return _md_and_oi(y_a, y_b, inv_d_in, with_oi)
+        md, kept_oi = _md_and_oi(y_a[keep], y_b[keep], inv_d_in, with_oi)
+        if kept_oi is None:
+            return md, None
+        oi = torch.full((n_pairs, n_neurons), math.nan, device=y_a.device)
+        oi[keep] = kept_oi
+        return md, oi
+
+
+def _md_and_oi(y_a: Tensor, y_b: Tensor, inv_d_in: Tensor, with_oi: bool) -> tuple[Tensor, Tensor | None]:
+    """MD and (optionally) OI over pairs that are all kept, ``inv_d_in`` being 1 / their input distances.
+
+    Column blocks of ``|y_a − y_b|`` are made where their medians are taken (per thread, in cache); each
+    block's input-distance-weighted sum, and its OI ratios, are taken while it is there, so nothing
+    ``[P, n]``-sized is allocated but the OI output. The caller runs this with torch on one intra-op thread: the
+    blocks are already split across the threads, and a parallel op just before would leave OpenMP's workers
+    spinning on the cores the sorts need.
+    """
+    n_pairs, n_neurons = y_a.shape
+    weighted_sums = torch.empty(n_neurons, dtype=torch.float32, device=y_a.device)
+    oi = torch.empty((n_pairs, n_neurons), dtype=torch.float32, device=y_a.device) if with_oi else None
+    diffs: dict[int, Tensor] = {}  # block start -> its differences, until its medians are known
+
+    def block(start: int, stop: int) -> Tensor:
+        diff = scratch(_DIFF_SLOT, (n_pairs, stop - start), torch.float32, y_a.device)
+        torch.sub(y_a[:, start:stop], y_b[:, start:stop], out=diff).abs_()
+        torch.mv(diff.t(), inv_d_in, out=weighted_sums[start:stop])
+        diffs[start] = diff
+        return diff
+
+    def then(start: int, stop: int, medians: Tensor) -> None:
+        inv_scale = torch.where(medians > 0, 1.0 / medians, math.nan)
+        weighted_sums[start:stop].mul_(inv_scale).div_(n_pairs)
+        diff = diffs.pop(start)
+        if oi is not None:
+            torch.mul(diff, inv_d_in[:, None], out=oi[:, start:stop]).mul_(inv_scale)
+
+    column_block_medians(n_pairs, n_neurons, block, torch.float32, y_a.device, then)
+    return weighted_sums, oi
 
 
 def sign_classes(y_a: Tensor, y_b: Tensor) -> Tensor:
