@@ -227,6 +227,36 @@ def test_median_along_first_axis_is_numpys_median():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("m", [256, 257, 1000, 1001, 4096])
+def test_row_medians_from_sorted_halves_equal_whole_sorts(m: int) -> None:
+    """The halves-and-window pick equals the midpoint of whole sorted rows, bit for bit, on random rows, ties,
+    constant rows, rows whose halves do not overlap (the window cannot hold the answer: redone whole), +-inf and
+    NaN (sorted last, as numpy sorts)."""
+    from negmonitor.metrics._median import _kth_of_two_sorted, _row_medians
+
+    rng = np.random.default_rng(m)
+    cases = {
+        "random": rng.standard_normal((64, m)).astype(np.float32) ** 3,
+        "ties": np.round(rng.standard_normal((64, m)) * 2).astype(np.float32),
+        "constant": np.full((8, m), 1.5, dtype=np.float32),
+        "disjoint halves": np.sort(rng.standard_normal((16, m)).astype(np.float32), axis=1),
+        "reversed halves": np.sort(rng.standard_normal((16, m)).astype(np.float32), axis=1)[:, ::-1].copy(),
+        "float64": rng.standard_normal((16, m)),
+    }
+    special = rng.standard_normal((16, m)).astype(np.float32)
+    special[:4, ::7], special[4:8, ::5], special[8:12, 3] = np.inf, -np.inf, np.nan
+    special[12:, : m // 2 + 3] = np.nan  # NaN past the middle: the midpoint is NaN
+    cases["inf and nan"] = special
+    for name, rows in cases.items():
+        whole = np.sort(rows, axis=1)
+        expected = (whole[:, (m - 1) // 2] + whole[:, m // 2]) * 0.5
+        got = _row_medians(rows.copy())
+        assert got.dtype == rows.dtype, name
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    halves = [np.sort(part, axis=1) for part in np.split(cases["random"], [m // 2], axis=1)]
+    assert _kth_of_two_sorted(*halves, (m - 1) // 2)[2].all()  # random rows: the window holds it, nothing redone
+
+
 def test_single_torch_thread_keeps_the_budget_and_restores_on_errors() -> None:
     """Inside, torch runs on one intra-op thread but the split still sees the outer budget; after (also after an
     exception) torch's thread count is what it was."""

@@ -9,8 +9,10 @@ values, use them for something else while they are in cache, and never hold a wh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,6 +23,7 @@ __all__ = ["median_along_first_axis", "column_block_medians"]
 _BLOCK_ELEMENTS = 1 << 19  # values per block: 2 MiB of fp32, so a block and its transposed copy stay in L2-L3
 _MIN_BLOCK_COLUMNS = 16
 _ROWS_SLOT = 10  # scratch slot of the sorted rows (the WD update uses slots 0-6)
+_HALVES_MIN_LENGTH = 256  # shorter rows are sorted whole
 
 ColumnBlock = Callable[[int, int], Tensor]
 """``(start, stop) -> [m, stop - start]``: the values of those columns (may be a reused buffer)."""
@@ -62,13 +65,60 @@ def column_block_medians(
             stop = min(start + width, n)
             rows = scratch(_ROWS_SLOT, (stop - start, m), dtype, device)
             rows.copy_(block(start, stop).t())
-            rows.numpy().sort(axis=1)  # our own buffer: sorting it in place is safe
-            torch.add(rows[:, (m - 1) // 2], rows[:, m // 2], out=medians[start:stop]).mul_(0.5)
+            medians[start:stop] = torch.from_numpy(_row_medians(rows.numpy()))  # our own buffer: sorted in place
             if then is not None:
                 then(start, stop, medians[start:stop])
 
     run_split(work, starts, worker_count(device, len(starts)))
     return medians
+
+
+def _row_medians(rows: np.ndarray) -> np.ndarray:
+    """Midpoint median of each row of ``rows`` ``[b, m]``, sorting it in place (NaN sorts last, as ``np.sort``).
+
+    Long rows are sorted as two halves (~1.7x faster than whole rows of 1,000: fewer merge levels) and the two
+    middle order statistics are picked from the halves by ``_kth_of_two_sorted``; a row where that is not proven
+    right (ties at the edge of its window, halves from very different distributions, NaN) is sorted whole.
+    """
+    m = rows.shape[1]
+    if m < _HALVES_MIN_LENGTH:
+        rows.sort(axis=1)
+        return (rows[:, (m - 1) // 2] + rows[:, m // 2]) * 0.5
+    first, second = rows[:, : m // 2], rows[:, m // 2 :]
+    first.sort(axis=1)
+    second.sort(axis=1)
+    low, following, proven = _kth_of_two_sorted(first, second, (m - 1) // 2)
+    medians = (low + (following if m % 2 == 0 else low)) * 0.5
+    redo = np.flatnonzero(~proven)
+    if redo.size:
+        whole = rows[redo]
+        whole.sort(axis=1)
+        medians[redo] = (whole[:, (m - 1) // 2] + whole[:, m // 2]) * 0.5
+    return medians
+
+
+def _kth_of_two_sorted(a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k``-th and ``k + 1``-th smallest (0-based) of each row's union of sorted rows ``a`` and ``b``, and
+    where they are proven.
+
+    The ``k + 1`` smallest are ``a[:i]`` and ``b[:k + 1 - i]`` for some ``i``, and the ``k``-th smallest is the
+    least over ``i`` of ``max(a[i - 1], b[k - i])``. For random halves ``i`` lies within a few ``sqrt(m) / 4``
+    of ``(k + 1)·h / m``, so only a window of ``i`` around it is scanned. The pick is proven when nothing left
+    out is smaller: ``min(a[i], b[k + 1 - i]) >= max(a[i - 1], b[k - i])``; then those ``k + 1`` values are the
+    smallest and that minimum is the next order statistic.
+    """
+    h, g = a.shape[1], b.shape[1]
+    centre, reach = (k + 1) * h // (h + g), 8 + int(math.sqrt(h + g))
+    lo, hi = max(1, k + 2 - g, centre - reach), min(h - 1, k, centre + reach)  # every index below in range
+    if lo > hi:
+        nothing = np.zeros(len(a), a.dtype)
+        return nothing, nothing, np.zeros(len(a), bool)
+    candidates = np.maximum(a[:, lo - 1 : hi], b[:, k - hi : k - lo + 1][:, ::-1])  # i = lo .. hi
+    best = candidates.argmin(axis=1)
+    rows = np.arange(len(a))
+    value, i = candidates[rows, best], lo + best
+    following = np.minimum(a[rows, i], b[rows, k + 1 - i])
+    return value, following, following >= value
 
 
 def _block_width(m: int, n: int, threads: int) -> int:

@@ -78,13 +78,14 @@ def mapping_difficulty(
     with torch.no_grad(), single_torch_thread(y_a.device):  # see _md_and_oi
         dx = torch.linalg.vector_norm(x_a.float() - x_b.float(), dim=1)
         keep = dx > 0
-        if not bool(keep.any()):
+        n_kept = int(keep.sum())
+        if n_kept == 0:
             md = torch.full((n_neurons,), math.nan, device=y_a.device)
             return md, torch.full((n_pairs, n_neurons), math.nan, device=y_a.device) if with_oi else None
-        inv_d_in = dx[keep].max() / dx[keep]  # 1 / input distance of the kept pairs
         y_a, y_b = y_a.float(), y_b.float()  # differences in fp32 whatever the capture dtype
-        if bool(keep.all()):
-            return _md_and_oi(y_a, y_b, inv_d_in, with_oi)
+        if n_kept == n_pairs:
+            return _md_and_oi(y_a, y_b, dx.max() / dx, with_oi)  # 1 / input distance
+        inv_d_in = dx[keep].max() / dx[keep]
         md, kept_oi = _md_and_oi(y_a[keep], y_b[keep], inv_d_in, with_oi)
         if kept_oi is None:
             return md, None
