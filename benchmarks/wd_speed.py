@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,11 +122,62 @@ def time_streaming(x: torch.Tensor) -> tuple[float, float, dict[str, torch.Tenso
 
 def best_streaming(
     x: torch.Tensor, repeats: int
-) -> tuple[float, float, float, dict[str, torch.Tensor], NeuronStatsAccumulator]:
-    """The fastest of ``repeats`` passes (update and compute seconds), the first pass's total, stats, accumulator."""
-    runs = [time_streaming(x) for _ in range(repeats)]
+) -> tuple[float, float, float, dict[str, torch.Tensor], NeuronStatsAccumulator, int]:
+    """The fastest of ``repeats`` passes (update and compute seconds), the first pass's total, stats, accumulator,
+    and the first pass's peak growth of resident memory in bytes (it allocates the state and the scratch)."""
+    with ResidentPeak() as peak:
+        runs = [time_streaming(x)]
+    runs += [time_streaming(x) for _ in range(repeats - 1)]
     upd, comp, stats, acc = min(runs, key=lambda run: run[0] + run[1])
-    return upd, comp, runs[0][0] + runs[0][1], stats, acc
+    return upd, comp, runs[0][0] + runs[0][1], stats, acc, peak.growth
+
+
+class ResidentPeak:
+    """Peak growth of this process's resident memory inside a ``with`` block, sampled every millisecond.
+
+    The streaming path's memory is torch's, which ``tracemalloc`` does not see; the resident set does. A thread
+    reads ``/proc/self/statm`` (Linux); elsewhere the growth of ``ru_maxrss`` is used (a lower bound if the
+    process peaked higher before). Short spikes between samples can be missed; the state and the per-thread
+    scratch buffers live for the whole block.
+    """
+
+    def __enter__(self) -> "ResidentPeak":
+        self._stop, self.growth = threading.Event(), 0
+        self._base = _resident_bytes()
+        if self._base is None:
+            self._max_rss = _max_rss_bytes()
+        else:
+            self._peak = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, _resident_bytes() or 0)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._base is None:
+            self.growth = _max_rss_bytes() - self._max_rss
+            return
+        self._stop.set()
+        self._thread.join()
+        self.growth = max(self._peak, _resident_bytes() or 0) - self._base
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _max_rss_bytes() -> int:
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 # -------------------------------------------------------------------------------------------------- MD
@@ -217,7 +270,7 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
           f"all {neurons:,}: {base_all:.1f} s\n    (calibration: {serial_s * 1e3:.1f} ms per neuron in one process, "
           f"so a perfectly parallel {args.processes}-process pool would need {ideal_all:.1f} s)")
 
-    upd_s, comp_s, first_s, stats, acc = best_streaming(x, args.repeats)
+    upd_s, comp_s, first_s, stats, acc, peak = best_streaming(x, args.repeats)
     stream_s = upd_s + comp_s
     print(f"(b) negmonitor NeuronStatsAccumulator, {BATCH:,}-token batches, {threads} thread(s), best of "
           f"{args.repeats}: update {upd_s:.2f} s + compute {comp_s:.2f} s = {stream_s:.2f} s for all {neurons:,} "
@@ -226,7 +279,7 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
           f"perfectly parallel pool   (goal >= 50x)")
     if threads > 1:
         torch.set_num_threads(1)
-        one_upd, one_comp, _, _, _ = best_streaming(x, args.repeats)
+        one_upd, one_comp, _, _, _, _ = best_streaming(x, args.repeats)
         torch.set_num_threads(threads)
         print(f"    on 1 thread (best of {args.repeats}): {one_upd + one_comp:.2f} s, "
               f"{base_all / (one_upd + one_comp):.1f}x")
@@ -242,7 +295,10 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
     print(f"    scipy baseline (random-sample noise), on its {n_base} neurons: max |wd - exact| = {base_err:.5f}")
     state = acc.state_bytes()
     print(f"streaming state: {state:,} bytes = {state / 2**20:.1f} MiB for {neurons:,} neurons = "
-          f"{state / 2**20 / neurons * 1000:.1f} MiB per 1,000 neurons (goal <= 64), independent of token count\n")
+          f"{state / 2**20 / neurons * 1000:.1f} MiB per 1,000 neurons (goal <= 64), independent of token count")
+    print(f"peak memory of the streaming path: resident memory grew by {peak / 2**20:.1f} MiB at most during its "
+          f"first pass (state + per-thread scratch + batch copies; the {x.numel() * 4 / 2**20:,.0f} MiB input "
+          f"excluded); process peak {_max_rss_bytes() / 2**20:,.0f} MiB\n")
 
 
 def _loadavg() -> tuple[float, float, float]:
