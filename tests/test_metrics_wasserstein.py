@@ -392,6 +392,28 @@ def test_streaming_reset_and_validation() -> None:
         acc.set_grid(torch.zeros(3), torch.ones(3))
 
 
+def test_streaming_holds_its_state_once_through_moves_and_resets() -> None:
+    """torchmetrics keeps a default beside every state; the histogram's must not be a second full-size copy,
+    after construction, a move or a reset, and a reset accumulator gives what a fresh one gives."""
+    def held_bytes(acc: NeuronStatsAccumulator) -> int:
+        tensors = [*acc._defaults.values(), *(getattr(acc, name) for name in acc._defaults)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    x = torch.randn(3_000, 64, generator=torch.Generator().manual_seed(3)) ** 3
+    acc = NeuronStatsAccumulator(64)
+    assert held_bytes(acc) < 1.05 * acc.state_bytes()
+    acc.update(x[:1_000] + 5)
+    acc = acc.to("cpu")
+    acc.reset()
+    assert held_bytes(acc) < 1.05 * acc.state_bytes() and acc.hist.shape == (64 * acc.n_bins,)
+    assert int(acc.hist.count_nonzero()) == 0
+    acc.update(x)
+    fresh = NeuronStatsAccumulator(64)
+    fresh.update(x)
+    for key, value in fresh.compute().items():
+        torch.testing.assert_close(acc.compute()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
 def test_explicit_grid_and_forward() -> None:
     acc = NeuronStatsAccumulator(2)
     acc.set_grid(torch.tensor([0.0, 10.0]), torch.tensor([1.0, 2.0]))

@@ -138,7 +138,10 @@ class NeuronStatsAccumulator(Metric):
         n = self.n_neurons
         self.add_state("center", torch.full((n,), math.nan), dist_reduce_fx=_nan_aware_max)
         self.add_state("inv_unit", torch.full((n,), math.nan), dist_reduce_fx=_nan_aware_max)
-        self.add_state("hist", torch.zeros(n * n_bins, dtype=torch.long), dist_reduce_fx="sum")
+        # torchmetrics keeps a copy of every state's default (for reset) and moves it with the metric: for the
+        # histogram, ~all of the state, that would double the memory. Its default is one element; reset() rebuilds.
+        self.add_state("hist", torch.zeros(1, dtype=torch.long), dist_reduce_fx="sum")
+        self.hist = torch.zeros(n * n_bins, dtype=torch.long)
         # Exact tails beyond |d| = 65504: count and sum of d below and above.
         self.add_state("tails", torch.zeros(4, n, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("power_sums", torch.zeros(4, n, dtype=torch.float64), dist_reduce_fx="sum")
@@ -381,6 +384,7 @@ class NeuronStatsAccumulator(Metric):
     def reset(self) -> None:
         """Clear all state, the grid included (the next update picks a new grid)."""
         super().reset()
+        self.hist = torch.zeros(self.n_neurons * self.n_bins, dtype=torch.long, device=self.hist.device)
         self._grid_set = False
 
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
