@@ -59,10 +59,12 @@ def log_images(writer: object, samples: dict[int, tuple[list[int], np.ndarray]],
         axes = fig.subplots(1, len(neurons), squeeze=False)
         for ax, neuron, column in zip(axes[0], neurons, values.T):
             column = column[np.isfinite(column)]
-            ax.hist(column, bins=60, color="tab:blue")
+            counts, edges = np.histogram(column, bins=60)
+            ax.stairs(counts, edges, fill=True, color="tab:blue")  # one artist (ax.hist draws 60 patches: ~4x slower)
             ax.axvline(0.0, color="k", lw=0.8)
             ax.set_title(f"L{layer} n{neuron}", fontsize=8)
             ax.tick_params(labelsize=6)
+            ax.set_yticks([])  # token counts: the shape is what is read, and tick layout is most of the drawing
         fig.suptitle(f"pre-activations of top-WD neurons, layer {layer}, step {step}", fontsize=8)
         fig.subplots_adjust(left=0.05, right=0.98, bottom=0.15, top=0.8, wspace=0.25)
         writer.add_figure(tag("images/top_neurons", int(layer)), fig, int(step), close=False)
