@@ -129,6 +129,38 @@ def test_mapping_difficulty_in_column_blocks_on_threads(monkeypatch: pytest.Monk
     assert torch.isnan(md[33]) and torch.isnan(oi[7]).all()
 
 
+@pytest.mark.parametrize("mode", ["requires_grad", "inference_mode"])
+def test_mapping_difficulty_on_two_threads_under_autograd_modes(mode: str) -> None:
+    """Inputs that require grad, and calls under inference mode, work on two threads (the workers do not share
+    the caller's thread-local modes) and give the one-thread result; the median helper too."""
+    from negmonitor.metrics._median import median_along_first_axis
+
+    x_a, x_b, y_a, y_b = _pairs_data(n_pairs=300, n=40, seed=6)
+    x_b[3] = x_a[3]
+    want_md, want_oi = _loop_md(x_a, x_b, y_a, y_b)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if mode == "requires_grad":
+            inputs = [t.clone().requires_grad_(True) for t in (x_a, x_b, y_a, y_b)]
+            md, oi = mapping_difficulty(*inputs)
+            median = median_along_first_axis(inputs[2].detach())
+            all_kept, _ = mapping_difficulty(inputs[0], inputs[0] + 1, inputs[2], inputs[3])  # no pair left out
+            assert torch.isfinite(all_kept).all()
+        else:
+            with torch.inference_mode():
+                md, oi = mapping_difficulty(x_a, x_b, y_a, y_b)
+                median = median_along_first_axis(y_a)
+        md_again, _ = mapping_difficulty(x_a, x_b, y_a, y_b)  # buffers made under inference mode still usable
+    finally:
+        torch.set_num_threads(previous)
+    assert not md.requires_grad and not oi.requires_grad
+    np.testing.assert_allclose(md.numpy(), want_md, rtol=1e-5)
+    np.testing.assert_allclose(oi.numpy(), want_oi, rtol=1e-5)
+    torch.testing.assert_close(md_again, md, rtol=0, atol=0)
+    assert torch.equal(median, torch.from_numpy(np.median(y_a.numpy(), axis=0)))
+
+
 def test_mapping_difficulty_scale_behaviour() -> None:
     """MD is invariant to scaling a neuron's outputs or all inputs (both distances are normalised)."""
     x_a, x_b, y_a, y_b = _pairs_data()

@@ -3,8 +3,13 @@
 Torch's own intra-op threads help little here: the histogram's ``scatter_add_`` runs serially, and ops on
 cache-sized blocks are too small to amortise a parallel region. So blocks of neurons are split across Python
 threads instead (torch releases the GIL inside every op), with torch's intra-op threads set to one for the
-duration so that the two levels do not oversubscribe the cores. The number of threads is
-``torch.get_num_threads()``: what the user (or ``OMP_NUM_THREADS``, or torchrun) allowed.
+duration so that the two levels do not oversubscribe the cores. The number of threads is ``thread_budget()``:
+``torch.get_num_threads()``, what the user (or ``OMP_NUM_THREADS``, or torchrun) allowed. The workers run in the
+caller's grad and inference modes (both are thread-local in torch).
+
+``torch.set_num_threads`` is process-wide: while one call has torch pinned to one thread, another user thread that
+starts using torch then takes one thread as its own budget (torch initialises each thread's count once).
+Statistics are computed from one thread at a time in negmonitor itself.
 """
 
 from __future__ import annotations
@@ -76,9 +81,15 @@ def run_split(work: Callable[[Sequence[T]], None], items: Sequence[T], workers: 
     bounds = [round(i * len(items) / workers) for i in range(workers + 1)]
     parts = [items[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
     previous = torch.get_num_threads()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def in_callers_modes(part: Sequence[T]) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            work(part)
+
     torch.set_num_threads(1)
     try:
-        futures = [_pool().submit(work, part) for part in parts[1:]]
+        futures = [_pool().submit(in_callers_modes, part) for part in parts[1:]]
         try:
             work(parts[0])
         finally:
@@ -101,6 +112,7 @@ def scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     numel = math.prod(shape)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a buffer made under inference mode could not be written outside it
+            buffer = torch.empty(numel, dtype=dtype, device=device)
         buffers[key] = buffer
     return buffer[:numel].view(shape)

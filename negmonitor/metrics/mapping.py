@@ -75,54 +75,69 @@ def mapping_difficulty(
     """
     _check_pair_shapes(x_a, x_b, y_a, y_b)
     n_pairs, n_neurons = y_a.shape
-    with torch.no_grad(), single_torch_thread(y_a.device):  # see _md_and_oi
+    x_a, x_b, y_a, y_b = (t.detach() for t in (x_a, x_b, y_a, y_b))  # workers do not share this thread's no_grad
+    with single_torch_thread(y_a.device):  # see _md_and_oi
         dx = torch.linalg.vector_norm(x_a.float() - x_b.float(), dim=1)
         keep = dx > 0
         n_kept = int(keep.sum())
         if n_kept == 0:
             md = torch.full((n_neurons,), math.nan, device=y_a.device)
             return md, torch.full((n_pairs, n_neurons), math.nan, device=y_a.device) if with_oi else None
-        y_a, y_b = y_a.float(), y_b.float()  # differences in fp32 whatever the capture dtype
-        if n_kept == n_pairs:
-            return _md_and_oi(y_a, y_b, dx.max() / dx, with_oi)  # 1 / input distance
-        inv_d_in = dx[keep].max() / dx[keep]
-        md, kept_oi = _md_and_oi(y_a[keep], y_b[keep], inv_d_in, with_oi)
-        if kept_oi is None:
-            return md, None
-        oi = torch.full((n_pairs, n_neurons), math.nan, device=y_a.device)
-        oi[keep] = kept_oi
-        return md, oi
+        kept_rows = None if n_kept == n_pairs else keep.nonzero().squeeze(1)
+        kept_dx = dx if kept_rows is None else dx[kept_rows]
+        return _md_and_oi(y_a, y_b, kept_dx.max() / kept_dx, kept_rows, with_oi)
 
 
-def _md_and_oi(y_a: Tensor, y_b: Tensor, inv_d_in: Tensor, with_oi: bool) -> tuple[Tensor, Tensor | None]:
-    """MD and (optionally) OI over pairs that are all kept, ``inv_d_in`` being 1 / their input distances.
+def _md_and_oi(
+    y_a: Tensor, y_b: Tensor, inv_d_in: Tensor, kept_rows: Tensor | None, with_oi: bool
+) -> tuple[Tensor, Tensor | None]:
+    """MD and (optionally) OI, over the pairs ``kept_rows`` (all if ``None``) with 1 / input distance ``inv_d_in``.
 
-    Column blocks of ``|y_a − y_b|`` are made where their medians are taken (per thread, in cache); each
-    block's input-distance-weighted sum, and its OI ratios, are taken while it is there, so nothing
-    ``[P, n]``-sized is allocated but the OI output. The caller runs this with torch on one intra-op thread: the
-    blocks are already split across the threads, and a parallel op just before would leave OpenMP's workers
-    spinning on the cores the sorts need.
+    Column blocks of ``|y_a − y_b|`` (fp32, kept rows only) are made where their medians are taken (per thread, in
+    cache on CPU); each block's input-distance-weighted sum, and its OI ratios, are taken while it is there, so
+    nothing ``[P, n]``-sized is allocated on CPU but the OI output. The caller runs this with torch on one intra-op
+    thread: the blocks are already split across the threads, and a parallel op just before would leave OpenMP's
+    workers spinning on the cores the sorts need.
     """
     n_pairs, n_neurons = y_a.shape
-    weighted_sums = torch.empty(n_neurons, dtype=torch.float32, device=y_a.device)
-    oi = torch.empty((n_pairs, n_neurons), dtype=torch.float32, device=y_a.device) if with_oi else None
+    n_kept, device = len(inv_d_in), y_a.device
+    weighted_sums = torch.empty(n_neurons, dtype=torch.float32, device=device)
+    if not with_oi:
+        oi = None
+    elif kept_rows is None:
+        oi = torch.empty((n_pairs, n_neurons), dtype=torch.float32, device=device)
+    else:  # left-out pairs stay NaN
+        oi = torch.full((n_pairs, n_neurons), math.nan, dtype=torch.float32, device=device)
     diffs: dict[int, Tensor] = {}  # block start -> its differences, until its medians are known
 
     def block(start: int, stop: int) -> Tensor:
-        diff = scratch(_DIFF_SLOT, (n_pairs, stop - start), torch.float32, y_a.device)
-        torch.sub(y_a[:, start:stop], y_b[:, start:stop], out=diff).abs_()
-        torch.mv(diff.t(), inv_d_in, out=weighted_sums[start:stop])
+        shape = (n_kept, stop - start)
+        # On CPU a reused per-thread buffer; elsewhere a fresh one (one block: the whole matrix, freed after).
+        diff = scratch(_DIFF_SLOT, shape, torch.float32, device) if device.type == "cpu" else torch.empty(
+            shape, dtype=torch.float32, device=device)
+        a, b = y_a[:, start:stop], y_b[:, start:stop]
+        if kept_rows is not None:
+            a, b = a.index_select(0, kept_rows), b.index_select(0, kept_rows)
+        if a.dtype == b.dtype == torch.float32:
+            torch.sub(a, b, out=diff)
+        else:
+            diff.copy_(a).sub_(b)  # in fp32 whatever the capture dtype
+        torch.mv(diff.abs_().t(), inv_d_in, out=weighted_sums[start:stop])
         diffs[start] = diff
         return diff
 
     def then(start: int, stop: int, medians: Tensor) -> None:
         inv_scale = torch.where(medians > 0, 1.0 / medians, math.nan)
-        weighted_sums[start:stop].mul_(inv_scale).div_(n_pairs)
+        weighted_sums[start:stop].mul_(inv_scale).div_(n_kept)
         diff = diffs.pop(start)
-        if oi is not None:
+        if oi is None:
+            return
+        if kept_rows is None:
             torch.mul(diff, inv_d_in[:, None], out=oi[:, start:stop]).mul_(inv_scale)
+        else:
+            oi[kept_rows, start:stop] = diff.mul_(inv_d_in[:, None]).mul_(inv_scale)
 
-    column_block_medians(n_pairs, n_neurons, block, torch.float32, y_a.device, then)
+    column_block_medians(n_kept, n_neurons, block, torch.float32, device, then)
     return weighted_sums, oi
 
 
