@@ -107,9 +107,10 @@ def test_mapping_difficulty_in_column_blocks_on_threads(monkeypatch: pytest.Monk
     """Many column blocks (the last one partial) over one or two threads, with a left-out pair and a dead neuron:
     MD and OI as the loop; ``with_oi=False`` gives the same MD and no OI; torch's thread count is left as it was."""
     from negmonitor.metrics import _median
+    from negmonitor.metrics._threads import block_width
 
     monkeypatch.setattr(_median, "_BLOCK_ELEMENTS", 16 * 59)  # 16 columns per block of 59 kept pairs
-    assert _median._block_width(59, 70, threads) == 16
+    assert block_width(59, 70, _median._BLOCK_ELEMENTS, threads, min_width=_median._MIN_BLOCK_COLUMNS) == 16
     x_a, x_b, y_a, y_b = _pairs_data(n_pairs=60, n=70, seed=4)
     x_b[7] = x_a[7]
     y_b[:, 33] = y_a[:, 33]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from negmonitor.metrics._threads import run_split, scratch, thread_budget, worker_count
+from negmonitor.metrics._threads import block_width, run_split, scratch, thread_budget, worker_count
 
 __all__ = ["median_along_first_axis", "column_block_medians"]
 
@@ -27,8 +27,9 @@ _HALVES_MIN_LENGTH = 256  # shorter rows are sorted whole
 
 ColumnBlock = Callable[[int, int], Tensor]
 """``(start, stop) -> [m, stop - start]``: the values of those columns (may be a reused buffer)."""
-BlockMedians = Callable[[int, int, Tensor], None]
-"""``(start, stop, medians)``: told a block's medians right after they are taken, in the same thread."""
+BlockMedians = Callable[[int, int, Tensor, Tensor], None]
+"""``(start, stop, values, medians)``: a block's values (as ``block`` returned them, still intact) and medians,
+right after the medians are taken, in the same thread."""
 
 
 def median_along_first_axis(values: Tensor) -> Tensor:
@@ -42,8 +43,8 @@ def column_block_medians(
 ) -> Tensor:
     """Midpoint median of each column of an ``[m, n]`` matrix of ``dtype`` whose column blocks ``block`` produces.
 
-    ``then``, if given, is called with each block's medians while the values ``block`` returned are still
-    intact (the caller can finish its work on that block in cache).
+    ``then``, if given, is called with each block's values and medians while the values are still intact (the
+    caller can finish its work on that block in cache).
 
     On CPU the blocks are split across torch's CPU threads (each transposes its block into its own scratch rows
     and sorts them with numpy, which releases the GIL), with torch's intra-op threads set to one meanwhile.
@@ -51,23 +52,25 @@ def column_block_medians(
     disjoint column ranges.
     """
     if device.type != "cpu":
-        rows = torch.sort(block(0, n).t(), dim=1).values
+        values = block(0, n)
+        rows = torch.sort(values.t(), dim=1).values
         medians = 0.5 * (rows[:, (m - 1) // 2] + rows[:, m // 2])
         if then is not None:
-            then(0, n, medians)
+            then(0, n, values, medians)
         return medians
     medians = torch.empty(n, dtype=dtype, device=device)
-    width = _block_width(m, n, thread_budget())
+    width = block_width(m, n, _BLOCK_ELEMENTS, thread_budget(), min_width=_MIN_BLOCK_COLUMNS)
     starts = list(range(0, n, width))
 
     def work(part: Sequence[int]) -> None:
         for start in part:
             stop = min(start + width, n)
+            values = block(start, stop)
             rows = scratch(_ROWS_SLOT, (stop - start, m), dtype, device)
-            rows.copy_(block(start, stop).t())
+            rows.copy_(values.t())
             medians[start:stop] = torch.from_numpy(_row_medians(rows.numpy()))  # our own buffer: sorted in place
             if then is not None:
-                then(start, stop, medians[start:stop])
+                then(start, stop, values, medians[start:stop])
 
     run_split(work, starts, worker_count(device, len(starts)))
     return medians
@@ -120,9 +123,3 @@ def _kth_of_two_sorted(a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray
     value, i = candidates[rows, best], lo + best
     following = np.minimum(a[rows, i], b[rows, k + 1 - i])
     return value, following, following >= value
-
-
-def _block_width(m: int, n: int, threads: int) -> int:
-    """Columns per block: an even share of ``n`` per thread, at most ``_BLOCK_ELEMENTS`` values."""
-    share = -(-n // max(1, threads))
-    return max(1, min(share, max(_MIN_BLOCK_COLUMNS, _BLOCK_ELEMENTS // max(1, m))))

@@ -24,7 +24,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["worker_count", "run_split", "scratch", "single_torch_thread", "thread_budget"]
+__all__ = ["worker_count", "block_width", "run_split", "scratch", "single_torch_thread", "thread_budget"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,13 @@ def worker_count(device: torch.device, n_tasks: int) -> int:
     if device.type != "cpu":
         return 1
     return max(1, min(thread_budget(), n_tasks))
+
+
+def block_width(n_rows: int, n_columns: int, budget: int, workers: int, min_width: int = 1) -> int:
+    """Columns per block: about ``budget`` values of ``n_rows`` each (at least ``min_width`` columns), and no more
+    than an even share of ``n_columns`` per worker, so that every worker gets a block."""
+    share = -(-n_columns // max(1, workers))
+    return max(1, min(share, max(min_width, budget // max(1, n_rows))))
 
 
 def thread_budget() -> int:

@@ -108,7 +108,6 @@ def _md_and_oi(
         oi = torch.empty((n_pairs, n_neurons), dtype=torch.float32, device=device)
     else:  # left-out pairs stay NaN
         oi = torch.full((n_pairs, n_neurons), math.nan, dtype=torch.float32, device=device)
-    diffs: dict[int, Tensor] = {}  # block start -> its differences, until its medians are known
 
     def block(start: int, stop: int) -> Tensor:
         shape = (n_kept, stop - start)
@@ -123,13 +122,11 @@ def _md_and_oi(
         else:
             diff.copy_(a).sub_(b)  # in fp32 whatever the capture dtype
         torch.mv(diff.abs_().t(), inv_d_in, out=weighted_sums[start:stop])
-        diffs[start] = diff
         return diff
 
-    def then(start: int, stop: int, medians: Tensor) -> None:
+    def then(start: int, stop: int, diff: Tensor, medians: Tensor) -> None:
         inv_scale = torch.where(medians > 0, 1.0 / medians, math.nan)
         weighted_sums[start:stop].mul_(inv_scale).div_(n_kept)
-        diff = diffs.pop(start)
         if oi is None:
             return
         if kept_rows is None:

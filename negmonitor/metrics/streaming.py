@@ -45,7 +45,7 @@ from torchmetrics import Metric
 
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics._median import median_along_first_axis
-from negmonitor.metrics._threads import run_split, scratch, worker_count
+from negmonitor.metrics._threads import block_width, run_split, scratch, worker_count
 from negmonitor.metrics.wasserstein import w1_points_to_gaussian
 
 __all__ = ["NeuronStatsAccumulator", "SUPPORTED_N_BINS"]
@@ -242,7 +242,7 @@ class NeuronStatsAccumulator(Metric):
             budget = self.block_elements
         else:
             budget = _CPU_BLOCK_ELEMENTS if workers == 1 else _CPU_THREADED_BLOCK_ELEMENTS
-        return max(1, min(budget // chunk.shape[0], -(-self.n_neurons // workers)))
+        return block_width(chunk.shape[0], self.n_neurons, budget, workers)
 
     def forward(self, x: Tensor) -> None:  # type: ignore[override]
         """Same as :meth:`update` (a per-batch WD would need its own grid; call :meth:`compute` at the end)."""
