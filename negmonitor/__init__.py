@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "MLPSite": "negmonitor.adapters", "find_sites": "negmonitor.adapters", "register_adapter": "negmonitor.adapters",
-    "NegmonitorError": "negmonitor.errors", "ProbeSettings": "negmonitor.probe", "probe": "negmonitor.probe",
+    "NegmonitorError": "negmonitor.errors", "ProbeSettings": "negmonitor.probing", "probe": "negmonitor.probing",
     "ProbeSet": "negmonitor.probeset", "ProbeResult": "negmonitor.result", "load_model": "negmonitor.models",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -431,7 +431,7 @@ def neuron_values(model: nn.Module, tokenizer, result, settings: AblationSetting
     from negmonitor.probeset import ProbeSet
 
     if isinstance(result, ProbeSet):
-        from negmonitor.probe import probe
+        from negmonitor.probing import probe
 
         result = probe(model, result, layers=list(settings.layers) if settings.layers else None,
                        tokenizer=tokenizer, batch_size=settings.batch_size, progress=settings.progress)

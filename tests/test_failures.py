@@ -10,7 +10,7 @@ import torch
 from lightning_helpers import TEXT, TinyLM, token_loader, trainer
 from negmonitor.adapters import find_sites
 from negmonitor.errors import NegmonitorError
-from negmonitor.probe import probe
+from negmonitor.probing import probe
 from negmonitor.probeset import ProbeSet
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 

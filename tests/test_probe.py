@@ -15,7 +15,7 @@ from negmonitor.adapters import find_sites
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics.mapping import mapping_difficulty
 from negmonitor.metrics.wasserstein import wasserstein_to_gaussian
-from negmonitor.probe import probe
+from negmonitor.probing import probe
 from negmonitor.probeset import ProbeSet
 from negmonitor.result import ProbeResult
 from tiny_models import tiny_bert, tiny_bert_tokenizer, tiny_causal_lm, tiny_tokenizer
@@ -195,7 +195,7 @@ def test_memory_is_bounded_in_the_token_budget(tmp_path) -> None:
         import resource, sys, torch
         torch.set_num_threads(1)
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-        from negmonitor.probe import probe
+        from negmonitor.probing import probe
         from negmonitor.probeset import ProbeSet
         from tiny_models import tiny_tokenizer
         tok = tiny_tokenizer()
@@ -220,12 +220,13 @@ def test_memory_is_bounded_in_the_token_budget(tmp_path) -> None:
 
 
 def test_package_level_probe_is_the_function() -> None:
-    """``negmonitor.probe`` names a submodule too; the package attribute must stay the callable."""
+    """``negmonitor.probe`` is the function (the module is ``negmonitor.probing``), also after importing it."""
     import importlib
 
     import negmonitor
 
-    importlib.import_module("negmonitor.probe")
+    importlib.import_module("negmonitor.probing")
+    assert callable(negmonitor.probe) and negmonitor.probe is importlib.import_module("negmonitor.probing").probe
     tokenizer = tiny_tokenizer()
     probe_set = ProbeSet.build(["the cat sees the dog ."] * 200, tokenizer, n_tokens=2_000, window=64, n_pairs=100)
     result = negmonitor.probe(tiny_causal_lm("neox"), probe_set)

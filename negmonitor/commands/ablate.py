@@ -198,7 +198,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def _probe_values(args: argparse.Namespace, model, tokenizer, settings, out) -> dict:
     """Per-layer metric values: from a saved probe, else a fresh probe pass (saved to ``out/probe``)."""
-    from negmonitor.probe import probe
+    from negmonitor.probing import probe
     from negmonitor.probeset import ProbeSet
     from negmonitor.result import ProbeResult
 

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load, probe, print the summary and write the tables."""
     from negmonitor.models import load_model
-    from negmonitor.probe import probe
+    from negmonitor.probing import probe
     from negmonitor.probeset import ProbeSet
 
     out = ensure_writable_dir(args.out)

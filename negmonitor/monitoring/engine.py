@@ -21,7 +21,7 @@ from negmonitor.adapters import MLPSite, find_sites
 from negmonitor.capture import unwrap_compiled
 from negmonitor.metrics.drift import weight_drift
 from negmonitor.metrics.ranking import jaccard, top_k_indices
-from negmonitor.probe import ProbeSettings, measure
+from negmonitor.probing import ProbeSettings, measure
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import scalar_rows
 from negmonitor.result import ProbeResult

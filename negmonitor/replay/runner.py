@@ -48,7 +48,7 @@ from negmonitor.models import parse_device, parse_dtype
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
-from negmonitor.probe import ProbeSettings
+from negmonitor.probing import ProbeSettings
 from negmonitor.probeset import TEXT_SUFFIXES, ProbeSet, load_probe_texts
 from negmonitor.records import RecordStore, scalar_rows
 from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest, weights_sha256

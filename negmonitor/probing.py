@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
-import types
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -182,14 +180,3 @@ def _progress(items: list, enabled: bool, desc: str) -> Iterator:
     from tqdm.auto import tqdm
 
     return iter(tqdm(items, desc=desc, unit="batch", leave=False))
-
-
-class _CallableModule(types.ModuleType):
-    """``negmonitor.probe`` is both this module and the function: once the submodule is imported, Python binds the
-    package attribute to the module, so the module itself forwards calls to :func:`probe`."""
-
-    def __call__(self, *args: object, **kwargs: object) -> "ProbeResult":
-        return probe(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
