@@ -4,7 +4,8 @@ Each monitored site gets a :class:`SiteRecorder`: summable per-neuron statistics
 the few token positions sampled as MD pairs, their input vectors and outputs. A hook sees a batch's
 ``[batch, seq, neurons]`` output, keeps the unpadded rows only, hands them to the recorder and drops them, so no
 ``[tokens x neurons]`` matrix outlives its batch. Hooks are installed by :func:`recording`, which removes exactly
-the hooks it added, in ``finally``.
+the hooks it added, in ``finally``. The hook of a group's last layer raises :class:`StopPass` so that a pass over a
+group of layers never runs the layers after it (or the LM head); the caller catches it.
 """
 
 from __future__ import annotations
@@ -24,51 +25,93 @@ from negmonitor.metrics.streaming import NeuronStatsAccumulator
 
 
 class PairBuffer(Metric):
-    """Input vectors and outputs at the MD pair positions; slots not seen here stay zero, so a sum merges ranks."""
+    """Input vectors and outputs at the MD pair positions; slots not seen here stay zero, so a sum merges ranks.
+
+    Held once and in the dtypes the forward produced them in (e.g. bf16 under autocast: the values are exact, and
+    MD widens them to fp32 block by block): the buffers are made at the first batch (:meth:`allocate`), and
+    torchmetrics' reset defaults are one element each instead of a second full-size copy.
+    """
 
     full_state_update = False
 
     def __init__(self, n_slots: int, d_in: int, n_neurons: int) -> None:
         super().__init__()
-        self.add_state("x", torch.zeros(n_slots, d_in), dist_reduce_fx="sum")
-        self.add_state("y", torch.zeros(n_slots, n_neurons), dist_reduce_fx="sum")
-        self.add_state("seen", torch.zeros(n_slots), dist_reduce_fx="sum")
+        self.n_slots, self.d_in, self.n_neurons = int(n_slots), int(d_in), int(n_neurons)
+        self.add_state("x", torch.zeros(1), dist_reduce_fx="sum")
+        self.add_state("y", torch.zeros(1), dist_reduce_fx="sum")
+        self.add_state("seen", torch.zeros(1), dist_reduce_fx="sum")
+        self.allocated = False
+
+    def allocate(self, x_dtype: torch.dtype, y_dtype: torch.dtype, device: torch.device) -> None:
+        """Make the zeroed buffers in the capture dtypes (every DDP rank does so at its first batch)."""
+        self.x = torch.zeros(self.n_slots, self.d_in, dtype=x_dtype, device=device)
+        self.y = torch.zeros(self.n_slots, self.n_neurons, dtype=y_dtype, device=device)
+        self.seen = torch.zeros(self.n_slots, device=device)
+        self.allocated = True
 
     def update(self, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:  # type: ignore[override]
         """Store the rows for ``slots``."""
-        self.x[slots] = x.float()
-        self.y[slots] = y.float()
+        if not self.allocated:
+            self.allocate(x.dtype, y.dtype, y.device)
+        self.x[slots] = x.to(self.x.dtype)
+        self.y[slots] = y.to(self.y.dtype)
         self.seen[slots] = 1.0
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Return the buffers."""
+        if not self.allocated:
+            self.allocate(torch.float32, torch.float32, self.seen.device)
         return {"x": self.x, "y": self.y, "seen": self.seen}
 
 
 class SiteRecorder(nn.Module):
-    """Accumulators for one site: per-neuron statistics, pair rows and a count of tokens with non-finite values."""
+    """Accumulators for one site: per-neuron statistics, pair rows and a count of tokens with non-finite values.
 
-    def __init__(self, site: MLPSite, n_pair_slots: int, **accumulator_kwargs: object) -> None:
+    A batch's rows reach the accumulator ``rows_per_update`` at a time, which bounds the update's transients
+    whatever the batch size; ``stop_after`` makes its hook end the forward pass (the group's last layer).
+    """
+
+    def __init__(self, site: MLPSite, n_pair_slots: int, rows_per_update: int | None = None,
+                 stop_after: bool = False, **accumulator_kwargs: object) -> None:
         super().__init__()
         self.layer = site.layer
         self.stats = NeuronStatsAccumulator(site.n_neurons, **accumulator_kwargs)
         self.pairs = PairBuffer(n_pair_slots, site.d_in, site.n_neurons)
+        self.rows_per_update = rows_per_update
+        self.stop_after = stop_after
+        self._grid_done = False
         self.register_buffer("nonfinite_tokens", torch.zeros((), dtype=torch.long))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def observe(self, x_in: torch.Tensor, y: torch.Tensor, batch: "BatchContext") -> None:
         """Take one batch: ``x_in`` ``[B, T, d]`` and the pre-activations ``y`` ``[B, T, n]``."""
         flat_y = y.detach().reshape(-1, y.shape[-1])
-        valid = flat_y[batch.valid_rows]
+        if not self.pairs.allocated:
+            self.pairs.allocate(x_in.dtype, y.dtype, y.device)
+        rows = batch.valid_rows
+        if rows.numel() and (batch.calibrating or not self._grid_done):
+            # The grid reads at most 1,024 evenly spaced rows of the first batch: pick them here, not a copy of all.
+            self.stats.init_grid(flat_y.index_select(0, rows[:: -(-rows.numel() // 1024)]))
+            self._grid_done = True
         if batch.calibrating:
-            self.stats.init_grid(valid)
             return
-        self.stats.update(valid)
-        self.nonfinite_tokens += (~torch.isfinite(valid)).any(dim=1).sum()
+        step = self.rows_per_update or max(1, rows.numel())
+        for r0 in range(0, rows.numel(), step):
+            if batch.all_valid:
+                chunk = flat_y[r0 : r0 + step]
+            else:
+                chunk = flat_y.index_select(0, rows[r0 : r0 + step])
+            self.stats.update(chunk)
+            self.nonfinite_tokens += (~torch.isfinite(chunk)).any(dim=1).sum()
+            del chunk
         self.calls += 1
         if batch.pair_rows.numel():
             flat_x = x_in.detach().reshape(-1, x_in.shape[-1])
             self.pairs.update(batch.pair_slots, flat_x[batch.pair_rows], flat_y[batch.pair_rows])
+
+
+class StopPass(Exception):
+    """Raised by the hook of a group's last monitored layer: the rest of the forward pass is not needed."""
 
 
 @dataclass
@@ -79,10 +122,13 @@ class BatchContext:
     pair_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     pair_slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     calibrating: bool = False
+    all_valid: bool = False  # every row is a real token: chunks are views, not copies
 
 
 def _hook(recorder: SiteRecorder, batch: BatchContext, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     recorder.observe(args[0], output, batch)
+    if recorder.stop_after:
+        raise StopPass
 
 
 @contextlib.contextmanager

@@ -1,7 +1,10 @@
-"""One probe pass: run the probe windows through the model once and measure every monitored layer.
+"""One probe pass: run the probe windows through the model and measure every monitored layer.
 
-:func:`measure` returns the raw per-layer accumulators (so a distributed caller can reduce them first);
-:func:`probe` is the one-call API that returns a :class:`~negmonitor.result.ProbeResult`.
+:func:`measure` returns one small :class:`~negmonitor.summary.LayerSummary` per layer (under DDP, from the
+statistics reduced across ranks); :func:`probe` is the one-call API that returns a
+:class:`~negmonitor.result.ProbeResult`. Layers are measured in groups that fit ``memory_budget``
+(:mod:`negmonitor.budget`): each group is one pass over the probe set that stops after its last layer, and its
+accumulators are summarised and dropped before the next group starts.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import torch
 from torch import nn
 
 from negmonitor.adapters import MLPSite, find_sites
-from negmonitor.capture import BatchContext, SiteRecorder, check_hooks_fired, recording, unwrap_compiled
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET, LayerShape, Plan, log_plan_once, parse_bytes, plan_measurement
+from negmonitor.capture import BatchContext, SiteRecorder, StopPass, check_hooks_fired, recording, unwrap_compiled
 from negmonitor.errors import NegmonitorError
 from negmonitor.probeset import ProbeSet
+from negmonitor.summary import LayerSummary, summarise_recorder
 
 if TYPE_CHECKING:
     from negmonitor.result import ProbeResult
@@ -25,7 +30,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class ProbeSettings:
-    """How a probe pass runs and summarises (defaults follow the paper where it says)."""
+    """How a probe pass runs and summarises (defaults follow the paper where it says).
+
+    ``memory_budget`` (bytes, or a size such as ``"2GiB"``; ``None``: no limit) bounds the extra memory one
+    measurement allocates on the model's device; see :mod:`negmonitor.budget`. ``sample_neurons``: top-WD neurons
+    per layer whose pair-position pre-activations are kept for images.
+    """
 
     batch_size: int = 8
     top_neuron_frac: float = 0.05
@@ -34,6 +44,11 @@ class ProbeSettings:
     top_frac_for_jaccard: float = 0.05
     progress: bool = False
     n_bins: int | None = None
+    memory_budget: int | str | None = DEFAULT_MEMORY_BUDGET
+    sample_neurons: int = 0
+
+    def __post_init__(self) -> None:
+        self.memory_budget = parse_bytes(self.memory_budget)
 
 
 def probe(
@@ -44,7 +59,7 @@ def probe(
     settings: ProbeSettings | None = None,
     **overrides: object,
 ) -> "ProbeResult":
-    """Measure WD, MD, moments and pair signs for every neuron of the chosen layers in one forward pass.
+    """Measure WD, MD, moments and pair signs for every neuron of the chosen layers.
 
     Example::
 
@@ -55,8 +70,8 @@ def probe(
 
     settings = _settings(settings, overrides)
     sites = find_sites(unwrap_compiled(model), layers)
-    recorders = measure(model, probe_set, sites, settings)
-    return ProbeResult.from_recorders(recorders, sites, probe_set, tokenizer, settings)
+    summaries = measure(model, probe_set, sites, settings)
+    return ProbeResult.from_summaries(summaries, sites, probe_set, tokenizer, settings)
 
 
 def _settings(settings: ProbeSettings | None, overrides: dict) -> ProbeSettings:
@@ -64,7 +79,7 @@ def _settings(settings: ProbeSettings | None, overrides: dict) -> ProbeSettings:
     for key, value in overrides.items():
         if not hasattr(settings, key):
             raise NegmonitorError(f"unknown probe setting {key!r} — known: {', '.join(vars(settings))}")
-        setattr(settings, key, value)
+        setattr(settings, key, parse_bytes(value) if key == "memory_budget" else value)
     return settings
 
 
@@ -75,24 +90,92 @@ def measure(
     settings: ProbeSettings,
     rank: int = 0,
     world_size: int = 1,
-) -> list[SiteRecorder]:
-    """Run this process's share of the probe windows once and return the filled recorders.
+) -> list[LayerSummary]:
+    """Run this process's share of the probe windows, group by group, and return one summary per site.
 
-    On CUDA out-of-memory the batch size halves and the pass restarts (statistics are never half-updated).
+    Every rank must call it under DDP (the statistics are reduced across ranks before they are summarised). On
+    CUDA out-of-memory every accumulator is dropped, the batch size halves and the measurement restarts
+    (statistics are never half-updated); at batch size 1 a :class:`NegmonitorError` names the settings to change.
     """
-    batch_size = settings.batch_size
+    eager = unwrap_compiled(model)
+    plan = _plan(eager, probe_set, sites, settings, world_size)
+    log_plan_once(plan, _shapes(sites), settings.batch_size)
+    batch_size = plan.batch_size
     while True:
+        failed = False
         try:
-            return _measure_once(model, probe_set, sites, settings, batch_size, rank, world_size)
-        except torch.OutOfMemoryError as exc:
+            return _measure_groups(eager, probe_set, sites, settings, plan, batch_size, rank, world_size)
+        except torch.OutOfMemoryError:
+            failed = True  # retried outside the handler: the traceback's frames hold the pass's tensors
+        if failed:
+            _free_cached(eager)
             if batch_size <= 1:
                 raise NegmonitorError(
-                    "out of memory even at probe batch size 1 — lower the probe window or monitor fewer layers"
-                ) from exc
+                    "out of memory during the probe pass even at probe batch size 1 — lower memory_budget (fewer "
+                    "layers per pass), the probe window, or the layers monitored")
             batch_size //= 2
             warnings.warn(f"negmonitor: out of memory during the probe pass; retrying with batch size {batch_size}")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+
+
+def _shapes(sites: Sequence[MLPSite]) -> list[LayerShape]:
+    return [LayerShape(site.layer, site.n_neurons, site.d_in) for site in sites]
+
+
+def _plan(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSite], settings: ProbeSettings,
+          world_size: int) -> Plan:
+    kwargs = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
+    n_bins = int(kwargs.get("n_bins", 4096))
+    config = getattr(model, "config", None)
+    attention = 0
+    if getattr(config, "_attn_implementation", "eager") == "eager":  # score matrices materialised: B x H x T x T
+        attention = int(getattr(config, "num_attention_heads", 0) or 0) * probe_set.window * 4 * 2
+    return plan_measurement(
+        _shapes(sites), budget=settings.memory_budget, batch_size=settings.batch_size, window=probe_set.window,
+        n_bins=n_bins, n_slots=2 * probe_set.n_pairs, cap_bytes=_capture_bytes(model), world_size=world_size,
+        attention_bytes_per_row=attention)
+
+
+def _capture_bytes(model: nn.Module) -> int:
+    """Bytes per pre-activation as the forward produces them: the autocast dtype when autocast is on (as inside a
+    Trainer with a mixed precision), else the parameters' dtype."""
+    device = _device_of(model)
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.empty((), dtype=torch.get_autocast_dtype(device.type)).element_size()
+    param = next(model.parameters(), None)
+    return param.element_size() if param is not None and param.is_floating_point() else 4
+
+
+def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSite], settings: ProbeSettings,
+                    plan: Plan, batch_size: int, rank: int, world_size: int) -> list[LayerSummary]:
+    summaries: list[LayerSummary] = []
+    for group in plan.groups:
+        recorders = _measure_once(model, probe_set, [sites[i] for i in group], settings, batch_size, rank,
+                                  world_size, plan.rows_per_update)
+        _reduce_counts(recorders, world_size)
+        while recorders:  # summarise and drop one recorder at a time: the group's state shrinks as it goes
+            summaries.append(summarise_recorder(recorders.pop(0), settings.top_neuron_frac, settings.top_pairs,
+                                                settings.sample_neurons))
+        _free_cached(model)
+    return summaries
+
+
+def _reduce_counts(recorders: list, world_size: int) -> None:
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for recorder in recorders:
+            torch.distributed.all_reduce(recorder.nonfinite_tokens)
+            torch.distributed.all_reduce(recorder.calls)
+
+
+def _free_cached(model: nn.Module) -> None:
+    """Release the per-thread scratch of the statistics and, on CUDA, the allocator's cached blocks."""
+    try:
+        from negmonitor.metrics import _threads
+
+        getattr(_threads, "_LOCAL").__dict__.pop("buffers", None)
+    except (ImportError, AttributeError):
+        pass
+    if _device_of(model).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _measure_once(
@@ -103,11 +186,15 @@ def _measure_once(
     batch_size: int,
     rank: int,
     world_size: int,
+    rows_per_update: int | None = None,
 ) -> list[SiteRecorder]:
+    """One pass over this rank's windows for ``sites``, stopping each forward after the last of them."""
     eager = unwrap_compiled(model)
     device = _device_of(eager)
     kwargs = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
-    recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, **kwargs).to(device) for site in sites]
+    last = max(range(len(sites)), key=lambda i: sites[i].layer)
+    recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update, stop_after=i == last,
+                              **kwargs).to(device) for i, site in enumerate(sites)]
     pair_flat = probe_set.pair_positions.reshape(-1)
     windows = probe_set.window_indices(rank, world_size)
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
@@ -120,10 +207,18 @@ def _measure_once(
             ids = probe_set.input_ids[chunk].to(device)
             mask = probe_set.attention_mask[chunk].to(device)
             _set_batch(batch, chunk, mask, pair_flat, probe_set.window, device)
-            runner(input_ids=ids, attention_mask=mask)
+            _run(runner, ids, mask)
     if batches:
         check_hooks_fired(recorders)
     return recorders
+
+
+def _run(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """One forward, ended early by the group's last hook."""
+    try:
+        runner(input_ids=ids, attention_mask=mask)
+    except StopPass:
+        pass
 
 
 def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, batch_size: int,
@@ -139,7 +234,7 @@ def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, batc
     batch.pair_rows = batch.pair_slots = torch.empty(0, dtype=torch.long, device=device)
     batch.calibrating = True
     try:
-        runner(input_ids=probe_set.input_ids[chunk].to(device), attention_mask=mask)
+        _run(runner, probe_set.input_ids[chunk].to(device), mask)
     finally:
         batch.calibrating = False
 
@@ -148,6 +243,7 @@ def _set_batch(batch: BatchContext, chunk: list[int], mask: torch.Tensor, pair_f
                device: torch.device) -> None:
     """Tell the hooks which rows of the flattened batch are real tokens and which are MD pair positions."""
     batch.valid_rows = mask.reshape(-1).nonzero().squeeze(1)
+    batch.all_valid = batch.valid_rows.numel() == mask.numel()
     win = torch.as_tensor(chunk, dtype=torch.long)
     pair_window, pair_offset = pair_flat // window, pair_flat % window
     local = (pair_window.unsqueeze(1) == win.unsqueeze(0))

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -22,8 +21,9 @@ import torch
 from negmonitor.adapters import MLPSite
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics.mapping import mapping_difficulty, pair_sign_shares, sign_classes, top_pairs
+from negmonitor.metrics.mapping import top_pairs
 from negmonitor.metrics.ranking import jaccard, top_k_indices
+from negmonitor.summary import LayerSummary
 
 SIGN_NAMES = ("NN", "PN", "PP")
 NEURON_COLUMNS = ["layer", "neuron", "wd", "wd_neg", "wd_pos", "md", "mean", "std", "skew", "kurtosis",
@@ -31,15 +31,44 @@ NEURON_COLUMNS = ["layer", "neuron", "wd", "wd_neg", "wd_pos", "md", "mean", "st
 TABLES = ("neurons", "layers", "pairs", "top_pairs")
 
 
-@dataclass
 class ProbeResult:
-    """Per-neuron, per-layer and per-pair tables from one probe pass (see the module docstring)."""
+    """Per-neuron, per-layer and per-pair tables from one probe pass (see the module docstring).
 
-    neurons: pd.DataFrame
-    layers: pd.DataFrame
-    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
-    top_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
-    meta: dict = field(default_factory=dict)
+    ``neurons`` and ``layers`` are built at once; ``pairs`` and ``top_pairs`` (token text and context) only when
+    first read (saved, logged), from the layer summaries.
+    """
+
+    def __init__(self, neurons: pd.DataFrame, layers: pd.DataFrame, pairs: pd.DataFrame | None = None,
+                 top_pairs: pd.DataFrame | None = None, meta: dict | None = None,
+                 tables: "_TableBuilder | None" = None) -> None:
+        self.neurons = neurons
+        self.layers = layers
+        self._pairs = pairs if pairs is not None or tables is not None else pd.DataFrame()
+        self._top_pairs = top_pairs if top_pairs is not None or tables is not None else pd.DataFrame()
+        self.meta = meta if meta is not None else {}
+        self._tables = tables
+
+    @property
+    def pairs(self) -> pd.DataFrame:
+        """The MD pairs: positions, token ids and text, per-layer normalised input distance."""
+        if self._pairs is None:
+            self._pairs = self._tables.pair_frame()
+        return self._pairs
+
+    @pairs.setter
+    def pairs(self, value: pd.DataFrame) -> None:
+        self._pairs = value
+
+    @property
+    def top_pairs(self) -> pd.DataFrame:
+        """Highest-OI pairs of the top-MD neurons of each layer, with sign class, tokens and context."""
+        if self._top_pairs is None:
+            self._top_pairs = self._tables.top_pair_frame()
+        return self._top_pairs
+
+    @top_pairs.setter
+    def top_pairs(self, value: pd.DataFrame) -> None:
+        self._top_pairs = value
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write every table as parquet (atomically, one file each) plus ``meta.json``; return the folder."""
@@ -71,50 +100,26 @@ class ProbeResult:
                 for layer, group in self.neurons.groupby("layer")}
 
     @classmethod
-    def from_recorders(cls, recorders: Sequence, sites: Sequence[MLPSite], probe_set, tokenizer, settings) -> "ProbeResult":
-        """Summarise filled (and, under DDP, already reduced) recorders into tables."""
-        stats = [r.stats.compute() for r in recorders]
-        pairs = [r.pairs.compute() for r in recorders]
-        nonfinite = [int(r.nonfinite_tokens) for r in recorders]
-        return summarise(stats, pairs, nonfinite, sites, probe_set, tokenizer, settings)
+    def from_summaries(cls, summaries: Sequence[LayerSummary], sites: Sequence[MLPSite], probe_set, tokenizer,
+                       settings) -> "ProbeResult":
+        """Per-neuron and per-layer tables from the layer summaries; the pair tables are built when read."""
+        frames = [_neuron_frame(s) for s in summaries]
+        neurons = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=NEURON_COLUMNS)
+        layers = pd.DataFrame([_layer_row(s, f, settings) for s, f in zip(summaries, frames)])
+        meta = {"probe_source": probe_set.source, "probe_tokens": probe_set.n_tokens,
+                "probe_windows": probe_set.n_windows, "window": probe_set.window, "n_pairs": probe_set.n_pairs,
+                "seed": probe_set.seed, "family": sites[0].family if sites else None}
+        return cls(neurons, layers, None, None, meta, tables=_TableBuilder(list(summaries), probe_set, tokenizer,
+                                                                         settings))
 
 
-def summarise(stats: list[dict], pairs: list[dict], nonfinite: list[int], sites: Sequence[MLPSite], probe_set,
-              tokenizer, settings) -> ProbeResult:
-    """Build the four tables from per-layer statistic dicts and pair buffers."""
-    neuron_frames, layer_rows, top_frames = [], [], []
-    for site, st, pb, bad in zip(sites, stats, pairs, nonfinite):
-        md, oi, y_a, y_b = _mapping(pb)
-        frame = _neuron_frame(site.layer, st, md)
-        neuron_frames.append(frame)
-        shares = _shares(oi, y_a, y_b, md, settings)
-        layer_rows.append(_layer_row(site.layer, frame, shares, bad, settings))
-        if oi is not None:
-            top_frames.append(_top_pair_frame(site.layer, md, oi, y_a, y_b, probe_set, tokenizer, settings))
-    neurons = pd.concat(neuron_frames, ignore_index=True) if neuron_frames else pd.DataFrame(columns=NEURON_COLUMNS)
-    top = pd.concat(top_frames, ignore_index=True) if top_frames else pd.DataFrame()
-    meta = {"probe_source": probe_set.source, "probe_tokens": probe_set.n_tokens, "probe_windows": probe_set.n_windows,
-            "window": probe_set.window, "n_pairs": probe_set.n_pairs, "seed": probe_set.seed,
-            "family": sites[0].family if sites else None}
-    pair_frame = _pair_frame(pairs, [site.layer for site in sites], probe_set, tokenizer)
-    return ProbeResult(neurons, pd.DataFrame(layer_rows), pair_frame, top, meta)
-
-
-def _mapping(pb: dict) -> tuple:
-    x, y = pb["x"].float().cpu(), pb["y"].float().cpu()
-    if x.shape[0] < 4:
-        return None, None, None, None
-    x_a, x_b, y_a, y_b = x[0::2], x[1::2], y[0::2], y[1::2]
-    md, oi = mapping_difficulty(x_a, x_b, y_a, y_b)
-    return md, oi, y_a, y_b
-
-
-def _neuron_frame(layer: int, st: dict, md: torch.Tensor | None) -> pd.DataFrame:
+def _neuron_frame(summary: LayerSummary) -> pd.DataFrame:
+    st = summary.stats
     n = int(st["wd"].numel())
-    columns = {"layer": np.full(n, layer, dtype=np.int64), "neuron": np.arange(n, dtype=np.int64)}
+    columns = {"layer": np.full(n, summary.layer, dtype=np.int64), "neuron": np.arange(n, dtype=np.int64)}
     for key in ("wd", "wd_neg", "wd_pos"):
         columns[key] = _np(st[key])
-    columns["md"] = _np(md) if md is not None else np.full(n, np.nan)
+    columns["md"] = _np(summary.md) if summary.md is not None else np.full(n, np.nan)
     for key in ("mean", "std", "skew", "kurtosis", "neg_frac"):
         columns[key] = _np(st[key])
     columns["count"] = _np(st["count"]).astype(np.int64)
@@ -123,24 +128,18 @@ def _neuron_frame(layer: int, st: dict, md: torch.Tensor | None) -> pd.DataFrame
     return pd.DataFrame(columns)
 
 
-def _shares(oi, y_a, y_b, md, settings) -> dict:
-    if oi is None or not torch.isfinite(md).any():
-        return {"nn": np.nan, "pn": np.nan, "pp": np.nan}
-    k = min(settings.top_pairs, oi.shape[0])
-    return pair_sign_shares(oi, y_a, y_b, md, top_neuron_frac=settings.top_neuron_frac, top_pairs=k)
-
-
-def _layer_row(layer: int, frame: pd.DataFrame, shares: dict, nonfinite_tokens: int, settings) -> dict:
+def _layer_row(summary: LayerSummary, frame: pd.DataFrame, settings) -> dict:
     wd = frame["wd"].to_numpy()
     finite = np.isfinite(wd)
     wd_ok = wd[finite]
     top = top_k_indices(torch.tensor(wd), settings.top_frac_for_jaccard).numpy() if finite.any() else np.array([], dtype=np.int64)
     md = frame["md"].to_numpy()
-    row = {
-        "layer": layer,
+    shares = summary.shares
+    return {
+        "layer": summary.layer,
         "n_neurons": len(frame),
         "n_tokens": int(frame["count"].max()) if len(frame) else 0,
-        "nonfinite_tokens": nonfinite_tokens,
+        "nonfinite_tokens": summary.nonfinite_tokens,
         "nan_neurons": int((~finite).sum()),
         "wd_max": float(wd_ok.max()) if wd_ok.size else np.nan,
         "wd_mean": float(wd_ok.mean()) if wd_ok.size else np.nan,
@@ -154,7 +153,6 @@ def _layer_row(layer: int, frame: pd.DataFrame, shares: dict, nonfinite_tokens: 
         "pp_share": float(shares["pp"]),
         "jaccard_wd_md": _jaccard_top(wd, md, settings.top_frac_for_jaccard),
     }
-    return row
 
 
 def _jaccard_top(a: np.ndarray, b: np.ndarray, frac: float) -> float:
@@ -167,45 +165,90 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-def _top_pair_frame(layer, md, oi, y_a, y_b, probe_set, tokenizer, settings) -> pd.DataFrame:
-    """Highest-OI pairs of the top-MD neurons, with sign class, token ids, text and context."""
-    neurons = top_k_indices(md, settings.top_neuron_frac)
-    k = min(settings.pairs_per_neuron_table, oi.shape[0])
-    best = top_pairs(oi[:, neurons], k)  # [k, len(neurons)]
-    signs = sign_classes(y_a, y_b)
-    flat = probe_set.pair_positions
-    ids = probe_set.input_ids.view(-1)
-    rows = []
-    for col, neuron in enumerate(neurons.tolist()):
-        for rank, pair in enumerate(best[:, col].tolist()):
-            pos_a, pos_b = int(flat[pair, 0]), int(flat[pair, 1])
-            row = {"layer": layer, "neuron": neuron, "rank": rank, "pair": pair, "md": float(md[neuron]),
-                   "oi": float(oi[pair, neuron]), "y_a": float(y_a[pair, neuron]), "y_b": float(y_b[pair, neuron]),
-                   "sign": SIGN_NAMES[int(signs[pair, neuron])], "pos_a": pos_a, "pos_b": pos_b,
-                   "token_a_id": int(ids[pos_a]), "token_b_id": int(ids[pos_b])}
-            if tokenizer is not None:
-                row.update(token_a=tokenizer.decode([row["token_a_id"]]), token_b=tokenizer.decode([row["token_b_id"]]),
-                           context_a=probe_set.context(pos_a, tokenizer), context_b=probe_set.context(pos_b, tokenizer))
-            rows.append(row)
-    return pd.DataFrame(rows)
+class _TableBuilder:
+    """Builds the pair tables from arrays: token text of each distinct id and the context of each pair position
+    are decoded once (``batch_decode``), then gathered by index."""
+
+    def __init__(self, summaries: list[LayerSummary], probe_set, tokenizer, settings) -> None:
+        self.summaries, self.probe_set, self.tokenizer, self.settings = summaries, probe_set, tokenizer, settings
+        self._contexts: np.ndarray | None = None
+
+    def _token_text(self, ids: np.ndarray) -> np.ndarray:
+        unique, inverse = np.unique(ids, return_inverse=True)
+        text = _batch_decode(self.tokenizer, [[int(i)] for i in unique])
+        return np.asarray(text, dtype=object)[inverse.reshape(-1)]
+
+    def _pair_contexts(self) -> np.ndarray:
+        """``[P, 2]`` context strings of every pair position (up to 8 tokens before it, the token in [[ ]])."""
+        if self._contexts is None:
+            ps = self.probe_set
+            flat = ps.pair_positions.reshape(-1).numpy()
+            ids, mask = ps.input_ids.numpy(), ps.attention_mask.numpy().astype(bool)
+            windows, offsets = np.divmod(flat, ps.window)
+            befores = [ids[w, max(0, t - 8):t][mask[w, max(0, t - 8):t]].tolist() for w, t in zip(windows, offsets)]
+            before_text = _batch_decode(self.tokenizer, befores)
+            token_text = self._token_text(ids[windows, offsets])
+            self._contexts = np.asarray([f"{b}[[{t}]]" for b, t in zip(before_text, token_text)],
+                                        dtype=object).reshape(-1, 2)
+        return self._contexts
+
+    def top_pair_frame(self) -> pd.DataFrame:
+        """Highest-OI pairs of the top-MD neurons, with sign class, token ids, text and context."""
+        frames = [self._layer_top_pairs(s) for s in self.summaries if s.oi_top is not None]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def _layer_top_pairs(self, summary: LayerSummary) -> pd.DataFrame:
+        neurons = summary.top_md.numpy()
+        k = min(self.settings.pairs_per_neuron_table, summary.oi_top.shape[0])
+        best = top_pairs(summary.oi_top, k).t().numpy()  # [m, k]: each neuron's pairs, best first
+        m = len(neurons)
+        col = np.repeat(np.arange(m), k)
+        pair = best.reshape(-1)
+        y_a = summary.y_a_top.numpy()[pair, col]
+        y_b = summary.y_b_top.numpy()[pair, col]
+        signs = (y_a >= 0).astype(np.int64) + (y_b >= 0).astype(np.int64)  # metrics.mapping.sign_classes
+        positions = self.probe_set.pair_positions.numpy()
+        ids = self.probe_set.input_ids.reshape(-1).numpy()
+        pos_a, pos_b = positions[pair, 0], positions[pair, 1]
+        frame = pd.DataFrame({
+            "layer": np.full(m * k, summary.layer, dtype=np.int64), "neuron": neurons[col].astype(np.int64),
+            "rank": np.tile(np.arange(k, dtype=np.int64), m), "pair": pair.astype(np.int64),
+            "md": summary.md.double().numpy()[neurons[col]], "oi": summary.oi_top.double().numpy()[pair, col],
+            "y_a": y_a.astype(np.float64), "y_b": y_b.astype(np.float64),
+            "sign": np.asarray(SIGN_NAMES, dtype=object)[signs], "pos_a": pos_a.astype(np.int64),
+            "pos_b": pos_b.astype(np.int64), "token_a_id": ids[pos_a].astype(np.int64),
+            "token_b_id": ids[pos_b].astype(np.int64)})
+        if self.tokenizer is not None:
+            text = self._token_text(np.concatenate([frame.token_a_id.to_numpy(), frame.token_b_id.to_numpy()]))
+            contexts = self._pair_contexts()
+            frame["token_a"], frame["token_b"] = text[: m * k], text[m * k:]
+            frame["context_a"], frame["context_b"] = contexts[pair, 0], contexts[pair, 1]
+        return frame
+
+    def pair_frame(self) -> pd.DataFrame:
+        """The MD pairs: positions, token ids and, per monitored layer, the normalised input distance."""
+        flat = self.probe_set.pair_positions
+        if flat.numel() == 0:
+            return pd.DataFrame(columns=["pair", "pos_a", "pos_b"])
+        ids = self.probe_set.input_ids.reshape(-1)
+        frame = pd.DataFrame({"pair": np.arange(len(flat)), "pos_a": flat[:, 0].numpy(), "pos_b": flat[:, 1].numpy(),
+                              "token_a_id": ids[flat[:, 0]].numpy(), "token_b_id": ids[flat[:, 1]].numpy()})
+        for summary in self.summaries:  # each layer sees different input vectors
+            dist = summary.input_dist
+            frame[f"input_dist_layer_{summary.layer:02d}"] = (
+                dist.double().numpy() if dist is not None else np.full(len(flat), np.nan))
+        if self.tokenizer is not None:
+            text = self._token_text(np.concatenate([frame.token_a_id.to_numpy(), frame.token_b_id.to_numpy()]))
+            frame["token_a"], frame["token_b"] = text[: len(flat)], text[len(flat):]
+        return frame
 
 
-def _pair_frame(pairs: list[dict], layers: list[int], probe_set, tokenizer) -> pd.DataFrame:
-    """The MD pairs: positions, token ids and, per monitored layer, the normalised input distance."""
-    flat = probe_set.pair_positions
-    if flat.numel() == 0:
-        return pd.DataFrame(columns=["pair", "pos_a", "pos_b"])
-    ids = probe_set.input_ids.view(-1)
-    frame = pd.DataFrame({"pair": np.arange(len(flat)), "pos_a": flat[:, 0].numpy(), "pos_b": flat[:, 1].numpy(),
-                          "token_a_id": ids[flat[:, 0]].numpy(), "token_b_id": ids[flat[:, 1]].numpy()})
-    for layer, buffers in zip(layers, pairs):  # each layer sees different input vectors
-        x = buffers["x"].float().cpu()
-        dist = (x[0::2] - x[1::2]).norm(dim=1)
-        frame[f"input_dist_layer_{layer:02d}"] = (dist / dist.max().clamp_min(1e-12)).numpy()
-    if tokenizer is not None:
-        frame["token_a"] = [tokenizer.decode([int(i)]) for i in frame["token_a_id"]]
-        frame["token_b"] = [tokenizer.decode([int(i)]) for i in frame["token_b_id"]]
-    return frame
+def _batch_decode(tokenizer, sequences: list[list[int]]) -> list[str]:
+    if not sequences:
+        return []
+    if hasattr(tokenizer, "batch_decode"):
+        return list(tokenizer.batch_decode(sequences))
+    return [tokenizer.decode(seq) for seq in sequences]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -82,7 +82,7 @@ def test_out_of_memory_halves_the_batch_and_retries(tokenizer, monkeypatch) -> N
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(base, "forward", always)
-    with pytest.warns(UserWarning), pytest.raises(NegmonitorError, match="lower the probe window"):
+    with pytest.warns(UserWarning), pytest.raises(NegmonitorError, match="memory_budget"):
         probe(model, probe_set, batch_size=2)
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
 

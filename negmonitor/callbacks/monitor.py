@@ -32,6 +32,7 @@ from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET
 from negmonitor.probing import ProbeSettings
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, scalar_rows
@@ -71,6 +72,9 @@ class NegativeDifferentiationMonitor(Callback):
         tokens_per_step: tokens per optimizer step (default: counted from the batches' ``input_ids`` shapes).
         strict: re-raise a failure inside a measurement instead of warning and recording it.
         families: which curve families to log (default: all).
+        memory_budget: extra memory one measurement may allocate on the model's device: bytes or a size such as
+            ``"2GiB"`` (default 1 GiB; ``None``: no limit). Layers are measured in groups that fit, one partial pass
+            over the probe set per group; the grouping is logged once.
 
     Raises:
         NegmonitorError: a setting is out of range (raised at construction).
@@ -104,6 +108,7 @@ class NegativeDifferentiationMonitor(Callback):
         tokens_per_step: int | None = None,
         strict: bool = False,
         families: Sequence[str] | None = None,
+        memory_budget: int | str | None = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         super().__init__()
         if not 0.0 < cohort_frac <= 1.0:
@@ -120,7 +125,8 @@ class NegativeDifferentiationMonitor(Callback):
         self.settings = MonitorSettings(
             layers=layers, cohort_frac=cohort_frac, cohort_step=cohort_step, warmup_steps=warmup_steps,
             weight_drift="drift" in self.families,
-            probe=ProbeSettings(batch_size=probe_batch_size, top_neuron_frac=0.05, top_pairs=100),
+            probe=ProbeSettings(batch_size=probe_batch_size, top_neuron_frac=0.05, top_pairs=100,
+                                memory_budget=memory_budget),
         )
         self.ablation = None
         if ablation is not None and ablation is not False and "ablation" in self.families:

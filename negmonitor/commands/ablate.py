@@ -12,8 +12,8 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
-from negmonitor.commands.common import (add_model_args, check_fraction, check_positive, ensure_writable_dir,
-                                        parse_layers)
+from negmonitor.commands.common import (add_memory_budget_arg, add_model_args, check_fraction, check_positive,
+                                        ensure_writable_dir, memory_budget, parse_layers)
 from negmonitor.errors import NegmonitorError
 
 EVAL_NAMES = ("ppl", "blimp", "tse", "lm-eval:TASK1+TASK2")
@@ -73,6 +73,7 @@ def _add_probe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default=None, help="comma-separated layers to ablate (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe windows, samples and random control")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of probe and evaluations")
+    add_memory_budget_arg(parser)
 
 
 @dataclass
@@ -153,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from negmonitor.models import load_model
 
     request, settings, fractions = _check_args(args)
+    memory_budget(args)  # a bad --memory-budget fails before the model loads
     out = ensure_writable_dir(args.out)
     model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
     suite = _build_suite(args, request, tokenizer)
@@ -211,7 +213,7 @@ def _probe_values(args: argparse.Namespace, model, tokenizer, settings, out) -> 
     print(f"probing on {probe_set.n_tokens} tokens ({probe_set.n_windows} windows of {probe_set.window}) from "
           f"{probe_set.source}")
     result = probe(model, probe_set, layers=list(settings.layers) if settings.layers else None, tokenizer=tokenizer,
-                   batch_size=settings.batch_size, progress=True)
+                   batch_size=settings.batch_size, progress=True, memory_budget=memory_budget(args))
     result.meta.update(model=args.model, revision=args.revision)
     print(f"probe tables written to {result.save(out / 'probe')}/ (reuse them with --probe-result)")
     return result.values(settings.metric)

@@ -27,7 +27,23 @@ def add_probe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=1_000, help="MD token pairs (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed for windows and pairs")
     parser.add_argument("--batch-size", type=int, default=8, help="probe windows per forward pass")
+    add_memory_budget_arg(parser)
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+
+
+def add_memory_budget_arg(parser: argparse.ArgumentParser) -> None:
+    """``--memory-budget``: the extra device memory one probe measurement may allocate."""
+    parser.add_argument("--memory-budget", default="1GiB", metavar="SIZE",
+                        help="extra memory one measurement may allocate on the model's device, e.g. 2GiB or 512MiB "
+                             "(layers are measured in groups that fit; 'none': no limit; default 1GiB)")
+
+
+def memory_budget(args: argparse.Namespace) -> int | None:
+    """The parsed ``--memory-budget`` (bytes; None for 'none')."""
+    from negmonitor.budget import parse_bytes
+
+    text = getattr(args, "memory_budget", None)
+    return None if text is None or str(text).lower() == "none" else parse_bytes(text, "--memory-budget")
 
 
 def parse_layers(text: str | None) -> list[int] | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from negmonitor.commands.common import add_model_args, add_probe_args, ensure_writable_dir, parse_layers, probe_source
+from negmonitor.commands.common import (add_model_args, add_probe_args, ensure_writable_dir, memory_budget,
+                                        parse_layers, probe_source)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,13 +27,15 @@ def run(args: argparse.Namespace) -> int:
 
     out = ensure_writable_dir(args.out)
     layers = parse_layers(args.layers)
+    budget = memory_budget(args)
     model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     probe_set = ProbeSet.build(probe_source(args), tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)
     print(f"probing {args.model}{'@' + args.revision if args.revision else ''} on {probe_set.n_tokens} tokens "
           f"({probe_set.n_windows} windows of {probe_set.window}) from {probe_set.source}")
-    result = probe(model, probe_set, layers=layers, tokenizer=tokenizer, batch_size=args.batch_size, progress=True)
+    result = probe(model, probe_set, layers=layers, tokenizer=tokenizer, batch_size=args.batch_size, progress=True,
+                   memory_budget=budget)
     result.meta.update(model=args.model, revision=args.revision)
     result.save(out)
     print(format_summary(result.layers))

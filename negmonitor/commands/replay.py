@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from negmonitor.commands.common import (add_probe_args, check_fraction, check_positive, ensure_writable_dir,
-                                        parse_layers)
+                                        memory_budget, parse_layers)
 from negmonitor.errors import NegmonitorError
 
 
@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
           + (f", shard {shard[0]}/{shard[1]}" if shard != (1, 1) else ""))
     result = replay(
         args.model, args.revisions, args.logdir, probe=probe, probe_tokens=args.tokens, probe_window=args.window,
-        n_pairs=args.pairs, seed=args.seed, batch_size=args.batch_size, layers=parse_layers(args.layers),
+        n_pairs=args.pairs, seed=args.seed, batch_size=args.batch_size, memory_budget=memory_budget(args),
+        layers=parse_layers(args.layers),
         cohort_frac=check_fraction(args.cohort_frac, "--cohort-frac"), cohort_revision=args.cohort_revision,
         ablation=ablation, minimal_pairs=minimal_pairs, ppl_text=ppl_text, dtype=args.dtype, device=args.device,
         shard=shard, tokenizer=args.tokenizer, tokens_per_step=args.tokens_per_step, module=args.module,

@@ -404,6 +404,23 @@ class NeuronStatsAccumulator(Metric):
         if isinstance(incoming_state, Metric):
             self._update_count += incoming_state._update_count
 
+    @staticmethod
+    def planned_bytes(n_neurons: int, n_bins: int, n_rows: int, block_elements: int | None = None) -> int:
+        """Upper bound of the bytes one accumulator holds (state) plus its largest transient, for updates of
+        ``n_rows`` rows (the memory budget plans with it; ``block_elements=None``: the largest default block).
+
+        Transients: the fp32 copy of a batch and the per-neuron chunk sums; the block temporaries of the update
+        (fp32 d, e, e², fp16 codes, two int64 columns, an fp32 copy: 34 bytes per element); the grid's first-batch
+        statistics (at most 1,024 rows); and ``compute()``'s chunks of 128 neurons (~20 fp64 values per bin).
+        """
+        n = int(n_neurons)
+        state = n * (int(n_bins) * 8 + 104)
+        block = min(max(0, int(n_rows)) * n, block_elements or _GPU_BLOCK_ELEMENTS)
+        update = int(n_rows) * n * 4 + n * 8 * 12 + block * 34
+        grid = min(1024, max(0, int(n_rows))) * n * 40
+        compute = min(n, 128) * int(n_bins) * 8 * 20 + n * 8 * 16
+        return state + max(update, grid, compute)
+
 
 _OUTPUT_ORDER = ("wd", "wd_neg", "wd_pos", "mean", "std", "skew", "kurtosis", "neg_frac", "count", "nonfinite",
                  "min", "max")

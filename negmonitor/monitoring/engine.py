@@ -1,6 +1,6 @@
 """One measurement of a model at a training step, shared by the live callbacks and the checkpoint replay.
 
-:func:`take_measurement` runs one probe pass (all layers at once), follows the fixed cohort, measures weight drift
+:func:`take_measurement` runs the probe pass (layer groups under the memory budget), follows the fixed cohort, measures weight drift
 against the previous snapshot and returns a :class:`Measurement`: per-layer scalar rows (the TensorBoard curves),
 a per-neuron snapshot (the parquet records) and a few samples for histograms and images. Under
 ``torch.distributed`` every rank measures its share of the probe windows and the sums are reduced, so the result
@@ -9,7 +9,7 @@ equals the single-process one; every rank must call it (it contains collectives)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -100,39 +100,25 @@ def take_measurement(
     rank: int = 0,
     world_size: int = 1,
 ) -> Measurement:
-    """Measure ``model`` at ``step``, update ``state`` (cohort, weight snapshot) and return the measurement."""
+    """Measure ``model`` at ``step``, update ``state`` (cohort, weight snapshot) and return the measurement.
+
+    Every rank runs the probe pass (its statistics are reduced across ranks); only rank 0 builds tables, follows
+    the cohort and measures drift: other ranks get an empty :class:`Measurement`.
+    """
     eager = unwrap_compiled(model)
     sites = find_sites(eager, settings.layers)
-    recorders = measure(eager, probe_set, sites, settings.probe, rank=rank, world_size=world_size)
-    _reduce_counts(recorders, world_size)
-    result = ProbeResult.from_recorders(recorders, sites, probe_set, tokenizer, settings.probe)
-    samples = _samples(recorders, result, settings.image_neurons)
-    del recorders
+    probe_settings = replace(settings.probe, sample_neurons=settings.image_neurons)
+    summaries = measure(eager, probe_set, sites, probe_settings, rank=rank, world_size=world_size)
+    if rank != 0:
+        return Measurement(step, ProbeResult(pd.DataFrame(), pd.DataFrame()), pd.DataFrame(), pd.DataFrame())
+    result = ProbeResult.from_summaries(summaries, sites, probe_set, tokenizer, probe_settings)
+    samples = {s.layer: s.samples for s in summaries if s.samples is not None}
+    del summaries
     _maybe_fix_cohort(result, step, settings, state)
     drift = _drift(sites, state, step) if settings.weight_drift else {}
     neurons = _neuron_snapshot(result, state, drift)
     scalars = _layer_scalars(result, neurons, state, drift, settings)
     return Measurement(step, result, scalars, neurons, samples)
-
-
-def _reduce_counts(recorders: list, world_size: int) -> None:
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        for recorder in recorders:
-            torch.distributed.all_reduce(recorder.nonfinite_tokens)
-            torch.distributed.all_reduce(recorder.calls)
-
-
-def _samples(recorders: list, result: ProbeResult, k: int) -> dict[int, tuple[list[int], np.ndarray]]:
-    """Pre-activations of each layer's top-WD neurons at the pair positions (for histogram images)."""
-    out = {}
-    wd = result.values("wd")
-    for recorder in recorders:
-        if k <= 0 or recorder.layer not in wd:
-            continue
-        y = recorder.pairs.compute()["y"]
-        top = top_k_indices(wd[recorder.layer], min(1.0, k / max(1, len(wd[recorder.layer]))))[:k].tolist()
-        out[recorder.layer] = (top, y[:, top].float().cpu().numpy())
-    return out
 
 
 def _maybe_fix_cohort(result: ProbeResult, step: int, settings: MonitorSettings, state: MonitorState) -> None:
@@ -159,7 +145,7 @@ def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int) -> dict[int
 def _neuron_snapshot(result: ProbeResult, state: MonitorState, drift: dict) -> pd.DataFrame:
     frame = result.neurons.copy()
     cohort = state.cohort or {}
-    frame["in_cohort"] = [n in set_ for n, set_ in zip(frame.neuron, (set(cohort.get(l, ())) for l in frame.layer))]
+    frame["in_cohort"] = _in_cohort(frame.layer.to_numpy(), frame.neuron.to_numpy(), cohort)
     for key in ("cos_dissim", "cos_dissim_norm", "l2", "l2_norm"):
         frame[f"drift_{key}"] = np.nan
     for layer, values in drift.items():
@@ -167,6 +153,15 @@ def _neuron_snapshot(result: ProbeResult, state: MonitorState, drift: dict) -> p
         for key in ("cos_dissim", "cos_dissim_norm", "l2", "l2_norm"):
             frame.loc[rows, f"drift_{key}"] = values[key].double().numpy()
     return frame
+
+
+def _in_cohort(layers: np.ndarray, neurons: np.ndarray, cohort: dict[int, list[int]]) -> np.ndarray:
+    """Whether each (layer, neuron) row is in the cohort: one ``isin`` over combined keys, no per-row Python."""
+    if not cohort or layers.size == 0:
+        return np.zeros(layers.size, dtype=bool)
+    width = int(max(neurons.max(), max((max(v, default=0) for v in cohort.values()), default=0))) + 1
+    members = np.concatenate([np.asarray(v, dtype=np.int64) + int(layer) * width for layer, v in cohort.items()])
+    return np.isin(layers.astype(np.int64) * width + neurons.astype(np.int64), members)
 
 
 LAYER_COLUMNS = {"wd/max": "wd_max", "wd/mean": "wd_mean", "wd/p99": "wd_p99", "wd/neg_share": "wd_neg_share",

@@ -48,6 +48,7 @@ from negmonitor.models import parse_device, parse_dtype
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET
 from negmonitor.probing import ProbeSettings
 from negmonitor.probeset import TEXT_SUFFIXES, ProbeSet, load_probe_texts
 from negmonitor.records import RecordStore, scalar_rows
@@ -69,6 +70,7 @@ class ReplaySettings:
 
     Args:
         probe_tokens, probe_window, n_pairs, seed, batch_size: probe-set construction and pass settings.
+        memory_budget: extra device memory one measurement may allocate (bytes or e.g. ``"2GiB"``; None: no limit).
         layers: layer indices to monitor (None: all).
         cohort_frac: share of neurons per layer in the top-WD cohort.
         cohort_revision: the reference checkpoint of the cohort (default: the last of the list that loads).
@@ -96,6 +98,7 @@ class ReplaySettings:
     n_pairs: int = 1_000
     seed: int = 0
     batch_size: int = 8
+    memory_budget: int | str | None = DEFAULT_MEMORY_BUDGET
     layers: Sequence[int] | None = None
     cohort_frac: float = 0.05
     cohort_revision: str | int | None = None
@@ -221,6 +224,7 @@ class _Replay:
         self.monitor = MonitorSettings(layers=settings.layers, cohort_frac=settings.cohort_frac, warmup_steps=0,
                                        weight_drift=True, image_neurons=settings.image_neurons,
                                        probe=ProbeSettings(batch_size=settings.batch_size, top_neuron_frac=0.05,
+                                                           memory_budget=settings.memory_budget,
                                                            top_pairs=100))
         self.media_every = settings.media_every or max(1, -(-len(self.revisions) // MEDIA_POINTS))
         self.tokenizer: Any = None

@@ -1,0 +1,284 @@
+"""One measurement at real layer width: time, its breakdown and peak extra memory, with and without a budget.
+
+Two randomly initialised models with the layer shapes of the paper's models, 2 layers each: a GPT-NeoX shaped
+like Pythia-1.4B (d=2,048, 8,192 MLP neurons, GELU, 16 heads) and a Llama shaped like Llama-3.1-8B (d=4,096,
+14,336 neurons, SwiGLU gate, 32 heads / 8 KV heads). The vocabulary is the built-in corpus tokenizer's (2,048
+ids, not 50k/128k: the embedding and LM head are not what is measured, and a real vocabulary would cost GiBs of
+memory for nothing). Default monitor settings (4,096 bins, 1,000 pairs, probe batch 8, the image and cohort
+steps of the callback), probe text from the built-in grammar corpus.
+
+Per model it prints: the bare forward over the probe tokens (the full model, no hooks); one full measurement
+(`take_measurement` + the records written as the callback does) and its breakdown: forward with hooks, statistics
+in the hooks, statistics' compute, MD, tables, drift, writes; peak extra memory during it (CUDA
+``max_memory_allocated`` growth on GPU; resident-set growth, sampled every ms in a thread, on CPU) with no budget
+and at ``--budget`` (default: the library default); and per-layer figures extrapolated to full depth (24 layers
+for Pythia-1.4B, 32 for Llama-3.1-8B; the budgeted time uses the grouping the planner would choose there).
+
+Goals: measurement <= 1.25x the bare forward; peak extra memory within the budget; Pythia-1.4B at full depth within
+2 GiB at the default budget. Timings on a shared machine are noisy: the best of ``--repeats`` runs counts.
+
+Run: ``python benchmarks/scale.py [--device cpu|cuda] [--tokens 2048] [--models pythia,llama] [--budget 1GiB]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+FULL_DEPTH = {"pythia-1.4b": 24, "llama-3.1-8b": 32}
+GIB = 1 << 30
+
+
+def build_model(kind: str, vocab: int, device: torch.device, layers: int = 2) -> torch.nn.Module:
+    """Randomly initialised 2-layer model with the named model's layer shape (eager attention, as in training)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "pythia-1.4b":
+        config = GPTNeoXConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=16,
+                               num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=2048,
+                               rotary_pct=0.25, hidden_act="gelu")
+        model = GPTNeoXForCausalLM(config)
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                             num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=2048,
+                             hidden_act="silu")
+        model = LlamaForCausalLM(config)
+    return model.to(device).eval()
+
+
+class Timers:
+    """Wall time spent inside patched library functions (device-synchronised at both ends)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.totals, self._patched = device, {}, []
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, owner: object, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._sync()
+                self.totals[label] = self.totals.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+        self._patched.append((owner, name, original))
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+        self._patched.clear()
+
+
+@contextlib.contextmanager
+def peak_extra_memory(device: torch.device) -> Iterator[dict]:
+    """``out["peak"]``: bytes above the starting point at the worst moment (CUDA allocator, or resident set)."""
+    out: dict = {}
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out["peak"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    import psutil
+
+    process = psutil.Process(os.getpid())
+    base = process.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], process.memory_info().rss)
+        out["peak"] = peak[0] - base
+
+
+def bare_forward(model: torch.nn.Module, probe_set, batch_size: int, device: torch.device) -> float:
+    """Seconds for the full model's forward over the probe windows (no hooks, no grad)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, probe_set.n_windows, batch_size):
+            model(input_ids=probe_set.input_ids[i:i + batch_size].to(device),
+                  attention_mask=probe_set.attention_mask[i:i + batch_size].to(device))
+    sync()
+    return time.perf_counter() - start
+
+
+def one_measurement(model, probe_set, tokenizer, budget, device, state, layers=None) -> tuple[float, dict, int]:
+    """Time one measurement as the callback runs it (probe pass, tables, drift, records); return
+    ``(seconds, breakdown, peak extra bytes)``."""
+    from negmonitor import capture, result, summary
+    from negmonitor.metrics.streaming import NeuronStatsAccumulator
+    from negmonitor.monitoring import engine
+    from negmonitor.monitoring.engine import MonitorSettings
+    from negmonitor.probing import ProbeSettings
+    from negmonitor.records import RecordStore
+
+    settings = MonitorSettings(layers=layers, probe=ProbeSettings(memory_budget=budget))
+    timers = Timers(device)
+    timers.wrap(engine, "measure", "probe pass")
+    timers.wrap(capture.SiteRecorder, "observe", "statistics in the hooks")
+    timers.wrap(NeuronStatsAccumulator, "compute", "statistics' compute (WD, moments)")
+    timers.wrap(summary, "mapping_difficulty", "MD and OI")
+    timers.wrap(result.ProbeResult, "from_summaries", "tables")
+    timers.wrap(result._TableBuilder, "top_pair_frame", "tables")
+    timers.wrap(engine, "_neuron_snapshot", "tables")
+    timers.wrap(engine, "_layer_scalars", "tables")
+    timers.wrap(engine, "_drift", "drift")
+    try:
+        with tempfile.TemporaryDirectory() as tmp, peak_extra_memory(device) as mem:
+            start = time.perf_counter()
+            m = engine.take_measurement(model, probe_set, 1, settings, state, tokenizer=tokenizer)
+            m.result.top_pairs  # built when first read (as the callback's write does): timed as tables
+            t0 = time.perf_counter()
+            store = RecordStore(Path(tmp) / "negmonitor")
+            store.write_scalars("bench", 1, 0, m.scalars)
+            store.write_neurons("bench", 1, 0, m.neurons)
+            store.write_pairs("bench", 1, 0, m.result.top_pairs)
+            timers.totals["writes"] = time.perf_counter() - t0
+            total = time.perf_counter() - start
+    finally:
+        timers.restore()
+    t = timers.totals
+    inner = sum(t.get(k, 0.0) for k in ("statistics in the hooks", "statistics' compute (WD, moments)", "MD and OI"))
+    breakdown = {"forward with hooks": t.get("probe pass", 0.0) - inner}
+    breakdown.update({k: t.get(k, 0.0) for k in ("statistics in the hooks", "statistics' compute (WD, moments)",
+                                                  "MD and OI", "tables", "drift")})
+    breakdown["writes"] = t.get("writes", 0.0)
+    return total, breakdown, mem["peak"]
+
+
+def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
+    from negmonitor.adapters import find_sites
+    from negmonitor.budget import LayerShape, format_bytes, plan_measurement
+    from negmonitor.monitoring.engine import MonitorState
+    from negmonitor.probeset import ProbeSet
+
+    model = build_model(kind, len(tokenizer), device)
+    probe_set = ProbeSet.build(texts, tokenizer, n_tokens=args.tokens, window=args.window, n_pairs=1_000, seed=0)
+    bare_forward(model, probe_set, 8, device)  # warm-up (allocator, kernels)
+    bare = min(bare_forward(model, probe_set, 8, device) for _ in range(args.repeats))
+    state = MonitorState()
+    one_measurement(model, probe_set, tokenizer, None, device, state)  # warm-up; sets the drift snapshot
+    runs = {}
+    for label, budget in (("no budget", None), (f"budget {format_bytes(args.budget)}", args.budget)):
+        best = None
+        for _ in range(args.repeats):
+            out = one_measurement(model, probe_set, tokenizer, budget, device, state)
+            best = out if best is None or out[0] < best[0] else best
+        runs[label] = best
+    _, _, one_layer_peak = one_measurement(model, probe_set, tokenizer, None, device, state, layers=[0])
+
+    site = find_sites(model)[0]
+    depth = FULL_DEPTH[kind]
+    print(f"\n== {kind}-shaped, 2 layers (d={site.d_in}, {site.n_neurons} neurons/layer), {probe_set.n_tokens} "
+          f"probe tokens, {device} ==")
+    print(f"bare forward over the probe tokens: {bare:.2f} s")
+    two_layer_peak = runs["no budget"][2]
+    per_layer_mem = max(0, two_layer_peak - one_layer_peak)
+    for label, (total, breakdown, peak) in runs.items():
+        ratio = total / bare
+        print(f"measurement ({label}): {total:.2f} s = {ratio:.2f}x bare forward "
+              f"[{'ok' if ratio <= 1.25 else 'over'} vs goal 1.25x]; peak extra memory {format_bytes(peak)}"
+              + ("" if label == "no budget" else
+                 f" [{'within' if peak <= args.budget else 'OVER'} the budget]"))
+        print("   " + ", ".join(f"{k} {v:.2f} s" for k, v in breakdown.items()))
+    # Extrapolation: forward per layer from the bare forward; statistics per layer from the unbudgeted breakdown.
+    _, free_breakdown, _ = runs["no budget"]
+    stats_per_layer = sum(v for k, v in free_breakdown.items() if k != "forward with hooks") / 2
+    forward_per_layer = bare / 2
+    shapes = [LayerShape(i, site.n_neurons, site.d_in) for i in range(depth)]
+    plan = plan_measurement(shapes, budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
+                            n_slots=2 * probe_set.n_pairs, cap_bytes=next(model.parameters()).element_size(),
+                            attention_bytes_per_row=site_heads(model) * probe_set.window * 8)
+    passes_forward = sum(g[-1] + 1 for g in plan.groups) * forward_per_layer
+    full_free = depth * (forward_per_layer + stats_per_layer)
+    full_budget = passes_forward + depth * stats_per_layer
+    largest = max(len(g) for g in plan.groups)
+    free_mem = one_layer_peak + (depth - 1) * per_layer_mem
+    budget_mem = one_layer_peak + (largest - 1) * per_layer_mem
+    print(f"per layer: forward {forward_per_layer:.2f} s, statistics {stats_per_layer:.2f} s, extra memory "
+          f"{format_bytes(per_layer_mem)} (1 layer alone: {format_bytes(one_layer_peak)})")
+    print(f"full depth ({depth} layers), extrapolated: bare forward {depth * forward_per_layer:.1f} s; no budget "
+          f"{full_free:.1f} s ({full_free / (depth * forward_per_layer):.2f}x), peak {format_bytes(free_mem)}; "
+          f"budget {format_bytes(args.budget)}: {len(plan.groups)} passes of <= {largest} layers, {full_budget:.1f} s "
+          f"({full_budget / (depth * forward_per_layer):.2f}x), peak {format_bytes(budget_mem)}"
+          + (f" [{'ok' if budget_mem <= 2 * GIB else 'over'} vs goal 2 GiB]" if kind == "pythia-1.4b" else ""))
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return runs
+
+
+def site_heads(model) -> int:
+    config = model.config
+    return int(getattr(config, "num_attention_heads", 0)) if config._attn_implementation == "eager" else 0
+
+
+def corpus(n_sentences: int) -> tuple[object, list[str]]:
+    """The built-in grammar corpus's tokenizer (2,048 ids, trained and cached once) and probe texts."""
+    from negmonitor.train.datamodule import TextDataModule
+
+    data = TextDataModule(source="builtin", n_sentences=n_sentences, seq_len=64, tokenizer_vocab_size=2048, seed=0)
+    data.prepare_data()
+    data.setup("fit")
+    return data.tokenizer, data.probe_texts()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from negmonitor.budget import DEFAULT_MEMORY_BUDGET, parse_bytes
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--tokens", type=int, default=2048, help="probe tokens (default 2048: a few minutes on 2 cores)")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--models", default="pythia-1.4b,llama-3.1-8b")
+    parser.add_argument("--budget", default=DEFAULT_MEMORY_BUDGET, type=parse_bytes, help="e.g. 1GiB (default)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each side; the best counts")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("scale.py: --device cuda but no CUDA device is available")
+    tokenizer, texts = corpus(max(2_000, args.tokens // 4))
+    print(f"negmonitor scale benchmark on {device} ({torch.get_num_threads()} CPU threads); shared machines are "
+          "noisy: compare ratios, not seconds")
+    for kind in args.models.split(","):
+        run_model(kind.strip(), args, tokenizer, texts, device)
+
+
+if __name__ == "__main__":
+    main()

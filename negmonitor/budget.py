@@ -1,0 +1,210 @@
+"""Memory budget of one measurement: parse it, cost each monitored layer, and group the layers so a group fits.
+
+A measurement holds, per monitored layer, a streaming accumulator (its int64 histogram is ~all of it: 32 KiB per
+neuron at 4,096 bins) and the MD pair rows, plus transients while a batch is taken in or the layer is summarised.
+At paper scale that is far more than a training run leaves free (Pythia-1.4B: ~6 GiB of histograms for its 24
+layers), so :func:`plan_measurement` splits the layers into consecutive groups whose state and largest transient
+fit ``memory_budget``; each group is one pass over the probe set that stops after the group's last layer. The
+figures are upper bounds (the accumulator's own :meth:`planned_bytes`, the rest counted here), not measurements:
+``benchmarks/scale.py`` checks the measured peak against the budget.
+
+Default budget: 1 GiB. A training run that fills an 80 GB GPU typically leaves a few GiB of slack (allocator
+fragmentation, the CUDA context); 1 GiB is ~1% of an A100/H100 and still holds three to four Pythia-1.4B layers
+(or two Llama-3.1-8B layers) per pass, so a full Pythia-1.4B measurement takes 6-8 partial passes instead of 24.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+from negmonitor.errors import NegmonitorError
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "parse_bytes", "format_bytes", "Plan", "plan_measurement"]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+MAX_UPDATE_ELEMENTS = 1 << 22  # rows x neurons handed to an accumulator at once: bounds the update's transients
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_LOGGED: set[str] = set()
+log = logging.getLogger("negmonitor")
+
+
+def parse_bytes(value: int | float | str | None, name: str = "memory_budget") -> int | None:
+    """``2147483648``, ``"2GiB"``, ``"512MiB"``, ``"1.5GB"`` → bytes (None stays None: no budget).
+
+    Raises:
+        NegmonitorError: for anything else, or a budget that is not positive.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise NegmonitorError(f"{name} must be bytes or a size like '2GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise NegmonitorError(f"{name} must be bytes or a size like '2GiB' or '512MiB', got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _UNITS[unit]) if math.isfinite(number * _UNITS[unit]) else 0
+    if size <= 0:
+        raise NegmonitorError(f"{name} must be positive, got {value!r} — e.g. '1GiB'")
+    return size
+
+
+def format_bytes(size: int) -> str:
+    """Bytes as the largest binary unit with one decimal, e.g. ``1.5GiB``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f}{unit}"
+    return f"{size}B"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the budget needs to know of one monitored site."""
+
+    layer: int
+    n_neurons: int
+    d_in: int
+
+
+@dataclass
+class Plan:
+    """How one measurement runs: layer groups (indices into the site list), batch size and rows per update."""
+
+    groups: list[list[int]]
+    batch_size: int
+    rows_per_update: int
+    budget: int | None
+    need: list[int]  # planned bytes per group
+
+    def describe(self, shapes: Sequence[LayerShape]) -> str:
+        """One line for the log."""
+        spans = [f"{shapes[g[0]].layer}-{shapes[g[-1]].layer}" if len(g) > 1 else f"{shapes[g[0]].layer}"
+                 for g in self.groups]
+        budget = format_bytes(self.budget) if self.budget else "none"
+        return (f"negmonitor: memory budget {budget}: {len(self.groups)} pass(es) over the probe set for layer "
+                f"groups [{', '.join(spans)}], probe batch size {self.batch_size}, planned peak "
+                f"{format_bytes(max(self.need, default=0))}")
+
+
+def _acc_bytes(n_neurons: int, n_bins: int, rows: int) -> int:
+    from negmonitor.metrics.streaming import NeuronStatsAccumulator
+
+    return int(NeuronStatsAccumulator.planned_bytes(n_neurons, n_bins, rows))
+
+
+def _layer_costs(shape: LayerShape, n_bins: int, n_slots: int, rows: int, cap_bytes: int,
+                 world_size: int) -> tuple[int, int]:
+    """(held for the whole pass, largest transient) of one layer, in bytes."""
+    n, d = shape.n_neurons, shape.d_in
+    state = _acc_bytes(n, n_bins, 0)  # state and the row-independent transients (compute), held to be safe
+    update = _acc_bytes(n, n_bins, rows) - state
+    pairs = n_slots * (d + n) * cap_bytes + n_slots * 4
+    held = state + pairs + 64
+    hook = update + rows * n * (cap_bytes + 1)  # + the chunk's copy and its finite mask
+    p = max(1, n_slots // 2)
+    md = p * n * 4 * 6 + n_slots * (d + n) * 4 + n * 64  # |dy| blocks, sort values/indices, fp32 pair copies
+    sync = (world_size + 1) * held if world_size > 1 else 0  # torchmetrics gathers every rank's state
+    return held, max(hook, md, sync)
+
+
+def _forward_bytes(shapes: Sequence[LayerShape], batch_rows: int, cap_bytes: int, attention: int) -> int:
+    """The probe forward's own activations at one time (no autograd): a few hidden states, one MLP's
+    intermediates and, for eager attention, the score matrices (``attention`` bytes per batch row)."""
+    n = max(s.n_neurons for s in shapes)
+    d = max(s.d_in for s in shapes)
+    return batch_rows * ((2 * n + 4 * d) * cap_bytes + attention)
+
+
+def plan_measurement(
+    shapes: Sequence[LayerShape],
+    *,
+    budget: int | None,
+    batch_size: int,
+    window: int,
+    n_bins: int,
+    n_slots: int,
+    cap_bytes: int,
+    world_size: int = 1,
+    attention_bytes_per_row: int = 0,
+) -> Plan:
+    """Group the layers (consecutive, in site order) and pick the batch size so that every group fits ``budget``.
+
+    Without a budget all layers form one group at the given batch size. With one, the batch size (halvings of
+    ``batch_size``) that needs the fewest passes is taken, the largest among equals: each pass runs the model up
+    to its group's last layer, while a smaller batch costs little.
+
+    Raises:
+        NegmonitorError: when one layer does not fit even at batch size 1: names the smallest budget that works.
+    """
+    if not shapes:
+        return Plan([], batch_size, 1, budget, [])
+    max_n = max(s.n_neurons for s in shapes)
+    sizes = []
+    bs = max(1, int(batch_size))
+    while True:
+        sizes.append(bs)
+        if bs == 1:
+            break
+        bs //= 2
+    best: Plan | None = None
+    for bs in sizes:
+        rows = max(1, min(bs * window, MAX_UPDATE_ELEMENTS // max_n))
+        costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, world_size) for s in shapes]
+        forward = _forward_bytes(shapes, bs * window, cap_bytes, attention_bytes_per_row)
+        if budget is None:
+            need = sum(h for h, _ in costs) + max(t for _, t in costs) + forward
+            return Plan([list(range(len(shapes)))], bs, rows, None, [need])
+        if max(h + t for h, t in costs) + forward <= budget:
+            plan = _greedy(costs, forward, budget, bs, rows)
+            if best is None or len(plan.groups) < len(best.groups):
+                best = plan
+    if best is not None:
+        return best
+    smallest = _smallest(shapes, n_bins, n_slots, window, cap_bytes, world_size, attention_bytes_per_row)
+    raise NegmonitorError(
+        f"memory_budget {format_bytes(budget)} cannot hold even one layer's statistics — the smallest budget that "
+        f"works here is {format_bytes(smallest)} (memory_budget='{math.ceil(smallest / (1 << 20))}MiB'); or "
+        "monitor fewer neurons, or use fewer histogram bins")
+
+
+def _smallest(shapes, n_bins, n_slots, window, cap_bytes, world_size, attention) -> int:
+    rows = 1
+    costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, world_size) for s in shapes]
+    return max(h + t for h, t in costs) + _forward_bytes(shapes, window, cap_bytes, attention)
+
+
+def _greedy(costs: list[tuple[int, int]], forward: int, budget: int, batch_size: int, rows: int) -> Plan:
+    groups: list[list[int]] = []
+    needs: list[int] = []
+    current: list[int] = []
+    held = transient = 0
+    for i, (h, t) in enumerate(costs):
+        if current and held + h + max(transient, t) + forward > budget:
+            groups.append(current)
+            needs.append(held + transient + forward)
+            current, held, transient = [], 0, 0
+        current.append(i)
+        held, transient = held + h, max(transient, t)
+    groups.append(current)
+    needs.append(held + transient + forward)
+    return Plan(groups, batch_size, rows, budget, needs)
+
+
+def log_plan_once(plan: Plan, shapes: Sequence[LayerShape], requested_batch_size: int) -> None:
+    """Log the grouping once per process and plan (a callback measures many times with the same plan)."""
+    line = plan.describe(shapes)
+    if line in _LOGGED:
+        return
+    _LOGGED.add(line)
+    if len(plan.groups) > 1 or plan.batch_size < requested_batch_size:
+        warnings.warn(line, stacklevel=3)
+    else:
+        log.info(line)

@@ -1,0 +1,69 @@
+"""Summarise one filled recorder into small per-neuron tensors, on the model's device, then move them to the host.
+
+Every statistic of a layer is computed here, where its state lives: the accumulator's WD, split and moments, MD
+over the (DDP-reduced) pair rows, the OI ratios of the top-MD neurons only, their pair-sign shares, and the
+pre-activations of the top-WD neurons at the pair positions (for images). What leaves is a few floats per neuron
+plus ``[P, top neurons]`` blocks: the recorder (histograms, pair buffers) can then be dropped, so a measurement in
+layer groups holds one group's state at a time. :mod:`negmonitor.result` builds tables from these summaries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from negmonitor.metrics.mapping import mapping_difficulty, pair_sign_shares
+from negmonitor.metrics.ranking import top_k_indices
+
+__all__ = ["LayerSummary", "summarise_recorder"]
+
+
+@dataclass
+class LayerSummary:
+    """What the tables and the callbacks need of one layer (host tensors)."""
+
+    layer: int
+    stats: dict[str, Tensor]  # [n] each: wd, wd_neg, wd_pos, mean, std, skew, kurtosis, neg_frac, count, nonfinite, ...
+    nonfinite_tokens: int
+    md: Tensor | None = None  # [n] fp32; None with fewer than 2 pairs
+    top_md: Tensor | None = None  # top-MD neuron indices, largest MD first
+    oi_top: Tensor | None = None  # [P, len(top_md)] OI ratios of those neurons
+    y_a_top: Tensor | None = None  # [P, len(top_md)] pre-activations of the first / second token of each pair
+    y_b_top: Tensor | None = None
+    input_dist: Tensor | None = None  # [P] input distance over its maximum
+    shares: dict = field(default_factory=lambda: {"nn": math.nan, "pn": math.nan, "pp": math.nan})
+    samples: tuple[list[int], np.ndarray] | None = None  # top-WD neurons and their [2P, k] pre-activations
+
+
+def summarise_recorder(recorder, top_neuron_frac: float, top_pairs: int, sample_neurons: int = 0) -> LayerSummary:
+    """Compute every statistic of ``recorder`` (already reduced across ranks by its metrics' ``compute``)."""
+    stats = recorder.stats.compute()
+    buffers = recorder.pairs.compute()
+    summary = LayerSummary(recorder.layer, {k: v.detach().cpu() for k, v in stats.items()},
+                           int(recorder.nonfinite_tokens))
+    x, y = buffers["x"], buffers["y"]
+    if sample_neurons > 0 and y.shape[0] > 1:
+        wd = stats["wd"]
+        top = top_k_indices(wd, min(1.0, sample_neurons / max(1, wd.numel())))[:sample_neurons]
+        summary.samples = (top.tolist(), y[:, top.to(y.device)].float().cpu().numpy())
+    if x.shape[0] < 4:
+        return summary
+    x_a, x_b, y_a, y_b = x[0::2], x[1::2], y[0::2], y[1::2]
+    md, _ = mapping_difficulty(x_a, x_b, y_a, y_b, with_oi=False)
+    dist = torch.linalg.vector_norm(x_a.float() - x_b.float(), dim=1)
+    summary.input_dist = (dist / dist.max().clamp_min(1e-12)).cpu()
+    summary.md = md.cpu()
+    if torch.isfinite(md).any():
+        top = top_k_indices(md, top_neuron_frac).to(y.device)
+        # OI of a neuron depends on its own column only: the top neurons' OI equals the full matrix's columns.
+        _, oi = mapping_difficulty(x_a, x_b, y_a[:, top], y_b[:, top])
+        ya, yb = y_a[:, top].float(), y_b[:, top].float()
+        summary.shares = pair_sign_shares(oi, ya, yb, md[top], top_neuron_frac=1.0,
+                                          top_pairs=min(top_pairs, oi.shape[0]))
+        summary.top_md, summary.oi_top = top.cpu(), oi.cpu()
+        summary.y_a_top, summary.y_b_top = ya.cpu(), yb.cpu()
+    return summary

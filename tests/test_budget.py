@@ -1,0 +1,155 @@
+"""The memory budget: sizes parse, layers are measured in groups that fit, and a budgeted measurement equals an
+unbudgeted one; the pair buffers are held once in the capture dtype; tables are vectorised and lazy."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from negmonitor import budget
+from negmonitor.adapters import find_sites
+from negmonitor.errors import NegmonitorError
+from negmonitor.probeset import ProbeSet
+from negmonitor.probing import ProbeSettings, _measure_once, _plan, probe
+from tiny_models import tiny_tokenizer
+
+TEXT = ("The author that the guard likes laughs. No authors have ever been popular. Most movies have never been "
+        "seen. Homarus gammarus, known as the European lobster, is a species of lobster. ") * 40
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,
+                           vocab_size=512, max_position_embeddings=256)
+    return GPTNeoXForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def probe_set(tokenizer):
+    return ProbeSet.build([TEXT], tokenizer, n_tokens=2_048, window=64, n_pairs=200)
+
+
+@pytest.mark.parametrize("text, expected", [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000),
+                                            (4096, 4096), ("100000", 100_000), (" 3 kib ", 3072), (None, None)])
+def test_sizes_parse(text, expected) -> None:
+    assert budget.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2XB", "", "-1GiB", "GiB", 0, True, "1e999GiB"])
+def test_bad_sizes_are_one_line_errors(text) -> None:
+    with pytest.raises(NegmonitorError) as info:
+        budget.parse_bytes(text)
+    assert "\n" not in str(info.value) and "memory_budget" in str(info.value)
+
+
+def test_bad_budget_is_refused_by_the_callback_at_construction() -> None:
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+
+    with pytest.raises(NegmonitorError, match="memory_budget"):
+        NegativeDifferentiationMonitor(probe=["x"], memory_budget="lots")
+
+
+def _one_layer_budget(model, probe_set, settings: ProbeSettings) -> int:
+    """A budget that holds any one layer at the requested batch size but never two."""
+    sites = find_sites(model)
+    needs = [_plan(model, probe_set, [site], ProbeSettings(batch_size=settings.batch_size, memory_budget=None), 1)
+             .need[0] for site in sites]
+    return max(needs) + 1
+
+
+def test_budgeted_measurement_equals_unbudgeted(model, probe_set, tokenizer) -> None:
+    """One layer per pass (three passes, each stopped after its layer) gives the unbudgeted tables."""
+    free = probe(model, probe_set, tokenizer=tokenizer, batch_size=8, memory_budget=None)
+    limit = _one_layer_budget(model, probe_set, ProbeSettings(batch_size=8))
+    plan = _plan(model, probe_set, find_sites(model), ProbeSettings(batch_size=8, memory_budget=limit), 1)
+    assert plan.groups == [[0], [1], [2]] and plan.batch_size == 8
+
+    calls: dict[str, int] = {}
+    layers = model.gpt_neox.layers
+    watched = {"attn0": layers[0].attention, "attn2": layers[2].attention, "norm": model.gpt_neox.final_layer_norm}
+    handles = [m.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
+               for k, m in watched.items()]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grouped = probe(model, probe_set, tokenizer=tokenizer, batch_size=8, memory_budget=limit)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_batches = -(-probe_set.n_windows // 8)
+    # Layer 0 runs in every pass, layer 2 only in the last, the final norm never: each pass stops at its group's
+    # last projection.
+    assert calls == {"attn0": 3 * n_batches, "attn2": n_batches}
+    assert sum("3 pass(es)" in str(w.message) for w in caught) == 1
+    assert all(not m._forward_hooks for m in model.modules())
+
+    columns = ["wd", "wd_neg", "wd_pos", "md", "mean", "std", "skew", "kurtosis", "neg_frac", "count", "nonfinite"]
+    for column in columns:
+        np.testing.assert_allclose(grouped.neurons[column].to_numpy(float), free.neurons[column].to_numpy(float),
+                                   rtol=1e-5, atol=1e-6, err_msg=column)
+    pd.testing.assert_frame_equal(grouped.layers, free.layers, rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(grouped.top_pairs, free.top_pairs, rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(grouped.pairs, free.pairs, rtol=1e-5, atol=1e-6)
+
+    with warnings.catch_warnings(record=True) as again:  # the grouping is logged once per process and plan
+        warnings.simplefilter("always")
+        probe(model, probe_set, batch_size=8, memory_budget=limit)
+    assert not any("pass(es)" in str(w.message) for w in again)
+
+
+def test_too_small_budget_is_refused_naming_one_that_works(model, probe_set) -> None:
+    with pytest.raises(NegmonitorError) as info:
+        probe(model, probe_set, memory_budget="64KiB")
+    message = str(info.value)
+    assert "\n" not in message and "smallest budget that works" in message
+    smallest = re.search(r"memory_budget='(\d+MiB)'", message).group(1)
+    result = probe(model, probe_set, memory_budget=smallest)
+    assert len(result.layers) == 3 and result.neurons.wd.notna().all()
+
+
+def test_pair_buffers_are_held_once_in_the_capture_dtype(model, probe_set) -> None:
+    sites = find_sites(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recorders = _measure_once(model, probe_set, sites, ProbeSettings(), 8, 0, 1)
+    for recorder in recorders:
+        assert recorder.pairs.y.dtype == torch.bfloat16 and recorder.pairs.y.shape == (400, 192)
+        assert all(default.numel() == 1 for name, default in recorder.pairs._defaults.items() if name != "seen")
+        assert int(recorder.pairs.seen.sum()) == 400
+
+
+def test_rank_above_zero_builds_no_tables(model, probe_set, tokenizer) -> None:
+    from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
+
+    state = MonitorState()
+    other = take_measurement(model, probe_set, 0, MonitorSettings(), state, tokenizer, rank=1, world_size=2)
+    assert other.neurons.empty and other.scalars.empty and state.cohort is None
+    first = take_measurement(model, probe_set, 0, MonitorSettings(), state, tokenizer)
+    assert state.cohort and first.neurons.in_cohort.sum() == sum(len(v) for v in state.cohort.values())
+    members = first.neurons[first.neurons.in_cohort]
+    assert all(n in state.cohort[layer] for layer, n in zip(members.layer, members.neuron))
+
+
+def test_top_pair_tables_decode_like_the_tokenizer(model, probe_set, tokenizer) -> None:
+    result = probe(model, probe_set, tokenizer=tokenizer)
+    assert result._top_pairs is None  # not built until read
+    top = result.top_pairs
+    assert len(top) == 3 * 9 * 10  # 3 layers x 5% of 192 neurons x 10 pairs
+    sample = top.sample(20, random_state=0)
+    for row in sample.itertuples():
+        assert row.token_a == tokenizer.decode([row.token_a_id]) and row.token_b == tokenizer.decode([row.token_b_id])
+        assert row.context_a == probe_set.context(row.pos_a, tokenizer)
+        assert row.context_b == probe_set.context(row.pos_b, tokenizer)
+        assert row.sign == ("NN", "PN", "PP")[int(row.y_a >= 0) + int(row.y_b >= 0)]
