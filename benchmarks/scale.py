@@ -87,9 +87,13 @@ class Timers:
         self._patched.clear()
 
 
+PHASE = ["other"]  # what the measurement is doing now ("probe pass" inside negmonitor.probing.measure)
+
+
 @contextlib.contextmanager
 def peak_extra_memory(device: torch.device) -> Iterator[dict]:
-    """``out["peak"]``: bytes above the starting point at the worst moment (CUDA allocator, or resident set)."""
+    """``out["peak"]``: bytes above the starting point at the worst moment (CUDA allocator, or resident set);
+    ``out["probe pass"]``: the same inside the probe pass only."""
     out: dict = {}
     gc.collect()
     if device.type == "cuda":
@@ -97,20 +101,27 @@ def peak_extra_memory(device: torch.device) -> Iterator[dict]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+        out["base"] = base
         yield out
         torch.cuda.synchronize(device)
         out["peak"] = torch.cuda.max_memory_allocated(device) - base
         return
+    import ctypes
     import psutil
 
+    with contextlib.suppress(OSError, AttributeError):  # hand freed heap pages back, so growth is real growth
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     process = psutil.Process(os.getpid())
     base = process.memory_info().rss
     peak = [base]
+    phases: dict = {}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
+            rss = process.memory_info().rss
+            peak[0] = max(peak[0], rss)
+            phases[PHASE[0]] = max(phases.get(PHASE[0], base), rss)
             time.sleep(0.001)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -122,6 +133,7 @@ def peak_extra_memory(device: torch.device) -> Iterator[dict]:
         thread.join()
         peak[0] = max(peak[0], process.memory_info().rss)
         out["peak"] = peak[0] - base
+        out["probe pass"] = phases.get("probe pass", base) - base
 
 
 def bare_forward(model: torch.nn.Module, probe_set, batch_size: int, device: torch.device) -> float:
@@ -148,6 +160,20 @@ def one_measurement(model, probe_set, tokenizer, budget, device, state, layers=N
     from negmonitor.records import RecordStore
 
     settings = MonitorSettings(layers=layers, probe=ProbeSettings(memory_budget=budget))
+    mem: dict = {}
+    original_measure = engine.measure
+
+    def phased(*args, **kwargs):
+        PHASE[0] = "probe pass"
+        try:
+            return original_measure(*args, **kwargs)
+        finally:
+            PHASE[0] = "other"
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                mem["probe pass"] = torch.cuda.max_memory_allocated(device) - mem["base"]
+
+    engine.measure = phased
     timers = Timers(device)
     timers.wrap(engine, "measure", "probe pass")
     timers.wrap(capture.SiteRecorder, "observe", "statistics in the hooks")
@@ -159,7 +185,8 @@ def one_measurement(model, probe_set, tokenizer, budget, device, state, layers=N
     timers.wrap(engine, "_layer_scalars", "tables")
     timers.wrap(engine, "_drift", "drift")
     try:
-        with tempfile.TemporaryDirectory() as tmp, peak_extra_memory(device) as mem:
+        with tempfile.TemporaryDirectory() as tmp, peak_extra_memory(device) as out:
+            mem.update(out)
             start = time.perf_counter()
             m = engine.take_measurement(model, probe_set, 1, settings, state, tokenizer=tokenizer)
             m.result.top_pairs  # built when first read (as the callback's write does): timed as tables
@@ -172,13 +199,15 @@ def one_measurement(model, probe_set, tokenizer, budget, device, state, layers=N
             total = time.perf_counter() - start
     finally:
         timers.restore()
+        engine.measure = original_measure
+    mem.update({k: v for k, v in out.items() if k not in mem or k == "peak"})
     t = timers.totals
     inner = sum(t.get(k, 0.0) for k in ("statistics in the hooks", "statistics' compute (WD, moments)", "MD and OI"))
     breakdown = {"forward with hooks": t.get("probe pass", 0.0) - inner}
     breakdown.update({k: t.get(k, 0.0) for k in ("statistics in the hooks", "statistics' compute (WD, moments)",
                                                   "MD and OI", "tables", "drift")})
     breakdown["writes"] = t.get("writes", 0.0)
-    return total, breakdown, mem["peak"]
+    return total, breakdown, mem
 
 
 def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
@@ -194,27 +223,30 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     state = MonitorState()
     one_measurement(model, probe_set, tokenizer, None, device, state)  # warm-up; sets the drift snapshot
     runs = {}
-    for label, budget in (("no budget", None), (f"budget {format_bytes(args.budget)}", args.budget)):
+    budget_label = f"budget {format_bytes(args.budget)}"
+    for label, budget in (("no budget", None), (budget_label, args.budget)):
         best = None
         for _ in range(args.repeats):
             out = one_measurement(model, probe_set, tokenizer, budget, device, state)
             best = out if best is None or out[0] < best[0] else best
         runs[label] = best
-    _, _, one_layer_peak = one_measurement(model, probe_set, tokenizer, None, device, state, layers=[0])
+    one_layer_peak = one_measurement(model, probe_set, tokenizer, None, device, state, layers=[0])[2]["probe pass"]
 
     site = find_sites(model)[0]
     depth = FULL_DEPTH[kind]
     print(f"\n== {kind}-shaped, 2 layers (d={site.d_in}, {site.n_neurons} neurons/layer), {probe_set.n_tokens} "
           f"probe tokens, {device} ==")
     print(f"bare forward over the probe tokens: {bare:.2f} s")
-    two_layer_peak = runs["no budget"][2]
+    two_layer_peak = runs["no budget"][2]["probe pass"]
     per_layer_mem = max(0, two_layer_peak - one_layer_peak)
-    for label, (total, breakdown, peak) in runs.items():
+    for label, (total, breakdown, mem) in runs.items():
         ratio = total / bare
+        pass_peak = mem["probe pass"]
         print(f"measurement ({label}): {total:.2f} s = {ratio:.2f}x bare forward "
-              f"[{'ok' if ratio <= 1.25 else 'over'} vs goal 1.25x]; peak extra memory {format_bytes(peak)}"
-              + ("" if label == "no budget" else
-                 f" [{'within' if peak <= args.budget else 'OVER'} the budget]"))
+              f"[{'ok' if ratio <= 1.25 else 'over'} vs goal 1.25x]; peak extra memory: probe pass "
+              f"{format_bytes(pass_peak)}"
+              + ("" if label == "no budget" else f" [{'within' if pass_peak <= args.budget else 'OVER'} the budget]")
+              + f", whole measurement (with drift, tables, writes) {format_bytes(mem['peak'])}")
         print("   " + ", ".join(f"{k} {v:.2f} s" for k, v in breakdown.items()))
     # Extrapolation: forward per layer from the bare forward; statistics per layer from the unbudgeted breakdown.
     _, free_breakdown, _ = runs["no budget"]
@@ -229,14 +261,22 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     full_budget = passes_forward + depth * stats_per_layer
     largest = max(len(g) for g in plan.groups)
     free_mem = one_layer_peak + (depth - 1) * per_layer_mem
-    budget_mem = one_layer_peak + (largest - 1) * per_layer_mem
-    print(f"per layer: forward {forward_per_layer:.2f} s, statistics {stats_per_layer:.2f} s, extra memory "
-          f"{format_bytes(per_layer_mem)} (1 layer alone: {format_bytes(one_layer_peak)})")
+    # Budgeted probe pass at full depth: the planner's figure for it, corrected by measured/planned at 2 layers.
+    two = plan_measurement(shapes[:2], budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
+                           n_slots=2 * probe_set.n_pairs, cap_bytes=next(model.parameters()).element_size(),
+                           attention_bytes_per_row=site_heads(model) * probe_set.window * 8)
+    accuracy = runs[budget_label][2]["probe pass"] / max(two.need)
+    budget_mem = int(max(plan.need) * max(1.0, accuracy))
+    rest = max(0, runs[budget_label][2]["peak"] - runs[budget_label][2]["probe pass"]) / 2  # drift etc., per layer
+    print(f"per layer: forward {forward_per_layer:.2f} s, statistics {stats_per_layer:.2f} s, probe-pass memory "
+          f"{format_bytes(per_layer_mem)} (1 layer alone: {format_bytes(one_layer_peak)}); measured/planned peak at "
+          f"2 layers {accuracy:.2f}; rest of the measurement (drift snapshot etc.) {format_bytes(int(rest))} per layer")
     print(f"full depth ({depth} layers), extrapolated: bare forward {depth * forward_per_layer:.1f} s; no budget "
           f"{full_free:.1f} s ({full_free / (depth * forward_per_layer):.2f}x), peak {format_bytes(free_mem)}; "
           f"budget {format_bytes(args.budget)}: {len(plan.groups)} passes of <= {largest} layers, {full_budget:.1f} s "
-          f"({full_budget / (depth * forward_per_layer):.2f}x), peak {format_bytes(budget_mem)}"
-          + (f" [{'ok' if budget_mem <= 2 * GIB else 'over'} vs goal 2 GiB]" if kind == "pythia-1.4b" else ""))
+          f"({full_budget / (depth * forward_per_layer):.2f}x), probe-pass peak {format_bytes(budget_mem)}"
+          + (f" [{'ok' if budget_mem <= 2 * GIB else 'over'} vs goal 2 GiB]" if kind == "pythia-1.4b" else "")
+          + f"; + rest of the measurement {format_bytes(int(rest * depth))}")
     del model
     gc.collect()
     if device.type == "cuda":

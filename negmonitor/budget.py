@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from negmonitor.errors import NegmonitorError
+from negmonitor.summary import MD_COLUMNS
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "parse_bytes", "format_bytes", "Plan", "plan_measurement"]
 
@@ -110,7 +111,8 @@ def _layer_costs(shape: LayerShape, n_bins: int, n_slots: int, rows: int, cap_by
     held = state + pairs + 64
     hook = update + rows * n * (cap_bytes + 1)  # + the chunk's copy and its finite mask
     p = max(1, n_slots // 2)
-    md = p * n * 4 * 6 + n_slots * (d + n) * 4 + n * 64  # |dy| blocks, sort values/indices, fp32 pair copies
+    columns = min(n, MD_COLUMNS)  # MD runs over blocks of columns: |dy|, sorted values and indices, fp32 copies
+    md = p * columns * 4 * 8 + n_slots * d * 4 + n * 64
     sync = (world_size + 1) * held if world_size > 1 else 0  # torchmetrics gathers every rank's state
     return held, max(hook, md, sync)
 

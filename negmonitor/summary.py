@@ -19,7 +19,9 @@ from torch import Tensor
 from negmonitor.metrics.mapping import mapping_difficulty, pair_sign_shares
 from negmonitor.metrics.ranking import top_k_indices
 
-__all__ = ["LayerSummary", "summarise_recorder"]
+__all__ = ["LayerSummary", "summarise_recorder", "MD_COLUMNS"]
+
+MD_COLUMNS = 2048  # neurons per MD call
 
 
 @dataclass
@@ -53,7 +55,9 @@ def summarise_recorder(recorder, top_neuron_frac: float, top_pairs: int, sample_
     if x.shape[0] < 4:
         return summary
     x_a, x_b, y_a, y_b = x[0::2], x[1::2], y[0::2], y[1::2]
-    md, _ = mapping_difficulty(x_a, x_b, y_a, y_b, with_oi=False)
+    # MD of a neuron depends on its own column only: columns in blocks bound MD's [P, block] transients.
+    md = torch.cat([mapping_difficulty(x_a, x_b, y_a[:, c:c + MD_COLUMNS], y_b[:, c:c + MD_COLUMNS], with_oi=False)[0]
+                    for c in range(0, y.shape[1], MD_COLUMNS)])
     dist = torch.linalg.vector_norm(x_a.float() - x_b.float(), dim=1)
     summary.input_dist = (dist / dist.max().clamp_min(1e-12)).cpu()
     summary.md = md.cpu()

@@ -1,0 +1,138 @@
+"""GPU check: the scale benchmark on CUDA, then a real bf16-mixed Trainer run with the monitor bundle attached.
+
+1. ``benchmarks/scale.py`` on the GPU (Pythia-1.4B- and Llama-3.1-8B-shaped layers, with and without the budget).
+2. A Pythia-160m-shaped GPT-NeoX (12 layers, d=768, 3,072 neurons/layer) trained from scratch on the built-in
+   grammar corpus with ``precision="bf16-mixed"`` for ``--steps`` steps, once without and once with
+   ``NegativeDifferentiationMonitor`` (ablation on, default memory budget), printing each measurement's time, the
+   growth of ``torch.cuda.max_memory_allocated`` during it (above what was allocated when it started) and the
+   overhead ratio of the monitored run's wall time against the plain run's.
+
+It runs from the working tree with no network and no pip (``PYTHONPATH=. python benchmarks/gpu_check.py``) and
+checks at the end that neither ``datasets``, ``lm_eval`` nor ``spacy`` was imported. About 5 minutes on an H200.
+``--dry-run`` runs a CPU-sized version of everything (tiny model, few steps, small scale run) to show that the
+script executes where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def timed_monitor_class():
+    """The bundle, with each Lightning hook that may measure timed (and its CUDA peak growth recorded)."""
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+
+    class TimedMonitor(NegativeDifferentiationMonitor):
+        records: list
+
+        def _timed(self, hook, trainer, *args):
+            cuda = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
+            before = len(self.measured_steps)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            hook(trainer, *args)
+            if len(self.measured_steps) > before:
+                if cuda:
+                    torch.cuda.synchronize()
+                growth = torch.cuda.max_memory_allocated() - base if cuda else float("nan")
+                self.records.append((self.measured_steps[-1], time.perf_counter() - start, growth))
+
+        def on_train_start(self, trainer, pl_module):
+            self._timed(super().on_train_start, trainer, pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._timed(super().on_train_batch_end, trainer, pl_module, outputs, batch, batch_idx)
+
+        def on_train_end(self, trainer, pl_module):
+            self._timed(super().on_train_end, trainer, pl_module)
+
+    return TimedMonitor
+
+
+def train(args, root: Path, monitored: bool) -> tuple[float, list]:
+    import lightning as L
+
+    from negmonitor.train.datamodule import TextDataModule
+    from negmonitor.train.module import CausalLMModule
+
+    L.seed_everything(0, verbose=False)
+    data = TextDataModule(source="builtin", n_sentences=args.sentences, seq_len=args.seq_len,
+                          batch_size=args.batch_size, tokenizer_vocab_size=4096, seed=0)
+    data.prepare_data()
+    data.setup("fit")
+    shape = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256) if args.dry_run else dict(
+        hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
+    module = CausalLMModule(family="neox", max_position_embeddings=max(256, args.seq_len), lr=6e-4, warmup_steps=20,
+                            seed=0, **shape)
+    module.configure_tokenizer(data.tokenizer)
+    callbacks, monitor = [], None
+    if monitored:
+        monitor = timed_monitor_class()(
+            probe=None, every_n_steps=args.every, probe_tokens=args.probe_tokens, probe_window=args.seq_len,
+            ablation={"fraction": 0.05, "max_matching_evals": 4, "ppl_window": args.seq_len},
+            ablation_every_n_steps=args.every * 2, minimal_pairs="datamodule", log_dir=str(root / "records"))
+        monitor.records = []
+        callbacks.append(monitor)
+    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu" if args.dry_run else "gpu", devices=1,
+                        precision="32-true" if args.dry_run else "bf16-mixed", logger=False, callbacks=callbacks,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=str(root))
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    if not args.dry_run:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, (monitor.records if monitor else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU-sized run of every step (no GPU needed)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=100, help="measure every N steps (and at steps 0 and the end)")
+    parser.add_argument("--scale-tokens", type=int, default=8192, help="probe tokens of the scale benchmark")
+    parser.add_argument("--skip-scale", action="store_true")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.steps, args.every, args.scale_tokens = 12, 6, 512
+        args.probe_tokens, args.seq_len, args.batch_size, args.sentences = 2048, 64, 16, 5_000
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_check.py: no CUDA device here — run it on a GPU machine, or add --dry-run for a CPU-sized run")
+            return 2
+        args.probe_tokens, args.seq_len, args.batch_size, args.sentences = 32_768, 512, 16, 200_000
+    if not args.skip_scale:
+        import scale
+
+        scale_args = ["--tokens", str(args.scale_tokens), "--repeats", "1" if args.dry_run else "2"]
+        scale_args += ["--models", "pythia-1.4b"] if args.dry_run else ["--device", "cuda"]
+        scale.main(scale_args)
+    with tempfile.TemporaryDirectory() as tmp:
+        train(argparse.Namespace(**{**vars(args), "steps": min(args.steps, 20)}), Path(tmp) / "warmup", False)
+        plain, _ = train(args, Path(tmp) / "plain", False)
+        monitored, records = train(args, Path(tmp) / "monitored", True)
+    device = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    print(f"\n== Trainer run on {device}: Pythia-160m-shaped GPT-NeoX{' (tiny in the dry run)' if args.dry_run else ''}"
+          f", {args.steps} steps, batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{'fp32' if args.dry_run else 'bf16-mixed'}; probe {args.probe_tokens} tokens, ablation on ==")
+    for step, seconds, growth in records:
+        print(f"measurement at step {step}: {seconds:.2f} s, max_memory_allocated growth "
+              f"{growth / 2**20:.0f} MiB" if growth == growth else f"measurement at step {step}: {seconds:.2f} s")
+    print(f"wall time: plain {plain:.1f} s, monitored {monitored:.1f} s, overhead ratio {monitored / plain:.2f}")
+    imported = [name for name in ("datasets", "lm_eval", "spacy") if name in sys.modules]
+    print("heavy optional imports: " + (", ".join(imported) + " IMPORTED (should not be)" if imported else "none"))
+    return 1 if imported else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
