@@ -21,8 +21,7 @@ import torch
 from negmonitor.adapters import MLPSite
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics.mapping import top_pairs
-from negmonitor.metrics.ranking import jaccard, top_k_indices
+from negmonitor.metrics.ranking import count_for_fraction
 from negmonitor.summary import LayerSummary
 
 SIGN_NAMES = ("NN", "PN", "PP")
@@ -132,7 +131,7 @@ def _layer_row(summary: LayerSummary, frame: pd.DataFrame, settings) -> dict:
     wd = frame["wd"].to_numpy()
     finite = np.isfinite(wd)
     wd_ok = wd[finite]
-    top = top_k_indices(torch.tensor(wd), settings.top_frac_for_jaccard).numpy() if finite.any() else np.array([], dtype=np.int64)
+    top = _top_k(wd, settings.top_frac_for_jaccard)
     md = frame["md"].to_numpy()
     shares = summary.shares
     return {
@@ -155,10 +154,19 @@ def _layer_row(summary: LayerSummary, frame: pd.DataFrame, settings) -> dict:
     }
 
 
+def _top_k(values: np.ndarray, frac: float) -> np.ndarray:
+    """:func:`~negmonitor.metrics.ranking.top_k_indices` on a host array (numpy: no thread pool for a small sort)."""
+    valid = np.flatnonzero(~np.isnan(values))
+    k = min(count_for_fraction(values.size, frac), valid.size)
+    return valid[np.argsort(-values[valid], kind="stable")[:k]]
+
+
 def _jaccard_top(a: np.ndarray, b: np.ndarray, frac: float) -> float:
     if not (np.isfinite(a).any() and np.isfinite(b).any()):
         return float("nan")
-    return float(jaccard(top_k_indices(torch.tensor(a), frac), top_k_indices(torch.tensor(b), frac)))
+    top_a, top_b = _top_k(a, frac), _top_k(b, frac)
+    union = np.union1d(top_a, top_b).size
+    return float(np.intersect1d(top_a, top_b).size / union) if union else float("nan")
 
 
 def _ratio(num: float, den: float) -> float:
@@ -200,7 +208,9 @@ class _TableBuilder:
     def _layer_top_pairs(self, summary: LayerSummary) -> pd.DataFrame:
         neurons = summary.top_md.numpy()
         k = min(self.settings.pairs_per_neuron_table, summary.oi_top.shape[0])
-        best = top_pairs(summary.oi_top, k).t().numpy()  # [m, k]: each neuron's pairs, best first
+        # Each neuron's pairs by OI, best first (as metrics.mapping.top_pairs: NaN last, ties in pair order).
+        ranked = np.ascontiguousarray(np.nan_to_num(summary.oi_top.double().numpy().T, nan=-np.inf))
+        best = np.argsort(-ranked, axis=1, kind="stable")[:, :k]  # [m, k], one contiguous row per neuron
         m = len(neurons)
         col = np.repeat(np.arange(m), k)
         pair = best.reshape(-1)
