@@ -153,3 +153,14 @@ def test_top_pair_tables_decode_like_the_tokenizer(model, probe_set, tokenizer) 
         assert row.context_a == probe_set.context(row.pos_a, tokenizer)
         assert row.context_b == probe_set.context(row.pos_b, tokenizer)
         assert row.sign == ("NN", "PN", "PP")[int(row.y_a >= 0) + int(row.y_b >= 0)]
+
+
+@pytest.mark.parametrize("command", ["probe", "ablate", "replay"])
+def test_memory_budget_flag_is_checked_before_any_model_loads(command, tmp_path, capsys) -> None:
+    from negmonitor.cli import main
+
+    extra = {"probe": ["--out", str(tmp_path / "o")], "ablate": ["--out", str(tmp_path / "o")],
+             "replay": ["--revisions", "step0", "--logdir", str(tmp_path / "l")]}[command]
+    code = main([command, "--model", str(tmp_path / "no-such-model"), *extra, "--memory-budget", "2XB"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--memory-budget" in err and "2XB" in err and len(err.splitlines()) == 1
