@@ -104,7 +104,9 @@ def measure(
     while True:
         failed = False
         try:
-            return _measure_groups(eager, probe_set, sites, settings, plan, batch_size, rank, world_size)
+            summaries = _measure_groups(eager, probe_set, sites, settings, plan, batch_size, rank, world_size)
+            _free_cached(eager)  # the next group reuses freed blocks; at the end they go back to the device
+            return summaries
         except torch.OutOfMemoryError:
             failed = True  # retried outside the handler: the traceback's frames hold the pass's tensors
         if failed:
@@ -155,7 +157,6 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
         while recorders:  # summarise and drop one recorder at a time: the group's state shrinks as it goes
             summaries.append(summarise_recorder(recorders.pop(0), settings.top_neuron_frac, settings.top_pairs,
                                                 settings.sample_neurons))
-        _free_cached(model)
     return summaries
 
 
