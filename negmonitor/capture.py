@@ -110,6 +110,15 @@ class SiteRecorder(nn.Module):
             self.pairs.update(batch.pair_slots, flat_x[batch.pair_rows], flat_y[batch.pair_rows])
 
 
+    def release(self) -> None:
+        """Drop the state now. torchmetrics wraps each metric's ``update``/``compute`` in closures over the metric,
+        so a dropped metric is a reference cycle that only the garbage collector frees: without this, one layer
+        group's histograms would still be allocated while the next group fills its own."""
+        Metric.reset(self.stats)  # torchmetrics' defaults: one element for the histogram (no full-size rebuild)
+        self.pairs.reset()
+        self.pairs.allocated = False
+
+
 class StopPass(Exception):
     """Raised by the hook of a group's last monitored layer: the rest of the forward pass is not needed."""
 

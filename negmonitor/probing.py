@@ -10,6 +10,7 @@ accumulators are summarised and dropped before the next group starts.
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -110,6 +111,7 @@ def measure(
         except torch.OutOfMemoryError:
             failed = True  # retried outside the handler: the traceback's frames hold the pass's tensors
         if failed:
+            gc.collect()  # the failed pass's metrics are reference cycles (see SiteRecorder.release)
             _free_cached(eager)
             if batch_size <= 1:
                 raise NegmonitorError(
@@ -155,8 +157,10 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
                                   world_size, plan.rows_per_update)
         _reduce_counts(recorders, world_size)
         while recorders:  # summarise and drop one recorder at a time: the group's state shrinks as it goes
-            summaries.append(summarise_recorder(recorders.pop(0), settings.top_neuron_frac, settings.top_pairs,
+            recorder = recorders.pop(0)
+            summaries.append(summarise_recorder(recorder, settings.top_neuron_frac, settings.top_pairs,
                                                 settings.sample_neurons))
+            recorder.release()
     return summaries
 
 

@@ -164,3 +164,31 @@ def test_memory_budget_flag_is_checked_before_any_model_loads(command, tmp_path,
     code = main([command, "--model", str(tmp_path / "no-such-model"), *extra, "--memory-budget", "2XB"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--memory-budget" in err and "2XB" in err and len(err.splitlines()) == 1
+
+
+def test_each_group_state_is_freed_without_the_garbage_collector(model, probe_set, monkeypatch) -> None:
+    """A group's histograms and pair buffers are gone before the next group starts (metrics are reference cycles:
+    they must be released explicitly, not left to the garbage collector)."""
+    import gc
+    import weakref
+
+    from negmonitor import probing
+
+    states: list = []
+    original = probing._measure_once
+
+    def watched(*args, **kwargs):
+        alive = [ref for ref in states if ref() is not None]
+        assert not alive, f"{len(alive)} state tensors of an earlier group are still allocated"
+        recorders = original(*args, **kwargs)
+        states.extend(weakref.ref(t) for r in recorders for t in (r.stats.hist, r.pairs.x, r.pairs.y))
+        return recorders
+
+    monkeypatch.setattr(probing, "_measure_once", watched)
+    limit = _one_layer_budget(model, probe_set, ProbeSettings(batch_size=8))
+    gc.disable()
+    try:
+        probe(model, probe_set, batch_size=8, memory_budget=limit)
+        assert len(states) == 9 and all(ref() is None for ref in states)
+    finally:
+        gc.enable()
