@@ -81,7 +81,8 @@ def train(args, root: Path, monitored: bool) -> tuple[float, list]:
         monitor = timed_monitor_class()(
             probe=None, every_n_steps=args.every, probe_tokens=args.probe_tokens, probe_window=args.seq_len,
             ablation={"fraction": 0.05, "max_matching_evals": 4, "ppl_window": args.seq_len},
-            ablation_every_n_steps=args.every * 2, minimal_pairs="datamodule", log_dir=str(root / "records"))
+            ablation_every_n_steps=args.every * 2, minimal_pairs="datamodule", log_dir=str(root / "records"),
+            minimal_pairs_sample=10 if args.dry_run else 40, ppl_text=data.probe_texts(16 if args.dry_run else 64))
         monitor.records = []
         callbacks.append(monitor)
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu" if args.dry_run else "gpu", devices=1,
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("gpu_check.py: no CUDA device here — run it on a GPU machine, or add --dry-run for a CPU-sized run")
             return 2
-        args.probe_tokens, args.seq_len, args.batch_size, args.sentences = 32_768, 512, 16, 200_000
+        args.probe_tokens, args.seq_len, args.batch_size, args.sentences = 32_768, 512, 16, 100_000
     if not args.skip_scale:
         import scale
 
