@@ -101,8 +101,8 @@ def _acc_bytes(n_neurons: int, n_bins: int, rows: int) -> int:
     return int(NeuronStatsAccumulator.planned_bytes(n_neurons, n_bins, rows))
 
 
-def _layer_costs(shape: LayerShape, n_bins: int, n_slots: int, rows: int, cap_bytes: int,
-                 world_size: int) -> tuple[int, int]:
+def _layer_costs(shape: LayerShape, n_bins: int, n_slots: int, rows: int, cap_bytes: int, world_size: int,
+                 batch_rows: int | None = None) -> tuple[int, int]:
     """(held for the whole pass, largest transient) of one layer, in bytes."""
     n, d = shape.n_neurons, shape.d_in
     state = _acc_bytes(n, n_bins, 0)  # state and the row-independent transients (compute), held to be safe
@@ -110,6 +110,8 @@ def _layer_costs(shape: LayerShape, n_bins: int, n_slots: int, rows: int, cap_by
     pairs = n_slots * (d + n) * cap_bytes + n_slots * 4
     held = state + pairs + 64
     hook = update + rows * n * (cap_bytes + 1)  # + the chunk's copy and its finite mask
+    grid_rows = min(1024, batch_rows or rows)  # the first batch's grid reads up to 1,024 of its rows at once
+    hook = max(hook, _acc_bytes(n, n_bins, grid_rows) - state + grid_rows * n * cap_bytes)
     p = max(1, n_slots // 2)
     columns = min(n, MD_COLUMNS)  # MD runs over blocks of columns: |dy|, sorted values and indices, fp32 copies
     md = p * columns * 4 * 8 + n_slots * d * 4 + n * 64
@@ -159,7 +161,7 @@ def plan_measurement(
     best: Plan | None = None
     for bs in sizes:
         rows = max(1, min(bs * window, MAX_UPDATE_ELEMENTS // max_n))
-        costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, world_size) for s in shapes]
+        costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, world_size, bs * window) for s in shapes]
         forward = _forward_bytes(shapes, bs * window, cap_bytes, attention_bytes_per_row)
         if budget is None:
             need = sum(h for h, _ in costs) + max(t for _, t in costs) + forward
@@ -179,7 +181,7 @@ def plan_measurement(
 
 def _smallest(shapes, n_bins, n_slots, window, cap_bytes, world_size, attention) -> int:
     rows = 1
-    costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, world_size) for s in shapes]
+    costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, world_size, window) for s in shapes]
     return max(h + t for h, t in costs) + _forward_bytes(shapes, window, cap_bytes, attention)
 
 
