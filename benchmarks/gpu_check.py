@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-scale", action="store_true")
     args = parser.parse_args(argv)
     if args.dry_run:
-        args.steps, args.every, args.scale_tokens = 12, 6, 512
+        args.steps, args.every, args.scale_tokens = 12, 6, 2048
         args.probe_tokens, args.seq_len, args.batch_size, args.sentences = 2048, 64, 16, 5_000
     else:
         if not torch.cuda.is_available():
