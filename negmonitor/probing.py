@@ -100,7 +100,8 @@ def measure(
     """
     eager = unwrap_compiled(model)
     plan = _plan(eager, probe_set, sites, settings, world_size)
-    log_plan_once(plan, _shapes(sites), settings.batch_size)
+    if rank == 0:  # every rank plans alike
+        log_plan_once(plan, _shapes(sites), settings.batch_size)
     batch_size = plan.batch_size
     while True:
         failed = False
