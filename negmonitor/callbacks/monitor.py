@@ -3,8 +3,9 @@
 :class:`NegativeDifferentiationMonitor` runs one probe pass per scheduled step and logs every family of curves
 (WD and cohort, pair signs, weight drift, ablation damage). The single-purpose monitors
 (:class:`WassersteinMonitor`, :class:`PairSignMonitor`, :class:`WeightDriftMonitor`, :class:`AblationMonitor`) are
-the same machinery with one family switched on. Every value goes to TensorBoard (per-layer summaries) when the
-logger is a ``TensorBoardLogger``, and always to tidy parquet records under ``<log dir>/negmonitor/``.
+the same machinery with one family switched on. Per-layer summaries go to every logger on the Trainer (media to
+those that take them, see :mod:`negmonitor.callbacks.loggers`), and every value to tidy parquet records under
+``<log dir>/negmonitor/``.
 
 Example::
 
@@ -31,6 +32,7 @@ from negmonitor.callbacks.schedule import Schedule
 from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
+from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
 from negmonitor.probe import ProbeSettings
 from negmonitor.probeset import ProbeSet
@@ -66,8 +68,10 @@ class NegativeDifferentiationMonitor(Callback):
         ppl_text: text for the ablation perplexity: a string, a list of strings, a text file, a dataset id
             (``ID[:CONFIG[:SPLIT]]``) or ``None`` (the datamodule's held-out texts when it has them).
         media_every_n_steps: cadence of histograms, images and top-pair text (default: 5 × ``every_n_steps``).
-        log_dir: where records go (default: the logger's ``log_dir``, else the trainer's ``default_root_dir``).
-        run_name: the ``run`` column of the records (default: the log folder's name).
+        log_dir: where records go (default: the first logger's ``log_dir``, else its ``save_dir/name/version``,
+            else ``default_root_dir/lightning_logs/version_N``: a folder unique to the run).
+        run_name: the ``run`` column of the records (default: the log folder's name, e.g. ``version_0`` or the
+            W&B / MLflow run id).
         tokens_per_step: tokens per optimizer step (default: counted from the batches' ``input_ids`` shapes).
         strict: re-raise a failure inside a measurement instead of warning and recording it.
         families: which curve families to log (default: all).
@@ -142,7 +146,7 @@ class NegativeDifferentiationMonitor(Callback):
         self.timings: dict[str, float] = {}
         self._probe_set: ProbeSet | None = None
         self._store: RecordStore | None = None
-        self._writer: Any = None
+        self._sinks: list[Any] = []  # where the curves go (rank zero only): one per logger, or a writer
         self._hf_model: torch.nn.Module | None = None
         self._ablation_baseline: dict | None = None
 
@@ -155,29 +159,44 @@ class NegativeDifferentiationMonitor(Callback):
                                         seed=self.probe_kwargs["seed"])
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Check the record folder and the logger before training starts."""
+        """Check the record folder and decide, once, what each logger gets (scalars; media where it can)."""
         if stage != "fit":
             return
-        root = Path(self.log_dir) if self.log_dir else Path(_log_dir(trainer))
+        if not trainer.is_global_zero:
+            return self._open(Path(self.log_dir or trainer.default_root_dir), [], is_global_zero=False)
+        root = Path(self.log_dir) if self.log_dir else records_log_dir(trainer.loggers, trainer.default_root_dir)
+        sinks, scalars_only = logger_sinks(trainer.loggers)
+        self._open(root, sinks, is_global_zero=True)
+        if not trainer.loggers:
+            rank_zero_warn(f"negmonitor: no logger on this Trainer; curves go to the parquet records under "
+                           f"{self._store.root} only")
+        elif scalars_only:
+            rank_zero_warn(f"negmonitor: {', '.join(scalars_only)} takes scalars only; the WD histograms, top-neuron "
+                           "images and top-pair tables go to TensorBoard / W&B loggers (all numbers are in the "
+                           f"records under {self._store.root})")
+
+    def _open(self, root: Path, sinks: list[Any], is_global_zero: bool) -> None:
+        """Trainer-agnostic set-up (also the HF callback's): the records under ``root/negmonitor``, the sinks."""
         self._store = RecordStore.for_logdir(root)
-        self.run_name = self.run_name or root.name
-        if trainer.is_global_zero:
+        self.run_name = self.run_name or root.resolve().name
+        self._sinks = sinks
+        if is_global_zero:
             from negmonitor.atomic import ensure_writable_dir
 
             ensure_writable_dir(self._store.root, "negmonitor record folder")
-        self._writer = _tensorboard_writer(trainer)
-        if self._writer is None:
-            rank_zero_warn("negmonitor: no TensorBoardLogger on this Trainer; curves go to the parquet records "
-                           f"under {self._store.root} only")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the transformers model and tokenizer (built by now) and build the fixed probe set."""
-        self._hf_model = find_hf_model(pl_module, self.model_attr)
         self.tokenizer = self.tokenizer or _find_tokenizer(pl_module, trainer)
         if self.tokenizer is None:
             raise NegmonitorError("no tokenizer found on the LightningModule or datamodule (.tokenizer) — pass "
                                   "NegativeDifferentiationMonitor(tokenizer=...)")
-        datamodule = getattr(trainer, "datamodule", None)
+        self._prepare(find_hf_model(pl_module, self.model_attr), getattr(trainer, "datamodule", None),
+                      trainer.is_global_zero)
+
+    def _prepare(self, hf_model: torch.nn.Module, datamodule: Any, is_global_zero: bool) -> None:
+        """Trainer-agnostic (also the HF callback's): resolve the ablation data, build the probe set, write run.json."""
+        self._hf_model = hf_model
         source = self.probe_source
         if source is None and hasattr(datamodule, "probe_texts"):
             source = datamodule.probe_texts()
@@ -186,7 +205,7 @@ class NegativeDifferentiationMonitor(Callback):
             self.ppl_text = resolve_ppl_text(self.ppl_text, datamodule)
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
-        if trainer.is_global_zero:
+        if is_global_zero:
             self._write_run_info()
 
     def _write_run_info(self) -> None:
@@ -250,6 +269,8 @@ class NegativeDifferentiationMonitor(Callback):
             self.tokens_seen += int(ids.numel()) * trainer.world_size  # shape only: no device sync
 
     def _measure(self, trainer: Trainer, step: int) -> None:
+        # Trainer-agnostic: of ``trainer`` only global_rank, world_size and is_global_zero are read (the HF callback
+        # passes a stand-in with those three).
         try:
             self._measure_unguarded(trainer, step)
         except NegmonitorError:
@@ -286,15 +307,24 @@ class NegativeDifferentiationMonitor(Callback):
         self._store.write_neurons(self.run_name, step, self.tokens_seen, measurement.neurons, key=key)
         if not measurement.result.top_pairs.empty and "pairs" in self.families:
             self._store.write_pairs(self.run_name, step, self.tokens_seen, measurement.result.top_pairs, key=key)
-        if self._writer is not None:
-            tb.log_scalars(self._writer, scalars, step)
-            if self._media_due(step):
-                tb.log_histograms(self._writer, measurement.neurons, step)
-                tb.log_images(self._writer, measurement.samples, step)
-                if "pairs" in self.families:
-                    tb.log_text(self._writer, measurement.result.top_pairs, step)
-            self._writer.flush()
+        self._log(measurement, scalars, step)
         self.timings["logging"] = time.perf_counter() - start
+
+    def _log(self, measurement: engine.Measurement, scalars: pd.DataFrame, step: int) -> None:
+        """Curves to every sink, media to those that take them; a sink that fails is warned about, not fatal."""
+        metrics = tb.scalar_metrics(scalars)
+        media = self._media_due(step)
+        for sink in self._sinks:
+            try:
+                sink.log_scalars(metrics, step)
+                if media and sink.media:
+                    sink.log_media(measurement, step, pairs="pairs" in self.families)
+                sink.flush()
+            except Exception as exc:  # a logger's failure must not cost the records or end the run
+                if self.strict:
+                    raise
+                rank_zero_warn(f"negmonitor: logging step {step} to {sink.name} failed ({type(exc).__name__}: "
+                               f"{exc}); the records have every number")
 
     def _media_due(self, step: int) -> bool:
         return step == 0 or (self.media_every > 0 and step % self.media_every == 0) or not self.measured_steps
@@ -417,22 +447,4 @@ def _find_tokenizer(pl_module: LightningModule, trainer: Trainer) -> Any:
         tokenizer = getattr(owner, "tokenizer", None) if owner is not None else None
         if tokenizer is not None:
             return tokenizer
-    return None
-
-
-def _log_dir(trainer: Trainer) -> str:
-    logger = trainer.logger
-    for attr in ("log_dir", "save_dir"):
-        value = getattr(logger, attr, None) if logger is not None else None
-        if value:
-            return str(value)
-    return str(trainer.default_root_dir)
-
-
-def _tensorboard_writer(trainer: Trainer) -> Any:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment if trainer.is_global_zero else None
     return None
