@@ -30,10 +30,11 @@ class LoggerSink:
         self.logger, self.media_sink = logger, media_sink
         self.name = type(logger).__name__
         self.media = media_sink is not None
+        self.leaf_names = isinstance(logger, _mlflow_logger_type())
 
     def log_scalars(self, metrics: dict[str, float], step: int) -> None:
         if metrics:
-            self.logger.log_metrics(metrics, step=int(step))
+            self.logger.log_metrics(leaf_names(metrics) if self.leaf_names else metrics, step=int(step))
 
     def log_media(self, measurement: Any, step: int, pairs: bool = True) -> None:
         if self.media_sink is not None:
@@ -64,6 +65,19 @@ class WandbMedia:
 
     def flush(self) -> None:
         pass
+
+
+def leaf_names(metrics: dict[str, float]) -> dict[str, float]:
+    """A name that is also the folder of other names (``negmonitor/wd/max`` beside ``negmonitor/wd/max/layer_00``)
+    gets ``/all_layers``: MLflow's file store keeps each metric in a file named by it."""
+    folders = {name[:i] for name in metrics for i, char in enumerate(name) if char == "/"}
+    return {f"{name}/all_layers" if name in folders else name: value for name, value in metrics.items()}
+
+
+def _mlflow_logger_type() -> type:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger
 
 
 def logger_sinks(loggers: Sequence[Any]) -> tuple[list[LoggerSink], list[str]]:
