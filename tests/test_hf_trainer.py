@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -43,9 +44,9 @@ class _Blocks(torch.utils.data.Dataset):
 def _args(output_dir, max_steps: int, **kwargs):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8,
-                             learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no",
-                             logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, **kwargs)
+    settings = dict(per_device_train_batch_size=8, learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no",
+                    logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    return TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, **{**settings, **kwargs})
 
 
 def test_hf_trainer_run_gets_the_lightning_monitors_records_and_tags(tmp_path) -> None:
@@ -96,6 +97,35 @@ def test_hf_trainer_run_gets_the_lightning_monitors_records_and_tags(tmp_path) -
     assert "negmonitor/images/top_neurons/layer_01" in tags["images"]
     assert any(t.startswith("negmonitor/pairs/top/layer_00") for t in tags["tensors"])
     assert model.training  # the measurement left train mode as it found it
+
+
+def test_hf_resume_from_a_checkpoint_gives_the_same_records(tmp_path) -> None:
+    from transformers import Trainer
+
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    def run(output_dir, max_steps, resume=None):
+        tokenizer = tiny_tokenizer()
+        callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=2, **PROBE)
+        args = _args(output_dir, max_steps, save_strategy="steps", save_steps=2, lr_scheduler_type="constant")
+        # Llama: transformers 5.24 does not load a GPT-NeoX checkpoint's LM head back ('embed_out.weight'
+        # unexpected), so a resumed GPT-NeoX run trains differently whatever the monitor does
+        model = tiny_causal_lm("llama").train()
+        Trainer(model=model, args=args, train_dataset=_Blocks(tokenizer), processing_class=tokenizer,
+                callbacks=[callback]).train(resume_from_checkpoint=resume)
+        return callback
+
+    run(tmp_path / "full", 6)
+    run(tmp_path / "cut", 2)  # a run that stopped after its checkpoint at step 2 (constant lr: the same updates)
+    resumed = run(tmp_path / "cut", 6, resume=str(tmp_path / "cut" / "checkpoint-2"))
+    assert resumed.measured_steps == [0, 2, 4, 6]  # the measured steps came back with the state
+    assert resumed.monitor.state.cohort_step == 0  # the cohort fixed before the cut, not again after it
+    full = RecordStore(tmp_path / "full" / "negmonitor").read_scalars()
+    cut = RecordStore(tmp_path / "cut" / "negmonitor").read_scalars()
+    assert sorted(cut.step.unique()) == [0, 2, 4, 6]
+    assert "drift/cohort_vs_rest" in set(cut[cut.step == 4].metric)  # drift since the step-2 snapshot
+    pd.testing.assert_frame_equal(full.drop(columns="run"), cut.drop(columns="run"), check_exact=False, rtol=1e-5,
+                                  atol=1e-7)
 
 
 def test_hf_callback_needs_a_probe_and_refuses_fsdp(tmp_path) -> None:

@@ -6,7 +6,9 @@ records and TensorBoard tags, from the same code.
 methods from the ``Trainer``'s events: the probe set is built at ``on_train_begin``, and steps are measured at
 ``on_train_begin`` (step 0), ``on_step_end`` (after each optimizer step) and ``on_train_end``, on
 ``state.global_step``. Records go to ``<logging dir>/negmonitor/`` and the curves to a TensorBoard event file in
-that folder. Under DDP every rank measures (the probe pass reduces across ranks) and rank zero writes.
+that folder. Under DDP every rank measures (the probe pass reduces across ranks) and rank zero writes. The monitor's
+state (cohort, weight snapshot, measured steps) is saved beside each checkpoint and read back when training resumes
+from ``output_dir/checkpoint-<step>``.
 
 Example::
 
@@ -110,7 +112,31 @@ class NegativeDifferentiationCallback(TrainerCallback):
                               "tokens_per_step=...)", stacklevel=2)
         monitor._open(root, sinks, self._ranks.is_global_zero)
         monitor._prepare(getattr(model, "_orig_mod", model), None, self._ranks.is_global_zero)
+        self._load_state(args, state)
         self._maybe_measure(state, monitor.schedule.due(state.global_step))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Save the monitor's state (cohort, weight snapshot, measured steps) beside the checkpoint just written."""
+        if self._ranks is not None and self._ranks.is_global_zero:
+            path = self._state_path(args, state.global_step)
+            if path.parent.is_dir():
+                import torch
+
+                from negmonitor.atomic import atomic_path
+
+                with atomic_path(path) as tmp:
+                    torch.save(self.monitor.state_dict(), tmp)
+
+    def _load_state(self, args: Any, state: Any) -> None:
+        """On a resume (``global_step > 0``), read the state saved beside ``output_dir/checkpoint-<step>``."""
+        path = self._state_path(args, state.global_step)
+        if state.global_step > 0 and path.is_file():
+            import torch
+
+            self.monitor.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def _state_path(self, args: Any, step: int) -> Path:
+        return Path(args.output_dir) / f"checkpoint-{int(step)}" / f"negmonitor-{self.monitor.record_key}.pt"
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Measure when the optimizer step just taken is scheduled."""
