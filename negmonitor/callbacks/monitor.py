@@ -28,11 +28,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from negmonitor.ablation import AblationSettings
+from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
 from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
-from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
 from negmonitor.probe import ProbeSettings
 from negmonitor.probeset import ProbeSet
