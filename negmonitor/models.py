@@ -50,6 +50,9 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode; encoder-only checkpoints load without an LM head.
 
+    ``dtype=None`` loads fp32 on CPU (fp16 matmuls there are slow and lossy) and the checkpoint's saved dtype on a
+    GPU (transformers >= 5 loads the saved dtype, fp16 for Pythia).
+
     Raises:
         NegmonitorError: the id or folder does not exist, the revision does not exist, or nothing loads.
     """
@@ -57,6 +60,8 @@ def load_model(
 
     torch_dtype = parse_dtype(dtype)
     dev = parse_device(device)
+    if torch_dtype is None and dev.type == "cpu":
+        torch_dtype = torch.float32
     name = str(model_id)
     kwargs = {"revision": revision, "cache_dir": cache_dir}
     try:

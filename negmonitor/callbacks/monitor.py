@@ -51,7 +51,12 @@ class NegativeDifferentiationMonitor(Callback):
         tokenizer: the tokenizer (default: found as ``.tokenizer`` on the module or the datamodule).
         model_attr: attribute of the LightningModule holding the transformers model (default: found automatically).
         layers: layer indices to monitor (default: all).
-        probe_tokens, probe_window, n_pairs, seed, probe_batch_size: probe-set construction and pass settings.
+        probe_tokens, probe_window, n_pairs, seed, probe_batch_size: probe-set construction and pass settings. The
+            windows are the paper's (the text as one stream, consecutive windows of ``probe_window`` tokens, clipped
+            to the model), but only the first ``probe_tokens`` (16,384) by default, not the whole split: the probe
+            runs inside training at every measurement, and 8 windows of 2,048 tokens cost one extra forward pass
+            of a training batch or so, where WikiText-2 test (~280k tokens) would cost 17 of them each time.
+            ``probe_tokens=None`` takes the whole text.
         cohort_frac: share of neurons per layer in the top-WD cohort followed for the whole run.
         cohort_step: fix the cohort at the first measurement at or after this step (default: ``warmup_steps``).
         warmup_steps: no cohort is fixed before this step.
@@ -85,8 +90,8 @@ class NegativeDifferentiationMonitor(Callback):
         tokenizer: Any = None,
         model_attr: str | None = None,
         layers: Sequence[int] | None = None,
-        probe_tokens: int = 16_384,
-        probe_window: int = 256,
+        probe_tokens: int | None = 16_384,
+        probe_window: int = 2_048,
         n_pairs: int = 1_000,
         seed: int = 0,
         probe_batch_size: int = 8,
