@@ -187,7 +187,8 @@ class NegativeDifferentiationMonitor(Callback):
         if source is None and hasattr(datamodule, "probe_texts"):
             source = datamodule.probe_texts()
         if self.ablation is not None:
-            self.minimal_pairs = resolve_minimal_pairs(self.minimal_pairs, datamodule, self.minimal_pairs_sample)
+            self.minimal_pairs = resolve_minimal_pairs(self.minimal_pairs, datamodule, self.minimal_pairs_sample,
+                                                       self.ablation.npi_pairs)
             self.ppl_text = resolve_ppl_text(self.ppl_text, datamodule)
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
@@ -350,15 +351,18 @@ class AblationMonitor(NegativeDifferentiationMonitor):
         super().__init__(*args, **kwargs)
 
 
-def resolve_minimal_pairs(spec: Any, datamodule: Any = None,
-                          sample: int | None = 40) -> pd.DataFrame | list[pd.DataFrame] | None:
-    """Minimal pairs from a DataFrame, ``"datamodule"``, ``"blimp"`` (hub), a BLiMP / TSE folder, or a list of these."""
+def resolve_minimal_pairs(spec: Any, datamodule: Any = None, sample: int | None = 40,
+                          npi_pairs: str = "both") -> pd.DataFrame | list[pd.DataFrame] | None:
+    """Minimal pairs from a DataFrame, ``"datamodule"``, ``"blimp"`` (hub), a BLiMP / TSE folder, or a list of these.
+
+    A TSE folder's sample is drawn from the NPI pairs the protocol scores (``npi_pairs``).
+    """
     if spec is None or isinstance(spec, pd.DataFrame):
         return spec
     if isinstance(spec, (list, tuple)):
         from negmonitor.monitoring.ablation_rows import pair_slots
 
-        frames = [resolve_minimal_pairs(item, datamodule, sample) for item in spec]
+        frames = [resolve_minimal_pairs(item, datamodule, sample, npi_pairs) for item in spec]
         pair_slots(frames)  # at most one of each shape: fail now, not at the first ablation
         return frames
     from negmonitor.evaluation import load_blimp, load_tse
@@ -373,7 +377,7 @@ def resolve_minimal_pairs(spec: Any, datamodule: Any = None,
         return load_blimp(None, sample_per_uid=sample)
     path = Path(text).expanduser()
     if path.is_dir() and any(path.glob("*.pickle")):
-        return load_tse(path, sample_per_construction=sample)
+        return load_tse(path, sample_per_construction=sample, npi_pairs=npi_pairs)
     return load_blimp(path, sample_per_uid=sample)
 
 

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     request, settings, fractions = _check_args(args)
     out = ensure_writable_dir(args.out)
     model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
-    suite = _build_suite(args, request, tokenizer)
+    suite = _build_suite(args, request, tokenizer, settings.npi_pairs)
     values = _probe_values(args, model, tokenizer, settings, out)
     dtype = dtype_name(model)
     print(f"ablating {args.model}{'@' + args.revision if args.revision else ''} in {dtype}: mode {settings.mode}, "
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer):
+def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer, npi_pairs: str = "both"):
     """Load the evaluation data the user asked for (local folders, else the hub)."""
     from negmonitor.ablation import EvalSuite
     from negmonitor.evaluation import load_blimp, load_perplexity_text, load_tse
@@ -194,7 +194,7 @@ def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer):
         blimp = load_blimp(args.blimp, uids=_names(args.blimp_uids), sample_per_uid=args.sample, seed=args.seed)
     if "tse" in request.names:
         tse = load_tse(args.tse, constructions=_names(args.tse_constructions), sample_per_construction=args.sample,
-                       seed=args.seed)
+                       seed=args.seed, npi_pairs=npi_pairs)  # sampled from the pairs the protocol scores
     return EvalSuite.build(tokenizer, ppl_text=text, blimp=blimp, tse=tse, lm_eval_tasks=request.lm_eval_tasks,
                            max_ppl_tokens=args.ppl_tokens)
 

@@ -119,7 +119,8 @@ def _ablation(args: argparse.Namespace) -> tuple:
     if args.tse:
         from negmonitor.evaluation.tse import load_tse
 
-        minimal_pairs.append(load_tse(args.tse, sample_per_construction=args.pairs_per_suite, seed=args.seed))
+        minimal_pairs.append(load_tse(args.tse, sample_per_construction=args.pairs_per_suite, seed=args.seed,
+                                      npi_pairs=ablation.npi_pairs))
     from pathlib import Path
 
     from negmonitor.evaluation.perplexity import load_perplexity_text
