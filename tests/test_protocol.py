@@ -119,3 +119,26 @@ def test_ablate_protocol_paper_equals_the_papers_definitions(shared_data, tmp_pa
     assert baseline["tse_margin"] == pytest.approx(margin, rel=1e-4, abs=1e-6)
     breakdown = pd.read_csv(out / "ablation_breakdown.csv").query("condition == 'baseline' and level == 'overall'")
     assert int(breakdown.query("suite == 'tse'")["n"].iloc[0]) == len(tse) == 260
+
+
+def test_replay_and_callback_take_the_protocol(tmp_path):
+    """``replay --protocol paper --ppl-window`` and the callback's ``ablation={"protocol": "paper"}`` (YAML) reach
+    the ablation settings; window flags without --ablate are refused."""
+    import argparse
+
+    from negmonitor.commands import replay
+    from negmonitor.monitoring.ablation_rows import as_settings
+
+    parser = argparse.ArgumentParser()
+    replay.register(parser.add_subparsers())
+    base = ["replay", "--model", "m", "--revisions", "all", "--logdir", str(tmp_path)]
+    args = parser.parse_args(base + ["--ablate", "--protocol", "paper", "--ppl-window", "512",
+                                     "--ppl-text", str(tmp_path / "t.txt")])
+    (tmp_path / "t.txt").write_text("the cat sees the dog . " * 50)
+    settings, _, _ = replay._ablation(args)
+    assert (settings.protocol, settings.tse_score, settings.pair_prefix, settings.npi_pairs) == (
+        "paper", "mean", "none", "last")
+    assert (settings.ppl_window, settings.ppl_stride) == (512, None)
+    with pytest.raises(NegmonitorError, match="only matter with --ablate"):
+        replay._ablation(parser.parse_args(base + ["--ppl-window", "512"]))
+    assert as_settings({"protocol": "paper", "ppl_window": 1024}).npi_pairs == "last"
