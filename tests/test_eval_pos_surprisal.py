@@ -204,3 +204,15 @@ def test_per_token_pos_surprisal_follows_the_paper(tokenizer, nlp, shared_data):
     words = compare_pos_surprisal(model, tokenizer, [text[:600]], None, lambda: zero_negative_mlp(model), nlp=nlp,
                                   unit="word")
     assert list(words.columns) == list(TABLE_COLUMNS) and words["n"].sum() > 0
+
+
+def test_token_labels_edge_cases(nlp):
+    """Most overlap wins (the first on a tie), a token in an untagged space gets X, one without characters SPECIAL."""
+    from negmonitor.evaluation.pos_surprisal import label_tokens
+
+    doc = nlp("One.\n\nTwo three")
+    tags = [(t.idx, t.idx + len(t), t.pos_) for t in doc]
+    offsets = np.array([[0, 3], [2, 4], [3, 6], [0, 0], [9, 10], [8, 12], [10, 15]])
+    expected = [_paper_label(s, e, tags) for s, e in offsets]
+    assert label_tokens(doc, offsets) == expected
+    assert expected[3] == "SPECIAL" and expected[4] == "X" and expected[1] == tags[0][2]

@@ -152,17 +152,16 @@ def window_surprisals(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text
 def label_tokens(doc: Any, offsets: np.ndarray) -> list[str]:
     """The POS of the spaCy token each model token overlaps most (see the module docstring for the fallbacks)."""
     offsets = np.asarray(offsets).reshape(-1, 2)
-    word_starts = np.array([t.idx for t in doc], dtype=np.int64)
-    word_ends = word_starts + np.array([len(t.text) for t in doc], dtype=np.int64)
-    tags = np.array([t.pos_ for t in doc] + ["X"], dtype=object)
+    word_starts = np.array([t.idx for t in doc], dtype=np.int64).reshape(1, -1)
+    word_ends = word_starts + np.array([len(t.text) for t in doc], dtype=np.int64).reshape(1, -1)
+    tags = np.array([t.pos_ for t in doc] + ["X"], dtype=object)  # index len(doc): no spaCy token
     starts, ends = offsets[:, :1], offsets[:, 1:]
-    overlap = np.clip(np.minimum(ends, word_ends[None, :]) - np.maximum(starts, word_starts[None, :]), 0, None)
-    best = overlap.argmax(axis=1) if len(doc) else np.zeros(len(offsets), dtype=np.int64)
-    has = overlap.max(axis=1) > 0 if len(doc) else np.zeros(len(offsets), dtype=bool)
-    containing = (word_starts[None, :] <= starts) & (starts < word_ends[None, :])
-    fallback = np.where(containing.any(axis=1), containing.argmax(axis=1), len(doc)) if len(doc) else \
-        np.zeros(len(offsets), dtype=np.int64)
-    labels = tags[np.where(has, best, fallback)]
+    overlap = np.clip(np.minimum(ends, word_ends) - np.maximum(starts, word_starts), 0, None)
+    containing = (word_starts <= starts) & (starts < word_ends)
+    nowhere = np.full((len(offsets), 1), True)  # the extra column makes argmax land on "X" when nothing matches
+    best = np.hstack([overlap, np.zeros((len(offsets), 1), dtype=overlap.dtype)]).argmax(axis=1)
+    fallback = np.hstack([containing, nowhere]).argmax(axis=1)
+    labels = tags[np.where(overlap.max(axis=1, initial=0) > 0, best, fallback)]
     labels[offsets[:, 1] <= offsets[:, 0]] = "SPECIAL"
     return labels.tolist()
 
