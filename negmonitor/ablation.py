@@ -69,8 +69,14 @@ class AblationSettings:
         batch_size: batch size of every evaluation.
         per: rank within each ``layer`` or within groups of layers (``group``).
         layers: restrict the selections to these layers (default all probed layers).
-        ppl_window: perplexity window (default: the model's maximum positions).
-        ppl_stride: perplexity stride (default: half the window).
+        ppl_window: perplexity window (default: ``min(2048, the model's positions)``, the paper's chunks).
+        ppl_stride: perplexity stride (default: the window: disjoint chunks, tail dropped).
+        protocol: ``negmonitor`` or ``paper`` (:mod:`negmonitor.protocol`): fills every minimal-pair choice below
+            that is left at None.
+        blimp_score, tse_score: ``sum`` or ``mean`` log-probability per sentence (the TSE slot also holds the
+            built-in grammar's pairs).
+        pair_prefix: ``bos`` (a BOS, else EOS, token before each sentence) or ``none`` (the tokenizer's own).
+        npi_pairs: ``both`` pairs of each TSE NPI triple, or the ``last`` only (the authors').
         lm_eval_limit: documents per lm-eval task (None: all).
         lm_eval_task_dirs: folders of custom lm-eval task YAML files.
         progress: show progress bars.
@@ -88,6 +94,11 @@ class AblationSettings:
     layers: tuple[int, ...] | None = None
     ppl_window: int | None = None
     ppl_stride: int | None = None
+    protocol: str = "negmonitor"
+    blimp_score: str | None = None
+    tse_score: str | None = None
+    pair_prefix: str | None = None
+    npi_pairs: str | None = None
     lm_eval_limit: int | float | None = None
     lm_eval_task_dirs: tuple[str, ...] = ()
     progress: bool = False
@@ -103,6 +114,21 @@ class AblationSettings:
             raise NegmonitorError(f"max_matching_evals must be a positive integer, got {self.max_matching_evals!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise NegmonitorError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for name in ("ppl_window", "ppl_stride"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise NegmonitorError(f"{name} must be a positive integer, got {value!r} — e.g. 2048")
+        self._fill_from_protocol()
+
+    def _fill_from_protocol(self) -> None:
+        """Take every minimal-pair choice left at None from the named protocol, then check them all."""
+        from negmonitor.protocol import NPI_PAIRS, PREFIXES, SCORES, check_choice, get_protocol
+
+        proto = get_protocol(self.protocol)
+        self.blimp_score = check_choice(self.blimp_score or proto.blimp_score, SCORES, "blimp_score")
+        self.tse_score = check_choice(self.tse_score or proto.tse_score, SCORES, "tse_score")
+        self.pair_prefix = check_choice(self.pair_prefix or proto.prefix, PREFIXES, "pair_prefix")
+        self.npi_pairs = check_choice(self.npi_pairs or proto.npi_pairs, NPI_PAIRS, "npi_pairs")
 
 
 @dataclass
@@ -214,8 +240,13 @@ def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame,
     model's preference for the grammatical sentence is visible before any pair flips.
     """
     from negmonitor.evaluation import blimp_accuracy, evaluate_pairs, tse_accuracy
+    from negmonitor.evaluation.tse import keep_npi_pairs
 
-    scored = evaluate_pairs(model, tokenizer, pairs, batch_size=settings.batch_size)
+    if suite == "tse":
+        pairs = keep_npi_pairs(pairs, settings.npi_pairs)
+    score = settings.blimp_score if suite == "blimp" else settings.tse_score
+    scored = evaluate_pairs(model, tokenizer, pairs, batch_size=settings.batch_size, score=score,
+                            prefix=settings.pair_prefix)
     table = (blimp_accuracy if suite == "blimp" else tse_accuracy)(scored)
     table.insert(0, "suite", suite)
     overall = table.loc[table["level"] == "overall", "accuracy"]

@@ -50,6 +50,9 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode; encoder-only checkpoints load without an LM head.
 
+    ``dtype=None`` loads fp32 on CPU (fp16 matmuls there are slow and lossy) and the checkpoint's saved dtype on a
+    GPU (transformers >= 5 loads the saved dtype, fp16 for Pythia).
+
     Raises:
         NegmonitorError: the id or folder does not exist, the revision does not exist, or nothing loads.
     """
@@ -57,6 +60,8 @@ def load_model(
 
     torch_dtype = parse_dtype(dtype)
     dev = parse_device(device)
+    if torch_dtype is None and dev.type == "cpu":
+        torch_dtype = torch.float32
     name = str(model_id)
     kwargs = {"revision": revision, "cache_dir": cache_dir}
     try:
@@ -76,12 +81,24 @@ def load_model(
         except Exception as exc:
             raise _load_error(name, revision, exc) from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(name), **kwargs)
     except Exception as exc:
         raise NegmonitorError(f"model {name!r} has no loadable tokenizer ({_short(exc)}) — save one beside it "
                               "with tokenizer.save_pretrained(folder)") from exc
     model.to(dev).eval()
     return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _tokenizer_folder(name: str) -> str:
+    """``name``, or its parent folder when ``name`` is a local folder without tokenizer files and the parent has
+    them (a series of step folders shares one tokenizer beside them); without this transformers builds an empty
+    tokenizer from the config alone, which turns every text into no tokens."""
+    path = Path(name)
+    has = lambda folder: any((folder / f).is_file() for f in _TOKENIZER_FILES)  # noqa: E731
+    return str(path.parent) if path.is_dir() and not has(path) and has(path.parent) else name
 
 
 def _is_decoder(config: object) -> bool:

@@ -53,7 +53,12 @@ class NegativeDifferentiationMonitor(Callback):
         tokenizer: the tokenizer (default: found as ``.tokenizer`` on the module or the datamodule).
         model_attr: attribute of the LightningModule holding the transformers model (default: found automatically).
         layers: layer indices to monitor (default: all).
-        probe_tokens, probe_window, n_pairs, seed, probe_batch_size: probe-set construction and pass settings.
+        probe_tokens, probe_window, n_pairs, seed, probe_batch_size: probe-set construction and pass settings. The
+            windows are the paper's (the text as one stream, consecutive windows of ``probe_window`` tokens, clipped
+            to the model), but only the first ``probe_tokens`` (16,384) by default, not the whole split: the probe
+            runs inside training at every measurement, and 8 windows of 2,048 tokens cost one extra forward pass
+            of a training batch or so, where WikiText-2 test (~280k tokens) would cost 17 of them each time.
+            ``probe_tokens=None`` takes the whole text.
         cohort_frac: share of neurons per layer in the top-WD cohort followed for the whole run.
         cohort_step: fix the cohort at the first measurement at or after this step (default: ``warmup_steps``).
         warmup_steps: no cohort is fixed before this step.
@@ -89,8 +94,8 @@ class NegativeDifferentiationMonitor(Callback):
         tokenizer: Any = None,
         model_attr: str | None = None,
         layers: Sequence[int] | None = None,
-        probe_tokens: int = 16_384,
-        probe_window: int = 256,
+        probe_tokens: int | None = 16_384,
+        probe_window: int = 2_048,
         n_pairs: int = 1_000,
         seed: int = 0,
         probe_batch_size: int = 8,
@@ -201,7 +206,8 @@ class NegativeDifferentiationMonitor(Callback):
         if source is None and hasattr(datamodule, "probe_texts"):
             source = datamodule.probe_texts()
         if self.ablation is not None:
-            self.minimal_pairs = resolve_minimal_pairs(self.minimal_pairs, datamodule, self.minimal_pairs_sample)
+            self.minimal_pairs = resolve_minimal_pairs(self.minimal_pairs, datamodule, self.minimal_pairs_sample,
+                                                       self.ablation.npi_pairs)
             self.ppl_text = resolve_ppl_text(self.ppl_text, datamodule)
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
@@ -375,15 +381,18 @@ class AblationMonitor(NegativeDifferentiationMonitor):
         super().__init__(*args, **kwargs)
 
 
-def resolve_minimal_pairs(spec: Any, datamodule: Any = None,
-                          sample: int | None = 40) -> pd.DataFrame | list[pd.DataFrame] | None:
-    """Minimal pairs from a DataFrame, ``"datamodule"``, ``"blimp"`` (hub), a BLiMP / TSE folder, or a list of these."""
+def resolve_minimal_pairs(spec: Any, datamodule: Any = None, sample: int | None = 40,
+                          npi_pairs: str = "both") -> pd.DataFrame | list[pd.DataFrame] | None:
+    """Minimal pairs from a DataFrame, ``"datamodule"``, ``"blimp"`` (hub), a BLiMP / TSE folder, or a list of these.
+
+    A TSE folder's sample is drawn from the NPI pairs the protocol scores (``npi_pairs``).
+    """
     if spec is None or isinstance(spec, pd.DataFrame):
         return spec
     if isinstance(spec, (list, tuple)):
         from negmonitor.monitoring.ablation_rows import pair_slots
 
-        frames = [resolve_minimal_pairs(item, datamodule, sample) for item in spec]
+        frames = [resolve_minimal_pairs(item, datamodule, sample, npi_pairs) for item in spec]
         pair_slots(frames)  # at most one of each shape: fail now, not at the first ablation
         return frames
     from negmonitor.evaluation import load_blimp, load_tse
@@ -398,7 +407,7 @@ def resolve_minimal_pairs(spec: Any, datamodule: Any = None,
         return load_blimp(None, sample_per_uid=sample)
     path = Path(text).expanduser()
     if path.is_dir() and any(path.glob("*.pickle")):
-        return load_tse(path, sample_per_construction=sample)
+        return load_tse(path, sample_per_construction=sample, npi_pairs=npi_pairs)
     return load_blimp(path, sample_per_uid=sample)
 
 

@@ -12,8 +12,9 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
-from negmonitor.commands.common import (add_model_args, check_fraction, check_positive, ensure_writable_dir,
-                                        parse_layers)
+from negmonitor.commands.common import (add_model_args, add_ppl_window_args, add_probe_window_args,
+                                        add_protocol_args, check_fraction, check_positive, dtype_name,
+                                        ensure_writable_dir, parse_layers, protocol_kwargs)
 from negmonitor.errors import NegmonitorError
 
 EVAL_NAMES = ("ppl", "blimp", "tse", "lm-eval:TASK1+TASK2")
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_ablation_args(parser)
     _add_data_args(parser)
     _add_probe_args(parser)
+    add_protocol_args(parser)
     parser.add_argument("--out", required=True, help="folder for the tables")
     parser.set_defaults(func=run)
 
@@ -53,8 +55,11 @@ def _add_ablation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", default=None, help="perplexity text file (default: WikiText-2 raw validation, hub)")
+    parser.add_argument("--text", default=None,
+                        help="perplexity text file or folder (default: WikiText-2 raw validation, hub, as the paper); "
+                             "never the probe text (that is --probe-text)")
     parser.add_argument("--ppl-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    add_ppl_window_args(parser)
     parser.add_argument("--blimp", default=None, help="folder of BLiMP <UID>.jsonl files (default: nyu-mll/blimp, hub)")
     parser.add_argument("--tse", default=None, help="folder of the TSE pickles (needed for --eval tse)")
     parser.add_argument("--sample", type=int, default=None, help="pairs per BLiMP UID / TSE construction (default all)")
@@ -66,10 +71,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_probe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-text", default=None,
-                        help="probe text file or dataset id for WD (default: --text, else the probe default)")
+                        help="probe text file, folder or dataset id ID[:CONFIG[:SPLIT]] that ranks the neurons "
+                             "(default: WikiText-2 raw test, hub, as the paper)")
     parser.add_argument("--probe-result", default=None, help="reuse a `negmonitor probe --out` folder instead")
-    parser.add_argument("--tokens", type=int, default=32_768, help="probe token budget (default 32768)")
-    parser.add_argument("--window", type=int, default=512, help="tokens per probe window (clipped to the model)")
+    add_probe_window_args(parser)
     parser.add_argument("--layers", default=None, help="comma-separated layers to ablate (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe windows, samples and random control")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of probe and evaluations")
@@ -107,7 +112,7 @@ def _check_args(args: argparse.Namespace) -> tuple:
     from negmonitor.ablation import AblationSettings
 
     check_fraction(args.fraction)
-    for flag in ("sample", "ppl_tokens", "layer_groups", "random_draws"):
+    for flag in ("sample", "ppl_tokens", "layer_groups", "random_draws", "tokens", "ppl_window", "ppl_stride"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     settings = AblationSettings(
         fraction=args.fraction, mode=args.mode, metric=args.metric, seed=args.seed, random_draws=args.random_draws,
@@ -115,7 +120,8 @@ def _check_args(args: argparse.Namespace) -> tuple:
         max_matching_evals=args.max_matching_evals, batch_size=args.batch_size,
         layers=tuple(parse_layers(args.layers)) if args.layers else None,
         lm_eval_limit=_limit(args.lm_eval_limit),
-        lm_eval_task_dirs=(args.lm_eval_tasks_dir,) if args.lm_eval_tasks_dir else (), progress=True)
+        lm_eval_task_dirs=(args.lm_eval_tasks_dir,) if args.lm_eval_tasks_dir else (), progress=True,
+        **protocol_kwargs(args))
     _check_metric(args.metric)
     request = parse_evals(args.eval or ("ppl,blimp,tse" if args.tse else "ppl,blimp"))
     if "tse" in request.names and args.tse is None:
@@ -155,10 +161,12 @@ def run(args: argparse.Namespace) -> int:
     request, settings, fractions = _check_args(args)
     out = ensure_writable_dir(args.out)
     model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
-    suite = _build_suite(args, request, tokenizer)
+    suite = _build_suite(args, request, tokenizer, settings.npi_pairs)
     values = _probe_values(args, model, tokenizer, settings, out)
-    print(f"ablating {args.model}{'@' + args.revision if args.revision else ''}: mode {settings.mode}, top "
-          f"{settings.fraction:g} of neurons by {settings.metric} per layer; evaluations {', '.join(suite.names)}")
+    dtype = dtype_name(model)
+    print(f"ablating {args.model}{'@' + args.revision if args.revision else ''} in {dtype}: mode {settings.mode}, "
+          f"top {settings.fraction:g} of neurons by {settings.metric} per layer; evaluations {', '.join(suite.names)}; "
+          f"protocol {settings.protocol}")
     reports = [run_protocol(model, tokenizer, values, suite, settings)]
     if args.layer_groups:
         reports.append(layer_group_sweep(model, tokenizer, values, suite, args.layer_groups, settings))
@@ -166,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         ppl_only = EvalSuite(ppl_ids=suite.ppl_ids) if suite.ppl_ids is not None else suite
         reports.append(fraction_sweep(model, tokenizer, values, ppl_only, fractions, settings))
     for report in reports:
-        report.meta.update(model=args.model, revision=args.revision)
+        report.meta.update(model=args.model, revision=args.revision, dtype=dtype)
         print(f"\n{report.name}:\n{format_table(report.table)}")
     _print_matching(reports[0].meta.get("matching", {}))
     for report in reports:
@@ -175,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer):
+def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer, npi_pairs: str = "both"):
     """Load the evaluation data the user asked for (local folders, else the hub)."""
     from negmonitor.ablation import EvalSuite
     from negmonitor.evaluation import load_blimp, load_perplexity_text, load_tse
@@ -186,7 +194,7 @@ def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer):
         blimp = load_blimp(args.blimp, uids=_names(args.blimp_uids), sample_per_uid=args.sample, seed=args.seed)
     if "tse" in request.names:
         tse = load_tse(args.tse, constructions=_names(args.tse_constructions), sample_per_construction=args.sample,
-                       seed=args.seed)
+                       seed=args.seed, npi_pairs=npi_pairs)  # sampled from the pairs the protocol scores
     return EvalSuite.build(tokenizer, ppl_text=text, blimp=blimp, tse=tse, lm_eval_tasks=request.lm_eval_tasks,
                            max_ppl_tokens=args.ppl_tokens)
 
@@ -205,14 +213,14 @@ def _probe_values(args: argparse.Namespace, model, tokenizer, settings, out) -> 
     if args.probe_result:
         return ProbeResult.load(args.probe_result).values(settings.metric)
     max_positions = getattr(model.config, "max_position_embeddings", None)
-    probe_set = ProbeSet.build(args.probe_text or args.text, tokenizer, n_tokens=args.tokens, window=args.window,
+    probe_set = ProbeSet.build(args.probe_text, tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=1_000 if settings.metric == "md" else 0, seed=args.seed,
                                max_positions=max_positions)
     print(f"probing on {probe_set.n_tokens} tokens ({probe_set.n_windows} windows of {probe_set.window}) from "
           f"{probe_set.source}")
     result = probe(model, probe_set, layers=list(settings.layers) if settings.layers else None, tokenizer=tokenizer,
                    batch_size=settings.batch_size, progress=True)
-    result.meta.update(model=args.model, revision=args.revision)
+    result.meta.update(model=args.model, revision=args.revision, dtype=dtype_name(model), protocol=settings.protocol)
     print(f"probe tables written to {result.save(out / 'probe')}/ (reuse them with --probe-result)")
     return result.values(settings.metric)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from negmonitor.commands.common import add_model_args, add_probe_args, ensure_writable_dir, parse_layers, probe_source
+from negmonitor.commands.common import (add_model_args, add_probe_args, add_protocol_args, dtype_name,
+                                        ensure_writable_dir, parse_layers, probe_source)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "per-pair tables (parquet).")
     add_model_args(parser)
     add_probe_args(parser)
+    add_protocol_args(parser, pairs=False)
     parser.add_argument("--out", required=True, help="folder for the tables")
     parser.set_defaults(func=run)
 
@@ -30,10 +32,11 @@ def run(args: argparse.Namespace) -> int:
     max_positions = getattr(model.config, "max_position_embeddings", None)
     probe_set = ProbeSet.build(probe_source(args), tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)
-    print(f"probing {args.model}{'@' + args.revision if args.revision else ''} on {probe_set.n_tokens} tokens "
-          f"({probe_set.n_windows} windows of {probe_set.window}) from {probe_set.source}")
+    dtype = dtype_name(model)
+    print(f"probing {args.model}{'@' + args.revision if args.revision else ''} in {dtype} on {probe_set.n_tokens} "
+          f"tokens ({probe_set.n_windows} windows of {probe_set.window}) from {probe_set.source}")
     result = probe(model, probe_set, layers=layers, tokenizer=tokenizer, batch_size=args.batch_size, progress=True)
-    result.meta.update(model=args.model, revision=args.revision)
+    result.meta.update(model=args.model, revision=args.revision, dtype=dtype, protocol=args.protocol)
     result.save(out)
     print(format_summary(result.layers))
     print(f"tables written to {out}/ (neurons.parquet, layers.parquet, pairs.parquet, top_pairs.parquet, meta.json)")

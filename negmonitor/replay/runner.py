@@ -68,7 +68,8 @@ class ReplaySettings:
     """How a replay runs (everything but the model, the revisions, the log folder and the probe).
 
     Args:
-        probe_tokens, probe_window, n_pairs, seed, batch_size: probe-set construction and pass settings.
+        probe_tokens, probe_window, n_pairs, seed, batch_size: probe-set construction and pass settings (default:
+            the whole probe text in windows of 2,048 tokens, as the paper).
         layers: layer indices to monitor (None: all).
         cohort_frac: share of neurons per layer in the top-WD cohort.
         cohort_revision: the reference checkpoint of the cohort (default: the last of the list that loads).
@@ -76,7 +77,7 @@ class ReplaySettings:
         minimal_pairs: minimal pairs (``suite, sentence_good, sentence_bad``) for the ablation accuracy: one
             BLiMP- or TSE-shaped DataFrame, or a list with at most one of each.
         ppl_text: text for the ablation perplexity.
-        dtype: ``fp32``, ``fp16`` or ``bf16`` (default: as saved).
+        dtype: ``fp32``, ``fp16`` or ``bf16`` (default: fp32 on CPU, as saved on a GPU); recorded in the run info.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         shard: ``"K/N"`` or ``(K, N)``: replay the K-th of N contiguous blocks of the list (1-based).
         tokenizer: a tokenizer or a folder/hub id to load one from (default: the series' own).
@@ -91,8 +92,8 @@ class ReplaySettings:
         progress: show a progress bar over the checkpoints.
     """
 
-    probe_tokens: int = 32_768
-    probe_window: int = 512
+    probe_tokens: int | None = None
+    probe_window: int = 2_048
     n_pairs: int = 1_000
     seed: int = 0
     batch_size: int = 8
@@ -197,8 +198,10 @@ class _Replay:
     def __init__(self, model: Any, revisions: Any, logdir: Path, probe: Any, settings: ReplaySettings) -> None:
         self.settings = settings
         self.shard = parse_shard(settings.shard)
-        self.dtype = parse_dtype(settings.dtype)
         self.device = parse_device(settings.device)
+        self.dtype = parse_dtype(settings.dtype)
+        if self.dtype is None and self.device.type == "cpu":
+            self.dtype = torch.float32  # fp16 checkpoints (Pythia) are slow and lossy on CPU
         check_fraction(settings.cohort_frac, "cohort_frac")
         self.ablation_rows = _ablation_function() if settings.ablation is not None else None
         self.logdir = ensure_writable_dir(logdir, "log folder")
