@@ -52,19 +52,27 @@ SCRIPT = textwrap.dedent('''
     seed_everything(0)
     module = TinyLM()
     monitor = NegativeDifferentiationMonitor(probe=[TEXT], probe_tokens=2_048, probe_window=64, n_pairs=200,
-                                             every_n_steps=2, log_dir=sys.argv[1], ablation=json.loads(sys.argv[3]),
-                                             ppl_text=TEXT[:2_000], minimal_pairs=GrammarCorpus(0).minimal_pairs(3))
+                                             every_n_steps=2, at_end=False, log_dir=sys.argv[1],
+                                             ablation=json.loads(sys.argv[3]), ppl_text=TEXT[:2_000],
+                                             minimal_pairs=GrammarCorpus(0).minimal_pairs(3))
     strategy = CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({GPTNeoXLayer}), process_group_backend="gloo")
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=2, logger=False,
-                        callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
+    class Rows(L.Callback):
+        """Whole MLP rows at step 2 (after the monitor measured them), saved by rank 0."""
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step != 2:
+                return
+            layers = pl_module.model.gpt_neox.layers
+            assert layers[0].mlp.dense_h_to_4h.weight.dim() == 1  # sharded: the monitor had to gather whole rows
+            with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+                rows = {i: layer.mlp.dense_h_to_4h.weight.detach().clone() for i, layer in enumerate(layers)}
+            if trainer.global_rank == 0:
+                torch.save(rows, f"{sys.argv[1]}/rows_at_2.pt")
+
+    # measured at steps 0 and 2; step 3 trains after a measurement
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=3, logger=False,
+                        callbacks=[monitor, Rows()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=sys.argv[1])
     trainer.fit(module, token_loader(module.tokenizer))
-    layers = module.model.gpt_neox.layers
-    assert layers[0].mlp.dense_h_to_4h.weight.dim() == 1  # sharded: the monitor had to gather whole rows
-    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
-        final = {i: layer.mlp.dense_h_to_4h.weight.detach().clone() for i, layer in enumerate(layers)}
-    if trainer.global_rank == 0:
-        torch.save(final, f"{sys.argv[1]}/final_rows.pt")
 ''')
 
 
@@ -100,7 +108,7 @@ def test_fsdp_records_equal_a_single_process_measurement(tmp_path) -> None:
     assert sorted(ablation.index) == sorted(rows.index)
     np.testing.assert_allclose(ablation[rows.index].to_numpy(), rows.to_numpy(), rtol=1e-5, atol=1e-7)
 
-    final = torch.load(logs / "final_rows.pt")  # whole rows after 2 steps, gathered by the script
+    final = torch.load(logs / "rows_at_2.pt")  # whole rows after 2 steps, gathered by the script
     at_2 = neurons[neurons.step == 2].sort_values(["layer", "neuron"])
     for layer, site in enumerate(module.model.gpt_neox.layers):
         drift = weight_drift(site.mlp.dense_h_to_4h.weight.detach().float(), final[layer].float())
