@@ -56,11 +56,13 @@ class Shard:
         return most - mine
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over the processes (a copy; ``values`` on the device the backend needs)."""
-        values = values.clone()
-        if self.active:
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-        return values
+        """``values`` summed over the processes (a copy, on ``values``' device; NCCL reduces on the current GPU)."""
+        if not self.active:
+            return values.clone()
+        nccl = torch.distributed.get_backend() == "nccl"
+        reduced = values.to(torch.device("cuda", torch.cuda.current_device()), copy=True) if nccl else values.clone()
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+        return reduced.to(values.device)
 
 
 # --------------------------------------------------------------------------------------------------------------
