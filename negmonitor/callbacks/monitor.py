@@ -449,7 +449,7 @@ def _strategy_context(trainer: Trainer, hf_model: torch.nn.Module) -> Any:
     from negmonitor.distributed import fsdp_routing, is_fsdp
 
     root = getattr(trainer.strategy, "model", None)
-    if trainer.world_size > 1 and is_fsdp(root):
+    if is_fsdp(root):
         return fsdp_routing(root, trainer.lightning_module, hf_model)
     return contextlib.nullcontext()
 
