@@ -73,7 +73,7 @@ _OWNERS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDict
 
 def is_fsdp(module: nn.Module | None) -> bool:
     """Whether ``module`` is, or contains, an FSDP (v1) unit."""
-    if module is None:
+    if module is None or not torch.distributed.is_available():
         return False
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -90,8 +90,8 @@ def fsdp_routing(root: nn.Module, inner: nn.Module, model: nn.Module) -> Iterato
     originals = [(m, m.__dict__.get("forward")) for m in targets]
     owners = _innermost_owners(root)
     try:
-        for module, _ in originals:
-            module.forward = router.wrap(type(module).forward.__get__(module))
+        for module, saved in originals:
+            module.forward = router.wrap(saved or type(module).forward.__get__(module))
         _OWNERS.update(owners)
         yield
     finally:

@@ -73,6 +73,8 @@ SCRIPT = textwrap.dedent('''
                         callbacks=[monitor, Rows()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=sys.argv[1])
     trainer.fit(module, token_loader(module.tokenizer))
+    # the routing patches are gone
+    assert "forward" not in vars(module.model) and "forward" not in vars(module.model.gpt_neox)
 ''')
 
 

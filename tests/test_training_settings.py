@@ -97,8 +97,12 @@ class CompiledTinyLM(TinyLM):
 def test_compiled_model_gives_the_eager_records(tmp_path) -> None:
     seed_everything(0)
     _, eager_scalars, eager = _fit(tmp_path / "eager", TinyLM(), 4)
+    from torch._dynamo.utils import counters
+
     seed_everything(0)
+    counters.clear()
     _, scalars, compiled = _fit(tmp_path / "compiled", CompiledTinyLM(), 4)
+    assert counters["stats"]["unique_graphs"] == 1  # the measurements (hooks, ablation patches) forced no recompile
     assert sorted(scalars.step.unique()) == sorted(eager_scalars.step.unique()) == [0, 2, 4]
     columns = NUMBERS + ["drift_cos_dissim"]
     np.testing.assert_allclose(compiled[columns].to_numpy(), eager[columns].to_numpy(), atol=1e-4, rtol=1e-4)
