@@ -92,11 +92,11 @@ def test_ddp_ablation_is_split_across_ranks_and_equals_single_process(tmp_path) 
 
 
 def test_shard_pads_every_rank_to_rank_zeros_batches() -> None:
-    counts = []
+    own, extra = [], []
     for rank in range(3):
         shard = Shard(rank, 3)
-        mine = shard.take(list(range(10)))
-        counts.append(-(-len(mine) // 2) + shard.extra_batches(10, 2))
-    assert counts == [2, 2, 2]
+        own.append(-(-len(shard.take(list(range(10)))) // 3))  # 4, 3, 3 items in batches of 3
+        extra.append(shard.extra_batches(10, 3))
+    assert own == [2, 1, 1] and extra == [0, 1, 1]
     assert Shard(2, 3).take(list(range(10))) == [2, 5, 8]
     assert Shard().extra_batches(7, 3) == 0 and not Shard().active
