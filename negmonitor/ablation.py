@@ -43,6 +43,7 @@ from torch import nn
 
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
 from negmonitor.commands.common import check_fraction
+from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.interventions import ablate, check_mode
 from negmonitor.selection import Selection, restrict_layers, select_neurons
@@ -140,20 +141,25 @@ class EvalSuite:
         blimp: BLiMP pairs (:func:`negmonitor.evaluation.load_blimp`).
         tse: TSE pairs (:func:`negmonitor.evaluation.load_tse`).
         lm_eval_tasks: lm-eval task names.
+        shard: under DDP/FSDP, this process's place: perplexity windows and minimal-pair sentences are split across
+            the processes and their sums reduced, so every process gets the single-process numbers (every process
+            must then run the same evaluations; lm-eval tasks are not split). None: one process.
     """
 
     ppl_ids: torch.Tensor | None = None
     blimp: pd.DataFrame | None = None
     tse: pd.DataFrame | None = None
     lm_eval_tasks: tuple[str, ...] = ()
+    shard: Shard | None = None
 
     @classmethod
     def build(cls, tokenizer, ppl_text: str | Sequence[str] | torch.Tensor | None = None,
               blimp: pd.DataFrame | None = None, tse: pd.DataFrame | None = None,
-              lm_eval_tasks: Sequence[str] = (), max_ppl_tokens: int | None = None) -> "EvalSuite":
+              lm_eval_tasks: Sequence[str] = (), max_ppl_tokens: int | None = None,
+              shard: Shard | None = None) -> "EvalSuite":
         """Tokenize the perplexity text once (keeping its first ``max_ppl_tokens`` tokens) and bundle the rest."""
         ids = None if ppl_text is None else leading_tokens(tokenizer, ppl_text, max_ppl_tokens)
-        return cls(ids, blimp, tse, tuple(lm_eval_tasks))
+        return cls(ids, blimp, tse, tuple(lm_eval_tasks), shard)
 
     @property
     def names(self) -> list[str]:
@@ -209,10 +215,10 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
     metrics: dict[str, float] = {}
     frames = []
     if "ppl" in wanted:
-        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings))
+        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings, suite.shard))
     for name in ("blimp", "tse"):
         if name in wanted:
-            value, margin, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings)
+            value, margin, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings, suite.shard)
             metrics[f"{name}_acc"] = value
             metrics[f"{name}_margin"] = margin
             frames.append(table)
@@ -224,29 +230,31 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
     return Scores(metrics, breakdown)
 
 
-def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: AblationSettings) -> dict[str, float]:
-    from negmonitor.evaluation.perplexity import perplexity
+def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: AblationSettings,
+                shard: Shard | None = None) -> dict[str, float]:
+    from negmonitor.evaluation.sharded import sharded_perplexity
 
-    result = perplexity(model, tokenizer, ids, window=settings.ppl_window, stride=settings.ppl_stride,
-                        batch_size=settings.batch_size)
+    result = sharded_perplexity(model, tokenizer, ids, shard or Shard(), window=settings.ppl_window,
+                                stride=settings.ppl_stride, batch_size=settings.batch_size)
     return {"ppl": result.ppl, "nll": result.nll}
 
 
-def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame,
-                   settings: AblationSettings) -> tuple[float, float, pd.DataFrame]:
+def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame, settings: AblationSettings,
+                   shard: Shard | None = None) -> tuple[float, float, pd.DataFrame]:
     """Overall accuracy, mean log-probability margin (good − bad, nats) and the suite's accuracy levels.
 
     The margin still moves when accuracy is saturated (a small model that gets every pair right), so damage to the
     model's preference for the grammatical sentence is visible before any pair flips.
     """
-    from negmonitor.evaluation import blimp_accuracy, evaluate_pairs, tse_accuracy
+    from negmonitor.evaluation import blimp_accuracy, tse_accuracy
+    from negmonitor.evaluation.sharded import sharded_evaluate_pairs
     from negmonitor.evaluation.tse import keep_npi_pairs
 
     if suite == "tse":
         pairs = keep_npi_pairs(pairs, settings.npi_pairs)
     score = settings.blimp_score if suite == "blimp" else settings.tse_score
-    scored = evaluate_pairs(model, tokenizer, pairs, batch_size=settings.batch_size, score=score,
-                            prefix=settings.pair_prefix)
+    scored = sharded_evaluate_pairs(model, tokenizer, pairs, shard or Shard(), batch_size=settings.batch_size,
+                                    score=score, prefix=settings.pair_prefix)
     table = (blimp_accuracy if suite == "blimp" else tse_accuracy)(scored)
     table.insert(0, "suite", suite)
     overall = table.loc[table["level"] == "overall", "accuracy"]

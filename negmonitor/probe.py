@@ -18,6 +18,7 @@ from torch import nn
 
 from negmonitor.adapters import MLPSite, find_sites
 from negmonitor.capture import BatchContext, SiteRecorder, check_hooks_fired, recording, unwrap_compiled
+from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.probeset import ProbeSet
 
@@ -123,6 +124,9 @@ def _measure_once(
             mask = probe_set.attention_mask[chunk].to(device)
             _set_batch(batch, chunk, mask, pair_flat, probe_set.window, device)
             runner(input_ids=ids, attention_mask=mask)
+    with _eval_no_grad(eager):  # as many forward passes as rank 0 (FSDP: each one is a collective); no hooks
+        for _ in range(Shard(rank, world_size).extra_batches(probe_set.n_windows, batch_size)):
+            runner(input_ids=probe_set.input_ids[:1].to(device), attention_mask=probe_set.attention_mask[:1].to(device))
     if batches:
         check_hooks_fired(recorders)
     return recorders

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from negmonitor.ablation import AblationSettings
 from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
+from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
@@ -167,6 +168,7 @@ class NegativeDifferentiationMonitor(Callback):
         """Check the record folder and decide, once, what each logger gets (scalars; media where it can)."""
         if stage != "fit":
             return
+        check_strategy(trainer.strategy)
         if not trainer.is_global_zero:
             return self._open(Path(self.log_dir or trainer.default_root_dir), [], is_global_zero=False)
         root = Path(self.log_dir) if self.log_dir else records_log_dir(trainer.loggers, trainer.default_root_dir)
@@ -294,18 +296,20 @@ class NegativeDifferentiationMonitor(Callback):
                 self.measured_steps.append(step)
 
     def _measure_unguarded(self, trainer: Trainer, step: int) -> None:
-        start = time.perf_counter()
-        measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
-                                              tokenizer=self.tokenizer, rank=trainer.global_rank,
-                                              world_size=trainer.world_size)
-        self.timings["probe"] = time.perf_counter() - start
-        if not trainer.is_global_zero:
-            return  # the probe pass above is shared by every rank; ablation (no collectives) and writing are not
-        scalars = measurement.scalars
-        if self._ablation_due(step):
+        with _strategy_context(trainer, self._hf_model):
             start = time.perf_counter()
-            scalars = pd.concat([scalars, self._ablation_rows(measurement)], ignore_index=True)
-            self.timings["ablation"] = time.perf_counter() - start
+            measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
+                                                  tokenizer=self.tokenizer, rank=trainer.global_rank,
+                                                  world_size=trainer.world_size)
+            self.timings["probe"] = time.perf_counter() - start
+            scalars = measurement.scalars
+            if self._ablation_due(step):  # every rank evaluates its share (DDP, FSDP): no rank waits for another
+                start = time.perf_counter()
+                rows = self._ablation_rows(measurement, Shard(trainer.global_rank, trainer.world_size))
+                scalars = pd.concat([scalars, rows], ignore_index=True)
+                self.timings["ablation"] = time.perf_counter() - start
+        if not trainer.is_global_zero:
+            return  # every rank has the same numbers; rank 0 writes them
         start = time.perf_counter()
         scalars = scalars[scalars.metric.map(_family).isin(self.families)]
         key = self.record_key
@@ -338,11 +342,11 @@ class NegativeDifferentiationMonitor(Callback):
     def _ablation_due(self, step: int) -> bool:
         return self.ablation is not None and (step == 0 or step % max(1, self.ablation_every) == 0)
 
-    def _ablation_rows(self, measurement: engine.Measurement) -> pd.DataFrame:
+    def _ablation_rows(self, measurement: engine.Measurement, shard: Shard | None = None) -> pd.DataFrame:
         from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
 
         return ablation_scalar_rows(self._hf_model, self.tokenizer, measurement.result, self.ablation,
-                                    self.minimal_pairs, self.ppl_text)
+                                    self.minimal_pairs, self.ppl_text, shard=shard)
 
 
 class WassersteinMonitor(NegativeDifferentiationMonitor):
@@ -457,3 +461,24 @@ def _find_tokenizer(pl_module: LightningModule, trainer: Trainer) -> Any:
         if tokenizer is not None:
             return tokenizer
     return None
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse strategies the monitor cannot measure under (DeepSpeed: its ZeRO stages shard parameters in ways the
+    probe pass and the weight reads do not follow)."""
+    if any("deepspeed" in cls.__name__.lower() for cls in type(strategy).__mro__):
+        raise NegmonitorError(f"negmonitor does not support {type(strategy).__name__} — train with strategy='ddp' or "
+                              "FSDPStrategy (the monitor measures whole layers under both)")
+
+
+def _strategy_context(trainer: Trainer, hf_model: torch.nn.Module) -> Any:
+    """Under FSDP: route the model's calls through the FSDP wrapper and read whole weights (see
+    :func:`negmonitor.distributed.fsdp_routing`); otherwise nothing."""
+    import contextlib
+
+    from negmonitor.distributed import fsdp_routing, is_fsdp
+
+    root = getattr(getattr(trainer, "strategy", None), "model", None)  # the HF callback passes ranks only
+    if is_fsdp(root):
+        return fsdp_routing(root, trainer.lightning_module, hf_model)
+    return contextlib.nullcontext()

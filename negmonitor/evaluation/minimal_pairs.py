@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -178,19 +178,23 @@ def _pseudo_log_likelihoods(model: nn.Module, tokenizer: PreTrainedTokenizerBase
 
 def evaluate_pairs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs_df: pd.DataFrame, batch_size: int = 32,
                    device: str | torch.device | None = None, progress: bool = False, score: str = "sum",
-                   prefix: str = "bos") -> pd.DataFrame:
+                   prefix: str = "bos", scorer: Callable[[list[str]], torch.Tensor] | None = None) -> pd.DataFrame:
     """Score each pair: a copy of ``pairs_df`` with ``logp_good``, ``logp_bad`` and ``correct`` (good > bad).
 
     ``score`` and ``prefix`` as in :func:`score_sentences` (the paper's code: BLiMP ``sum``, TSE ``mean``, both
-    ``prefix="none"``).
+    ``prefix="none"``). ``scorer``, if given, scores the list of distinct sentences instead of
+    :func:`score_sentences` (the DDP split uses it).
     """
     missing = [c for c in PAIR_COLUMNS if c not in pairs_df.columns]
     if missing:
         raise NegmonitorError(f"the pairs table lacks column(s) {', '.join(missing)} — load it with load_blimp or "
                               "load_tse, or name the columns sentence_good and sentence_bad")
     unique = list(dict.fromkeys(pd.concat([pairs_df["sentence_good"], pairs_df["sentence_bad"]]).astype(str)))
-    scores = score_sentences(model, tokenizer, unique, batch_size=batch_size, device=device, progress=progress,
-                             score=score, prefix=prefix)
+    if scorer is not None:
+        scores = scorer(unique)
+    else:
+        scores = score_sentences(model, tokenizer, unique, batch_size=batch_size, device=device, progress=progress,
+                                 score=score, prefix=prefix)
     lookup = dict(zip(unique, scores.tolist(), strict=True))
     out = pairs_df.copy()
     out["logp_good"] = out["sentence_good"].astype(str).map(lookup).astype("float64")
