@@ -88,7 +88,9 @@ def test_ddp_ablation_is_split_across_ranks_and_equals_single_process(tmp_path) 
     assert forwards[0][0] < len(calls)  # each rank ran a share, not the whole
     assert "ablation/ppl_ratio/ppl_matched" in single and "ablation/margin_drop/grammar/random_sd" in single
     assert sorted(ddp.index) == sorted(single.index)
-    np.testing.assert_allclose(ddp[single.index].to_numpy(), single.to_numpy(), rtol=1e-5, atol=1e-7)
+    # Sentences batched differently on each rank are scored with other padding: fp32 log-probabilities of tens of
+    # nats differ in their last bits (~1e-6), which a margin drop (a difference of margins) shows as ~1e-7 absolute.
+    np.testing.assert_allclose(ddp[single.index].to_numpy(), single.to_numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_shard_pads_every_rank_to_rank_zeros_batches() -> None:
