@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from negmonitor.adapters import find_sites
-from negmonitor.commands.common import check_fraction, ensure_writable_dir
+from negmonitor.atomic import ensure_writable_dir
 from negmonitor.errors import NegmonitorError
 from negmonitor.models import parse_device, parse_dtype
 from negmonitor.monitoring import engine
@@ -55,6 +55,7 @@ from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest,
 from negmonitor.replay.revisions import parse_shard, resolve_revisions, revision_name, shard_indices, step_of
 from negmonitor.replay.sources import CheckpointMissing, Series, first_line, open_series
 from negmonitor.replay.state import check_cohort, check_run_info, read_cohort, write_cohort
+from negmonitor.validation import check_fraction
 
 FINGERPRINT = ("model", "variant", "probe", "probe_tokens", "probe_window", "n_pairs", "seed", "layers",
                "cohort_frac", "dtype", "ablation", "tokens_per_step")
