@@ -41,9 +41,11 @@ class MonitorSettings:
         warmup_steps: steps before which no cohort is fixed.
         weight_drift: measure the weight drift between successive measurements.
         drift_dtype: dtype of the previous-weights snapshot, kept on the model's device. bf16 (default) halves an
-            fp32 copy; both snapshots are rounded alike, so an unchanged row drifts by exactly 0, and a cosine
-            dissimilarity above ~1e-4 is exact to ~1% (bf16's rounding adds ~u²/3 ≈ 1.3e-6, u = 2⁻⁹). Use
-            ``torch.float32`` to resolve the far smaller drift of measurements a few warm-up steps apart.
+            fp32 copy; both snapshots are rounded alike, so an unchanged row drifts by exactly 0. bf16's rounding
+            (relative 2⁻⁸ per weight, independent per weight) adds ≈3e-6 to a cosine dissimilarity D plus noise of
+            order sqrt(D·1e-5/d_in): per neuron within ~3% for D ≥ 5e-3 (rows moving ≥10% between measurements,
+            as they do hundreds of steps apart), the layer-normalised value likewise. Use ``torch.float32`` for
+            measurements a few warm-up steps apart (D ~ 1e-6 and less).
         image_neurons: how many top-WD neurons per layer get a pre-activation histogram image.
         probe: probe-pass settings (batch size, pair-sign defaults).
     """
