@@ -315,21 +315,23 @@ class NegativeDifferentiationMonitor(Callback):
             self._store.write_scalars(self.run_name, step, self.tokens_seen, rows, key=f"{self.record_key}-failed")
 
     def _read_snapshot(self) -> None:
-        """After a resume, read the weight snapshot the checkpoint refers to (saved beside the records)."""
+        """After a resume, read the weight snapshot the checkpoint refers to (saved beside the records).
+
+        Never raises: it runs on rank 0 only, before the measurement's collectives."""
         step, self._snapshot_to_read = self._snapshot_to_read, None
         if step is None or not self.settings.weight_drift or self._store is None:
             return
         from negmonitor.monitoring.drift_snapshot import read_snapshot, snapshot_path
 
         path = snapshot_path(self._store.root, self.record_key, step)
-        if not path.is_file():
-            rank_zero_warn(f"negmonitor: the weight snapshot of step {step} is not at {path}; weight drift restarts "
-                           "at this measurement (its drift rows are missing once)")
-            self.state.prev_step = None
-            return
-        device = next(self._hf_model.parameters()).device
-        self.state.prev_weights = read_snapshot(path, device)
-        self._snapshot_saved = step
+        try:
+            self.state.prev_weights = read_snapshot(path, next(self._hf_model.parameters()).device)
+            self._snapshot_saved = step
+        except Exception as exc:  # noqa: BLE001 - a missing snapshot costs one drift value, never the run
+            why = "is missing" if not path.is_file() else f"cannot be read ({type(exc).__name__}: {exc})"
+            warnings.warn(f"negmonitor: the weight snapshot of step {step} at {path} {why}; weight drift restarts at "
+                          "this measurement (its drift rows are missing once)", stacklevel=2)
+            self.state.prev_weights, self.state.prev_step = None, None
 
     def _measure_unguarded(self, trainer: Trainer, step: int) -> None:
         start = time.perf_counter()
