@@ -125,8 +125,8 @@ def take_measurement(
     sites = find_sites(eager, settings.layers)
     recorders = measure(eager, probe_set, sites, settings.probe, rank=rank, world_size=world_size,
                         forward_context=forward_context)
-    with agree_on_failure(world_size > 1):  # the reductions are collectives; a local failure between them is not
-        _reduce_counts(recorders, world_size)
+    _reduce(recorders, world_size)
+    with agree_on_failure(world_size > 1):  # no collective follows, but every rank should skip the same steps
         result = ProbeResult.from_recorders(recorders, sites, probe_set, tokenizer, settings.probe)
         samples = _samples(recorders, result, settings.image_neurons)
     del recorders
@@ -135,6 +135,19 @@ def take_measurement(
     neurons = _neuron_snapshot(result, state, drift)
     scalars = _layer_scalars(result, neurons, state, drift, settings)
     return Measurement(step, result, scalars, neurons, samples)
+
+
+def _reduce(recorders: list, world_size: int) -> None:
+    """Every reduction of the measurement, each accumulator's closed by a guard.
+
+    torchmetrics' ``compute()`` syncs an accumulator's states (collectives), then does its maths (local); the result
+    is cached, so the summary's later ``compute()`` calls reduce nothing again. A guard after each one means no rank
+    enters the next sync while another has failed in the maths before it.
+    """
+    _reduce_counts(recorders, world_size)
+    for metric in (m for recorder in recorders for m in (recorder.stats, recorder.pairs)):
+        with agree_on_failure(world_size > 1):
+            metric.compute()
 
 
 def _reduce_counts(recorders: list, world_size: int) -> None:
