@@ -135,3 +135,21 @@ def test_resume_reads_the_snapshot_back_and_warns_when_it_is_gone(tmp_path) -> N
     scalars = RecordStore.for_logdir(gone / "run" / "version_0").read_scalars()
     assert not scalars[(scalars.step == 4) & scalars.metric.str.startswith("drift/")].size
     assert "health/measurement_failed" not in set(scalars.metric)
+
+
+def test_drift_too_small_for_bf16_is_warned_once(tmp_path) -> None:
+    """A learning rate so small that successive snapshots barely move: bf16 cannot resolve it, and says so."""
+    seed_everything(0)
+    module = TinyLM(lr=1e-6)
+    monitor = WeightDriftMonitor(every_n_steps=1, **SMALL)
+    with pytest.warns(UserWarning, match="below what a torch.bfloat16 snapshot resolves well") as record:
+        trainer(tmp_path / "bf16", 3, [monitor]).fit(module, token_loader(module.tokenizer))
+    assert sum("resolves well" in str(w.message) for w in record) == 1
+    seed_everything(0)
+    module = TinyLM(lr=1e-6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*resolves well.*")
+        trainer(tmp_path / "fp32", 3, [WeightDriftMonitor(every_n_steps=1, drift_dtype="fp32", **SMALL)]).fit(
+            module, token_loader(module.tokenizer))

@@ -39,6 +39,8 @@ from negmonitor.records import RecordStore, scalar_rows
 
 FAMILIES = ("wd", "md", "moments", "jaccard", "health", "cohort", "pairs", "drift", "ablation")
 PROBE_PRECISIONS = ("trainer", "fp32")
+# cosine dissimilarity below which a snapshot's rounding (bias ~3e-6 in bf16, ~5e-8 in fp16) is over ~3% of it
+DRIFT_RESOLUTION = {torch.bfloat16: 1e-4, torch.float16: 2e-6}
 
 
 class NegativeDifferentiationMonitor(Callback):
@@ -155,6 +157,7 @@ class NegativeDifferentiationMonitor(Callback):
         self.failures = 0
         self._snapshot_to_read: int | None = None
         self._snapshot_saved: int | None = None
+        self._drift_warned = False
         self.measured_steps: list[int] = []
         self.tokens_seen = 0
         self.timings: dict[str, float] = {}
@@ -342,6 +345,7 @@ class NegativeDifferentiationMonitor(Callback):
         self.timings["probe"] = time.perf_counter() - start
         if not trainer.is_global_zero:
             return  # the probe pass above is shared by every rank; ablation (no collectives) and writing are not
+        self._check_drift_resolution(measurement.neurons, step)
         scalars = measurement.scalars
         if self._ablation_due(step):
             start = time.perf_counter()
@@ -363,6 +367,17 @@ class NegativeDifferentiationMonitor(Callback):
                     tb.log_text(self._writer, measurement.result.top_pairs, step)
             self._writer.flush()
         self.timings["logging"] = time.perf_counter() - start
+
+    def _check_drift_resolution(self, neurons: pd.DataFrame, step: int) -> None:
+        """Warn once when drift is too small for a bf16/fp16 snapshot to resolve (measurements close together)."""
+        if self._drift_warned or self.settings.drift_dtype == torch.float32 or "drift_cos_dissim" not in neurons:
+            return
+        median = float(neurons.drift_cos_dissim.median())  # NaN (no drift yet) compares False
+        if median < DRIFT_RESOLUTION[self.settings.drift_dtype]:
+            self._drift_warned = True
+            rank_zero_warn(f"negmonitor: weight drift at step {step} (median cosine dissimilarity {median:.1e}) is "
+                           f"below what a {self.settings.drift_dtype} snapshot resolves well — pass drift_dtype='fp32' "
+                           "for measurements this close together")
 
     def _forward_context(self, trainer: Trainer) -> Any:
         """The probe forward's context: the trainer's precision (autocast under mixed precision) or plain fp32."""

@@ -219,8 +219,11 @@ class _Replay:
         _check_probe_path(probe)
         self.run_name = settings.run_name or self.logdir.resolve().name
         check_run_info(self.store.root, self._run_info(), FINGERPRINT)
+        # fp32 drift: one checkpoint is in memory at a time, and Pythia's early checkpoints (steps 1, 2, 4, ...)
+        # move by far less than bf16 resolves
         self.monitor = MonitorSettings(layers=settings.layers, cohort_frac=settings.cohort_frac, warmup_steps=0,
-                                       weight_drift=True, image_neurons=settings.image_neurons,
+                                       weight_drift=True, drift_dtype=torch.float32,
+                                       image_neurons=settings.image_neurons,
                                        probe=ProbeSettings(batch_size=settings.batch_size, top_neuron_frac=0.05,
                                                            top_pairs=100))
         self.media_every = settings.media_every or max(1, -(-len(self.revisions) // MEDIA_POINTS))
