@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import seed_everything
@@ -121,8 +123,6 @@ def test_resume_reads_the_snapshot_back_and_warns_when_it_is_gone(tmp_path) -> N
     got = records.read_scalars()
     drift_rows = lambda f: f[f.metric.str.startswith("drift/")].sort_values(["step", "layer", "metric"])  # noqa: E731
     assert sorted(drift_rows(want).step.unique()) == [2, 4, 6]
-    import pandas as pd
-
     pd.testing.assert_frame_equal(drift_rows(want).reset_index(drop=True), drift_rows(got).reset_index(drop=True),
                                   check_exact=False, rtol=1e-6, atol=1e-9)
 
@@ -147,8 +147,6 @@ def test_drift_too_small_for_bf16_is_warned_once(tmp_path) -> None:
     assert sum("resolves well" in str(w.message) for w in record) == 1
     seed_everything(0)
     module = TinyLM(lr=1e-6)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*resolves well.*")
         trainer(tmp_path / "fp32", 3, [WeightDriftMonitor(every_n_steps=1, drift_dtype="fp32", **SMALL)]).fit(
