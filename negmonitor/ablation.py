@@ -42,11 +42,11 @@ import torch
 from torch import nn
 
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
-from negmonitor.commands.common import check_fraction
 from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.interventions import ablate, check_mode
 from negmonitor.selection import Selection, restrict_layers, select_neurons
+from negmonitor.validation import check_fraction
 
 CONDITIONS = ("baseline", "wasserstein", "random", "ppl_matched")
 EVALUATIONS = ("ppl", "blimp", "tse", "lm_eval")

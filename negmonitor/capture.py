@@ -82,7 +82,8 @@ class BatchContext:
 
 
 def _hook(recorder: SiteRecorder, batch: BatchContext, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    recorder.observe(args[0], output, batch)
+    with torch.autocast(output.device.type, enabled=False):  # statistics in fp32 even inside a mixed-precision forward
+        recorder.observe(args[0], output, batch)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from negmonitor import __version__
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import run_guarded
 
 COMMANDS = ("probe", "ablate", "replay", "train", "report")
 
@@ -45,28 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "train":  # LightningCLI parses its own arguments
         from negmonitor.commands.train import run_train
 
-        return _guarded(lambda: run_train(argv[1:]), debug)
+        return run_guarded(lambda: run_train(argv[1:]), debug)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return _guarded(lambda: args.func(args), debug)
-
-
-def _guarded(call, debug: bool) -> int:
-    try:
-        code = call()
-    except NegmonitorError as exc:
-        if debug:
-            raise
-        print(f"negmonitor: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("negmonitor: interrupted — records written so far are kept; run the same command again to resume",
-              file=sys.stderr)
-        return 130
-    return int(code or 0)
+    return run_guarded(lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@
   shards (``summon_full_params`` of the one FSDP unit that holds it).
 
 Every process must run the same calls in the same order: each sum, forward pass and weight read is a collective.
+- :func:`agree_on_failure`: every rank learns of a failure on any rank before the next collective, so no rank
+  waits for one that left. A measurement alternates local work (this rank's share of the probe pass) and collectives
+  (grid broadcast, reductions); each local phase is closed by one small all-reduce of "did I fail, and how", and when
+  any rank failed every rank raises, so all skip the measurement together. Outside ``torch.distributed`` it does
+  nothing.
 """
 
 from __future__ import annotations
@@ -155,6 +160,11 @@ def _innermost_owners(root: nn.Module) -> dict[nn.Module, nn.Module]:
     return owners
 
 
+def gathers_weight(module: nn.Module) -> bool:
+    """Whether :func:`full_weight` of ``module`` is a collective (an FSDP unit holds it, inside :func:`fsdp_routing`)."""
+    return module in _OWNERS
+
+
 def full_weight(module: nn.Module) -> torch.Tensor:
     """A copy of ``module.weight`` in its full shape: gathered from the shards when an FSDP unit holds it (inside
     :func:`fsdp_routing`; a collective), else the weight itself (detached)."""
@@ -165,3 +175,73 @@ def full_weight(module: nn.Module) -> torch.Tensor:
 
     with FullyShardedDataParallel.summon_full_params(owner, recurse=False, writeback=False):
         return module.weight.detach().clone()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Failures
+
+_OK, _OUT_OF_MEMORY, _OTHER = 0, 1, 2
+
+
+class PeerFailure(RuntimeError):
+    """A measurement phase failed on another rank; this rank skips the measurement too."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        super().__init__(f"the measurement failed on rank(s) {ranks} (see the warning there); every rank skips it")
+        self.ranks = ranks
+
+
+class PeerOutOfMemory(PeerFailure, torch.OutOfMemoryError):
+    """Out of memory on another rank: an ``OutOfMemoryError``, so a retry at a smaller batch runs on every rank."""
+
+
+def is_distributed() -> bool:
+    """``torch.distributed`` is initialised with more than one process."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def agree_on_failure(enabled: bool = True) -> Iterator[None]:
+    """Run a local phase; on leaving it, all ranks all-reduce one code each and raise together if any failed.
+
+    The rank that failed re-raises its own exception; the others raise :class:`PeerOutOfMemory` when every failure
+    was an out-of-memory error (so a batch-halving retry stays in step on all ranks), else :class:`PeerFailure`.
+    A rank whose own out-of-memory error meets another rank's other failure raises :class:`PeerFailure` (from its
+    own), so no rank retries alone. The block must contain no collective.
+
+    Args:
+        enabled: ``False`` runs the block unguarded (e.g. a single-process pass).
+    """
+    if not (enabled and is_distributed()):
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks before the next collective
+        error = exc
+    dist = torch.distributed
+    codes = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=_flag_device())
+    codes[dist.get_rank()] = _code(error)
+    dist.all_reduce(codes)
+    worst = int(codes.max())
+    if worst == _OK:
+        return
+    if error is not None and _code(error) == worst:
+        raise error
+    ranks = [int(r) for r in codes.nonzero().flatten()]
+    raise (PeerOutOfMemory if worst == _OUT_OF_MEMORY else PeerFailure)(ranks) from error
+
+
+def _code(error: BaseException | None) -> int:
+    if error is None:
+        return _OK
+    return _OUT_OF_MEMORY if isinstance(error, torch.OutOfMemoryError) else _OTHER
+
+
+def _flag_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo and others take CPU tensors."""
+    if "nccl" in str(torch.distributed.get_backend()) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

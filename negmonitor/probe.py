@@ -11,14 +11,14 @@ import sys
 import types
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from negmonitor.adapters import MLPSite, find_sites
 from negmonitor.capture import BatchContext, SiteRecorder, check_hooks_fired, recording, unwrap_compiled
-from negmonitor.distributed import Shard
+from negmonitor.distributed import Shard, agree_on_failure
 from negmonitor.errors import NegmonitorError
 from negmonitor.probeset import ProbeSet
 
@@ -78,15 +78,18 @@ def measure(
     settings: ProbeSettings,
     rank: int = 0,
     world_size: int = 1,
+    forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> list[SiteRecorder]:
     """Run this process's share of the probe windows once and return the filled recorders.
 
-    On CUDA out-of-memory the batch size halves and the pass restarts (statistics are never half-updated).
+    ``forward_context`` wraps each forward call (e.g. a Lightning precision plugin's autocast); the statistics
+    accumulate in fp32 outside it. On CUDA out-of-memory the batch size halves and the pass restarts (statistics
+    are never half-updated); under DDP every rank retries together.
     """
     batch_size = settings.batch_size
     while True:
         try:
-            return _measure_once(model, probe_set, sites, settings, batch_size, rank, world_size)
+            return _measure_once(model, probe_set, sites, settings, batch_size, rank, world_size, forward_context)
         except torch.OutOfMemoryError as exc:
             if batch_size <= 1:
                 raise NegmonitorError(
@@ -106,10 +109,13 @@ def _measure_once(
     batch_size: int,
     rank: int,
     world_size: int,
+    forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> list[SiteRecorder]:
     eager = unwrap_compiled(model)
     device = _device_of(eager)
     kwargs = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
+    if world_size > 1:
+        kwargs["sync_grid"] = False  # the grids are shared after the calibration phase, outside any hook
     recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, **kwargs).to(device) for site in sites]
     pair_flat = probe_set.pair_positions.reshape(-1)
     windows = probe_set.window_indices(rank, world_size)
@@ -118,18 +124,32 @@ def _measure_once(
     runner = getattr(eager, "base_model", eager)
     with _eval_no_grad(eager), recording(sites, recorders, batch):
         if world_size > 1:
-            _calibrate(runner, probe_set, batch, batch_size, device)
-        for chunk in _progress(batches, settings.progress, "probe"):
-            ids = probe_set.input_ids[chunk].to(device)
-            mask = probe_set.attention_mask[chunk].to(device)
-            _set_batch(batch, chunk, mask, pair_flat, probe_set.window, device)
-            runner(input_ids=ids, attention_mask=mask)
+            with agree_on_failure():  # every rank learns of a failure here before the grid broadcast
+                with forward_context():
+                    _calibrate(runner, probe_set, batch, batch_size, device)
+            _share_rank0_grids(recorders)
+        with agree_on_failure(world_size > 1):  # ... and here before the reductions that follow the pass
+            for chunk in _progress(batches, settings.progress, "probe"):
+                ids = probe_set.input_ids[chunk].to(device)
+                mask = probe_set.attention_mask[chunk].to(device)
+                _set_batch(batch, chunk, mask, pair_flat, probe_set.window, device)
+                with forward_context():
+                    runner(input_ids=ids, attention_mask=mask)
+            if batches:
+                check_hooks_fired(recorders)
     with _eval_no_grad(eager):  # as many forward passes as rank 0 (FSDP: each one is a collective); no hooks
         for _ in range(Shard(rank, world_size).extra_batches(probe_set.n_windows, batch_size)):
-            runner(input_ids=probe_set.input_ids[:1].to(device), attention_mask=probe_set.attention_mask[:1].to(device))
-    if batches:
-        check_hooks_fired(recorders)
+            with forward_context():
+                runner(input_ids=probe_set.input_ids[:1].to(device),
+                       attention_mask=probe_set.attention_mask[:1].to(device))
     return recorders
+
+
+def _share_rank0_grids(recorders: Sequence[SiteRecorder]) -> None:
+    """Every rank takes rank 0's histogram grid (centre and inverse unit, bit for bit), so the states sum."""
+    for recorder in recorders:
+        torch.distributed.broadcast(recorder.stats.center, src=0)
+        torch.distributed.broadcast(recorder.stats.inv_unit, src=0)
 
 
 def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, batch_size: int,

@@ -17,8 +17,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,6 +42,9 @@ from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, scalar_rows
 
 FAMILIES = ("wd", "md", "moments", "jaccard", "health", "cohort", "pairs", "drift", "ablation")
+PROBE_PRECISIONS = ("trainer", "fp32")
+# cosine dissimilarity below which a snapshot's rounding (bias ~3e-6 in bf16, ~5e-8 in fp16) is over ~3% of it
+DRIFT_RESOLUTION = {torch.bfloat16: 1e-4, torch.float16: 2e-6}
 
 
 class NegativeDifferentiationMonitor(Callback):
@@ -79,8 +84,14 @@ class NegativeDifferentiationMonitor(Callback):
         run_name: the ``run`` column of the records (default: the log folder's name, e.g. ``version_0`` or the
             W&B / MLflow run id).
         tokens_per_step: tokens per optimizer step (default: counted from the batches' ``input_ids`` shapes).
-        strict: re-raise a failure inside a measurement instead of warning and recording it.
+        strict: re-raise a failure inside a measurement instead of warning (once) and recording it.
         families: which curve families to log (default: all).
+        probe_precision: ``"trainer"`` (default) runs the probe forward inside the trainer's precision context, as
+            training runs (autocast under ``"bf16-mixed"``); ``"fp32"`` forces full precision. The statistics
+            accumulate in fp32 either way; ``run-<key>.json`` records which was used.
+        drift_dtype: dtype of the previous-weights snapshot for weight drift, kept on the model's device
+            (``"bf16"``, default; ``"fp32"`` for drift between measurements only a few warm-up steps apart). It is
+            saved beside the records when a checkpoint is saved, never inside the checkpoint.
 
     Raises:
         NegmonitorError: a setting is out of range (raised at construction).
@@ -114,10 +125,15 @@ class NegativeDifferentiationMonitor(Callback):
         tokens_per_step: int | None = None,
         strict: bool = False,
         families: Sequence[str] | None = None,
+        probe_precision: str = "trainer",
+        drift_dtype: str | torch.dtype = "bf16",
     ) -> None:
         super().__init__()
         if not 0.0 < cohort_frac <= 1.0:
             raise NegmonitorError(f"cohort_frac must be in (0, 1], got {cohort_frac} — e.g. 0.05 for the top 5%")
+        if probe_precision not in PROBE_PRECISIONS:
+            raise NegmonitorError(f"probe_precision must be one of {', '.join(PROBE_PRECISIONS)}, got "
+                                  f"{probe_precision!r}")
         unknown = set(families or ()) - set(FAMILIES)
         if unknown:
             raise NegmonitorError(f"unknown families {sorted(unknown)} — choose from {', '.join(FAMILIES)}")
@@ -129,7 +145,7 @@ class NegativeDifferentiationMonitor(Callback):
         self.families = tuple(families or FAMILIES)
         self.settings = MonitorSettings(
             layers=layers, cohort_frac=cohort_frac, cohort_step=cohort_step, warmup_steps=warmup_steps,
-            weight_drift="drift" in self.families,
+            weight_drift="drift" in self.families, drift_dtype=_snapshot_dtype(drift_dtype),
             probe=ProbeSettings(batch_size=probe_batch_size, top_neuron_frac=0.05, top_pairs=100),
         )
         self.ablation = None
@@ -146,7 +162,13 @@ class NegativeDifferentiationMonitor(Callback):
         self.run_name = run_name
         self.tokens_per_step = tokens_per_step
         self.strict = strict
+        self.probe_precision = probe_precision
+        self.precision_used: str | None = None
         self.state = MonitorState()
+        self.failures = 0
+        self._snapshot_to_read: int | None = None
+        self._snapshot_saved: int | None = None
+        self._drift_warned = False
         self.measured_steps: list[int] = []
         self.tokens_seen = 0
         self.timings: dict[str, float] = {}
@@ -198,6 +220,7 @@ class NegativeDifferentiationMonitor(Callback):
         if self.tokenizer is None:
             raise NegmonitorError("no tokenizer found on the LightningModule or datamodule (.tokenizer) — pass "
                                   "NegativeDifferentiationMonitor(tokenizer=...)")
+        self.precision_used = "32-true" if self.probe_precision == "fp32" else str(trainer.precision)
         self._prepare(find_hf_model(pl_module, self.model_attr), getattr(trainer, "datamodule", None),
                       trainer.is_global_zero)
 
@@ -227,7 +250,8 @@ class NegativeDifferentiationMonitor(Callback):
                 "probe_window": self._probe_set.window, "n_pairs": self._probe_set.n_pairs,
                 "cohort_frac": self.settings.cohort_frac, "cohort_step": self.settings.cohort_step,
                 "warmup_steps": self.settings.warmup_steps, "every_n_steps": self.schedule.every_n_steps,
-                "families": list(self.families), "record_key": self.record_key}
+                "families": list(self.families), "record_key": self.record_key,
+                "probe_precision": self.precision_used, "drift_dtype": str(self.settings.drift_dtype)}
         write_json_atomic(info, self._store.root / f"run-{self.record_key}.json")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -249,12 +273,24 @@ class NegativeDifferentiationMonitor(Callback):
         if self.schedule.at_end and trainer.global_step not in self.measured_steps:
             self._measure(trainer, trainer.global_step)
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Save the weight snapshot this checkpoint's state refers to beside the records (once per snapshot)."""
+        if trainer.is_global_zero and self.state.prev_weights and self._store is not None:
+            from negmonitor.monitoring.drift_snapshot import prune_snapshots, snapshot_path, write_snapshot
+
+            if self._snapshot_saved != self.state.prev_step:
+                path = snapshot_path(self._store.root, self.record_key, self.state.prev_step)
+                write_snapshot(path, self.state.prev_weights, self.state.prev_step)
+                prune_snapshots(self._store.root, self.record_key, keep=2)
+                self._snapshot_saved = self.state.prev_step
+
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.to_dict(), "measured_steps": list(self.measured_steps),
                 "tokens_seen": self.tokens_seen, "ablation_baseline": self._ablation_baseline}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = MonitorState.from_dict(state_dict.get("state", {}))
+        self._snapshot_to_read = self.state.prev_step if self.state.prev_weights is None else None
         self.measured_steps = list(state_dict.get("measured_steps", []))
         self.tokens_seen = int(state_dict.get("tokens_seen", 0))
         self._ablation_baseline = state_dict.get("ablation_baseline")
@@ -277,30 +313,67 @@ class NegativeDifferentiationMonitor(Callback):
             self.tokens_seen += int(ids.numel()) * trainer.world_size  # shape only: no device sync
 
     def _measure(self, trainer: Trainer, step: int) -> None:
-        # Trainer-agnostic: of ``trainer`` only global_rank, world_size and is_global_zero are read (the HF callback
-        # passes a stand-in with those three).
+        """One measurement; any failure (out of memory included, on any rank) is warned once, recorded as
+        ``health/measurement_failed`` and skipped by every rank together; training goes on (``strict`` re-raises).
+
+        Trainer-agnostic: of ``trainer`` only global_rank, world_size and is_global_zero are needed (the HF callback
+        passes a stand-in with those three; strategy and precision plug-in are used where present)."""
         try:
+            if trainer.is_global_zero:
+                self._read_snapshot()
             self._measure_unguarded(trainer, step)
-        except NegmonitorError:
-            raise
         except Exception as exc:  # a failed measurement must not end a long training run
             if self.strict:
                 raise
-            rank_zero_warn(f"negmonitor: measurement at step {step} failed ({type(exc).__name__}: {exc}); "
-                           "training goes on, a 'health/measurement_failed' record is written")
-            if trainer.is_global_zero and self._store is not None:
-                rows = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
-                self._store.write_scalars(self.run_name, step, self.tokens_seen, rows, key=f"{self.record_key}-failed")
+            self._record_failure(trainer, step, exc)
         finally:
             if step not in self.measured_steps:
                 self.measured_steps.append(step)
+
+    def _record_failure(self, trainer: Trainer, step: int, exc: Exception) -> None:
+        """Warn at the first failure only (each rank about its own; rank 0 also about another rank's), then write
+        the ``health/measurement_failed`` row."""
+        from negmonitor.distributed import PeerFailure
+
+        self.failures += 1
+        peer = isinstance(exc, PeerFailure)
+        if self.failures == 1 and (not peer or trainer.is_global_zero):
+            where = f" on rank {trainer.global_rank}" if trainer.world_size > 1 and not peer else ""
+            warnings.warn(f"negmonitor: measurement at step {step} failed{where} ({type(exc).__name__}: {exc}); "
+                          "training goes on; this and any later failure is recorded as 'health/measurement_failed' "
+                          "(no further warning)", stacklevel=2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what the failed pass held goes back to the training run
+        if trainer.is_global_zero and self._store is not None:
+            rows = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
+            self._store.write_scalars(self.run_name, step, self.tokens_seen, rows, key=f"{self.record_key}-failed")
+
+    def _read_snapshot(self) -> None:
+        """After a resume, read the weight snapshot the checkpoint refers to (saved beside the records).
+
+        Never raises: it runs on rank 0 only, before the measurement's collectives."""
+        step, self._snapshot_to_read = self._snapshot_to_read, None
+        if step is None or not self.settings.weight_drift or self._store is None:
+            return
+        from negmonitor.monitoring.drift_snapshot import read_snapshot, snapshot_path
+
+        path = snapshot_path(self._store.root, self.record_key, step)
+        try:
+            self.state.prev_weights = read_snapshot(path, next(self._hf_model.parameters()).device)
+            self._snapshot_saved = step
+        except Exception as exc:  # noqa: BLE001 - a missing snapshot costs one drift value, never the run
+            why = "is missing" if not path.is_file() else f"cannot be read ({type(exc).__name__}: {exc})"
+            warnings.warn(f"negmonitor: the weight snapshot of step {step} at {path} {why}; weight drift restarts at "
+                          "this measurement (its drift rows are missing once)", stacklevel=2)
+            self.state.prev_weights, self.state.prev_step = None, None
 
     def _measure_unguarded(self, trainer: Trainer, step: int) -> None:
         with _strategy_context(trainer, self._hf_model):
             start = time.perf_counter()
             measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
                                                   tokenizer=self.tokenizer, rank=trainer.global_rank,
-                                                  world_size=trainer.world_size)
+                                                  world_size=trainer.world_size,
+                                                  forward_context=self._forward_context(trainer))
             self.timings["probe"] = time.perf_counter() - start
             scalars = measurement.scalars
             if self._ablation_due(step):  # every rank evaluates its share (DDP, FSDP): no rank waits for another
@@ -310,6 +383,7 @@ class NegativeDifferentiationMonitor(Callback):
                 self.timings["ablation"] = time.perf_counter() - start
         if not trainer.is_global_zero:
             return  # every rank has the same numbers; rank 0 writes them
+        self._check_drift_resolution(measurement.neurons, step)
         start = time.perf_counter()
         scalars = scalars[scalars.metric.map(_family).isin(self.families)]
         key = self.record_key
@@ -335,6 +409,25 @@ class NegativeDifferentiationMonitor(Callback):
                     raise
                 rank_zero_warn(f"negmonitor: logging step {step} to {sink.name} failed ({type(exc).__name__}: "
                                f"{exc}); the records have every number")
+
+    def _check_drift_resolution(self, neurons: pd.DataFrame, step: int) -> None:
+        """Warn once when drift is too small for a bf16/fp16 snapshot to resolve (measurements close together)."""
+        if self._drift_warned or self.settings.drift_dtype == torch.float32 or "drift_cos_dissim" not in neurons:
+            return
+        median = float(neurons.drift_cos_dissim.median())  # NaN (no drift yet) compares False
+        if median < DRIFT_RESOLUTION[self.settings.drift_dtype]:
+            self._drift_warned = True
+            rank_zero_warn(f"negmonitor: weight drift at step {step} (median cosine dissimilarity {median:.1e}) is "
+                           f"below what a {self.settings.drift_dtype} snapshot resolves well — pass drift_dtype='fp32' "
+                           "for measurements this close together")
+
+    def _forward_context(self, trainer: Trainer) -> Any:
+        """The probe forward's context: the trainer's precision (autocast under mixed precision) or plain fp32."""
+        if self.probe_precision == "fp32":
+            device_type = next(self._hf_model.parameters()).device.type
+            return lambda: torch.autocast(device_type, enabled=False)
+        plugin = getattr(trainer, "precision_plugin", None)  # the HF callback's stand-in has none: as configured
+        return plugin.forward_context if plugin is not None else contextlib.nullcontext
 
     def _media_due(self, step: int) -> bool:
         return step == 0 or (self.media_every > 0 and step % self.media_every == 0) or not self.measured_steps
@@ -432,6 +525,16 @@ def resolve_ppl_text(spec: Any, datamodule: Any = None) -> Any:
 def _looks_like_source(text: str) -> bool:
     """A short, single-token string is a path or a dataset id; anything else is text to evaluate."""
     return len(text) < 1024 and not any(c.isspace() for c in text)
+
+
+def _snapshot_dtype(spec: str | torch.dtype) -> torch.dtype:
+    """``"bf16"`` / ``"fp16"`` / ``"fp32"`` (or a torch dtype) for the weight snapshot."""
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if isinstance(spec, torch.dtype) and spec in names.values():
+        return spec
+    if spec not in names:
+        raise NegmonitorError(f"drift_dtype must be one of {', '.join(names)}, got {spec!r}")
+    return names[spec]
 
 
 def _family(metric: str) -> str:

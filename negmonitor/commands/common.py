@@ -6,6 +6,7 @@ import argparse
 
 from negmonitor.atomic import ensure_writable_dir  # noqa: F401 (re-exported for the commands)
 from negmonitor.errors import NegmonitorError
+from negmonitor.validation import check_fraction, check_positive  # noqa: F401 (re-exported for the commands)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -88,19 +89,6 @@ def parse_layers(text: str | None) -> list[int] | None:
         return [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError as exc:
         raise NegmonitorError(f"--layers must be comma-separated integers, got {text!r} — e.g. --layers 0,1,5") from exc
-
-
-def check_fraction(value: float, name: str = "--fraction") -> float:
-    """A fraction of neurons must lie in (0, 1]."""
-    if not 0.0 < float(value) <= 1.0:
-        raise NegmonitorError(f"{name} must be in (0, 1], got {value} — e.g. 0.01 for 1%")
-    return float(value)
-
-
-def check_positive(value: int | None, flag: str) -> None:
-    """A count given on the command line (None: not given) must be at least 1."""
-    if value is not None and value < 1:
-        raise NegmonitorError(f"{flag} must be a positive integer, got {value}")
 
 
 def probe_source(args: argparse.Namespace) -> str | None:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from negmonitor.distributed import Shard
+from negmonitor.distributed import Shard, agree_on_failure
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation._common import eval_mode, is_masked_lm, model_device, pad_token_id
 from negmonitor.evaluation.minimal_pairs import evaluate_pairs, score_sentences
@@ -45,10 +45,11 @@ def sharded_perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, shard: Sh
     window, stride = _resolve_window(model, tokenizer, window, stride)
     spans = sliding_windows(ids.numel(), window, stride, drop_tail)
     device, pad_id = model_device(model, None), pad_token_id(tokenizer)
-    total, count = _score_spans(model, ids, shard.take(spans), batch_size, device, pad_id, False)
-    with eval_mode(model), torch.no_grad():
-        for _ in range(shard.extra_batches(len(spans), batch_size)):
-            _score_batch(model, ids, spans[:1], device, pad_id)
+    with agree_on_failure():  # a rank that fails here tells the others before the sum below
+        total, count = _score_spans(model, ids, shard.take(spans), batch_size, device, pad_id, False)
+        with eval_mode(model), torch.no_grad():
+            for _ in range(shard.extra_batches(len(spans), batch_size)):
+                _score_batch(model, ids, spans[:1], device, pad_id)
     total, count = shard.sum(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
     nll = total / count
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=int(count))
@@ -63,8 +64,9 @@ def sharded_sentence_scores(model: nn.Module, tokenizer, sentences: Sequence[str
         return score_sentences(model, tokenizer, sentences, batch_size=batch_size, score=score, prefix=prefix)
     mine = shard.take(range(len(sentences)))
     padding = len(range(0, len(sentences), shard.world_size)) - len(mine)  # as many sentences as rank 0
-    scores = score_sentences(model, tokenizer, [sentences[i] for i in mine] + sentences[:1] * padding,
-                             batch_size=batch_size, score=score, prefix=prefix)
+    with agree_on_failure():  # a rank that fails here tells the others before the sum below
+        scores = score_sentences(model, tokenizer, [sentences[i] for i in mine] + sentences[:1] * padding,
+                                 batch_size=batch_size, score=score, prefix=prefix)
     device = model_device(model, None)
     full = torch.zeros(len(sentences), dtype=torch.float64, device=device)
     full[torch.tensor(mine, dtype=torch.long, device=device)] = scores[: len(mine)].to(device)

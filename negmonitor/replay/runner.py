@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from negmonitor.adapters import find_sites
-from negmonitor.commands.common import check_fraction, ensure_writable_dir
+from negmonitor.atomic import ensure_writable_dir
 from negmonitor.errors import NegmonitorError
 from negmonitor.models import parse_device, parse_dtype
 from negmonitor.monitoring import engine
@@ -55,6 +55,7 @@ from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest,
 from negmonitor.replay.revisions import parse_shard, resolve_revisions, revision_name, shard_indices, step_of
 from negmonitor.replay.sources import CheckpointMissing, Series, first_line, open_series
 from negmonitor.replay.state import check_cohort, check_run_info, read_cohort, write_cohort
+from negmonitor.validation import check_fraction
 
 FINGERPRINT = ("model", "variant", "probe", "probe_tokens", "probe_window", "n_pairs", "seed", "layers",
                "cohort_frac", "dtype", "ablation", "tokens_per_step")
@@ -221,8 +222,11 @@ class _Replay:
         _check_probe_path(probe)
         self.run_name = settings.run_name or self.logdir.resolve().name
         check_run_info(self.store.root, self._run_info(), FINGERPRINT)
+        # fp32 drift: one checkpoint is in memory at a time, and Pythia's early checkpoints (steps 1, 2, 4, ...)
+        # move by far less than bf16 resolves
         self.monitor = MonitorSettings(layers=settings.layers, cohort_frac=settings.cohort_frac, warmup_steps=0,
-                                       weight_drift=True, image_neurons=settings.image_neurons,
+                                       weight_drift=True, drift_dtype=torch.float32,
+                                       image_neurons=settings.image_neurons,
                                        probe=ProbeSettings(batch_size=settings.batch_size, top_neuron_frac=0.05,
                                                            top_pairs=100))
         self.media_every = settings.media_every or max(1, -(-len(self.revisions) // MEDIA_POINTS))

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, only: Sequence[str] | None = None) -> int:
 
 def script_main(key: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``analysis/<key>.py``: the report's arguments, drawing only figure ``key``."""
-    from negmonitor.cli import _guarded
+    from negmonitor.errors import run_guarded
     from negmonitor.report.build import figure_keys
 
     if key not in figure_keys():
@@ -70,4 +70,4 @@ def script_main(key: str, argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    return _guarded(lambda: run(args, only=[key]), args.debug)
+    return run_guarded(lambda: run(args, only=[key]), args.debug)
