@@ -113,7 +113,8 @@ def test_fsdp_records_equal_a_single_process_measurement(tmp_path) -> None:
     final = torch.load(logs / "rows_at_2.pt")  # whole rows after 2 steps, gathered by the script
     at_2 = neurons[neurons.step == 2].sort_values(["layer", "neuron"])
     for layer, site in enumerate(module.model.gpt_neox.layers):
-        drift = weight_drift(site.mlp.dense_h_to_4h.weight.detach().float(), final[layer].float())
+        # the monitor keeps its snapshots in bf16 (MonitorSettings.drift_dtype): the reference rounds both alike
+        drift = weight_drift(site.mlp.dense_h_to_4h.weight.detach().bfloat16(), final[layer].bfloat16())
         got = at_2[at_2.layer == layer].drift_cos_dissim.to_numpy()
         np.testing.assert_allclose(got, drift["cos_dissim"].double().numpy(), rtol=1e-4, atol=1e-7)
 

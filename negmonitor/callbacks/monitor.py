@@ -275,7 +275,11 @@ class NegativeDifferentiationMonitor(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Save the weight snapshot this checkpoint's state refers to beside the records (once per snapshot)."""
-        if trainer.is_global_zero and self.state.prev_weights and self._store is not None:
+        self._save_snapshot(trainer.is_global_zero)
+
+    def _save_snapshot(self, is_global_zero: bool) -> None:
+        """Trainer-agnostic (also the HF callback's): write the weight snapshot the state refers to, once."""
+        if is_global_zero and self.state.prev_weights and self._store is not None:
             from negmonitor.monitoring.drift_snapshot import prune_snapshots, snapshot_path, write_snapshot
 
             if self._snapshot_saved != self.state.prev_step:

@@ -7,7 +7,7 @@ methods from the ``Trainer``'s events: the probe set is built at ``on_train_begi
 ``on_train_begin`` (step 0), ``on_step_end`` (after each optimizer step) and ``on_train_end``, on
 ``state.global_step``. Records go to ``<logging dir>/negmonitor/`` and the curves to a TensorBoard event file in
 that folder. Under DDP every rank measures (the probe pass reduces across ranks) and rank zero writes. The monitor's
-state (cohort, weight snapshot, measured steps) is saved beside each checkpoint and read back when training resumes
+state (cohort, measured steps) is saved beside each checkpoint (the weight snapshot for drift beside the records) and read back when training resumes
 from ``output_dir/checkpoint-<step>``.
 
 Example::
@@ -116,7 +116,8 @@ class NegativeDifferentiationCallback(TrainerCallback):
         self._maybe_measure(state, monitor.schedule.due(state.global_step))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Save the monitor's state (cohort, weight snapshot, measured steps) beside the checkpoint just written."""
+        """Save the monitor's state (cohort, measured steps) beside the checkpoint just written, and the weight
+        snapshot for drift beside the records."""
         if self._ranks is not None and self._ranks.is_global_zero:
             path = self._state_path(args, state.global_step)
             if path.parent.is_dir():
@@ -126,6 +127,7 @@ class NegativeDifferentiationCallback(TrainerCallback):
 
                 with atomic_path(path) as tmp:
                     torch.save(self.monitor.state_dict(), tmp)
+            self.monitor._save_snapshot(True)  # the weight snapshot lives beside the records, not in the state
 
     def _load_state(self, args: Any, state: Any) -> None:
         """On a resume (``global_step > 0``), read the state saved beside ``output_dir/checkpoint-<step>``."""
