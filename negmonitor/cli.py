@@ -7,9 +7,11 @@ Each sub-command lives in ``negmonitor/commands/<name>.py`` with ``register(subp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 from negmonitor import __version__
 from negmonitor.errors import NegmonitorError
@@ -51,7 +53,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return _guarded(lambda: args.func(args), debug)
+    with _no_leftover_folders(args) as outcome:
+        outcome.append(_guarded(lambda: args.func(args), debug))
+    return outcome[0]
+
+
+OUTPUT_FLAGS = ("out", "logdir")
+
+
+@contextlib.contextmanager
+def _no_leftover_folders(args: argparse.Namespace) -> Iterator[list]:
+    """Remove the output folders (``--out``, ``--logdir`` and parents) that a failed command created and left empty.
+
+    The body appends its exit code; a non-zero code or an exception counts as failure. Folders that existed before,
+    or hold anything, are never touched.
+    """
+    new: list[Path] = []
+    for flag in OUTPUT_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and value:
+            folder = Path(value).expanduser().absolute()
+            new += [f for f in (folder, *folder.parents) if not f.exists()]
+    outcome: list = []
+    try:
+        yield outcome
+    finally:
+        if not outcome or outcome[0] != 0:
+            for folder in sorted(set(new), key=lambda f: len(f.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only succeeds on an empty folder
 
 
 def _guarded(call, debug: bool) -> int:

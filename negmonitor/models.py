@@ -1,8 +1,10 @@
-"""Load a model and its tokenizer from a hub id or a local folder, with clear errors.
+"""Load a model and its tokenizer from a hub id, a local folder or a Lightning ``.ckpt``, with clear errors.
 
 Decoder LMs load as ``AutoModelForCausalLM``; encoder-only checkpoints (BERT-style, no LM head) fall back to
 ``AutoModel``. ``revision=`` goes straight to ``from_pretrained``, so Pythia's ``step1000``-style revisions, a
-local hub cache (``HF_HUB_OFFLINE=1``) and ``save_pretrained`` folders all take the same path.
+local hub cache (``HF_HUB_OFFLINE=1``) and ``save_pretrained`` folders all take the same path. A ``.ckpt`` file is
+rebuilt by :mod:`negmonitor.checkpoints` (no code from the file runs), with the tokenizer found beside it or in its
+run folder, else the one given.
 """
 
 from __future__ import annotations
@@ -47,17 +49,33 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     cache_dir: str | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode; encoder-only checkpoints load without an LM head.
+
+    Args:
+        model_id: hub id, ``save_pretrained`` folder, or Lightning ``.ckpt`` file.
+        tokenizer: tokenizer folder or hub id, used when the model has none of its own (default: the model's).
 
     Raises:
         NegmonitorError: the id or folder does not exist, the revision does not exist, or nothing loads.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from negmonitor.checkpoints import find_tokenizer_folder, is_lightning_checkpoint, load_lightning_model
 
     torch_dtype = parse_dtype(dtype)
     dev = parse_device(device)
     name = str(model_id)
+    if is_lightning_checkpoint(name):
+        if revision:
+            raise NegmonitorError(f"--revision {revision!r} does not apply to a checkpoint file — leave it out")
+        model = load_lightning_model(name, dtype=torch_dtype, device=dev)
+        found = tokenizer or find_tokenizer_folder(name)
+        if found is None:
+            raise NegmonitorError(f"no tokenizer found beside checkpoint {name} or in its run folder — pass "
+                                  "--tokenizer PATH (a tokenizer folder or hub id)")
+        return model, _tokenizer(str(found), {}, name)
     kwargs = {"revision": revision, "cache_dir": cache_dir}
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
@@ -75,13 +93,22 @@ def load_model(
             model = AutoModel.from_pretrained(name, dtype=torch_dtype, **kwargs)
         except Exception as exc:
             raise _load_error(name, revision, exc) from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    except Exception as exc:
-        raise NegmonitorError(f"model {name!r} has no loadable tokenizer ({_short(exc)}) — save one beside it "
-                              "with tokenizer.save_pretrained(folder)") from exc
+    loaded = _tokenizer(str(tokenizer), {}, name) if tokenizer else _tokenizer(name, kwargs, name)
     model.to(dev).eval()
-    return model, tokenizer
+    return model, loaded
+
+
+def _tokenizer(source: str, kwargs: dict, model_name: str) -> object:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        if source != model_name:
+            raise NegmonitorError(f"could not load tokenizer {source!r} ({_short(exc)}) — pass a tokenizer folder "
+                                  "(tokenizer.save_pretrained) or a hub id") from exc
+        raise NegmonitorError(f"model {model_name!r} has no loadable tokenizer ({_short(exc)}) — pass --tokenizer "
+                              "PATH, or save one beside it with tokenizer.save_pretrained(folder)") from exc
 
 
 def _is_decoder(config: object) -> bool:

@@ -57,7 +57,8 @@ class NegativeDifferentiationMonitor(Callback):
         warmup_steps: no cohort is fixed before this step.
         ablation: :class:`~negmonitor.ablation.AblationSettings`, a dict of its fields, ``True`` (defaults) or
             ``None`` (off).
-        ablation_every_n_steps: ablation cadence (default: ``every_n_steps``).
+        ablation_every_n_steps: ablation cadence (default: ``every_n_steps``): at the first measurement, the first
+            one at or after each multiple of it, and the last one of training.
         minimal_pairs: pairs for the ablation accuracy: a DataFrame (BLiMP- or TSE-shaped), a BLiMP folder of JSONL
             files, a TSE folder of pickles, ``"blimp"`` (the hub's ``nyu-mll/blimp``), ``"datamodule"`` (the
             datamodule's ``minimal_pairs()``, e.g. the built-in grammar's), or a list of these with at most one
@@ -65,7 +66,8 @@ class NegativeDifferentiationMonitor(Callback):
         minimal_pairs_sample: pairs per sub-dataset / construction when loading ``minimal_pairs`` (seeded).
         ppl_text: text for the ablation perplexity: a string, a list of strings, a text file, a dataset id
             (``ID[:CONFIG[:SPLIT]]``) or ``None`` (the datamodule's held-out texts when it has them).
-        media_every_n_steps: cadence of histograms, images and top-pair text (default: 5 × ``every_n_steps``).
+        media_every_n_steps: cadence of histograms, images and top-pair text (default: 5 × ``every_n_steps``): at the
+            first measurement, the first one at or after each multiple of it, and the last one.
         log_dir: where records go (default: the logger's ``log_dir``, else the trainer's ``default_root_dir``).
         run_name: the ``run`` column of the records (default: the log folder's name).
         tokens_per_step: tokens per optimizer step (default: counted from the batches' ``input_ids`` shapes).
@@ -214,13 +216,14 @@ class NegativeDifferentiationMonitor(Callback):
         """Count tokens (from shapes only) and measure when the step is scheduled."""
         self._count_tokens(batch, trainer)
         step = trainer.global_step
-        if self.schedule.due(step) and step not in self.measured_steps:
-            self._measure(trainer, step)
+        final = 0 < trainer.max_steps <= step
+        if (self.schedule.due(step) or (final and self.schedule.at_end)) and step not in self.measured_steps:
+            self._measure(trainer, step, final=final)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Final measurement."""
         if self.schedule.at_end and trainer.global_step not in self.measured_steps:
-            self._measure(trainer, trainer.global_step)
+            self._measure(trainer, trainer.global_step, final=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.to_dict(), "measured_steps": list(self.measured_steps),
@@ -249,9 +252,9 @@ class NegativeDifferentiationMonitor(Callback):
         if isinstance(ids, torch.Tensor):
             self.tokens_seen += int(ids.numel()) * trainer.world_size  # shape only: no device sync
 
-    def _measure(self, trainer: Trainer, step: int) -> None:
+    def _measure(self, trainer: Trainer, step: int, final: bool = False) -> None:
         try:
-            self._measure_unguarded(trainer, step)
+            self._measure_unguarded(trainer, step, final)
         except NegmonitorError:
             raise
         except Exception as exc:  # a failed measurement must not end a long training run
@@ -266,7 +269,7 @@ class NegativeDifferentiationMonitor(Callback):
             if step not in self.measured_steps:
                 self.measured_steps.append(step)
 
-    def _measure_unguarded(self, trainer: Trainer, step: int) -> None:
+    def _measure_unguarded(self, trainer: Trainer, step: int, final: bool = False) -> None:
         start = time.perf_counter()
         measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
                                               tokenizer=self.tokenizer, rank=trainer.global_rank,
@@ -275,7 +278,7 @@ class NegativeDifferentiationMonitor(Callback):
         if not trainer.is_global_zero:
             return  # the probe pass above is shared by every rank; ablation (no collectives) and writing are not
         scalars = measurement.scalars
-        if self._ablation_due(step):
+        if self.ablation is not None and (final or self._due(step, max(1, self.ablation_every))):
             start = time.perf_counter()
             scalars = pd.concat([scalars, self._ablation_rows(measurement)], ignore_index=True)
             self.timings["ablation"] = time.perf_counter() - start
@@ -288,7 +291,7 @@ class NegativeDifferentiationMonitor(Callback):
             self._store.write_pairs(self.run_name, step, self.tokens_seen, measurement.result.top_pairs, key=key)
         if self._writer is not None:
             tb.log_scalars(self._writer, scalars, step)
-            if self._media_due(step):
+            if final or self._due(step, self.media_every):
                 tb.log_histograms(self._writer, measurement.neurons, step)
                 tb.log_images(self._writer, measurement.samples, step)
                 if "pairs" in self.families:
@@ -296,11 +299,13 @@ class NegativeDifferentiationMonitor(Callback):
             self._writer.flush()
         self.timings["logging"] = time.perf_counter() - start
 
-    def _media_due(self, step: int) -> bool:
-        return step == 0 or (self.media_every > 0 and step % self.media_every == 0) or not self.measured_steps
-
-    def _ablation_due(self, step: int) -> bool:
-        return self.ablation is not None and (step == 0 or step % max(1, self.ablation_every) == 0)
+    def _due(self, step: int, every: int) -> bool:
+        """First measurement, or the first one at or after a multiple of ``every`` (``media_every_n_steps: 250``
+        with measurements every 100 steps: 0, 300, 500, 800, ... rather than only the common multiples)."""
+        previous = max((s for s in self.measured_steps if s < step), default=None)
+        if previous is None:
+            return True
+        return every > 0 and step // every > previous // every
 
     def _ablation_rows(self, measurement: engine.Measurement) -> pd.DataFrame:
         from negmonitor.monitoring.ablation_rows import ablation_scalar_rows

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = ensure_writable_dir(args.out)
     layers = parse_layers(args.layers)
-    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
+                                  tokenizer=args.tokenizer)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     probe_set = ProbeSet.build(probe_source(args), tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)

@@ -51,9 +51,46 @@ def run_train(argv: Sequence[str]) -> int:
     _check_config_exists(argv)
     cli = build_cli(argv)
     _prepare_vocab(cli)
+    _keep_last_checkpoint(cli.trainer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    print(summary(cli.trainer))
+    saved = save_final(cli.trainer, cli.model, cli.datamodule)
+    if cli.trainer.is_global_zero:
+        print(summary(cli.trainer, saved))
     return 0
+
+
+def _keep_last_checkpoint(trainer) -> None:
+    """``ModelCheckpoint(save_last=True)`` unless the config says otherwise, so a stopped run leaves ``last.ckpt``."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.save_last is None:
+            callback.save_last = True
+
+
+def save_final(trainer, module, datamodule) -> dict[str, Path]:
+    """Save the model at the end of training: ``last.ckpt`` (resumable) and a ``save_pretrained`` folder with its
+    tokenizer (``<log dir>/final_model``), which every command takes as ``--model``.
+
+    Every rank calls it (the checkpoint is a collective call); only rank 0 writes the folder.
+    """
+    from negmonitor.callbacks.monitor import find_hf_model
+    from negmonitor.checkpoints import FINAL_MODEL_DIR
+
+    saved: dict[str, Path] = {}
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None:
+        folder = Path(checkpoint.dirpath or log_dir / "checkpoints")
+        saved["last checkpoint"] = folder / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(saved["last checkpoint"])
+    final = log_dir / FINAL_MODEL_DIR
+    if trainer.is_global_zero:
+        model = find_hf_model(module)
+        model.save_pretrained(final)
+        tokenizer = getattr(module, "tokenizer", None) or getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(final)
+    saved["final model"] = final
+    return saved
 
 
 def _check_config_exists(argv: list[str]) -> None:
@@ -71,8 +108,8 @@ def _prepare_vocab(cli) -> None:
         cli.model.configure_tokenizer(datamodule.tokenizer)
 
 
-def summary(trainer) -> str:
-    """Where the logs are, how to open them, and start/end values of the headline curves."""
+def summary(trainer, saved: dict[str, Path] | None = None) -> str:
+    """Where the logs and saved models are, how to open them, and start/end values of the headline curves."""
     from negmonitor.callbacks import NegativeDifferentiationMonitor
     from negmonitor.records import RecordStore
 
@@ -80,6 +117,7 @@ def summary(trainer) -> str:
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     lines = ["", "negmonitor: training finished", f"  TensorBoard logs: {log_dir}",
              f"  open them with:   tensorboard --logdir {log_dir.parent}"]
+    lines += [f"  {what + ':':<18}{path}" for what, path in (saved or {}).items()]
     for monitor in monitors:
         if monitor._store is None:
             continue

