@@ -9,8 +9,10 @@ run folder, else the one given.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -60,7 +62,7 @@ def load_model(
     Raises:
         NegmonitorError: the id or folder does not exist, the revision does not exist, or nothing loads.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from negmonitor.checkpoints import find_tokenizer_folder, is_lightning_checkpoint, load_lightning_model
 
@@ -81,6 +83,17 @@ def load_model(
         config = AutoConfig.from_pretrained(name, **kwargs)
     except Exception as exc:  # transformers raises OSError/ValueError/HF errors with long texts
         raise _load_error(name, revision, exc) from exc
+    with quiet_transformers():
+        model = _weights(name, config, torch_dtype, revision, kwargs)
+    loaded = _tokenizer(str(tokenizer), {}, name) if tokenizer else _tokenizer(name, kwargs, name)
+    model.to(dev).eval()
+    return model, loaded
+
+
+def _weights(name: str, config: object, torch_dtype: torch.dtype | None, revision: str | None,
+             kwargs: dict) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
     model = None
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
@@ -93,9 +106,7 @@ def load_model(
             model = AutoModel.from_pretrained(name, dtype=torch_dtype, **kwargs)
         except Exception as exc:
             raise _load_error(name, revision, exc) from exc
-    loaded = _tokenizer(str(tokenizer), {}, name) if tokenizer else _tokenizer(name, kwargs, name)
-    model.to(dev).eval()
-    return model, loaded
+    return model
 
 
 def _tokenizer(source: str, kwargs: dict, model_name: str) -> object:
@@ -137,3 +148,17 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> NegmonitorEr
 def _short(exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return first[:200]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence ``transformers``' per-load progress bars (noise next to negmonitor's own bars); restore after."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()

@@ -198,3 +198,21 @@ def _saved_tokenizer(module, tmp_path: Path) -> Path:
     folder = tmp_path / "tok"
     module.tokenizer.save_pretrained(folder)
     return folder
+
+
+def test_more_tokens_than_the_text_holds_is_one_line_exit_2(run, tmp_path, capsys) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("\n".join(_grammar_lines(40)), encoding="utf-8")
+    out = tmp_path / "never"
+    code = main(["probe", "--model", str(run["log_dir"] / "final_model"), "--text", str(text), "--tokens", "32768",
+                 "--window", "64", "--pairs", "10", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "fewer than --tokens 32,768" in err and "pass --tokens" in err
+    assert not out.exists()
+
+
+def _grammar_lines(n: int) -> list[str]:
+    from negmonitor.train.grammar import GrammarCorpus
+
+    return GrammarCorpus(0).heldout_texts(n)

@@ -250,6 +250,9 @@ def _probe_values(args: argparse.Namespace, model, tokenizer, settings, out) -> 
     probe_set = ProbeSet.build(_grammar_text(args) if _is_grammar(source) else source, tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=1_000 if settings.metric == "md" else 0, seed=args.seed,
                                max_positions=max_positions)
+    from negmonitor.commands.probe import check_tokens_available
+
+    check_tokens_available(probe_set, args.tokens)
     print(f"probing on {probe_set.n_tokens} tokens ({probe_set.n_windows} windows of {probe_set.window}) from "
           f"{probe_set.source}")
     result = probe(model, probe_set, layers=list(settings.layers) if settings.layers else None, tokenizer=tokenizer,

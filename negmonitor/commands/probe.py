@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from negmonitor.commands.common import add_model_args, add_probe_args, ensure_writable_dir, parse_layers, probe_source
+from negmonitor.errors import NegmonitorError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     max_positions = getattr(model.config, "max_position_embeddings", None)
     probe_set = ProbeSet.build(probe_source(args), tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)
+    check_tokens_available(probe_set, args.tokens)
     print(f"probing {args.model}{'@' + args.revision if args.revision else ''} on {probe_set.n_tokens} tokens "
           f"({probe_set.n_windows} windows of {probe_set.window}) from {probe_set.source}")
     result = probe(model, probe_set, layers=layers, tokenizer=tokenizer, batch_size=args.batch_size, progress=True)
@@ -39,6 +41,14 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(result.layers))
     print(f"tables written to {out}/ (neurons.parquet, layers.parquet, pairs.parquet, top_pairs.parquet, meta.json)")
     return 0
+
+
+def check_tokens_available(probe_set, requested: int) -> None:
+    """More ``--tokens`` than the probe text holds is an error, not a quietly smaller probe."""
+    available = int(probe_set.meta.get("n_tokens_available", probe_set.n_tokens))
+    if available < requested:
+        raise NegmonitorError(f"the probe text {probe_set.source} holds {available:,} tokens, fewer than --tokens "
+                              f"{requested:,} — pass --tokens {available} (or less) or a longer text")
 
 
 def format_summary(layers) -> str:

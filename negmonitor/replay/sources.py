@@ -18,18 +18,17 @@ A :class:`Series` lists its revisions (``step<N>`` names), says which exist, and
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from negmonitor.errors import NegmonitorError
-from negmonitor.models import parse_device, parse_dtype
+from negmonitor.models import parse_device, parse_dtype, quiet_transformers
 from negmonitor.replay.revisions import (PYTHIA_TOKENS_PER_STEP, is_pythia, pythia_schedule, sort_by_step, step_of,
                                          variant_of)
 
@@ -376,20 +375,6 @@ def load_weights(name: str, revision: str | None = None, dtype: torch.dtype | st
         cls = AutoModelForCausalLM if _is_decoder(config) else AutoModel
         model = cls.from_pretrained(name, dtype=parse_dtype(dtype), **kwargs)
     return model.to(parse_device(device)).eval()
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence ``transformers``' per-load progress bars (they would break the replay's own bar); restore after."""
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
 
 
 def is_missing_error(exc: BaseException) -> bool:
