@@ -16,6 +16,7 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 
+from conftest import SHARED_DATA
 from lightning_helpers import TEXT, TinyLM, token_loader, trainer
 from negmonitor.callbacks import NegativeDifferentiationMonitor
 from negmonitor.cli import main
@@ -24,7 +25,6 @@ from tiny_models import tiny_causal_lm, tiny_tokenizer
 
 pytest.importorskip("matplotlib")
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GOOD_BAD = [("the cat sees the dogs .", "the cat see the dogs ."), ("the dog runs .", "the dog run ."),
             ("the dogs run .", "the dogs runs ."), ("a pilot hurt himself .", "a pilot hurt themselves ."),
             ("the senators hurt themselves .", "the senators hurt himself ."),
