@@ -41,6 +41,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    with one_line_warnings():
+        return _main(argv)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Print warnings as one line each while a command runs (no source line); ``warnings.showwarning`` is restored
+    after, so library users keep theirs. (``showwarning``, not ``formatwarning``: Lightning replaces the latter
+    globally when it is imported.)"""
+    import warnings
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        if not text.startswith("negmonitor"):
+            ours = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+            text = f"negmonitor: warning: {text}" if ours else \
+                f"warning: {text} ({category.__name__}, {Path(filename).name}:{lineno})"
+        try:
+            (file or sys.stderr).write(text + "\n")
+        except OSError:
+            pass  # stderr gone: nowhere to warn
+
+    saved = warnings.showwarning
+    warnings.showwarning = showwarning
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line

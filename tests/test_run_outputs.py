@@ -34,13 +34,24 @@ TINY = ["--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
 def run(tmp_path_factory) -> dict:
     """A real, short `negmonitor train` run of the README's config; its log folder and console output."""
     root = tmp_path_factory.mktemp("train")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["train", "--config", str(CONFIGS / "tiny-neox-cpu.yaml"), "--trainer.max_steps", str(STEPS),
-                     "--trainer.logger.init_args.save_dir", str(root / "runs"), *TINY])
+    import logging
+    import warnings
+
+    out, records = io.StringIO(), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = main(["train", "--config", str(CONFIGS / "tiny-neox-cpu.yaml"), "--trainer.max_steps", str(STEPS),
+                         "--trainer.logger.init_args.save_dir", str(root / "runs"), *TINY])
+    finally:
+        logging.getLogger().removeHandler(handler)
     assert code == 0
     log_dir = root / "runs" / "tiny-neox-cpu" / "version_0"
-    return {"log_dir": log_dir, "out": out.getvalue(), "root": root}
+    return {"log_dir": log_dir, "out": out.getvalue(), "root": root, "logged": [r.getMessage() for r in records],
+            "warnings": [str(w.message) for w in caught]}
 
 
 def test_train_saves_final_model_and_last_checkpoint(run) -> None:
@@ -49,6 +60,32 @@ def test_train_saves_final_model_and_last_checkpoint(run) -> None:
     assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
     assert torch.load(last, weights_only=True)["global_step"] == STEPS
     assert f"final model:      {final}" in run["out"] and f"last checkpoint:  {last}" in run["out"]
+
+
+def test_console_is_a_line_per_measurement_when_not_a_terminal(run) -> None:
+    lines = run["out"].splitlines()
+    assert lines[0] == f"training from step 0 to {STEPS}; a line per negmonitor measurement follows"
+    measured = [line for line in lines if "negmonitor measured" in line]
+    assert [line.split()[1] for line in measured] == [f"{s}/{STEPS}" for s in (0, 3, 6, STEPS)]
+    assert "ablation" in measured[0] and "ablation" not in measured[1]  # timings of that measurement only
+    assert "Epoch" not in run["out"]
+    assert not [m for m in run["logged"] if "Tip:" in m]
+    assert not [m for m in run["warnings"] if "compute" in m and "PairBuffer" in m]
+
+
+def test_step_progress_bar_counts_optimizer_steps(tmp_path, capsys) -> None:
+    import lightning as L
+
+    from lightning_helpers import TinyLM, token_loader
+    from negmonitor.train.progress import StepProgressBar
+
+    module = TinyLM()
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[StepProgressBar(lines=False)],
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, token_loader(module.tokenizer, n_batches=20))
+    out = capsys.readouterr().out
+    assert "6/6" in out and "step" in out and "Epoch" not in out
 
 
 def test_summary_and_records_hold_a_final_ablation(run) -> None:
@@ -216,3 +253,25 @@ def _grammar_lines(n: int) -> list[str]:
     from negmonitor.train.grammar import GrammarCorpus
 
     return GrammarCorpus(0).heldout_texts(n)
+
+
+def test_cli_prints_warnings_as_one_line_and_restores_the_formatter(tmp_path, capsys, monkeypatch) -> None:
+    import warnings
+
+    import negmonitor.commands.probe as probe_command
+
+    def warn_twice(args) -> int:
+        warnings.warn("negmonitor: something\nto say", stacklevel=1)
+        warnings.warn("third-party\nnotice", DeprecationWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(probe_command, "run", warn_twice)
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["probe", "--model", "x", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "negmonitor: something to say"
+    assert err[1].startswith("warning: third-party notice (DeprecationWarning, test_run_outputs.py:")
+    assert len(err) == 2 and warnings.showwarning is before
+

@@ -270,6 +270,7 @@ class NegativeDifferentiationMonitor(Callback):
                 self.measured_steps.append(step)
 
     def _measure_unguarded(self, trainer: Trainer, step: int, final: bool = False) -> None:
+        self.timings = {}  # this measurement's phases only
         start = time.perf_counter()
         measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
                                               tokenizer=self.tokenizer, rank=trainer.global_rank,

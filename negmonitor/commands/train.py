@@ -9,9 +9,10 @@ every key can be overridden on the command line (``--trainer.max_steps 100``), a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from negmonitor.errors import NegmonitorError
 
@@ -49,14 +50,51 @@ def run_train(argv: Sequence[str]) -> int:
     if not argv:
         argv = ["--help"]
     _check_config_exists(argv)
-    cli = build_cli(argv)
-    _prepare_vocab(cli)
-    _keep_last_checkpoint(cli.trainer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    with _no_lightning_tips():
+        cli = build_cli(argv)
+        _prepare_vocab(cli)
+        _keep_last_checkpoint(cli.trainer)
+        _step_progress_bar(cli)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     saved = save_final(cli.trainer, cli.model, cli.datamodule)
     if cli.trainer.is_global_zero:
         print(summary(cli.trainer, saved))
     return 0
+
+
+@contextlib.contextmanager
+def _no_lightning_tips() -> Iterator[None]:
+    """Drop Lightning's advertising lines ("💡 Tip: ... try installing litlogger") while ``train`` runs."""
+    import logging
+
+    class NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in str(record.msg)
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero",
+                                                    "lightning.fabric.utilities.rank_zero")]
+    tips = NoTips()
+    for logger in loggers:
+        logger.addFilter(tips)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(tips)
+
+
+def _step_progress_bar(cli) -> None:
+    """A step-based bar (lines when not a terminal) in place of Lightning's default epoch bar, for step-bounded
+    runs whose config names no progress bar."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from negmonitor.train.progress import StepProgressBar
+
+    trainer = cli.trainer
+    configured = "ProgressBar" in str(cli.config.get("trainer", {}).get("callbacks"))
+    default = trainer.progress_bar_callback
+    if trainer.max_steps > 0 and not configured and type(default) in (RichProgressBar, TQDMProgressBar):
+        trainer.callbacks[trainer.callbacks.index(default)] = StepProgressBar()
 
 
 def _keep_last_checkpoint(trainer) -> None:
@@ -81,11 +119,13 @@ def save_final(trainer, module, datamodule) -> dict[str, Path]:
     if checkpoint is not None:
         folder = Path(checkpoint.dirpath or log_dir / "checkpoints")
         saved["last checkpoint"] = folder / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-        trainer.save_checkpoint(saved["last checkpoint"])
+        trainer.save_checkpoint(saved["last checkpoint"], weights_only=False)  # resumable: optimizer included
     final = log_dir / FINAL_MODEL_DIR
     if trainer.is_global_zero:
-        model = find_hf_model(module)
-        model.save_pretrained(final)
+        from negmonitor.models import quiet_transformers
+
+        with quiet_transformers():
+            find_hf_model(module).save_pretrained(final)
         tokenizer = getattr(module, "tokenizer", None) or getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(final)
