@@ -146,7 +146,7 @@ def test_ablate_on_the_final_model_reproduces_the_runs_ablation(run, tmp_path) -
     assert json.loads((out / "ablation_meta.json").read_text())["grammar_seed"] == 0
 
 
-def test_replay_finds_the_runs_tokenizer(run, tmp_path) -> None:
+def test_replay_of_the_runs_checkpoints_finds_its_tokenizer_and_says_what_is_true(run, tmp_path, capsys) -> None:
     logdir = tmp_path / "replay"
     code = main(["replay", "--model", str(run["log_dir"] / "checkpoints"), "--revisions", "all", "--logdir",
                  str(logdir), "--probe", str(_probe_file(tmp_path)),
@@ -154,6 +154,11 @@ def test_replay_finds_the_runs_tokenizer(run, tmp_path) -> None:
     assert code == 0
     scalars = RecordStore.for_logdir(logdir).read_scalars()
     assert STEPS in set(scalars.step)
+    assert f"tensorboard --logdir {logdir}\n" in capsys.readouterr().out + "\n"
+    info = json.loads((logdir / "negmonitor" / "replay.json").read_text())
+    batch, seq_len = 32, 64  # the config's data.batch_size and seq_len: tokens per optimizer step
+    assert info["tokens_per_step"] == batch * seq_len and info["tokens_seen_from"] == "recorded in each checkpoint"
+    assert set(scalars[scalars.step == STEPS].tokens_seen) == {STEPS * batch * seq_len}
 
 
 def test_report_recomputes_activations_from_a_checkpoint(run, tmp_path) -> None:
