@@ -1,16 +1,11 @@
 """Pre- and post-activation values of a run's top neurons, for the histograms of Fig. 1c / 6b.
 
-The records hold no raw activations, so the values come from one of two places:
-
-(a) **recomputed**: when a model is at hand (``--model``, a local model named in a probe/ablate folder, or the
-    checkpoint of the shown step in a replay's local series), it is loaded with
-    :func:`negmonitor.models.load_model`, only the chosen neurons are hooked at the MLP sites, and a small probe pass
-    runs over the probe text; post-activations apply the site's own nonlinearity;
-(b) **stored**: otherwise the pre-activations of the neuron's top pairs (``y_a``, ``y_b`` of every stored rank), with
-    the family's nonlinearity (GELU for GPT-NeoX and GPT-2, SiLU for Llama-like, ReLU for OPT) applied for the
-    post-activations.
-
-The caption says which one was used.
+The records hold no raw activations, so the values are recomputed: when a model is at hand (``--model``, a local
+model named in a probe/ablate folder, the checkpoint of the shown step in a replay's local series, or a live run's
+own ``final_model/`` or step checkpoint beside its records), it is loaded with :func:`negmonitor.models.load_model`,
+only the chosen neurons are hooked at the MLP sites, and a small probe pass runs over the probe text;
+post-activations apply the site's own nonlinearity. Without a model a run is left out, with the reason: the
+handful of stored top-pair values is no picture of a neuron's distribution.
 """
 
 from __future__ import annotations
@@ -28,13 +23,6 @@ import torch
 from negmonitor.report.base import ReportContext, last_snapshot
 from negmonitor.report.sources import RunData
 
-FAMILY_ACTIVATIONS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
-    "gpt_neox": ("GELU", torch.nn.functional.gelu),
-    "bert": ("GELU", torch.nn.functional.gelu),
-    "gpt2": ("GELU (tanh)", lambda x: torch.nn.functional.gelu(x, approximate="tanh")),
-    "llama": ("SiLU", torch.nn.functional.silu),
-    "opt": ("ReLU", torch.relu),
-}
 MARKER = re.compile(r"\[\[(.*)\]\]\s*$", re.S)
 
 
@@ -99,14 +87,14 @@ def _compute(ctx: ReportContext, run: RunData) -> RunActivations | None:
     wd = {(int(r.layer), int(r.neuron)): float(r.wd) for r in snap.itertuples(index=False)} if "wd" in snap else {}
     model_path = ctx.model_for(run, step)
     recomputed = _recompute(ctx, run, model_path, chosen) if model_path is not None else None
-    if recomputed is not None:
-        pre, activations, how = recomputed
-        fallback = torch.nn.functional.gelu
-    else:
-        pre, activations = _stored(chosen, pairs), {}
-        name, fallback = _family_activation(run.meta.get("family"))
-        how = (f"stored values: the pre-activations of each neuron's stored top pairs at step {step} (the records "
-               f"keep no raw activations; pass --model to recompute them), post-activation = {name}")
+    if recomputed is None:
+        why = ("no model for step {step}" if model_path is None else f"no probe text for the model at {model_path}")
+        ctx.cache.setdefault("activation_skips", {})[run.label] = (
+            why.format(step=step) + " — pass --model (the run's final_model/ or a .ckpt of that step) and, for a "
+            "probe given as strings, --probe-text")
+        return None
+    pre, activations, how = recomputed
+    fallback = torch.nn.functional.gelu
     values = []
     for key in chosen:
         x = torch.as_tensor(pre.get(key, np.zeros(0)), dtype=torch.float32)
@@ -117,21 +105,6 @@ def _compute(ctx: ReportContext, run: RunData) -> RunActivations | None:
             if len(pairs) else pairs
         values.append(NeuronValues(key[0], key[1], wd.get(key, float("nan")), x.numpy(), post, neuron_pairs, act))
     return RunActivations(run, step, values, how)
-
-
-def _stored(chosen: list[tuple[int, int]], pairs: pd.DataFrame) -> dict[tuple[int, int], np.ndarray]:
-    out = {}
-    for layer, neuron in chosen:
-        rows = pairs[(pairs.layer == layer) & (pairs.neuron == neuron)] if len(pairs) else pairs
-        out[(layer, neuron)] = np.concatenate([rows.y_a.to_numpy(float), rows.y_b.to_numpy(float)]) if len(rows) \
-            else np.zeros(0)
-    return out
-
-
-def _family_activation(family: str | None) -> tuple[str, Callable]:
-    if family in FAMILY_ACTIVATIONS:
-        return FAMILY_ACTIVATIONS[family]
-    return f"GELU (assumed: model family {'unknown' if not family else family!r})", torch.nn.functional.gelu
 
 
 def _recompute(ctx: ReportContext, run: RunData, model_path: str,

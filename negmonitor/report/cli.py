@@ -58,7 +58,13 @@ def run(args: argparse.Namespace, only: Sequence[str] | None = None) -> int:
     chosen = only or ([k for k in args.only.split(",") if k.strip()] if getattr(args, "only", None) else None)
     result = build_report(args.run_dirs, args.out, options, only=chosen, title=args.title)
     print(f"report written to {result.index} ({len(result.figures)} figure(s), {len(result.skipped)} skipped)")
-    return 0
+    failures = list(result.failed)
+    if chosen:  # figures asked for by name must be drawn
+        failures += [f"{key} ({paper}) not drawn: {why}" for key, paper, why in result.skipped
+                     if not why.startswith("failed:")]
+    for line in failures:
+        print(f"negmonitor: error: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def script_main(key: str, argv: Sequence[str] | None = None) -> int:

@@ -21,9 +21,11 @@ def _histograms(ctx: ReportContext, key: str, post: bool):
         values = run_activations(ctx, run)
         if values is not None and any(v.pre.size for v in values.neurons):
             found.append((index, values))
+    left_out = ctx.cache.get("activation_skips", {})
     if not found:
-        raise Skip("no per-neuron data in any run to choose top neurons from (needs neurons or pairs records, or a "
-                   "probe folder), and no stored pair values to fall back on")
+        reasons = "; ".join(f"{label}: {why}" for label, why in left_out.items())
+        raise Skip("no run's pre-activations could be recomputed — " + (reasons or "no per-neuron data in any run "
+                   "to choose top neurons from (needs neurons or pairs records, or a probe folder)"))
     ncols = max(len(v.neurons) for _, v in found)
     fig, axes = new_figure(len(found), ncols, 3.0 * ncols + 0.4, 3.3 * len(found) + 0.5)
     rows, parts = [], []
@@ -52,7 +54,8 @@ def _histograms(ctx: ReportContext, key: str, post: bool):
     which = "post-activations (the nonlinearity applied)" if post else "pre-activations (input of the nonlinearity)"
     caption = (f"Histograms of the {which} of each run's top neurons — the highest-WD neurons among those with "
                f"stored top pairs (the top-MD neurons) — with the {MARKED_PAIRS} highest-OI pairs marked (solid: "
-               "token a, dashed: token b; colour: NN blue, PN grey, PP orange). Runs: " + "; ".join(parts) + ".")
+               "token a, dashed: token b; colour: NN blue, PN grey, PP orange). Runs: " + "; ".join(parts) + "."
+               + "".join(f" Not drawn: {label} ({why})." for label, why in left_out.items()))
     data = pd.DataFrame(rows, columns=["run", "step", "layer", "neuron", "kind", "bin_left", "bin_right", "count"])
     return make(key, caption, png=png, data=data)
 
