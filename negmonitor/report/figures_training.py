@@ -114,7 +114,7 @@ def emergence(ctx: ReportContext):
                    "needs a monitored run or a replay over several measurements")
     fig, axes = new_figure(1, 2, 11.0, 4.0)
     live_ax, paper_ax = axes[0]
-    rows, parts, steps = [], [], []
+    rows, parts, live_steps, paper_steps = [], [], [], []
     for index, run, cohort, rest, retro in series:
         colour = run_colour(index)
         live_ax.plot(cohort.step, cohort.value, "-o", ms=3, color=colour, label=f"{run.label}: cohort")
@@ -126,11 +126,14 @@ def emergence(ctx: ReportContext):
             paper_ax.plot(retro.step, retro.rest, "--", color=colour, label=f"{run.label}: rest")
             rows += [(run.label, s, "final-step cohort", v) for s, v in zip(retro.step, retro.cohort)]
             rows += [(run.label, s, "final-step rest", v) for s, v in zip(retro.step, retro.rest)]
-            steps += retro.step.tolist()
-        steps += cohort.step.tolist()
+            paper_steps += retro.step.tolist()
+        live_steps += cohort.step.tolist()
         parts.append(f"{run.label} ({describe_steps(cohort.step if len(cohort) else retro.step)}; "
                      f"{_cohort_words(run)})")
-    for ax in (live_ax, paper_ax):
+    for ax, steps in ((live_ax, live_steps), (paper_ax, paper_steps)):  # each axis from its own first step
+        if not steps:
+            no_data(ax, "no data")
+            continue
         step_axis(ax, steps)
         ax.set_ylabel("mean WD (averaged over layers)")
         ax.legend(fontsize=7)
