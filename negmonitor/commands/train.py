@@ -88,13 +88,17 @@ def _step_progress_bar(cli) -> None:
     runs whose config names no progress bar."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
     from negmonitor.train.progress import StepProgressBar
 
     trainer = cli.trainer
     configured = "ProgressBar" in str(cli.config.get("trainer", {}).get("callbacks"))
     default = trainer.progress_bar_callback
     if trainer.max_steps > 0 and not configured and type(default) in (RichProgressBar, TQDMProgressBar):
-        trainer.callbacks[trainer.callbacks.index(default)] = StepProgressBar()
+        trainer.callbacks.remove(default)
+        monitors = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, NegativeDifferentiationMonitor)]
+        # after the monitors: its hooks then see each measurement (and its timings) as soon as it is taken
+        trainer.callbacks.insert(max(monitors, default=len(trainer.callbacks) - 1) + 1, StepProgressBar())
 
 
 def _keep_last_checkpoint(trainer) -> None:

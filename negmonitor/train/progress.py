@@ -3,7 +3,9 @@
 Lightning's bars count batches per epoch, so a run bounded by ``max_steps`` reads ``Epoch 1/-2``, and they print
 nothing useful for minutes when the output goes to a file. :class:`StepProgressBar` counts optimizer steps up to
 ``max_steps`` (loss and validation loss beside it) and, when stdout is not a terminal, prints one line per
-negmonitor measurement instead (step, elapsed time, losses, the measurement's timings).
+negmonitor measurement instead (step, elapsed time, losses, the measurement's timings). Placed after the monitors
+in the callback list, its hooks run after theirs: each measurement is reported, with its own timings, as soon as it
+is taken.
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ class StepProgressBar(ProgressBar):
         if self._line_mode():
             print(f"training from step {trainer.global_step} to {total or '?'}; a line per negmonitor measurement "
                   "follows", flush=True)
+            self._report_measurements(trainer, pl_module)
             return
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=total, initial=trainer.global_step, desc="train", unit="step", dynamic_ncols=True,
                          file=sys.stdout, smoothing=0.1)
+        self._report_measurements(trainer, pl_module)  # the start's measurement, taken in the monitor's hook
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is not None:
