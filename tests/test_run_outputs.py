@@ -281,3 +281,13 @@ def test_cli_prints_warnings_as_one_line_and_restores_the_formatter(tmp_path, ca
     assert err[1].startswith("warning: third-party notice (DeprecationWarning, test_run_outputs.py:")
     assert len(err) == 2 and warnings.showwarning is before
 
+
+
+def test_records_keep_the_top_neurons_histograms(run) -> None:
+    """Every measurement keeps a 64-bin histogram per top-WD neuron (4 per layer) of its values at the 2 x 200
+    sampled probe positions, so a report draws real distributions without the model."""
+    hist = RecordStore.for_logdir(run["log_dir"]).read("histograms")
+    assert sorted(hist.step.unique()) == [0, 3, 6, STEPS]
+    per_neuron = hist.groupby(["step", "layer", "neuron"])
+    assert per_neuron.size().eq(64).all() and per_neuron["count"].sum().eq(400).all()
+    assert hist.groupby(["step", "layer"]).neuron.nunique().eq(4).all()

@@ -290,6 +290,9 @@ class NegativeDifferentiationMonitor(Callback):
         self._store.write_neurons(self.run_name, step, self.tokens_seen, measurement.neurons, key=key)
         if not measurement.result.top_pairs.empty and "pairs" in self.families:
             self._store.write_pairs(self.run_name, step, self.tokens_seen, measurement.result.top_pairs, key=key)
+        histograms = measurement.histograms  # the top neurons' real distributions, for the report's Fig. 1c/6b
+        if not histograms.empty:
+            self._store.write_histograms(self.run_name, step, self.tokens_seen, histograms, key=key)
         if self._writer is not None:
             tb.log_scalars(self._writer, scalars, step)
             if final or self._due(step, self.media_every):

@@ -327,6 +327,9 @@ class _Replay:
         self.store.write_neurons(self.run_name, step, tokens, measurement.neurons)
         if not measurement.result.top_pairs.empty:
             self.store.write_pairs(self.run_name, step, tokens, measurement.result.top_pairs)
+        histograms = measurement.histograms
+        if not histograms.empty:
+            self.store.write_histograms(self.run_name, step, tokens, histograms)
         self.store.write_scalars(self.run_name, step, tokens, scalars)
         self.store.path("scalars", step, "failed").unlink(missing_ok=True)
         if self.writer is None:

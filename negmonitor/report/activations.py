@@ -5,7 +5,9 @@ model named in a probe/ablate folder, the checkpoint of the shown step in a repl
 own ``final_model/`` or step checkpoint beside its records), it is loaded with :func:`negmonitor.models.load_model`,
 only the chosen neurons are hooked at the MLP sites, and a small probe pass runs over the probe text;
 post-activations apply the site's own nonlinearity. Without a model a run is left out, with the reason: the
-handful of stored top-pair values is no picture of a neuron's distribution.
+handful of stored top-pair values is no picture of a neuron's distribution. Without a model, the histograms a
+measurement keeps in the records (``histograms/``: 64 bins per top-WD neuron over its values at the probe's sampled
+positions) are drawn instead, post-activations through the family's nonlinearity.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ import torch
 from negmonitor.report.base import ReportContext, last_snapshot
 from negmonitor.report.sources import RunData
 
+FAMILY_ACTIVATIONS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "gpt_neox": ("GELU", torch.nn.functional.gelu),
+    "bert": ("GELU", torch.nn.functional.gelu),
+    "gpt2": ("GELU (tanh)", lambda x: torch.nn.functional.gelu(x, approximate="tanh")),
+    "llama": ("SiLU", torch.nn.functional.silu),
+    "opt": ("ReLU", torch.relu),
+}
 MARKER = re.compile(r"\[\[(.*)\]\]\s*$", re.S)
 
 
@@ -37,6 +46,7 @@ class NeuronValues:
     post: np.ndarray
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
     act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.gelu
+    hist: tuple[np.ndarray, np.ndarray] | None = None  # (counts, edges) from the records, instead of values
 
 
 @dataclass
@@ -87,6 +97,8 @@ def _compute(ctx: ReportContext, run: RunData) -> RunActivations | None:
     wd = {(int(r.layer), int(r.neuron)): float(r.wd) for r in snap.itertuples(index=False)} if "wd" in snap else {}
     model_path = ctx.model_for(run, step)
     recomputed = _recompute(ctx, run, model_path, chosen) if model_path is not None else None
+    if recomputed is None and not run.histograms.empty:
+        return _from_records(run, ctx.options.top_neurons)
     if recomputed is None:
         why = ("no model for step {step}" if model_path is None else f"no probe text for the model at {model_path}")
         ctx.cache.setdefault("activation_skips", {})[run.label] = (
@@ -104,6 +116,33 @@ def _compute(ctx: ReportContext, run: RunData) -> RunActivations | None:
         neuron_pairs = pairs[(pairs.layer == key[0]) & (pairs.neuron == key[1])].sort_values("rank") \
             if len(pairs) else pairs
         values.append(NeuronValues(key[0], key[1], wd.get(key, float("nan")), x.numpy(), post, neuron_pairs, act))
+    return RunActivations(run, step, values, how)
+
+
+def _from_records(run: RunData, k: int) -> RunActivations | None:
+    """The top-WD neurons' histograms kept in the records at their last step (no model needed)."""
+    hist = run.histograms
+    step = int(hist.step.max())
+    at = hist[hist.step == step]
+    snap = run.neurons[run.neurons.step == step] if not run.neurons.empty else pd.DataFrame()
+    wd = {(int(r.layer), int(r.neuron)): float(r.wd) for r in snap.itertuples(index=False)} if "wd" in snap else {}
+    keys = sorted({(int(l), int(n)) for l, n in zip(at.layer, at.neuron)}, key=lambda key: -wd.get(key, -np.inf))
+    name, act = FAMILY_ACTIVATIONS.get(str(run.meta.get("family")), (None, torch.nn.functional.gelu))
+    pairs = run.pairs[run.pairs.step == step] if not run.pairs.empty and "step" in run.pairs else run.pairs.iloc[0:0]
+    values = []
+    for layer, neuron in keys[:k]:
+        rows = at[(at.layer == layer) & (at.neuron == neuron)].sort_values("bin")
+        edges = np.append(rows.left.to_numpy(float), rows.right.to_numpy(float)[-1:])
+        neuron_pairs = pairs[(pairs.layer == layer) & (pairs.neuron == neuron)].sort_values("rank") \
+            if len(pairs) else pairs
+        values.append(NeuronValues(layer, neuron, wd.get((layer, neuron), float("nan")), np.zeros(0), np.zeros(0),
+                                   neuron_pairs, act, hist=(rows["count"].to_numpy(float), edges)))
+    if not values:
+        return None
+    family = str(run.meta.get("family") or "unknown")
+    post = f"{name} ({family})" if name else f"GELU (assumed: no nonlinearity known for model family {family!r})"
+    how = (f"from the records: {len(rows)}-bin histograms of each top-WD neuron's pre-activations at the probe's "
+           f"sampled positions at step {step} (no model given), post-activation = {post} of the bin centres")
     return RunActivations(run, step, values, how)
 
 
