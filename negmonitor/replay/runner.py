@@ -145,7 +145,7 @@ class ReplayResult:
         counts = self.manifest.status.value_counts().to_dict()
         lines = [format_manifest(self.manifest), "",
                  "revisions: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
-                 f"records:     {self.records_root}/ (scalars/, neurons/, pairs/ — RecordStore(...).read_scalars())",
+                 f"records:     {self.records_root}/ (scalars/, neurons/, pairs/, histograms/ — RecordStore(...).read_scalars())",
                  f"manifest:    {self.manifest_path} (per revision: {self.records_root / 'manifest'}/)",
                  f"cohort:      {self.cohort_path}"]
         if self.events_dir is not None:
