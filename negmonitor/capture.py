@@ -66,9 +66,10 @@ class SiteRecorder(nn.Module):
         self.stats.update(valid)
         self.nonfinite_tokens += (~torch.isfinite(valid)).any(dim=1).sum()
         self.calls += 1
-        if batch.pair_rows.numel():
-            flat_x = x_in.detach().reshape(-1, x_in.shape[-1])
-            self.pairs.update(batch.pair_slots, flat_x[batch.pair_rows], flat_y[batch.pair_rows])
+        # every batch updates the buffer, with no rows when it holds no pair position: a probe without MD pairs
+        # (or a rank without any) then computes zeros, not torchmetrics' "compute before update" warning
+        flat_x = x_in.detach().reshape(-1, x_in.shape[-1])
+        self.pairs.update(batch.pair_slots, flat_x[batch.pair_rows], flat_y[batch.pair_rows])
 
 
 @dataclass

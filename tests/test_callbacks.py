@@ -145,11 +145,11 @@ def test_pair_sign_monitor_and_failure_is_warned_not_fatal(tmp_path) -> None:
     original = monitor._measure_unguarded
     calls = []
 
-    def flaky(trainer_, step):
+    def flaky(trainer_, step, *rest):
         calls.append(step)
         if step == 2:
             raise RuntimeError("simulated failure")
-        return original(trainer_, step)
+        return original(trainer_, step, *rest)
 
     monitor._measure_unguarded = flaky
     with pytest.warns(UserWarning, match="measurement at step 2 failed"):

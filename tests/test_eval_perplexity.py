@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.perplexity import (
     PerplexityResult,
@@ -18,7 +19,7 @@ from negmonitor.evaluation.perplexity import (
 )
 from tiny_models import TINY_MAX_POSITIONS, tiny_bert, tiny_causal_lm, tiny_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 WIKITEXT_VALID = DATA / "wikitext-2" / "valid.txt"
 SHORT_TEXT = ("Homarus gammarus, known as the European lobster or common lobster, is a species of lobster from the "
               "eastern Atlantic Ocean. It may grow to a length of 60 cm and a mass of 6 kilograms.")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.pos_surprisal import (
     TABLE_COLUMNS,
@@ -24,7 +25,7 @@ from tiny_models import tiny_bert, tiny_bert_tokenizer, tiny_causal_lm, tiny_tok
 
 pytest.importorskip("spacy")
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = SHARED_DATA / "wikitext-2" / "valid.txt"
 TEXTS = ["The author that the guard likes laughs.", "No authors have ever been popular.",
          "Homarus gammarus is a species of lobster from the eastern Atlantic Ocean."]
 

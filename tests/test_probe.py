@@ -249,3 +249,17 @@ def test_package_level_probe_is_the_function() -> None:
     result = negmonitor.probe(tiny_causal_lm("neox"), probe_set)
     assert isinstance(result, ProbeResult) and len(result.layers) == 2
     assert "probe" in negmonitor.__all__
+
+
+def test_probe_without_md_pairs_warns_nothing() -> None:
+    """No MD pairs (as `ablate` probes): the pair buffers compute zeros without torchmetrics' warning."""
+    import warnings
+
+    tokenizer = tiny_tokenizer()
+    probe_set = ProbeSet.build(["the cat sees the dogs . " * 50] * 10, tokenizer, n_tokens=1024, window=64,
+                               n_pairs=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = probe(tiny_causal_lm(), probe_set)
+    assert [str(w.message) for w in caught] == []
+    assert result.neurons.wd.notna().all()

@@ -70,7 +70,8 @@ class NegativeDifferentiationMonitor(Callback):
         warmup_steps: no cohort is fixed before this step.
         ablation: :class:`~negmonitor.ablation.AblationSettings`, a dict of its fields, ``True`` (defaults) or
             ``None`` (off).
-        ablation_every_n_steps: ablation cadence (default: ``every_n_steps``).
+        ablation_every_n_steps: ablation cadence (default: ``every_n_steps``): at the first measurement, the first
+            one at or after each multiple of it, and the last one of training.
         minimal_pairs: pairs for the ablation accuracy: a DataFrame (BLiMP- or TSE-shaped), a BLiMP folder of JSONL
             files, a TSE folder of pickles, ``"blimp"`` (the hub's ``nyu-mll/blimp``), ``"datamodule"`` (the
             datamodule's ``minimal_pairs()``, e.g. the built-in grammar's), or a list of these with at most one
@@ -78,7 +79,8 @@ class NegativeDifferentiationMonitor(Callback):
         minimal_pairs_sample: pairs per sub-dataset / construction when loading ``minimal_pairs`` (seeded).
         ppl_text: text for the ablation perplexity: a string, a list of strings, a text file, a dataset id
             (``ID[:CONFIG[:SPLIT]]``) or ``None`` (the datamodule's held-out texts when it has them).
-        media_every_n_steps: cadence of histograms, images and top-pair text (default: 5 × ``every_n_steps``).
+        media_every_n_steps: cadence of histograms, images and top-pair text (default: 5 × ``every_n_steps``): at the
+            first measurement, the first one at or after each multiple of it, and the last one.
         log_dir: where records go (default: the first logger's ``log_dir``, else its ``save_dir/name/version``,
             else ``default_root_dir/lightning_logs/version_N``: a folder unique to the run).
         run_name: the ``run`` column of the records (default: the log folder's name, e.g. ``version_0`` or the
@@ -265,13 +267,14 @@ class NegativeDifferentiationMonitor(Callback):
         """Count tokens (from shapes only) and measure when the step is scheduled."""
         self._count_tokens(batch, trainer)
         step = trainer.global_step
-        if self.schedule.due(step) and step not in self.measured_steps:
-            self._measure(trainer, step)
+        final = 0 < trainer.max_steps <= step
+        if (self.schedule.due(step) or (final and self.schedule.at_end)) and step not in self.measured_steps:
+            self._measure(trainer, step, final=final)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Final measurement."""
         if self.schedule.at_end and trainer.global_step not in self.measured_steps:
-            self._measure(trainer, trainer.global_step)
+            self._measure(trainer, trainer.global_step, final=True)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Save the weight snapshot this checkpoint's state refers to beside the records (once per snapshot)."""
@@ -316,7 +319,7 @@ class NegativeDifferentiationMonitor(Callback):
         if isinstance(ids, torch.Tensor):
             self.tokens_seen += int(ids.numel()) * trainer.world_size  # shape only: no device sync
 
-    def _measure(self, trainer: Trainer, step: int) -> None:
+    def _measure(self, trainer: Trainer, step: int, final: bool = False) -> None:
         """One measurement; any failure (out of memory included, on any rank) is warned once, recorded as
         ``health/measurement_failed`` and skipped by every rank together; training goes on (``strict`` re-raises).
 
@@ -325,7 +328,7 @@ class NegativeDifferentiationMonitor(Callback):
         try:
             if trainer.is_global_zero:
                 self._read_snapshot()
-            self._measure_unguarded(trainer, step)
+            self._measure_unguarded(trainer, step, final)
         except Exception as exc:  # a failed measurement must not end a long training run
             if self.strict:
                 raise
@@ -371,7 +374,8 @@ class NegativeDifferentiationMonitor(Callback):
                           "this measurement (its drift rows are missing once)", stacklevel=2)
             self.state.prev_weights, self.state.prev_step = None, None
 
-    def _measure_unguarded(self, trainer: Trainer, step: int) -> None:
+    def _measure_unguarded(self, trainer: Trainer, step: int, final: bool = False) -> None:
+        self.timings = {}  # this measurement's phases only
         with _strategy_context(trainer, self._hf_model):
             start = time.perf_counter()
             measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
@@ -380,7 +384,8 @@ class NegativeDifferentiationMonitor(Callback):
                                                   forward_context=self._forward_context(trainer))
             self.timings["probe"] = time.perf_counter() - start
             scalars = measurement.scalars
-            if self._ablation_due(step):  # every rank evaluates its share (DDP, FSDP): no rank waits for another
+            if self.ablation is not None and (final or self._due(step, max(1, self.ablation_every))):
+                # every rank evaluates its share (DDP, FSDP): no rank waits for another
                 start = time.perf_counter()
                 rows = self._ablation_rows(measurement, Shard(trainer.global_rank, trainer.world_size))
                 scalars = pd.concat([scalars, rows], ignore_index=True)
@@ -395,13 +400,15 @@ class NegativeDifferentiationMonitor(Callback):
         self._store.write_neurons(self.run_name, step, self.tokens_seen, measurement.neurons, key=key)
         if not measurement.result.top_pairs.empty and "pairs" in self.families:
             self._store.write_pairs(self.run_name, step, self.tokens_seen, measurement.result.top_pairs, key=key)
-        self._log(measurement, scalars, step)
+        histograms = measurement.histograms  # the top neurons' real distributions, for the report's Fig. 1c/6b
+        if not histograms.empty:
+            self._store.write_histograms(self.run_name, step, self.tokens_seen, histograms, key=key)
+        self._log(measurement, scalars, step, media=final or self._due(step, self.media_every))
         self.timings["logging"] = time.perf_counter() - start
 
-    def _log(self, measurement: engine.Measurement, scalars: pd.DataFrame, step: int) -> None:
+    def _log(self, measurement: engine.Measurement, scalars: pd.DataFrame, step: int, media: bool) -> None:
         """Curves to every sink, media to those that take them; a sink that fails is warned about, not fatal."""
         metrics = tb.scalar_metrics(scalars)
-        media = self._media_due(step)
         for sink in self._sinks:
             try:
                 sink.log_scalars(metrics, step)
@@ -433,11 +440,13 @@ class NegativeDifferentiationMonitor(Callback):
         plugin = getattr(trainer, "precision_plugin", None)  # the HF callback's stand-in has none: as configured
         return plugin.forward_context if plugin is not None else contextlib.nullcontext
 
-    def _media_due(self, step: int) -> bool:
-        return step == 0 or (self.media_every > 0 and step % self.media_every == 0) or not self.measured_steps
-
-    def _ablation_due(self, step: int) -> bool:
-        return self.ablation is not None and (step == 0 or step % max(1, self.ablation_every) == 0)
+    def _due(self, step: int, every: int) -> bool:
+        """First measurement, or the first one at or after a multiple of ``every`` (``media_every_n_steps: 250``
+        with measurements every 100 steps: 0, 300, 500, 800, ... rather than only the common multiples)."""
+        previous = max((s for s in self.measured_steps if s < step), default=None)
+        if previous is None:
+            return True
+        return every > 0 and step // every > previous // every
 
     def _ablation_rows(self, measurement: engine.Measurement, shard: Shard | None = None) -> pd.DataFrame:
         from negmonitor.monitoring.ablation_rows import ablation_scalar_rows

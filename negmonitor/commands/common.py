@@ -10,8 +10,13 @@ from negmonitor.validation import check_fraction, check_positive  # noqa: F401 (
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--revision``, ``--dtype``, ``--device``."""
-    parser.add_argument("--model", required=True, help="hub id (e.g. EleutherAI/pythia-70m) or save_pretrained folder")
+    """``--model``, ``--revision``, ``--dtype``, ``--device``, ``--tokenizer``."""
+    parser.add_argument("--model", required=True,
+                        help="hub id (e.g. EleutherAI/pythia-70m), save_pretrained folder, or Lightning .ckpt file "
+                             "(e.g. runs/NAME/version_0/checkpoints/last.ckpt)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder or hub id, for a model without one beside it (default: the model's; "
+                             "for a .ckpt, the one beside it or in its run folder)")
     parser.add_argument("--revision", default=None, help="hub revision, e.g. step1000 (Pythia)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                         help="weights dtype (default: fp32 on CPU, as saved on GPU); printed and recorded")

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "resume where an interrupted replay stopped.")
     parser.add_argument("--model", required=True,
                         help="hub id (EleutherAI/pythia-160m), a folder of step-named save_pretrained folders, or a "
-                             "folder of Lightning .ckpt files")
+                             "folder of Lightning .ckpt files (or one file)")
     parser.add_argument("--revisions", required=True,
                         help="preset 'all' or 'log:N' (N log-spaced), or a list: step0,step1000,143000")
     parser.add_argument("--logdir", required=True, help="log folder (records in LOGDIR/negmonitor, events in LOGDIR)")
@@ -60,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens-per-step", type=int, default=None,
                         help="tokens per step (default: 2097152 for Pythia, else read from the checkpoints or 0)")
     parser.add_argument("--module", default=None,
-                        help="LightningModule of .ckpt series as package.module:Class (default: negmonitor's "
-                             "CausalLMModule)")
+                        help="LightningModule of .ckpt series as package.module:Class, loaded with its "
+                             "load_from_checkpoint (default: the transformers model rebuilt from the state_dict)")
     parser.add_argument("--cache-dir", default=None, help="hub cache folder (default: HF_HUB_CACHE)")
     parser.add_argument("--run-name", default=None, help="the records' run name (default: the log folder's name)")
     parser.add_argument("--media-every", type=int, default=None,

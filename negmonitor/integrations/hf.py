@@ -147,20 +147,20 @@ class NegativeDifferentiationCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Final measurement; close the event file."""
         try:
-            self._maybe_measure(state, self.monitor.schedule.at_end)
+            self._maybe_measure(state, self.monitor.schedule.at_end, final=True)
         finally:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
 
-    def _maybe_measure(self, state: Any, due: bool) -> None:
+    def _maybe_measure(self, state: Any, due: bool, final: bool = False) -> None:
         step = int(state.global_step)
         if not due or step in self.monitor.measured_steps or self._ranks is None:
             return
         monitor = self.monitor
         monitor.tokens_seen = (step * monitor.tokens_per_step if monitor.tokens_per_step
                                else int(getattr(state, "num_input_tokens_seen", 0) or 0))
-        monitor._measure(self._ranks, step)
+        monitor._measure(self._ranks, step, final)
 
 
 def hf_log_dir(args: Any) -> Path:

@@ -97,6 +97,13 @@ class Measurement:
     neurons: pd.DataFrame
     samples: dict[int, tuple[list[int], np.ndarray]] = field(default_factory=dict)
 
+    @property
+    def histograms(self) -> pd.DataFrame:
+        """The samples as compact records: a ``HISTOGRAM_BINS``-bin histogram per top-WD neuron over its sampled
+        values' [min, max] (``layer, neuron, bin, left, right, count``), so a report draws the neuron's real
+        distribution without the model."""
+        return sample_histograms(self.samples)
+
     def scalar(self, metric: str, layer: int) -> float:
         """One scalar value (NaN when absent)."""
         rows = self.scalars[(self.scalars.metric == metric) & (self.scalars.layer == layer)]
@@ -172,6 +179,23 @@ def _samples(recorders: list, result: ProbeResult, k: int) -> dict[int, tuple[li
         top = top_k_indices(wd[recorder.layer], min(1.0, k / max(1, len(wd[recorder.layer]))))[:k].tolist()
         out[recorder.layer] = (top, y[:, top].float().cpu().numpy())
     return out
+
+
+HISTOGRAM_BINS = 64
+
+
+def sample_histograms(samples: dict[int, tuple[list[int], np.ndarray]], bins: int = HISTOGRAM_BINS) -> pd.DataFrame:
+    """``layer, neuron, bin, left, right, count`` rows: each sampled neuron's values in ``bins`` equal bins."""
+    rows = []
+    for layer, (neurons, values) in samples.items():
+        for neuron, column in zip(neurons, np.asarray(values, dtype=float).T):
+            column = column[np.isfinite(column)]
+            if not column.size:
+                continue
+            counts, edges = np.histogram(column, bins=bins)
+            rows += [(int(layer), int(neuron), b, float(edges[b]), float(edges[b + 1]), int(counts[b]))
+                     for b in range(bins)]
+    return pd.DataFrame(rows, columns=["layer", "neuron", "bin", "left", "right", "count"])
 
 
 def _maybe_fix_cohort(result: ProbeResult, step: int, settings: MonitorSettings, state: MonitorState) -> None:

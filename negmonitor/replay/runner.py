@@ -147,11 +147,11 @@ class ReplayResult:
         counts = self.manifest.status.value_counts().to_dict()
         lines = [format_manifest(self.manifest), "",
                  "revisions: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
-                 f"records:     {self.records_root}/ (scalars/, neurons/, pairs/ — RecordStore(...).read_scalars())",
+                 f"records:     {self.records_root}/ (scalars/, neurons/, pairs/, histograms/ — RecordStore(...).read_scalars())",
                  f"manifest:    {self.manifest_path} (per revision: {self.records_root / 'manifest'}/)",
                  f"cohort:      {self.cohort_path}"]
         if self.events_dir is not None:
-            lines.append(f"TensorBoard: {self.events_dir} (tensorboard --logdir {self.events_dir.parent})")
+            lines.append(f"TensorBoard: tensorboard --logdir {self.events_dir}")
         return "\n".join(lines)
 
 
@@ -334,6 +334,9 @@ class _Replay:
         self.store.write_neurons(self.run_name, step, tokens, measurement.neurons)
         if not measurement.result.top_pairs.empty:
             self.store.write_pairs(self.run_name, step, tokens, measurement.result.top_pairs)
+        histograms = measurement.histograms
+        if not histograms.empty:
+            self.store.write_histograms(self.run_name, step, tokens, histograms)
         self.store.write_scalars(self.run_name, step, tokens, scalars)
         self.store.path("scalars", step, "failed").unlink(missing_ok=True)
         if self.writer is None:
@@ -471,7 +474,7 @@ class _Replay:
                 "probe_window": s.probe_window, "n_pairs": s.n_pairs, "seed": s.seed,
                 "layers": list(s.layers) if s.layers is not None else None, "cohort_frac": s.cohort_frac,
                 "dtype": str(self.dtype) if self.dtype else None, "ablation": repr(s.ablation) if s.ablation else None,
-                "tokens_per_step": getattr(self.series, "tokens_per_step", None), "run": self.run_name}
+                **_token_count(self.series), "run": self.run_name}
 
     def result(self) -> ReplayResult:
         frame = self.manifest.read(self.revisions)
@@ -536,3 +539,18 @@ def _progress(indices: list[int], enabled: bool, revisions: list[str], shard: tu
         for index in bar:
             bar.set_postfix_str(revisions[index])
             yield index
+
+
+def _token_count(series: Series) -> dict:
+    """``tokens_per_step`` as it is known (given, Pythia's, or the one ratio the checkpoints' recorded token counts
+    agree on; ``None`` when unknown) and where ``tokens_seen`` comes from."""
+    given = getattr(series, "tokens_per_step", None) or None
+    recorded = {int(step_of(r)): int(t) for r, t in getattr(series, "_tokens", {}).items() if t is not None}
+    ratios = {t / s for s, t in recorded.items() if s > 0}
+    if given is None and len(ratios) == 1 and float(next(iter(ratios))).is_integer():
+        given = int(ratios.pop())  # every checkpoint agrees: tokens seen = step x this
+    if recorded:
+        source = "recorded in each checkpoint"
+    else:
+        source = "step x tokens_per_step" if given else "unknown (recorded as 0)"
+    return {"tokens_per_step": given, "tokens_seen_from": source}
