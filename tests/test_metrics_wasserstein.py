@@ -397,7 +397,7 @@ def test_planned_bytes_bounds_what_update_and_compute_allocate(block) -> None:
     planned = NeuronStatsAccumulator.planned_bytes(n, 4096, rows, block)
     assert peak <= planned, (peak, planned)
     transient = planned - NeuronStatsAccumulator(n).state_bytes()
-    assert transient < 80 * (block or 1 << 22) + 2**20  # a bound, not a blanket: ~2 update blocks
+    assert transient < 128 * (block or 1 << 21) + 2**20  # a bound, not a blanket: ~4 update blocks
     if block is not None:
         assert NeuronStatsAccumulator.planned_bytes(n, 4096, rows, block // 4) <= planned
 
@@ -530,7 +530,7 @@ def test_raw_bins_rebuild_every_value_and_come_back_in_value_order() -> None:
         none = torch.zeros(1, dtype=torch.long)
         z, cdf = _histogram_points(hist, low_bits, shift, none, none.double(), none, none.double(), cols.special,
                                    torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
-        assert (z.diff(dim=1) >= 0).all() and z.shape == (1, n_bins + 2)
+        assert (z.diff(dim=1) >= 0).all() and z.shape[1] <= n_bins + 2  # on CPU: the filled bins only
         assert cdf[0, -1].item() == 1.0 and (cdf.diff(dim=1) >= 0).all()
 
 
