@@ -440,6 +440,24 @@ def test_update_never_reads_back_from_the_device(monkeypatch: pytest.MonkeyPatch
     assert abs(got["wd"][0].item() - want[0].item()) < 0.005
 
 
+def test_device_path_of_compute_equals_the_cpu_path(suite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compute()'s fixed-shape path (every bin a point, every W1 segment's crossing formula evaluated; what runs
+    on GPUs, with no read-back) gives the CPU path's numbers (filled bins only, crossings picked by nonzero)."""
+    from negmonitor.metrics import streaming, wasserstein
+
+    _, x, _ = suite
+    x = x[:, :12]
+    want = _stream(x)
+    monkeypatch.setattr(streaming, "_COMPACT_ON_CPU", False)
+    monkeypatch.setattr(wasserstein, "_PICK_ON_CPU", False)
+    got = _stream(x)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-12, equal_nan=True, msg=key)
+    exact = wasserstein_to_gaussian_split(x)
+    for key, value in zip(("wd", "wd_neg", "wd_pos"), exact):
+        torch.testing.assert_close(got[key], value, atol=0.005, rtol=0, msg=key)
+
+
 def test_split_at_preactivation_zero() -> None:
     """wd_neg / wd is 1 for an all-negative neuron, 0 for an all-positive one, 1/2 for one symmetric about 0
     (the old split at the mean gave ~1/2 to all three), and the streaming split matches the exact one."""

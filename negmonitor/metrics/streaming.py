@@ -64,6 +64,7 @@ _DEVICE_BLOCK_ELEMENTS = 1 << 21  # elsewhere: 64 MiB of update temporaries (~20
 _UPDATE_BYTES_PER_ELEMENT = 32  # scratch: d and another fp32, the batch's dtype, a bool, float16, 2 x int64
 _COMPUTE_BYTES_PER_POINT = 192  # ~24 fp64 arrays of [rows, n_bins + 2] at the peak of the W1 integration
 _VECTOR_BYTES_PER_NEURON = 256  # per-neuron vectors of an update or compute chunk
+_COMPACT_ON_CPU = True  # False runs compute's fixed-shape (non-CPU) path on CPU too, for the tests
 
 
 def _nan_aware_max(stacked: Tensor) -> Tensor:
@@ -613,7 +614,7 @@ def _histogram_points(
     rows, n_bins = packed.shape
     base, step = _raw_bin_geometry(shift, n_bins, packed.device)
     order = _value_order(n_bins, packed.device)
-    if packed.device.type == "cpu":  # only the bins some row filled (free to find on CPU): ~3x fewer points
+    if _COMPACT_ON_CPU and packed.device.type == "cpu":  # only the bins some row filled (free to find on CPU): ~3x fewer points
         filled = (packed != 0).any(dim=0) & ~special
         order = order[filled.index_select(0, order)]
     packed = packed.index_select(1, order)
