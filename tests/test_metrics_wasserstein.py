@@ -272,6 +272,8 @@ def test_streaming_degenerate_neurons_nan_without_warnings() -> None:
     x[:, 1] = 3.0  # constant: mean known, std 0, no shape
     x[1:, 2] = math.nan  # a single finite value (< min_count)
     x[:, 3] = math.nan  # nothing finite
+    everything_nan = _stream(torch.full((50, 2), math.nan))  # no finite value in any neuron of a chunk
+    assert everything_nan["count"].tolist() == [0, 0] and torch.isnan(everything_nan["wd"]).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = _stream(x)

@@ -616,6 +616,7 @@ def _histogram_points(
     order = _value_order(n_bins, packed.device)
     if _COMPACT_ON_CPU and packed.device.type == "cpu":  # only the bins some row filled (free to find on CPU): ~3x fewer points
         filled = (packed != 0).any(dim=0) & ~special
+        filled[0] = True  # at least one point (the +0 bin) when nothing finite was seen
         order = order[filled.index_select(0, order)]
     packed = packed.index_select(1, order)
     count = torch.where(special.index_select(0, order), 0, packed >> low_bits)
