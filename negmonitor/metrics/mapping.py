@@ -29,7 +29,7 @@ __all__ = ["NN", "PN", "PP", "sample_pairs", "mapping_difficulty", "planned_byte
            "pair_sign_shares"]
 
 NN, PN, PP = 0, 1, 2
-_BLOCK_ELEMENTS = 1 << 20  # pairs x neurons per block: 4 MiB of fp32 differences
+_BLOCK_ELEMENTS = 1 << 19  # pairs x neurons per block: 2 MiB of fp32 differences
 
 
 def sample_pairs(n_positions: int, n_pairs: int, seed: int = 0) -> Tensor:
@@ -67,7 +67,7 @@ def mapping_difficulty(
         x_a, x_b: ``[P, d]`` input vectors of the two tokens of each pair.
         y_a, y_b: ``[P, n]`` pre-activations of the same tokens.
         with_oi: also return the ``[P, n]`` OI ratios (``False``: MD alone, faster, no ``[P, n]`` output).
-        block_elements: pairs x neurons per block of work (default 2^20): the transient memory is about
+        block_elements: pairs x neurons per block of work (default 2^19): the transient memory is about
             ``12 · block_elements`` bytes plus ``8 · P · d`` for the input distances (see :func:`planned_bytes`).
 
     Returns:
@@ -90,21 +90,28 @@ def mapping_difficulty(
     inv_oi = torch.where(keep, inv_d_in, math.nan)  # left-out pairs get NaN OI
     md = torch.empty(n_neurons, dtype=torch.float32, device=device)
     oi = torch.empty((n_pairs, n_neurons), dtype=torch.float32, device=device) if with_oi else None
-    width = max(1, (block_elements or _BLOCK_ELEMENTS) // max(1, n_pairs))
+    width = min(n_neurons, max(1, (block_elements or _BLOCK_ELEMENTS) // max(1, n_pairs)))
+    all_kept = device.type == "cpu" and bool(keep.all())  # free to know on CPU; elsewhere always masked
+    # This call's two block buffers, reused by every block (fresh CPU buffers per block cost page faults).
+    diff_buffer = torch.empty(n_pairs * width, dtype=torch.float32, device=device)
+    rows_buffer = torch.empty(n_pairs * width, dtype=torch.float32, device=device)
     for start in range(0, n_neurons, width):
         stop = min(n_neurons, start + width)
-        # |y_a - y_b| of this block as neuron-major rows [w, P], fp32 whatever the capture dtype.
-        diff = torch.empty((stop - start, n_pairs), dtype=torch.float32, device=device)
-        a, b = y_a[:, start:stop].t(), y_b[:, start:stop].t()
+        a, b = y_a[:, start:stop], y_b[:, start:stop]
+        diff = diff_buffer[: n_pairs * (stop - start)].view(n_pairs, stop - start)
         if a.dtype == b.dtype == torch.float32:
             torch.sub(a, b, out=diff)
         else:
             diff.copy_(a).sub_(b)  # in fp32 whatever the capture dtype
-        diff.abs_()
-        weighted = diff @ weight
+        diff.abs_()  # [P, w]
+        weighted = weight @ diff
         if oi is not None:
-            oi[:, start:stop] = (diff * inv_oi).t()
-        medians = row_medians_(diff.masked_fill_(~keep, math.inf), n_kept)  # left-out pairs sort last
+            torch.mul(diff, inv_oi[:, None], out=oi[:, start:stop])
+        rows = rows_buffer[: n_pairs * (stop - start)].view(stop - start, n_pairs)
+        rows.copy_(diff.t())  # neuron-major rows for the sort (a blocked transposing copy)
+        if not all_kept:
+            rows.masked_fill_(~keep, math.inf)  # left-out pairs sort last
+        medians = row_medians_(rows, n_kept)
         inv_scale = torch.where(medians > 0, 1.0 / medians, math.nan)
         md[start:stop] = weighted * inv_scale / n_kept
         if oi is not None:
@@ -115,7 +122,7 @@ def mapping_difficulty(
 def planned_bytes(n_pairs: int, d_in: int, n_neurons: int, with_oi: bool = True,
                   block_elements: int | None = None) -> int:
     """Upper bound of the bytes :func:`mapping_difficulty` allocates: its outputs, the fp32 input differences
-    ``[P, d]`` and, per block, the ``[w, P]`` differences, their OI copy and the sort's output."""
+    ``[P, d]`` and the two ``[P, w]`` block buffers (plus the sort's output off CPU)."""
     width = min(n_neurons, max(1, (block_elements or _BLOCK_ELEMENTS) // max(1, n_pairs)))
     inputs = 3 * 4 * n_pairs * d_in + 8 * 4 * n_pairs
     block = 4 * 4 * width * n_pairs + 16 * 4 * width
