@@ -45,9 +45,9 @@ def _watch(monitor: NegativeDifferentiationMonitor, model_of) -> dict[int, tuple
     """Record the process state before and after each measurement."""
     seen, original = {}, monitor._measure
 
-    def watched(trainer_, step):
+    def watched(trainer_, step, *rest, **kwargs):
         before = _process_state(model_of())
-        original(trainer_, step)
+        original(trainer_, step, *rest, **kwargs)
         seen[step] = (before, _process_state(model_of()))
 
     monitor._measure = watched

@@ -30,8 +30,8 @@ def _run(tmp_path, **kwargs):
     monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "md", "health"), **SMALL, **kwargs)
     original = monitor._measure
 
-    def watched(trainer_, step):
-        original(trainer_, step)
+    def watched(trainer_, step, *rest, **kwargs):
+        original(trainer_, step, *rest, **kwargs)
         autocast_after.append(torch.is_autocast_enabled("cpu"))
 
     monitor._measure = watched

@@ -29,12 +29,12 @@ class GuardedMonitor(NegativeDifferentiationMonitor):
         super().__init__(**kwargs)
         self.checks: list[dict] = []
 
-    def _measure(self, trainer_, step: int) -> None:
+    def _measure(self, trainer_, step: int, final: bool = False) -> None:
         module = trainer_.lightning_module
         grads = {n: None if p.grad is None else p.grad.clone() for n, p in module.named_parameters()}
         modes = {n: m.training for n, m in module.named_modules()}
         rng = torch.get_rng_state()
-        super()._measure(trainer_, step)
+        super()._measure(trainer_, step, final)
         self.checks.append({
             "step": step, "with_grads": any(g is not None for g in grads.values()),
             "grads": all(_same(grads[n], p.grad) for n, p in module.named_parameters()),
