@@ -11,7 +11,7 @@ mixtures, shifted-after-the-first-batch). In one run it times:
     the baseline has processes (the same cores for both), and again on one thread.
 
 Both (a) and (b) are timed ``--repeats`` times (default 3) and the best run counts (the first streaming run also
-pays for allocating the state and the per-thread buffers; it is printed too);
+pays for allocating the state; it is printed too);
 
 and prints both times, the speed ratio, the largest absolute difference from the exact sort-based WD (for the
 streaming path and, on its subset, for the baseline), and the size of the streaming state. Then MD for all
@@ -137,8 +137,8 @@ class ResidentPeak:
 
     The streaming path's memory is torch's, which ``tracemalloc`` does not see; the resident set does. A thread
     reads ``/proc/self/statm`` (Linux); elsewhere the growth of ``ru_maxrss`` is used (a lower bound if the
-    process peaked higher before). Short spikes between samples can be missed; the state and the per-thread
-    scratch buffers live for the whole block.
+    process peaked higher before). Short spikes between samples can be missed; the state lives for the whole
+    block.
     """
 
     def __enter__(self) -> "ResidentPeak":
@@ -207,7 +207,7 @@ def run_md(x: torch.Tensor, n_pairs: int, d_model: int, repeats: int = 11) -> No
     loop_s = min(_timed(lambda: md_loop(*loop_args)) for _ in range(repeats))
     vec_s = min(_timed(lambda: mapping_difficulty(x_a, x_b, y_a, y_b, with_oi=False)) for _ in range(repeats))
     with_oi_s = min(_timed(lambda: mapping_difficulty(x_a, x_b, y_a, y_b)) for _ in range(repeats))
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads()  # the benchmark's own setting (main); negmonitor never changes it
     md, _ = mapping_difficulty(x_a, x_b, y_a, y_b, with_oi=False)
     reference = md_loop(*loop_args)
     diff = np.nanmax(np.abs(md.double().numpy() - reference) / np.abs(reference))
@@ -297,8 +297,9 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
     print(f"streaming state: {state:,} bytes = {state / 2**20:.1f} MiB for {neurons:,} neurons = "
           f"{state / 2**20 / neurons * 1000:.1f} MiB per 1,000 neurons (goal <= 64), independent of token count")
     print(f"peak memory of the streaming path: resident memory grew by {peak / 2**20:.1f} MiB at most during its "
-          f"first pass (state + per-thread scratch + batch copies; the {x.numel() * 4 / 2**20:,.0f} MiB input "
-          f"excluded); process peak {_max_rss_bytes() / 2**20:,.0f} MiB\n")
+          f"first pass (state + each call's scratch; the {x.numel() * 4 / 2**20:,.0f} MiB input excluded); "
+          f"planned_bytes bound {NeuronStatsAccumulator.planned_bytes(neurons, acc.n_bins, BATCH, acc._block(x.device)) / 2**20:.1f} MiB; "
+          f"process peak {_max_rss_bytes() / 2**20:,.0f} MiB\n")
 
 
 def _loadavg() -> tuple[float, float, float]:

@@ -42,10 +42,11 @@ import torch
 from torch import nn
 
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
-from negmonitor.commands.common import check_fraction
+from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.interventions import ablate, check_mode
 from negmonitor.selection import Selection, restrict_layers, select_neurons
+from negmonitor.validation import check_fraction
 
 CONDITIONS = ("baseline", "wasserstein", "random", "ppl_matched")
 EVALUATIONS = ("ppl", "blimp", "tse", "lm_eval")
@@ -69,8 +70,14 @@ class AblationSettings:
         batch_size: batch size of every evaluation.
         per: rank within each ``layer`` or within groups of layers (``group``).
         layers: restrict the selections to these layers (default all probed layers).
-        ppl_window: perplexity window (default: the model's maximum positions).
-        ppl_stride: perplexity stride (default: half the window).
+        ppl_window: perplexity window (default: ``min(2048, the model's positions)``, the paper's chunks).
+        ppl_stride: perplexity stride (default: the window: disjoint chunks, tail dropped).
+        protocol: ``negmonitor`` or ``paper`` (:mod:`negmonitor.protocol`): fills every minimal-pair choice below
+            that is left at None.
+        blimp_score, tse_score: ``sum`` or ``mean`` log-probability per sentence (the TSE slot also holds the
+            built-in grammar's pairs).
+        pair_prefix: ``bos`` (a BOS, else EOS, token before each sentence) or ``none`` (the tokenizer's own).
+        npi_pairs: ``both`` pairs of each TSE NPI triple, or the ``last`` only (the authors').
         lm_eval_limit: documents per lm-eval task (None: all).
         lm_eval_task_dirs: folders of custom lm-eval task YAML files.
         progress: show progress bars.
@@ -88,6 +95,11 @@ class AblationSettings:
     layers: tuple[int, ...] | None = None
     ppl_window: int | None = None
     ppl_stride: int | None = None
+    protocol: str = "negmonitor"
+    blimp_score: str | None = None
+    tse_score: str | None = None
+    pair_prefix: str | None = None
+    npi_pairs: str | None = None
     lm_eval_limit: int | float | None = None
     lm_eval_task_dirs: tuple[str, ...] = ()
     progress: bool = False
@@ -103,6 +115,21 @@ class AblationSettings:
             raise NegmonitorError(f"max_matching_evals must be a positive integer, got {self.max_matching_evals!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise NegmonitorError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for name in ("ppl_window", "ppl_stride"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise NegmonitorError(f"{name} must be a positive integer, got {value!r} — e.g. 2048")
+        self._fill_from_protocol()
+
+    def _fill_from_protocol(self) -> None:
+        """Take every minimal-pair choice left at None from the named protocol, then check them all."""
+        from negmonitor.protocol import NPI_PAIRS, PREFIXES, SCORES, check_choice, get_protocol
+
+        proto = get_protocol(self.protocol)
+        self.blimp_score = check_choice(self.blimp_score or proto.blimp_score, SCORES, "blimp_score")
+        self.tse_score = check_choice(self.tse_score or proto.tse_score, SCORES, "tse_score")
+        self.pair_prefix = check_choice(self.pair_prefix or proto.prefix, PREFIXES, "pair_prefix")
+        self.npi_pairs = check_choice(self.npi_pairs or proto.npi_pairs, NPI_PAIRS, "npi_pairs")
 
 
 @dataclass
@@ -114,20 +141,25 @@ class EvalSuite:
         blimp: BLiMP pairs (:func:`negmonitor.evaluation.load_blimp`).
         tse: TSE pairs (:func:`negmonitor.evaluation.load_tse`).
         lm_eval_tasks: lm-eval task names.
+        shard: under DDP/FSDP, this process's place: perplexity windows and minimal-pair sentences are split across
+            the processes and their sums reduced, so every process gets the single-process numbers (every process
+            must then run the same evaluations; lm-eval tasks are not split). None: one process.
     """
 
     ppl_ids: torch.Tensor | None = None
     blimp: pd.DataFrame | None = None
     tse: pd.DataFrame | None = None
     lm_eval_tasks: tuple[str, ...] = ()
+    shard: Shard | None = None
 
     @classmethod
     def build(cls, tokenizer, ppl_text: str | Sequence[str] | torch.Tensor | None = None,
               blimp: pd.DataFrame | None = None, tse: pd.DataFrame | None = None,
-              lm_eval_tasks: Sequence[str] = (), max_ppl_tokens: int | None = None) -> "EvalSuite":
+              lm_eval_tasks: Sequence[str] = (), max_ppl_tokens: int | None = None,
+              shard: Shard | None = None) -> "EvalSuite":
         """Tokenize the perplexity text once (keeping its first ``max_ppl_tokens`` tokens) and bundle the rest."""
         ids = None if ppl_text is None else leading_tokens(tokenizer, ppl_text, max_ppl_tokens)
-        return cls(ids, blimp, tse, tuple(lm_eval_tasks))
+        return cls(ids, blimp, tse, tuple(lm_eval_tasks), shard)
 
     @property
     def names(self) -> list[str]:
@@ -183,10 +215,10 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
     metrics: dict[str, float] = {}
     frames = []
     if "ppl" in wanted:
-        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings))
+        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings, suite.shard))
     for name in ("blimp", "tse"):
         if name in wanted:
-            value, margin, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings)
+            value, margin, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings, suite.shard)
             metrics[f"{name}_acc"] = value
             metrics[f"{name}_margin"] = margin
             frames.append(table)
@@ -198,24 +230,31 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
     return Scores(metrics, breakdown)
 
 
-def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: AblationSettings) -> dict[str, float]:
-    from negmonitor.evaluation.perplexity import perplexity
+def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: AblationSettings,
+                shard: Shard | None = None) -> dict[str, float]:
+    from negmonitor.evaluation.sharded import sharded_perplexity
 
-    result = perplexity(model, tokenizer, ids, window=settings.ppl_window, stride=settings.ppl_stride,
-                        batch_size=settings.batch_size)
+    result = sharded_perplexity(model, tokenizer, ids, shard or Shard(), window=settings.ppl_window,
+                                stride=settings.ppl_stride, batch_size=settings.batch_size)
     return {"ppl": result.ppl, "nll": result.nll}
 
 
-def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame,
-                   settings: AblationSettings) -> tuple[float, float, pd.DataFrame]:
+def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame, settings: AblationSettings,
+                   shard: Shard | None = None) -> tuple[float, float, pd.DataFrame]:
     """Overall accuracy, mean log-probability margin (good − bad, nats) and the suite's accuracy levels.
 
     The margin still moves when accuracy is saturated (a small model that gets every pair right), so damage to the
     model's preference for the grammatical sentence is visible before any pair flips.
     """
-    from negmonitor.evaluation import blimp_accuracy, evaluate_pairs, tse_accuracy
+    from negmonitor.evaluation import blimp_accuracy, tse_accuracy
+    from negmonitor.evaluation.sharded import sharded_evaluate_pairs
+    from negmonitor.evaluation.tse import keep_npi_pairs
 
-    scored = evaluate_pairs(model, tokenizer, pairs, batch_size=settings.batch_size)
+    if suite == "tse":
+        pairs = keep_npi_pairs(pairs, settings.npi_pairs)
+    score = settings.blimp_score if suite == "blimp" else settings.tse_score
+    scored = sharded_evaluate_pairs(model, tokenizer, pairs, shard or Shard(), batch_size=settings.batch_size,
+                                    score=score, prefix=settings.pair_prefix)
     table = (blimp_accuracy if suite == "blimp" else tse_accuracy)(scored)
     table.insert(0, "suite", suite)
     overall = table.loc[table["level"] == "overall", "accuracy"]

@@ -47,13 +47,14 @@ class MLPSite:
 
     @property
     def n_neurons(self) -> int:
-        """Number of neurons (output units of the projection)."""
-        return int(self.weight_rows().shape[0])
+        """Number of neurons (output units of the projection), from the module's feature counts: under FSDP or
+        ZeRO-3 ``weight`` holds only this process's shard."""
+        return _features(self.projection)[0]
 
     @property
     def d_in(self) -> int:
-        """Width of the projection's input (the residual stream)."""
-        return int(self.weight_rows().shape[1])
+        """Width of the projection's input (the residual stream), from the module's feature counts."""
+        return _features(self.projection)[1]
 
     @property
     def activation(self) -> nn.Module:
@@ -61,11 +62,12 @@ class MLPSite:
         return getattr(self.act_owner, self.act_attr)
 
     def weight_rows(self) -> torch.Tensor:
-        """Neuron weight rows ``[n_neurons, d_in]`` (transformers' ``Conv1D`` stores the transpose)."""
-        weight = self.projection.weight
-        if _is_conv1d(self.projection):
-            weight = weight.t()
-        return weight.detach()
+        """Neuron weight rows ``[n_neurons, d_in]`` (transformers' ``Conv1D`` stores the transpose), whole even under
+        FSDP (gathered from the shards, see :func:`negmonitor.distributed.full_weight`)."""
+        from negmonitor.distributed import full_weight
+
+        weight = full_weight(self.projection)
+        return weight.t() if _is_conv1d(self.projection) else weight
 
 
 _REGISTRY: dict[str, AdapterSpec] = {}
@@ -195,5 +197,16 @@ def _site(spec: AdapterSpec, blocks_name: str, blocks: nn.ModuleList, layer: int
     return MLPSite(layer, path, projection, owner, attr, spec.family)
 
 
+def _features(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` features of a projection: ``nn.Linear``'s ``out_features``/``in_features``, transformers'
+    ``Conv1D``'s ``nf``/``nx``, else the (unsharded) weight's shape."""
+    if _is_conv1d(module):
+        return int(module.nf), int(module.nx)
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return int(module.out_features), int(module.in_features)
+    out, d_in = module.weight.shape
+    return int(out), int(d_in)
+
+
 def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")

@@ -105,9 +105,10 @@ class SiteRecorder(nn.Module):
             self.nonfinite_tokens += (~torch.isfinite(chunk)).any(dim=1).sum()
             del chunk
         self.calls += 1
-        if batch.pair_rows.numel():
-            flat_x = x_in.detach().reshape(-1, x_in.shape[-1])
-            self.pairs.update(batch.pair_slots, flat_x[batch.pair_rows], flat_y[batch.pair_rows])
+        # every batch updates the buffer, with no rows when it holds no pair position: a probe without MD pairs
+        # (or a rank without any) then computes zeros, not torchmetrics' "compute before update" warning
+        flat_x = x_in.detach().reshape(-1, x_in.shape[-1])
+        self.pairs.update(batch.pair_slots, flat_x[batch.pair_rows], flat_y[batch.pair_rows])
 
 
     def release(self) -> None:
@@ -135,7 +136,8 @@ class BatchContext:
 
 
 def _hook(recorder: SiteRecorder, batch: BatchContext, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    recorder.observe(args[0], output, batch)
+    with torch.autocast(output.device.type, enabled=False):  # statistics in fp32 even inside a mixed-precision forward
+        recorder.observe(args[0], output, batch)
     if recorder.stop_after:
         raise StopPass
 

@@ -7,6 +7,9 @@ without a traceback; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class NegmonitorError(ValueError):
     """A problem with the user's input or environment, with a one-line message saying how to fix it."""
@@ -16,3 +19,20 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`NegmonitorError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise NegmonitorError(message)
+
+
+def run_guarded(call: Callable[[], object], debug: bool = False) -> int:
+    """Run a command's ``call`` and return its exit code: a :class:`NegmonitorError` prints one line and gives 2
+    (``debug`` re-raises it for the traceback); Ctrl-C says that the records so far are kept and gives 130."""
+    try:
+        code = call()
+    except NegmonitorError as exc:
+        if debug:
+            raise
+        print(f"negmonitor: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("negmonitor: interrupted — records written so far are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return int(code or 0)

@@ -1,14 +1,18 @@
-"""Load a model and its tokenizer from a hub id or a local folder, with clear errors.
+"""Load a model and its tokenizer from a hub id, a local folder or a Lightning ``.ckpt``, with clear errors.
 
 Decoder LMs load as ``AutoModelForCausalLM``; encoder-only checkpoints (BERT-style, no LM head) fall back to
 ``AutoModel``. ``revision=`` goes straight to ``from_pretrained``, so Pythia's ``step1000``-style revisions, a
-local hub cache (``HF_HUB_OFFLINE=1``) and ``save_pretrained`` folders all take the same path.
+local hub cache (``HF_HUB_OFFLINE=1``) and ``save_pretrained`` folders all take the same path. A ``.ckpt`` file is
+rebuilt by :mod:`negmonitor.checkpoints` (no code from the file runs), with the tokenizer found beside it or in its
+run folder, else the one given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -47,22 +51,54 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     cache_dir: str | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode; encoder-only checkpoints load without an LM head.
+
+    ``dtype=None`` loads fp32 on CPU (fp16 matmuls there are slow and lossy) and the checkpoint's saved dtype on a
+    GPU (transformers >= 5 loads the saved dtype, fp16 for Pythia).
+
+    Args:
+        model_id: hub id, ``save_pretrained`` folder, or Lightning ``.ckpt`` file.
+        tokenizer: tokenizer folder or hub id, used when the model has none of its own (default: the model's).
 
     Raises:
         NegmonitorError: the id or folder does not exist, the revision does not exist, or nothing loads.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
+
+    from negmonitor.checkpoints import find_tokenizer_folder, is_lightning_checkpoint, load_lightning_model
 
     torch_dtype = parse_dtype(dtype)
     dev = parse_device(device)
+    if torch_dtype is None and dev.type == "cpu":
+        torch_dtype = torch.float32
     name = str(model_id)
+    if is_lightning_checkpoint(name):
+        if revision:
+            raise NegmonitorError(f"--revision {revision!r} does not apply to a checkpoint file — leave it out")
+        model = load_lightning_model(name, dtype=torch_dtype, device=dev)
+        found = tokenizer or find_tokenizer_folder(name)
+        if found is None:
+            raise NegmonitorError(f"no tokenizer found beside checkpoint {name} or in its run folder — pass "
+                                  "--tokenizer PATH (a tokenizer folder or hub id)")
+        return model, _tokenizer(str(found), {}, name)
     kwargs = {"revision": revision, "cache_dir": cache_dir}
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
     except Exception as exc:  # transformers raises OSError/ValueError/HF errors with long texts
         raise _load_error(name, revision, exc) from exc
+    with quiet_transformers():
+        model = _weights(name, config, torch_dtype, revision, kwargs)
+    loaded = _tokenizer(str(tokenizer), {}, name) if tokenizer else _tokenizer(name, kwargs, name)
+    model.to(dev).eval()
+    return model, loaded
+
+
+def _weights(name: str, config: object, torch_dtype: torch.dtype | None, revision: str | None,
+             kwargs: dict) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
     model = None
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
@@ -75,13 +111,32 @@ def load_model(
             model = AutoModel.from_pretrained(name, dtype=torch_dtype, **kwargs)
         except Exception as exc:
             raise _load_error(name, revision, exc) from exc
+    return model
+
+
+def _tokenizer(source: str, kwargs: dict, model_name: str) -> object:
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        return AutoTokenizer.from_pretrained(_tokenizer_folder(source), **kwargs)
     except Exception as exc:
-        raise NegmonitorError(f"model {name!r} has no loadable tokenizer ({_short(exc)}) — save one beside it "
-                              "with tokenizer.save_pretrained(folder)") from exc
-    model.to(dev).eval()
-    return model, tokenizer
+        if source != model_name:
+            raise NegmonitorError(f"could not load tokenizer {source!r} ({_short(exc)}) — pass a tokenizer folder "
+                                  "(tokenizer.save_pretrained) or a hub id") from exc
+        raise NegmonitorError(f"model {model_name!r} has no loadable tokenizer ({_short(exc)}) — pass --tokenizer "
+                              "PATH, or save one beside it with tokenizer.save_pretrained(folder)") from exc
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _tokenizer_folder(name: str) -> str:
+    """``name``, or its parent folder when ``name`` is a local folder without tokenizer files and the parent has
+    them (a series of step folders shares one tokenizer beside them); without this transformers builds an empty
+    tokenizer from the config alone, which turns every text into no tokens."""
+    path = Path(name)
+    has = lambda folder: any((folder / f).is_file() for f in _TOKENIZER_FILES)  # noqa: E731
+    return str(path.parent) if path.is_dir() and not has(path) and has(path.parent) else name
 
 
 def _is_decoder(config: object) -> bool:
@@ -110,3 +165,17 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> NegmonitorEr
 def _short(exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return first[:200]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence ``transformers``' per-load progress bars (noise next to negmonitor's own bars); restore after."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()

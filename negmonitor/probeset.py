@@ -1,8 +1,15 @@
 """Probe text: the fixed token windows every measurement runs over.
 
 A :class:`ProbeSet` is built once (from a ``datasets`` hub id, a local text file or folder, or a list of strings)
-and reused at every measurement, so curves over training compare like with like. It is deterministic for a seed,
-holds padding masks so padded positions never enter a statistic, and fixes the token positions of the MD pairs.
+and reused at every measurement, so curves over training compare like with like. It holds padding masks so padded
+positions never enter a statistic, and fixes the token positions of the MD pairs (seeded).
+
+The windows are the paper's: the texts (a hub split's rows, a folder's files, a list's strings) are joined with
+``"\n\n"`` into one text, tokenized as one stream (no EOS or other special token between rows), and cut into
+consecutive windows of ``window`` tokens (2,048, clipped to the model's positions), in text order. The incomplete
+last window is dropped, as the authors' code does, unless the text is shorter than one window (then it is the one,
+padded, window). ``n_tokens=None`` keeps every window (the whole split, the paper's setting); a budget keeps the
+first ``ceil(n_tokens / window)`` windows (as the authors' ``num_batches`` cap does).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import torch
 from negmonitor.errors import NegmonitorError
 
 DEFAULT_PROBE_DATASET = "wikitext:wikitext-2-raw-v1:test"
+DEFAULT_WINDOW = 2_048
+SEPARATOR = "\n\n"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", ".tokens")
 
 
@@ -71,22 +80,23 @@ class ProbeSet:
         cls,
         source: "str | os.PathLike | Sequence[str] | ProbeSet | None",
         tokenizer: object,
-        n_tokens: int = 32_768,
-        window: int = 512,
+        n_tokens: int | None = None,
+        window: int = DEFAULT_WINDOW,
         n_pairs: int = 1_000,
         seed: int = 0,
         max_positions: int | None = None,
     ) -> "ProbeSet":
         """Build a probe set from a hub dataset id (``ID[:CONFIG[:SPLIT]]``), a text file or folder, or strings.
 
-        ``window`` is clipped to ``max_positions`` (the model's maximum positions) when given.
+        ``n_tokens=None`` keeps the whole text; ``window`` is clipped to ``max_positions`` (the model's maximum
+        positions) when given. See the module docstring for how the windows are cut.
 
         Raises:
             NegmonitorError: the text is empty, or too short for the pairs asked for, or a setting is invalid.
         """
         if isinstance(source, ProbeSet):
             return source
-        if n_tokens <= 0 or window <= 1 or n_pairs < 0:
+        if (n_tokens is not None and n_tokens <= 0) or window <= 1 or n_pairs < 0:
             raise NegmonitorError(
                 f"probe settings must be positive (n_tokens={n_tokens}, window={window}, n_pairs={n_pairs}) — "
                 "fix the probe arguments"
@@ -102,9 +112,10 @@ class ProbeSet:
                 f"probe text from {name} has {len(ids)} tokens, fewer than the {2 * n_pairs} needed for "
                 f"{n_pairs} MD pairs — give more text or lower n_pairs"
             )
-        input_ids, mask = _windows(ids, n_tokens, window, seed, _pad_id(tokenizer))
+        input_ids, mask = _windows(ids, n_tokens, window, _pad_id(tokenizer))
         pairs = _pair_positions(mask, n_pairs, seed)
-        meta = {"n_tokens_requested": n_tokens, "n_tokens_available": len(ids)}
+        meta = {"n_tokens_requested": n_tokens, "n_tokens_available": len(ids), "window": window,
+                "windows": "consecutive, joined rows, tail dropped"}
         return cls(input_ids, mask, pairs, source=name, seed=seed, meta=meta)
 
 
@@ -129,7 +140,8 @@ def load_probe_texts(source: "str | os.PathLike | Sequence[str] | None") -> tupl
 
 
 def load_dataset_texts(spec: str, text_column: str = "text") -> list[str]:
-    """Load texts from a ``datasets`` hub id written as ``ID[:CONFIG[:SPLIT]]`` (split defaults to test)."""
+    """The rows of a ``datasets`` hub id written as ``ID[:CONFIG[:SPLIT]]`` (split defaults to test), empty rows
+    included (the authors join every row with ``"\\n\\n"``)."""
     parts = spec.split(":")
     dataset_id = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
@@ -145,21 +157,15 @@ def load_dataset_texts(spec: str, text_column: str = "text") -> list[str]:
         ) from exc
     if text_column not in data.column_names:
         raise NegmonitorError(f"dataset {spec!r} has no {text_column!r} column (it has {data.column_names})")
-    return [t for t in data[text_column] if t and t.strip()]
+    texts = list(data[text_column])
+    return texts if any(t and t.strip() for t in texts) else []
 
 
 def _tokenize(texts: list[str], tokenizer: object) -> list[int]:
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
+    """One token stream: the texts joined with ``"\\n\\n"``, no special tokens (long text: no length warning)."""
+    if not any(t and t.strip() for t in texts):
         return []
-    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # long texts: no length warning
-    sep = getattr(tokenizer, "eos_token_id", None)
-    ids: list[int] = []
-    for doc in encoded:
-        ids.extend(doc)
-        if sep is not None:
-            ids.append(sep)
-    return ids
+    return list(tokenizer(SEPARATOR.join(texts), add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _pad_id(tokenizer: object) -> int:
@@ -170,23 +176,18 @@ def _pad_id(tokenizer: object) -> int:
     return 0
 
 
-def _windows(ids: list[int], n_tokens: int, window: int, seed: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut ``ids`` into windows; keep a seeded choice of ``ceil(n_tokens / window)`` of them, in text order."""
+def _windows(ids: list[int], n_tokens: int | None, window: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive windows of ``ids`` (tail dropped unless it is the only one); the first ``ceil(n_tokens / window)``."""
     flat = torch.tensor(ids, dtype=torch.long)
     n_full = len(ids) // window
-    wanted = math.ceil(n_tokens / window)
-    chunks = list(flat[: n_full * window].view(n_full, window)) if n_full else []
-    if n_full > wanted:
-        gen = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(n_full, generator=gen)[:wanted].sort().values
-        chunks = [chunks[i] for i in keep.tolist()]
-    elif len(ids) % window:
-        chunks.append(flat[n_full * window:])
-    input_ids = torch.full((len(chunks), window), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(chunks), window), dtype=torch.long)
-    for i, chunk in enumerate(chunks):
-        input_ids[i, : len(chunk)] = chunk
-        mask[i, : len(chunk)] = 1
+    if n_tokens is not None:
+        n_full = min(n_full, math.ceil(n_tokens / window))
+    if n_full:
+        return flat[: n_full * window].view(n_full, window).clone(), torch.ones((n_full, window), dtype=torch.long)
+    input_ids = torch.full((1, window), pad_id, dtype=torch.long)
+    mask = torch.zeros((1, window), dtype=torch.long)
+    input_ids[0, : len(ids)] = flat
+    mask[0, : len(ids)] = 1
     return input_ids, mask
 
 

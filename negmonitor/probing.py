@@ -13,7 +13,7 @@ import contextlib
 import gc
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch import nn
 from negmonitor.adapters import MLPSite, find_sites
 from negmonitor.budget import DEFAULT_MEMORY_BUDGET, LayerShape, Plan, log_plan_once, parse_bytes, plan_measurement
 from negmonitor.capture import BatchContext, SiteRecorder, StopPass, check_hooks_fired, recording, unwrap_compiled
+from negmonitor.distributed import Shard, agree_on_failure, gathers_weight
 from negmonitor.errors import NegmonitorError
 from negmonitor.probeset import ProbeSet
 from negmonitor.summary import LayerSummary, summarise_recorder
@@ -91,12 +92,16 @@ def measure(
     settings: ProbeSettings,
     rank: int = 0,
     world_size: int = 1,
+    forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> list[LayerSummary]:
     """Run this process's share of the probe windows, group by group, and return one summary per site.
 
-    Every rank must call it under DDP (the statistics are reduced across ranks before they are summarised). On
-    CUDA out-of-memory every accumulator is dropped, the batch size halves and the measurement restarts
-    (statistics are never half-updated); at batch size 1 a :class:`NegmonitorError` names the settings to change.
+    Every rank must call it under DDP (the statistics are reduced across ranks before they are summarised; each
+    local phase is closed by :func:`~negmonitor.distributed.agree_on_failure`, so every rank learns of a failure on
+    any rank before the next collective). ``forward_context`` wraps each forward call (e.g. a Lightning precision
+    plugin's autocast); the statistics accumulate in fp32 outside it. On CUDA out-of-memory (on any rank) every
+    accumulator is dropped, the batch size halves and the measurement restarts on every rank (statistics are never
+    half-updated); at batch size 1 a :class:`NegmonitorError` names the settings to change.
     """
     eager = unwrap_compiled(model)
     plan = _plan(eager, probe_set, sites, settings, world_size)
@@ -106,7 +111,8 @@ def measure(
     while True:
         failed = False
         try:
-            summaries = _measure_groups(eager, probe_set, sites, settings, plan, batch_size, rank, world_size)
+            summaries = _measure_groups(eager, probe_set, sites, settings, plan, batch_size, rank, world_size,
+                                        forward_context)
             _free_cached(eager)  # the next group reuses freed blocks; at the end they go back to the device
             return summaries
         except torch.OutOfMemoryError:
@@ -151,16 +157,24 @@ def _capture_bytes(model: nn.Module) -> int:
 
 
 def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSite], settings: ProbeSettings,
-                    plan: Plan, batch_size: int, rank: int, world_size: int) -> list[LayerSummary]:
+                    plan: Plan, batch_size: int, rank: int, world_size: int,
+                    forward_context: Callable[[], ContextManager]) -> list[LayerSummary]:
     summaries: list[LayerSummary] = []
+    guarded = world_size > 1
     for group in plan.groups:
         recorders = _measure_once(model, probe_set, [sites[i] for i in group], settings, batch_size, rank,
-                                  world_size, plan.rows_per_update)
+                                  world_size, plan.rows_per_update, forward_context)
         _reduce_counts(recorders, world_size)
         while recorders:  # summarise and drop one recorder at a time: the group's state shrinks as it goes
             recorder = recorders.pop(0)
-            summaries.append(summarise_recorder(recorder, settings.top_neuron_frac, settings.top_pairs,
-                                                settings.sample_neurons))
+            # torchmetrics' compute() syncs the states (collectives), then does local maths; the result is cached
+            # for the summary. A guard after each one: no rank enters the next sync while another has failed.
+            for metric in (recorder.stats, recorder.pairs):
+                with agree_on_failure(guarded):
+                    metric.compute()
+            with agree_on_failure(guarded):
+                summaries.append(summarise_recorder(recorder, settings.top_neuron_frac, settings.top_pairs,
+                                                    settings.sample_neurons))
             recorder.release()
     return summaries
 
@@ -173,13 +187,7 @@ def _reduce_counts(recorders: list, world_size: int) -> None:
 
 
 def _free_cached(model: nn.Module) -> None:
-    """Release the per-thread scratch of the statistics and, on CUDA, the allocator's cached blocks."""
-    try:
-        from negmonitor.metrics import _threads
-
-        getattr(_threads, "_LOCAL").__dict__.pop("buffers", None)
-    except (ImportError, AttributeError):
-        pass
+    """On CUDA, give the allocator's cached blocks back to the device (the statistics keep no scratch of their own)."""
     if _device_of(model).type == "cuda":
         torch.cuda.empty_cache()
 
@@ -193,14 +201,19 @@ def _measure_once(
     rank: int,
     world_size: int,
     rows_per_update: int | None = None,
+    forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> list[SiteRecorder]:
-    """One pass over this rank's windows for ``sites``, stopping each forward after the last of them."""
+    """One pass over this rank's windows for ``sites``, stopping each forward after the last of them (not under
+    FSDP, whose forward must run whole: its units gather and free parameters in hooks)."""
     eager = unwrap_compiled(model)
     device = _device_of(eager)
     kwargs = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
+    if world_size > 1:
+        kwargs["sync_grid"] = False  # the grids are shared after the calibration phase, outside any hook
     last = max(range(len(sites)), key=lambda i: sites[i].layer)
-    recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update, stop_after=i == last,
-                              **kwargs).to(device) for i, site in enumerate(sites)]
+    may_stop = not any(gathers_weight(site.projection) for site in sites)
+    recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update,
+                              stop_after=may_stop and i == last, **kwargs).to(device) for i, site in enumerate(sites)]
     pair_flat = probe_set.pair_positions.reshape(-1)
     windows = probe_set.window_indices(rank, world_size)
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
@@ -208,15 +221,32 @@ def _measure_once(
     runner = getattr(eager, "base_model", eager)
     with _eval_no_grad(eager), recording(sites, recorders, batch):
         if world_size > 1:
-            _calibrate(runner, probe_set, batch, batch_size, device)
-        for chunk in _progress(batches, settings.progress, "probe"):
-            ids = probe_set.input_ids[chunk].to(device)
-            mask = probe_set.attention_mask[chunk].to(device)
-            _set_batch(batch, chunk, mask, pair_flat, probe_set.window, device)
-            _run(runner, ids, mask)
-    if batches:
-        check_hooks_fired(recorders)
+            with agree_on_failure():  # every rank learns of a failure here before the grid broadcast
+                with forward_context():
+                    _calibrate(runner, probe_set, batch, batch_size, device)
+            _share_rank0_grids(recorders)
+        with agree_on_failure(world_size > 1):  # ... and here before the reductions that follow the pass
+            for chunk in _progress(batches, settings.progress, "probe"):
+                ids = probe_set.input_ids[chunk].to(device)
+                mask = probe_set.attention_mask[chunk].to(device)
+                _set_batch(batch, chunk, mask, pair_flat, probe_set.window, device)
+                with forward_context():
+                    _run(runner, ids, mask)
+            if batches:
+                check_hooks_fired(recorders)
+    with _eval_no_grad(eager):  # as many forward passes as rank 0 (FSDP: each one is a collective); no hooks
+        for _ in range(Shard(rank, world_size).extra_batches(probe_set.n_windows, batch_size)):
+            with forward_context():
+                runner(input_ids=probe_set.input_ids[:1].to(device),
+                       attention_mask=probe_set.attention_mask[:1].to(device))
     return recorders
+
+
+def _share_rank0_grids(recorders: Sequence[SiteRecorder]) -> None:
+    """Every rank takes rank 0's histogram grid (centre and inverse unit, bit for bit), so the states sum."""
+    for recorder in recorders:
+        torch.distributed.broadcast(recorder.stats.center, src=0)
+        torch.distributed.broadcast(recorder.stats.inv_unit, src=0)
 
 
 def _run(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:

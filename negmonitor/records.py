@@ -23,7 +23,8 @@ from negmonitor.atomic import write_parquet_atomic
 SCALAR_COLUMNS = ["run", "step", "tokens_seen", "layer", "neuron", "metric", "value"]
 KEY_COLUMNS = ["run", "step", "layer", "neuron", "metric"]
 ROW_KEYS = {"scalars": KEY_COLUMNS, "neurons": ["run", "step", "layer", "neuron"],
-            "pairs": ["run", "step", "layer", "neuron", "rank"]}
+            "pairs": ["run", "step", "layer", "neuron", "rank"],
+            "histograms": ["run", "step", "layer", "neuron", "bin"]}
 
 
 class RecordStore:
@@ -68,6 +69,11 @@ class RecordStore:
     def write_pairs(self, run: str, step: int, tokens_seen: int, rows: pd.DataFrame, key: str | None = None) -> Path:
         """Write the top differentiated pairs (``layer, neuron, rank, ...``) with the identifying columns first."""
         return self.write("pairs", _identify(rows, run, step, tokens_seen), step, key)
+
+    def write_histograms(self, run: str, step: int, tokens_seen: int, rows: pd.DataFrame,
+                         key: str | None = None) -> Path:
+        """Write the top neurons' pre-activation histograms (``layer, neuron, bin, left, right, count``)."""
+        return self.write("histograms", _identify(rows, run, step, tokens_seen), step, key)
 
     def read(self, kind: str = "scalars") -> pd.DataFrame:
         """All rows of ``kind``, merged across files, duplicates dropped (last file wins)."""

@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from negmonitor.commands.common import check_fraction
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics.ranking import bottom_k_indices, top_k_indices
+from negmonitor.validation import check_fraction
 
 if TYPE_CHECKING:
     from negmonitor.result import ProbeResult

@@ -18,14 +18,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models run fastest on one thread, and the suite then behaves the same on a loaded 2-core machine.
 torch.set_num_threads(1)
 
-SHARED_DATA = TESTS.parents[1] / "shared" / "data"
+# The real data sets (README, "Test data"): $NEGMONITOR_DATA, else ../shared/data beside the repository.
+SHARED_DATA = Path(os.environ.get("NEGMONITOR_DATA") or TESTS.parents[1] / "shared" / "data").expanduser()
 
 
 @pytest.fixture
 def shared_data() -> Path:
     """``../shared/data`` beside the repo; skip where it is absent (a user's clone)."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (CI and dev machines have it)")
+        pytest.skip(f"real data not found at {SHARED_DATA} — see the README's 'Test data' (NEGMONITOR_DATA)")
     return SHARED_DATA
 
 

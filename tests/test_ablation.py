@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 import negmonitor.ablation as ablation_module
 from negmonitor.ablation import (
     AblationSettings,
@@ -29,7 +30,7 @@ from negmonitor.probeset import ProbeSet
 from negmonitor.selection import Selection, select_neurons
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 needs_data = pytest.mark.skipif(not (DATA / "blimp").is_dir() or not (DATA / "tse").is_dir()
                                 or not (DATA / "wikitext-2" / "valid.txt").is_file(),
                                 reason=f"shared reference data not found at {DATA}")

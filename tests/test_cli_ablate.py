@@ -7,12 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import SHARED_DATA
 from negmonitor.cli import main
 from negmonitor.commands.ablate import parse_evals
 from negmonitor.errors import NegmonitorError
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 needs_data = pytest.mark.skipif(not (DATA / "blimp").is_dir() or not (DATA / "tse").is_dir()
                                 or not (DATA / "wikitext-2" / "valid.txt").is_file(),
                                 reason=f"shared reference data not found at {DATA}")

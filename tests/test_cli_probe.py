@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -37,6 +39,16 @@ def test_probe_command_writes_tables_and_prints_summary(model_dir, text_file, tm
     layers = pd.read_parquet(tmp_path / "out" / "layers.parquet")
     assert list(layers.layer) == [0, 1]
     assert "wd_max" in out and "wd_neg_share" in out and "jaccard_wd_md" in out and str(tmp_path / "out") in out
+    assert "in float32" in out  # the dtype it ran in: fp32 on CPU by default, printed and recorded
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["dtype"] == "float32" and meta["protocol"] == "negmonitor"
+
+
+def test_probe_command_records_the_dtype_asked_for(model_dir, text_file, tmp_path, capsys) -> None:
+    code = main(["probe", "--model", str(model_dir), "--text", str(text_file), "--tokens", "1024", "--window", "128",
+                 "--pairs", "100", "--dtype", "bf16", "--out", str(tmp_path / "out")])
+    assert code == 0 and "in bfloat16" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_help_lists_every_command(capsys) -> None:

@@ -8,12 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import SHARED_DATA
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.blimp import BLIMP_UIDS, COLUMNS, blimp_accuracy, load_blimp
 from negmonitor.evaluation.minimal_pairs import evaluate_pairs
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 
-BLIMP = Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"
+BLIMP = SHARED_DATA / "blimp"
 needs_blimp = pytest.mark.skipif(not BLIMP.is_dir(), reason="../shared/data/blimp is not present")
 
 

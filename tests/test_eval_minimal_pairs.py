@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.minimal_pairs import (
     accuracy_levels,
@@ -22,7 +23,7 @@ from negmonitor.evaluation.minimal_pairs import (
 )
 from tiny_models import tiny_bert, tiny_bert_tokenizer, tiny_causal_lm, tiny_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 FALLBACK = ["The author laughs.", "The authors laugh.", "Who should Derek hug after shocking Richard?",
             "No authors have ever been popular.", "the movie that the guard likes is good", "a", "",
             "It may grow to a length of 60 cm (24 in) and a mass of 6 kilograms (13 lb)."]

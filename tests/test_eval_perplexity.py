@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.perplexity import (
     PerplexityResult,
@@ -18,7 +19,7 @@ from negmonitor.evaluation.perplexity import (
 )
 from tiny_models import TINY_MAX_POSITIONS, tiny_bert, tiny_causal_lm, tiny_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 WIKITEXT_VALID = DATA / "wikitext-2" / "valid.txt"
 SHORT_TEXT = ("Homarus gammarus, known as the European lobster or common lobster, is a species of lobster from the "
               "eastern Atlantic Ocean. It may grow to a length of 60 cm and a mass of 6 kilograms.")
@@ -59,7 +60,7 @@ def brute_force_nll(model, ids: list[int], window: int, stride: int) -> tuple[fl
 
 @pytest.mark.parametrize("n,window,stride", [(10, 4, 2), (11, 4, 4), (7, 16, 3), (30, 8, 1), (2, 2, 1), (50, 9, 7)])
 def test_sliding_windows_score_each_token_once(n, window, stride):
-    spans = sliding_windows(n, window, stride)
+    spans = sliding_windows(n, window, stride, drop_tail=False)
     scored = [t for begin, end, first in spans for t in range(first, end)]
     if stride < window:
         assert scored == list(range(1, n))
@@ -72,7 +73,7 @@ def test_sliding_windows_score_each_token_once(n, window, stride):
 def test_matches_brute_force(model, tokenizer, window, stride):
     ids = token_stream(tokenizer, SHORT_TEXT).tolist()[:30]
     expected_total, expected_count = brute_force_nll(model, ids, window, stride)
-    result = perplexity(model, tokenizer, ids, window=window, stride=stride, batch_size=3)
+    result = perplexity(model, tokenizer, ids, window=window, stride=stride, batch_size=3, drop_tail=False)
     assert result.n_tokens == expected_count == len(ids) - 1 - (len(ids) - 1) // window * (stride == window)
     assert result.nll == pytest.approx(expected_total / expected_count, rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(expected_total / expected_count), rel=1e-5)
@@ -108,9 +109,34 @@ def test_default_window_never_exceeds_max_positions(tokenizer):
     finally:
         handle.remove()
     assert max(lengths) == TINY_MAX_POSITIONS
-    assert result.n_tokens == ids.numel() - 1
+    assert result.n_tokens == 2 * (TINY_MAX_POSITIONS - 1)  # disjoint chunks, the 17-token tail dropped
     with pytest.raises(NegmonitorError, match="exceeds the model's 256 positions"):
         perplexity(model, tokenizer, ids, window=TINY_MAX_POSITIONS + 1)
+
+
+def test_disjoint_chunks_drop_the_tail_unless_it_is_the_only_chunk():
+    assert sliding_windows(20, 8, 8) == [(0, 8, 1), (8, 16, 9)]
+    assert sliding_windows(20, 8, 8, drop_tail=False)[-1] == (16, 20, 17)
+    assert sliding_windows(5, 8, 8) == [(0, 5, 1)]
+    assert sliding_windows(20, 8, 4)[-1][1] == 20  # sliding windows score every token
+
+
+def test_paper_perplexity_definition(tokenizer, shared_data):
+    """The authors' perplexity, written here from their definition: the text as one stream, disjoint 2,048-token
+    chunks (the tail dropped), each chunk's mean loss weighted by its length, exp of the mean."""
+    model = tiny_causal_lm("neox", max_positions=4_096, init_range=0.3)
+    text = load_perplexity_text(shared_data / "wikitext-2" / "valid.txt")[:30_000]
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    total, count = 0.0, 0
+    for start in range(0, ids.shape[1] - 2_048 + 1, 2_048):
+        chunk = ids[:, start:start + 2_048]
+        with torch.no_grad():
+            total += model(chunk, labels=chunk).loss.item() * chunk.numel()
+        count += chunk.numel()
+    assert count >= 2 * 2_048
+    result = perplexity(model, tokenizer, text, batch_size=2)
+    assert result.n_tokens == count // 2_048 * 2_047
+    assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,match", [({"window": 8, "stride": 9}, "stride"),

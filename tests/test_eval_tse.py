@@ -10,12 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import SHARED_DATA
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.minimal_pairs import evaluate_pairs
 from negmonitor.evaluation.tse import COLUMNS, load_tse, safe_load_pickle, to_sentence_case, tse_accuracy
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 
-TSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tse"
+TSE = SHARED_DATA / "tse"
 needs_tse = pytest.mark.skipif(not TSE.is_dir(), reason="../shared/data/tse is not present")
 
 

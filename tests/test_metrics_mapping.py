@@ -102,26 +102,17 @@ def test_mapping_difficulty_all_inputs_equal_and_dtypes() -> None:
         mapping_difficulty(x_a, x_b[:4], y_a, y_b)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_mapping_difficulty_in_column_blocks_on_threads(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
-    """Many column blocks (the last one partial) over one or two threads, with a left-out pair and a dead neuron:
-    MD and OI as the loop; ``with_oi=False`` gives the same MD and no OI; torch's thread count is left as it was."""
-    from negmonitor.metrics import _median
-    from negmonitor.metrics._threads import block_width
-
-    monkeypatch.setattr(_median, "_BLOCK_ELEMENTS", 16 * 59)  # 16 columns per block of 59 kept pairs
-    assert block_width(59, 70, _median._BLOCK_ELEMENTS, threads, min_width=_median._MIN_BLOCK_COLUMNS) == 16
+@pytest.mark.parametrize("block", [16 * 60, 7 * 60, 1])
+def test_mapping_difficulty_in_column_blocks(block: int) -> None:
+    """Many column blocks (the last one partial; one neuron per block) with a left-out pair and a dead neuron:
+    MD and OI as the loop; ``with_oi=False`` gives the same MD and no OI; torch's thread count is untouched."""
     x_a, x_b, y_a, y_b = _pairs_data(n_pairs=60, n=70, seed=4)
     x_b[7] = x_a[7]
     y_b[:, 33] = y_a[:, 33]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        md, oi = mapping_difficulty(x_a, x_b, y_a, y_b)
-        md_alone, no_oi = mapping_difficulty(x_a, x_b, y_a, y_b, with_oi=False)
-        assert torch.get_num_threads() == threads
-    finally:
-        torch.set_num_threads(previous)
+    threads = torch.get_num_threads()
+    md, oi = mapping_difficulty(x_a, x_b, y_a, y_b, block_elements=block)
+    md_alone, no_oi = mapping_difficulty(x_a, x_b, y_a, y_b, with_oi=False, block_elements=block)
+    assert torch.get_num_threads() == threads
     want_md, want_oi = _loop_md(x_a, x_b, y_a, y_b)
     np.testing.assert_allclose(md.numpy(), want_md, rtol=1e-5)
     np.testing.assert_allclose(oi.numpy(), want_oi, rtol=1e-5)
@@ -130,18 +121,31 @@ def test_mapping_difficulty_in_column_blocks_on_threads(monkeypatch: pytest.Monk
     assert torch.isnan(md[33]) and torch.isnan(oi[7]).all()
 
 
+def test_mapping_difficulty_planned_bytes_bound_its_allocations() -> None:
+    """What ``mapping_difficulty`` allocates (outputs included) stays within ``planned_bytes``; smaller blocks
+    plan and use less."""
+    from negmonitor.metrics.mapping import planned_bytes
+    from tests.test_metrics_wasserstein import _peak_allocated
+
+    x_a, x_b, y_a, y_b = _pairs_data(n_pairs=500, d=64, n=3000, seed=2)
+    x_b[3] = x_a[3]
+    for block, with_oi in ((None, True), (None, False), (500 * 64, False)):
+        peak = _peak_allocated(lambda: mapping_difficulty(x_a, x_b, y_a, y_b, with_oi=with_oi,
+                                                          block_elements=block))
+        planned = planned_bytes(500, 64, 3000, with_oi=with_oi, block_elements=block)
+        assert peak <= planned, (block, with_oi, peak, planned)
+    assert planned_bytes(500, 64, 3000, False, 500 * 64) < planned_bytes(500, 64, 3000, False)
+
+
 @pytest.mark.parametrize("mode", ["requires_grad", "inference_mode"])
-def test_mapping_difficulty_on_two_threads_under_autograd_modes(mode: str) -> None:
-    """Inputs that require grad, and calls under inference mode, work on two threads (the workers do not share
-    the caller's thread-local modes) and give the one-thread result; the median helper too."""
+def test_mapping_difficulty_under_autograd_modes(mode: str) -> None:
+    """Inputs that require grad, and calls under inference mode, give the plain result; the median helper too."""
     from negmonitor.metrics._median import median_along_first_axis
 
     x_a, x_b, y_a, y_b = _pairs_data(n_pairs=300, n=40, seed=6)
     x_b[3] = x_a[3]
     want_md, want_oi = _loop_md(x_a, x_b, y_a, y_b)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    if True:
         if mode == "requires_grad":
             inputs = [t.clone().requires_grad_(True) for t in (x_a, x_b, y_a, y_b)]
             md, oi = mapping_difficulty(*inputs)
@@ -152,9 +156,7 @@ def test_mapping_difficulty_on_two_threads_under_autograd_modes(mode: str) -> No
             with torch.inference_mode():
                 md, oi = mapping_difficulty(x_a, x_b, y_a, y_b)
                 median = median_along_first_axis(y_a)
-        md_again, _ = mapping_difficulty(x_a, x_b, y_a, y_b)  # buffers made under inference mode still usable
-    finally:
-        torch.set_num_threads(previous)
+        md_again, _ = mapping_difficulty(x_a, x_b, y_a, y_b)
     assert not md.requires_grad and not oi.requires_grad
     np.testing.assert_allclose(md.numpy(), want_md, rtol=1e-5)
     np.testing.assert_allclose(oi.numpy(), want_oi, rtol=1e-5)
@@ -243,21 +245,29 @@ def test_pair_sign_shares_nothing_to_count() -> None:
 
 
 def test_median_along_first_axis_is_numpys_median():
-    """Even and odd lengths, widths that are and are not multiples of the transpose tile, strided input, 2 threads."""
+    """Even and odd lengths, widths that are and are not multiples of the transpose tile, strided input, counts
+    below the length (the rest NaN, sorted last), on the numpy and the torch sort."""
     from negmonitor.metrics._median import median_along_first_axis
 
+    from negmonitor.metrics import _median
+    from negmonitor.metrics._median import column_medians
+
     g = torch.Generator().manual_seed(5)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for m, n in ((1000, 2048), (999, 33), (1, 5), (4, 16)):
-            x = torch.randn(m, n, generator=g) ** 3
-            expected = torch.from_numpy(np.median(x.numpy(), axis=0)).float()
-            assert torch.equal(median_along_first_axis(x), expected), (m, n)
-        strided = torch.randn(300, 64, generator=g)[::3]
-        assert torch.equal(median_along_first_axis(strided), torch.from_numpy(np.median(strided.numpy(), axis=0)))
-    finally:
-        torch.set_num_threads(threads)
+    for m, n in ((1000, 2048), (999, 33), (1, 5), (4, 16)):
+        x = torch.randn(m, n, generator=g) ** 3
+        expected = torch.from_numpy(np.median(x.numpy(), axis=0)).float()
+        assert torch.equal(median_along_first_axis(x), expected), (m, n)
+    strided = torch.randn(300, 64, generator=g)[::3]
+    assert torch.equal(median_along_first_axis(strided), torch.from_numpy(np.median(strided.numpy(), axis=0)))
+    x = torch.randn(400, 30, generator=g)
+    count = torch.randint(1, 401, (30,), generator=g)
+    padded = torch.where(torch.arange(400)[:, None] < count, x, math.nan)
+    expected = torch.tensor([float(np.median(x[: int(k), j].numpy())) for j, k in enumerate(count)])
+    assert torch.equal(column_medians(padded, count, block_elements=400 * 7), expected)
+    # The non-CPU branch (torch.sort and a gather at the middle ranks), run here on CPU tensors.
+    got = _median._torch_row_medians(padded.t().contiguous(), count)
+    assert torch.equal(got, expected)
+    assert torch.equal(_median._torch_row_medians(x.t().contiguous(), 400), median_along_first_axis(x))
 
 
 @pytest.mark.parametrize("m", [256, 257, 1000, 1001, 4096])
@@ -283,28 +293,8 @@ def test_row_medians_from_sorted_halves_equal_whole_sorts(m: int) -> None:
     for name, rows in cases.items():
         whole = np.sort(rows, axis=1)
         expected = (whole[:, (m - 1) // 2] + whole[:, m // 2]) * 0.5
-        got = _row_medians(rows.copy())
+        got = _row_medians(rows.copy(), m)
         assert got.dtype == rows.dtype, name
         np.testing.assert_array_equal(got, expected, err_msg=name)
     halves = [np.sort(part, axis=1) for part in np.split(cases["random"], [m // 2], axis=1)]
     assert _kth_of_two_sorted(*halves, (m - 1) // 2)[2].all()  # random rows: the window holds it, nothing redone
-
-
-def test_single_torch_thread_keeps_the_budget_and_restores_on_errors() -> None:
-    """Inside, torch runs on one intra-op thread but the split still sees the outer budget; after (also after an
-    exception) torch's thread count is what it was."""
-    from negmonitor.metrics._threads import single_torch_thread, thread_budget, worker_count
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            with single_torch_thread(torch.device("cpu")):
-                assert torch.get_num_threads() == 1 and thread_budget() == 2
-                assert worker_count(torch.device("cpu"), 8) == 2
-                with single_torch_thread(torch.device("cpu")):  # nested: the budget is still the outer one
-                    assert thread_budget() == 2
-                raise RuntimeError("boom")
-        assert torch.get_num_threads() == 2 and thread_budget() == 2
-    finally:
-        torch.set_num_threads(previous)

@@ -17,22 +17,34 @@ import torch
 
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics import NeuronStatsAccumulator, wasserstein_to_gaussian, wasserstein_to_gaussian_split
-from negmonitor.metrics.streaming import SUPPORTED_N_BINS, _filled_bins_in_order, _raw_bin_geometry, _raw_bins
+from negmonitor.metrics.streaming import SUPPORTED_N_BINS, _histogram_points, _raw_bin_geometry, _raw_bins, _special_columns
 
 BATCH = 2048
 TOKENS = 16_384  # the accuracy bar is stated for neurons with >= 10,000 tokens
 
 
 def _quad_w1(column: np.ndarray) -> tuple[float, float]:
-    """``(∫_{z<0}|F − Φ|, ∫_{z≥0}|F − Φ|)`` of a standardised sample by adaptive quadrature (the slow truth)."""
+    """``(wd_neg, wd_pos)`` of a sample by adaptive quadrature (the slow truth): the area between the CDFs of the
+    standardised sample and of N(0, 1) below and above the height ``u0`` = the fraction of negative values
+    (the quantile-form split of W1 at pre-activation 0)."""
     z = np.sort((column - column.mean()) / column.std())
+    u0 = float((column < 0).mean())
 
-    def gap(t: float) -> float:
-        return abs(np.searchsorted(z, t, side="right") / len(z) - scipy.stats.norm.cdf(t))
+    def cdf(t: float) -> float:
+        return np.searchsorted(z, t, side="right") / len(z)
+
+    def below(t: float) -> float:
+        return abs(min(cdf(t), u0) - min(scipy.stats.norm.cdf(t), u0))
+
+    def above(t: float) -> float:
+        return abs(max(cdf(t), u0) - max(scipy.stats.norm.cdf(t), u0))
 
     kw = dict(limit=1000, epsabs=1e-12, epsrel=1e-12)
-    neg = scipy.integrate.quad(gap, -40, 0, points=[p for p in z if -40 < p < 0], **kw)[0]
-    pos = scipy.integrate.quad(gap, 0, 40, points=[p for p in z if 0 < p < 40], **kw)[0]
+    points = [p for p in z if -40 < p < 40] + [float(scipy.stats.norm.ppf(u0))] * (0 < u0 < 1)
+    neg = sum(scipy.integrate.quad(below, lo, hi, points=[p for p in points if lo < p < hi], **kw)[0]
+              for lo, hi in ((-40, 0), (0, 40)))
+    pos = sum(scipy.integrate.quad(above, lo, hi, points=[p for p in points if lo < p < hi], **kw)[0]
+              for lo, hi in ((-40, 0), (0, 40)))
     return neg, pos
 
 
@@ -101,15 +113,16 @@ def suite() -> tuple[list[str], torch.Tensor, tuple[torch.Tensor, ...]]:
 
 
 # ------------------------------------------------------------------------------------------- exact reference
-@pytest.mark.parametrize("dist", ["normal", "neg_exponential", "student_t2", "two_point"])
+@pytest.mark.parametrize("dist", ["normal", "neg_exponential", "student_t2", "two_point", "shifted"])
 def test_exact_matches_quadrature(dist: str) -> None:
-    """The closed-form segment integrals equal scipy's adaptive quadrature of |F − Φ|, split at zero."""
+    """The closed-form segment integrals equal scipy's adaptive quadrature of |F − Φ|, split at pre-activation 0."""
     g = np.random.default_rng(1)
     column = {
         "normal": g.standard_normal(23),
         "neg_exponential": -g.exponential(size=31),
         "student_t2": g.standard_t(2, size=17),
         "two_point": np.array([0.0] * 9 + [1.0] * 3),
+        "shifted": g.standard_normal(29) + 0.7,
     }[dist]
     wd, neg, pos = wasserstein_to_gaussian_split(torch.tensor(column[:, None]))
     want_neg, want_pos = _quad_w1(column)
@@ -136,7 +149,7 @@ def test_exact_properties() -> None:
     wd, neg, pos = wasserstein_to_gaussian_split(x)
     torch.testing.assert_close(wd, neg + pos)
     torch.testing.assert_close(wasserstein_to_gaussian(3.0 * x - 7.0), wd, atol=1e-5, rtol=0)
-    wd_m, neg_m, pos_m = wasserstein_to_gaussian_split(-x)
+    wd_m, neg_m, pos_m = wasserstein_to_gaussian_split(-x)  # mirrored: the negative side becomes the positive one
     torch.testing.assert_close(neg_m, pos, atol=1e-6, rtol=0)
     torch.testing.assert_close(pos_m, neg, atol=1e-6, rtol=0)
     assert wd.dtype == torch.float64 and wd.shape == (4,)
@@ -248,7 +261,8 @@ def test_streaming_nonfinite_counted_and_skipped() -> None:
         clean = x[torch.isfinite(x[:, j]), j : j + 1]
         assert got["count"][j].item() == clean.shape[0]
         assert got["wd"][j].item() == pytest.approx(wasserstein_to_gaussian(clean).item(), abs=0.005)
-        assert got["mean"][j].item() == pytest.approx(clean.double().mean().item(), abs=1e-9)
+        assert got["mean"][j].item() == pytest.approx(clean.double().mean().item(), abs=1e-6)  # fp32 sums, as
+        # for finite batches (test_streaming_moments)
         assert got["neg_frac"][j].item() == pytest.approx((clean < 0).double().mean().item(), abs=1e-12)
         assert got["max"][j].item() == clean.max().item()
 
@@ -258,6 +272,8 @@ def test_streaming_degenerate_neurons_nan_without_warnings() -> None:
     x[:, 1] = 3.0  # constant: mean known, std 0, no shape
     x[1:, 2] = math.nan  # a single finite value (< min_count)
     x[:, 3] = math.nan  # nothing finite
+    everything_nan = _stream(torch.full((50, 2), math.nan))  # no finite value in any neuron of a chunk
+    assert everything_nan["count"].tolist() == [0, 0] and torch.isnan(everything_nan["wd"]).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = _stream(x)
@@ -284,7 +300,7 @@ def test_streaming_merge_equals_single_pass(suite) -> None:
     second.copy_grid(first)
     for start in range(half, x.shape[0], BATCH):
         second.update(x[start : start + BATCH])
-    manual = {name: getattr(first, name) + getattr(second, name) for name in ("hist", "tails", "count")}
+    manual = {name: getattr(first, name) + getattr(second, name) for name in ("hist", "tail_excess", "rows", "negative")}
     first.merge_state(second)
     want, got = single.compute(), first.compute()
     for key in want:  # only the order of fp64 additions differs
@@ -294,64 +310,27 @@ def test_streaming_merge_equals_single_pass(suite) -> None:
     assert torch.equal(first.hist, single.hist)
 
 
-def test_streaming_on_two_threads_equals_one_thread(suite) -> None:
-    """Blocks of neurons split across threads (fast and exact-path blocks alike) give bit-identical state."""
+def test_streaming_block_sizes_give_the_same_state(suite) -> None:
+    """Blocks of any width (many, one, a partial last one; a block with a NaN and one with a far tail) give the
+    same histogram, tails, counts and range; the fp32 moments agree to rounding."""
     _, x, _ = suite
-    x = torch.cat([x, x.flip(0)], dim=1)  # more neurons: more blocks
-    x[7, 3] = math.nan  # one block takes the exact fp64 path
+    x = torch.cat([x, x.flip(0)], dim=1)
+    x[7, 3] = math.nan
+    x[9, 30] = 1e9
     states = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        acc = NeuronStatsAccumulator(x.shape[1], block_elements=3 * BATCH)
+    for block in (3 * BATCH, 40 * BATCH, BATCH // 2):  # BATCH // 2: chunks of half a batch, one neuron each
+        acc = NeuronStatsAccumulator(x.shape[1], block_elements=block)
         for start in range(0, x.shape[0], BATCH):
             acc.update(x[start : start + BATCH])
-        states.append({name: getattr(acc, name).clone() for name in acc._defaults})
-    assert int(states[1]["nonfinite"].sum()) == 1
-    for name in states[0]:
-        assert torch.equal(states[0][name].nan_to_num(), states[1][name].nan_to_num()), name
-
-
-def test_default_blocks_widen_on_threads_and_give_the_same_state() -> None:
-    """The default block width grows with the thread count (fewer GIL hand-offs) and never leaves a thread idle;
-    the state does not depend on it."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(4096, 600, generator=g) * torch.rand(600, generator=g) * 3
-    x[:, ::7] = x[:, ::7].exp()  # skewed neurons
-    widths, states, results = [], [], []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        acc = NeuronStatsAccumulator(x.shape[1])
-        widths.append(acc._block_width(x[:2048]))
-        for start in range(0, x.shape[0], 2048):
-            acc.update(x[start : start + 2048])
-        states.append({name: getattr(acc, name).clone() for name in acc._defaults})
-        results.append(acc.compute())
-    assert widths == [(1 << 17) // 2048, (1 << 19) // 2048]
-    torch.set_num_threads(2)
-    assert NeuronStatsAccumulator(100)._block_width(x[:2048]) == 50  # one block per thread at least
-    for name in states[0]:  # fp32 block sums round differently in other block shapes; the rest is exact
-        if name != "power_sums":
-            assert torch.equal(states[0][name], states[1][name]), name
-    for key in ("wd", "wd_neg", "mean", "std", "skew", "kurtosis"):
-        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
-
-
-def test_run_split_waits_for_every_thread_and_re_raises() -> None:
-    """A failing block raises in the caller after all threads are done, and torch's thread count is restored."""
-    from negmonitor.metrics._threads import run_split
-
-    torch.set_num_threads(2)
-    done: list[int] = []
-
-    def work(part) -> None:
-        for item in part:
-            if item == 5:
-                raise ValueError("block 5 failed")
-            done.append(item)
-
-    with pytest.raises(ValueError, match="block 5 failed"):
-        run_split(work, list(range(8)), workers=2)
-    assert sorted(done) == [0, 1, 2, 3, 4] and torch.get_num_threads() == 2
+        states.append((acc, {name: getattr(acc, name).clone() for name in acc._defaults}))
+    for acc, state in states[1:]:
+        for name in ("hist", "negative", "min_value", "max_value", "rows", "center", "inv_unit"):
+            assert torch.equal(state[name].nan_to_num(), states[0][1][name].nan_to_num()), name
+        torch.testing.assert_close(state["tail_excess"], states[0][1]["tail_excess"], rtol=1e-9, atol=1e-3)
+        got, want = acc.compute(), states[0][0].compute()
+        for key in ("wd", "wd_neg", "mean", "std", "skew", "kurtosis"):  # fp32 block sums round differently
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, equal_nan=True, msg=key)
+    assert int(states[0][0].compute()["nonfinite"].sum()) == 1
 
 
 def test_streaming_merge_rejects_different_grids() -> None:
@@ -376,6 +355,127 @@ def test_streaming_state_is_bounded_and_summable() -> None:
     assert all(isinstance(v, torch.Tensor) for v in acc.metric_state.values())  # no list states
     fns = {getattr(fn, "__name__", fn) for fn in acc._reductions.values()}
     assert fns <= {"dim_zero_sum", "dim_zero_min", "dim_zero_max", "_nan_aware_max"}
+
+
+def _peak_allocated(fn) -> int:
+    """Peak bytes torch allocated (net of frees) while ``fn`` ran, from the profiler's memory events."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    events = [e for e in events if "Total Allocated" in e["args"]]
+    assert events, "the profiler recorded no allocation"
+    before = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]  # the total counts earlier tensors
+    return max(e["args"]["Total Allocated"] for e in events) - before
+
+
+@pytest.mark.parametrize("block", [None, 1 << 15, 1 << 12])
+def test_planned_bytes_bounds_what_update_and_compute_allocate(block) -> None:
+    """Construction, updates (fp32 and bf16 batches, a first batch that sets the grid) and compute together never
+    hold more than ``planned_bytes`` (measured from torch's allocation events); a smaller block plans less."""
+    n, rows = 300, 1024
+    x = torch.randn(3 * rows, n, generator=torch.Generator().manual_seed(1)) ** 3
+    x[5, 7] = math.nan
+    batches = [x[:rows], x[rows : 2 * rows].bfloat16(), x[2 * rows :]]
+    for batch in batches:  # the batches are the caller's, allocated before
+        batch.add_(0)
+    held: list = []
+
+    def run() -> None:
+        acc = NeuronStatsAccumulator(n, block_elements=block)
+        for batch in batches:
+            acc.update(batch)
+        held.append(acc.compute())
+
+    peak = _peak_allocated(run)
+    planned = NeuronStatsAccumulator.planned_bytes(n, 4096, rows, block)
+    assert peak <= planned, (peak, planned)
+    transient = planned - NeuronStatsAccumulator(n).state_bytes()
+    assert transient < 128 * (block or 1 << 21) + 2**20  # a bound, not a blanket: ~4 update blocks
+    if block is not None:
+        assert NeuronStatsAccumulator.planned_bytes(n, 4096, rows, block // 4) <= planned
+
+
+def test_update_never_reads_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``.item()``, ``bool(t)``, ``int(t)``, ``float(t)``, ``.tolist()`` or ``.numpy()`` of a tensor inside
+    ``update`` (first batch, grid included; non-finite values and tails): on CUDA each would stall the training
+    stream. This runs on CPU, so it covers every Python-level read-back; kernels with data-dependent output
+    shapes (``nonzero``, boolean indexing) are guarded as well. The grid's medians take the torch path that runs
+    off CPU (on CPU they are numpy's sorts, which read CPU memory in place: no device to wait for)."""
+    from negmonitor.metrics import _median
+
+    x = torch.randn(4096, 40) * 3
+    x[3, 2], x[100, 5], x[7, 9] = math.nan, math.inf, 1e9
+    acc = NeuronStatsAccumulator(40, block_elements=2048 * 7)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read-back inside update")
+
+    real_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, index):
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            raise AssertionError("boolean indexing (data-dependent shape) inside update")
+        return real_getitem(self, index)
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy"):
+            patch.setattr(torch.Tensor, name, refuse)
+        patch.setattr(torch.Tensor, "__getitem__", getitem)
+        patch.setattr(_median, "row_medians_", _median._torch_row_medians)
+        patch.setattr(torch.Tensor, "nonzero", refuse)
+        patch.setattr(torch, "nonzero", refuse)
+        patch.setattr(torch, "masked_select", refuse)
+        for start in range(0, 4096, 1024):
+            acc.update(x[start : start + 1024])
+    got = acc.compute()
+    assert got["nonfinite"].tolist()[2] == 1 and got["nonfinite"].tolist()[5] == 1
+    want = wasserstein_to_gaussian_split(torch.where(torch.isfinite(x), x, 0.0))[0]
+    assert abs(got["wd"][0].item() - want[0].item()) < 0.005
+
+
+def test_device_path_of_compute_equals_the_cpu_path(suite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compute()'s fixed-shape path (every bin a point, every W1 segment's crossing formula evaluated; what runs
+    on GPUs, with no read-back) gives the CPU path's numbers (filled bins only, crossings picked by nonzero)."""
+    from negmonitor.metrics import streaming, wasserstein
+
+    _, x, _ = suite
+    x = x[:, :12]
+    want = _stream(x)
+    monkeypatch.setattr(streaming, "_COMPACT_ON_CPU", False)
+    monkeypatch.setattr(wasserstein, "_PICK_ON_CPU", False)
+    got = _stream(x)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-12, equal_nan=True, msg=key)
+    exact = wasserstein_to_gaussian_split(x)
+    for key, value in zip(("wd", "wd_neg", "wd_pos"), exact):
+        torch.testing.assert_close(got[key], value, atol=0.005, rtol=0, msg=key)
+
+
+def test_split_at_preactivation_zero() -> None:
+    """wd_neg / wd is 1 for an all-negative neuron, 0 for an all-positive one, 1/2 for one symmetric about 0
+    (the old split at the mean gave ~1/2 to all three), and the streaming split matches the exact one."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(8192, 1, generator=g)
+    symmetric = torch.cat([base[:4096], -base[:4096]])
+    x = torch.cat([-base.abs() - 0.2, base.abs() + 0.2, symmetric, torch.randn(8192, 1, generator=g) ** 3 + 0.5,
+                   -torch.empty(8192, 1).exponential_(generator=g) + 0.3], dim=1)
+    wd, neg, pos = wasserstein_to_gaussian_split(x)
+    share = neg / wd
+    torch.testing.assert_close(share[:3], torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64), atol=1e-9, rtol=0)
+    got = _stream(x)
+    torch.testing.assert_close(got["wd_neg"][:2] / got["wd"][:2], share[:2], atol=1e-9, rtol=0)
+    for key, want in zip(("wd", "wd_neg", "wd_pos"), (wd, neg, pos)):
+        torch.testing.assert_close(got[key], want, atol=0.005, rtol=0)
+    assert abs((got["wd_neg"][2] / got["wd"][2]).item() - 0.5) < 0.05
 
 
 def test_streaming_reset_and_validation() -> None:
@@ -427,29 +527,31 @@ def test_explicit_grid_and_forward() -> None:
 
 
 def test_raw_bins_rebuild_every_value_and_come_back_in_value_order() -> None:
-    """Each d's bin and low bits rebuild its float16 value exactly; the filled bins come back in value order."""
+    """Each d's bin and low bits rebuild its float16 value exactly; non-finite values fill the NaN bins and
+    overflowing ones the ±inf bins; the bins' points come back in value order."""
     for n_bins in SUPPORTED_N_BINS:
         shift = 16 - int(math.log2(n_bins))
         low_bits = 40
         g = torch.Generator().manual_seed(n_bins)
         d = torch.cat([torch.randn(5000, generator=g) * 10.0 ** torch.randint(-8, 5, (5000,), generator=g),
                        torch.tensor([0.0, -1e-3, 65000.0, -65000.0])])
-        col, packed = _raw_bins(d, shift, low_bits)
-        buffers = (torch.empty(d.shape, dtype=torch.float16), torch.empty(d.shape, dtype=torch.long),
-                   torch.empty(d.shape, dtype=torch.long))  # the update's in-place form gives the same
-        in_place = _raw_bins(d, shift, low_bits, buffers)
-        assert torch.equal(in_place[0], col) and torch.equal(in_place[1], packed)
+        col, packed = _raw_bins(d[:, None], shift, low_bits)
+        col, packed = col[0], packed[0]
         assert col.min() >= 0 and col.max() < n_bins
         base, step = _raw_bin_geometry(shift, n_bins, torch.device("cpu"))
         rebuilt = base[col] + (packed & ((1 << low_bits) - 1)).double() * step[col]
         torch.testing.assert_close(rebuilt, d.half().double(), rtol=0, atol=0)
-        # One neuron's histogram of all these values: its filled bins, put in order, have ascending centroids.
+        cols = _special_columns(shift, n_bins, torch.device("cpu"))
+        special, _ = _raw_bins(torch.tensor([[math.nan], [65520.0], [-1e30], [65519.0]]), shift, low_bits)
+        assert special[0, 0].item() in cols.nan.tolist()
+        assert special[0, 1:3].tolist() == [cols.pos_inf, cols.neg_inf] and not cols.special[special[0, 3]]
+        # One neuron's histogram of all these values: its points come in ascending order, and hold every value.
         hist = torch.zeros(n_bins, dtype=torch.long).scatter_add_(0, col, packed)[None]
-        row, position, centroid, count, filled = _filled_bins_in_order(hist, low_bits, shift)
-        ordered = torch.empty_like(centroid)
-        ordered[position] = centroid
-        assert (ordered.diff() >= 0).all() and int(count.sum()) == d.numel() and int(filled[0]) == centroid.numel()
-        assert torch.equal(torch.sort(position).values, torch.arange(position.numel()))
+        none = torch.zeros(1, dtype=torch.long)
+        z, cdf = _histogram_points(hist, low_bits, shift, none, none.double(), none, none.double(), cols.special,
+                                   torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+        assert (z.diff(dim=1) >= 0).all() and z.shape[1] <= n_bins + 2  # on CPU: the filled bins only
+        assert cdf[0, -1].item() == 1.0 and (cdf.diff(dim=1) >= 0).all()
 
 
 _DDP_WORKER = """

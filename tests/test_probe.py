@@ -80,11 +80,11 @@ def test_probe_matches_exact_definitions(family, tokenizer, wiki_text) -> None:
 
 
 def test_padding_never_enters_a_statistic(tokenizer) -> None:
-    """A short last window is padded; the statistics equal those of the unpadded tokens only."""
-    model = tiny_causal_lm("neox")
-    texts = ["the cat sees the dog and the dogs see the cats"] * 300
-    probe_set = ProbeSet.build(texts, tokenizer, n_tokens=10**6, window=200, n_pairs=100)
-    assert probe_set.attention_mask[-1].sum() < probe_set.window  # a padded last window exists
+    """A text shorter than one window is one padded window; the statistics equal those of the real tokens only."""
+    model = tiny_causal_lm("neox", max_positions=512)
+    texts = ["the cat sees the dog and the dogs see the cats"] * 20
+    probe_set = ProbeSet.build(texts, tokenizer, window=512, n_pairs=100)
+    assert probe_set.n_windows == 1 and probe_set.attention_mask[-1].sum() < probe_set.window
     result = probe(model, probe_set, layers=[0], batch_size=4)
     _, y, mask = _full_activations(model, probe_set, 0)
     assert int(result.neurons["count"].max()) == probe_set.n_tokens == int(mask.sum())
@@ -98,7 +98,8 @@ def test_probe_set_is_deterministic_and_clipped(tokenizer, wiki_text) -> None:
     c = ProbeSet.build([wiki_text], tokenizer, n_tokens=4_096, window=1024, seed=4, max_positions=128)
     assert a.window == 128 and a.n_tokens == 4_096
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pair_positions, b.pair_positions)
-    assert not torch.equal(a.input_ids, c.input_ids)
+    assert torch.equal(a.input_ids, c.input_ids)  # the first windows, whatever the seed; the pairs follow it
+    assert not torch.equal(a.pair_positions, c.pair_positions)
     flat = a.pair_positions.reshape(-1)
     assert flat.unique().numel() == flat.numel() and bool(a.attention_mask.view(-1)[flat].all())
 
@@ -110,6 +111,23 @@ def test_probe_set_from_file_and_folder(tmp_path, tokenizer) -> None:
     from_dir = ProbeSet.build(tmp_path / "docs", tokenizer, n_tokens=1_000, window=64, n_pairs=50)
     from_file = ProbeSet.build(str(tmp_path / "docs" / "a.txt"), tokenizer, n_tokens=1_000, window=64, n_pairs=50)
     assert from_dir.n_tokens == from_file.n_tokens == 1_000 + (64 - 1_000 % 64) % 64
+    both = tokenizer("the cat sees the dog . " * 200 + "\n\n" + "the dogs see the cats . " * 200,
+                     add_special_tokens=False)["input_ids"]
+    whole = ProbeSet.build(tmp_path / "docs", tokenizer, window=64, n_pairs=50)
+    assert torch.equal(whole.input_ids.reshape(-1), torch.tensor(both[: len(both) // 64 * 64]))
+
+
+def test_probe_windows_follow_the_paper(tokenizer, wiki_text) -> None:
+    """The authors' probe windows, written from their definition: the text tokenized as one stream, consecutive
+    2,048-token windows, the tail dropped, the first ones kept under a budget."""
+    rows = wiki_text.splitlines(keepends=True)[:400]
+    stream = tokenizer("\n\n".join(rows))["input_ids"]
+    expected = [stream[i:i + 2_048] for i in range(0, len(stream) - 2_048 + 1, 2_048)]
+    assert len(expected) >= 2
+    whole = ProbeSet.build(rows, tokenizer, n_pairs=10, max_positions=4_096)
+    assert whole.input_ids.tolist() == expected and bool(whole.attention_mask.all())
+    budget = ProbeSet.build(rows, tokenizer, n_tokens=2_000, n_pairs=10, max_positions=4_096)
+    assert budget.input_ids.tolist() == expected[:1]
 
 
 def test_probe_set_errors(tmp_path, tokenizer) -> None:
@@ -232,3 +250,17 @@ def test_package_level_probe_is_the_function() -> None:
     result = negmonitor.probe(tiny_causal_lm("neox"), probe_set)
     assert isinstance(result, ProbeResult) and len(result.layers) == 2
     assert "probe" in negmonitor.__all__
+
+
+def test_probe_without_md_pairs_warns_nothing() -> None:
+    """No MD pairs (as `ablate` probes): the pair buffers compute zeros without torchmetrics' warning."""
+    import warnings
+
+    tokenizer = tiny_tokenizer()
+    probe_set = ProbeSet.build(["the cat sees the dogs . " * 50] * 10, tokenizer, n_tokens=1024, window=64,
+                               n_pairs=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = probe(tiny_causal_lm(), probe_set)
+    assert [str(w.message) for w in caught] == []
+    assert result.neurons.wd.notna().all()

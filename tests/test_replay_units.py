@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from negmonitor.errors import NegmonitorError
 from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest, weights_sha256
 from negmonitor.replay.revisions import (PYTHIA_TOKENS_PER_STEP, log_spaced, parse_shard, pythia_schedule,
@@ -128,7 +129,7 @@ def test_replay_ablation_takes_blimp_and_tse_together():
     from negmonitor.commands.replay import _ablation
     from negmonitor.monitoring.ablation_rows import pair_slots
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    data = SHARED_DATA
     if not (data / "blimp").is_dir() or not (data / "tse").is_dir():
         pytest.skip(f"BLiMP/TSE not found at {data}")
     args = build_parser().parse_args(["replay", "--model", "m", "--logdir", "l", "--revisions", "all", "--ablate",

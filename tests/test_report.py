@@ -16,6 +16,7 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 
+from conftest import SHARED_DATA
 from lightning_helpers import TEXT, TinyLM, token_loader, trainer
 from negmonitor.callbacks import NegativeDifferentiationMonitor
 from negmonitor.cli import main
@@ -24,7 +25,6 @@ from tiny_models import tiny_causal_lm, tiny_tokenizer
 
 pytest.importorskip("matplotlib")
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GOOD_BAD = [("the cat sees the dogs .", "the cat see the dogs ."), ("the dog runs .", "the dog run ."),
             ("the dogs run .", "the dogs runs ."), ("a pilot hurt himself .", "a pilot hurt themselves ."),
             ("the senators hurt themselves .", "the senators hurt himself ."),
@@ -168,12 +168,12 @@ def test_missing_data_is_skipped_with_a_reason(ablate_dir, tmp_path):
     assert {"fig2a_wd_distribution", "figA1_jaccard", "fig1c_preactivations"} <= drawn
     for key in ("fig2b_emergence", "fig2c_weight_drift", "fig2d_wd_vs_accuracy", "fig3a_ppl_vs_fraction",
                 "tabA2_ablation", "fig5_layer_groups", "fig7b_pair_signs_over_training", "fig7c_damage_accuracy",
-                "tab_top_pairs"):
+                "fig7e_damage_over_training", "tab_top_pairs"):
         assert key in skipped and len(skipped[key]) > 30, key
         assert not (tmp_path / "out" / f"{key}.png").exists()
     assert "ablate --fractions" in skipped["fig3a_ppl_vs_fraction"]
-    assert drawn.isdisjoint(skipped) and len(drawn) + len(skipped) == 17
-    assert len(lines) == 1 + 17 and sum(line.lstrip().startswith("skipped") for line in lines) == len(skipped)
+    assert drawn.isdisjoint(skipped) and len(drawn) + len(skipped) == 18
+    assert len(lines) == 1 + 18 and sum(line.lstrip().startswith("skipped") for line in lines) == len(skipped)
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     section = page[page.index("id='skipped'"):]
     for key, reason in skipped.items():
@@ -205,7 +205,18 @@ def test_analysis_scripts_cover_every_figure(live_run, replay_run, tmp_path, mon
     scripts = {p.stem for p in ANALYSIS.glob("*.py")} - {"report"}
     assert scripts == set(figure_keys())
     out = tmp_path / "one"
-    monkeypatch.setattr(sys, "argv", ["fig1c_preactivations.py", str(live_run[0]), "--out", str(out)])
+    script = ["fig1c_preactivations.py", str(live_run[0]), "--out", str(out), "--hist-tokens", "512"]
+    monkeypatch.setattr(sys, "argv", script)  # no model: the histograms the measurement kept in the records
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ANALYSIS / "fig1c_preactivations.py"), run_name="__main__")
+    assert done.value.code == 0
+    capsys.readouterr()
+    page = html.unescape((out / "index.html").read_text(encoding="utf-8"))
+    assert "run/version_0 (step 9; from the records: 64-bin histograms of each top-WD neuron's pre-activations" in page
+    assert "post-activation = GELU (gpt_neox)" in page  # the family from the run's run-*.json
+    drawn = pd.read_csv(out / "fig1c_preactivations.csv")
+    assert drawn.groupby("neuron")["count"].sum().eq(200).all()  # 2 x 100 MD pair positions, not 20 pair values
+    monkeypatch.setattr(sys, "argv", [*script, "--model", str(live_run[1])])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(ANALYSIS / "fig1c_preactivations.py"), run_name="__main__")
     assert done.value.code == 0
@@ -213,8 +224,7 @@ def test_analysis_scripts_cover_every_figure(live_run, replay_run, tmp_path, mon
     _check_png(out / "fig1c_preactivations.png")
     assert [p.name for p in out.glob("*.png")] == ["fig1c_preactivations.png"]
     page = html.unescape((out / "index.html").read_text(encoding="utf-8"))
-    assert "run/version_0 (step 9; stored values: the pre-activations of each neuron's stored top pairs" in page
-    assert "post-activation = GELU (assumed" in page  # no model, and the records do not name the family
+    assert "run/version_0 (step 9; recomputed: pre-activations of the model at" in page
     assert main(["report", str(replay_run), "--out", str(out), "--only", "9z"]) == 2
     assert "unknown figure '9z'" in capsys.readouterr().err
 
@@ -261,3 +271,41 @@ def test_figures_join_the_right_numbers(tmp_path):
     drift = whole_model(run, "drift/cohort")  # no whole-model row: the mean over the per-layer rows
     assert drift.value.tolist() == pytest.approx([1.5 + s / 100 for s in (10, 20, 30, 40)])
     _check_png(tmp_path / "fig2d_wd_vs_accuracy.png")
+
+
+def test_cohort_figures_follow_the_papers_cohort_and_damage_is_drawn_over_steps(live_run, tmp_path):
+    """2d/7c/7d: the top-5% WD neurons of the last step, followed back through the snapshots (not the live cohort);
+    the damage-over-steps figure has the Wasserstein, random and perplexity-matched rows."""
+    from negmonitor.monitoring.cohort import final_cohort_curve
+    from negmonitor.report import build_report, load_runs
+
+    log_dir, _ = live_run
+    result = build_report([log_dir], tmp_path / "out", only=["2d", "7c", "fig7e"], echo=lambda line: None)
+    assert {f.key for f in result.figures} == {"fig2d_wd_vs_accuracy", "fig7c_damage_accuracy",
+                                              "fig7e_damage_over_training"}
+    paper = final_cohort_curve(load_runs([log_dir])[0].neurons).set_index("step").cohort
+    drawn = pd.read_csv(tmp_path / "out" / "fig2d_wd_vs_accuracy.csv")
+    assert np.allclose(drawn.cohort_wd, drawn.step.map(paper))
+    live = load_runs([log_dir])[0].scalars.query("metric == 'wd/cohort_mean' and layer == -1")
+    assert not np.allclose(drawn.cohort_wd, drawn.step.map(live.set_index("step").value))
+    for item in result.figures[:2]:
+        assert "paper's cohort: top 5% WD per layer at step 9, followed back" in item.caption
+    damage = pd.read_csv(tmp_path / "out" / "fig7e_damage_over_training.csv")
+    assert {"wasserstein", "random", "ppl_matched"} <= set(damage.condition)
+    assert damage.step.min() == 0 and damage.step.max() == 9
+
+
+def test_report_exits_non_zero_with_a_line_per_failed_figure(live_run, tmp_path, capsys, monkeypatch):
+    from negmonitor.report import base
+
+    spec = next(s for s in base.REGISTRY if s.key == "fig2c_weight_drift")
+
+    def broken(ctx):
+        raise RuntimeError("drawing went wrong\nsecond line")
+
+    monkeypatch.setattr(spec, "draw", broken)
+    code = main(["report", str(live_run[0]), "--out", str(tmp_path / "out"), "--only", "2b,2c"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err == ["negmonitor: error: fig2c_weight_drift (Fig. 2c) failed: RuntimeError: drawing went wrong"]
+    assert (tmp_path / "out" / "fig2b_emergence.png").is_file()

@@ -3,8 +3,9 @@
 :class:`NegativeDifferentiationMonitor` runs one probe pass per scheduled step and logs every family of curves
 (WD and cohort, pair signs, weight drift, ablation damage). The single-purpose monitors
 (:class:`WassersteinMonitor`, :class:`PairSignMonitor`, :class:`WeightDriftMonitor`, :class:`AblationMonitor`) are
-the same machinery with one family switched on. Every value goes to TensorBoard (per-layer summaries) when the
-logger is a ``TensorBoardLogger``, and always to tidy parquet records under ``<log dir>/negmonitor/``.
+the same machinery with one family switched on. Per-layer summaries go to every logger on the Trainer (media to
+those that take them, see :mod:`negmonitor.callbacks.loggers`), and every value to tidy parquet records under
+``<log dir>/negmonitor/``.
 
 Example::
 
@@ -16,8 +17,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,17 +30,22 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from negmonitor.ablation import AblationSettings
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET
+from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
+from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
-from negmonitor.budget import DEFAULT_MEMORY_BUDGET
 from negmonitor.probing import ProbeSettings
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, scalar_rows
 
 FAMILIES = ("wd", "md", "moments", "jaccard", "health", "cohort", "pairs", "drift", "ablation")
+PROBE_PRECISIONS = ("trainer", "fp32")
+# cosine dissimilarity below which a snapshot's rounding (bias ~3e-6 in bf16, ~5e-8 in fp16) is over ~3% of it
+DRIFT_RESOLUTION = {torch.bfloat16: 1e-4, torch.float16: 2e-6}
 
 
 class NegativeDifferentiationMonitor(Callback):
@@ -52,13 +60,19 @@ class NegativeDifferentiationMonitor(Callback):
         tokenizer: the tokenizer (default: found as ``.tokenizer`` on the module or the datamodule).
         model_attr: attribute of the LightningModule holding the transformers model (default: found automatically).
         layers: layer indices to monitor (default: all).
-        probe_tokens, probe_window, n_pairs, seed, probe_batch_size: probe-set construction and pass settings.
+        probe_tokens, probe_window, n_pairs, seed, probe_batch_size: probe-set construction and pass settings. The
+            windows are the paper's (the text as one stream, consecutive windows of ``probe_window`` tokens, clipped
+            to the model), but only the first ``probe_tokens`` (16,384) by default, not the whole split: the probe
+            runs inside training at every measurement, and 8 windows of 2,048 tokens cost one extra forward pass
+            of a training batch or so, where WikiText-2 test (~280k tokens) would cost 17 of them each time.
+            ``probe_tokens=None`` takes the whole text.
         cohort_frac: share of neurons per layer in the top-WD cohort followed for the whole run.
         cohort_step: fix the cohort at the first measurement at or after this step (default: ``warmup_steps``).
         warmup_steps: no cohort is fixed before this step.
         ablation: :class:`~negmonitor.ablation.AblationSettings`, a dict of its fields, ``True`` (defaults) or
             ``None`` (off).
-        ablation_every_n_steps: ablation cadence (default: ``every_n_steps``).
+        ablation_every_n_steps: ablation cadence (default: ``every_n_steps``): at the first measurement, the first
+            one at or after each multiple of it, and the last one of training.
         minimal_pairs: pairs for the ablation accuracy: a DataFrame (BLiMP- or TSE-shaped), a BLiMP folder of JSONL
             files, a TSE folder of pickles, ``"blimp"`` (the hub's ``nyu-mll/blimp``), ``"datamodule"`` (the
             datamodule's ``minimal_pairs()``, e.g. the built-in grammar's), or a list of these with at most one
@@ -66,15 +80,24 @@ class NegativeDifferentiationMonitor(Callback):
         minimal_pairs_sample: pairs per sub-dataset / construction when loading ``minimal_pairs`` (seeded).
         ppl_text: text for the ablation perplexity: a string, a list of strings, a text file, a dataset id
             (``ID[:CONFIG[:SPLIT]]``) or ``None`` (the datamodule's held-out texts when it has them).
-        media_every_n_steps: cadence of histograms, images and top-pair text (default: 5 × ``every_n_steps``).
-        log_dir: where records go (default: the logger's ``log_dir``, else the trainer's ``default_root_dir``).
-        run_name: the ``run`` column of the records (default: the log folder's name).
+        media_every_n_steps: cadence of histograms, images and top-pair text (default: 5 × ``every_n_steps``): at the
+            first measurement, the first one at or after each multiple of it, and the last one.
+        log_dir: where records go (default: the first logger's ``log_dir``, else its ``save_dir/name/version``,
+            else ``default_root_dir/lightning_logs/version_N``: a folder unique to the run).
+        run_name: the ``run`` column of the records (default: the log folder's name, e.g. ``version_0`` or the
+            W&B / MLflow run id).
         tokens_per_step: tokens per optimizer step (default: counted from the batches' ``input_ids`` shapes).
-        strict: re-raise a failure inside a measurement instead of warning and recording it.
+        strict: re-raise a failure inside a measurement instead of warning (once) and recording it.
         families: which curve families to log (default: all).
         memory_budget: extra memory one measurement may allocate on the model's device: bytes or a size such as
             ``"2GiB"`` (default 1 GiB; ``None``: no limit). Layers are measured in groups that fit, one partial pass
             over the probe set per group; the grouping is logged once.
+        probe_precision: ``"trainer"`` (default) runs the probe forward inside the trainer's precision context, as
+            training runs (autocast under ``"bf16-mixed"``); ``"fp32"`` forces full precision. The statistics
+            accumulate in fp32 either way; ``run-<key>.json`` records which was used.
+        drift_dtype: dtype of the previous-weights snapshot for weight drift, kept on the model's device
+            (``"bf16"``, default; ``"fp32"`` for drift between measurements only a few warm-up steps apart). It is
+            saved beside the records when a checkpoint is saved, never inside the checkpoint.
 
     Raises:
         NegmonitorError: a setting is out of range (raised at construction).
@@ -89,8 +112,8 @@ class NegativeDifferentiationMonitor(Callback):
         tokenizer: Any = None,
         model_attr: str | None = None,
         layers: Sequence[int] | None = None,
-        probe_tokens: int = 16_384,
-        probe_window: int = 256,
+        probe_tokens: int | None = 16_384,
+        probe_window: int = 2_048,
         n_pairs: int = 1_000,
         seed: int = 0,
         probe_batch_size: int = 8,
@@ -109,10 +132,15 @@ class NegativeDifferentiationMonitor(Callback):
         strict: bool = False,
         families: Sequence[str] | None = None,
         memory_budget: int | str | None = DEFAULT_MEMORY_BUDGET,
+        probe_precision: str = "trainer",
+        drift_dtype: str | torch.dtype = "bf16",
     ) -> None:
         super().__init__()
         if not 0.0 < cohort_frac <= 1.0:
             raise NegmonitorError(f"cohort_frac must be in (0, 1], got {cohort_frac} — e.g. 0.05 for the top 5%")
+        if probe_precision not in PROBE_PRECISIONS:
+            raise NegmonitorError(f"probe_precision must be one of {', '.join(PROBE_PRECISIONS)}, got "
+                                  f"{probe_precision!r}")
         unknown = set(families or ()) - set(FAMILIES)
         if unknown:
             raise NegmonitorError(f"unknown families {sorted(unknown)} — choose from {', '.join(FAMILIES)}")
@@ -124,7 +152,7 @@ class NegativeDifferentiationMonitor(Callback):
         self.families = tuple(families or FAMILIES)
         self.settings = MonitorSettings(
             layers=layers, cohort_frac=cohort_frac, cohort_step=cohort_step, warmup_steps=warmup_steps,
-            weight_drift="drift" in self.families,
+            weight_drift="drift" in self.families, drift_dtype=_snapshot_dtype(drift_dtype),
             probe=ProbeSettings(batch_size=probe_batch_size, top_neuron_frac=0.05, top_pairs=100,
                                 memory_budget=memory_budget),
         )
@@ -142,13 +170,19 @@ class NegativeDifferentiationMonitor(Callback):
         self.run_name = run_name
         self.tokens_per_step = tokens_per_step
         self.strict = strict
+        self.probe_precision = probe_precision
+        self.precision_used: str | None = None
         self.state = MonitorState()
+        self.failures = 0
+        self._snapshot_to_read: int | None = None
+        self._snapshot_saved: int | None = None
+        self._drift_warned = False
         self.measured_steps: list[int] = []
         self.tokens_seen = 0
         self.timings: dict[str, float] = {}
         self._probe_set: ProbeSet | None = None
         self._store: RecordStore | None = None
-        self._writer: Any = None
+        self._sinks: list[Any] = []  # where the curves go (rank zero only): one per logger, or a writer
         self._hf_model: torch.nn.Module | None = None
         self._ablation_baseline: dict | None = None
 
@@ -161,38 +195,56 @@ class NegativeDifferentiationMonitor(Callback):
                                         seed=self.probe_kwargs["seed"])
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Check the record folder and the logger before training starts."""
+        """Check the record folder and decide, once, what each logger gets (scalars; media where it can)."""
         if stage != "fit":
             return
-        root = Path(self.log_dir) if self.log_dir else Path(_log_dir(trainer))
+        check_strategy(trainer.strategy)
+        if not trainer.is_global_zero:
+            return self._open(Path(self.log_dir or trainer.default_root_dir), [], is_global_zero=False)
+        root = Path(self.log_dir) if self.log_dir else records_log_dir(trainer.loggers, trainer.default_root_dir)
+        sinks, scalars_only = logger_sinks(trainer.loggers)
+        self._open(root, sinks, is_global_zero=True)
+        if not trainer.loggers:
+            rank_zero_warn(f"negmonitor: no logger on this Trainer; curves go to the parquet records under "
+                           f"{self._store.root} only")
+        elif scalars_only:
+            rank_zero_warn(f"negmonitor: {', '.join(scalars_only)} takes scalars only; the WD histograms, top-neuron "
+                           "images and top-pair tables go to TensorBoard / W&B loggers (all numbers are in the "
+                           f"records under {self._store.root})")
+
+    def _open(self, root: Path, sinks: list[Any], is_global_zero: bool) -> None:
+        """Trainer-agnostic set-up (also the HF callback's): the records under ``root/negmonitor``, the sinks."""
         self._store = RecordStore.for_logdir(root)
-        self.run_name = self.run_name or root.name
-        if trainer.is_global_zero:
+        self.run_name = self.run_name or root.resolve().name
+        self._sinks = sinks
+        if is_global_zero:
             from negmonitor.atomic import ensure_writable_dir
 
             ensure_writable_dir(self._store.root, "negmonitor record folder")
-        self._writer = _tensorboard_writer(trainer)
-        if self._writer is None:
-            rank_zero_warn("negmonitor: no TensorBoardLogger on this Trainer; curves go to the parquet records "
-                           f"under {self._store.root} only")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the transformers model and tokenizer (built by now) and build the fixed probe set."""
-        self._hf_model = find_hf_model(pl_module, self.model_attr)
         self.tokenizer = self.tokenizer or _find_tokenizer(pl_module, trainer)
         if self.tokenizer is None:
             raise NegmonitorError("no tokenizer found on the LightningModule or datamodule (.tokenizer) — pass "
                                   "NegativeDifferentiationMonitor(tokenizer=...)")
-        datamodule = getattr(trainer, "datamodule", None)
+        self.precision_used = "32-true" if self.probe_precision == "fp32" else str(trainer.precision)
+        self._prepare(find_hf_model(pl_module, self.model_attr), getattr(trainer, "datamodule", None),
+                      trainer.is_global_zero)
+
+    def _prepare(self, hf_model: torch.nn.Module, datamodule: Any, is_global_zero: bool) -> None:
+        """Trainer-agnostic (also the HF callback's): resolve the ablation data, build the probe set, write run.json."""
+        self._hf_model = hf_model
         source = self.probe_source
         if source is None and hasattr(datamodule, "probe_texts"):
             source = datamodule.probe_texts()
         if self.ablation is not None:
-            self.minimal_pairs = resolve_minimal_pairs(self.minimal_pairs, datamodule, self.minimal_pairs_sample)
+            self.minimal_pairs = resolve_minimal_pairs(self.minimal_pairs, datamodule, self.minimal_pairs_sample,
+                                                       self.ablation.npi_pairs)
             self.ppl_text = resolve_ppl_text(self.ppl_text, datamodule)
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
-        if trainer.is_global_zero:
+        if is_global_zero:
             self._write_run_info()
 
     def _write_run_info(self) -> None:
@@ -206,7 +258,8 @@ class NegativeDifferentiationMonitor(Callback):
                 "probe_window": self._probe_set.window, "n_pairs": self._probe_set.n_pairs,
                 "cohort_frac": self.settings.cohort_frac, "cohort_step": self.settings.cohort_step,
                 "warmup_steps": self.settings.warmup_steps, "every_n_steps": self.schedule.every_n_steps,
-                "families": list(self.families), "record_key": self.record_key}
+                "families": list(self.families), "record_key": self.record_key,
+                "probe_precision": self.precision_used, "drift_dtype": str(self.settings.drift_dtype)}
         write_json_atomic(info, self._store.root / f"run-{self.record_key}.json")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -220,13 +273,29 @@ class NegativeDifferentiationMonitor(Callback):
         """Count tokens (from shapes only) and measure when the step is scheduled."""
         self._count_tokens(batch, trainer)
         step = trainer.global_step
-        if self.schedule.due(step) and step not in self.measured_steps:
-            self._measure(trainer, step)
+        final = 0 < trainer.max_steps <= step
+        if (self.schedule.due(step) or (final and self.schedule.at_end)) and step not in self.measured_steps:
+            self._measure(trainer, step, final=final)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Final measurement."""
         if self.schedule.at_end and trainer.global_step not in self.measured_steps:
-            self._measure(trainer, trainer.global_step)
+            self._measure(trainer, trainer.global_step, final=True)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Save the weight snapshot this checkpoint's state refers to beside the records (once per snapshot)."""
+        self._save_snapshot(trainer.is_global_zero)
+
+    def _save_snapshot(self, is_global_zero: bool) -> None:
+        """Trainer-agnostic (also the HF callback's): write the weight snapshot the state refers to, once."""
+        if is_global_zero and self.state.prev_weights and self._store is not None:
+            from negmonitor.monitoring.drift_snapshot import prune_snapshots, snapshot_path, write_snapshot
+
+            if self._snapshot_saved != self.state.prev_step:
+                path = snapshot_path(self._store.root, self.record_key, self.state.prev_step)
+                write_snapshot(path, self.state.prev_weights, self.state.prev_step)
+                prune_snapshots(self._store.root, self.record_key, keep=2)
+                self._snapshot_saved = self.state.prev_step
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.to_dict(), "measured_steps": list(self.measured_steps),
@@ -234,6 +303,7 @@ class NegativeDifferentiationMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = MonitorState.from_dict(state_dict.get("state", {}))
+        self._snapshot_to_read = self.state.prev_step if self.state.prev_weights is None else None
         self.measured_steps = list(state_dict.get("measured_steps", []))
         self.tokens_seen = int(state_dict.get("tokens_seen", 0))
         self._ablation_baseline = state_dict.get("ablation_baseline")
@@ -255,36 +325,80 @@ class NegativeDifferentiationMonitor(Callback):
         if isinstance(ids, torch.Tensor):
             self.tokens_seen += int(ids.numel()) * trainer.world_size  # shape only: no device sync
 
-    def _measure(self, trainer: Trainer, step: int) -> None:
+    def _measure(self, trainer: Trainer, step: int, final: bool = False) -> None:
+        """One measurement; any failure (out of memory included, on any rank) is warned once, recorded as
+        ``health/measurement_failed`` and skipped by every rank together; training goes on (``strict`` re-raises).
+
+        Trainer-agnostic: of ``trainer`` only global_rank, world_size and is_global_zero are needed (the HF callback
+        passes a stand-in with those three; strategy and precision plug-in are used where present)."""
         try:
-            self._measure_unguarded(trainer, step)
-        except NegmonitorError:
-            raise
+            if trainer.is_global_zero:
+                self._read_snapshot()
+            self._measure_unguarded(trainer, step, final)
         except Exception as exc:  # a failed measurement must not end a long training run
             if self.strict:
                 raise
-            rank_zero_warn(f"negmonitor: measurement at step {step} failed ({type(exc).__name__}: {exc}); "
-                           "training goes on, a 'health/measurement_failed' record is written")
-            if trainer.is_global_zero and self._store is not None:
-                rows = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
-                self._store.write_scalars(self.run_name, step, self.tokens_seen, rows, key=f"{self.record_key}-failed")
+            self._record_failure(trainer, step, exc)
         finally:
             if step not in self.measured_steps:
                 self.measured_steps.append(step)
 
-    def _measure_unguarded(self, trainer: Trainer, step: int) -> None:
-        start = time.perf_counter()
-        measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
-                                              tokenizer=self.tokenizer, rank=trainer.global_rank,
-                                              world_size=trainer.world_size)
-        self.timings["probe"] = time.perf_counter() - start
-        if not trainer.is_global_zero:
-            return  # the probe pass above is shared by every rank; ablation (no collectives) and writing are not
-        scalars = measurement.scalars
-        if self._ablation_due(step):
+    def _record_failure(self, trainer: Trainer, step: int, exc: Exception) -> None:
+        """Warn at the first failure only (each rank about its own; rank 0 also about another rank's), then write
+        the ``health/measurement_failed`` row."""
+        from negmonitor.distributed import PeerFailure
+
+        self.failures += 1
+        peer = isinstance(exc, PeerFailure)
+        if self.failures == 1 and (not peer or trainer.is_global_zero):
+            where = f" on rank {trainer.global_rank}" if trainer.world_size > 1 and not peer else ""
+            warnings.warn(f"negmonitor: measurement at step {step} failed{where} ({type(exc).__name__}: {exc}); "
+                          "training goes on; this and any later failure is recorded as 'health/measurement_failed' "
+                          "(no further warning)", stacklevel=2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what the failed pass held goes back to the training run
+        if trainer.is_global_zero and self._store is not None:
+            rows = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
+            self._store.write_scalars(self.run_name, step, self.tokens_seen, rows, key=f"{self.record_key}-failed")
+
+    def _read_snapshot(self) -> None:
+        """After a resume, read the weight snapshot the checkpoint refers to (saved beside the records).
+
+        Never raises: it runs on rank 0 only, before the measurement's collectives."""
+        step, self._snapshot_to_read = self._snapshot_to_read, None
+        if step is None or not self.settings.weight_drift or self._store is None:
+            return
+        from negmonitor.monitoring.drift_snapshot import read_snapshot, snapshot_path
+
+        path = snapshot_path(self._store.root, self.record_key, step)
+        try:
+            self.state.prev_weights = read_snapshot(path, next(self._hf_model.parameters()).device)
+            self._snapshot_saved = step
+        except Exception as exc:  # noqa: BLE001 - a missing snapshot costs one drift value, never the run
+            why = "is missing" if not path.is_file() else f"cannot be read ({type(exc).__name__}: {exc})"
+            warnings.warn(f"negmonitor: the weight snapshot of step {step} at {path} {why}; weight drift restarts at "
+                          "this measurement (its drift rows are missing once)", stacklevel=2)
+            self.state.prev_weights, self.state.prev_step = None, None
+
+    def _measure_unguarded(self, trainer: Trainer, step: int, final: bool = False) -> None:
+        self.timings = {}  # this measurement's phases only
+        with _strategy_context(trainer, self._hf_model):
             start = time.perf_counter()
-            scalars = pd.concat([scalars, self._ablation_rows(measurement)], ignore_index=True)
-            self.timings["ablation"] = time.perf_counter() - start
+            measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
+                                                  tokenizer=self.tokenizer, rank=trainer.global_rank,
+                                                  world_size=trainer.world_size,
+                                                  forward_context=self._forward_context(trainer))
+            self.timings["probe"] = time.perf_counter() - start
+            scalars = measurement.scalars
+            if self.ablation is not None and (final or self._due(step, max(1, self.ablation_every))):
+                # every rank evaluates its share (DDP, FSDP): no rank waits for another
+                start = time.perf_counter()
+                rows = self._ablation_rows(measurement, Shard(trainer.global_rank, trainer.world_size))
+                scalars = pd.concat([scalars, rows], ignore_index=True)
+                self.timings["ablation"] = time.perf_counter() - start
+        if not trainer.is_global_zero:
+            return  # every rank has the same numbers; rank 0 writes them
+        self._check_drift_resolution(measurement.neurons, step)
         start = time.perf_counter()
         scalars = scalars[scalars.metric.map(_family).isin(self.families)]
         key = self.record_key
@@ -292,27 +406,59 @@ class NegativeDifferentiationMonitor(Callback):
         self._store.write_neurons(self.run_name, step, self.tokens_seen, measurement.neurons, key=key)
         if not measurement.result.top_pairs.empty and "pairs" in self.families:
             self._store.write_pairs(self.run_name, step, self.tokens_seen, measurement.result.top_pairs, key=key)
-        if self._writer is not None:
-            tb.log_scalars(self._writer, scalars, step)
-            if self._media_due(step):
-                tb.log_histograms(self._writer, measurement.neurons, step)
-                tb.log_images(self._writer, measurement.samples, step)
-                if "pairs" in self.families:
-                    tb.log_text(self._writer, measurement.result.top_pairs, step)
-            self._writer.flush()
+        histograms = measurement.histograms  # the top neurons' real distributions, for the report's Fig. 1c/6b
+        if not histograms.empty:
+            self._store.write_histograms(self.run_name, step, self.tokens_seen, histograms, key=key)
+        self._log(measurement, scalars, step, media=final or self._due(step, self.media_every))
         self.timings["logging"] = time.perf_counter() - start
 
-    def _media_due(self, step: int) -> bool:
-        return step == 0 or (self.media_every > 0 and step % self.media_every == 0) or not self.measured_steps
+    def _log(self, measurement: engine.Measurement, scalars: pd.DataFrame, step: int, media: bool) -> None:
+        """Curves to every sink, media to those that take them; a sink that fails is warned about, not fatal."""
+        metrics = tb.scalar_metrics(scalars)
+        for sink in self._sinks:
+            try:
+                sink.log_scalars(metrics, step)
+                if media and sink.media:
+                    sink.log_media(measurement, step, pairs="pairs" in self.families)
+                sink.flush()
+            except Exception as exc:  # a logger's failure must not cost the records or end the run
+                if self.strict:
+                    raise
+                rank_zero_warn(f"negmonitor: logging step {step} to {sink.name} failed ({type(exc).__name__}: "
+                               f"{exc}); the records have every number")
 
-    def _ablation_due(self, step: int) -> bool:
-        return self.ablation is not None and (step == 0 or step % max(1, self.ablation_every) == 0)
+    def _check_drift_resolution(self, neurons: pd.DataFrame, step: int) -> None:
+        """Warn once when drift is too small for a bf16/fp16 snapshot to resolve (measurements close together)."""
+        if self._drift_warned or self.settings.drift_dtype == torch.float32 or "drift_cos_dissim" not in neurons:
+            return
+        median = float(neurons.drift_cos_dissim.median())  # NaN (no drift yet) compares False
+        if median < DRIFT_RESOLUTION[self.settings.drift_dtype]:
+            self._drift_warned = True
+            rank_zero_warn(f"negmonitor: weight drift at step {step} (median cosine dissimilarity {median:.1e}) is "
+                           f"below what a {self.settings.drift_dtype} snapshot resolves well — pass drift_dtype='fp32' "
+                           "for measurements this close together")
 
-    def _ablation_rows(self, measurement: engine.Measurement) -> pd.DataFrame:
+    def _forward_context(self, trainer: Trainer) -> Any:
+        """The probe forward's context: the trainer's precision (autocast under mixed precision) or plain fp32."""
+        if self.probe_precision == "fp32":
+            device_type = next(self._hf_model.parameters()).device.type
+            return lambda: torch.autocast(device_type, enabled=False)
+        plugin = getattr(trainer, "precision_plugin", None)  # the HF callback's stand-in has none: as configured
+        return plugin.forward_context if plugin is not None else contextlib.nullcontext
+
+    def _due(self, step: int, every: int) -> bool:
+        """First measurement, or the first one at or after a multiple of ``every`` (``media_every_n_steps: 250``
+        with measurements every 100 steps: 0, 300, 500, 800, ... rather than only the common multiples)."""
+        previous = max((s for s in self.measured_steps if s < step), default=None)
+        if previous is None:
+            return True
+        return every > 0 and step // every > previous // every
+
+    def _ablation_rows(self, measurement: engine.Measurement, shard: Shard | None = None) -> pd.DataFrame:
         from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
 
         return ablation_scalar_rows(self._hf_model, self.tokenizer, measurement.result, self.ablation,
-                                    self.minimal_pairs, self.ppl_text)
+                                    self.minimal_pairs, self.ppl_text, shard=shard)
 
 
 class WassersteinMonitor(NegativeDifferentiationMonitor):
@@ -351,15 +497,18 @@ class AblationMonitor(NegativeDifferentiationMonitor):
         super().__init__(*args, **kwargs)
 
 
-def resolve_minimal_pairs(spec: Any, datamodule: Any = None,
-                          sample: int | None = 40) -> pd.DataFrame | list[pd.DataFrame] | None:
-    """Minimal pairs from a DataFrame, ``"datamodule"``, ``"blimp"`` (hub), a BLiMP / TSE folder, or a list of these."""
+def resolve_minimal_pairs(spec: Any, datamodule: Any = None, sample: int | None = 40,
+                          npi_pairs: str = "both") -> pd.DataFrame | list[pd.DataFrame] | None:
+    """Minimal pairs from a DataFrame, ``"datamodule"``, ``"blimp"`` (hub), a BLiMP / TSE folder, or a list of these.
+
+    A TSE folder's sample is drawn from the NPI pairs the protocol scores (``npi_pairs``).
+    """
     if spec is None or isinstance(spec, pd.DataFrame):
         return spec
     if isinstance(spec, (list, tuple)):
         from negmonitor.monitoring.ablation_rows import pair_slots
 
-        frames = [resolve_minimal_pairs(item, datamodule, sample) for item in spec]
+        frames = [resolve_minimal_pairs(item, datamodule, sample, npi_pairs) for item in spec]
         pair_slots(frames)  # at most one of each shape: fail now, not at the first ablation
         return frames
     from negmonitor.evaluation import load_blimp, load_tse
@@ -374,7 +523,7 @@ def resolve_minimal_pairs(spec: Any, datamodule: Any = None,
         return load_blimp(None, sample_per_uid=sample)
     path = Path(text).expanduser()
     if path.is_dir() and any(path.glob("*.pickle")):
-        return load_tse(path, sample_per_construction=sample)
+        return load_tse(path, sample_per_construction=sample, npi_pairs=npi_pairs)
     return load_blimp(path, sample_per_uid=sample)
 
 
@@ -395,6 +544,16 @@ def resolve_ppl_text(spec: Any, datamodule: Any = None) -> Any:
 def _looks_like_source(text: str) -> bool:
     """A short, single-token string is a path or a dataset id; anything else is text to evaluate."""
     return len(text) < 1024 and not any(c.isspace() for c in text)
+
+
+def _snapshot_dtype(spec: str | torch.dtype) -> torch.dtype:
+    """``"bf16"`` / ``"fp16"`` / ``"fp32"`` (or a torch dtype) for the weight snapshot."""
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if isinstance(spec, torch.dtype) and spec in names.values():
+        return spec
+    if spec not in names:
+        raise NegmonitorError(f"drift_dtype must be one of {', '.join(names)}, got {spec!r}")
+    return names[spec]
 
 
 def _family(metric: str) -> str:
@@ -426,19 +585,22 @@ def _find_tokenizer(pl_module: LightningModule, trainer: Trainer) -> Any:
     return None
 
 
-def _log_dir(trainer: Trainer) -> str:
-    logger = trainer.logger
-    for attr in ("log_dir", "save_dir"):
-        value = getattr(logger, attr, None) if logger is not None else None
-        if value:
-            return str(value)
-    return str(trainer.default_root_dir)
+def check_strategy(strategy: Any) -> None:
+    """Refuse strategies the monitor cannot measure under (DeepSpeed: its ZeRO stages shard parameters in ways the
+    probe pass and the weight reads do not follow)."""
+    if any("deepspeed" in cls.__name__.lower() for cls in type(strategy).__mro__):
+        raise NegmonitorError(f"negmonitor does not support {type(strategy).__name__} — train with strategy='ddp' or "
+                              "FSDPStrategy (the monitor measures whole layers under both)")
 
 
-def _tensorboard_writer(trainer: Trainer) -> Any:
-    from lightning.pytorch.loggers import TensorBoardLogger
+def _strategy_context(trainer: Trainer, hf_model: torch.nn.Module) -> Any:
+    """Under FSDP: route the model's calls through the FSDP wrapper and read whole weights (see
+    :func:`negmonitor.distributed.fsdp_routing`); otherwise nothing."""
+    import contextlib
 
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment if trainer.is_global_zero else None
-    return None
+    from negmonitor.distributed import fsdp_routing, is_fsdp
+
+    root = getattr(getattr(trainer, "strategy", None), "model", None)  # the HF callback passes ranks only
+    if is_fsdp(root):
+        return fsdp_routing(root, trainer.lightning_module, hf_model)
+    return contextlib.nullcontext()

@@ -12,11 +12,14 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
-from negmonitor.commands.common import (add_memory_budget_arg, add_model_args, check_fraction, check_positive,
-                                        ensure_writable_dir, memory_budget, parse_layers)
+from negmonitor.commands.common import (add_memory_budget_arg, add_model_args, add_ppl_window_args,
+                                        add_probe_window_args, add_protocol_args, check_fraction, check_positive,
+                                        dtype_name, ensure_writable_dir, memory_budget, parse_layers, protocol_kwargs)
 from negmonitor.errors import NegmonitorError
 
-EVAL_NAMES = ("ppl", "blimp", "tse", "lm-eval:TASK1+TASK2")
+EVAL_NAMES = ("ppl", "blimp", "tse", "grammar", "lm-eval:TASK1+TASK2")
+GRAMMAR = "grammar"  # the built-in grammar corpus: --eval grammar (its minimal pairs), --text grammar (held-out text)
+GRAMMAR_PAIRS = 40  # pairs per construction, as a monitored run's minimal_pairs_sample default
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_ablation_args(parser)
     _add_data_args(parser)
     _add_probe_args(parser)
+    add_protocol_args(parser)
     parser.add_argument("--out", required=True, help="folder for the tables")
     parser.set_defaults(func=run)
 
@@ -38,8 +42,9 @@ def _add_ablation_args(parser: argparse.ArgumentParser) -> None:
                         help="zero_negative (default), zero_positive, relu_positive, flip_negative_post, zero_neuron")
     parser.add_argument("--metric", default="wd", help="per-neuron metric that ranks neurons (default wd)")
     parser.add_argument("--eval", default=None,
-                        help="comma-separated evaluations: ppl, blimp, tse, lm-eval:TASK1+TASK2 (default ppl,blimp, "
-                             "plus tse when --tse is given)")
+                        help="comma-separated evaluations: ppl, blimp, tse, grammar (the built-in grammar's held-out "
+                             "minimal pairs, as `negmonitor train` ablates with), lm-eval:TASK1+TASK2 (default "
+                             "ppl,blimp, plus tse when --tse is given)")
     parser.add_argument("--random-draws", type=int, default=1, metavar="N",
                         help="random controls to evaluate, seeds SEED, SEED+1, ... (rows random, random_draw1, ...; "
                              "default 1)")
@@ -53,8 +58,15 @@ def _add_ablation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", default=None, help="perplexity text file (default: WikiText-2 raw validation, hub)")
+    parser.add_argument("--text", default=None,
+                        help="perplexity text file or folder, or 'grammar' for the built-in corpus's held-out text "
+                             "(default: WikiText-2 raw validation, hub, as the paper); never the probe text (that is "
+                             "--probe-text)")
+    parser.add_argument("--grammar-seed", type=int, default=0,
+                        help="seed of the built-in grammar corpus for --eval grammar / --text grammar / --probe-text "
+                             "grammar (the training config's data.seed; default 0)")
     parser.add_argument("--ppl-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    add_ppl_window_args(parser)
     parser.add_argument("--blimp", default=None, help="folder of BLiMP <UID>.jsonl files (default: nyu-mll/blimp, hub)")
     parser.add_argument("--tse", default=None, help="folder of the TSE pickles (needed for --eval tse)")
     parser.add_argument("--sample", type=int, default=None, help="pairs per BLiMP UID / TSE construction (default all)")
@@ -66,10 +78,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_probe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-text", default=None,
-                        help="probe text file or dataset id for WD (default: --text, else the probe default)")
+                        help="probe text file, folder or dataset id ID[:CONFIG[:SPLIT]] that ranks the neurons "
+                             "(default: WikiText-2 raw test, hub, as the paper)")
     parser.add_argument("--probe-result", default=None, help="reuse a `negmonitor probe --out` folder instead")
-    parser.add_argument("--tokens", type=int, default=32_768, help="probe token budget (default 32768)")
-    parser.add_argument("--window", type=int, default=512, help="tokens per probe window (clipped to the model)")
+    add_probe_window_args(parser)
     parser.add_argument("--layers", default=None, help="comma-separated layers to ablate (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe windows, samples and random control")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of probe and evaluations")
@@ -94,7 +106,7 @@ def parse_evals(text: str) -> EvalRequest:
             if not request.lm_eval_tasks:
                 raise NegmonitorError(f"--eval {part!r} names no task — write lm-eval:TASK1+TASK2")
             name = "lm_eval"
-        elif name not in ("ppl", "blimp", "tse") or tasks:
+        elif name not in ("ppl", "blimp", "tse", GRAMMAR) or tasks:
             raise NegmonitorError(f"unknown evaluation {part!r} in --eval — use any of {', '.join(EVAL_NAMES)}")
         if name not in request.names:
             request.names.append(name)
@@ -108,7 +120,7 @@ def _check_args(args: argparse.Namespace) -> tuple:
     from negmonitor.ablation import AblationSettings
 
     check_fraction(args.fraction)
-    for flag in ("sample", "ppl_tokens", "layer_groups", "random_draws"):
+    for flag in ("sample", "ppl_tokens", "layer_groups", "random_draws", "tokens", "ppl_window", "ppl_stride"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     settings = AblationSettings(
         fraction=args.fraction, mode=args.mode, metric=args.metric, seed=args.seed, random_draws=args.random_draws,
@@ -116,9 +128,13 @@ def _check_args(args: argparse.Namespace) -> tuple:
         max_matching_evals=args.max_matching_evals, batch_size=args.batch_size,
         layers=tuple(parse_layers(args.layers)) if args.layers else None,
         lm_eval_limit=_limit(args.lm_eval_limit),
-        lm_eval_task_dirs=(args.lm_eval_tasks_dir,) if args.lm_eval_tasks_dir else (), progress=True)
+        lm_eval_task_dirs=(args.lm_eval_tasks_dir,) if args.lm_eval_tasks_dir else (), progress=True,
+        **protocol_kwargs(args))
     _check_metric(args.metric)
     request = parse_evals(args.eval or ("ppl,blimp,tse" if args.tse else "ppl,blimp"))
+    if GRAMMAR in request.names and "tse" in request.names:
+        raise NegmonitorError("--eval grammar and tse share the TSE-shaped slot of one protocol run — run them in "
+                              "two ablate commands")
     if "tse" in request.names and args.tse is None:
         raise NegmonitorError("--eval tse needs the TSE data — pass the folder of its pickles with --tse DIR")
     fractions = [check_fraction(float(f), "--fractions") for f in _split_floats(args.fractions)]
@@ -156,11 +172,15 @@ def run(args: argparse.Namespace) -> int:
     request, settings, fractions = _check_args(args)
     memory_budget(args)  # a bad --memory-budget fails before the model loads
     out = ensure_writable_dir(args.out)
-    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
-    suite = _build_suite(args, request, tokenizer)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
+                                  tokenizer=args.tokenizer)
+    suite = _build_suite(args, request, tokenizer, settings.npi_pairs)
     values = _probe_values(args, model, tokenizer, settings, out)
-    print(f"ablating {args.model}{'@' + args.revision if args.revision else ''}: mode {settings.mode}, top "
-          f"{settings.fraction:g} of neurons by {settings.metric} per layer; evaluations {', '.join(suite.names)}")
+    dtype = dtype_name(model)
+    evaluations = ", ".join(GRAMMAR if n == "tse" and GRAMMAR in request.names else n for n in suite.names)
+    print(f"ablating {args.model}{'@' + args.revision if args.revision else ''} in {dtype}: mode {settings.mode}, "
+          f"top {settings.fraction:g} of neurons by {settings.metric} per layer; evaluations {evaluations}; "
+          f"protocol {settings.protocol}")
     reports = [run_protocol(model, tokenizer, values, suite, settings)]
     if args.layer_groups:
         reports.append(layer_group_sweep(model, tokenizer, values, suite, args.layer_groups, settings))
@@ -168,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
         ppl_only = EvalSuite(ppl_ids=suite.ppl_ids) if suite.ppl_ids is not None else suite
         reports.append(fraction_sweep(model, tokenizer, values, ppl_only, fractions, settings))
     for report in reports:
-        report.meta.update(model=args.model, revision=args.revision)
+        report.meta.update(model=args.model, revision=args.revision, dtype=dtype)
+        if GRAMMAR in request.names:
+            _name_grammar_suite(report, args.grammar_seed)
         print(f"\n{report.name}:\n{format_table(report.table)}")
     _print_matching(reports[0].meta.get("matching", {}))
     for report in reports:
@@ -177,20 +199,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer):
+def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer, npi_pairs: str = "both"):
     """Load the evaluation data the user asked for (local folders, else the hub)."""
     from negmonitor.ablation import EvalSuite
     from negmonitor.evaluation import load_blimp, load_perplexity_text, load_tse
 
-    text = load_perplexity_text(args.text) if "ppl" in request.names else None
+    text = None
+    if "ppl" in request.names:
+        text = _grammar_text(args) if _is_grammar(args.text) else load_perplexity_text(args.text)
     blimp = tse = None
     if "blimp" in request.names:
         blimp = load_blimp(args.blimp, uids=_names(args.blimp_uids), sample_per_uid=args.sample, seed=args.seed)
     if "tse" in request.names:
         tse = load_tse(args.tse, constructions=_names(args.tse_constructions), sample_per_construction=args.sample,
-                       seed=args.seed)
+                       seed=args.seed, npi_pairs=npi_pairs)  # sampled from the pairs the protocol scores
+    if GRAMMAR in request.names:  # TSE-shaped (construction/condition): scored in the TSE slot, named after
+        from negmonitor.train.grammar import GrammarCorpus
+
+        tse = GrammarCorpus(args.grammar_seed).minimal_pairs(args.sample or GRAMMAR_PAIRS)
     return EvalSuite.build(tokenizer, ppl_text=text, blimp=blimp, tse=tse, lm_eval_tasks=request.lm_eval_tasks,
                            max_ppl_tokens=args.ppl_tokens)
+
+
+def _is_grammar(source: str | None) -> bool:
+    from pathlib import Path
+
+    return source == GRAMMAR and not Path(source).exists()
+
+
+def _grammar_text(args: argparse.Namespace) -> list[str]:
+    from negmonitor.train.grammar import GrammarCorpus
+
+    return GrammarCorpus(args.grammar_seed).heldout_texts()
+
+
+def _name_grammar_suite(report, seed: int) -> None:
+    """The grammar pairs were scored in the TSE slot: call their columns and breakdown rows ``grammar``."""
+    report.table = report.table.rename(columns=lambda c: GRAMMAR + c[3:] if c.startswith("tse_") else c)
+    if "suite" in report.breakdown.columns:
+        report.breakdown["suite"] = report.breakdown["suite"].replace("tse", GRAMMAR)
+    report.meta["grammar_seed"] = seed
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -207,14 +255,18 @@ def _probe_values(args: argparse.Namespace, model, tokenizer, settings, out) -> 
     if args.probe_result:
         return ProbeResult.load(args.probe_result).values(settings.metric)
     max_positions = getattr(model.config, "max_position_embeddings", None)
-    probe_set = ProbeSet.build(args.probe_text or args.text, tokenizer, n_tokens=args.tokens, window=args.window,
+    source = _grammar_text(args) if _is_grammar(args.probe_text) else args.probe_text
+    probe_set = ProbeSet.build(source, tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=1_000 if settings.metric == "md" else 0, seed=args.seed,
                                max_positions=max_positions)
+    from negmonitor.commands.probe import check_tokens_available
+
+    check_tokens_available(probe_set, args.tokens)
     print(f"probing on {probe_set.n_tokens} tokens ({probe_set.n_windows} windows of {probe_set.window}) from "
           f"{probe_set.source}")
     result = probe(model, probe_set, layers=list(settings.layers) if settings.layers else None, tokenizer=tokenizer,
                    batch_size=settings.batch_size, progress=True, memory_budget=memory_budget(args))
-    result.meta.update(model=args.model, revision=args.revision)
+    result.meta.update(model=args.model, revision=args.revision, dtype=dtype_name(model), protocol=settings.protocol)
     print(f"probe tables written to {result.save(out / 'probe')}/ (reuse them with --probe-result)")
     return result.values(settings.metric)
 

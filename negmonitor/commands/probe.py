@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from negmonitor.commands.common import (add_model_args, add_probe_args, ensure_writable_dir, memory_budget,
-                                        parse_layers, probe_source)
+from negmonitor.commands.common import (add_model_args, add_probe_args, add_protocol_args, dtype_name,
+                                        ensure_writable_dir, memory_budget, parse_layers, probe_source)
+from negmonitor.errors import NegmonitorError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "per-pair tables (parquet).")
     add_model_args(parser)
     add_probe_args(parser)
+    add_protocol_args(parser, pairs=False)
     parser.add_argument("--out", required=True, help="folder for the tables")
     parser.set_defaults(func=run)
 
@@ -28,19 +30,32 @@ def run(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(args.out)
     layers = parse_layers(args.layers)
     budget = memory_budget(args)
-    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
+                                  tokenizer=args.tokenizer)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     probe_set = ProbeSet.build(probe_source(args), tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)
-    print(f"probing {args.model}{'@' + args.revision if args.revision else ''} on {probe_set.n_tokens} tokens "
-          f"({probe_set.n_windows} windows of {probe_set.window}) from {probe_set.source}")
+    check_tokens_available(probe_set, args.tokens)
+    dtype = dtype_name(model)
+    print(f"probing {args.model}{'@' + args.revision if args.revision else ''} in {dtype} on {probe_set.n_tokens} "
+          f"tokens ({probe_set.n_windows} windows of {probe_set.window}) from {probe_set.source}")
     result = probe(model, probe_set, layers=layers, tokenizer=tokenizer, batch_size=args.batch_size, progress=True,
                    memory_budget=budget)
-    result.meta.update(model=args.model, revision=args.revision)
+    result.meta.update(model=args.model, revision=args.revision, dtype=dtype, protocol=args.protocol)
     result.save(out)
     print(format_summary(result.layers))
     print(f"tables written to {out}/ (neurons.parquet, layers.parquet, pairs.parquet, top_pairs.parquet, meta.json)")
     return 0
+
+
+def check_tokens_available(probe_set, requested: int | None) -> None:
+    """More ``--tokens`` than the probe text holds is an error, not a quietly smaller probe (None: the whole text)."""
+    if requested is None:
+        return
+    available = int(probe_set.meta.get("n_tokens_available", probe_set.n_tokens))
+    if available < requested:
+        raise NegmonitorError(f"the probe text {probe_set.source} holds {available:,} tokens, fewer than --tokens "
+                              f"{requested:,} — pass --tokens {available} (or less) or a longer text")
 
 
 def format_summary(layers) -> str:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from negmonitor.commands.common import (add_probe_args, check_fraction, check_positive, ensure_writable_dir,
-                                        memory_budget, parse_layers)
+from negmonitor.commands.common import (add_ppl_window_args, add_probe_args, add_protocol_args, check_fraction,
+                                        check_positive, ensure_writable_dir, memory_budget, parse_layers,
+                                        protocol_kwargs)
 from negmonitor.errors import NegmonitorError
 
 
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "resume where an interrupted replay stopped.")
     parser.add_argument("--model", required=True,
                         help="hub id (EleutherAI/pythia-160m), a folder of step-named save_pretrained folders, or a "
-                             "folder of Lightning .ckpt files")
+                             "folder of Lightning .ckpt files (or one file)")
     parser.add_argument("--revisions", required=True,
                         help="preset 'all' or 'log:N' (N log-spaced), or a list: step0,step1000,143000")
     parser.add_argument("--logdir", required=True, help="log folder (records in LOGDIR/negmonitor, events in LOGDIR)")
@@ -49,7 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--ppl-text", default=None,
                         help="text file for the ablation perplexity (default: a local probe file, else WikiText-2 "
                              "validation from the hub)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weights dtype")
+    add_ppl_window_args(parser)
+    add_protocol_args(parser)
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="weights dtype (default: fp32 on CPU, as saved on GPU); printed and recorded")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--shard", default=None, metavar="K/N",
                         help="replay the K-th of N blocks of the list (1-based); shards share one --logdir")
@@ -57,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens-per-step", type=int, default=None,
                         help="tokens per step (default: 2097152 for Pythia, else read from the checkpoints or 0)")
     parser.add_argument("--module", default=None,
-                        help="LightningModule of .ckpt series as package.module:Class (default: negmonitor's "
-                             "CausalLMModule)")
+                        help="LightningModule of .ckpt series as package.module:Class, loaded with its "
+                             "load_from_checkpoint (default: the transformers model rebuilt from the state_dict)")
     parser.add_argument("--cache-dir", default=None, help="hub cache folder (default: HF_HUB_CACHE)")
     parser.add_argument("--run-name", default=None, help="the records' run name (default: the log folder's name)")
     parser.add_argument("--media-every", type=int, default=None,
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise NegmonitorError("give the probe text once: --probe, --text or --dataset")
     probe = args.probe or args.text or args.dataset
     ablation, minimal_pairs, ppl_text = _ablation(args)
-    print(f"replaying {args.model} ({args.revisions}) into {args.logdir}"
+    dtype = args.dtype or ("as saved" if args.device and args.device.startswith("cuda") else "fp32")
+    print(f"replaying {args.model} ({args.revisions}) into {args.logdir} in {dtype}"
           + (f", shard {shard[0]}/{shard[1]}" if shard != (1, 1) else ""))
     result = replay(
         args.model, args.revisions, args.logdir, probe=probe, probe_tokens=args.tokens, probe_window=args.window,
@@ -99,15 +104,15 @@ def run(args: argparse.Namespace) -> int:
 def _ablation(args: argparse.Namespace) -> tuple:
     """``(AblationSettings | None, minimal pairs | None, perplexity text | None)`` from the flags, checked early."""
     if args.ablate is None:
-        if args.blimp or args.tse or args.ppl_text or args.random_draws != 1:
-            raise NegmonitorError("--blimp, --tse, --ppl-text and --random-draws only matter with --ablate — add "
-                                  "--ablate")
+        if args.blimp or args.tse or args.ppl_text or args.random_draws != 1 or args.ppl_window or args.ppl_stride:
+            raise NegmonitorError("--blimp, --tse, --ppl-text, --ppl-window, --ppl-stride and --random-draws only "
+                                  "matter with --ablate — add --ablate")
         return None, None, None
     from negmonitor.ablation import AblationSettings
 
     check_positive(args.random_draws, "--random-draws")
     ablation = AblationSettings(fraction=check_fraction(args.ablate, "--ablate"), seed=args.seed,
-                                random_draws=args.random_draws, batch_size=args.batch_size)
+                                random_draws=args.random_draws, batch_size=args.batch_size, **protocol_kwargs(args))
     minimal_pairs = []  # BLiMP and TSE together are scored in the same protocol run
     if args.blimp:
         from negmonitor.evaluation.blimp import load_blimp
@@ -116,7 +121,8 @@ def _ablation(args: argparse.Namespace) -> tuple:
     if args.tse:
         from negmonitor.evaluation.tse import load_tse
 
-        minimal_pairs.append(load_tse(args.tse, sample_per_construction=args.pairs_per_suite, seed=args.seed))
+        minimal_pairs.append(load_tse(args.tse, sample_per_construction=args.pairs_per_suite, seed=args.seed,
+                                      npi_pairs=ablation.npi_pairs))
     from pathlib import Path
 
     from negmonitor.evaluation.perplexity import load_perplexity_text

@@ -9,9 +9,10 @@ every key can be overridden on the command line (``--trainer.max_steps 100``), a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from negmonitor.errors import NegmonitorError
 
@@ -49,11 +50,91 @@ def run_train(argv: Sequence[str]) -> int:
     if not argv:
         argv = ["--help"]
     _check_config_exists(argv)
-    cli = build_cli(argv)
-    _prepare_vocab(cli)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    print(summary(cli.trainer))
+    with _no_lightning_tips():
+        cli = build_cli(argv)
+        _prepare_vocab(cli)
+        _keep_last_checkpoint(cli.trainer)
+        _step_progress_bar(cli)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    saved = save_final(cli.trainer, cli.model, cli.datamodule)
+    if cli.trainer.is_global_zero:
+        print(summary(cli.trainer, saved))
     return 0
+
+
+@contextlib.contextmanager
+def _no_lightning_tips() -> Iterator[None]:
+    """Drop Lightning's advertising lines ("💡 Tip: ... try installing litlogger") while ``train`` runs."""
+    import logging
+
+    class NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in str(record.msg)
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero",
+                                                    "lightning.fabric.utilities.rank_zero")]
+    tips = NoTips()
+    for logger in loggers:
+        logger.addFilter(tips)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(tips)
+
+
+def _step_progress_bar(cli) -> None:
+    """A step-based bar (lines when not a terminal) in place of Lightning's default epoch bar, for step-bounded
+    runs whose config names no progress bar."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+    from negmonitor.train.progress import StepProgressBar
+
+    trainer = cli.trainer
+    configured = "ProgressBar" in str(cli.config.get("trainer", {}).get("callbacks"))
+    default = trainer.progress_bar_callback
+    if trainer.max_steps > 0 and not configured and type(default) in (RichProgressBar, TQDMProgressBar):
+        trainer.callbacks.remove(default)
+        monitors = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, NegativeDifferentiationMonitor)]
+        # after the monitors: its hooks then see each measurement (and its timings) as soon as it is taken
+        trainer.callbacks.insert(max(monitors, default=len(trainer.callbacks) - 1) + 1, StepProgressBar())
+
+
+def _keep_last_checkpoint(trainer) -> None:
+    """``ModelCheckpoint(save_last=True)`` unless the config says otherwise, so a stopped run leaves ``last.ckpt``."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.save_last is None:
+            callback.save_last = True
+
+
+def save_final(trainer, module, datamodule) -> dict[str, Path]:
+    """Save the model at the end of training: ``last.ckpt`` (resumable) and a ``save_pretrained`` folder with its
+    tokenizer (``<log dir>/final_model``), which every command takes as ``--model``.
+
+    Every rank calls it (the checkpoint is a collective call); only rank 0 writes the folder.
+    """
+    from negmonitor.callbacks.monitor import find_hf_model
+    from negmonitor.checkpoints import FINAL_MODEL_DIR
+
+    saved: dict[str, Path] = {}
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None:
+        folder = Path(checkpoint.dirpath or log_dir / "checkpoints")
+        saved["last checkpoint"] = folder / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(saved["last checkpoint"], weights_only=False)  # resumable: optimizer included
+    final = log_dir / FINAL_MODEL_DIR
+    if trainer.is_global_zero:
+        from negmonitor.models import quiet_transformers
+
+        with quiet_transformers():
+            find_hf_model(module).save_pretrained(final)
+        tokenizer = getattr(module, "tokenizer", None) or getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(final)
+    saved["final model"] = final
+    return saved
 
 
 def _check_config_exists(argv: list[str]) -> None:
@@ -71,8 +152,8 @@ def _prepare_vocab(cli) -> None:
         cli.model.configure_tokenizer(datamodule.tokenizer)
 
 
-def summary(trainer) -> str:
-    """Where the logs are, how to open them, and start/end values of the headline curves."""
+def summary(trainer, saved: dict[str, Path] | None = None) -> str:
+    """Where the logs and saved models are, how to open them, and start/end values of the headline curves."""
     from negmonitor.callbacks import NegativeDifferentiationMonitor
     from negmonitor.records import RecordStore
 
@@ -80,6 +161,7 @@ def summary(trainer) -> str:
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     lines = ["", "negmonitor: training finished", f"  TensorBoard logs: {log_dir}",
              f"  open them with:   tensorboard --logdir {log_dir.parent}"]
+    lines += [f"  {what + ':':<18}{path}" for what, path in (saved or {}).items()]
     for monitor in monitors:
         if monitor._store is None:
             continue

@@ -28,10 +28,13 @@ from negmonitor.evaluation.pos_surprisal import (
     TokenSurprisal,
     align_to_words,
     compare_pos_surprisal,
+    label_tokens,
     load_spacy,
     pos_excess_surprisal,
+    pos_model_token_table,
     pos_token_table,
     token_surprisals,
+    window_surprisals,
 )
 from negmonitor.evaluation.tse import load_tse, safe_load_pickle, tse_accuracy
 
@@ -44,6 +47,7 @@ __all__ = [
     "align_to_words",
     "blimp_accuracy",
     "compare_pos_surprisal",
+    "label_tokens",
     "evaluate_pairs",
     "load_blimp",
     "load_perplexity_text",
@@ -51,6 +55,7 @@ __all__ = [
     "load_tse",
     "perplexity",
     "pos_excess_surprisal",
+    "pos_model_token_table",
     "pos_token_table",
     "results_table",
     "run_lm_eval",
@@ -60,4 +65,5 @@ __all__ = [
     "standard_error",
     "token_surprisals",
     "tse_accuracy",
+    "window_surprisals",
 ]

@@ -1,12 +1,15 @@
 """Minimal-pair scoring: sentence log-probabilities, pair accuracy, and accuracy tables with standard errors.
 
-A sentence's score is the summed log-probability (nats) of all its tokens.
+A sentence's score is the summed (``score="sum"``, default) or mean (``score="mean"``, per scored token)
+log-probability (nats) of its tokens.
 
-- Decoder (causal) LMs: the sentence is tokenized without special tokens and one prefix token is put in front
-  of it, the tokenizer's BOS token, else its EOS token (GPT-2 style models have only ``<|endoftext|>``), so that
-  the first word is scored too; the prefix itself is not scored. Tokenizers that add BOS on their own (Llama)
-  get exactly one BOS this way. With neither BOS nor EOS the first token cannot be scored and is left out (a
-  warning says so).
+- Decoder (causal) LMs, ``prefix="bos"`` (default): the sentence is tokenized without special tokens and one
+  prefix token is put in front of it, the tokenizer's BOS token, else its EOS token (GPT-2 style models have only
+  ``<|endoftext|>``), so that the first word is scored too; the prefix itself is not scored. Tokenizers that add
+  BOS on their own (Llama) get exactly one BOS this way. With neither BOS nor EOS the first token cannot be scored
+  and is left out (a warning says so). lm-eval's BLiMP task scores the same way.
+- ``prefix="none"`` (the authors' code): the tokenizer's own special tokens only (``add_special_tokens=True``):
+  none for Pythia, GPT-2 and Qwen, so the first token goes unscored; one BOS for Llama.
 - Masked LMs (``*ForMaskedLM``): the pseudo-log-likelihood of Salazar et al. (2020), the sum over the
   sentence's non-special tokens of ``log p(token | sentence with that token masked)``.
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 
 from negmonitor.errors import NegmonitorError
+from negmonitor.protocol import PREFIXES, SCORES, check_choice
 from negmonitor.evaluation._common import (
     check_batch_size,
     check_lm,
@@ -54,12 +58,15 @@ PAIR_COLUMNS = ("sentence_good", "sentence_bad")
 
 def score_sentences(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sentences: Sequence[str],
                     batch_size: int = 32, device: str | torch.device | None = None,
-                    progress: bool = False) -> torch.Tensor:
-    """Summed log-probability (nats) of each sentence, as a float64 CPU tensor in input order.
+                    progress: bool = False, score: str = "sum", prefix: str = "bos") -> torch.Tensor:
+    """Summed (or mean) log-probability (nats) of each sentence, as a float64 CPU tensor in input order.
 
-    Causal LMs score every token after a BOS (else EOS) prefix; masked LMs get the pseudo-log-likelihood.
+    Causal LMs score every token after a BOS (else EOS) prefix (``prefix="bos"``) or after the tokenizer's own
+    special tokens (``"none"``); masked LMs get the (summed) pseudo-log-likelihood.
     """
     check_batch_size(batch_size)
+    check_choice(score, SCORES, "score")
+    check_choice(prefix, PREFIXES, "prefix")
     check_lm(model)
     sentences = list(sentences)
     if not all(isinstance(s, str) for s in sentences):
@@ -69,12 +76,14 @@ def score_sentences(model: nn.Module, tokenizer: PreTrainedTokenizerBase, senten
     device = model_device(model, device)
     if is_masked_lm(model):
         return _pseudo_log_likelihoods(model, tokenizer, sentences, batch_size, device, progress)
-    sequences = encode_with_prefix(tokenizer, sentences)
+    sequences = encode_with_prefix(tokenizer, sentences) if prefix == "bos" else [
+        list(ids) for ids in tokenizer(sentences, add_special_tokens=True, verbose=False)["input_ids"]]
     _check_lengths(model, tokenizer, sequences)
     scores = torch.zeros(len(sentences), dtype=torch.float64)
     for index, logp, valid in causal_token_logprobs(model, sequences, batch_size, device, pad_token_id(tokenizer),
                                                     progress):
-        scores[index] = (logp.double() * valid).sum(dim=1)
+        total = (logp.double() * valid).sum(dim=1)
+        scores[index] = total if score == "sum" else total / valid.sum(dim=1).clamp(min=1)
     return scores
 
 
@@ -168,14 +177,24 @@ def _pseudo_log_likelihoods(model: nn.Module, tokenizer: PreTrainedTokenizerBase
 
 
 def evaluate_pairs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs_df: pd.DataFrame, batch_size: int = 32,
-                   device: str | torch.device | None = None, progress: bool = False) -> pd.DataFrame:
-    """Score each pair: a copy of ``pairs_df`` with ``logp_good``, ``logp_bad`` and ``correct`` (good > bad)."""
+                   device: str | torch.device | None = None, progress: bool = False, score: str = "sum",
+                   prefix: str = "bos", scorer: Callable[[list[str]], torch.Tensor] | None = None) -> pd.DataFrame:
+    """Score each pair: a copy of ``pairs_df`` with ``logp_good``, ``logp_bad`` and ``correct`` (good > bad).
+
+    ``score`` and ``prefix`` as in :func:`score_sentences` (the paper's code: BLiMP ``sum``, TSE ``mean``, both
+    ``prefix="none"``). ``scorer``, if given, scores the list of distinct sentences instead of
+    :func:`score_sentences` (the DDP split uses it).
+    """
     missing = [c for c in PAIR_COLUMNS if c not in pairs_df.columns]
     if missing:
         raise NegmonitorError(f"the pairs table lacks column(s) {', '.join(missing)} — load it with load_blimp or "
                               "load_tse, or name the columns sentence_good and sentence_bad")
     unique = list(dict.fromkeys(pd.concat([pairs_df["sentence_good"], pairs_df["sentence_bad"]]).astype(str)))
-    scores = score_sentences(model, tokenizer, unique, batch_size=batch_size, device=device, progress=progress)
+    if scorer is not None:
+        scores = scorer(unique)
+    else:
+        scores = score_sentences(model, tokenizer, unique, batch_size=batch_size, device=device, progress=progress,
+                                 score=score, prefix=prefix)
     lookup = dict(zip(unique, scores.tolist(), strict=True))
     out = pairs_df.copy()
     out["logp_good"] = out["sentence_good"].astype(str).map(lookup).astype("float64")

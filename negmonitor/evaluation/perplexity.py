@@ -1,13 +1,16 @@
-"""Perplexity of a causal language model, by the standard sliding-window method.
+"""Perplexity of a causal language model over disjoint chunks (the paper's) or sliding windows.
 
-The text is tokenized into one stream (several texts are joined with ``"\\n\\n"``, as in the Hugging Face
-perplexity guide; no special tokens are added). Windows of ``window`` tokens start every ``stride`` tokens;
-each window scores only the tokens that the previous window did not score, so with ``stride < window`` every token
-except the first is scored exactly once, with between ``window - stride`` and ``window - 1`` tokens of context
-(the first window's tokens with less). ``stride == window`` gives disjoint chunks, each scored on its own: a
-chunk's first token has no context and is not scored (nor counted). ``stride == 1`` gives every token a full
-window of context. ``n_tokens`` counts exactly the tokens scored. The window never exceeds the model's maximum
-number of positions.
+The text is tokenized into one stream (several texts are joined with ``"\n\n"``, as the authors and the Hugging
+Face perplexity guide do; no special tokens are added). By default the stream is cut into disjoint chunks of
+``min(2048, the model's positions)`` tokens, each scored on its own (its first token has no context and is not
+scored, nor counted), and the incomplete last chunk is dropped — the authors' ``utils/perplexity.py``. A text
+shorter than one chunk is scored as one chunk.
+
+``stride < window`` gives Hugging Face's sliding-window method instead: windows of ``window`` tokens start every
+``stride`` tokens and each scores only the tokens that the previous window did not score, so every token except the
+first is scored exactly once, with between ``window - stride`` and ``window - 1`` tokens of context (``stride=1``:
+every token gets a full window). The window never exceeds 2,048 unless asked for, nor the model's positions.
+``n_tokens`` counts exactly the tokens scored.
 
 The returned ``nll`` is the mean negative log-likelihood per scored token (nats) and ``ppl = exp(nll)``.
 
@@ -52,6 +55,7 @@ DEFAULT_DATASET = "wikitext"
 DEFAULT_CONFIG = "wikitext-2-raw-v1"
 SEPARATOR = "\n\n"
 _TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".text")
+DEFAULT_WINDOW = 2_048
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,15 @@ class PerplexityResult:
         return {"ppl": self.ppl, "nll": self.nll, "n_tokens": self.n_tokens}
 
 
-def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+def sliding_windows(n_tokens: int, window: int, stride: int, drop_tail: bool = True) -> list[tuple[int, int, int]]:
     """Windows ``(begin, end, first_scored)`` over ``n_tokens`` tokens (Hugging Face's sliding-window method).
 
     Window ``k`` covers tokens ``[k * stride, min(k * stride + window, n_tokens))`` and scores the tokens from the
-    previous window's end (at least ``begin + 1``, since a token needs context) to its own end.
+    previous window's end (at least ``begin + 1``, since a token needs context) to its own end. With disjoint
+    chunks (``stride == window``) and ``drop_tail``, an incomplete last chunk is left out unless it is the only one.
     """
+    if drop_tail and stride == window and n_tokens >= window:
+        n_tokens -= n_tokens % window
     spans, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + window, n_tokens)
@@ -94,12 +101,14 @@ def perplexity(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     progress: bool = False,
+    drop_tail: bool = True,
 ) -> PerplexityResult:
-    """Sliding-window perplexity of ``model`` on a text, a list of texts (joined) or a 1-D sequence of token ids.
+    """Perplexity of ``model`` on a text, a list of texts (joined) or a 1-D sequence of token ids.
 
     Args:
-        window: tokens per window; default and maximum: the model's maximum positions.
-        stride: step between window starts; default ``window // 2``. Must be in ``[1, window]``.
+        window: tokens per window; default ``min(2048, the model's maximum positions)``; at most the model's.
+        stride: step between window starts; default ``window`` (disjoint chunks). Must be in ``[1, window]``.
+        drop_tail: with disjoint chunks, leave out an incomplete last chunk (the authors' way).
         batch_size: windows per forward pass (the result does not depend on it).
         device: where to run; default the model's device.
         progress: show a tqdm bar over batches.
@@ -115,7 +124,7 @@ def perplexity(
     if ids.numel() < 2:
         raise NegmonitorError(f"the text has {ids.numel()} token(s); perplexity needs at least 2 — pass more text")
     window, stride = _resolve_window(model, tokenizer, window, stride)
-    spans = sliding_windows(ids.numel(), window, stride)
+    spans = sliding_windows(ids.numel(), window, stride, drop_tail)
     total_nll, n_scored = _score_spans(model, ids, spans, batch_size, model_device(model, device),
                                        pad_token_id(tokenizer), progress)
     nll = total_nll / n_scored
@@ -150,17 +159,15 @@ def _resolve_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase, window
     """Default and check the window length and stride against the model's maximum positions."""
     limit = max_positions(model, tokenizer)
     if window is None:
-        if limit is None:
-            raise NegmonitorError("cannot tell the model's maximum input length — pass window=N explicitly")
-        window = limit
+        window = DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit)
     if not isinstance(window, int) or window < 2:
         raise NegmonitorError(f"window must be an integer >= 2, got {window!r} — pass e.g. window=512")
     if limit is not None and window > limit:
         raise NegmonitorError(f"window {window} exceeds the model's {limit} positions — pass window={limit} or less")
-    stride = window // 2 if stride is None else stride
+    stride = window if stride is None else stride
     if not isinstance(stride, int) or not 1 <= stride <= window:
         raise NegmonitorError(f"stride must be an integer in [1, window={window}], got {stride!r} — "
-                              f"pass e.g. stride={window // 2}")
+                              f"pass e.g. stride={window} (disjoint chunks)")
     return window, stride
 
 

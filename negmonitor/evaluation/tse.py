@@ -10,8 +10,9 @@ asks for one is rejected with an error naming it.
 
 The NPI constructions hold triples: the grammatical sentence ("no authors ... have ever been popular") against
 two ungrammatical ones (the licensor in the wrong place, and no licensor: "most authors ..."). Each triple gives
-two pairs, ``variant`` 1 and 2; all other tuples give one pair (``variant`` 1). ``item`` is the tuple's index in
-its condition, and ``pair_id`` numbers the pairs of a construction from 0.
+two pairs, ``variant`` 1 and 2 (``npi_pairs="both"``, default), or only the grammatical sentence against the last one
+(``npi_pairs="last"``, the authors' code: ``variant`` 2); all other tuples give one pair (``variant`` 1). ``item``
+is the tuple's index in its condition, and ``pair_id`` numbers the pairs of a construction from 0.
 
 The released sentences are lower-case with no final punctuation ("the author laughs"). They are scored as
 released by default; ``sentence_case=True`` capitalises the first letter and adds a final period.
@@ -37,6 +38,7 @@ import pandas as pd
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation._common import read_jsonl, sample_per_group, select_names
 from negmonitor.evaluation.minimal_pairs import accuracy_levels
+from negmonitor.protocol import NPI_PAIRS, check_choice
 
 COLUMNS = ("suite", "construction", "condition", "pair_id", "sentence_good", "sentence_bad", "item", "variant")
 LEVELS = {"construction": ["construction"], "condition": ["construction", "condition"], "overall": []}
@@ -69,7 +71,7 @@ def safe_load_pickle(path: str | os.PathLike) -> Any:
 
 def load_tse(source: str | os.PathLike, constructions: str | Iterable[str] | None = None,
              sample_per_construction: int | None = None, seed: int = 0,
-             sentence_case: bool = False) -> pd.DataFrame:
+             sentence_case: bool = False, npi_pairs: str = "both") -> pd.DataFrame:
     """TSE pairs from a folder or file of pickles/JSONL.
 
     Args:
@@ -78,6 +80,7 @@ def load_tse(source: str | os.PathLike, constructions: str | Iterable[str] | Non
         sample_per_construction: keep a seeded random sample of this many pairs per construction (default all).
         seed: seed of that sample.
         sentence_case: capitalise the first letter and add a final period to every sentence.
+        npi_pairs: ``both`` pairs of each NPI triple, or only the ``last`` (good vs the last sentence).
 
     Returns:
         ``suite='tse', construction, condition, pair_id, sentence_good, sentence_bad, item, variant``.
@@ -96,6 +99,7 @@ def load_tse(source: str | os.PathLike, constructions: str | Iterable[str] | Non
     names = select_names(constructions, sorted(files), "TSE construction", "--tse-constructions")
     frames = [_pairs_from_file(files[name], name) for name in names]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
+    df = keep_npi_pairs(df, npi_pairs)
     if sentence_case:
         df["sentence_good"] = df["sentence_good"].map(to_sentence_case)
         df["sentence_bad"] = df["sentence_bad"].map(to_sentence_case)
@@ -158,6 +162,19 @@ def _sentence_tuple(value: Any, path: Path, condition: Any) -> tuple[str, ...]:
 def _text(value: Any) -> str:
     """A str (bytes from Python 2 pickles are decoded as UTF-8)."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def keep_npi_pairs(df: pd.DataFrame, npi_pairs: str) -> pd.DataFrame:
+    """``df`` with both pairs of each NPI triple (``both``) or only the one against its last sentence (``last``).
+
+    Tables without ``variant``/``item`` columns (BLiMP, the built-in grammar) come back unchanged.
+    """
+    check_choice(npi_pairs, NPI_PAIRS, "npi_pairs")
+    if npi_pairs == "both" or len(df) == 0 or not {"variant", "item"} <= set(df.columns):
+        return df
+    keys = [c for c in ("construction", "condition", "item") if c in df.columns]
+    last = df.groupby(keys, sort=False)["variant"].transform("max")
+    return df[df["variant"] == last].reset_index(drop=True)
 
 
 def to_sentence_case(sentence: str) -> str:

@@ -2,7 +2,8 @@
 
 Two views of how far each neuron's weight row moved: its direction (cosine dissimilarity ``1 − cos``) and its
 size (L2 norm of the change); each also divided by the layer mean over neurons, so layers of different scale
-compare.
+compare. Snapshots may be in any float dtype (the monitor keeps bf16 ones on the model's device); the maths is
+fp64, a block of rows at a time, so the transient memory stays small at any width.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import Tensor
 from negmonitor.errors import NegmonitorError
 
 __all__ = ["weight_drift"]
+
+_BLOCK_ELEMENTS = 1 << 22  # fp64 work per block: ~32 MiB per temporary, whatever the layer's size
 
 
 def weight_drift(prev: Tensor, cur: Tensor) -> dict[str, Tensor]:
@@ -33,9 +36,16 @@ def weight_drift(prev: Tensor, cur: Tensor) -> dict[str, Tensor]:
             f"weight snapshots must both be [n_neurons, d_in] of the same shape, got {tuple(prev.shape)} and "
             f"{tuple(cur.shape)}"
         )
-    p, c = prev.detach().double(), cur.detach().to(device=prev.device, dtype=torch.float64)
-    l2 = torch.linalg.vector_norm(c - p, dim=1)
-    cos_dissim = _cosine_dissimilarity(p, c)
+    cur = cur.detach().to(prev.device)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, prev.shape[1]))
+    l2_blocks, cos_blocks = [], []
+    for r0 in range(0, prev.shape[0], rows):
+        p = prev[r0 : r0 + rows].detach().double()
+        c = cur[r0 : r0 + rows].double()
+        l2_blocks.append(torch.linalg.vector_norm(c - p, dim=1))
+        cos_blocks.append(_cosine_dissimilarity(p, c))
+    l2 = torch.cat(l2_blocks) if l2_blocks else prev.new_zeros(0, dtype=torch.float64)
+    cos_dissim = torch.cat(cos_blocks) if cos_blocks else prev.new_zeros(0, dtype=torch.float64)
     return {
         "cos_dissim": cos_dissim,
         "l2": l2,

@@ -9,6 +9,9 @@ For ``P`` disjoint token pairs ``(a, b)``:
 A neuron with a high MD maps nearby inputs far apart. Pairs whose inputs coincide (zero input distance) are left
 out of every statistic; a neuron whose median output difference is 0 gets NaN MD and OI. Medians are the usual
 midpoint median (as ``numpy.median``).
+
+Everything is computed in torch on the tensors' device, block by block over neurons, with nothing read back to
+the host (the number of kept pairs stays a tensor); on CPU the medians' sorts are numpy's (see ``_median``).
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ import torch
 from torch import Tensor
 
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics._median import column_block_medians
-from negmonitor.metrics._threads import scratch, single_torch_thread
+from negmonitor.metrics._median import row_medians_
 from negmonitor.metrics.ranking import top_k_indices
 
-__all__ = ["NN", "PN", "PP", "sample_pairs", "mapping_difficulty", "sign_classes", "top_pairs", "pair_sign_shares"]
+__all__ = ["NN", "PN", "PP", "sample_pairs", "mapping_difficulty", "planned_bytes", "sign_classes", "top_pairs",
+           "pair_sign_shares"]
 
 NN, PN, PP = 0, 1, 2
-_DIFF_SLOT = 11  # scratch slot of a block of output differences
+_BLOCK_ELEMENTS = 1 << 19  # pairs x neurons per block: 2 MiB of fp32 differences
 
 
 def sample_pairs(n_positions: int, n_pairs: int, seed: int = 0) -> Tensor:
@@ -56,14 +59,16 @@ def _check_pair_shapes(x_a: Tensor, x_b: Tensor, y_a: Tensor, y_b: Tensor) -> No
 
 
 def mapping_difficulty(
-    x_a: Tensor, x_b: Tensor, y_a: Tensor, y_b: Tensor, *, with_oi: bool = True
+    x_a: Tensor, x_b: Tensor, y_a: Tensor, y_b: Tensor, *, with_oi: bool = True, block_elements: int | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """MD per neuron and the OI ratio of every pair.
+    """MD per neuron and the OI ratio of every pair, in torch on the inputs' device (no read-back).
 
     Args:
         x_a, x_b: ``[P, d]`` input vectors of the two tokens of each pair.
         y_a, y_b: ``[P, n]`` pre-activations of the same tokens.
         with_oi: also return the ``[P, n]`` OI ratios (``False``: MD alone, faster, no ``[P, n]`` output).
+        block_elements: pairs x neurons per block of work (default 2^19): the transient memory is about
+            ``12 · block_elements`` bytes plus ``8 · P · d`` for the input distances (see :func:`planned_bytes`).
 
     Returns:
         ``(md, oi)``: fp32 ``[n]`` and ``[P, n]`` (``None`` without ``with_oi``). OI is NaN for pairs with zero
@@ -75,67 +80,54 @@ def mapping_difficulty(
     """
     _check_pair_shapes(x_a, x_b, y_a, y_b)
     n_pairs, n_neurons = y_a.shape
-    x_a, x_b, y_a, y_b = (t.detach() for t in (x_a, x_b, y_a, y_b))  # workers do not share this thread's no_grad
-    with single_torch_thread(y_a.device):  # see _md_and_oi
-        dx = torch.linalg.vector_norm(x_a.float() - x_b.float(), dim=1)
-        keep = dx > 0
-        n_kept = int(keep.sum())
-        if n_kept == 0:
-            md = torch.full((n_neurons,), math.nan, device=y_a.device)
-            return md, torch.full((n_pairs, n_neurons), math.nan, device=y_a.device) if with_oi else None
-        kept_rows = None if n_kept == n_pairs else keep.nonzero().squeeze(1)
-        kept_dx = dx if kept_rows is None else dx[kept_rows]
-        return _md_and_oi(y_a, y_b, kept_dx.max() / kept_dx, kept_rows, with_oi)
-
-
-def _md_and_oi(
-    y_a: Tensor, y_b: Tensor, inv_d_in: Tensor, kept_rows: Tensor | None, with_oi: bool
-) -> tuple[Tensor, Tensor | None]:
-    """MD and (optionally) OI, over the pairs ``kept_rows`` (all if ``None``) with 1 / input distance ``inv_d_in``.
-
-    Column blocks of ``|y_a − y_b|`` (fp32, kept rows only) are made where their medians are taken (per thread, in
-    cache on CPU); each block's input-distance-weighted sum, and its OI ratios, are taken while it is there, so
-    nothing ``[P, n]``-sized is allocated on CPU but the OI output. The caller runs this with torch on one intra-op
-    thread: the blocks are already split across the threads, and a parallel op just before would leave OpenMP's
-    workers spinning on the cores the sorts need.
-    """
-    n_pairs, n_neurons = y_a.shape
-    n_kept, device = len(inv_d_in), y_a.device
-    weighted_sums = torch.empty(n_neurons, dtype=torch.float32, device=device)
-    if not with_oi:
-        oi = None
-    elif kept_rows is None:
-        oi = torch.empty((n_pairs, n_neurons), dtype=torch.float32, device=device)
-    else:  # left-out pairs stay NaN
-        oi = torch.full((n_pairs, n_neurons), math.nan, dtype=torch.float32, device=device)
-
-    def block(start: int, stop: int) -> Tensor:
-        shape = (n_kept, stop - start)
-        # On CPU a reused per-thread buffer; elsewhere a fresh one (one block: the whole matrix, freed after).
-        diff = scratch(_DIFF_SLOT, shape, torch.float32, device) if device.type == "cpu" else torch.empty(
-            shape, dtype=torch.float32, device=device)
+    device = y_a.device
+    x_a, x_b, y_a, y_b = (t.detach() for t in (x_a, x_b, y_a, y_b))
+    dx = torch.linalg.vector_norm(x_a.float() - x_b.float(), dim=1)
+    keep = dx > 0
+    n_kept = keep.sum()
+    inv_d_in = dx.max() / dx  # 1 / (normalised input distance); inf for left-out pairs
+    weight = torch.where(keep, inv_d_in, 0.0)  # for the sums over kept pairs
+    inv_oi = torch.where(keep, inv_d_in, math.nan)  # left-out pairs get NaN OI
+    md = torch.empty(n_neurons, dtype=torch.float32, device=device)
+    oi = torch.empty((n_pairs, n_neurons), dtype=torch.float32, device=device) if with_oi else None
+    width = min(n_neurons, max(1, (block_elements or _BLOCK_ELEMENTS) // max(1, n_pairs)))
+    all_kept = device.type == "cpu" and bool(keep.all())  # free to know on CPU; elsewhere always masked
+    # This call's two block buffers, reused by every block (fresh CPU buffers per block cost page faults).
+    diff_buffer = torch.empty(n_pairs * width, dtype=torch.float32, device=device)
+    rows_buffer = torch.empty(n_pairs * width, dtype=torch.float32, device=device)
+    for start in range(0, n_neurons, width):
+        stop = min(n_neurons, start + width)
         a, b = y_a[:, start:stop], y_b[:, start:stop]
-        if kept_rows is not None:
-            a, b = a.index_select(0, kept_rows), b.index_select(0, kept_rows)
+        diff = diff_buffer[: n_pairs * (stop - start)].view(n_pairs, stop - start)
         if a.dtype == b.dtype == torch.float32:
             torch.sub(a, b, out=diff)
         else:
             diff.copy_(a).sub_(b)  # in fp32 whatever the capture dtype
-        torch.mv(diff.abs_().t(), inv_d_in, out=weighted_sums[start:stop])
-        return diff
-
-    def then(start: int, stop: int, diff: Tensor, medians: Tensor) -> None:
+        diff.abs_()  # [P, w]
+        weighted = weight @ diff
+        if oi is not None:
+            torch.mul(diff, inv_oi[:, None], out=oi[:, start:stop])
+        rows = rows_buffer[: n_pairs * (stop - start)].view(stop - start, n_pairs)
+        rows.copy_(diff.t())  # neuron-major rows for the sort (a blocked transposing copy)
+        if not all_kept:
+            rows.masked_fill_(~keep, math.inf)  # left-out pairs sort last
+        medians = row_medians_(rows, n_kept)
         inv_scale = torch.where(medians > 0, 1.0 / medians, math.nan)
-        weighted_sums[start:stop].mul_(inv_scale).div_(n_kept)
-        if oi is None:
-            return
-        if kept_rows is None:
-            torch.mul(diff, inv_d_in[:, None], out=oi[:, start:stop]).mul_(inv_scale)
-        else:
-            oi[kept_rows, start:stop] = diff.mul_(inv_d_in[:, None]).mul_(inv_scale)
+        md[start:stop] = weighted * inv_scale / n_kept
+        if oi is not None:
+            oi[:, start:stop] *= inv_scale
+    return md, oi
 
-    column_block_medians(n_kept, n_neurons, block, torch.float32, device, then)
-    return weighted_sums, oi
+
+def planned_bytes(n_pairs: int, d_in: int, n_neurons: int, with_oi: bool = True,
+                  block_elements: int | None = None) -> int:
+    """Upper bound of the bytes :func:`mapping_difficulty` allocates: its outputs, the fp32 input differences
+    ``[P, d]`` and the two ``[P, w]`` block buffers (plus the sort's output off CPU)."""
+    width = min(n_neurons, max(1, (block_elements or _BLOCK_ELEMENTS) // max(1, n_pairs)))
+    inputs = 3 * 4 * n_pairs * d_in + 8 * 4 * n_pairs
+    block = 4 * 4 * width * n_pairs + 16 * 4 * width
+    outputs = 4 * n_neurons + (4 * n_pairs * n_neurons if with_oi else 0)
+    return inputs + block + outputs
 
 
 def sign_classes(y_a: Tensor, y_b: Tensor) -> Tensor:
@@ -183,8 +175,9 @@ def pair_sign_shares(
     best = _rank_pairs(oi_sel, k)  # [k, m]
     classes = sign_classes(y_a[:, neurons], y_b[:, neurons]).gather(0, best)
     valid = torch.isfinite(oi_sel.gather(0, best))
-    counts = torch.bincount(classes[valid], minlength=3).double()
-    total = float(counts.sum())
-    shares = (counts / total).tolist() if total > 0 else [math.nan] * 3
+    counts = torch.bincount(classes.reshape(-1), weights=valid.reshape(-1).double(), minlength=3)
+    counts = counts.tolist()  # the only read-back: three numbers
+    total = sum(counts)
+    shares = [c / total for c in counts] if total > 0 else [math.nan] * 3
     return {"nn": shares[NN], "pn": shares[PN], "pp": shares[PP], "n_neurons": int(neurons.numel()),
             "n_pairs": k, "n_counted": int(total)}

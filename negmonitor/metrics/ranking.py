@@ -31,12 +31,13 @@ def _check_fraction(frac: float) -> None:
 
 
 def _ranked(values: Tensor, frac: float, descending: bool) -> Tensor:
+    """One stable sort on the values' device with NaN last; reads back one number (how many are not NaN)."""
     values = torch.as_tensor(values).detach().reshape(-1)
     k = count_for_fraction(values.numel(), frac)
-    valid = (~torch.isnan(values)).nonzero().squeeze(1) if values.is_floating_point() else torch.arange(
-        values.numel(), device=values.device)
-    order = torch.sort(values[valid], descending=descending, stable=True).indices
-    return valid[order[: min(k, valid.numel())]].long()
+    if values.is_floating_point():
+        k = min(k, int((~torch.isnan(values)).sum()))
+    key = -values if descending else values  # ascending sorts put NaN last
+    return torch.sort(key, stable=True).indices[:k]
 
 
 def top_k_indices(values: Tensor, frac: float) -> Tensor:
@@ -54,8 +55,11 @@ def bottom_k_indices(values: Tensor, frac: float) -> Tensor:
 
 
 def jaccard(a: Tensor | Iterable[int], b: Tensor | Iterable[int]) -> float:
-    """Jaccard index ``|A ∩ B| / |A ∪ B|`` of two index sets; NaN when both are empty."""
-    set_a = set(torch.as_tensor(list(a) if not isinstance(a, Tensor) else a).reshape(-1).tolist())
-    set_b = set(torch.as_tensor(list(b) if not isinstance(b, Tensor) else b).reshape(-1).tolist())
-    union = set_a | set_b
-    return len(set_a & set_b) / len(union) if union else math.nan
+    """Jaccard index ``|A ∩ B| / |A ∪ B|`` of two index sets (in torch, on ``a``'s device); NaN when both are
+    empty."""
+    set_a = torch.unique(a.reshape(-1) if isinstance(a, Tensor) else torch.as_tensor(list(a), dtype=torch.long))
+    set_b = torch.unique(b.reshape(-1) if isinstance(b, Tensor) else torch.as_tensor(list(b), dtype=torch.long))
+    set_b = set_b.to(set_a.device)
+    both = int(torch.isin(set_a, set_b).sum())
+    union = set_a.numel() + set_b.numel() - both
+    return both / union if union else math.nan

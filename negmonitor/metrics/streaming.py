@@ -2,7 +2,9 @@
 
 :class:`NeuronStatsAccumulator` sees each batch of pre-activations ``[tokens, neurons]`` once and keeps only
 fixed-size, summable state, so a probe pass never stores activations and DDP's sum-reduction gives the
-single-process answer.
+single-process answer. Everything runs in torch on the batch's device; :meth:`~NeuronStatsAccumulator.update`
+never reads a value back to the host (no ``.item()``, ``bool(tensor)`` or data-dependent shapes), so on a GPU it
+only queues kernels and never stalls the training stream.
 
 How WD streams (one pass):
     ``W1 = ∫|F − Φ|`` needs the CDF of the *standardised* values, but the mean and std are only known at the end.
@@ -10,53 +12,59 @@ How WD streams (one pass):
     a unit ``u`` (robust spread), and ``d = (x − c) / u``. The bins are *log-spaced* in ``|d|`` on each side of
     the centre: the float16 code of ``d`` (sign and magnitude) shifted right keeps the sign, the exponent and the
     top mantissa bits, so a bin is a fixed fraction (1/64 at the default 4096 bins) of its distance from ``c``,
-    from ``2^-24 u`` to ``65504 u``; values beyond are kept as exact count-and-sum tails. Being relative, the grid
-    keeps its resolution near the bulk when later batches are wider, narrower or shifted.
+    from ``2^-24 u`` to ``65504 u``. Being relative, the grid keeps its resolution near the bulk when later
+    batches are wider, narrower or shifted.
     Each bin keeps its count and the sum of the dropped low code bits, i.e. the bin's centroid (at float16
     precision, a 1e-5 effect on WD). Collapsing a bin's mass to its centroid leaves ``∫F`` over the bin unchanged,
-    so the only error comes from bins inside which ``F − Φ`` changes sign; tails are exact. At compute time the
-    non-empty bins are put in value order, their centroids standardised with the exact moments, and
+    so the only error comes from bins inside which ``F − Φ`` changes sign. At compute time the bins are put in
+    value order, their centroids standardised with the exact moments, and
     :func:`~negmonitor.metrics.wasserstein.w1_points_to_gaussian` integrates the point masses exactly.
-    Count and low-bit sum share one int64 per bin, so the hot loop is a single ``scatter_add_`` per block of
-    neurons, along each neuron's row of bins (the codes are laid out neuron-major for it).
 
-Speed: the update copies each block of neurons into contiguous per-thread scratch buffers (no allocation per
-block) and splits the blocks over ``torch.get_num_threads()`` threads; blocks are cache-sized on one thread and
-4x larger on several (each op hands the GIL over, so fewer, longer ops scale better). ``benchmarks/wd_speed.py``
-measures it. What bounds it on CPU is the histogram's random access into its 32 KiB per neuron.
+Special values without a branch: every value lands in some bin, so nothing is tested per batch. Non-finite values
+are turned into NaN before coding, so they fill the float16 NaN bins; finite values beyond ``|d| ≥ 65520`` (the
+float16 overflow) fill the ±inf bins (the exact tails: their sums beyond ±65520 are kept in fp64). At compute time
+those bins give the non-finite count, the tail counts and, with the rest, each neuron's count; they are left out
+of the W1 points but for the two tail centroids. Moments use ``d`` with non-finite values set to 0 (adding 0 to
+every raw power sum).
+
+Memory: the state is one int64 per bin plus a few vectors per neuron (31.3 MiB per 1,000 neurons at 4096 bins).
+The update works on blocks of about ``block_elements`` values (all rows of a batch chunk, a slice of neurons) and
+:meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator holds at once. On CPU what bounds the
+speed is the histogram's random access into its 32 KiB per neuron.
 
 Measured against the exact sort-based value (max absolute error over Gaussian, heavy-tailed, multimodal, skewed,
-near-constant and first-batch-misleading neurons): 4096 bins (default) 0.0004 at 16k tokens, 0.0016 at 1M tokens;
+near-constant and first-batch-misleading neurons): 4096 bins (default) 0.0004 at 16k tokens, 0.0017 at 1M tokens;
 2048 bins 0.0017 and 0.0039. The error floor is a near-Gaussian neuron (F − Φ changes sign in many bins), and
 it grows towards about a quarter of the mean bin width (in σ) as the token count grows, hence the default.
+(Counts alone, bins at their midpoints, would halve the state with int32 bins but give 0.0027 at 16k tokens on a
+two-valued neuron: the centroid is what makes point masses such as bf16-quantised values exact.)
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics._median import median_along_first_axis
-from negmonitor.metrics._threads import block_width, run_split, scratch, worker_count
+from negmonitor.metrics._median import column_medians
 from negmonitor.metrics.wasserstein import w1_points_to_gaussian
 
 __all__ = ["NeuronStatsAccumulator", "SUPPORTED_N_BINS"]
 
 # float16 codes: 16 bits; shifting right by r leaves 2^(16-r) bins (both signs), 2^(10-r) per octave.
 SUPPORTED_N_BINS = (512, 1024, 2048, 4096, 8192)
-_FP16_MAX = 65504.0  # |d| at or beyond this goes to the exact tail sums instead of a bin
-_MAX_ROWS = 1 << 16  # token rows per internal chunk: fp32 sums of a chunk's signs stay exact
-_CPU_BLOCK_ELEMENTS = 1 << 17  # one thread: temporaries of a block stay in cache
-_CPU_THREADED_BLOCK_ELEMENTS = 1 << 19  # several threads: fewer GIL hand-offs per element
-_GPU_BLOCK_ELEMENTS = 1 << 26  # on GPU a block is as wide as fits ~0.5 GiB of int64 temporaries
+_TAIL = 65520.0  # |d| at or beyond this overflows float16: the exact tails
+_CPU_BLOCK_ELEMENTS = 1 << 17  # a block's temporaries and state slice stay in cache
+_DEVICE_BLOCK_ELEMENTS = 1 << 21  # elsewhere: 64 MiB of update temporaries (~200 MiB in compute)
+_UPDATE_BYTES_PER_ELEMENT = 32  # scratch: d and another fp32, the batch's dtype, a bool, float16, 2 x int64
+_COMPUTE_BYTES_PER_POINT = 192  # ~24 fp64 arrays of [rows, n_bins + 2] at the peak of the W1 integration
+_VECTOR_BYTES_PER_NEURON = 256  # per-neuron vectors of an update or compute chunk
+_COMPACT_ON_CPU = True  # False runs compute's fixed-shape (non-CPU) path on CPU too, for the tests
 
 
 def _nan_aware_max(stacked: Tensor) -> Tensor:
@@ -79,15 +87,15 @@ class NeuronStatsAccumulator(Metric):
             distance from the grid centre (WD error under 0.002 up to 1M tokens); each halving roughly doubles
             to triples the error. A bin holds up to 2^((63 - log2(65536 / n_bins)) // 2) values (2^29 at 4096).
         min_count: neurons with fewer finite values get NaN WD and moments.
-        block_elements: CPU batches are processed in blocks of neurons of about this many elements; by default
-            2^17 on one thread (cache-sized temporaries and state slices) and 2^19 when several threads share
-            the work (fewer, longer ops: each op hands the GIL to the other threads, measured 25% faster at 2
-            threads); GPU blocks are up to 2^26 elements.
+        block_elements: values per block of work (rows x neurons) in :meth:`update` and :meth:`compute`: bounds
+            their temporaries on every device (see :meth:`planned_bytes`). Default 2^17 on CPU (cache-sized),
+            2^21 elsewhere.
         sync_grid: broadcast rank 0's grid at the first update under ``torch.distributed``.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Raises:
-        NegmonitorError: for a bad ``n_neurons``, ``n_bins`` or ``min_count``, or a batch of the wrong width.
+        NegmonitorError: for a bad ``n_neurons``, ``n_bins``, ``min_count`` or ``block_elements``, or a batch of
+            the wrong width.
 
     Example::
 
@@ -104,13 +112,12 @@ class NeuronStatsAccumulator(Metric):
     center: Tensor
     inv_unit: Tensor
     hist: Tensor
-    tails: Tensor
+    tail_excess: Tensor
     power_sums: Tensor
-    count: Tensor
-    nonfinite: Tensor
     negative: Tensor
     min_value: Tensor
     max_value: Tensor
+    rows: Tensor
 
     def __init__(
         self,
@@ -128,13 +135,16 @@ class NeuronStatsAccumulator(Metric):
             raise NegmonitorError(f"n_bins must be one of {SUPPORTED_N_BINS}, got {n_bins}")
         if min_count < 1:
             raise NegmonitorError(f"min_count must be at least 1, got {min_count}")
+        if block_elements is not None and block_elements < 1:
+            raise NegmonitorError(f"block_elements must be at least 1, got {block_elements}")
         self.n_neurons, self.n_bins, self.min_count = int(n_neurons), int(n_bins), int(min_count)
         self.block_elements = None if block_elements is None else int(block_elements)
         self.sync_grid = bool(sync_grid)
         self._code_shift = 16 - int(math.log2(n_bins))
         self._count_bits = (63 - self._code_shift) // 2  # packed bin: count << low_bits | sum of low code bits
         self._low_bits = 63 - self._count_bits
-        self._grid_set = False
+        self._grid_set = False  # Python-side flags: reading them never touches the device
+        self._has_data = False
         n = self.n_neurons
         self.add_state("center", torch.full((n,), math.nan), dist_reduce_fx=_nan_aware_max)
         self.add_state("inv_unit", torch.full((n,), math.nan), dist_reduce_fx=_nan_aware_max)
@@ -142,14 +152,44 @@ class NeuronStatsAccumulator(Metric):
         # histogram, ~all of the state, that would double the memory. Its default is one element; reset() rebuilds.
         self.add_state("hist", torch.zeros(1, dtype=torch.long), dist_reduce_fx="sum")
         self.hist = torch.zeros(n * n_bins, dtype=torch.long)
-        # Exact tails beyond |d| = 65504: count and sum of d below and above.
-        self.add_state("tails", torch.zeros(4, n, dtype=torch.float64), dist_reduce_fx="sum")
+        # Exact tails: sums of (d + 65520) below -65520 and of (d - 65520) above 65520 (counts are in the hist).
+        self.add_state("tail_excess", torch.zeros(2, n, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("power_sums", torch.zeros(4, n, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("nonfinite", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("negative", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("min_value", torch.full((n,), math.inf), dist_reduce_fx="min")
         self.add_state("max_value", torch.full((n,), -math.inf), dist_reduce_fx="max")
+        self.add_state("rows", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    # ------------------------------------------------------------------------------------------ planning
+    @staticmethod
+    def planned_bytes(n_neurons: int, n_bins: int = 4096, n_rows: int = 2048, block_elements: int | None = None
+                      ) -> int:
+        """Upper bound of the bytes one accumulator holds at once: its state plus the largest transient of
+        :meth:`update` with batches of ``n_rows`` rows (fp32 or narrower) and of :meth:`compute`.
+
+        ``block_elements`` as given to the constructor (``None``: the larger, non-CPU default, an upper bound
+        for both). The batch itself is the caller's and not counted.
+        """
+        block = _DEVICE_BLOCK_ELEMENTS if block_elements is None else int(block_elements)
+        state = n_neurons * (n_bins * 8 + 2 * 8 + 4 * 8 + 8 + 4 * 4) + 8
+        rows = max(1, min(int(n_rows), block))
+        width = min(n_neurons, max(1, block // rows))
+        update = _UPDATE_BYTES_PER_ELEMENT * rows * width + _VECTOR_BYTES_PER_NEURON * n_neurons
+        grid_rows = min(int(n_rows), _GRID_ROWS)
+        grid = 24 * grid_rows * min(n_neurons, max(1, block // grid_rows)) + _VECTOR_BYTES_PER_NEURON * n_neurons
+        chunk = _compute_rows(n_neurons, n_bins, block)
+        compute = (_COMPUTE_BYTES_PER_POINT * chunk * (n_bins + 2) + 8 * chunk * n_bins
+                   + 12 * 8 * n_neurons + _VECTOR_BYTES_PER_NEURON * n_neurons + 16 * n_bins)
+        return state + max(update, grid, compute)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the state tensors (independent of the number of tokens seen)."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self._defaults)
+
+    def _block(self, device: torch.device) -> int:
+        if self.block_elements is not None:
+            return self.block_elements
+        return _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
 
     # ----------------------------------------------------------------------------------------------- grid
     @property
@@ -161,7 +201,7 @@ class NeuronStatsAccumulator(Metric):
         """Use exactly ``other``'s grid, so the two states can be merged. Call before updating."""
         if other.n_neurons != self.n_neurons or other.n_bins != self.n_bins:
             raise NegmonitorError("copy_grid needs an accumulator with the same n_neurons and n_bins")
-        if not other._grid_ready():
+        if not other._grid_set:
             raise NegmonitorError("the other accumulator has no grid yet — update it (or set_grid) first")
         self._check_no_data()
         self.center = other.center.clone()
@@ -169,21 +209,27 @@ class NeuronStatsAccumulator(Metric):
         self._grid_set = True
 
     def set_grid(self, center: Tensor, unit: Tensor) -> None:
-        """Fix the histogram grid: per-neuron centre and (positive) unit, raw units. Call before updating."""
+        """Fix the histogram grid: per-neuron centre and (positive) unit, raw units. Call before updating.
+
+        Checks the values (one read-back); :meth:`init_grid` and the first :meth:`update` do not need to.
+        """
         center = torch.as_tensor(center, dtype=torch.float32, device=self.center.device).expand(self.n_neurons)
         unit = torch.as_tensor(unit, dtype=torch.float32, device=self.center.device).expand(self.n_neurons)
-        if not (torch.isfinite(center).all() and torch.isfinite(unit).all() and (unit > 0).all()):
+        if not bool(torch.isfinite(center).all() & torch.isfinite(unit).all() & (unit > 0).all()):
             raise NegmonitorError("grid centre must be finite and unit finite and positive for every neuron")
         self._check_no_data()
+        self._set_grid(center, unit)
+
+    def _set_grid(self, center: Tensor, unit: Tensor) -> None:
         self.center = center.clone()
         self.inv_unit = (1.0 / unit).clone()
         self._grid_set = True
 
     def init_grid(self, x: Tensor) -> None:
         """Set the grid from a calibration batch ``[tokens, neurons]`` (median and robust spread per neuron)."""
-        center, unit = _grid_from_batch(self._as_rows(x))
-        center, unit = self._broadcast_grid(center, unit)
-        self.set_grid(center, unit)
+        self._check_no_data()
+        center, unit = _grid_from_batch(self._as_rows(x), self._block(self.center.device))
+        self._set_grid(*self._broadcast_grid(center, unit))
 
     def _broadcast_grid(self, center: Tensor, unit: Tensor) -> tuple[Tensor, Tensor]:
         """Under ``torch.distributed`` every rank takes rank 0's grid, so histogram states sum across ranks."""
@@ -197,188 +243,157 @@ class NeuronStatsAccumulator(Metric):
         return packed[0], packed[1]
 
     def _check_no_data(self) -> None:
-        if bool(self.count.sum() + self.nonfinite.sum() > 0):
+        if self._has_data:
             raise NegmonitorError("cannot change the histogram grid after update() — call reset() first")
-
-    def _shift(self, j0: int = 0, j1: int | None = None) -> Tensor:
-        """``−c/u`` as used in fp32 by the update: ``d = x/u − c/u``."""
-        return -(self.center[j0:j1] * self.inv_unit[j0:j1])
-
-    def _grid_ready(self) -> bool:
-        if not self._grid_set:
-            self._grid_set = bool(torch.isfinite(self.center[:1]).all())
-        return self._grid_set
 
     # --------------------------------------------------------------------------------------------- update
     def _as_rows(self, x: Tensor) -> Tensor:
+        """``x`` as ``[tokens, neurons]`` on the state's device, in its own float dtype (blocks widen to fp32)."""
         x = x.detach()
         if x.dim() < 1 or x.shape[-1] != self.n_neurons:
             raise NegmonitorError(
                 f"expected pre-activations [tokens, {self.n_neurons}], got shape {tuple(x.shape)}"
             )
-        x = x.reshape(-1, self.n_neurons)
         if not x.is_floating_point():
             raise NegmonitorError(f"expected floating-point pre-activations, got {x.dtype}")
-        return x.to(device=self.center.device, dtype=torch.float32)
+        return x.reshape(-1, self.n_neurons).to(device=self.center.device)
 
     def update(self, x: Tensor) -> None:
-        """Add a batch ``[tokens, neurons]`` (any float dtype; leading axes are flattened)."""
+        """Add a batch ``[tokens, neurons]`` (any float dtype; leading axes are flattened). No host sync."""
         rows = self._as_rows(x)
         if rows.shape[0] == 0:
             return
-        if not self._grid_ready():
+        if not self._grid_set:
             self.init_grid(rows)
-        for r0 in range(0, rows.shape[0], _MAX_ROWS):
-            chunk = rows[r0 : r0 + _MAX_ROWS]
-            self._update_chunk(chunk, self._block_width(chunk))
-
-    def _block_width(self, chunk: Tensor) -> int:
-        """Neurons per block: about ``block_elements`` (else a default by device and thread count), and at least
-        one block per thread."""
-        workers = worker_count(chunk.device, self.n_neurons)
-        if chunk.device.type != "cpu":
-            budget = _GPU_BLOCK_ELEMENTS
-        elif self.block_elements is not None:
-            budget = self.block_elements
-        else:
-            budget = _CPU_BLOCK_ELEMENTS if workers == 1 else _CPU_THREADED_BLOCK_ELEMENTS
-        return block_width(chunk.shape[0], self.n_neurons, budget, workers)
+        self._has_data = True
+        block = self._block(rows.device)
+        step = max(1, min(rows.shape[0], block))
+        for r0 in range(0, rows.shape[0], step):
+            self._update_chunk(rows[r0 : r0 + step], max(1, block // min(step, rows.shape[0] - r0)))
 
     def forward(self, x: Tensor) -> None:  # type: ignore[override]
         """Same as :meth:`update` (a per-batch WD would need its own grid; call :meth:`compute` at the end)."""
         self.update(x)
 
-    def _update_chunk(self, chunk: Tensor, step: int) -> None:
-        """One chunk of rows, in cache-sized blocks of neurons, split across torch's CPU threads.
+    def _update_chunk(self, chunk: Tensor, width: int) -> None:
+        """One chunk of rows, in blocks of ``width`` neurons, with this call's own scratch buffers.
 
-        The heavy per-element work runs block by block; the per-neuron results of the fast fp32 path land in
-        chunk-wide buffers that are folded into the state once per chunk, so small per-neuron ops are not
-        repeated for every block. Blocks with non-finite values or far tails take the exact fp64 path instead.
-        Blocks own disjoint slices of every state tensor, so threads never write the same element.
+        The blocks' per-element work writes into a few buffers made for this call and reused by every block (fresh
+        CPU buffers per block cost page faults that doubled the update's time); the per-neuron results land in
+        chunk-wide vectors folded into the state once, so small per-neuron ops are not repeated for every block.
         """
-        n, t = self.n_neurons, chunk.shape[0]
-        stats = torch.empty(8, n, dtype=torch.float32, device=chunk.device)  # mean, se, c2, c3, c4, neg, min, max
-        fast = torch.ones(n, dtype=torch.bool, device=chunk.device)
-        blocks = [(j0, min(n, j0 + step)) for j0 in range(0, n, step)]
+        t, n = chunk.shape
+        device = chunk.device
+        if chunk.dtype == torch.float64:
+            chunk = chunk.float()  # everything in fp32 (narrower dtypes widen inside the first op)
+        size = t * min(width, n)
+        scratch = _Scratch(size, chunk.dtype, device)
+        sums = torch.empty(7, n, dtype=torch.float32, device=device)  # mean, e^1..e^4 sums, tail excesses
+        lo, hi = torch.empty(n, dtype=chunk.dtype, device=device), torch.empty(n, dtype=chunk.dtype, device=device)
+        negative = torch.empty(n, dtype=torch.long, device=device)
+        hist = self.hist.view(n, self.n_bins)
+        shift = -(self.center * self.inv_unit)
+        for j0 in range(0, n, width):
+            j1 = min(n, j0 + width)
+            xb, nb = chunk[:, j0:j1], j1 - j0
+            d, other, masked, flags = scratch.views(t, nb)
+            torch.addcmul(shift[j0:j1], xb, self.inv_unit[j0:j1], out=d)  # (x - c) / u
+            # Finite range and negative count in raw units: non-finite values +inf for the min, -inf for the max.
+            torch.nan_to_num(xb, nan=math.inf, posinf=math.inf, neginf=math.inf, out=masked)
+            torch.amin(masked, dim=0, out=lo[j0:j1])
+            torch.sum(torch.lt(masked, 0, out=flags), dim=0, out=negative[j0:j1])
+            torch.nan_to_num(xb, nan=-math.inf, posinf=-math.inf, neginf=-math.inf, out=masked)
+            torch.amax(masked, dim=0, out=hi[j0:j1])
+            # Histogram: non-finite values as NaN (their own bins), finite tails overflow to the ±inf bins.
+            d.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+            column, packed = _raw_bins(d, self._code_shift, self._low_bits, scratch.codes(nb, t))
+            hist[j0:j1].scatter_add_(1, column, packed)
+            d.nan_to_num_(nan=0.0)  # non-finite values add 0 to every raw power sum
+            torch.clamp(d, max=-_TAIL, out=other).add_(_TAIL)
+            torch.sum(other, dim=0, out=sums[5, j0:j1])
+            torch.clamp(d, min=_TAIL, out=other).sub_(_TAIL)
+            torch.sum(other, dim=0, out=sums[6, j0:j1])
+            # Powers of d about the block mean (well conditioned in fp32), expanded to raw sums in fp64 below.
+            torch.mean(d, dim=0, out=sums[0, j0:j1])
+            e = d.sub_(sums[0, j0:j1])
+            torch.sum(e, dim=0, out=sums[1, j0:j1])
+            torch.sum(torch.mul(e, e, out=other), dim=0, out=sums[2, j0:j1])
+            torch.sum(e.mul_(other), dim=0, out=sums[3, j0:j1])
+            torch.sum(other.square_(), dim=0, out=sums[4, j0:j1])
+        del scratch
+        wide = sums.double()
+        self.power_sums += _expand_power_sums(t, wide[0], wide[1:5])
+        self.tail_excess += wide[5:7]
+        self.negative += negative
+        self.min_value = torch.minimum(self.min_value, lo.float())
+        self.max_value = torch.maximum(self.max_value, hi.float())
+        self.rows += t
 
-        def work(part: Sequence[tuple[int, int]]) -> None:
-            for j0, j1 in part:
-                if not self._update_block(chunk[:, j0:j1], j0, stats[:, j0:j1]):
-                    fast[j0:j1] = False
-                    self._update_block_exact(chunk[:, j0:j1], j0)
-
-        run_split(work, blocks, worker_count(chunk.device, len(blocks)))
-        if not bool(fast.any()):
-            return
-        mean, se, c2, c3, c4, neg = stats[:6].double().unbind(0)
-        expanded = _expand_power_sums(t, mean, se, c2, c3, c4)
-        self.power_sums += torch.where(fast, expanded, 0.0)
-        self.count += torch.where(fast, t, 0)
-        self.negative -= torch.where(fast, neg.long(), 0)
-        self.min_value = torch.where(fast, torch.minimum(self.min_value, stats[6]), self.min_value)
-        self.max_value = torch.where(fast, torch.maximum(self.max_value, stats[7]), self.max_value)
-
-    def _update_block(self, xb: Tensor, j0: int, out: Tensor) -> bool:
-        """Fast fp32 path for one block ``[tokens, nb]``: histogram, and per-neuron sums written to ``out``.
-
-        ``out`` rows: block mean of ``d``, centred sums of ``e..e⁴``, minus the negative count, min, max. Every
-        temporary is a per-thread scratch buffer and every op writes in place (no allocation per block).
-        Returns False (histogram untouched) when the block needs the exact path: non-finite values, or values
-        beyond the histogram's range.
-        """
-        j1 = j0 + xb.shape[1]
-        inv, shift = self.inv_unit[j0:j1], self._shift(j0, j1)
-        shape, device = tuple(xb.shape), xb.device
-        if not xb.is_contiguous():  # a column block of the batch: one copy makes every later read contiguous
-            xb = scratch(6, shape, torch.float32, device).copy_(xb)
-        torch.amin(xb, dim=0, out=out[6])
-        torch.amax(xb, dim=0, out=out[7])
-        if not bool(((out[6] * inv + shift > -_FP16_MAX) & (out[7] * inv + shift < _FP16_MAX)).all()):
-            return False  # non-finite values, or tails beyond the bins
-        d, e, e2 = (scratch(slot, shape, torch.float32, device) for slot in range(3))
-        torch.addcmul(shift, xb, inv, out=d)  # (x - c) / u
-        torch.mean(d, dim=0, out=out[0])
-        torch.sub(d, out[0], out=e)  # centred on the block mean: well-conditioned fp32 powers
-        torch.sum(e, dim=0, out=out[1])
-        torch.mul(e, e, out=e2)
-        torch.sum(e2, dim=0, out=out[2])
-        torch.sum(e.mul_(e2), dim=0, out=out[3])
-        torch.sum(e2.square_(), dim=0, out=out[4])
-        torch.sum(torch.sign(xb, out=e).clamp_(max=0), dim=0, out=out[5])
-        buffers = (scratch(3, shape, torch.float16, device), scratch(4, shape[::-1], torch.int64, device),
-                   scratch(5, shape[::-1], torch.int64, device))
-        column, packed = _raw_bins(d, self._code_shift, self._low_bits, buffers)
-        self.hist.view(self.n_neurons, self.n_bins)[j0:j1].scatter_add_(1, column, packed)
-        return True
-
-    def _update_block_exact(self, xb: Tensor, j0: int) -> None:
-        """Slow path in fp64 with masks: non-finite values are counted and skipped; far tails summed exactly."""
-        j1 = j0 + xb.shape[1]
-        x64 = xb.double()
-        finite = torch.isfinite(x64)
-        d64 = torch.where(finite, x64 * self.inv_unit[j0:j1].double() + self._shift(j0, j1).double(), 0.0)
-        powers = d64
-        for k in range(4):
-            self.power_sums[k, j0:j1] += powers.sum(dim=0)
-            powers = powers * d64
-        below, above = finite & (d64 <= -_FP16_MAX), finite & (d64 >= _FP16_MAX)
-        for row, mask in ((0, below), (2, above)):
-            self.tails[row, j0:j1] += mask.sum(dim=0)
-            self.tails[row + 1, j0:j1] += torch.where(mask, d64, 0.0).sum(dim=0)
-        binned = finite & ~below & ~above
-        self._add_to_histogram(torch.where(binned, d64, 0.0).float(), binned, j0, j1)
-        self.count[j0:j1] += finite.sum(dim=0)
-        self.nonfinite[j0:j1] += (~finite).sum(dim=0)
-        self.negative[j0:j1] += (finite & (x64 < 0)).sum(dim=0)
-        self.min_value[j0:j1] = torch.minimum(self.min_value[j0:j1], torch.where(finite, xb, math.inf).amin(dim=0))
-        self.max_value[j0:j1] = torch.maximum(self.max_value[j0:j1], torch.where(finite, xb, -math.inf).amax(dim=0))
-
-    def _add_to_histogram(self, d: Tensor, mask: Tensor | None, j0: int, j1: int) -> None:
-        """One ``scatter_add_`` along each neuron's row of bins, adding ``1 << low_bits | low code bits``."""
-        column, packed = _raw_bins(d, self._code_shift, self._low_bits)
-        if mask is not None:
-            packed = torch.where(mask.t(), packed, 0)
-        self.hist.view(self.n_neurons, self.n_bins)[j0:j1].scatter_add_(1, column, packed)
 
     # -------------------------------------------------------------------------------------------- compute
     def compute(self) -> dict[str, Tensor]:
         """Per-neuron ``wd, wd_neg, wd_pos, mean, std, skew, kurtosis, neg_frac, count, nonfinite, min, max``.
 
-        NaN WD, mean, std, skew and kurtosis for neurons with fewer than ``min_count`` finite values; a constant
-        neuron has its mean, std 0 and NaN WD, skew and kurtosis.
+        ``wd_neg`` / ``wd_pos`` split W1 at pre-activation 0: the transport of the neuron's negative values and of
+        the rest (see :func:`~negmonitor.metrics.wasserstein.w1_points_to_gaussian`), so an all-negative neuron has
+        ``wd_neg = wd``. NaN WD, mean, std, skew and kurtosis for neurons with fewer
+        than ``min_count`` finite values; a constant neuron has its mean, std 0 and NaN WD, skew and kurtosis.
+        Reads one number back (the row count, to refuse a histogram that may have overflowed).
         """
-        n = self.n_neurons
-        count = self.count.double()
-        inv = self.inv_unit.double()
-        mu_d, m2, m3, m4 = _central_moments(self.power_sums, count)
-        enough = self.count >= self.min_count
-        spread = (self.max_value > self.min_value) & (m2 > 0) & enough
-        nan = torch.full((n,), math.nan, dtype=torch.float64, device=count.device)
-        safe_m2 = torch.where(spread, m2, 1.0)
-        out = {
-            "mean": torch.where(enough, (mu_d - self._shift().double()) / inv, nan),
-            "std": torch.where(spread, safe_m2.sqrt() / inv, torch.where(enough, 0.0, nan)),
-            "skew": torch.where(spread, m3 / safe_m2**1.5, nan),
-            "kurtosis": torch.where(spread, m4 / safe_m2**2 - 3.0, nan),
-        }
-        if bool(self.count.max() >= 1 << self._count_bits):
+        if int(self.rows) >= 1 << self._count_bits:
             raise NegmonitorError(
-                f"a neuron saw {int(self.count.max())} values, more than the {1 << self._count_bits} the "
+                f"{int(self.rows)} values per neuron are more than the {1 << self._count_bits} the "
                 f"{self.n_bins}-bin histogram can hold — use fewer probe tokens per measurement or more bins"
             )
-        wd = _histogram_wd(self.hist.view(n, -1), self._low_bits, self.tails, mu_d, safe_m2.sqrt(), self._code_shift)
-        for key, value in zip(("wd", "wd_neg", "wd_pos"), wd):
-            out[key] = torch.where(spread, value, nan)
-        out["neg_frac"] = torch.where(self.count > 0, self.negative.double() / count.clamp(min=1), nan)
-        out["count"] = self.count.clone()
-        out["nonfinite"] = self.nonfinite.clone()
-        out["min"] = torch.where(self.count > 0, self.min_value.double(), nan)
-        out["max"] = torch.where(self.count > 0, self.max_value.double(), nan)
+        n = self.n_neurons
+        device = self.hist.device
+        out = {key: torch.full((n,), math.nan, dtype=torch.float64, device=device) for key in _FLOAT_OUTPUTS}
+        count = torch.zeros(n, dtype=torch.long, device=device)
+        nonfinite = torch.zeros(n, dtype=torch.long, device=device)
+        rows = _compute_rows(n, self.n_bins, self._block(device))
+        hist = self.hist.view(n, self.n_bins)
+        for j0 in range(0, n, rows):
+            j1 = min(n, j0 + rows)
+            self._compute_chunk(hist[j0:j1], j0, j1, out, count, nonfinite)
+        out["count"], out["nonfinite"] = count, nonfinite
         return {key: out[key] for key in _OUTPUT_ORDER}
 
-    def state_bytes(self) -> int:
-        """Bytes held by the state tensors (independent of the number of tokens seen)."""
-        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self._defaults)
+    def _compute_chunk(
+        self, packed: Tensor, j0: int, j1: int, out: dict[str, Tensor], count_out: Tensor, nonfinite_out: Tensor
+    ) -> None:
+        """:meth:`compute` for neurons ``j0:j1`` (their histogram rows ``packed``), written into the outputs."""
+        counts = packed >> self._low_bits
+        cols = _special_columns(self._code_shift, self.n_bins, packed.device)
+        below_n, above_n = counts[:, cols.neg_inf], counts[:, cols.pos_inf]
+        nonfinite = counts.index_select(1, cols.nan).sum(dim=1)
+        count = counts.sum(dim=1) - nonfinite
+        del counts
+        count_out[j0:j1], nonfinite_out[j0:j1] = count, nonfinite
+        countf = count.double()
+        inv = self.inv_unit[j0:j1].double()
+        shift = (-(self.center[j0:j1] * self.inv_unit[j0:j1])).double()  # d at x = 0, as the update's fp32 shift
+        mu_d, m2, m3, m4 = _central_moments(self.power_sums[:, j0:j1], countf)
+        enough = count >= self.min_count
+        lo, hi = self.min_value[j0:j1], self.max_value[j0:j1]
+        spread = (hi > lo) & (m2 > 0) & enough
+        safe_m2 = torch.where(spread, m2, 1.0)
+        sd_d = safe_m2.sqrt()
+        mean = torch.where(hi == lo, lo.double(), (mu_d - shift) / inv)  # a constant neuron's mean is exact
+        out["mean"][j0:j1] = torch.where(enough, mean, math.nan)
+        out["std"][j0:j1] = torch.where(spread, sd_d / inv, torch.where(enough, 0.0, math.nan))
+        out["skew"][j0:j1] = torch.where(spread, m3 / safe_m2**1.5, math.nan)
+        out["kurtosis"][j0:j1] = torch.where(spread, m4 / safe_m2**2 - 3.0, math.nan)
+        below = (self.tail_excess[0, j0:j1] - _TAIL * below_n) / below_n.clamp(min=1)
+        above = (self.tail_excess[1, j0:j1] + _TAIL * above_n) / above_n.clamp(min=1)
+        z, cdf = _histogram_points(packed, self._low_bits, self._code_shift, below_n, below, above_n, above,
+                                   cols.special, mu_d, sd_d)
+        negative = (self.negative[j0:j1].double() / countf.clamp(min=1))[:, None]  # mass below pre-activation 0
+        for key, part in zip(("wd", "wd_neg", "wd_pos"), w1_points_to_gaussian(z, cdf, level=negative)):
+            out[key][j0:j1] = torch.where(spread, part, math.nan)
+        seen = count > 0
+        out["neg_frac"][j0:j1] = torch.where(seen, self.negative[j0:j1].double() / countf.clamp(min=1), math.nan)
+        out["min"][j0:j1] = torch.where(seen, lo.double(), math.nan)
+        out["max"][j0:j1] = torch.where(seen, hi.double(), math.nan)
 
     # ---------------------------------------------------------------------------------------------- merge
     def reset(self) -> None:
@@ -386,12 +401,13 @@ class NeuronStatsAccumulator(Metric):
         super().reset()
         self.hist = torch.zeros(self.n_neurons * self.n_bins, dtype=torch.long, device=self.hist.device)
         self._grid_set = False
+        self._has_data = False
 
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
         """Add another accumulator's state (same grid required; an empty one is ignored)."""
         state = incoming_state.metric_state if isinstance(incoming_state, Metric) else incoming_state
         incoming_ready = bool(torch.isfinite(state["center"][:1]).all())
-        if incoming_ready and self._grid_ready():
+        if incoming_ready and self._grid_set:
             if not (torch.equal(state["center"], self.center) and torch.equal(state["inv_unit"], self.inv_unit)):
                 raise NegmonitorError(
                     "cannot merge accumulators with different histogram grids — "
@@ -399,31 +415,46 @@ class NeuronStatsAccumulator(Metric):
                 )
         for name in self._defaults:
             setattr(self, name, _reduce_pair(self._reductions[name], getattr(self, name), state[name]))
-        self._grid_set = False  # re-read from the merged state
+        self._grid_set = self._grid_set or incoming_ready
+        self._has_data = self._has_data or bool(state["rows"] > 0)
         self._computed = None  # drop torchmetrics' cached result
         if isinstance(incoming_state, Metric):
             self._update_count += incoming_state._update_count
 
-    @staticmethod
-    def planned_bytes(n_neurons: int, n_bins: int, n_rows: int, block_elements: int | None = None) -> int:
-        """Upper bound of the bytes one accumulator holds (state) plus its largest transient, for updates of
-        ``n_rows`` rows (the memory budget plans with it; ``block_elements=None``: the largest default block).
 
-        Transients: the fp32 copy of a batch and the per-neuron chunk sums; the block temporaries of the update
-        (fp32 d, e, e², fp16 codes, two int64 columns, an fp32 copy: 34 bytes per element); the grid's first-batch
-        statistics (at most 1,024 rows); and ``compute()``'s chunks of 128 neurons (~20 fp64 values per bin).
-        """
-        n = int(n_neurons)
-        state = n * (int(n_bins) * 8 + 104)
-        block = min(max(0, int(n_rows)) * n, block_elements or _GPU_BLOCK_ELEMENTS)
-        update = int(n_rows) * n * 4 + n * 8 * 12 + block * 34
-        grid = min(1024, max(0, int(n_rows))) * n * 40
-        compute = min(n, 128) * int(n_bins) * 8 * 20 + n * 8 * 16
-        return state + max(update, grid, compute)
+class _Scratch:
+    """Buffers for one update call's blocks (freed with it): fp32 ``d`` and a second fp32, the batch dtype's
+    masked copy, a bool mask, the float16 codes and two int64 code arrays."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.d = torch.empty(size, dtype=torch.float32, device=device)
+        self.other = torch.empty(size, dtype=torch.float32, device=device)
+        self.masked = torch.empty(size, dtype=dtype, device=device)
+        self.flags = torch.empty(size, dtype=torch.bool, device=device)
+        self.half = torch.empty(size, dtype=torch.float16, device=device)
+        self.column = torch.empty(size, dtype=torch.int64, device=device)
+        self.packed = torch.empty(size, dtype=torch.int64, device=device)
+
+    def views(self, t: int, nb: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        k = t * nb
+        return (self.d[:k].view(t, nb), self.other[:k].view(t, nb), self.masked[:k].view(t, nb),
+                self.flags[:k].view(t, nb))
+
+    def codes(self, nb: int, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        k = t * nb
+        return self.half[:k].view(t, nb), self.column[:k].view(nb, t), self.packed[:k].view(nb, t)
 
 
+_FLOAT_OUTPUTS = ("wd", "wd_neg", "wd_pos", "mean", "std", "skew", "kurtosis", "neg_frac", "min", "max")
 _OUTPUT_ORDER = ("wd", "wd_neg", "wd_pos", "mean", "std", "skew", "kurtosis", "neg_frac", "count", "nonfinite",
                  "min", "max")
+_GRID_ROWS = 1024  # rows of the first batch the grid is taken from
+
+
+def _compute_rows(n_neurons: int, n_bins: int, block_elements: int) -> int:
+    """Neurons per chunk of :meth:`NeuronStatsAccumulator.compute`: ``[rows, n_bins + 2]`` points, about half a
+    block's worth (its fp64 temporaries then take ~3x an update block's)."""
+    return max(1, min(n_neurons, block_elements // (2 * (n_bins + 2))))
 
 
 def _reduce_pair(reduce_fn: Any, local: Tensor, incoming: Tensor) -> Tensor:
@@ -438,44 +469,55 @@ def _reduce_pair(reduce_fn: Any, local: Tensor, incoming: Tensor) -> Tensor:
     return local + incoming
 
 
-def _grid_from_batch(x: Tensor, max_rows: int = 1024) -> tuple[Tensor, Tensor]:
+def _grid_from_batch(x: Tensor, block_elements: int) -> tuple[Tensor, Tensor]:
     """Grid centre (median) and unit (MAD·1.4826, else std, else |centre|/1024, else 1) from finite values.
 
-    Uses at most ``max_rows`` evenly spaced rows: the grid needs a robust location and scale, not exact ones
-    (the histogram is relative to it), and medians of a whole large batch cost more than the batch's update.
+    Uses at most 1,024 evenly spaced rows: the grid needs a robust location and scale, not exact ones (the
+    histogram is relative to it). Non-finite values are left out (NaN sorts last; the median is taken over each
+    column's finite count), with no read-back. Works on blocks of about ``block_elements`` values.
     """
-    if x.shape[0] > max_rows:
-        x = x[:: -(-x.shape[0] // max_rows)]
-    # Rows come in token order and the median sorts the first and second half of them apart (then merges): even
-    # and odd rows go to different halves, so both halves sample the same stretch of text (order-free statistics).
-    x = torch.cat([x[0::2], x[1::2]])
-    x64 = x.double()
-    finite = torch.isfinite(x64)
-    if bool(finite.all()):  # sorted neuron-major rows: ~5x numpy.median along the batch axis
-        center32 = median_along_first_axis(x)
-        center = center32.double()
-        mad = median_along_first_axis((x - center32).abs_()).double() * 1.4826
-    else:
-        masked = torch.where(finite, x64, math.nan)
-        center = torch.nan_to_num(masked.nanmedian(dim=0).values, nan=0.0)
-        mad = (masked - center).abs().nanmedian(dim=0).values * 1.4826
-    n = finite.sum(dim=0).clamp(min=1)
-    mean = torch.where(finite, x64, 0.0).sum(dim=0) / n
-    std = (torch.where(finite, x64 - mean, 0.0).square().sum(dim=0) / n).sqrt()
+    if x.shape[0] > _GRID_ROWS:
+        x = x[:: -(-x.shape[0] // _GRID_ROWS)]
+    n = x.shape[1]
+    center, unit = torch.empty(n, device=x.device), torch.empty(n, device=x.device)
+    width = max(1, block_elements // x.shape[0])
+    for j0 in range(0, n, width):
+        center[j0 : j0 + width], unit[j0 : j0 + width] = _grid_of_block(x[:, j0 : j0 + width], block_elements)
+    return center, unit
+
+
+def _grid_of_block(x: Tensor, block_elements: int) -> tuple[Tensor, Tensor]:
+    """:func:`_grid_from_batch` for a block of columns."""
+    # Even and odd rows in different halves: both halves of a column sample the same stretch of text (the CPU
+    # median sorts the halves apart, then merges them).
+    x = torch.cat([x[0::2], x[1::2]]).float()
+    finite = torch.isfinite(x)
+    n = finite.sum(dim=0)
+    x = torch.where(finite, x, math.nan)
+    center = column_medians(x, n, block_elements)
+    mad = column_medians((x - center).abs_(), n, block_elements).double() * 1.4826
+    center64 = torch.nan_to_num(center.double(), nan=0.0)
+    x = torch.where(finite, x, 0.0)
+    count = n.clamp(min=1)
+    mean = x.sum(dim=0, dtype=torch.float64) / count
+    x.sub_(mean.float()).mul_(finite)  # deviations of the finite values (fp32 is plenty for a grid unit)
+    del finite
+    std = (x.square_().sum(dim=0, dtype=torch.float64) / count).sqrt()
     unit = torch.nan_to_num(mad, nan=0.0)
     unit = torch.where(unit > 0, unit, std)
-    unit = torch.where(unit > 0, unit, center.abs() / 1024.0)
+    unit = torch.where(unit > 0, unit, center64.abs() / 1024.0)
     unit = torch.where(unit > 0, unit, 1.0)
-    tiny = center.abs() * 2.0**-40 + 1e-30  # keep (x - c) / u inside fp32 for any sane later value
-    return center.float(), torch.maximum(unit, tiny).float()
+    tiny = center64.abs() * 2.0**-40 + 1e-30  # keep (x - c) / u inside fp32 for any sane later value
+    return center64.float(), torch.maximum(unit, tiny).float()
 
 
-def _expand_power_sums(t: int, m: Tensor, se: Tensor, c2: Tensor, c3: Tensor, c4: Tensor) -> Tensor:
+def _expand_power_sums(t: int, m: Tensor, sums: Tensor) -> Tensor:
     """``[4, n]`` fp64 sums of ``d^1..d^4`` over ``t`` rows from the block mean ``m`` and the sums of ``e^1..e^4``.
 
     The update sums powers of ``e = d − m`` (centred on the block mean, so the fp32 powers stay well conditioned);
     the binomial expansion back to powers of ``d``, which sum across blocks and ranks, is done here in fp64.
     """
+    se, c2, c3, c4 = sums.unbind(0)
     p1 = se + t * m
     p2 = c2 + 2 * m * se + t * m**2
     p3 = c3 + 3 * m * c2 + 3 * m**2 * se + t * m**3
@@ -503,126 +545,92 @@ def _raw_bins(
     per-neuron offset and runs faster than into a flat index. The float16 code of ``d`` read as an unsigned
     16-bit integer, shifted right by ``shift``, is the column: ``[0, n_bins/2)`` holds ``d ≥ 0`` in ascending
     order, ``[n_bins/2, n_bins)`` holds ``d < 0`` (and −0) with ``|d|`` ascending. The dropped bits are the position
-    inside the bin. :func:`_raw_bin_geometry` and :func:`_filled_bins_in_order` put the bins in value order at
-    compute time. ``buffers`` (float16 of ``d``'s shape, then int64 and int64 of the transposed shape), when
-    given, receive the work in place, so the hot loop allocates nothing.
+    inside the bin. :func:`_raw_bin_geometry` puts the bins in value order at compute time. ``buffers`` (float16
+    of ``d``'s shape, then int64 and int64 of the transposed shape), when given, receive the work in place.
     """
     if buffers is None:
-        half = d.half()
-        code = torch.empty(d.shape[::-1], dtype=torch.int64, device=d.device)
-        packed = torch.empty_like(code)
-    else:
-        half, code, packed = buffers
-        half.copy_(d)
-    if d.device.type == "cpu":
-        code.copy_(half.view(torch.uint16).t())  # the transposing copy also widens to int64
-    else:  # uint16 is a "barebones" dtype whose op coverage varies by backend: widen int16, then mask
-        code.copy_(half.view(torch.int16).t()).bitwise_and_(0xFFFF)
-    torch.bitwise_and(code, (1 << shift) - 1, out=packed)
-    return code.bitwise_right_shift_(shift), packed.bitwise_or_(1 << low_bits)
+        buffers = (torch.empty(d.shape, dtype=torch.float16, device=d.device),
+                   torch.empty(d.shape[::-1], dtype=torch.int64, device=d.device),
+                   torch.empty(d.shape[::-1], dtype=torch.int64, device=d.device))
+    half, code, packed = buffers
+    half.copy_(d)
+    # int16, widened and masked: uint16 is a "barebones" dtype whose op coverage varies by backend.
+    code.copy_(half.view(torch.int16).t()).bitwise_and_(0xFFFF)
+    torch.bitwise_and(code, (1 << shift) - 1, out=packed).bitwise_or_(1 << low_bits)
+    return code.bitwise_right_shift_(shift), packed
 
 
 @functools.lru_cache(maxsize=8)
 def _raw_bin_geometry(shift: int, n_bins: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per raw bin column: the value of its code with zero low bits and the step per low bit (cached: read-only,
-    the same for every chunk of every compute).
+    """Per raw bin column: the value of its code with zero low bits and the step per low bit (cached: read-only).
 
     Codes within a bin share an exponent, so ``value = base + (low bits) · step`` exactly (``step < 0`` for the
-    negative bins, whose magnitude grows with the low bits). Bins of the inf/NaN codes never fill (those values go
-    to the tails); they get base ±65504 and step 0.
+    negative bins, whose magnitude grows with the low bits). Bins of the inf/NaN codes get base ±65504, step 0.
     """
     unsigned = torch.arange(n_bins, device=device) << shift
     code = torch.where(unsigned >= 1 << 15, unsigned - (1 << 16), unsigned).to(torch.int16)
     base, nxt = code.view(torch.float16).double(), (code + 1).view(torch.float16).double()
     usable = torch.isfinite(base) & torch.isfinite(nxt)
-    edge = torch.where(code < 0, -_FP16_MAX, _FP16_MAX).double()
+    edge = torch.where(code < 0, -65504.0, 65504.0).double()
     return torch.where(usable, base, edge), torch.where(usable, nxt - base, 0.0)
 
 
-def _filled_bins_in_order(
-    packed: Tensor, low_bits: int, shift: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The non-empty bins of ``packed`` ``[rows, n_bins]`` as a flat list in value order within each row.
+class _SpecialColumns:
+    """Raw columns of the ±inf codes (the tails), of the NaN codes (non-finite values), and all of them."""
 
-    Returns ``(row, position, centroid, count, filled_per_row)``: ``position`` is the bin's rank by value among
-    its row's non-empty bins. Raw columns from ``n_bins/2`` on hold negative values in decreasing order: they go
-    first, reversed; the columns below ``n_bins/2`` (ascending values) follow them.
+    def __init__(self, shift: int, n_bins: int, device: torch.device) -> None:
+        self.pos_inf, self.neg_inf = 0x7C00 >> shift, 0xFC00 >> shift
+        half = n_bins // 2
+        nan = [*range(self.pos_inf + 1, half), *range(self.neg_inf + 1, n_bins)]
+        self.nan = torch.tensor(nan, dtype=torch.long, device=device)
+        self.special = torch.zeros(n_bins, dtype=torch.bool, device=device)
+        self.special[self.pos_inf : half] = True
+        self.special[self.neg_inf :] = True
+
+
+@functools.lru_cache(maxsize=8)
+def _special_columns(shift: int, n_bins: int, device: torch.device) -> _SpecialColumns:
+    return _SpecialColumns(shift, n_bins, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _value_order(n_bins: int, device: torch.device) -> Tensor:
+    """Raw columns in value order: the negative half reversed (most negative first), then the positive half."""
+    half = n_bins // 2
+    return torch.cat([torch.arange(n_bins - 1, half - 1, -1), torch.arange(half)]).to(device)
+
+
+def _histogram_points(
+    packed: Tensor, low_bits: int, shift: int, below_n: Tensor, below: Tensor, above_n: Tensor, above: Tensor,
+    special: Tensor, mu_d: Tensor, sd_d: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Standardised point masses ``z`` ``[rows, n_bins + 2]`` and the CDF after each but the last, in value order.
+
+    Every bin is a point (fixed shape, no read-back): a filled bin at its centroid, an empty one at its base
+    value with no mass (a massless point inside its own bin's range keeps the order and adds nothing to the
+    integral); the special bins carry no mass; the two tails are points of their own at both ends. On CPU the
+    bins no row filled are left out (finding them needs their count, which is free there).
     """
-    rows_n, n_bins = packed.shape
+    rows, n_bins = packed.shape
     base, step = _raw_bin_geometry(shift, n_bins, packed.device)
-    flat = packed.reshape(-1)
-    where = _flat_nonzero(flat)  # row-major: rows ascending, raw columns ascending within a row
-    values = flat[where]
-    log2_bins = n_bins.bit_length() - 1  # n_bins is a power of two
-    row, col = where >> log2_bins, where & (n_bins - 1)
-    count = (values >> low_bits).double()
-    lows = (values & ((1 << low_bits) - 1)).double()
-    centroid = base.index_select(0, col) + lows / count * step.index_select(0, col)
-    filled = torch.bincount(row, minlength=rows_n)
-    negative = col >= n_bins // 2
-    n_negative = torch.bincount(row[negative], minlength=rows_n).index_select(0, row)
-    rank = torch.arange(row.numel(), device=packed.device) - (filled.cumsum(0) - filled).index_select(0, row)
-    # Within a row the positive bins come first in ``where``: a negative bin's rank among negatives is
-    # rank - (positives in its row) = rank - filled + n_negative.
-    position = torch.where(negative, filled.index_select(0, row) - 1 - rank, n_negative + rank)
-    return row, position, centroid, count, filled
-
-
-def _flat_nonzero(flat: Tensor) -> Tensor:
-    """Indices of the non-zero entries of a 1-D tensor (numpy's on CPU: ~2.5x ``torch.nonzero`` there)."""
-    if flat.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(flat.numpy() != 0))
-    return flat.nonzero().squeeze(1)
-
-
-def _histogram_wd(
-    packed: Tensor, low_bits: int, tails: Tensor, mu_d: Tensor, sd_d: Tensor, shift: int, chunk: int = 128
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact W1 to N(0, 1) of the bin centroids and the two tail centroids, standardised; chunked over neurons.
-
-    Only non-empty bins become points (empty ones add nothing to the integral); each row is padded to the
-    common width by repeating its last point with zero mass (zero-length segments, no rounding noise).
-    """
-    n = packed.shape[0]
-    outs = [torch.full((n,), math.nan, dtype=torch.float64, device=packed.device) for _ in range(3)]
-
-    def work(starts: Sequence[int]) -> None:
-        for j0 in starts:
-            _histogram_wd_rows(packed, low_bits, tails, mu_d, sd_d, shift, j0, min(n, j0 + chunk), outs)
-
-    starts = list(range(0, n, chunk))
-    run_split(work, starts, worker_count(packed.device, len(starts)))
-    return outs[0], outs[1], outs[2]
-
-
-def _histogram_wd_rows(
-    packed: Tensor, low_bits: int, tails: Tensor, mu_d: Tensor, sd_d: Tensor, shift: int, j0: int, j1: int,
-    outs: list[Tensor],
-) -> None:
-    """:func:`_histogram_wd` for neurons ``j0:j1``, written into ``outs`` (wd, wd_neg, wd_pos)."""
-    row, position, centroid, count, filled = _filled_bins_in_order(packed[j0:j1], low_bits, shift)
-    below_n, below_s, above_n, above_s = tails[:, j0:j1]
-    has_below, has_above = (below_n > 0).long(), (above_n > 0).long()
-    n_points = filled + has_below + has_above
-    if int(n_points.max()) == 0:
-        return
-    width = max(2, int(n_points.max()))
-    rows = j1 - j0
-    points = torch.zeros(rows, width, dtype=torch.float64, device=packed.device)
-    weights = torch.zeros_like(points)
-    flat = row * width + position + has_below[row]
-    points.view(-1)[flat] = centroid
-    weights.view(-1)[flat] = count
-    everyone = torch.arange(rows, device=packed.device)
-    points[everyone, 0] = torch.where(has_below > 0, below_s / below_n.clamp(min=1), points[everyone, 0])
-    weights[everyone, 0] += below_n
-    last = (n_points - 1).clamp(min=0)
-    above = above_s / above_n.clamp(min=1)
-    points[everyone, last] = torch.where(has_above > 0, above, points[everyone, last])
-    weights[everyone, last] += torch.where(has_above > 0, above_n, 0.0)
-    inside = torch.arange(width, device=packed.device) < n_points[:, None]
-    points = torch.where(inside, points, points.gather(1, last[:, None]))
-    z = (points - mu_d[j0:j1, None]) / sd_d[j0:j1, None]
-    cdf = (weights.cumsum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1))[:, :-1]
-    for out, part in zip(outs, w1_points_to_gaussian(z, cdf)):
-        out[j0:j1] = part
+    order = _value_order(n_bins, packed.device)
+    if _COMPACT_ON_CPU and packed.device.type == "cpu":  # only the bins some row filled (free to find on CPU): ~3x fewer points
+        filled = (packed != 0).any(dim=0) & ~special
+        filled[0] = True  # at least one point (the +0 bin) when nothing finite was seen
+        order = order[filled.index_select(0, order)]
+    packed = packed.index_select(1, order)
+    count = torch.where(special.index_select(0, order), 0, packed >> low_bits)
+    lows = (packed & ((1 << low_bits) - 1)).double()
+    del packed
+    countf = count.double()
+    d = base.index_select(0, order) + lows / countf.clamp(min=1) * step.index_select(0, order)
+    del lows
+    first = torch.where(below_n > 0, below, d[:, 0])[:, None]
+    last = torch.where(above_n > 0, above, d[:, -1])[:, None]
+    points = torch.cat([first, d, last], dim=1)
+    del d
+    weights = torch.cat([below_n.double()[:, None], countf, above_n.double()[:, None]], dim=1)
+    z = points.sub_(mu_d[:, None]).div_(sd_d[:, None])
+    cdf = weights.cumsum_(dim=1)
+    cdf = cdf[:, :-1].div_(cdf[:, -1:].clamp(min=1))
+    return z, cdf

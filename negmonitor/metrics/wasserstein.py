@@ -3,8 +3,10 @@
 For one dimension, ``W1(P, N(0,1)) = ∫ |F(z) − Φ(z)| dz``. The empirical CDF ``F`` of a sample is a step
 function, so the integral over each segment between consecutive sorted values is closed-form, using the
 antiderivative of ``Φ``: ``∫Φ(z) dz = zΦ(z) + φ(z)``. Summing the segments gives the exact distance (no sampling of
-the normal, no quadrature), and splitting every segment at ``z = 0`` gives the negative-side and positive-side
-parts for free: ``wd = wd_neg + wd_pos``.
+the normal, no quadrature). The negative-side part ``wd_neg`` is the transport of the mass at negative
+*pre-activations*: in the quantile form ``W1 = ∫₀¹ |F⁻¹(u) − Φ⁻¹(u)| du``, the ``u`` below the neuron's negative
+fraction, i.e. the area between the CDFs below that height. ``wd = wd_neg + wd_pos``; an all-negative neuron has
+``wd_neg = wd``, a neuron symmetric about 0 half of it. (Splitting at ``z = 0`` would split at the neuron's mean.)
 
 :func:`w1_points_to_gaussian` is the shared core: it takes any sorted point masses (a sorted sample, or the
 centroids of a histogram's bins) and is also what :mod:`negmonitor.metrics.streaming` calls at compute time.
@@ -24,7 +26,7 @@ __all__ = ["wasserstein_to_gaussian", "wasserstein_to_gaussian_split", "w1_point
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_G0 = _INV_SQRT_2PI  # G(0) = φ(0)
+_PICK_ON_CPU = True  # False runs the dense (non-CPU) path on CPU too, for the tests
 # Elements per working chunk of the reference (4 MiB per fp64 temporary: cache-friendly, no page-fault churn).
 _CHUNK_ELEMENTS = 1 << 19
 
@@ -46,61 +48,78 @@ def _segment_integrals(
     """``∫_a^b |c − Φ(z)| dz`` for ``a ≤ b``, given ``Φ`` and ``G`` at both ends (``q``: optional ``Φ⁻¹(c)``).
 
     Where ``Φ`` stays on one side of ``c`` the integrand keeps its sign: ``|G(b) − G(a) − c(b − a)|``. Only the
-    few segments where ``Φ`` crosses ``c`` (at ``q = Φ⁻¹(c)``) need ``c(2q − a − b) + G(a) + G(b) − 2G(q)``; the
-    inverse normal is evaluated for those alone.
+    few segments where ``Φ`` crosses ``c`` (at ``q = Φ⁻¹(c)``) need ``c(2q − a − b) + G(a) + G(b) − 2G(q)``. On
+    CPU the inverse normal is evaluated for those alone (picking them is free there); elsewhere for every segment,
+    which needs no read-back of how many there are.
     """
     c = c.expand_as(a)
     out = (g_b - g_a - c * (b - a)).abs()
-    cross = ((phi_a < c) & (c < phi_b)).nonzero(as_tuple=True)
-    if cross[0].numel():
-        a_x, b_x, c_x = a[cross], b[cross], c[cross]
-        q_x = torch.special.ndtri(c_x) if q is None else q.expand_as(a)[cross]
-        q_x = torch.minimum(torch.maximum(q_x, a_x), b_x)  # guard against rounding at the ends
-        out[cross] = c_x * (2.0 * q_x - a_x - b_x) + g_a[cross] + g_b[cross] - 2.0 * _phi_antiderivative(q_x)
-    return out
+    cross = (phi_a < c) & (c < phi_b)
+    pick = _PICK_ON_CPU and a.device.type == "cpu"
+    if pick:
+        where = cross.nonzero(as_tuple=True)
+        a, b, c, g_a, g_b = a[where], b[where], c[where], g_a[where], g_b[where]
+        q = None if q is None else q.expand_as(cross)[where]
+    q = torch.special.ndtri(c) if q is None else q.expand_as(a)
+    q = torch.minimum(torch.maximum(q, a), b)  # guard against rounding at the ends
+    crossing = c * (2.0 * q - a - b) + g_a + g_b - 2.0 * _phi_antiderivative(q)
+    if pick:
+        out[where] = crossing
+        return out
+    return torch.where(cross, crossing, out)
 
 
-def w1_points_to_gaussian(z: Tensor, cdf: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact ``∫|F − Φ|`` for a distribution made of point masses, split at zero.
+def w1_points_to_gaussian(
+    z: Tensor, cdf: Tensor, q: Tensor | None = None, level: Tensor | float = 0.5
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact ``∫|F − Φ|`` for a distribution made of point masses, split at the quantile ``level``.
 
     Args:
         z: ``[rows, k]`` point positions, ascending along the last axis (fp64 recommended).
         cdf: ``[rows, k − 1]`` (or broadcastable) value of ``F`` just after each point but the last (after the last
             it is 1); points with no mass repeat the previous value.
         q: optional precomputed ``Φ⁻¹(cdf)``, e.g. shared by all rows of a plain sample.
+        level: ``u0``, a number or ``[rows, 1]``: the part of the transport of the mass below it (the quantile
+            form ``W1 = ∫₀¹ |F⁻¹(u) − Φ⁻¹(u)| du`` taken over ``u < u0``). With ``u0`` the fraction of values
+            below a threshold, that is the part carried by those values: the negative fraction splits at
+            pre-activation 0, so an all-negative neuron has all of its distance below.
 
     Returns:
-        ``(wd, wd_neg, wd_pos)``, each ``[rows]``, with ``wd = wd_neg + wd_pos``.
+        ``(wd, wd_below, wd_above)``, each ``[rows]``, with ``wd = wd_below + wd_above``.
     """
     phi_z, g_z = _phi_and_antiderivative(z)
     segments = _segment_integrals(z[:, :-1], z[:, 1:], phi_z[:, :-1], phi_z[:, 1:], g_z[:, :-1], g_z[:, 1:], cdf, q)
     # Tails: (−∞, z_1] where F = 0 gives ∫Φ = G(z_1); [z_k, ∞) where F = 1 gives ∫(1 − Φ) = G(−z_k).
     left, right = g_z[:, 0], _phi_antiderivative(-z[:, -1])
     wd = left + right + segments.sum(dim=1)
-    neg = _negative_part(z, phi_z, g_z, cdf, segments, left, right)
-    return wd, neg, wd - neg
+    u0 = torch.as_tensor(level, dtype=z.dtype, device=z.device).expand(z.shape[0], 1)
+    below = _part_below_level(z, phi_z, g_z, cdf, u0)
+    return wd, below, wd - below
 
 
-def _negative_part(
-    z: Tensor, phi_z: Tensor, g_z: Tensor, cdf: Tensor, segments: Tensor, left: Tensor, right: Tensor
-) -> Tensor:
-    """The ``z < 0`` share of the integral: whole negative segments plus the one segment that straddles zero.
+def _part_below_level(z: Tensor, phi_z: Tensor, g_z: Tensor, cdf: Tensor, u0: Tensor) -> Tensor:
+    """``∫ |min(F, u0) − min(Φ, u0)| dz``: the area between the two CDFs below the height ``u0``.
 
-    With ``j`` points below zero, segments ``0 .. j−2`` lie below zero and segment ``j−1`` straddles it.
+    With ``q0 = Φ⁻¹(u0)``: on each segment ``[a, b]`` (``F = c``, so ``min(F, u0) = c' = min(c, u0)``) the part
+    left of ``q0`` is the usual ``∫|c' − Φ|``, the part right of it ``(u0 − c') · length``. The left tail gives
+    ``∫ min(Φ, u0) = G(min(z_1, q0)) + u0 · (z_1 − q0)⁺``, the right tail ``∫_{z_k}^{q0} (u0 − Φ)`` when
+    ``z_k < q0``.
     """
     rows, k = z.shape
-    j = (z < 0).sum(dim=1)
-    neg = torch.where(z[:, 1:] < 0, segments, 0.0).sum(dim=1)
-    neg = neg + torch.where(j >= 1, left, _G0) + torch.where(j == k, right - _G0, 0.0)
-    straddle = (j - 1).clamp(0, k - 2).unsqueeze(1)
-
-    def pick(t: Tensor) -> Tensor:
-        return t.gather(1, straddle)
-
-    zero = torch.zeros_like(pick(z))
-    c = cdf.expand(rows, k - 1).gather(1, straddle)
-    part = _segment_integrals(pick(z), zero, pick(phi_z), zero + 0.5, pick(g_z), zero + _G0, c, None).squeeze(1)
-    return neg + torch.where((j >= 1) & (j <= k - 1), part, 0.0)
+    u0 = u0.clamp(0.0, 1.0)
+    q0 = torch.special.ndtri(u0).clamp(-1e6, 1e6)  # [rows, 1]; beyond any standardised value (|z| < sqrt(n))
+    phi_q0, g_q0 = _phi_and_antiderivative(q0)
+    capped = torch.minimum(cdf.expand(rows, k - 1), u0)
+    left_of = z < q0
+    zc = torch.minimum(z, q0)
+    phi_c, g_c = torch.where(left_of, phi_z, phi_q0), torch.where(left_of, g_z, g_q0)
+    inner = _segment_integrals(zc[:, :-1], zc[:, 1:], phi_c[:, :-1], phi_c[:, 1:], g_c[:, :-1], g_c[:, 1:], capped,
+                               None)
+    zr = torch.maximum(z, q0)
+    outer = (u0 - capped) * (zr[:, 1:] - zr[:, :-1])
+    left = g_c[:, 0] + u0[:, 0] * (z[:, 0] - q0[:, 0]).clamp(min=0.0)
+    right = torch.where(left_of[:, -1], u0[:, 0] * (q0[:, 0] - z[:, -1]) - (g_q0[:, 0] - g_z[:, -1]), 0.0)
+    return left + inner.sum(dim=1) + outer.sum(dim=1) + right
 
 
 def _sorted_rows(x: Tensor) -> Tensor:
@@ -127,13 +146,14 @@ def _standardise_sorted(rows: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def wasserstein_to_gaussian_split(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact per-neuron W1 to N(0, 1) of standardised values, with its ``z < 0`` / ``z ≥ 0`` parts.
+    """Exact per-neuron W1 to N(0, 1) of standardised values, split where the pre-activation is 0.
 
     Args:
         x: ``[tokens, neurons]`` pre-activations, any float dtype (computed in fp64).
 
     Returns:
-        ``(wd, wd_neg, wd_pos)``, each fp64 ``[neurons]``. NaN for neurons that are constant, have fewer than
+        ``(wd, wd_neg, wd_pos)``, each fp64 ``[neurons]``: ``wd_neg`` integrates ``x < 0`` (standardised
+        ``z < −mean/std``), ``wd_pos`` the rest. NaN for neurons that are constant, have fewer than
         two tokens, or contain a non-finite value (no warnings).
     """
     if x.dim() != 2:
@@ -146,8 +166,10 @@ def wasserstein_to_gaussian_split(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q = torch.special.ndtri(cdf)
     step = max(1, _CHUNK_ELEMENTS // n_tokens)
     for start in range(0, n_neurons, step):
-        z, ok = _standardise_sorted(_sorted_rows(x[:, start : start + step]))
-        parts = w1_points_to_gaussian(z, cdf, q)
+        block = x[:, start : start + step]
+        z, ok = _standardise_sorted(_sorted_rows(block))
+        negative = (block < 0).sum(dim=0, dtype=torch.float64)[:, None] / n_tokens
+        parts = w1_points_to_gaussian(z, cdf, q, level=negative)
         for out, part in zip(outs, parts):
             out[start : start + step] = torch.where(ok, part, math.nan)
     return outs[0], outs[1], outs[2]

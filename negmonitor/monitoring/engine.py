@@ -9,8 +9,9 @@ equals the single-process one; every rank must call it (it contains collectives)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from torch import nn
 
 from negmonitor.adapters import MLPSite, find_sites
 from negmonitor.capture import unwrap_compiled
+from negmonitor.distributed import agree_on_failure, gathers_weight
 from negmonitor.metrics.drift import weight_drift
 from negmonitor.metrics.ranking import jaccard, top_k_indices
 from negmonitor.probing import ProbeSettings, measure
@@ -38,6 +40,12 @@ class MonitorSettings:
             after ``warmup_steps``).
         warmup_steps: steps before which no cohort is fixed.
         weight_drift: measure the weight drift between successive measurements.
+        drift_dtype: dtype of the previous-weights snapshot, kept on the model's device. bf16 (default) halves an
+            fp32 copy; both snapshots are rounded alike, so an unchanged row drifts by exactly 0. bf16's rounding
+            (relative 2⁻⁸ per weight, independent per weight) adds ≈3e-6 to a cosine dissimilarity D plus noise of
+            order sqrt(D·1e-5/d_in): per neuron within ~3% for D ≥ 5e-3 (rows moving ≥10% between measurements,
+            as they do hundreds of steps apart), the layer-normalised value likewise. Use ``torch.float32`` for
+            measurements a few warm-up steps apart (D ~ 1e-6 and less).
         image_neurons: how many top-WD neurons per layer get a pre-activation histogram image.
         probe: probe-pass settings (batch size, pair-sign defaults).
     """
@@ -47,13 +55,19 @@ class MonitorSettings:
     cohort_step: int | None = None
     warmup_steps: int = 0
     weight_drift: bool = True
+    drift_dtype: torch.dtype = torch.bfloat16
     image_neurons: int = 4
     probe: ProbeSettings = field(default_factory=ProbeSettings)
 
 
 @dataclass
 class MonitorState:
-    """What must survive between measurements (and a restart): the cohort and the previous weight snapshot."""
+    """What must survive between measurements (and a restart): the cohort and the previous weight snapshot.
+
+    :meth:`to_dict` holds the small part only (cohort, steps): the snapshot (``prev_weights``, layer -> rows of the
+    monitored projection at ``prev_step``) is as large as the monitored weights and is saved beside the records
+    (:mod:`negmonitor.monitoring.drift_snapshot`), never in a checkpoint.
+    """
 
     cohort: dict[int, list[int]] | None = None
     cohort_step: int | None = None
@@ -61,13 +75,12 @@ class MonitorState:
     prev_step: int | None = None
 
     def to_dict(self) -> dict:
-        """Plain-dict form for ``state_dict``."""
-        return {"cohort": self.cohort, "cohort_step": self.cohort_step, "prev_step": self.prev_step,
-                "prev_weights": self.prev_weights}
+        """Plain-dict form for ``state_dict``: no tensors (the weight snapshot is saved on its own)."""
+        return {"cohort": self.cohort, "cohort_step": self.cohort_step, "prev_step": self.prev_step}
 
     @classmethod
     def from_dict(cls, data: dict) -> "MonitorState":
-        """Inverse of :meth:`to_dict`; missing keys take their defaults."""
+        """Inverse of :meth:`to_dict`; missing keys take their defaults (an older checkpoint's snapshot is kept)."""
         cohort = data.get("cohort")
         return cls(cohort={int(k): list(v) for k, v in cohort.items()} if cohort else None,
                    cohort_step=data.get("cohort_step"), prev_weights=data.get("prev_weights"),
@@ -84,6 +97,13 @@ class Measurement:
     neurons: pd.DataFrame
     samples: dict[int, tuple[list[int], np.ndarray]] = field(default_factory=dict)
 
+    @property
+    def histograms(self) -> pd.DataFrame:
+        """The samples as compact records: a ``HISTOGRAM_BINS``-bin histogram per top-WD neuron over its sampled
+        values' [min, max] (``layer, neuron, bin, left, right, count``), so a report draws the neuron's real
+        distribution without the model."""
+        return sample_histograms(self.samples)
+
     def scalar(self, metric: str, layer: int) -> float:
         """One scalar value (NaN when absent)."""
         rows = self.scalars[(self.scalars.metric == metric) & (self.scalars.layer == layer)]
@@ -99,26 +119,53 @@ def take_measurement(
     tokenizer: object | None = None,
     rank: int = 0,
     world_size: int = 1,
+    forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> Measurement:
     """Measure ``model`` at ``step``, update ``state`` (cohort, weight snapshot) and return the measurement.
 
-    Every rank runs the probe pass (its statistics are reduced across ranks); only rank 0 builds tables, follows
-    the cohort and measures drift: other ranks get an empty :class:`Measurement`.
+    ``forward_context`` wraps the probe forward (e.g. the trainer's autocast); statistics are fp32 either way.
+    Every rank runs the probe pass (its statistics are reduced across ranks; under DDP every phase that precedes a
+    collective is closed by :func:`~negmonitor.distributed.agree_on_failure`, so a failure on one rank makes every
+    rank raise and skip instead of leaving the others waiting) and gets the per-neuron table (the ablation's
+    selections need it on every rank); only rank 0 follows the cohort, measures drift and builds the records'
+    tables: the others get empty scalars and neurons. Under FSDP the other ranks join rank 0's weight gathers.
     """
     eager = unwrap_compiled(model)
     sites = find_sites(eager, settings.layers)
     probe_settings = replace(settings.probe, sample_neurons=settings.image_neurons)
-    summaries = measure(eager, probe_set, sites, probe_settings, rank=rank, world_size=world_size)
-    if rank != 0:
-        return Measurement(step, ProbeResult(pd.DataFrame(), pd.DataFrame()), pd.DataFrame(), pd.DataFrame())
-    result = ProbeResult.from_summaries(summaries, sites, probe_set, tokenizer, probe_settings)
+    summaries = measure(eager, probe_set, sites, probe_settings, rank=rank, world_size=world_size,
+                        forward_context=forward_context)
+    with agree_on_failure(world_size > 1):  # no collective follows, but every rank should skip the same steps
+        result = ProbeResult.from_summaries(summaries, sites, probe_set, tokenizer, probe_settings)
     samples = {s.layer: s.samples for s in summaries if s.samples is not None}
     del summaries
+    if rank != 0:
+        if settings.weight_drift and any(gathers_weight(site.projection) for site in sites):
+            for site in sites:  # under FSDP rank 0's weight reads are collectives: join them, in the same order
+                site.weight_rows()
+        return Measurement(step, result, pd.DataFrame(), pd.DataFrame())
     _maybe_fix_cohort(result, step, settings, state)
-    drift = _drift(sites, state, step) if settings.weight_drift else {}
+    drift = _drift(sites, state, step, settings.drift_dtype) if settings.weight_drift else {}
     neurons = _neuron_snapshot(result, state, drift)
     scalars = _layer_scalars(result, neurons, state, drift, settings)
     return Measurement(step, result, scalars, neurons, samples)
+
+
+HISTOGRAM_BINS = 64
+
+
+def sample_histograms(samples: dict[int, tuple[list[int], np.ndarray]], bins: int = HISTOGRAM_BINS) -> pd.DataFrame:
+    """``layer, neuron, bin, left, right, count`` rows: each sampled neuron's values in ``bins`` equal bins."""
+    rows = []
+    for layer, (neurons, values) in samples.items():
+        for neuron, column in zip(neurons, np.asarray(values, dtype=float).T):
+            column = column[np.isfinite(column)]
+            if not column.size:
+                continue
+            counts, edges = np.histogram(column, bins=bins)
+            rows += [(int(layer), int(neuron), b, float(edges[b]), float(edges[b + 1]), int(counts[b]))
+                     for b in range(bins)]
+    return pd.DataFrame(rows, columns=["layer", "neuron", "bin", "left", "right", "count"])
 
 
 def _maybe_fix_cohort(result: ProbeResult, step: int, settings: MonitorSettings, state: MonitorState) -> None:
@@ -132,12 +179,21 @@ def _maybe_fix_cohort(result: ProbeResult, step: int, settings: MonitorSettings,
     state.cohort_step = int(step)
 
 
-def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int) -> dict[int, dict[str, torch.Tensor]]:
-    """Per-neuron weight drift since the previous measurement; the snapshot is replaced by the current weights."""
-    current = {site.layer: site.weight_rows().float().cpu().clone() for site in sites}
+def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int,
+           dtype: torch.dtype = torch.bfloat16) -> dict[int, dict[str, torch.Tensor]]:
+    """Per-neuron weight drift since the previous measurement; the snapshot is replaced by the current weights.
+
+    The snapshot stays on the model's device in ``dtype``; the previous one is rounded the same way before the
+    comparison (a snapshot given in another dtype, e.g. by the replay, is compared at ``dtype`` too).
+    """
     previous = state.prev_weights or {}
-    drift = {layer: weight_drift(previous[layer], rows) for layer, rows in current.items()
-             if layer in previous and previous[layer].shape == rows.shape}
+    current, drift = {}, {}
+    for site in sites:
+        rows = site.weight_rows().detach().to(dtype=dtype, copy=True)
+        before = previous.get(site.layer)
+        if before is not None and before.shape == rows.shape:
+            drift[site.layer] = {k: v.cpu() for k, v in weight_drift(before.to(rows.device, dtype), rows).items()}
+        current[site.layer] = rows
     state.prev_weights, state.prev_step = current, int(step)
     return drift
 

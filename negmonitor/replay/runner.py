@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from negmonitor.adapters import find_sites
-from negmonitor.commands.common import check_fraction, ensure_writable_dir
+from negmonitor.atomic import ensure_writable_dir
 from negmonitor.errors import NegmonitorError
 from negmonitor.models import parse_device, parse_dtype
 from negmonitor.monitoring import engine
@@ -56,6 +56,7 @@ from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest,
 from negmonitor.replay.revisions import parse_shard, resolve_revisions, revision_name, shard_indices, step_of
 from negmonitor.replay.sources import CheckpointMissing, Series, first_line, open_series
 from negmonitor.replay.state import check_cohort, check_run_info, read_cohort, write_cohort
+from negmonitor.validation import check_fraction
 
 FINGERPRINT = ("model", "variant", "probe", "probe_tokens", "probe_window", "n_pairs", "seed", "layers",
                "cohort_frac", "dtype", "ablation", "tokens_per_step")
@@ -69,7 +70,8 @@ class ReplaySettings:
     """How a replay runs (everything but the model, the revisions, the log folder and the probe).
 
     Args:
-        probe_tokens, probe_window, n_pairs, seed, batch_size: probe-set construction and pass settings.
+        probe_tokens, probe_window, n_pairs, seed, batch_size: probe-set construction and pass settings (default:
+            the whole probe text in windows of 2,048 tokens, as the paper).
         memory_budget: extra device memory one measurement may allocate (bytes or e.g. ``"2GiB"``; None: no limit).
         layers: layer indices to monitor (None: all).
         cohort_frac: share of neurons per layer in the top-WD cohort.
@@ -78,7 +80,7 @@ class ReplaySettings:
         minimal_pairs: minimal pairs (``suite, sentence_good, sentence_bad``) for the ablation accuracy: one
             BLiMP- or TSE-shaped DataFrame, or a list with at most one of each.
         ppl_text: text for the ablation perplexity.
-        dtype: ``fp32``, ``fp16`` or ``bf16`` (default: as saved).
+        dtype: ``fp32``, ``fp16`` or ``bf16`` (default: fp32 on CPU, as saved on a GPU); recorded in the run info.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         shard: ``"K/N"`` or ``(K, N)``: replay the K-th of N contiguous blocks of the list (1-based).
         tokenizer: a tokenizer or a folder/hub id to load one from (default: the series' own).
@@ -93,8 +95,8 @@ class ReplaySettings:
         progress: show a progress bar over the checkpoints.
     """
 
-    probe_tokens: int = 32_768
-    probe_window: int = 512
+    probe_tokens: int | None = None
+    probe_window: int = 2_048
     n_pairs: int = 1_000
     seed: int = 0
     batch_size: int = 8
@@ -148,11 +150,11 @@ class ReplayResult:
         counts = self.manifest.status.value_counts().to_dict()
         lines = [format_manifest(self.manifest), "",
                  "revisions: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
-                 f"records:     {self.records_root}/ (scalars/, neurons/, pairs/ — RecordStore(...).read_scalars())",
+                 f"records:     {self.records_root}/ (scalars/, neurons/, pairs/, histograms/ — RecordStore(...).read_scalars())",
                  f"manifest:    {self.manifest_path} (per revision: {self.records_root / 'manifest'}/)",
                  f"cohort:      {self.cohort_path}"]
         if self.events_dir is not None:
-            lines.append(f"TensorBoard: {self.events_dir} (tensorboard --logdir {self.events_dir.parent})")
+            lines.append(f"TensorBoard: tensorboard --logdir {self.events_dir}")
         return "\n".join(lines)
 
 
@@ -200,8 +202,10 @@ class _Replay:
     def __init__(self, model: Any, revisions: Any, logdir: Path, probe: Any, settings: ReplaySettings) -> None:
         self.settings = settings
         self.shard = parse_shard(settings.shard)
-        self.dtype = parse_dtype(settings.dtype)
         self.device = parse_device(settings.device)
+        self.dtype = parse_dtype(settings.dtype)
+        if self.dtype is None and self.device.type == "cpu":
+            self.dtype = torch.float32  # fp16 checkpoints (Pythia) are slow and lossy on CPU
         check_fraction(settings.cohort_frac, "cohort_frac")
         self.ablation_rows = _ablation_function() if settings.ablation is not None else None
         self.logdir = ensure_writable_dir(logdir, "log folder")
@@ -221,8 +225,11 @@ class _Replay:
         _check_probe_path(probe)
         self.run_name = settings.run_name or self.logdir.resolve().name
         check_run_info(self.store.root, self._run_info(), FINGERPRINT)
+        # fp32 drift: one checkpoint is in memory at a time, and Pythia's early checkpoints (steps 1, 2, 4, ...)
+        # move by far less than bf16 resolves
         self.monitor = MonitorSettings(layers=settings.layers, cohort_frac=settings.cohort_frac, warmup_steps=0,
-                                       weight_drift=True, image_neurons=settings.image_neurons,
+                                       weight_drift=True, drift_dtype=torch.float32,
+                                       image_neurons=settings.image_neurons,
                                        probe=ProbeSettings(batch_size=settings.batch_size, top_neuron_frac=0.05,
                                                            memory_budget=settings.memory_budget,
                                                            top_pairs=100))
@@ -331,6 +338,9 @@ class _Replay:
         self.store.write_neurons(self.run_name, step, tokens, measurement.neurons)
         if not measurement.result.top_pairs.empty:
             self.store.write_pairs(self.run_name, step, tokens, measurement.result.top_pairs)
+        histograms = measurement.histograms
+        if not histograms.empty:
+            self.store.write_histograms(self.run_name, step, tokens, histograms)
         self.store.write_scalars(self.run_name, step, tokens, scalars)
         self.store.path("scalars", step, "failed").unlink(missing_ok=True)
         if self.writer is None:
@@ -468,7 +478,7 @@ class _Replay:
                 "probe_window": s.probe_window, "n_pairs": s.n_pairs, "seed": s.seed,
                 "layers": list(s.layers) if s.layers is not None else None, "cohort_frac": s.cohort_frac,
                 "dtype": str(self.dtype) if self.dtype else None, "ablation": repr(s.ablation) if s.ablation else None,
-                "tokens_per_step": getattr(self.series, "tokens_per_step", None), "run": self.run_name}
+                **_token_count(self.series), "run": self.run_name}
 
     def result(self) -> ReplayResult:
         frame = self.manifest.read(self.revisions)
@@ -533,3 +543,18 @@ def _progress(indices: list[int], enabled: bool, revisions: list[str], shard: tu
         for index in bar:
             bar.set_postfix_str(revisions[index])
             yield index
+
+
+def _token_count(series: Series) -> dict:
+    """``tokens_per_step`` as it is known (given, Pythia's, or the one ratio the checkpoints' recorded token counts
+    agree on; ``None`` when unknown) and where ``tokens_seen`` comes from."""
+    given = getattr(series, "tokens_per_step", None) or None
+    recorded = {int(step_of(r)): int(t) for r, t in getattr(series, "_tokens", {}).items() if t is not None}
+    ratios = {t / s for s, t in recorded.items() if s > 0}
+    if given is None and len(ratios) == 1 and float(next(iter(ratios))).is_integer():
+        given = int(ratios.pop())  # every checkpoint agrees: tokens seen = step x this
+    if recorded:
+        source = "recorded in each checkpoint"
+    else:
+        source = "step x tokens_per_step" if given else "unknown (recorded as 0)"
+    return {"tokens_per_step": given, "tokens_seen_from": source}

@@ -6,9 +6,10 @@ A :class:`Series` lists its revisions (``step<N>`` names), says which exist, and
   works offline from a hub cache (``HF_HUB_OFFLINE=1``) through the same call.
 - :class:`StepDirSeries`: a folder of ``save_pretrained`` folders named by step (``1000``, ``step1000``,
   ``step-1000``, ``checkpoint-1000``).
-- :class:`LightningSeries`: a folder of ``.ckpt`` files written by Lightning (e.g. ``ModelCheckpoint``); the step
-  is the checkpoint's ``global_step``; the model is rebuilt with ``module_cls.load_from_checkpoint`` (default
-  ``negmonitor train``'s ``CausalLMModule``).
+- :class:`LightningSeries`: a folder of ``.ckpt`` files written by Lightning (e.g. ``ModelCheckpoint``), or one
+  file; the step is the checkpoint's ``global_step``; the transformers model is rebuilt from the state_dict by
+  :mod:`negmonitor.checkpoints` (no code from the file runs), or with ``module_cls.load_from_checkpoint`` when a
+  module class is given.
 
 :func:`open_series` picks the right one. A revision that does not exist or cannot be fetched raises
 :class:`CheckpointMissing` (recorded and skipped by the replay); a wrong model id or folder raises
@@ -17,18 +18,17 @@ A :class:`Series` lists its revisions (``step<N>`` names), says which exist, and
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from negmonitor.errors import NegmonitorError
-from negmonitor.models import parse_device, parse_dtype
+from negmonitor.models import parse_device, parse_dtype, quiet_transformers
 from negmonitor.replay.revisions import (PYTHIA_TOKENS_PER_STEP, is_pythia, pythia_schedule, sort_by_step, step_of,
                                          variant_of)
 
@@ -222,11 +222,12 @@ class StepDirSeries(Series):
 
 
 class LightningSeries(Series):
-    """Lightning ``.ckpt`` files of one's own run, rebuilt with ``module_cls.load_from_checkpoint``.
+    """Lightning ``.ckpt`` files of one's own run: the transformers model rebuilt from each state_dict.
 
     Args:
-        folder: a folder searched recursively for ``*.ckpt`` (e.g. ``runs/NAME/version_0/checkpoints``).
-        module_cls: the LightningModule class, or ``"package.module:Class"`` (default: ``CausalLMModule``).
+        folder: a folder searched recursively for ``*.ckpt`` (e.g. ``runs/NAME/version_0/checkpoints``), or a file.
+        module_cls: a LightningModule class, or ``"package.module:Class"``, to load with its own
+            ``load_from_checkpoint`` (default: none; :func:`negmonitor.checkpoints.load_lightning_model`).
         model_attr: attribute holding the transformers model (default: found automatically).
         tokens_per_step: tokens per step when the checkpoint does not record ``negmonitor_tokens_seen``.
     """
@@ -238,7 +239,7 @@ class LightningSeries(Series):
         self.folder = Path(folder).expanduser()
         self.name = str(self.folder.resolve())
         self.variant = "local"
-        self.module_cls = resolve_module_class(module_cls)
+        self.module_cls = resolve_module_class(module_cls) if module_cls is not None else None
         self.model_attr = model_attr
         self.tokens_per_step = int(tokens_per_step or 0)
         self.paths, self._tokens = lightning_checkpoints(self.folder)
@@ -257,6 +258,10 @@ class LightningSeries(Series):
 
         if revision not in self.paths:
             raise CheckpointMissing(f"no checkpoint for {revision} in {self.folder}")
+        if self.module_cls is None:  # rebuilt from the state_dict: no code from the file, no import of the module
+            from negmonitor.checkpoints import load_lightning_model
+
+            return load_lightning_model(self.paths[revision], dtype=dtype, device=device)
         module = self.module_cls.load_from_checkpoint(str(self.paths[revision]), map_location="cpu",
                                                       weights_only=False)
         model = find_hf_model(module, self.model_attr)
@@ -265,15 +270,18 @@ class LightningSeries(Series):
         return model.to(device).eval()
 
     def load_tokenizer(self, revision: str) -> Any:
-        for folder in (self.folder, *self.folder.parents[:3]):
-            for candidate in (folder, folder / "tokenizer"):
-                if _has_tokenizer(candidate):
-                    return _auto_tokenizer(candidate)
+        from negmonitor.checkpoints import find_tokenizer_folder
+
+        found = find_tokenizer_folder(self.folder)
+        if found is not None:
+            return _auto_tokenizer(found)
         raise NegmonitorError(f"no tokenizer found beside the checkpoints in {self.folder} — pass tokenizer= "
                               "(--tokenizer PATH, e.g. the tokenizer folder your training used)")
 
     def describe(self) -> dict:
-        return {**super().describe(), "module": f"{self.module_cls.__module__}:{self.module_cls.__qualname__}"}
+        module = (f"{self.module_cls.__module__}:{self.module_cls.__qualname__}" if self.module_cls is not None
+                  else "state_dict")
+        return {**super().describe(), "module": module}
 
 
 def open_series(model: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
@@ -286,6 +294,8 @@ def open_series(model: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     """
     text = str(model)
     path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".ckpt":
+        return LightningSeries(path, module_cls, model_attr, tokens_per_step)
     if path.is_dir():
         if any(path.rglob("*.ckpt")):
             return LightningSeries(path, module_cls, model_attr, tokens_per_step)
@@ -315,10 +325,11 @@ def lightning_checkpoints(folder: Path) -> tuple[dict[str, Path], dict[str, int 
     """
     paths: dict[str, Path] = {}
     tokens: dict[str, int | None] = {}
-    files = sorted(folder.rglob("*.ckpt"), key=lambda p: (p.name.startswith("last"), str(p)))
+    found = [folder] if folder.is_file() else folder.rglob("*.ckpt")
+    files = sorted(found, key=lambda p: (p.name.startswith("last"), str(p)))
     for file in files:
         try:
-            checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
             step = int(checkpoint["global_step"])
             seen = checkpoint.get("negmonitor_tokens_seen")
         except Exception:  # noqa: BLE001 - unreadable file: fall back to the name, else skip it
@@ -364,20 +375,6 @@ def load_weights(name: str, revision: str | None = None, dtype: torch.dtype | st
         cls = AutoModelForCausalLM if _is_decoder(config) else AutoModel
         model = cls.from_pretrained(name, dtype=parse_dtype(dtype), **kwargs)
     return model.to(parse_device(device)).eval()
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence ``transformers``' per-load progress bars (they would break the replay's own bar); restore after."""
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
 
 
 def is_missing_error(exc: BaseException) -> bool:

@@ -1,16 +1,13 @@
 """Pre- and post-activation values of a run's top neurons, for the histograms of Fig. 1c / 6b.
 
-The records hold no raw activations, so the values come from one of two places:
-
-(a) **recomputed**: when a model is at hand (``--model``, a local model named in a probe/ablate folder, or the
-    checkpoint of the shown step in a replay's local series), it is loaded with
-    :func:`negmonitor.models.load_model`, only the chosen neurons are hooked at the MLP sites, and a small probe pass
-    runs over the probe text; post-activations apply the site's own nonlinearity;
-(b) **stored**: otherwise the pre-activations of the neuron's top pairs (``y_a``, ``y_b`` of every stored rank), with
-    the family's nonlinearity (GELU for GPT-NeoX and GPT-2, SiLU for Llama-like, ReLU for OPT) applied for the
-    post-activations.
-
-The caption says which one was used.
+The records hold no raw activations, so the values are recomputed: when a model is at hand (``--model``, a local
+model named in a probe/ablate folder, the checkpoint of the shown step in a replay's local series, or a live run's
+own ``final_model/`` or step checkpoint beside its records), it is loaded with :func:`negmonitor.models.load_model`,
+only the chosen neurons are hooked at the MLP sites, and a small probe pass runs over the probe text;
+post-activations apply the site's own nonlinearity. Without a model a run is left out, with the reason: the
+handful of stored top-pair values is no picture of a neuron's distribution. Without a model, the histograms a
+measurement keeps in the records (``histograms/``: 64 bins per top-WD neuron over its values at the probe's sampled
+positions) are drawn instead, post-activations through the family's nonlinearity.
 """
 
 from __future__ import annotations
@@ -49,6 +46,7 @@ class NeuronValues:
     post: np.ndarray
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
     act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.gelu
+    hist: tuple[np.ndarray, np.ndarray] | None = None  # (counts, edges) from the records, instead of values
 
 
 @dataclass
@@ -99,14 +97,16 @@ def _compute(ctx: ReportContext, run: RunData) -> RunActivations | None:
     wd = {(int(r.layer), int(r.neuron)): float(r.wd) for r in snap.itertuples(index=False)} if "wd" in snap else {}
     model_path = ctx.model_for(run, step)
     recomputed = _recompute(ctx, run, model_path, chosen) if model_path is not None else None
-    if recomputed is not None:
-        pre, activations, how = recomputed
-        fallback = torch.nn.functional.gelu
-    else:
-        pre, activations = _stored(chosen, pairs), {}
-        name, fallback = _family_activation(run.meta.get("family"))
-        how = (f"stored values: the pre-activations of each neuron's stored top pairs at step {step} (the records "
-               f"keep no raw activations; pass --model to recompute them), post-activation = {name}")
+    if recomputed is None and not run.histograms.empty:
+        return _from_records(run, ctx.options.top_neurons)
+    if recomputed is None:
+        why = ("no model for step {step}" if model_path is None else f"no probe text for the model at {model_path}")
+        ctx.cache.setdefault("activation_skips", {})[run.label] = (
+            why.format(step=step) + " — pass --model (the run's final_model/ or a .ckpt of that step) and, for a "
+            "probe given as strings, --probe-text")
+        return None
+    pre, activations, how = recomputed
+    fallback = torch.nn.functional.gelu
     values = []
     for key in chosen:
         x = torch.as_tensor(pre.get(key, np.zeros(0)), dtype=torch.float32)
@@ -119,19 +119,31 @@ def _compute(ctx: ReportContext, run: RunData) -> RunActivations | None:
     return RunActivations(run, step, values, how)
 
 
-def _stored(chosen: list[tuple[int, int]], pairs: pd.DataFrame) -> dict[tuple[int, int], np.ndarray]:
-    out = {}
-    for layer, neuron in chosen:
-        rows = pairs[(pairs.layer == layer) & (pairs.neuron == neuron)] if len(pairs) else pairs
-        out[(layer, neuron)] = np.concatenate([rows.y_a.to_numpy(float), rows.y_b.to_numpy(float)]) if len(rows) \
-            else np.zeros(0)
-    return out
-
-
-def _family_activation(family: str | None) -> tuple[str, Callable]:
-    if family in FAMILY_ACTIVATIONS:
-        return FAMILY_ACTIVATIONS[family]
-    return f"GELU (assumed: model family {'unknown' if not family else family!r})", torch.nn.functional.gelu
+def _from_records(run: RunData, k: int) -> RunActivations | None:
+    """The top-WD neurons' histograms kept in the records at their last step (no model needed)."""
+    hist = run.histograms
+    step = int(hist.step.max())
+    at = hist[hist.step == step]
+    snap = run.neurons[run.neurons.step == step] if not run.neurons.empty else pd.DataFrame()
+    wd = {(int(r.layer), int(r.neuron)): float(r.wd) for r in snap.itertuples(index=False)} if "wd" in snap else {}
+    keys = sorted({(int(l), int(n)) for l, n in zip(at.layer, at.neuron)}, key=lambda key: -wd.get(key, -np.inf))
+    name, act = FAMILY_ACTIVATIONS.get(str(run.meta.get("family")), (None, torch.nn.functional.gelu))
+    pairs = run.pairs[run.pairs.step == step] if not run.pairs.empty and "step" in run.pairs else run.pairs.iloc[0:0]
+    values = []
+    for layer, neuron in keys[:k]:
+        rows = at[(at.layer == layer) & (at.neuron == neuron)].sort_values("bin")
+        edges = np.append(rows.left.to_numpy(float), rows.right.to_numpy(float)[-1:])
+        neuron_pairs = pairs[(pairs.layer == layer) & (pairs.neuron == neuron)].sort_values("rank") \
+            if len(pairs) else pairs
+        values.append(NeuronValues(layer, neuron, wd.get((layer, neuron), float("nan")), np.zeros(0), np.zeros(0),
+                                   neuron_pairs, act, hist=(rows["count"].to_numpy(float), edges)))
+    if not values:
+        return None
+    family = str(run.meta.get("family") or "unknown")
+    post = f"{name} ({family})" if name else f"GELU (assumed: no nonlinearity known for model family {family!r})"
+    how = (f"from the records: {len(rows)}-bin histograms of each top-WD neuron's pre-activations at the probe's "
+           f"sampled positions at step {step} (no model given), post-activation = {post} of the bin centres")
+    return RunActivations(run, step, values, how)
 
 
 def _recompute(ctx: ReportContext, run: RunData, model_path: str,
@@ -189,7 +201,7 @@ def load_cached(ctx: ReportContext, path: str) -> tuple[Any, Any]:
 
     models = ctx.cache.setdefault("models", {})
     if path not in models:
-        models[path] = load_model(path, device=ctx.options.device)
+        models[path] = load_model(path, device=ctx.options.device, tokenizer=ctx.options.tokenizer)
     return models[path]
 
 

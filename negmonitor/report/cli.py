@@ -18,9 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser, figures: bool = True) -> None
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs to report on (overlaid in each figure)")
     parser.add_argument("--out", required=True, help="folder for the PNGs, CSVs and index.html")
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
-                        help="model folder or id for recomputed activations (Fig. 1c/6b) and POS surprisal (3d); "
+                        help="model folder, id or Lightning .ckpt for recomputed activations (Fig. 1c/6b) and POS "
+                             "surprisal (3d); "
                              "repeat to match the RUN_DIRs in order (one --model goes with the first RUN_DIR); "
                              "default: the local model an ablate/probe folder names, or a replay's local checkpoint")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="tokenizer folder or id for a --model without one beside it")
     parser.add_argument("--probe-text", default=None, metavar="FILE",
                         help="text for recomputed activations and POS base rates (default: the run's own probe "
                              "text when it is a local file, else the contexts stored with the top pairs)")
@@ -50,16 +53,23 @@ def run(args: argparse.Namespace, only: Sequence[str] | None = None) -> int:
 
     check(args)
     options = ReportOptions(models=list(args.model), probe_text=args.probe_text, hist_tokens=args.hist_tokens,
-                            top_neurons=args.top_neurons, pos_texts=args.pos_texts, device=args.device)
+                            top_neurons=args.top_neurons, pos_texts=args.pos_texts, device=args.device,
+                            tokenizer=args.tokenizer)
     chosen = only or ([k for k in args.only.split(",") if k.strip()] if getattr(args, "only", None) else None)
     result = build_report(args.run_dirs, args.out, options, only=chosen, title=args.title)
     print(f"report written to {result.index} ({len(result.figures)} figure(s), {len(result.skipped)} skipped)")
-    return 0
+    failures = list(result.failed)
+    if chosen:  # figures asked for by name must be drawn
+        failures += [f"{key} ({paper}) not drawn: {why}" for key, paper, why in result.skipped
+                     if not why.startswith("failed:")]
+    for line in failures:
+        print(f"negmonitor: error: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def script_main(key: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``analysis/<key>.py``: the report's arguments, drawing only figure ``key``."""
-    from negmonitor.cli import _guarded
+    from negmonitor.errors import run_guarded
     from negmonitor.report.build import figure_keys
 
     if key not in figure_keys():
@@ -70,4 +80,4 @@ def script_main(key: str, argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    return _guarded(lambda: run(args, only=[key]), args.debug)
+    return run_guarded(lambda: run(args, only=[key]), args.debug)

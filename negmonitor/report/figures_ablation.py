@@ -146,19 +146,20 @@ def _ablation_bars(ctx: ReportContext, table: pd.DataFrame, accuracy: list[str])
             values = [float(part.loc[c, measure]) if c in part.index and measure in part.columns else np.nan
                       for c in CONDITIONS]
             x = np.arange(len(CONDITIONS)) + (k - (len(keys) - 1) / 2) * width
-            ax.bar(x, np.nan_to_num(values), width, color=[CONDITION_COLOURS[c] for c in CONDITIONS],
-                   alpha=1.0 - 0.5 * k / max(1, len(keys)), edgecolor="black", lw=0.4,
-                   label=f"{run} ({source})")
+            bars = ax.bar(x, np.nan_to_num(values), width, color=[CONDITION_COLOURS[c] for c in CONDITIONS],
+                          alpha=1.0 - 0.5 * k / max(1, len(keys)), edgecolor="black", lw=0.4,
+                          label=f"{run} ({source})")
+            ax.bar_label(bars, labels=[f"{v:.3g}" if np.isfinite(v) else "" for v in values], fontsize=6)
         ax.set_xticks(range(len(CONDITIONS)), [CONDITION_NAMES[c].split(" ")[0] for c in CONDITIONS], fontsize=7,
                       rotation=20)
         ax.set_title("perplexity / baseline" if measure == "ppl_ratio" else measure, fontsize=9)
-        if measure == "ppl_ratio":
+        if measure == "ppl_ratio":  # bars from zero; the value on each bar, the baseline's 1 dashed
             finite = table[measure].to_numpy(float)
             finite = finite[np.isfinite(finite)]
-            if finite.size:
-                ax.set_ylim(min(0.95, finite.min() - 0.01), finite.max() * 1.02 + 0.01)
+            ax.set_ylim(0, max(1.0, finite.max() if finite.size else 1.0) * 1.15)
+            ax.axhline(1.0, color="#555555", lw=0.8, ls="--")
         else:
-            ax.set_ylim(0, 1)
+            ax.set_ylim(0, 1.1)
         if len(keys) > 1:
             ax.legend(fontsize=6)
     return save_png(fig, ctx.out / "tabA2_ablation.png")

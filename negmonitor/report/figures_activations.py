@@ -10,7 +10,7 @@ import torch
 
 from negmonitor.report.activations import NeuronValues, RunActivations, run_activations
 from negmonitor.report.base import ReportContext, Skip, at_step, figure, fmt, make
-from negmonitor.report.plotting import SIGN_COLOURS, new_figure, no_data, run_colour, save_png
+from negmonitor.report.plotting import SIGN_COLOURS, new_figure, run_colour, save_png
 
 MARKED_PAIRS = 3
 
@@ -19,23 +19,24 @@ def _histograms(ctx: ReportContext, key: str, post: bool):
     found: list[tuple[int, RunActivations]] = []
     for index, run in enumerate(ctx.runs):
         values = run_activations(ctx, run)
-        if values is not None and any(v.pre.size for v in values.neurons):
+        if values is not None and any(v.pre.size or v.hist is not None for v in values.neurons):
             found.append((index, values))
+    left_out = ctx.cache.get("activation_skips", {})
     if not found:
-        raise Skip("no per-neuron data in any run to choose top neurons from (needs neurons or pairs records, or a "
-                   "probe folder), and no stored pair values to fall back on")
+        reasons = "; ".join(f"{label}: {why}" for label, why in left_out.items())
+        raise Skip("no run's pre-activations could be recomputed — " + (reasons or "no per-neuron data in any run "
+                   "to choose top neurons from (needs neurons or pairs records, or a probe folder)"))
     ncols = max(len(v.neurons) for _, v in found)
     fig, axes = new_figure(len(found), ncols, 3.0 * ncols + 0.4, 3.3 * len(found) + 0.5)
     rows, parts = [], []
     for row, (index, values) in enumerate(found):
         for col in range(ncols):
             ax = axes[row, col]
-            if col >= len(values.neurons) or not values.neurons[col].pre.size:
-                no_data(ax, "no values")
+            if col >= len(values.neurons) or not (values.neurons[col].pre.size or values.neurons[col].hist):
+                ax.set_visible(False)
                 continue
             item = values.neurons[col]
-            data = item.post if post else item.pre
-            counts, edges = np.histogram(data, bins=min(60, max(8, data.size // 10)))
+            counts, edges = _counts(item, post)
             ax.stairs(counts, edges, fill=True, color=run_colour(index), alpha=0.75)
             ax.axvline(0.0, color="black", lw=0.7)
             marked = _mark_pairs(ax, item, post)
@@ -52,9 +53,25 @@ def _histograms(ctx: ReportContext, key: str, post: bool):
     which = "post-activations (the nonlinearity applied)" if post else "pre-activations (input of the nonlinearity)"
     caption = (f"Histograms of the {which} of each run's top neurons — the highest-WD neurons among those with "
                f"stored top pairs (the top-MD neurons) — with the {MARKED_PAIRS} highest-OI pairs marked (solid: "
-               "token a, dashed: token b; colour: NN blue, PN grey, PP orange). Runs: " + "; ".join(parts) + ".")
+               "token a, dashed: token b; colour: NN blue, PN grey, PP orange). Runs: " + "; ".join(parts) + "."
+               + "".join(f" Not drawn: {label} ({why})." for label, why in left_out.items()))
     data = pd.DataFrame(rows, columns=["run", "step", "layer", "neuron", "kind", "bin_left", "bin_right", "count"])
     return make(key, caption, png=png, data=data)
+
+
+def _counts(item: NeuronValues, post: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of the neuron's values, or its recorded histogram (post: the bin centres through the nonlinearity,
+    re-binned with their counts as weights)."""
+    if item.hist is None:
+        data = item.post if post else item.pre
+        return np.histogram(data, bins=min(60, max(8, data.size // 10)))
+    counts, edges = item.hist
+    if not post:
+        return counts, edges
+    centres = torch.as_tensor((edges[:-1] + edges[1:]) / 2, dtype=torch.float32)
+    with torch.no_grad():
+        mapped = item.act(centres).numpy()
+    return np.histogram(mapped, bins=len(counts), weights=counts)
 
 
 def _mark_pairs(ax, item: NeuronValues, post: bool) -> bool:

@@ -20,6 +20,7 @@ from negmonitor.report.plotting import CONDITION_COLOURS, CONDITION_NAMES, new_f
 
 ABLATED = ("wasserstein", "ppl_matched", "random")
 MIN_WORDS = 5
+MIN_POS_TOKENS = 10  # A.5: no bar for a part of speech with fewer pair tokens than this (its share is noise)
 MAX_WORDS = 60
 BASE_CHARS = 200_000
 BATCH = 16
@@ -184,8 +185,9 @@ def pos_enrichment(ctx: ReportContext):
     png = save_png(fig, ctx.out / "figA5_pos_enrichment.png")
     caption = ("POS enrichment of the tokens in the stored top pairs of the top-MD neurons: log2 of a POS's share "
                "among the pair tokens (each pair counts both of its tokens, tagged in their stored context) over its "
-               "share among the words of the base text; all pairs and NN pairs only. POS seen fewer than 3 times in "
-               "the pairs and under 1% of the base are left out. Runs: " + "; ".join(parts) + ".")
+               "share among the words of the base text; all pairs and NN pairs only. A bar is drawn only for a POS with "
+               f"at least {MIN_POS_TOKENS} pair tokens in its group (the number above each position is that count). "
+               "Runs: " + "; ".join(parts) + ".")
     data = pd.concat(frames, ignore_index=True)
     return make("figA5_pos_enrichment", caption, png=png, data=data)
 
@@ -253,13 +255,14 @@ def enrichment_table(pairs: pd.DataFrame, base: Counter, nlp: Any) -> pd.DataFra
 
 def _enrichment_bars(ax, table: pd.DataFrame, index: int) -> None:
     everything = table[table.group == "all pairs"]
-    keep = everything[(everything.n_pairs >= 3) | (everything.share_base >= 0.01)]
+    keep = everything[everything.n_pairs >= MIN_POS_TOKENS]
     keep = keep[np.isfinite(keep.log2_enrichment)].sort_values("log2_enrichment", ascending=False)
     order = keep.pos.tolist()
     for k, group in enumerate(("all pairs", "NN pairs")):
         part = table[table.group == group].set_index("pos").reindex(order)
         x = np.arange(len(order)) + (k - 0.5) * 0.4
-        ax.bar(x, part.log2_enrichment.fillna(0.0), 0.4, color=run_colour(index), alpha=1.0 if k == 0 else 0.45,
+        shown = part.log2_enrichment.where(part.n_pairs >= MIN_POS_TOKENS)  # too few tokens: no bar, count only
+        ax.bar(x, shown.fillna(0.0), 0.4, color=run_colour(index), alpha=1.0 if k == 0 else 0.45,
                edgecolor="black", lw=0.4, label=group)
         for xi, n in zip(x, part.n_pairs.fillna(0)):
             ax.text(xi, 0, str(int(n)), ha="center", va="bottom", fontsize=5)

@@ -35,6 +35,19 @@ def _cohort_words(run) -> str:
     return f"cohort = top {frac:.0%} WD per layer at step {step}" if frac else f"cohort fixed at step {step}"
 
 
+def cohort_wd(run) -> tuple[pd.DataFrame, str]:
+    """``step, cohort_wd`` and what the cohort is: the paper's (top 5% WD at the last measured step, followed back
+    through the per-neuron snapshots) where the run has snapshots at two or more steps, else the live cohort (fixed
+    during the run), labelled as such."""
+    retro = final_cohort_curve(run.neurons)
+    if len(retro) >= 2:
+        last = int(retro.step.max())
+        return (retro[["step", "cohort"]].rename(columns={"cohort": "cohort_wd"}),
+                f"paper's cohort: top 5% WD per layer at step {last}, followed back")
+    live = whole_model(run, "wd/cohort_mean").rename(columns={"value": "cohort_wd"})
+    return live[["step", "cohort_wd"]] if len(live) else live, f"live {_cohort_words(run)} (no per-neuron snapshots)"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2a
 
@@ -101,7 +114,7 @@ def emergence(ctx: ReportContext):
                    "needs a monitored run or a replay over several measurements")
     fig, axes = new_figure(1, 2, 11.0, 4.0)
     live_ax, paper_ax = axes[0]
-    rows, parts, steps = [], [], []
+    rows, parts, live_steps, paper_steps = [], [], [], []
     for index, run, cohort, rest, retro in series:
         colour = run_colour(index)
         live_ax.plot(cohort.step, cohort.value, "-o", ms=3, color=colour, label=f"{run.label}: cohort")
@@ -113,11 +126,14 @@ def emergence(ctx: ReportContext):
             paper_ax.plot(retro.step, retro.rest, "--", color=colour, label=f"{run.label}: rest")
             rows += [(run.label, s, "final-step cohort", v) for s, v in zip(retro.step, retro.cohort)]
             rows += [(run.label, s, "final-step rest", v) for s, v in zip(retro.step, retro.rest)]
-            steps += retro.step.tolist()
-        steps += cohort.step.tolist()
+            paper_steps += retro.step.tolist()
+        live_steps += cohort.step.tolist()
         parts.append(f"{run.label} ({describe_steps(cohort.step if len(cohort) else retro.step)}; "
                      f"{_cohort_words(run)})")
-    for ax in (live_ax, paper_ax):
+    for ax, steps in ((live_ax, live_steps), (paper_ax, paper_steps)):  # each axis from its own first step
+        if not steps:
+            no_data(ax, "no data")
+            continue
         step_axis(ax, steps)
         ax.set_ylabel("mean WD (averaged over layers)")
         ax.legend(fontsize=7)
@@ -182,7 +198,7 @@ def wd_vs_accuracy(ctx: ReportContext):
 
     panels = []
     for index, run in enumerate(ctx.runs):
-        wd = whole_model(run, "wd/cohort_mean").rename(columns={"value": "cohort_wd"})
+        wd, which = cohort_wd(run)
         for metric in metrics_like(run, "ablation/acc/"):
             if not metric.endswith("/baseline"):
                 continue
@@ -190,7 +206,7 @@ def wd_vs_accuracy(ctx: ReportContext):
             acc = whole_model(run, metric).rename(columns={"value": "accuracy"})
             joined = wd.merge(acc, on="step")
             if len(joined) >= 3:
-                panels.append((index, run, suite, joined))
+                panels.append((index, run, suite, joined, which))
     if not panels:
         raise Skip("no run has the cohort's mean WD and the baseline minimal-pair accuracy "
                    "(ablation/acc/<suite>/baseline) at three or more common steps — add ablation with minimal pairs "
@@ -198,7 +214,7 @@ def wd_vs_accuracy(ctx: ReportContext):
     nrows, ncols = _grid(len(panels))
     fig, axes = new_figure(nrows, ncols, 4.2 * ncols, 3.6 * nrows)
     rows, summary, parts = [], [], []
-    for ax, (index, run, suite, joined) in zip(axes.flat, panels):
+    for ax, (index, run, suite, joined, which) in zip(axes.flat, panels):
         r, rp, rho, rhop = _correlations(stats, joined.cohort_wd.to_numpy(), joined.accuracy.to_numpy())
         ax.plot(joined.cohort_wd, joined.accuracy, "-", color=run_colour(index), lw=0.8, alpha=0.6)
         points = ax.scatter(joined.cohort_wd, joined.accuracy, c=joined.step, cmap="viridis", s=22, zorder=3)
@@ -210,13 +226,15 @@ def wd_vs_accuracy(ctx: ReportContext):
         rows += [(run.label, suite, s, w, a) for s, w, a in zip(joined.step, joined.cohort_wd, joined.accuracy)]
         summary.append({"run": run.label, "suite": suite, "n_steps": len(joined), "pearson_r": r, "pearson_p": rp,
                         "spearman_rho": rho, "spearman_p": rhop})
-        parts.append(f"{run.label}/{suite} ({describe_steps(joined.step)})")
+        parts.append(f"{run.label}/{suite} ({describe_steps(joined.step)}; {which})")
     for ax in list(axes.flat)[len(panels):]:
-        no_data(ax, "")
+        ax.set_visible(False)
     png = save_png(fig, ctx.out / "fig2d_wd_vs_accuracy.png")
-    caption = ("Mean WD of the fixed cohort (averaged over layers) against the unablated model's minimal-pair "
+    caption = ("Mean WD of the cohort (averaged over layers) against the unablated model's minimal-pair "
                "accuracy at the same steps (colour: step), with Pearson r and Spearman ρ across steps (n/a when one "
-               "of them is constant). Runs/suites: " + "; ".join(parts) + ".")
+               "of them is constant). The cohort is the paper's — the top 5% WD neurons of the last measured step, "
+               "followed back through the per-neuron snapshots — where a run has snapshots; else the cohort the run "
+               "fixed while training (said per run). Runs/suites: " + "; ".join(parts) + ".")
     return make("fig2d_wd_vs_accuracy", caption, png=png, table=pd.DataFrame(summary),
                 data=pd.DataFrame(rows, columns=["run", "suite", "step", "cohort_wd", "accuracy"]))
 
@@ -275,8 +293,9 @@ def pair_signs_over_training(ctx: ReportContext):
 def _damage(ctx: ReportContext, key: str, kind: str):
     """Damage (``acc_drop`` per suite, or ``ppl_ratio``) of each condition against the cohort's mean WD."""
     groups: dict[str, list] = {}
+    cohorts: dict[str, str] = {}
     for index, run in enumerate(ctx.runs):
-        wd = whole_model(run, "wd/cohort_mean").rename(columns={"value": "cohort_wd"})
+        wd, which = cohort_wd(run)
         if wd.empty:
             continue
         names = metrics_like(run, "ablation/acc_drop/") if kind == "acc" else metrics_like(run, "ablation/ppl_ratio/")
@@ -291,6 +310,7 @@ def _damage(ctx: ReportContext, key: str, kind: str):
                 joined = joined.merge(spread[["step", "sd"]], on="step", how="left")
             if len(joined):
                 groups.setdefault(panel, []).append((index, run, condition, joined))
+                cohorts[run.label] = which
     if not groups:
         what = "ablation/acc_drop/<suite>/<condition>" if kind == "acc" else "ablation/ppl_ratio/<condition>"
         raise Skip(f"no run has ablation rows ({what}) together with the cohort's mean WD — run the monitor with "
@@ -311,7 +331,7 @@ def _damage(ctx: ReportContext, key: str, kind: str):
             sd = joined.sd if "sd" in joined.columns else [float("nan")] * len(joined)
             rows += [(run.label, panel, condition, s, w, v, e) for s, w, v, e in zip(joined.step, joined.cohort_wd,
                                                                                      joined.value, sd)]
-            parts.add(f"{run.label} ({describe_steps(joined.step)})")
+            parts.add(f"{run.label} ({describe_steps(joined.step)}; {cohorts[run.label]})")
         if kind == "acc":
             ax.axhline(0.0, color="#999999", lw=0.8)
             ax.set_ylabel(f"{panel} accuracy drop (baseline − ablated)")
@@ -325,7 +345,9 @@ def _damage(ctx: ReportContext, key: str, kind: str):
     caption = (f"Ablation damage ({what}: negative pre-activations zeroed) of the top-WD neurons (Wasserstein), "
                "the same number of random neurons (with several random draws also their mean, dashed, ± one sd "
                "across draws), and the bottom-WD neurons matched in perplexity, against the "
-               "mean WD of the fixed cohort at the same step (one point per measured step, joined in step order). "
+               "mean WD of the cohort at the same step (one point per measured step, joined in step order; the "
+               "paper's cohort — top 5% WD at the last step, followed back — where the run has per-neuron "
+               "snapshots, so WD grows with training along x). "
                "Runs: " + "; ".join(sorted(parts)) + ".")
     data = pd.DataFrame(rows, columns=["run", "panel", "condition", "step", "cohort_wd", "value", "sd"])
     return make(key, caption, png=png, data=data)
@@ -341,3 +363,69 @@ def damage_accuracy(ctx: ReportContext):
 def damage_perplexity(ctx: ReportContext):
     """Perplexity ratio of each ablation condition against the cohort's mean WD."""
     return _damage(ctx, "fig7d_damage_perplexity", "ppl")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ablation damage over training (the run's causal headline)
+
+DAMAGE_MEASURES = (("margin_drop", "minimal-pair margin drop (relative)"), ("acc_drop", "minimal-pair accuracy drop"),
+                   ("ppl_ratio", "perplexity ablated / baseline"))
+
+
+@figure("fig7e_damage_over_training", "Fig. 7c-d (steps)", "Ablation damage over training vs the controls")
+def damage_over_training(ctx: ReportContext):
+    """Each damage measure over steps: Wasserstein, the perplexity-matched control, and the random draws' mean ± sd
+    band (a single random control as a line)."""
+    panels: dict[str, list] = {}
+    for index, run in enumerate(ctx.runs):
+        for measure, label in DAMAGE_MEASURES:
+            prefix = f"ablation/{measure}/"
+            for metric in metrics_like(run, prefix):
+                parts = metric[len(prefix):].split("/")
+                suite, condition = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
+                if condition not in (*CONDITIONS, "random_mean"):
+                    continue
+                frame = whole_model(run, metric)
+                if len(frame):
+                    title = f"{label}{' — ' + suite if suite else ''}"
+                    panels.setdefault(title, []).append((index, run, condition, frame, metric))
+    panels = {t: e for t, e in panels.items() if {c for _, _, c, _, _ in e} & {"wasserstein"}}
+    if not panels:
+        raise Skip("no run has ablation rows over steps (ablation/margin_drop/..., acc_drop/..., ppl_ratio/...) — run "
+                   "the monitor with ablation (ablation=..., minimal_pairs=...) or replay --ablate")
+    titles = [t for measure, label in DAMAGE_MEASURES for t in panels if t.startswith(label)]
+    fig, axes = new_figure(1, len(titles), 4.6 * len(titles), 3.8)
+    rows, parts = [], set()
+    for ax, title in zip(axes[0], titles):
+        steps: list = []
+        for index, run, condition, frame, metric in panels[title]:
+            marker = MARKERS[index % len(MARKERS)]
+            has_mean = any(c == "random_mean" and r is run for _, r, c, _, _ in panels[title])
+            if condition == "random" and has_mean:
+                continue  # the draws' mean and band stand for the random control
+            colour = CONDITION_COLOURS.get("random" if condition == "random_mean" else condition, "black")
+            name = "random (mean ± sd of draws)" if condition == "random_mean" else CONDITION_NAMES.get(condition,
+                                                                                                         condition)
+            ax.plot(frame.step, frame.value, marker=marker, ms=3, lw=1.0, color=colour,
+                    ls="--" if condition == "random_mean" else "-", label=f"{run.label}: {name}")
+            sd = pd.Series(np.nan, index=frame.index)
+            if condition == "random_mean":
+                spread = whole_model(run, metric[: -len("_mean")] + "_sd").set_index("step").value
+                sd = frame.step.map(spread).astype(float)
+                ax.fill_between(frame.step, frame.value - sd, frame.value + sd, color=colour, alpha=0.2, lw=0)
+            rows += [(run.label, title, condition, s, v, e) for s, v, e in zip(frame.step, frame.value, sd)]
+            steps += frame.step.tolist()
+            parts.add(f"{run.label} ({describe_steps(frame.step)})")
+        ax.axhline(1.0 if title.startswith("perplexity") else 0.0, color="#999999", lw=0.8)
+        ax.set_ylabel(title, fontsize=8)
+        step_axis(ax, steps)
+        ax.legend(fontsize=6)
+    png = save_png(fig, ctx.out / "fig7e_damage_over_training.png")
+    caption = ("Ablation damage over training (negative pre-activations zeroed) for the top-WD neurons (Wasserstein), "
+               "the bottom-WD neurons matched in perplexity, and random neurons of the same count: with several random "
+               "draws their mean (dashed) ± one sd across draws (band) — the Wasserstein damage means something "
+               "where it stands out of the band. Margin drop = relative loss of the mean log-probability margin "
+               "good − bad (it moves while accuracy is saturated); accuracy drop = baseline − ablated accuracy; "
+               "perplexity ratio = ablated / baseline. Runs: " + "; ".join(sorted(parts)) + ".")
+    return make("fig7e_damage_over_training", caption, png=png,
+                data=pd.DataFrame(rows, columns=["run", "panel", "condition", "step", "value", "random_sd"]))

@@ -48,6 +48,9 @@ def step_axis(ax, steps: Sequence[int] | np.ndarray, label: str = "training step
     positive = values[values > 0]
     if positive.size and positive.max() / max(positive.min(), 1.0) > 100:
         ax.set_xscale("symlog", linthresh=max(1.0, float(positive.min())))
+        ax.set_xlim(values.min(), values.max() * 1.15)  # from the first step (0 included), no empty negative half
+    elif values.size > 1:
+        ax.set_xlim(left=values.min() - 0.02 * np.ptp(values))
     ax.set_xlabel(label)
 
 

@@ -53,6 +53,8 @@ class RunData:
         scalars: tidy scalar rows (``run, step, tokens_seen, layer, neuron, metric, value``).
         neurons: per-neuron snapshots.
         pairs: top pairs of the top-MD neurons, all ranks.
+        histograms: the top-WD neurons' pre-activation histograms per step (``layer, neuron, bin, left, right,
+            count``), from the records.
         tables: ablation tables by file stem (``ablation``, ``fraction_sweep``, ``layer_groups``, ...), plus
             ``ablation_selections``.
         meta: what is known about the model and settings (``model``, ``family``, ``probe_source``, ``cohort``,
@@ -67,6 +69,7 @@ class RunData:
     pairs: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    histograms: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def table(self, name: str) -> pd.DataFrame | None:
         """An ablation table, or None when this run has none by that name."""
@@ -176,6 +179,7 @@ def load_records(root: Path) -> list[RunData]:
     scalars = _typed_scalars(store.read_scalars())
     neurons = store.read_neurons()
     pairs = read_pairs(root)
+    histograms = store.read("histograms")
     meta = _records_meta(root)
     labels = sorted(set(scalars.get("run", pd.Series(dtype=str)).astype(str))
                     | set(neurons.get("run", pd.Series(dtype=str)).astype(str))
@@ -183,7 +187,8 @@ def load_records(root: Path) -> list[RunData]:
     if not labels:
         labels = [root.parent.name if root.name == "negmonitor" else root.name]
     return [RunData(_display_name(label, root), root, ("records",), _only(scalars, label), _only(neurons, label),
-                    _only(pairs, label), meta={**meta, "run": label}) for label in labels]
+                    _only(pairs, label), meta={**meta, "run": label}, histograms=_only(histograms, label))
+            for label in labels]
 
 
 def _display_name(label: str, root: Path) -> str:
@@ -231,6 +236,10 @@ def _records_meta(root: Path) -> dict:
         meta["replay"] = replay
         meta["series"] = replay.get("model") or replay.get("name")
         meta["probe_source"] = replay.get("probe")
+    for info in sorted(Path(root).glob("run-*.json")):  # a monitored run's own description (model family)
+        run_info = read_json(info) or {}
+        meta.setdefault("family", run_info.get("family"))
+        meta.setdefault("model_type", run_info.get("model_type"))
     cohort = read_json(root / "cohort.json")
     if cohort:
         meta["cohort"] = {k: cohort[k] for k in ("revision", "step", "cohort_frac") if k in cohort}

@@ -190,8 +190,7 @@ class TextDataModule(L.LightningDataModule):
     def probe_texts(self, n: int = 256) -> list[str]:
         """Up to ``n`` held-out texts: grammar paragraphs from the held-out hash bucket, else validation docs."""
         if self.is_builtin:
-            corpus = GrammarCorpus(self.hparams.seed)
-            return corpus.paragraphs(max(1, 6 * int(n)), heldout=True)[: int(n)]  # ≤ 6 sentences each
+            return GrammarCorpus(self.hparams.seed).heldout_texts(n)
         return self.documents()[1][: int(n)]
 
     def minimal_pairs(self, n_per_construction: int = 100, seed: int = 12345) -> pd.DataFrame | None:

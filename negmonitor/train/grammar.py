@@ -662,6 +662,10 @@ class GrammarCorpus:
             i += size
         return out
 
+    def heldout_texts(self, n: int = 256) -> list[str]:
+        """Up to ``n`` held-out paragraphs: the probe and perplexity text of a run on the built-in corpus."""
+        return self.paragraphs(max(1, 6 * int(n)), heldout=True)[: int(n)]  # ≤ 6 sentences each
+
     def text(self, n_sentences: int) -> str:
         """Training text of ``n_sentences`` sentences, one paragraph per line."""
         return "\n".join(self.paragraphs(n_sentences)) + "\n"

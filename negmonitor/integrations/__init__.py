@@ -1,0 +1,1 @@
+"""The monitor for training loops other than Lightning's (the Hugging Face ``Trainer``: :mod:`.hf`)."""

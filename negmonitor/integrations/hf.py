@@ -1,0 +1,170 @@
+"""The monitor for the Hugging Face ``transformers.Trainer``: the Lightning callback's measurements, schedule,
+records and TensorBoard tags, from the same code.
+
+:class:`NegativeDifferentiationCallback` holds a :class:`~negmonitor.callbacks.NegativeDifferentiationMonitor`
+(settings, probe set, engine, ablation rows, record files, tag scheme) and drives it through its trainer-agnostic
+methods from the ``Trainer``'s events: the probe set is built at ``on_train_begin``, and steps are measured at
+``on_train_begin`` (step 0), ``on_step_end`` (after each optimizer step) and ``on_train_end``, on
+``state.global_step``. Records go to ``<logging dir>/negmonitor/`` and the curves to a TensorBoard event file in
+that folder. Under DDP every rank measures (the probe pass reduces across ranks) and rank zero writes. The monitor's
+state (cohort, measured steps) is saved beside each checkpoint (the weight snapshot for drift beside the records) and read back when training resumes
+from ``output_dir/checkpoint-<step>``.
+
+Example::
+
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from negmonitor.integrations.hf import NegativeDifferentiationCallback
+    >>> callback = NegativeDifferentiationCallback(probe="probe.txt", every_n_steps=500, log_spaced_until=512)
+    >>> trainer = Trainer(model, TrainingArguments("out"), train_dataset=ds, processing_class=tok,
+    ...                   callbacks=[callback])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from negmonitor.callbacks.monitor import NegativeDifferentiationMonitor
+from negmonitor.errors import NegmonitorError
+from negmonitor.monitoring.tensorboard import WriterSink
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """What the monitor's measurement reads of a trainer."""
+
+    global_rank: int
+    world_size: int
+    is_global_zero: bool
+
+
+class NegativeDifferentiationCallback(TrainerCallback):
+    """Measure WD, negative-side share, MD, pair signs, weight drift and ablation damage in a ``transformers.Trainer``.
+
+    Args:
+        probe: the probe text (required): a :class:`~negmonitor.probeset.ProbeSet`, a list of strings, a text file
+            or folder, or a dataset id ``ID[:CONFIG[:SPLIT]]``.
+        tokenizer: the tokenizer (default: the ``Trainer``'s ``processing_class``).
+        log_dir: where the ``negmonitor/`` folder (records and event file) goes (default: ``args.logging_dir``
+            where the ``TrainingArguments`` have it, else ``$TENSORBOARD_LOGGING_DIR``, else ``args.output_dir``).
+        run_name: the ``run`` column (default: the name of ``args.run_name`` or ``args.output_dir``).
+        tokens_per_step: tokens per optimizer step (default: ``state.num_input_tokens_seen``, counted when
+            ``TrainingArguments(include_num_input_tokens_seen=True)``; 0 otherwise).
+        **settings: every other argument of :class:`~negmonitor.callbacks.NegativeDifferentiationMonitor`
+            (``every_n_steps``, ``log_spaced_until``, ``at_end``, ``layers``, ``probe_tokens``, ``ablation``,
+            ``minimal_pairs``, ``ppl_text``, ``media_every_n_steps``, ``families``, ``strict``, ...).
+
+    Raises:
+        NegmonitorError: no probe, or a setting out of range (at construction); FSDP or DeepSpeed training, or no
+            tokenizer (at ``on_train_begin``, before the first step).
+    """
+
+    def __init__(self, probe: Any, tokenizer: Any = None, log_dir: str | os.PathLike | None = None,
+                 run_name: str | None = None, tokens_per_step: int | None = None, **settings: Any) -> None:
+        if probe is None:
+            raise NegmonitorError("NegativeDifferentiationCallback needs probe text — pass probe= a text file, a "
+                                  "folder, a list of strings or a dataset id such as wikitext:wikitext-2-raw-v1:test")
+        self.monitor = NegativeDifferentiationMonitor(probe=probe, tokenizer=tokenizer, log_dir=log_dir,
+                                                      run_name=run_name, tokens_per_step=tokens_per_step, **settings)
+        self._writer: Any = None
+        self._ranks: _Ranks | None = None
+
+    @property
+    def measured_steps(self) -> list[int]:
+        """Steps measured so far (every rank's list is the same)."""
+        return self.monitor.measured_steps
+
+    @property
+    def records_dir(self) -> Path | None:
+        """``<log dir>/negmonitor`` once training has begun."""
+        return self.monitor._store.root if self.monitor._store is not None else None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
+                       **kwargs: Any) -> None:
+        """Check the set-up, open the records and the event file, build the probe set, measure step 0."""
+        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+            raise NegmonitorError("negmonitor's Hugging Face callback does not support FSDP or DeepSpeed — train "
+                                  "with DDP or one process, or use the Lightning callback")
+        monitor = self.monitor
+        tokenizer = monitor.tokenizer or processing_class or kwargs.get("tokenizer")
+        monitor.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
+        if monitor.tokenizer is None:
+            raise NegmonitorError("no tokenizer: pass Trainer(processing_class=tokenizer) or "
+                                  "NegativeDifferentiationCallback(tokenizer=...)")
+        self._ranks = _Ranks(int(args.process_index), int(args.world_size), bool(state.is_world_process_zero))
+        root = Path(monitor.log_dir) if monitor.log_dir else hf_log_dir(args)
+        monitor.run_name = monitor.run_name or Path(str(getattr(args, "run_name", None) or args.output_dir)).name
+        sinks = []
+        if self._ranks.is_global_zero:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(root / "negmonitor"))
+            sinks = [WriterSink(self._writer)]
+            if not monitor.tokens_per_step and args.include_num_input_tokens_seen in (False, "no", None):
+                import warnings
+
+                warnings.warn("negmonitor: tokens_seen is recorded as 0 — set TrainingArguments("
+                              "include_num_input_tokens_seen=True) or NegativeDifferentiationCallback("
+                              "tokens_per_step=...)", stacklevel=2)
+        monitor._open(root, sinks, self._ranks.is_global_zero)
+        monitor._prepare(getattr(model, "_orig_mod", model), None, self._ranks.is_global_zero)
+        self._load_state(args, state)
+        self._maybe_measure(state, monitor.schedule.due(state.global_step))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Save the monitor's state (cohort, measured steps) beside the checkpoint just written, and the weight
+        snapshot for drift beside the records."""
+        if self._ranks is not None and self._ranks.is_global_zero:
+            path = self._state_path(args, state.global_step)
+            if path.parent.is_dir():
+                import torch
+
+                from negmonitor.atomic import atomic_path
+
+                with atomic_path(path) as tmp:
+                    torch.save(self.monitor.state_dict(), tmp)
+            self.monitor._save_snapshot(True)  # the weight snapshot lives beside the records, not in the state
+
+    def _load_state(self, args: Any, state: Any) -> None:
+        """On a resume (``global_step > 0``), read the state saved beside ``output_dir/checkpoint-<step>``."""
+        path = self._state_path(args, state.global_step)
+        if state.global_step > 0 and path.is_file():
+            import torch
+
+            self.monitor.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def _state_path(self, args: Any, step: int) -> Path:
+        return Path(args.output_dir) / f"checkpoint-{int(step)}" / f"negmonitor-{self.monitor.record_key}.pt"
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Measure when the optimizer step just taken is scheduled."""
+        self._maybe_measure(state, self.monitor.schedule.due(state.global_step))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Final measurement; close the event file."""
+        try:
+            self._maybe_measure(state, self.monitor.schedule.at_end, final=True)
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    def _maybe_measure(self, state: Any, due: bool, final: bool = False) -> None:
+        step = int(state.global_step)
+        if not due or step in self.monitor.measured_steps or self._ranks is None:
+            return
+        monitor = self.monitor
+        monitor.tokens_seen = (step * monitor.tokens_per_step if monitor.tokens_per_step
+                               else int(getattr(state, "num_input_tokens_seen", 0) or 0))
+        monitor._measure(self._ranks, step, final)
+
+
+def hf_log_dir(args: Any) -> Path:
+    """The folder the ``negmonitor/`` records go under: ``args.logging_dir`` (transformers 4), else
+    ``$TENSORBOARD_LOGGING_DIR`` (where transformers 5's TensorBoard callback writes), else ``args.output_dir``."""
+    logging_dir = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
+    return Path(logging_dir or args.output_dir).expanduser()

@@ -1,0 +1,104 @@
+"""Under Lightning DDP (2 CPU processes, gloo) every rank evaluates its share of the ablation and the logged damage
+equals the single-process numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_helpers import TEXT, TinyLM
+from negmonitor.distributed import Shard
+from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
+from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
+from negmonitor.probeset import ProbeSet
+from negmonitor.records import RecordStore
+from negmonitor.train.grammar import GrammarCorpus
+
+ABLATION = {"fraction": 0.05, "max_matching_evals": 4, "random_draws": 2, "batch_size": 4, "ppl_window": 64}
+PPL_TEXT = TEXT[:3_000]
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    import lightning as L
+    from lightning.pytorch import seed_everything
+    from lightning_helpers import TEXT, TinyLM, token_loader
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+    from negmonitor.train.grammar import GrammarCorpus
+
+    class CountingMonitor(NegativeDifferentiationMonitor):
+        """Counts the forward passes each rank runs for the ablation."""
+        def _ablation_rows(self, measurement, shard=None):
+            calls = []
+            handle = self._hf_model.register_forward_pre_hook(lambda *_: calls.append(1))
+            try:
+                return super()._ablation_rows(measurement, shard)
+            finally:
+                handle.remove()
+                self.forwards.append(len(calls))
+
+    seed_everything(0)
+    module = TinyLM()
+    monitor = CountingMonitor(probe=[TEXT], probe_tokens=2_048, probe_window=64, n_pairs=200, every_n_steps=2,
+                              log_dir=sys.argv[1], ablation=json.loads(sys.argv[3]), ppl_text=TEXT[:3_000],
+                              minimal_pairs=GrammarCorpus(0).minimal_pairs(4), families=("ablation", "health"))
+    monitor.forwards = []
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=2, logger=False, callbacks=[monitor],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=sys.argv[1])
+    trainer.fit(module, token_loader(module.tokenizer))
+    with open(f"{sys.argv[1]}/forwards-{trainer.global_rank}.json", "w") as f:
+        json.dump(monitor.forwards, f)
+''')
+
+
+def test_ddp_ablation_is_split_across_ranks_and_equals_single_process(tmp_path) -> None:
+    script, logs = tmp_path / "ddp_ablation.py", tmp_path / "logs"
+    script.write_text(SCRIPT)
+    logs.mkdir()
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        out = subprocess.run([sys.executable, str(script), str(logs), tests_dir, json.dumps(ABLATION)],
+                             capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the DDP run hung (a rank waited in a collective the other never reached)")
+    assert out.returncode == 0, out.stderr[-3000:]
+    forwards = [json.loads((logs / f"forwards-{rank}.json").read_text()) for rank in (0, 1)]
+    assert forwards[0] == forwards[1] and all(n > 0 for n in forwards[1]), forwards  # both ranks work, in lockstep
+
+    scalars = RecordStore.for_logdir(logs).read_scalars()
+    ddp = scalars[(scalars.step == 0) & scalars.metric.str.startswith("ablation/")].set_index("metric").value
+
+    module = TinyLM()  # the weights the DDP run measured at step 0
+    probe_set = ProbeSet.build([TEXT], module.tokenizer, n_tokens=2_048, window=64, n_pairs=200)
+    result = take_measurement(module.model, probe_set, 0, MonitorSettings(), MonitorState()).result
+    calls: list[int] = []
+    handle = module.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    single = ablation_scalar_rows(module.model, module.tokenizer, result, ABLATION, GrammarCorpus(0).minimal_pairs(4),
+                                  PPL_TEXT).set_index("metric").value
+    handle.remove()
+    assert forwards[0][0] < len(calls)  # each rank ran a share, not the whole
+    assert "ablation/ppl_ratio/ppl_matched" in single and "ablation/margin_drop/grammar/random_sd" in single
+    assert sorted(ddp.index) == sorted(single.index)
+    # Sentences batched differently on each rank are scored with other padding: fp32 log-probabilities of tens of
+    # nats differ in their last bits (~1e-6), which a margin drop (a difference of margins) shows as ~1e-7 absolute.
+    np.testing.assert_allclose(ddp[single.index].to_numpy(), single.to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_shard_pads_every_rank_to_rank_zeros_batches() -> None:
+    own, extra = [], []
+    for rank in range(3):
+        shard = Shard(rank, 3)
+        own.append(-(-len(shard.take(list(range(10)))) // 3))  # 4, 3, 3 items in batches of 3
+        extra.append(shard.extra_batches(10, 3))
+    assert own == [2, 1, 1] and extra == [0, 1, 1]
+    assert Shard(2, 3).take(list(range(10))) == [2, 5, 8]
+    assert Shard().extra_batches(7, 3) == 0 and not Shard().active

@@ -1,0 +1,130 @@
+"""Under Lightning's FSDPStrategy (2 CPU processes, gloo) the monitor measures whole layers: its records equal a
+single-process measurement of the same weights; DeepSpeed is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_helpers import TEXT, TinyLM
+from negmonitor.callbacks import NegativeDifferentiationMonitor
+from negmonitor.errors import NegmonitorError
+from negmonitor.metrics.drift import weight_drift
+from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
+from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
+from negmonitor.probeset import ProbeSet
+from negmonitor.records import RecordStore
+from negmonitor.train.grammar import GrammarCorpus
+
+ABLATION = {"fraction": 0.05, "max_matching_evals": 3, "batch_size": 4, "ppl_window": 64}
+PPL_TEXT = TEXT[:2_000]
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    import lightning as L
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+    from lightning_helpers import TEXT, TinyLM, token_loader
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+    from negmonitor.train.grammar import GrammarCorpus
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """Lightning's FSDPStrategy on CPU: FSDP is told the device (Lightning passes none for CPU, and torch then
+        refuses); a subclass also passes Lightning's GPU-only check."""
+        def _setup_model(self, model):
+            return FullyShardedDataParallel(module=model, sharding_strategy=self.sharding_strategy,
+                                            device_id=torch.device("cpu"), **self.kwargs)
+
+    seed_everything(0)
+    module = TinyLM()
+    monitor = NegativeDifferentiationMonitor(probe=[TEXT], probe_tokens=2_048, probe_window=64, n_pairs=200,
+                                             every_n_steps=2, at_end=False, log_dir=sys.argv[1],
+                                             ablation=json.loads(sys.argv[3]), ppl_text=TEXT[:2_000],
+                                             minimal_pairs=GrammarCorpus(0).minimal_pairs(3))
+    strategy = CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({GPTNeoXLayer}), process_group_backend="gloo")
+    class Rows(L.Callback):
+        """Whole MLP rows at step 2 (after the monitor measured them), saved by rank 0."""
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step != 2:
+                return
+            layers = pl_module.model.gpt_neox.layers
+            assert layers[0].mlp.dense_h_to_4h.weight.dim() == 1  # sharded: the monitor had to gather whole rows
+            with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+                rows = {i: layer.mlp.dense_h_to_4h.weight.detach().clone() for i, layer in enumerate(layers)}
+            if trainer.global_rank == 0:
+                torch.save(rows, f"{sys.argv[1]}/rows_at_2.pt")
+
+    # measured at steps 0 and 2; step 3 trains after a measurement
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=3, logger=False,
+                        callbacks=[monitor, Rows()], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=sys.argv[1])
+    trainer.fit(module, token_loader(module.tokenizer))
+    # the routing patches are gone
+    assert "forward" not in vars(module.model) and "forward" not in vars(module.model.gpt_neox)
+''')
+
+
+def test_fsdp_records_equal_a_single_process_measurement(tmp_path) -> None:
+    script, logs = tmp_path / "fsdp_run.py", tmp_path / "logs"
+    script.write_text(SCRIPT)
+    logs.mkdir()
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        out = subprocess.run([sys.executable, str(script), str(logs), tests_dir, json.dumps(ABLATION)],
+                             capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the FSDP run hung (the ranks ran different numbers of forward passes or collectives)")
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = RecordStore.for_logdir(logs)
+    scalars, neurons = store.read_scalars(), store.read_neurons()
+    assert not scalars.metric.str.startswith("health/measurement_failed").any(), out.stderr[-3000:]
+    assert sorted(scalars.step.unique()) == [0, 2]
+
+    module = TinyLM()  # the weights the FSDP run measured at step 0
+    assert neurons[neurons.step == 0].groupby("layer").size().tolist() == [module.model.config.intermediate_size] * 2
+    probe_set = ProbeSet.build([TEXT], module.tokenizer, n_tokens=2_048, window=64, n_pairs=200)
+    single = take_measurement(module.model, probe_set, 0, MonitorSettings(), MonitorState())
+    fsdp = neurons[neurons.step == 0].sort_values(["layer", "neuron"])
+    expected = single.neurons.sort_values(["layer", "neuron"])
+    for column in ("wd", "wd_neg", "md", "mean", "std"):
+        np.testing.assert_allclose(fsdp[column].to_numpy(), expected[column].to_numpy(), atol=1e-4, err_msg=column)
+
+    ablation = scalars[(scalars.step == 0) & scalars.metric.str.startswith("ablation/")].set_index("metric").value
+    rows = ablation_scalar_rows(module.model, module.tokenizer, single.result, ABLATION,
+                                GrammarCorpus(0).minimal_pairs(3), PPL_TEXT).set_index("metric").value
+    assert sorted(ablation.index) == sorted(rows.index)
+    np.testing.assert_allclose(ablation[rows.index].to_numpy(), rows.to_numpy(), rtol=1e-5, atol=1e-7)
+
+    final = torch.load(logs / "rows_at_2.pt")  # whole rows after 2 steps, gathered by the script
+    at_2 = neurons[neurons.step == 2].sort_values(["layer", "neuron"])
+    for layer, site in enumerate(module.model.gpt_neox.layers):
+        # the monitor keeps its snapshots in bf16 (MonitorSettings.drift_dtype): the reference rounds both alike
+        drift = weight_drift(site.mlp.dense_h_to_4h.weight.detach().bfloat16(), final[layer].bfloat16())
+        got = at_2[at_2.layer == layer].drift_cos_dissim.to_numpy()
+        np.testing.assert_allclose(got, drift["cos_dissim"].double().numpy(), rtol=1e-4, atol=1e-7)
+
+
+class DeepSpeedStrategy:
+    """A stand-in for Lightning's DeepSpeedStrategy (deepspeed is not installed here)."""
+
+
+def test_deepspeed_is_refused_in_setup(tmp_path) -> None:
+    monitor = NegativeDifferentiationMonitor(probe=[TEXT], log_dir=tmp_path)
+    fake = SimpleNamespace(strategy=DeepSpeedStrategy(), is_global_zero=True, loggers=[], logger=None)
+    with pytest.raises(NegmonitorError, match="does not support DeepSpeedStrategy.*strategy='ddp' or FSDPStrategy"):
+        monitor.setup(fake, TinyLM(), "fit")

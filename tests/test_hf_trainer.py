@@ -1,0 +1,199 @@
+"""The Hugging Face Trainer callback on real ``transformers.Trainer`` runs of a tiny GPT-NeoX: schedule, records,
+event files, the same numbers as the engine, and under DDP (2 gloo processes) only rank zero writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_helpers import TEXT
+from negmonitor.monitoring import tensorboard as tb
+from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
+from negmonitor.probeset import ProbeSet
+from negmonitor.records import RecordStore
+from tiny_models import tiny_causal_lm, tiny_tokenizer
+
+PROBE = dict(probe_tokens=1_024, probe_window=64, n_pairs=100)
+
+
+class _Blocks(torch.utils.data.Dataset):
+    """Causal-LM examples (``input_ids`` = ``labels``) cut from TEXT."""
+
+    def __init__(self, tokenizer, seq_len: int = 32) -> None:
+        ids = tokenizer(TEXT)["input_ids"]
+        self.blocks = [torch.tensor(ids[i:i + seq_len]) for i in range(0, len(ids) - seq_len, seq_len)]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def _args(output_dir, max_steps: int, **kwargs):
+    from transformers import TrainingArguments
+
+    settings = dict(per_device_train_batch_size=8, learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no",
+                    logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    return TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, **{**settings, **kwargs})
+
+
+def test_hf_trainer_run_gets_the_lightning_monitors_records_and_tags(tmp_path) -> None:
+    from transformers import Trainer
+
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm("neox").train()
+    callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=4, log_spaced_until=2, media_every_n_steps=4,
+                                               **PROBE)
+    trainer = Trainer(model=model, args=_args(tmp_path / "out", 5, include_num_input_tokens_seen=True),
+                      train_dataset=_Blocks(tokenizer), processing_class=tokenizer, callbacks=[callback])
+    trainer.train()
+    assert callback.measured_steps == [0, 1, 2, 4, 5]  # log-spaced, every 4, and the end of training
+    records = tmp_path / "out" / "negmonitor"
+    assert callback.records_dir == records
+    store = RecordStore(records)
+    scalars = store.read_scalars()
+    assert sorted(scalars.step.unique()) == [0, 1, 2, 4, 5]
+    assert set(scalars.run) == {"out"}
+    assert scalars.groupby("step").tokens_seen.first().tolist() == [0, 256, 512, 1024, 1280]  # 8 x 32 per step
+    assert {"wd/max", "wd/cohort_mean", "pairs/nn_share", "md/mean", "drift/cohort_vs_rest"} <= set(scalars.metric)
+    (info,) = records.glob("run-*.json")
+    assert json.loads(info.read_text())["family"] == "gpt_neox"
+
+    # step 0 is the engine's measurement of the initial weights, as the Lightning callback would record it
+    fresh = tiny_causal_lm("neox")
+    probe_set = ProbeSet.build([TEXT], tokenizer, n_tokens=1_024, window=64, n_pairs=100,
+                               max_positions=fresh.config.max_position_embeddings)
+    direct = take_measurement(fresh, probe_set, 0, callback.monitor.settings, MonitorState(), tokenizer)
+    recorded = store.read_neurons()
+    recorded = recorded[recorded.step == 0].sort_values(["layer", "neuron"])
+    for column in ("wd", "wd_neg", "md", "mean"):
+        np.testing.assert_allclose(recorded[column].to_numpy(), direct.neurons.sort_values(["layer", "neuron"])[column]
+                                   .to_numpy(), rtol=1e-6, atol=1e-9, err_msg=column)
+
+    acc = EventAccumulator(str(records), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    at_step = tb.scalar_metrics(scalars[scalars.step == 4])
+    assert set(at_step) <= set(tags["scalars"])  # the README's tags, the same as a Lightning run's
+    assert "negmonitor/wd/max/layer_01" in at_step and "negmonitor/wd/cohort_mean" in at_step
+    assert [e.step for e in acc.Scalars("negmonitor/wd/max/layer_01")] == [0, 1, 2, 4, 5]
+    value = {e.step: e.value for e in acc.Scalars("negmonitor/wd/max/layer_01")}[4]
+    assert value == pytest.approx(at_step["negmonitor/wd/max/layer_01"], rel=1e-6)
+    assert "negmonitor/wd/distribution/layer_00" in tags["histograms"]
+    assert "negmonitor/images/top_neurons/layer_01" in tags["images"]
+    assert any(t.startswith("negmonitor/pairs/top/layer_00") for t in tags["tensors"])
+    assert model.training  # the measurement left train mode as it found it
+
+
+def test_hf_resume_from_a_checkpoint_gives_the_same_records(tmp_path) -> None:
+    from transformers import Trainer
+
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    def run(output_dir, max_steps, resume=None):
+        tokenizer = tiny_tokenizer()
+        callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=2, **PROBE)
+        args = _args(output_dir, max_steps, save_strategy="steps", save_steps=2, lr_scheduler_type="constant")
+        # Llama: transformers 5.24 does not load a GPT-NeoX checkpoint's LM head back ('embed_out.weight'
+        # unexpected), so a resumed GPT-NeoX run trains differently whatever the monitor does
+        model = tiny_causal_lm("llama").train()
+        Trainer(model=model, args=args, train_dataset=_Blocks(tokenizer), processing_class=tokenizer,
+                callbacks=[callback]).train(resume_from_checkpoint=resume)
+        return callback
+
+    run(tmp_path / "full", 6)
+    run(tmp_path / "cut", 2)  # a run that stopped after its checkpoint at step 2 (constant lr: the same updates)
+    resumed = run(tmp_path / "cut", 6, resume=str(tmp_path / "cut" / "checkpoint-2"))
+    assert resumed.measured_steps == [0, 2, 4, 6]  # the measured steps came back with the state
+    assert resumed.monitor.state.cohort_step == 0  # the cohort fixed before the cut, not again after it
+    full = RecordStore(tmp_path / "full" / "negmonitor").read_scalars()
+    cut = RecordStore(tmp_path / "cut" / "negmonitor").read_scalars()
+    assert sorted(cut.step.unique()) == [0, 2, 4, 6]
+    assert "drift/cohort_vs_rest" in set(cut[cut.step == 4].metric)  # drift since the step-2 snapshot
+    pd.testing.assert_frame_equal(full.drop(columns="run"), cut.drop(columns="run"), check_exact=False, rtol=1e-5,
+                                  atol=1e-7)
+
+
+def test_hf_callback_needs_a_probe_and_refuses_fsdp(tmp_path) -> None:
+    from transformers import Trainer
+
+    from negmonitor.errors import NegmonitorError
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    with pytest.raises(NegmonitorError, match="needs probe text"):
+        NegativeDifferentiationCallback(probe=None)
+    with pytest.raises(NegmonitorError, match="cohort_frac"):
+        NegativeDifferentiationCallback(probe=[TEXT], cohort_frac=2.0)
+    tokenizer = tiny_tokenizer()
+    callback = NegativeDifferentiationCallback(probe=[TEXT], **PROBE)
+    trainer = Trainer(model=tiny_causal_lm("neox"), args=_args(tmp_path / "out", 1), train_dataset=_Blocks(tokenizer),
+                      callbacks=[callback])
+    with pytest.raises(NegmonitorError, match="no tokenizer"):
+        trainer.train()
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    from transformers import Trainer
+    from test_hf_trainer import PROBE, TEXT, _Blocks, _args
+    from tiny_models import tiny_causal_lm, tiny_tokenizer
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    torch.set_num_threads(1)
+    tokenizer = tiny_tokenizer()
+    callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=2, **PROBE)
+    trainer = Trainer(model=tiny_causal_lm("neox").train(), args=_args(sys.argv[1], 2), train_dataset=_Blocks(tokenizer),
+                      processing_class=tokenizer, callbacks=[callback])
+    trainer.train()
+    with open(f"{sys.argv[1]}/measured-{trainer.args.process_index}.txt", "w") as f:  # not stdout: ranks interleave
+        f.write(str(callback.measured_steps))
+''')
+
+
+def test_hf_trainer_ddp_measures_on_every_rank_and_rank_zero_writes(tmp_path) -> None:
+    script = tmp_path / "hf_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(tmp_path / "out"), tests_dir], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # a hang: end the launcher and its workers (their own process group)
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"2-process HF Trainer run hung: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    measured = [(tmp_path / "out" / f"measured-{rank}.txt").read_text() for rank in (0, 1)]
+    assert measured == ["[0, 2]", "[0, 2]"], (measured, stdout[-2000:])
+    store = RecordStore(tmp_path / "out" / "negmonitor")
+    scalars = store.read_scalars()
+    assert sorted(scalars.step.unique()) == [0, 2]
+    assert scalars.groupby(["run", "step", "layer", "metric"]).size().max() == 1
+
+    tokenizer = tiny_tokenizer()  # step 0 of the 2-process run equals one process measuring the same weights
+    fresh = tiny_causal_lm("neox")
+    probe_set = ProbeSet.build([TEXT], tokenizer, n_tokens=1_024, window=64, n_pairs=100,
+                               max_positions=fresh.config.max_position_embeddings)
+    single = take_measurement(fresh, probe_set, 0, MonitorSettings(), MonitorState()).neurons
+    ddp = store.read_neurons()
+    ddp = ddp[ddp.step == 0].sort_values(["layer", "neuron"])
+    np.testing.assert_allclose(ddp.wd.to_numpy(), single.sort_values(["layer", "neuron"]).wd.to_numpy(), atol=1e-4)

@@ -1,0 +1,89 @@
+"""Dependencies go one way (library <- commands <- cli) and every module imports on its own (no import cycles)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "negmonitor"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(path: Path, module: str | None = None) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved, ``from a import b`` as a.b)."""
+    module = module or _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _layer(module: str) -> int:
+    """0: library, 1: commands, 2: the cli (``negmonitor.cli`` and ``python -m negmonitor``)."""
+    if module in ("negmonitor.cli", "negmonitor.__main__"):
+        return 2
+    return 1 if module == "negmonitor.commands" or module.startswith("negmonitor.commands.") else 0
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_the_walker_sees_relative_and_from_imports(tmp_path) -> None:
+    """The checker itself catches the forms a violation can take."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("from ..commands import common\nimport negmonitor.cli\nfrom negmonitor import cli\n")
+    names = _imported(sample, "negmonitor.metrics.sample")
+    assert {"negmonitor.commands.common", "negmonitor.cli"} <= names
+    assert _layer("negmonitor.commands.common") == 1 and _layer("negmonitor.cli") == 2
+    assert _layer("negmonitor.report.cli") == 0  # a library module, whatever its name
+
+
+def test_dependencies_go_one_way() -> None:
+    offences = []
+    for path in _modules():
+        module = _module_name(path)
+        for name in _imported(path):
+            if name.startswith("negmonitor") and _layer(name) > _layer(module):
+                offences.append(f"{module} imports {name}")
+    assert not offences, "library <- commands <- cli is broken:\n" + "\n".join(sorted(offences))
+
+
+FRESH = textwrap.dedent('''
+    import importlib, sys, traceback
+    failures = []
+    for name in sys.argv[1:]:
+        for loaded in [m for m in sys.modules if m == "negmonitor" or m.startswith("negmonitor.")]:
+            del sys.modules[loaded]
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+    print("\\n".join(failures))
+    sys.exit(1 if failures else 0)
+''')
+
+
+def test_every_module_imports_fresh_on_its_own() -> None:
+    """Each module imported first, in a process where no other negmonitor module is loaded: a cycle fails here."""
+    names = [_module_name(p) for p in _modules() if p.name != "__main__.py"]  # importing it runs the CLI
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", FRESH, *names], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -1,0 +1,65 @@
+"""The live probe forward runs in the trainer's precision context (bf16-mixed: autocast), fp32 on request."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+
+from lightning_helpers import TEXT, TinyLM, token_loader, trainer
+from negmonitor.callbacks import NegativeDifferentiationMonitor
+from negmonitor.errors import NegmonitorError
+from negmonitor.records import RecordStore
+
+SMALL = dict(probe=[TEXT], probe_tokens=1_024, probe_window=64, n_pairs=100)
+
+
+def _run(tmp_path, **kwargs):
+    seed_everything(0)
+    module = TinyLM()
+    dtypes, autocast_after = [], []
+
+    def probe_dtype(mod, args, output):  # the projection's output dtype inside the probe pass (no grad)
+        if not torch.is_grad_enabled():
+            dtypes.append(output.dtype)
+
+    module.model.gpt_neox.layers[0].mlp.dense_h_to_4h.register_forward_hook(probe_dtype)
+    monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "md", "health"), **SMALL, **kwargs)
+    original = monitor._measure
+
+    def watched(trainer_, step, *rest, **kwargs):
+        original(trainer_, step, *rest, **kwargs)
+        autocast_after.append(torch.is_autocast_enabled("cpu"))
+
+    monitor._measure = watched
+    trainer(tmp_path, 2, [monitor], precision="bf16-mixed").fit(module, token_loader(module.tokenizer))
+    store = RecordStore.for_logdir(tmp_path / "run" / "version_0")
+    info = json.loads((store.root / f"run-{monitor.record_key}.json").read_text())
+    return set(dtypes), autocast_after, info, store.read_neurons(), store.read_scalars()
+
+
+def test_bf16_mixed_trainer_probes_under_autocast_and_fp32_on_request(tmp_path) -> None:
+    dtypes, autocast_after, info, neurons, scalars = _run(tmp_path / "mixed")
+    assert dtypes == {torch.bfloat16}  # the probe forward ran under the trainer's autocast
+    assert autocast_after == [False, False]  # ... and left no autocast behind
+    assert info["probe_precision"] == "bf16-mixed"
+    assert "health/measurement_failed" not in set(scalars.metric)
+    assert neurons.wd.notna().all() and neurons.md.notna().all()
+
+    dtypes32, autocast_after32, info32, neurons32, _ = _run(tmp_path / "fp32", probe_precision="fp32")
+    assert dtypes32 == {torch.float32} and autocast_after32 == [False, False]
+    assert info32["probe_precision"] == "32-true"
+    # the same weights at step 0, measured both ways: bf16 rounding moves WD a little, never a lot
+    a, b = (f[f.step == 0].sort_values(["layer", "neuron"]).wd.to_numpy() for f in (neurons, neurons32))
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, atol=0.05)
+
+
+def test_unknown_probe_precision_is_refused() -> None:
+    with pytest.raises(NegmonitorError, match="probe_precision must be one of trainer, fp32"):
+        NegativeDifferentiationMonitor(probe=[TEXT], probe_precision="fp8")
+    with pytest.raises(NegmonitorError, match="drift_dtype must be one of"):
+        NegativeDifferentiationMonitor(probe=[TEXT], drift_dtype="int8")
