@@ -130,12 +130,17 @@ def test_pair_buffers_are_held_once_in_the_capture_dtype(model, probe_set) -> No
         assert int(recorder.pairs.seen.sum()) == 400
 
 
-def test_rank_above_zero_builds_no_tables(model, probe_set, tokenizer) -> None:
+def test_rank_above_zero_builds_no_tables(model, probe_set, tokenizer, monkeypatch) -> None:
+    from negmonitor.monitoring import engine
     from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
 
+    real_measure = engine.measure  # rank 1's probe pass as one process (no process group here)
+    monkeypatch.setattr(engine, "measure", lambda *a, rank, world_size, **k: real_measure(*a, **k))
     state = MonitorState()
     other = take_measurement(model, probe_set, 0, MonitorSettings(), state, tokenizer, rank=1, world_size=2)
-    assert other.neurons.empty and other.scalars.empty and state.cohort is None
+    assert other.neurons.empty and other.scalars.empty and state.cohort is None and state.prev_weights is None
+    assert set(other.result.values("wd")) == {0, 1, 2}  # the per-neuron table: the ablation selects on every rank
+    assert other.result._top_pairs is None  # pair tables are never built there
     first = take_measurement(model, probe_set, 0, MonitorSettings(), state, tokenizer)
     assert state.cohort and first.neurons.in_cohort.sum() == sum(len(v) for v in state.cohort.values())
     members = first.neurons[first.neurons.in_cohort]

@@ -175,7 +175,7 @@ class NeuronStatsAccumulator(Metric):
         rows = max(1, min(int(n_rows), block))
         width = min(n_neurons, max(1, block // rows))
         update = _UPDATE_BYTES_PER_ELEMENT * rows * width + _VECTOR_BYTES_PER_NEURON * n_neurons
-        grid_rows = min(int(n_rows), _GRID_ROWS)
+        grid_rows = max(1, min(int(n_rows), _GRID_ROWS))
         grid = 24 * grid_rows * min(n_neurons, max(1, block // grid_rows)) + _VECTOR_BYTES_PER_NEURON * n_neurons
         chunk = _compute_rows(n_neurons, n_bins, block)
         compute = (_COMPUTE_BYTES_PER_POINT * chunk * (n_bins + 2) + 8 * chunk * n_bins
