@@ -64,7 +64,7 @@ def test_out_of_memory_in_the_probe_pass_is_warned_once_and_training_goes_on(tmp
         if not torch.is_grad_enabled() and tr.global_step in failing_steps:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
 
-    module.model.gpt_neox.layers[1].mlp.register_forward_hook(out_of_memory)
+    module.model.gpt_neox.layers[0].mlp.register_forward_hook(out_of_memory)  # before the pass stops early
     monitor = NegativeDifferentiationMonitor(every_n_steps=2, **SMALL)
     seen = _watch(monitor, lambda: module.model)
     tr = trainer(tmp_path, 6, [monitor])
