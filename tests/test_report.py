@@ -158,6 +158,48 @@ def test_report_draws_every_figure(live_run, replay_run, ablate_dir, probe_file,
     assert {"run/version_0", "replayed"} <= set(pairs.run)
 
 
+def test_pos_surprisal_is_per_model_token_by_default(ablate_dir, probe_file, tmp_path):
+    """Fig. 3d equals the paper's computation written here from its definition (the whole probe file as one stream
+    in windows of 32 tokens, each model token labelled by the spaCy token it overlaps most), and per word with
+    ``pos_unit="word"``."""
+    from negmonitor.evaluation.pos_surprisal import load_spacy, pos_excess_surprisal, window_surprisals
+    from negmonitor.interventions import ablate
+    from negmonitor.models import load_model
+    from negmonitor.report import ReportOptions, build_report, load_runs
+    from negmonitor.selection import Selection
+
+    options = ReportOptions(pos_window=32, pos_tokens=100_000)
+    result = build_report([ablate_dir], tmp_path / "token", options, only=["3d"], echo=lambda line: None)
+    assert [f.key for f in result.figures] == ["fig3d_pos_surprisal"], result.skipped
+    caption = result.figures[0].caption
+    assert "mean, over model tokens (the paper's unit)" in caption and "window(s) of 32 tokens" in caption
+    drawn = pd.read_csv(tmp_path / "token" / "fig3d_pos_surprisal.csv")
+
+    model, tokenizer = load_model(str(load_runs([ablate_dir])[0].meta["model"]))
+    nlp = load_spacy()
+    text = probe_file.read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows, base = window_surprisals(model, tokenizer, text, window=32)
+    assert len(windows) == max(1, len(ids) // 32)
+    assert f"per model token on the first {len(ids):,} tokens" in caption and f"{len(windows)} window(s)" in caption
+    rows = pd.read_parquet(ablate_dir / "ablation_selections.parquet")
+    wasserstein = rows[rows.condition == "wasserstein"].drop(columns=["condition"])
+    with ablate(model, Selection.from_frame(wasserstein), "zero_negative"):
+        _, ablated = window_surprisals(model, tokenizer, text, window=32)
+    expected = pos_excess_surprisal(windows, base, ablated, nlp=nlp, unit="token")
+    got = drawn[drawn.condition == "wasserstein"].set_index("pos").loc[expected.pos]
+    assert got.n.tolist() == expected.n.tolist()
+    np.testing.assert_allclose(got.excess, expected.excess, rtol=1e-6, atol=1e-9)
+    assert expected.excess.abs().max() > 0  # the ablation changes something
+
+    options = ReportOptions(pos_unit="word", pos_texts=8)
+    result = build_report([ablate_dir], tmp_path / "word", options, only=["3d"], echo=lambda line: None)
+    caption = result.figures[0].caption
+    assert "mean, over spaCy words (--pos-unit word)" in caption and "per word on 8 pieces" in caption
+    words = pd.read_csv(tmp_path / "word" / "fig3d_pos_surprisal.csv")
+    assert words[words.condition == "wasserstein"].n.sum() < got.n.sum()  # fewer words than model tokens
+
+
 def test_missing_data_is_skipped_with_a_reason(ablate_dir, tmp_path):
     from negmonitor.report import build_report
 

