@@ -143,7 +143,8 @@ class FigureSpec:
 
 
 REGISTRY: list[FigureSpec] = []
-ORDER = ("fig1c_preactivations", "tab_top_pairs", "fig2a_wd_distribution", "fig2b_emergence", "fig2c_weight_drift",
+ORDER = ("fig1b_negative_share", "fig1c_preactivations", "tab_top_pairs", "fig2a_wd_distribution", "fig2b_emergence",
+         "fig2c_weight_drift",
          "fig2d_wd_vs_accuracy", "fig3a_ppl_vs_fraction", "tabA2_ablation", "fig3d_pos_surprisal", "fig5_layer_groups",
          "fig6b_postactivations", "fig7a_pair_signs_per_layer", "fig7b_pair_signs_over_training",
          "fig7c_damage_accuracy", "fig7d_damage_perplexity", "fig7e_damage_over_training", "figA1_jaccard",
