@@ -172,7 +172,7 @@ def test_pos_surprisal_is_per_model_token_by_default(ablate_dir, probe_file, tmp
     result = build_report([ablate_dir], tmp_path / "token", options, only=["3d"], echo=lambda line: None)
     assert [f.key for f in result.figures] == ["fig3d_pos_surprisal"], result.skipped
     caption = result.figures[0].caption
-    assert "mean, over model tokens (the paper's unit)" in caption and "window(s) of 32 tokens" in caption
+    assert "over model tokens, the paper's unit" in caption and "window(s) of 32 tokens" in caption
     drawn = pd.read_csv(tmp_path / "token" / "fig3d_pos_surprisal.csv")
 
     model, tokenizer = load_model(str(load_runs([ablate_dir])[0].meta["model"]))
@@ -195,9 +195,15 @@ def test_pos_surprisal_is_per_model_token_by_default(ablate_dir, probe_file, tmp
     options = ReportOptions(pos_unit="word", pos_texts=8)
     result = build_report([ablate_dir], tmp_path / "word", options, only=["3d"], echo=lambda line: None)
     caption = result.figures[0].caption
-    assert "mean, over spaCy words (--pos-unit word)" in caption and "per word on 8 pieces" in caption
+    assert "over spaCy words (--pos-unit word)" in caption and "per word on 8 pieces" in caption
     words = pd.read_csv(tmp_path / "word" / "fig3d_pos_surprisal.csv")
     assert words[words.condition == "wasserstein"].n.sum() < got.n.sum()  # fewer words than model tokens
+
+    options = ReportOptions(probe_text="grammar", pos_window=32, pos_tokens=300)  # as ablate --probe-text grammar
+    result = build_report([ablate_dir], tmp_path / "grammar", options, only=["3d"], echo=lambda line: None)
+    caption = result.figures[0].caption
+    assert "first 300 tokens of the built-in grammar corpus's held-out text (seed 0)" in caption
+    assert "9 window(s) of 32 tokens" in caption
 
 
 def test_negative_share_per_layer_and_over_training(live_run, ablate_dir, probe_file, tmp_path):

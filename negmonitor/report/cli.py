@@ -25,8 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser, figures: bool = True) -> None
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="tokenizer folder or id for a --model without one beside it")
     parser.add_argument("--probe-text", default=None, metavar="FILE",
-                        help="text for recomputed activations and POS base rates (default: the run's own probe "
-                             "text when it is a local file, else the contexts stored with the top pairs)")
+                        help="text for recomputed activations, POS surprisal and POS base rates, or 'grammar' (the "
+                             "built-in grammar corpus's held-out text, as ablate --probe-text grammar); default: the "
+                             "run's own probe text when it is a local file, else the contexts stored with the top "
+                             "pairs")
     parser.add_argument("--top-neurons", type=int, default=4, help="neurons per run in the activation histograms")
     parser.add_argument("--hist-tokens", type=int, default=16_384, help="probe tokens for recomputed histograms")
     parser.add_argument("--pos-unit", choices=("token", "word"), default="token",

@@ -88,23 +88,26 @@ def pos_surprisal(ctx: ReportContext):
         ax.set_title(run.label, fontsize=9)
         frames.append(table.assign(run=run.label))
     png = save_png(fig, ctx.out / "fig3d_pos_surprisal.png")
-    caption = ("Excess surprisal per part of speech: the mean, over " + UNIT_WORDS[ctx.options.pos_unit]
-               + f", of (surprisal with the condition's neurons ablated − surprisal of the unablated model), in nats, "
-               f"± standard error; POS with fewer than {MIN_UNITS} {UNIT_NAMES[ctx.options.pos_unit]} are left out. "
-               "Runs: " + "; ".join(parts) + ".")
+    unit = ctx.options.pos_unit
+    caption = ("Excess surprisal per part of speech: the mean of (surprisal with the condition's neurons ablated − "
+               "surprisal of the unablated model), in nats, ± standard error, over " + UNIT_WORDS[unit] + ". "
+               f"POS with fewer than {MIN_UNITS} {UNIT_NAMES[unit]} are left out, and so are whitespace ({NOT_DRAWN}) "
+               "tokens — the separators between texts — which the CSV keeps; the number under each POS is its count "
+               "of " + UNIT_NAMES[unit] + ". Runs: " + "; ".join(parts) + ".")
     data = pd.concat(frames, ignore_index=True)
     return make("fig3d_pos_surprisal", caption, png=png, data=data)
 
 
 UNIT_NAMES = {"token": "model tokens", "word": "words"}
 UNIT_WORDS = {
-    "token": ("model tokens (the paper's unit): the text is one token stream cut into consecutive windows, each "
+    "token": ("model tokens, the paper's unit: the text is one token stream cut into consecutive windows, each "
               "scored on its own (its first token unscored), and every model token takes the POS of the spaCy token "
               "it overlaps most"),
     "word": ("spaCy words (--pos-unit word): each text piece of 5–60 words is scored alone behind a BOS token, and "
              "a word's surprisal is the sum over the model tokens it overlaps"),
 }
 MIN_UNITS = 5
+NOT_DRAWN = ("SPACE", "SPECIAL")  # whitespace tokens (the "\\n\\n" between texts) and tokens without characters
 
 
 def _pos_table(ctx: ReportContext, run) -> tuple[pd.DataFrame, str]:
@@ -207,9 +210,10 @@ def compute_pos_surprisal(ctx: ReportContext, model_path: str, selections: pd.Da
 
 
 def _bars(ax, table: pd.DataFrame) -> None:
-    table = table[table.n >= MIN_UNITS]
-    order = (table[table.condition == table.condition.iloc[0]].sort_values("excess", ascending=False).pos.tolist()
-             if len(table) else [])
+    table = table[(table.n >= MIN_UNITS) & ~table.pos.isin(NOT_DRAWN)]
+    first = table[table.condition == table.condition.iloc[0]].sort_values("excess", ascending=False) if len(table) \
+        else table
+    order = first.pos.tolist()
     conditions = list(dict.fromkeys(table.condition))
     width = 0.8 / max(1, len(conditions))
     for k, condition in enumerate(conditions):
@@ -218,7 +222,7 @@ def _bars(ax, table: pd.DataFrame) -> None:
         ax.bar(x, part.excess.fillna(0.0), width, yerr=part.se.fillna(0.0), capsize=2,
                color=CONDITION_COLOURS.get(condition, "black"), label=CONDITION_NAMES.get(condition, condition))
     ax.axhline(0.0, color="black", lw=0.7)
-    ax.set_xticks(range(len(order)), order, fontsize=7, rotation=45)
+    ax.set_xticks(range(len(order)), [f"{pos}\n{int(n)}" for pos, n in zip(order, first.n)], fontsize=7)
     ax.set_ylabel("excess surprisal (nats)")
     ax.legend(fontsize=7)
 
