@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 
 from negmonitor.metrics.ranking import top_k_indices
-from negmonitor.report.base import ReportContext, Skip, at_step, describe_steps, figure, last_snapshot, make, whole_model
+from negmonitor.report.base import (ReportContext, Skip, at_step, describe_steps, figure, last_snapshot, make,
+                                    whole_model)
 from negmonitor.report.plotting import new_figure, run_colour, save_png, step_axis
 
 TOP_FRAC = 0.05

