@@ -158,6 +158,89 @@ def test_report_draws_every_figure(live_run, replay_run, ablate_dir, probe_file,
     assert {"run/version_0", "replayed"} <= set(pairs.run)
 
 
+def test_pos_surprisal_is_per_model_token_by_default(ablate_dir, probe_file, tmp_path):
+    """Fig. 3d equals the paper's computation written here from its definition (the whole probe file as one stream
+    in windows of 32 tokens, each model token labelled by the spaCy token it overlaps most), and per word with
+    ``pos_unit="word"``."""
+    from negmonitor.evaluation.pos_surprisal import load_spacy, pos_excess_surprisal, window_surprisals
+    from negmonitor.interventions import ablate
+    from negmonitor.models import load_model
+    from negmonitor.report import ReportOptions, build_report, load_runs
+    from negmonitor.selection import Selection
+
+    options = ReportOptions(pos_window=32, pos_tokens=100_000)
+    result = build_report([ablate_dir], tmp_path / "token", options, only=["3d"], echo=lambda line: None)
+    assert [f.key for f in result.figures] == ["fig3d_pos_surprisal"], result.skipped
+    caption = result.figures[0].caption
+    assert "over model tokens, the paper's unit" in caption and "window(s) of 32 tokens" in caption
+    drawn = pd.read_csv(tmp_path / "token" / "fig3d_pos_surprisal.csv")
+
+    model, tokenizer = load_model(str(load_runs([ablate_dir])[0].meta["model"]))
+    nlp = load_spacy()
+    text = probe_file.read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows, base = window_surprisals(model, tokenizer, text, window=32)
+    assert len(windows) == max(1, len(ids) // 32)
+    assert f"per model token on the first {len(ids):,} tokens" in caption and f"{len(windows)} window(s)" in caption
+    rows = pd.read_parquet(ablate_dir / "ablation_selections.parquet")
+    wasserstein = rows[rows.condition == "wasserstein"].drop(columns=["condition"])
+    with ablate(model, Selection.from_frame(wasserstein), "zero_negative"):
+        _, ablated = window_surprisals(model, tokenizer, text, window=32)
+    expected = pos_excess_surprisal(windows, base, ablated, nlp=nlp, unit="token")
+    got = drawn[drawn.condition == "wasserstein"].set_index("pos").loc[expected.pos]
+    assert got.n.tolist() == expected.n.tolist()
+    np.testing.assert_allclose(got.excess, expected.excess, rtol=1e-6, atol=1e-9)
+    assert expected.excess.abs().max() > 0  # the ablation changes something
+
+    options = ReportOptions(pos_unit="word", pos_texts=8)
+    result = build_report([ablate_dir], tmp_path / "word", options, only=["3d"], echo=lambda line: None)
+    caption = result.figures[0].caption
+    assert "over spaCy words (--pos-unit word)" in caption and "per word on 8 pieces" in caption
+    words = pd.read_csv(tmp_path / "word" / "fig3d_pos_surprisal.csv")
+    assert words[words.condition == "wasserstein"].n.sum() < got.n.sum()  # fewer words than model tokens
+
+    options = ReportOptions(probe_text="grammar", pos_window=32, pos_tokens=300)  # as ablate --probe-text grammar
+    result = build_report([ablate_dir], tmp_path / "grammar", options, only=["3d"], echo=lambda line: None)
+    caption = result.figures[0].caption
+    assert "first 300 tokens of the built-in grammar corpus's held-out text (seed 0)" in caption
+    assert "9 window(s) of 32 tokens" in caption
+
+
+def test_negative_share_per_layer_and_over_training(live_run, ablate_dir, probe_file, tmp_path):
+    """Fig. 1b overlays a GELU (neox) and a ReLU (opt) probe folder and a live run: per layer its shares equal the
+    probe's own per-layer ``wd_neg_share`` / ``wd_neg_share_top``; over training its rows are the run's whole-model
+    ``wd/neg_share`` and ``wd/neg_share_top``; every share lies in [0, 1]."""
+    from negmonitor.report import build_report, load_runs
+
+    folder = tmp_path / "relu-model"
+    tiny_causal_lm("opt").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    relu = tmp_path / "relu-probe"
+    assert main(["probe", "--model", str(folder), "--text", str(probe_file), "--tokens", "1024", "--window", "64",
+                 "--pairs", "256", "--out", str(relu)]) == 0
+    log_dir, _ = live_run
+    gelu = ablate_dir / "probe"
+    result = build_report([gelu, relu, log_dir], tmp_path / "out", only=["1b"], echo=lambda line: None)
+    assert [f.key for f in result.figures] == ["fig1b_negative_share"], result.skipped
+    _check_png(tmp_path / "out" / "fig1b_negative_share.png")
+    caption = result.figures[0].caption
+    assert "sign of the pre-activation" in caption and "0.5 (dotted line)" in caption and "(opt)" in caption
+    data = pd.read_csv(tmp_path / "out" / "fig1b_negative_share.csv")
+    labels = [run.label for run in load_runs([gelu, relu, log_dir])]
+    for label, folder in zip(labels[:2], (gelu, relu)):
+        layers = pd.read_parquet(folder / "layers.parquet").set_index("layer")
+        drawn = data[data.run == label].set_index("layer").loc[layers.index]
+        np.testing.assert_allclose(drawn.share_all, layers.wd_neg_share, rtol=1e-9)
+        np.testing.assert_allclose(drawn.share_top, layers.wd_neg_share_top, rtol=1e-9)
+    assert data[["share_all", "share_top"]].stack().between(0, 1).all()
+    over = data[(data.run == labels[2]) & (data.layer == -1)].set_index("step")
+    scalars = load_runs([log_dir])[0].scalars
+    logged = scalars[(scalars.metric == "wd/neg_share") & (scalars.layer == -1)].set_index("step").value
+    assert len(over) == len(logged) >= 2
+    np.testing.assert_allclose(over.share_all.loc[logged.index], logged, rtol=1e-9)
+    assert over.share_top.notna().all()
+
+
 def test_missing_data_is_skipped_with_a_reason(ablate_dir, tmp_path):
     from negmonitor.report import build_report
 
@@ -165,15 +248,15 @@ def test_missing_data_is_skipped_with_a_reason(ablate_dir, tmp_path):
     result = build_report([ablate_dir / "probe"], tmp_path / "out", echo=lines.append)
     drawn = {f.key for f in result.figures}
     skipped = {key: reason for key, _, reason in result.skipped}
-    assert {"fig2a_wd_distribution", "figA1_jaccard", "fig1c_preactivations"} <= drawn
+    assert {"fig2a_wd_distribution", "figA1_jaccard", "fig1c_preactivations", "fig1b_negative_share"} <= drawn
     for key in ("fig2b_emergence", "fig2c_weight_drift", "fig2d_wd_vs_accuracy", "fig3a_ppl_vs_fraction",
                 "tabA2_ablation", "fig5_layer_groups", "fig7b_pair_signs_over_training", "fig7c_damage_accuracy",
                 "fig7e_damage_over_training", "tab_top_pairs"):
         assert key in skipped and len(skipped[key]) > 30, key
         assert not (tmp_path / "out" / f"{key}.png").exists()
     assert "ablate --fractions" in skipped["fig3a_ppl_vs_fraction"]
-    assert drawn.isdisjoint(skipped) and len(drawn) + len(skipped) == 18
-    assert len(lines) == 1 + 18 and sum(line.lstrip().startswith("skipped") for line in lines) == len(skipped)
+    assert drawn.isdisjoint(skipped) and len(drawn) + len(skipped) == 19
+    assert len(lines) == 1 + 19 and sum(line.lstrip().startswith("skipped") for line in lines) == len(skipped)
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     section = page[page.index("id='skipped'"):]
     for key, reason in skipped.items():

