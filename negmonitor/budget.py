@@ -36,12 +36,12 @@ log = logging.getLogger("negmonitor")
 
 
 def parse_bytes(value: int | float | str | None, name: str = "memory_budget") -> int | None:
-    """``2147483648``, ``"2GiB"``, ``"512MiB"``, ``"1.5GB"`` → bytes (None stays None: no budget).
+    """``2147483648``, ``"2GiB"``, ``"512MiB"``, ``"1.5GB"`` → bytes (None or ``"none"``: no budget).
 
     Raises:
         NegmonitorError: for anything else, or a budget that is not positive.
     """
-    if value is None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
         return None
     if isinstance(value, bool):
         raise NegmonitorError(f"{name} must be bytes or a size like '2GiB', got {value!r}")
@@ -159,6 +159,7 @@ def plan_measurement(
             break
         bs //= 2
     best: Plan | None = None
+    smallest = 0  # what one layer needs at the last size tried (batch size 1): the least any plan can need
     for bs in sizes:
         rows = max(1, min(bs * window, MAX_UPDATE_ELEMENTS // max_n))
         costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, world_size, bs * window) for s in shapes]
@@ -166,23 +167,17 @@ def plan_measurement(
         if budget is None:
             need = sum(h for h, _ in costs) + max(t for _, t in costs) + forward
             return Plan([list(range(len(shapes)))], bs, rows, None, [need])
-        if max(h + t for h, t in costs) + forward <= budget:
+        smallest = max(h + t for h, t in costs) + forward
+        if smallest <= budget:
             plan = _greedy(costs, forward, budget, bs, rows)
             if best is None or len(plan.groups) < len(best.groups):
                 best = plan
     if best is not None:
         return best
-    smallest = _smallest(shapes, n_bins, n_slots, window, cap_bytes, world_size, attention_bytes_per_row)
     raise NegmonitorError(
         f"memory_budget {format_bytes(budget)} cannot hold even one layer's statistics — the smallest budget that "
         f"works here is {format_bytes(smallest)} (memory_budget='{math.ceil(smallest / (1 << 20))}MiB'); or "
         "monitor fewer neurons, or use fewer histogram bins")
-
-
-def _smallest(shapes, n_bins, n_slots, window, cap_bytes, world_size, attention) -> int:
-    rows = 1
-    costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, world_size, window) for s in shapes]
-    return max(h + t for h, t in costs) + _forward_bytes(shapes, window, cap_bytes, attention)
 
 
 def _greedy(costs: list[tuple[int, int]], forward: int, budget: int, batch_size: int, rows: int) -> Plan:

@@ -120,6 +120,19 @@ def test_too_small_budget_is_refused_naming_one_that_works(model, probe_set) -> 
     assert len(result.layers) == 3 and result.neurons.wd.notna().all()
 
 
+@pytest.mark.parametrize("n, d, slots, window", [(2048, 512, 64, 2048), (512, 128, 16, 4096), (192, 64, 400, 64)])
+def test_the_smallest_budget_named_is_one_the_planner_accepts(n, d, slots, window) -> None:
+    """Wider layers than the window's rows fit in one update: the named budget must cover the batch-size-1 plan."""
+    from negmonitor.budget import LayerShape, plan_measurement
+
+    shapes = [LayerShape(0, n, d), LayerShape(1, n, d)]
+    kwargs = dict(batch_size=8, window=window, n_bins=4096, n_slots=slots, cap_bytes=4)
+    with pytest.raises(NegmonitorError) as info:
+        plan_measurement(shapes, budget=1 << 16, **kwargs)
+    smallest = int(re.search(r"memory_budget='(\d+)MiB'", str(info.value)).group(1)) << 20
+    assert plan_measurement(shapes, budget=smallest, **kwargs).groups  # accepted: no error
+
+
 def test_pair_buffers_are_held_once_in_the_capture_dtype(model, probe_set) -> None:
     sites = find_sites(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -48,8 +48,7 @@ def memory_budget(args: argparse.Namespace) -> int | None:
     """The parsed ``--memory-budget`` (bytes; None for 'none')."""
     from negmonitor.budget import parse_bytes
 
-    text = getattr(args, "memory_budget", None)
-    return None if text is None or str(text).lower() == "none" else parse_bytes(text, "--memory-budget")
+    return parse_bytes(getattr(args, "memory_budget", None), "--memory-budget")
 
 
 def add_probe_window_args(parser: argparse.ArgumentParser) -> None:
