@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from negmonitor.errors import NegmonitorError
+from negmonitor.metrics.streaming import GRID_ROWS, NeuronStatsAccumulator
 from negmonitor.summary import MD_COLUMNS
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "parse_bytes", "format_bytes", "Plan", "plan_measurement"]
@@ -96,8 +97,6 @@ class Plan:
 
 
 def _acc_bytes(n_neurons: int, n_bins: int, rows: int) -> int:
-    from negmonitor.metrics.streaming import NeuronStatsAccumulator
-
     return int(NeuronStatsAccumulator.planned_bytes(n_neurons, n_bins, rows))
 
 
@@ -110,7 +109,7 @@ def _layer_costs(shape: LayerShape, n_bins: int, n_slots: int, rows: int, cap_by
     pairs = n_slots * (d + n) * cap_bytes + n_slots * 4
     held = state + pairs + 64
     hook = update + rows * n * (cap_bytes + 1)  # + the chunk's copy and its finite mask
-    grid_rows = min(1024, batch_rows or rows)  # the first batch's grid reads up to 1,024 of its rows at once
+    grid_rows = min(GRID_ROWS, batch_rows or rows)  # the first batch's grid reads up to GRID_ROWS of its rows at once
     hook = max(hook, _acc_bytes(n, n_bins, grid_rows) - state + grid_rows * n * cap_bytes)
     p = max(1, n_slots // 2)
     columns = min(n, MD_COLUMNS)  # MD runs over blocks of columns: |dy|, sorted values and indices, fp32 copies

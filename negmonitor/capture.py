@@ -21,7 +21,7 @@ from torchmetrics import Metric
 
 from negmonitor.adapters import MLPSite
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics.streaming import NeuronStatsAccumulator
+from negmonitor.metrics.streaming import GRID_ROWS, NeuronStatsAccumulator
 
 
 class PairBuffer(Metric):
@@ -79,7 +79,6 @@ class SiteRecorder(nn.Module):
         self.pairs = PairBuffer(n_pair_slots, site.d_in, site.n_neurons)
         self.rows_per_update = rows_per_update
         self.stop_after = stop_after
-        self._grid_done = False
         self.register_buffer("nonfinite_tokens", torch.zeros((), dtype=torch.long))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
@@ -89,10 +88,9 @@ class SiteRecorder(nn.Module):
         if not self.pairs.allocated:
             self.pairs.allocate(x_in.dtype, y.dtype, y.device)
         rows = batch.valid_rows
-        if rows.numel() and (batch.calibrating or not self._grid_done):
-            # The grid reads at most 1,024 evenly spaced rows of the first batch: pick them here, not a copy of all.
-            self.stats.init_grid(flat_y.index_select(0, rows[:: -(-rows.numel() // 1024)]))
-            self._grid_done = True
+        if rows.numel() and (batch.calibrating or not self.stats.grid_ready):
+            # The grid reads at most GRID_ROWS evenly spaced rows of the first batch: pick them here, not a copy of all.
+            self.stats.init_grid(flat_y.index_select(0, rows[:: -(-rows.numel() // GRID_ROWS)]))
         if batch.calibrating:
             return
         step = self.rows_per_update or max(1, rows.numel())

@@ -38,13 +38,6 @@ class Shard:
     rank: int = 0
     world_size: int = 1
 
-    @classmethod
-    def current(cls) -> "Shard":
-        """The default process group's rank and size (one process when torch.distributed is not initialised)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
-        return cls()
-
     @property
     def active(self) -> bool:
         """True when more than one process shares the work."""

@@ -184,7 +184,6 @@ class NegativeDifferentiationMonitor(Callback):
         self._store: RecordStore | None = None
         self._sinks: list[Any] = []  # where the curves go (rank zero only): one per logger, or a writer
         self._hf_model: torch.nn.Module | None = None
-        self._ablation_baseline: dict | None = None
 
     # -- Lightning hooks --------------------------------------------------------------------------------------
 
@@ -299,14 +298,13 @@ class NegativeDifferentiationMonitor(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.to_dict(), "measured_steps": list(self.measured_steps),
-                "tokens_seen": self.tokens_seen, "ablation_baseline": self._ablation_baseline}
+                "tokens_seen": self.tokens_seen}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = MonitorState.from_dict(state_dict.get("state", {}))
         self._snapshot_to_read = self.state.prev_step if self.state.prev_weights is None else None
         self.measured_steps = list(state_dict.get("measured_steps", []))
         self.tokens_seen = int(state_dict.get("tokens_seen", 0))
-        self._ablation_baseline = state_dict.get("ablation_baseline")
 
     @property
     def record_key(self) -> str:
@@ -548,12 +546,15 @@ def _looks_like_source(text: str) -> bool:
 
 def _snapshot_dtype(spec: str | torch.dtype) -> torch.dtype:
     """``"bf16"`` / ``"fp16"`` / ``"fp32"`` (or a torch dtype) for the weight snapshot."""
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if isinstance(spec, torch.dtype) and spec in names.values():
-        return spec
-    if spec not in names:
-        raise NegmonitorError(f"drift_dtype must be one of {', '.join(names)}, got {spec!r}")
-    return names[spec]
+    from negmonitor.models import parse_dtype
+
+    try:
+        dtype = parse_dtype(spec)
+    except NegmonitorError:
+        dtype = None
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise NegmonitorError(f"drift_dtype must be one of bf16, fp16, fp32, got {spec!r}")
+    return dtype
 
 
 def _family(metric: str) -> str:
@@ -596,8 +597,6 @@ def check_strategy(strategy: Any) -> None:
 def _strategy_context(trainer: Trainer, hf_model: torch.nn.Module) -> Any:
     """Under FSDP: route the model's calls through the FSDP wrapper and read whole weights (see
     :func:`negmonitor.distributed.fsdp_routing`); otherwise nothing."""
-    import contextlib
-
     from negmonitor.distributed import fsdp_routing, is_fsdp
 
     root = getattr(getattr(trainer, "strategy", None), "model", None)  # the HF callback passes ranks only

@@ -175,7 +175,7 @@ class NeuronStatsAccumulator(Metric):
         rows = max(1, min(int(n_rows), block))
         width = min(n_neurons, max(1, block // rows))
         update = _UPDATE_BYTES_PER_ELEMENT * rows * width + _VECTOR_BYTES_PER_NEURON * n_neurons
-        grid_rows = max(1, min(int(n_rows), _GRID_ROWS))
+        grid_rows = max(1, min(int(n_rows), GRID_ROWS))
         grid = 24 * grid_rows * min(n_neurons, max(1, block // grid_rows)) + _VECTOR_BYTES_PER_NEURON * n_neurons
         chunk = _compute_rows(n_neurons, n_bins, block)
         compute = (_COMPUTE_BYTES_PER_POINT * chunk * (n_bins + 2) + 8 * chunk * n_bins
@@ -192,6 +192,11 @@ class NeuronStatsAccumulator(Metric):
         return _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
 
     # ----------------------------------------------------------------------------------------------- grid
+    @property
+    def grid_ready(self) -> bool:
+        """Whether the histogram grid is fixed (by the first update, :meth:`init_grid` or :meth:`set_grid`)."""
+        return self._grid_set
+
     @property
     def grid(self) -> tuple[Tensor, Tensor]:
         """``(center, unit)`` per neuron, raw units (NaN until the first update or :meth:`set_grid`)."""
@@ -448,7 +453,7 @@ class _Scratch:
 _FLOAT_OUTPUTS = ("wd", "wd_neg", "wd_pos", "mean", "std", "skew", "kurtosis", "neg_frac", "min", "max")
 _OUTPUT_ORDER = ("wd", "wd_neg", "wd_pos", "mean", "std", "skew", "kurtosis", "neg_frac", "count", "nonfinite",
                  "min", "max")
-_GRID_ROWS = 1024  # rows of the first batch the grid is taken from
+GRID_ROWS = 1024  # rows of the first batch the grid is taken from
 
 
 def _compute_rows(n_neurons: int, n_bins: int, block_elements: int) -> int:
@@ -476,8 +481,8 @@ def _grid_from_batch(x: Tensor, block_elements: int) -> tuple[Tensor, Tensor]:
     histogram is relative to it). Non-finite values are left out (NaN sorts last; the median is taken over each
     column's finite count), with no read-back. Works on blocks of about ``block_elements`` values.
     """
-    if x.shape[0] > _GRID_ROWS:
-        x = x[:: -(-x.shape[0] // _GRID_ROWS)]
+    if x.shape[0] > GRID_ROWS:
+        x = x[:: -(-x.shape[0] // GRID_ROWS)]
     n = x.shape[1]
     center, unit = torch.empty(n, device=x.device), torch.empty(n, device=x.device)
     width = max(1, block_elements // x.shape[0])
