@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import NegmonitorError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 MODEL_ID_KEYS = ("model_name_or_path", "pretrained_model_name_or_path", "model_name", "model_id", "model")
@@ -53,7 +53,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        raise NegmonitorError(f"could not read checkpoint {path} ({_first_line(exc)}) — it must be a Lightning .ckpt "
+        raise NegmonitorError(f"could not read checkpoint {path} ({first_line(exc)}) — it must be a Lightning .ckpt "
                               "holding tensors and plain values (weights_only loading)") from exc
 
 
@@ -151,7 +151,7 @@ def _load_weights(model: nn.Module, state: dict, path: Path) -> None:
     try:
         missing, _ = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
-        raise NegmonitorError(f"the weights in {path} do not fit the model built for it ({_first_line(exc)}) — "
+        raise NegmonitorError(f"the weights in {path} do not fit the model built for it ({first_line(exc)}) — "
                               "check the config beside it") from exc
     parameters = dict(model.named_parameters())
     missing = [k for k in missing if k in parameters]
@@ -160,10 +160,16 @@ def _load_weights(model: nn.Module, state: dict, path: Path) -> None:
                               "the config beside it is not the trained model's")
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a saved tokenizer (any of :data:`TOKENIZER_FILES`)."""
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def find_tokenizer_folder(path: str | os.PathLike) -> Path | None:
     """A folder with tokenizer files beside ``path`` or in its run folder (``final_model/``, ``tokenizer/``)."""
     for folder in _search_folders(Path(path).expanduser()):
-        if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if has_tokenizer(folder):
             return folder
     return None
 
@@ -174,8 +180,3 @@ def _search_folders(path: Path) -> list[Path]:
     for folder in [start, *list(start.parents)[:_SEARCH_DEPTH]]:
         folders += [folder, folder / FINAL_MODEL_DIR, folder / "tokenizer"]
     return folders
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

@@ -36,3 +36,10 @@ def run_guarded(call: Callable[[], object], debug: bool = False) -> int:
               file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type name), at most ``limit`` characters: what a one-line
+    error says about its cause."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

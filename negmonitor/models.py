@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import NegmonitorError, first_line
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -121,22 +121,20 @@ def _tokenizer(source: str, kwargs: dict, model_name: str) -> object:
         return AutoTokenizer.from_pretrained(_tokenizer_folder(source), **kwargs)
     except Exception as exc:
         if source != model_name:
-            raise NegmonitorError(f"could not load tokenizer {source!r} ({_short(exc)}) — pass a tokenizer folder "
+            raise NegmonitorError(f"could not load tokenizer {source!r} ({first_line(exc)}) — pass a tokenizer folder "
                                   "(tokenizer.save_pretrained) or a hub id") from exc
-        raise NegmonitorError(f"model {model_name!r} has no loadable tokenizer ({_short(exc)}) — pass --tokenizer "
+        raise NegmonitorError(f"model {model_name!r} has no loadable tokenizer ({first_line(exc)}) — pass --tokenizer "
                               "PATH, or save one beside it with tokenizer.save_pretrained(folder)") from exc
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def _tokenizer_folder(name: str) -> str:
     """``name``, or its parent folder when ``name`` is a local folder without tokenizer files and the parent has
     them (a series of step folders shares one tokenizer beside them); without this transformers builds an empty
     tokenizer from the config alone, which turns every text into no tokens."""
+    from negmonitor.checkpoints import has_tokenizer
+
     path = Path(name)
-    has = lambda folder: any((folder / f).is_file() for f in _TOKENIZER_FILES)  # noqa: E731
-    return str(path.parent) if path.is_dir() and not has(path) and has(path.parent) else name
+    return str(path.parent) if path.is_dir() and not has_tokenizer(path) and has_tokenizer(path.parent) else name
 
 
 def _is_decoder(config: object) -> bool:
@@ -155,16 +153,11 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> NegmonitorEr
         return NegmonitorError(f"model {name!r} is not a folder here nor a hub id — pass a save_pretrained "
                                "folder or an id like EleutherAI/pythia-70m")
     if local:
-        return NegmonitorError(f"could not load a model from folder {name!r} ({_short(exc)}) — it needs "
+        return NegmonitorError(f"could not load a model from folder {name!r} ({first_line(exc)}) — it needs "
                                "config.json and weights written by save_pretrained")
     where = f" at revision {revision!r}" if revision else ""
-    return NegmonitorError(f"could not load {name!r}{where} ({_short(exc)}) — check the id, the revision, "
+    return NegmonitorError(f"could not load {name!r}{where} ({first_line(exc)}) — check the id, the revision, "
                            "and your network or HF_HUB_OFFLINE cache")
-
-
-def _short(exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return first[:200]
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ from torch import nn
 
 from negmonitor.adapters import find_sites
 from negmonitor.atomic import ensure_writable_dir
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import NegmonitorError, first_line
 from negmonitor.models import parse_device, parse_dtype
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
@@ -54,7 +54,7 @@ from negmonitor.probeset import TEXT_SUFFIXES, ProbeSet, load_probe_texts
 from negmonitor.records import RecordStore, scalar_rows
 from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest, weights_sha256
 from negmonitor.replay.revisions import parse_shard, resolve_revisions, revision_name, shard_indices, step_of
-from negmonitor.replay.sources import CheckpointMissing, Series, first_line, open_series
+from negmonitor.replay.sources import CheckpointMissing, Series, open_series
 from negmonitor.replay.state import check_cohort, check_run_info, read_cohort, write_cohort
 from negmonitor.validation import check_fraction
 

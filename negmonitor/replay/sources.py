@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from negmonitor.errors import NegmonitorError
+from negmonitor.checkpoints import has_tokenizer
+from negmonitor.errors import NegmonitorError, first_line
 from negmonitor.models import parse_device, parse_dtype, quiet_transformers
 from negmonitor.replay.revisions import (PYTHIA_TOKENS_PER_STEP, is_pythia, pythia_schedule, sort_by_step, step_of,
                                          variant_of)
@@ -36,9 +37,6 @@ _STEP_DIR = re.compile(r"^(?:step|checkpoint|global_step|iter)?[-_=]?(\d+)$")
 _CKPT_STEP = re.compile(r"step=(\d+)")
 _MISSING_HINTS = ("couldn't connect", "could not connect", "does not appear to have", "not a valid git identifier",
                   "revision not found", "entry not found", "offline mode", "404")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
 class CheckpointMissing(Exception):
     """A revision that does not exist, was never uploaded, or whose files cannot be fetched (skipped, not fatal)."""
 
@@ -214,7 +212,7 @@ class StepDirSeries(Series):
 
     def load_tokenizer(self, revision: str) -> Any:
         candidates = [self.paths.get(revision), self.folder, *self.paths.values()]
-        folder = next((c for c in candidates if c is not None and _has_tokenizer(c)), None)
+        folder = next((c for c in candidates if c is not None and has_tokenizer(c)), None)
         if folder is None:
             raise NegmonitorError(f"no tokenizer found in {self.folder} or its step folders — pass tokenizer= "
                                   "(--tokenizer PATH) or save one with tokenizer.save_pretrained(folder)")
@@ -396,16 +394,6 @@ def describe_revisions(revisions: set[str] | Sequence[str], limit: int = 12) -> 
     if len(names) <= limit:
         return ", ".join(names)
     return f"{', '.join(names[:limit // 2])}, …, {', '.join(names[-limit // 2:])} ({len(names)} in all)"
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (or its type), at most 200 characters."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def _auto_tokenizer(folder: Path) -> Any:

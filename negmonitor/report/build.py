@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from negmonitor.atomic import ensure_writable_dir, write_text_atomic
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import NegmonitorError, first_line
 from negmonitor.report import (figures_ablation, figures_activations, figures_layers,  # noqa: F401 (registers)
                                figures_negative, figures_pos, figures_training)
 from negmonitor.report.base import REGISTRY, Figure, ReportContext, ReportOptions, Skip
@@ -69,7 +69,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
             if options.strict:
                 raise
             result.skipped.append((spec.key, spec.paper, f"failed: {type(exc).__name__}: {exc}"))
-            result.failed.append(f"{spec.key} ({spec.paper}) failed: {type(exc).__name__}: {_first_line(exc)}")
+            result.failed.append(f"{spec.key} ({spec.paper}) failed: {type(exc).__name__}: {first_line(exc, 300)}")
             echo(f"  FAILED  {spec.paper:<12} {spec.key}: {type(exc).__name__}: {exc} (rerun with --debug)")
             continue
         if item.data is not None and not item.data.empty:
@@ -97,11 +97,6 @@ def _matches(spec, name: str) -> bool:
     name = name.strip()
     number = spec.paper.split(" ", 1)[-1].split("/")[0].strip().lower().replace(".", "")
     return spec.key == name or spec.key.startswith(name + "_") or number == name.lower().replace(".", "")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _title(runs: Sequence[RunData]) -> str:
