@@ -21,7 +21,7 @@ import torch
 from negmonitor.adapters import MLPSite
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics.ranking import count_for_fraction
+from negmonitor.metrics.ranking import jaccard, top_k_indices
 from negmonitor.summary import LayerSummary
 
 SIGN_NAMES = ("NN", "PN", "PP")
@@ -131,7 +131,7 @@ def _layer_row(summary: LayerSummary, frame: pd.DataFrame, settings) -> dict:
     wd = frame["wd"].to_numpy()
     finite = np.isfinite(wd)
     wd_ok = wd[finite]
-    top = _top_k(wd, settings.top_frac_for_jaccard)
+    top = _top_k(wd, settings.top_frac_for_jaccard)  # one ranking for the top share and the Jaccard index
     md = frame["md"].to_numpy()
     shares = summary.shares
     return {
@@ -150,23 +150,14 @@ def _layer_row(summary: LayerSummary, frame: pd.DataFrame, settings) -> dict:
         "nn_share": float(shares["nn"]),
         "pn_share": float(shares["pn"]),
         "pp_share": float(shares["pp"]),
-        "jaccard_wd_md": _jaccard_top(wd, md, settings.top_frac_for_jaccard),
+        "jaccard_wd_md": (jaccard(top, _top_k(md, settings.top_frac_for_jaccard))
+                          if finite.any() and np.isfinite(md).any() else np.nan),
     }
 
 
 def _top_k(values: np.ndarray, frac: float) -> np.ndarray:
-    """:func:`~negmonitor.metrics.ranking.top_k_indices` on a host array (numpy: no thread pool for a small sort)."""
-    valid = np.flatnonzero(~np.isnan(values))
-    k = min(count_for_fraction(values.size, frac), valid.size)
-    return valid[np.argsort(-values[valid], kind="stable")[:k]]
-
-
-def _jaccard_top(a: np.ndarray, b: np.ndarray, frac: float) -> float:
-    if not (np.isfinite(a).any() and np.isfinite(b).any()):
-        return float("nan")
-    top_a, top_b = _top_k(a, frac), _top_k(b, frac)
-    union = np.union1d(top_a, top_b).size
-    return float(np.intersect1d(top_a, top_b).size / union) if union else float("nan")
+    """:func:`~negmonitor.metrics.ranking.top_k_indices` of a host array (NaN never chosen)."""
+    return top_k_indices(torch.from_numpy(values), frac).numpy()
 
 
 def _ratio(num: float, den: float) -> float:
