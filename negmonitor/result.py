@@ -21,6 +21,7 @@ import torch
 from negmonitor.adapters import MLPSite
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic
 from negmonitor.errors import NegmonitorError
+from negmonitor.metrics import mapping
 from negmonitor.metrics.ranking import jaccard, top_k_indices
 from negmonitor.summary import LayerSummary
 
@@ -199,15 +200,13 @@ class _TableBuilder:
     def _layer_top_pairs(self, summary: LayerSummary) -> pd.DataFrame:
         neurons = summary.top_md.numpy()
         k = min(self.settings.pairs_per_neuron_table, summary.oi_top.shape[0])
-        # Each neuron's pairs by OI, best first (as metrics.mapping.top_pairs: NaN last, ties in pair order).
-        ranked = np.ascontiguousarray(np.nan_to_num(summary.oi_top.double().numpy().T, nan=-np.inf))
-        best = np.argsort(-ranked, axis=1, kind="stable")[:, :k]  # [m, k], one contiguous row per neuron
+        best = mapping.top_pairs(summary.oi_top, k).t().numpy()  # [m, k]: each neuron's pairs by OI, best first
         m = len(neurons)
         col = np.repeat(np.arange(m), k)
         pair = best.reshape(-1)
         y_a = summary.y_a_top.numpy()[pair, col]
         y_b = summary.y_b_top.numpy()[pair, col]
-        signs = (y_a >= 0).astype(np.int64) + (y_b >= 0).astype(np.int64)  # metrics.mapping.sign_classes
+        signs = mapping.sign_classes(torch.from_numpy(y_a), torch.from_numpy(y_b)).numpy()
         positions = self.probe_set.pair_positions.numpy()
         ids = self.probe_set.input_ids.reshape(-1).numpy()
         pos_a, pos_b = positions[pair, 0], positions[pair, 1]
