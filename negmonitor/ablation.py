@@ -232,10 +232,10 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
 
 def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: AblationSettings,
                 shard: Shard | None = None) -> dict[str, float]:
-    from negmonitor.evaluation.sharded import sharded_perplexity
+    from negmonitor.evaluation.perplexity import perplexity
 
-    result = sharded_perplexity(model, tokenizer, ids, shard or Shard(), window=settings.ppl_window,
-                                stride=settings.ppl_stride, batch_size=settings.batch_size)
+    result = perplexity(model, tokenizer, ids, window=settings.ppl_window, stride=settings.ppl_stride,
+                        batch_size=settings.batch_size, shard=shard)
     return {"ppl": result.ppl, "nll": result.nll}
 
 

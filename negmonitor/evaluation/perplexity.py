@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from negmonitor.distributed import Shard, agree_on_failure
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation._common import (
     check_batch_size,
@@ -102,6 +103,7 @@ def perplexity(
     device: str | torch.device | None = None,
     progress: bool = False,
     drop_tail: bool = True,
+    shard: Shard | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a text, a list of texts (joined) or a 1-D sequence of token ids.
 
@@ -112,6 +114,9 @@ def perplexity(
         batch_size: windows per forward pass (the result does not depend on it).
         device: where to run; default the model's device.
         progress: show a tqdm bar over batches.
+        shard: under DDP/FSDP, this process's place: it scores every ``world_size``-th window (padding with
+            throw-away batches to rank 0's count) and the summed NLL and token count are reduced over the
+            processes, so every process gets the single-process result.
 
     Raises:
         NegmonitorError: for a masked LM, fewer than two tokens, or a window/stride out of range.
@@ -125,8 +130,18 @@ def perplexity(
         raise NegmonitorError(f"the text has {ids.numel()} token(s); perplexity needs at least 2 — pass more text")
     window, stride = _resolve_window(model, tokenizer, window, stride)
     spans = sliding_windows(ids.numel(), window, stride, drop_tail)
-    total_nll, n_scored = _score_spans(model, ids, spans, batch_size, model_device(model, device),
-                                       pad_token_id(tokenizer), progress)
+    device, pad_id = model_device(model, device), pad_token_id(tokenizer)
+    if shard is None or not shard.active:
+        total_nll, n_scored = _score_spans(model, ids, spans, batch_size, device, pad_id, progress)
+    else:
+        with agree_on_failure():  # a rank that fails here tells the others before the sum below
+            total_nll, n_scored = _score_spans(model, ids, shard.take(spans), batch_size, device, pad_id, progress)
+            with eval_mode(model), torch.no_grad():
+                for _ in range(shard.extra_batches(len(spans), batch_size)):
+                    _score_batch(model, ids, spans[:1], device, pad_id)
+        total_nll, n_scored = shard.sum(torch.tensor([total_nll, n_scored], dtype=torch.float64,
+                                                     device=device)).tolist()
+        n_scored = int(n_scored)
     nll = total_nll / n_scored
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_scored)
 
