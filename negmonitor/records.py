@@ -75,6 +75,18 @@ class RecordStore:
         """Write the top neurons' pre-activation histograms (``layer, neuron, bin, left, right, count``)."""
         return self.write("histograms", _identify(rows, run, step, tokens_seen), step, key)
 
+    def write_measurement(self, run: str, step: int, tokens_seen: int, scalars: pd.DataFrame,
+                          neurons: pd.DataFrame, pairs: pd.DataFrame | None = None,
+                          histograms: pd.DataFrame | None = None, key: str | None = None) -> None:
+        """Write one measurement's records: neurons, pairs and histograms (each when there are rows), scalars last,
+        since a step's scalars file is what marks it recorded (a resume skips it)."""
+        self.write_neurons(run, step, tokens_seen, neurons, key=key)
+        if pairs is not None and not pairs.empty:
+            self.write_pairs(run, step, tokens_seen, pairs, key=key)
+        if histograms is not None and not histograms.empty:
+            self.write_histograms(run, step, tokens_seen, histograms, key=key)
+        self.write_scalars(run, step, tokens_seen, scalars, key=key)
+
     def read(self, kind: str = "scalars") -> pd.DataFrame:
         """All rows of ``kind``, merged across files, duplicates dropped (last file wins)."""
         folder = self.root / kind

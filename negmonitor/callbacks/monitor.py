@@ -399,14 +399,10 @@ class NegativeDifferentiationMonitor(Callback):
         self._check_drift_resolution(measurement.neurons, step)
         start = time.perf_counter()
         scalars = scalars[scalars.metric.map(_family).isin(self.families)]
-        key = self.record_key
-        self._store.write_scalars(self.run_name, step, self.tokens_seen, scalars, key=key)
-        self._store.write_neurons(self.run_name, step, self.tokens_seen, measurement.neurons, key=key)
-        if not measurement.result.top_pairs.empty and "pairs" in self.families:
-            self._store.write_pairs(self.run_name, step, self.tokens_seen, measurement.result.top_pairs, key=key)
-        histograms = measurement.histograms  # the top neurons' real distributions, for the report's Fig. 1c/6b
-        if not histograms.empty:
-            self._store.write_histograms(self.run_name, step, self.tokens_seen, histograms, key=key)
+        pairs = measurement.result.top_pairs if "pairs" in self.families else None  # built only when recorded
+        # histograms: the top neurons' real distributions, for the report's Fig. 1c/6b
+        self._store.write_measurement(self.run_name, step, self.tokens_seen, scalars, measurement.neurons, pairs,
+                                      measurement.histograms, key=self.record_key)
         self._log(measurement, scalars, step, media=final or self._due(step, self.media_every))
         self.timings["logging"] = time.perf_counter() - start
 

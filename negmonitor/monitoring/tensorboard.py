@@ -93,8 +93,7 @@ def pair_tables(top_pairs: pd.DataFrame | None, rows_per_layer: int = 10) -> Ite
 def log_scalars(writer: object, scalars: pd.DataFrame, step: int) -> int:
     """Write every finite per-layer / whole-model scalar; return how many were written."""
     metrics = scalar_metrics(scalars)
-    for name, value in metrics.items():
-        writer.add_scalar(name, value, int(step))
+    WriterSink(writer).log_scalars(metrics, step)
     return len(metrics)
 
 

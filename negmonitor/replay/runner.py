@@ -335,22 +335,16 @@ class _Replay:
     def _write(self, measurement: engine.Measurement, scalars: pd.DataFrame, index: int, step: int,
                tokens: int) -> None:
         """Records first (parquet, atomic), then the TensorBoard view of the same numbers."""
-        self.store.write_neurons(self.run_name, step, tokens, measurement.neurons)
-        if not measurement.result.top_pairs.empty:
-            self.store.write_pairs(self.run_name, step, tokens, measurement.result.top_pairs)
-        histograms = measurement.histograms
-        if not histograms.empty:
-            self.store.write_histograms(self.run_name, step, tokens, histograms)
-        self.store.write_scalars(self.run_name, step, tokens, scalars)
+        self.store.write_measurement(self.run_name, step, tokens, scalars, measurement.neurons,
+                                     measurement.result.top_pairs, measurement.histograms)
         self.store.path("scalars", step, "failed").unlink(missing_ok=True)
         if self.writer is None:
             return
-        tb.log_scalars(self.writer, scalars, step)
+        sink = tb.WriterSink(self.writer)
+        sink.log_scalars(tb.scalar_metrics(scalars), step)
         if index % self.media_every == 0 or index == len(self.revisions) - 1:
-            tb.log_histograms(self.writer, measurement.neurons, step)
-            tb.log_images(self.writer, measurement.samples, step)
-            tb.log_text(self.writer, measurement.result.top_pairs, step)
-        self.writer.flush()
+            sink.log_media(measurement, step)
+        sink.flush()
 
     # -- predecessor, cohort, resume --------------------------------------------------------------------------
 
