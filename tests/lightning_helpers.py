@@ -51,3 +51,31 @@ def trainer(tmp_path, max_steps: int, callbacks=(), logger=True, **kwargs) -> L.
     return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=logger, callbacks=list(callbacks),
                      enable_progress_bar=False, enable_model_summary=False,
                      default_root_dir=str(tmp_path), **kwargs)
+
+
+def run_script(tmp_path, name: str, source: str, *args: str, launcher: tuple[str, ...] = (),
+               extra_env: dict | None = None, timeout: int = 240, hang: str = "the run hung"):
+    """Write ``source`` to ``tmp_path/name`` and run it (after ``launcher``, e.g. torchrun's module) with this
+    folder on ``PYTHONPATH``, in its own process group: a run still going after ``timeout`` seconds is killed whole
+    and the test fails with ``hang``. Returns the ``(returncode, stdout, stderr)`` of a run that ended."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    script = tmp_path / name
+    script.write_text(source)
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
+    proc = subprocess.Popen([sys.executable, *launcher, str(script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{hang}:\n{err[-3000:]}")
+    return proc.returncode, out, err

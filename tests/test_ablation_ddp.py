@@ -4,16 +4,12 @@ equals the single-process numbers."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from lightning_helpers import TEXT, TinyLM
+from lightning_helpers import TEXT, TinyLM, run_script
 from negmonitor.distributed import Shard
 from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
@@ -60,17 +56,12 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_ddp_ablation_is_split_across_ranks_and_equals_single_process(tmp_path) -> None:
-    script, logs = tmp_path / "ddp_ablation.py", tmp_path / "logs"
-    script.write_text(SCRIPT)
+    logs = tmp_path / "logs"
     logs.mkdir()
-    tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    try:
-        out = subprocess.run([sys.executable, str(script), str(logs), tests_dir, json.dumps(ABLATION)],
-                             capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
-    except subprocess.TimeoutExpired:
-        pytest.fail("the DDP run hung (a rank waited in a collective the other never reached)")
-    assert out.returncode == 0, out.stderr[-3000:]
+    code, _, err = run_script(tmp_path, "ddp_ablation.py", SCRIPT, str(logs), str(Path(__file__).parent),
+                              json.dumps(ABLATION),
+                              hang="the DDP run hung (a rank waited in a collective the other never reached)")
+    assert code == 0, err[-3000:]
     forwards = [json.loads((logs / f"forwards-{rank}.json").read_text()) for rank in (0, 1)]
     assert forwards[0] == forwards[1] and all(n > 0 for n in forwards[1]), forwards  # both ranks work, in lockstep
 

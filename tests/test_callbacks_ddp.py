@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 
-from lightning_helpers import TEXT, TinyLM
+from lightning_helpers import TEXT, TinyLM, run_script
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore
@@ -35,13 +32,9 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_ddp_equals_single_process(tmp_path) -> None:
-    script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT)
-    tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "logs"), tests_dir], capture_output=True,
-                         text=True, timeout=300, env=env, cwd=str(tmp_path))
-    assert out.returncode == 0, out.stderr[-3000:]
+    code, _, err = run_script(tmp_path, "ddp_run.py", SCRIPT, str(tmp_path / "logs"), str(Path(__file__).parent),
+                              timeout=300, hang="the DDP run hung")
+    assert code == 0, err[-3000:]
     store = RecordStore.for_logdir(tmp_path / "logs")
     assert list((tmp_path / "logs" / "negmonitor" / "scalars").glob("*.parquet")), "rank 0 wrote no records"
     neurons = store.read_neurons()

@@ -4,9 +4,6 @@ single-process measurement of the same weights; DeepSpeed is refused in one line
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_helpers import TEXT, TinyLM
+from lightning_helpers import TEXT, TinyLM, run_script
 from negmonitor.callbacks import NegativeDifferentiationMonitor
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics.drift import weight_drift
@@ -79,20 +76,15 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_fsdp_records_equal_a_single_process_measurement(tmp_path) -> None:
-    script, logs = tmp_path / "fsdp_run.py", tmp_path / "logs"
-    script.write_text(SCRIPT)
+    logs = tmp_path / "logs"
     logs.mkdir()
-    tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    try:
-        out = subprocess.run([sys.executable, str(script), str(logs), tests_dir, json.dumps(ABLATION)],
-                             capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
-    except subprocess.TimeoutExpired:
-        pytest.fail("the FSDP run hung (the ranks ran different numbers of forward passes or collectives)")
-    assert out.returncode == 0, out.stderr[-3000:]
+    code, _, err = run_script(tmp_path, "fsdp_run.py", SCRIPT, str(logs), str(Path(__file__).parent),
+                              json.dumps(ABLATION), hang="the FSDP run hung (the ranks ran different numbers of "
+                              "forward passes or collectives)")
+    assert code == 0, err[-3000:]
     store = RecordStore.for_logdir(logs)
     scalars, neurons = store.read_scalars(), store.read_neurons()
-    assert not scalars.metric.str.startswith("health/measurement_failed").any(), out.stderr[-3000:]
+    assert not scalars.metric.str.startswith("health/measurement_failed").any(), err[-3000:]
     assert sorted(scalars.step.unique()) == [0, 2]
 
     module = TinyLM()  # the weights the FSDP run measured at step 0

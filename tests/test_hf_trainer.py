@@ -4,10 +4,6 @@ event files, the same numbers as the engine, and under DDP (2 gloo processes) on
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_helpers import TEXT
+from lightning_helpers import TEXT, run_script
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
 from negmonitor.probeset import ProbeSet
@@ -167,21 +163,11 @@ DDP_SCRIPT = textwrap.dedent('''
 
 
 def test_hf_trainer_ddp_measures_on_every_rank_and_rank_zero_writes(tmp_path) -> None:
-    script = tmp_path / "hf_ddp.py"
-    script.write_text(DDP_SCRIPT)
-    tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(tmp_path / "out"), tests_dir], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path), start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # a hang: end the launcher and its workers (their own process group)
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"2-process HF Trainer run hung: {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    code, stdout, stderr = run_script(
+        tmp_path, "hf_ddp.py", DDP_SCRIPT, str(tmp_path / "out"), str(Path(__file__).parent),
+        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        extra_env={"OMP_NUM_THREADS": "1"}, timeout=300, hang="2-process HF Trainer run hung")
+    assert code == 0, stderr[-3000:]
     measured = [(tmp_path / "out" / f"measured-{rank}.txt").read_text() for rank in (0, 1)]
     assert measured == ["[0, 2]", "[0, 2]"], (measured, stdout[-2000:])
     store = RecordStore(tmp_path / "out" / "negmonitor")

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
+from lightning_helpers import run_script
 from negmonitor.records import RecordStore
 
 SCRIPT = textwrap.dedent('''
@@ -63,21 +59,10 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_a_failure_on_one_rank_is_skipped_by_every_rank(tmp_path) -> None:
-    script = tmp_path / "ddp_fail.py"
-    script.write_text(SCRIPT)
-    tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONWARNINGS": "always::UserWarning"}
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs"), tests_dir], cwd=str(tmp_path),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: a hang is killed whole
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail("a rank hung after a failure on the other rank:\n" + err[-3000:])
-    assert proc.returncode == 0, err[-3000:]
+    code, out, err = run_script(tmp_path, "ddp_fail.py", SCRIPT, str(tmp_path / "logs"), str(Path(__file__).parent),
+                                extra_env={"PYTHONWARNINGS": "always::UserWarning"},
+                                hang="a rank hung after a failure on the other rank")
+    assert code == 0, err[-3000:]
     assert "rank 0 finished at step 8" in out and "rank 1 finished at step 8" in out, out + err[-2000:]
 
     scalars = RecordStore.for_logdir(tmp_path / "logs").read_scalars()
