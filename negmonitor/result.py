@@ -158,7 +158,7 @@ def _layer_row(summary: LayerSummary, frame: pd.DataFrame, settings) -> dict:
 
 def _top_k(values: np.ndarray, frac: float) -> np.ndarray:
     """:func:`~negmonitor.metrics.ranking.top_k_indices` of a host array (NaN never chosen)."""
-    return top_k_indices(torch.from_numpy(values), frac).numpy()
+    return top_k_indices(torch.tensor(values), frac).numpy()  # a copy: pandas hands out read-only arrays
 
 
 def _ratio(num: float, den: float) -> float:
