@@ -17,7 +17,8 @@ import torch
 
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics import NeuronStatsAccumulator, wasserstein_to_gaussian, wasserstein_to_gaussian_split
-from negmonitor.metrics.streaming import SUPPORTED_N_BINS, _histogram_points, _raw_bin_geometry, _raw_bins, _special_columns
+from negmonitor.metrics.streaming import (SUPPORTED_N_BINS, _filled_points, _histogram_points, _raw_bin_geometry,
+                                          _raw_bins, _special_columns)
 
 BATCH = 2048
 TOKENS = 16_384  # the accuracy bar is stated for neurons with >= 10,000 tokens
@@ -113,7 +114,7 @@ def suite() -> tuple[list[str], torch.Tensor, tuple[torch.Tensor, ...]]:
 
 
 # ------------------------------------------------------------------------------------------- exact reference
-@pytest.mark.parametrize("dist", ["normal", "neg_exponential", "student_t2", "two_point", "shifted"])
+@pytest.mark.parametrize("dist", ["normal", "neg_exponential", "student_t2", "two_point", "shifted", "clusters"])
 def test_exact_matches_quadrature(dist: str) -> None:
     """The closed-form segment integrals equal scipy's adaptive quadrature of |F − Φ|, split at pre-activation 0."""
     g = np.random.default_rng(1)
@@ -123,6 +124,8 @@ def test_exact_matches_quadrature(dist: str) -> None:
         "student_t2": g.standard_t(2, size=17),
         "two_point": np.array([0.0] * 9 + [1.0] * 3),
         "shifted": g.standard_normal(29) + 0.7,
+        # Φ crosses F in the gap before the middle cluster, left of Φ⁻¹(negative fraction): the clipped segment
+        "clusters": np.array([-6.0] * 4 + [-0.1, -0.05, 0.05, 0.1] + [3.0] * 4),
     }[dist]
     wd, neg, pos = wasserstein_to_gaussian_split(torch.tensor(column[:, None]))
     want_neg, want_pos = _quad_w1(column)
@@ -544,14 +547,16 @@ def test_raw_bins_rebuild_every_value_and_come_back_in_value_order() -> None:
         cols = _special_columns(shift, n_bins, torch.device("cpu"))
         special, _ = _raw_bins(torch.tensor([[math.nan], [65520.0], [-1e30], [65519.0]]), shift, low_bits)
         assert special[0, 0].item() in cols.nan.tolist()
-        assert special[0, 1:3].tolist() == [cols.pos_inf, cols.neg_inf] and not cols.special[special[0, 3]]
-        # One neuron's histogram of all these values: its points come in ascending order, and hold every value.
+        assert special[0, 1:3].tolist() == [cols.pos_inf, cols.neg_inf]
+        assert special[0, 3] < cols.pos_inf  # finite
+        # One neuron's histogram of all these values: its points come in ascending order and hold every value.
         hist = torch.zeros(n_bins, dtype=torch.long).scatter_add_(0, col, packed)[None]
-        none = torch.zeros(1, dtype=torch.long)
-        z, cdf = _histogram_points(hist, low_bits, shift, none, none.double(), none, none.double(), cols.special,
-                                   torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
-        assert (z.diff(dim=1) >= 0).all() and z.shape[1] <= n_bins + 2  # on CPU: the filled bins only
-        assert cdf[0, -1].item() == 1.0 and (cdf.diff(dim=1) >= 0).all()
+        flat, lengths = _filled_points(hist, cols, torch.zeros(1, dtype=torch.bool))
+        none, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        count = torch.tensor([len(d)])
+        z, after, lengths, _ = _histogram_points(hist, flat, lengths, low_bits, shift, count, [none] * 4, none, one)
+        assert (z.diff() >= 0).all() and z.shape[0] <= n_bins + 2  # on CPU: the filled bins only
+        assert after[-1].item() == 1.0 and (after.diff() >= 0).all()
 
 
 _DDP_WORKER = """

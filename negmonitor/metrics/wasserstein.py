@@ -25,7 +25,6 @@ from negmonitor.errors import NegmonitorError
 __all__ = ["wasserstein_to_gaussian", "wasserstein_to_gaussian_split", "w1_points_to_gaussian"]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _PICK_ON_CPU = True  # False runs the dense (non-CPU) path on CPU too, for the tests
 # Elements per working chunk of the reference (4 MiB per fp64 temporary: cache-friendly, no page-fault churn).
 _CHUNK_ELEMENTS = 1 << 19
@@ -38,35 +37,8 @@ def _phi_antiderivative(z: Tensor) -> Tensor:
 
 def _phi_and_antiderivative(z: Tensor) -> tuple[Tensor, Tensor]:
     """``(Φ(z), G(z))`` with ``G(z) = zΦ(z) + φ(z)``."""
-    cdf = 0.5 * torch.special.erfc(z * -_INV_SQRT_2)
-    return cdf, z * cdf + torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-
-
-def _segment_integrals(
-    a: Tensor, b: Tensor, phi_a: Tensor, phi_b: Tensor, g_a: Tensor, g_b: Tensor, c: Tensor, q: Tensor | None
-) -> Tensor:
-    """``∫_a^b |c − Φ(z)| dz`` for ``a ≤ b``, given ``Φ`` and ``G`` at both ends (``q``: optional ``Φ⁻¹(c)``).
-
-    Where ``Φ`` stays on one side of ``c`` the integrand keeps its sign: ``|G(b) − G(a) − c(b − a)|``. Only the
-    few segments where ``Φ`` crosses ``c`` (at ``q = Φ⁻¹(c)``) need ``c(2q − a − b) + G(a) + G(b) − 2G(q)``. On
-    CPU the inverse normal is evaluated for those alone (picking them is free there); elsewhere for every segment,
-    which needs no read-back of how many there are.
-    """
-    c = c.expand_as(a)
-    out = (g_b - g_a - c * (b - a)).abs()
-    cross = (phi_a < c) & (c < phi_b)
-    pick = _PICK_ON_CPU and a.device.type == "cpu"
-    if pick:
-        where = cross.nonzero(as_tuple=True)
-        a, b, c, g_a, g_b = a[where], b[where], c[where], g_a[where], g_b[where]
-        q = None if q is None else q.expand_as(cross)[where]
-    q = torch.special.ndtri(c) if q is None else q.expand_as(a)
-    q = torch.minimum(torch.maximum(q, a), b)  # guard against rounding at the ends
-    crossing = c * (2.0 * q - a - b) + g_a + g_b - 2.0 * _phi_antiderivative(q)
-    if pick:
-        out[where] = crossing
-        return out
-    return torch.where(cross, crossing, out)
+    cdf = torch.special.ndtr(z)
+    return cdf, torch.exp(-0.5 * z * z).mul_(_INV_SQRT_2PI).addcmul_(z, cdf)
 
 
 def w1_points_to_gaussian(
@@ -87,39 +59,97 @@ def w1_points_to_gaussian(
     Returns:
         ``(wd, wd_below, wd_above)``, each ``[rows]``, with ``wd = wd_below + wd_above``.
     """
-    phi_z, g_z = _phi_and_antiderivative(z)
-    segments = _segment_integrals(z[:, :-1], z[:, 1:], phi_z[:, :-1], phi_z[:, 1:], g_z[:, :-1], g_z[:, 1:], cdf, q)
-    # Tails: (−∞, z_1] where F = 0 gives ∫Φ = G(z_1); [z_k, ∞) where F = 1 gives ∫(1 − Φ) = G(−z_k).
-    left, right = g_z[:, 0], _phi_antiderivative(-z[:, -1])
-    wd = left + right + segments.sum(dim=1)
-    u0 = torch.as_tensor(level, dtype=z.dtype, device=z.device).expand(z.shape[0], 1)
-    below = _part_below_level(z, phi_z, g_z, cdf, u0)
-    return wd, below, wd - below
-
-
-def _part_below_level(z: Tensor, phi_z: Tensor, g_z: Tensor, cdf: Tensor, u0: Tensor) -> Tensor:
-    """``∫ |min(F, u0) − min(Φ, u0)| dz``: the area between the two CDFs below the height ``u0``.
-
-    With ``q0 = Φ⁻¹(u0)``: on each segment ``[a, b]`` (``F = c``, so ``min(F, u0) = c' = min(c, u0)``) the part
-    left of ``q0`` is the usual ``∫|c' − Φ|``, the part right of it ``(u0 − c') · length``. The left tail gives
-    ``∫ min(Φ, u0) = G(min(z_1, q0)) + u0 · (z_1 − q0)⁺``, the right tail ``∫_{z_k}^{q0} (u0 − Φ)`` when
-    ``z_k < q0``.
-    """
     rows, k = z.shape
-    u0 = u0.clamp(0.0, 1.0)
-    q0 = torch.special.ndtri(u0).clamp(-1e6, 1e6)  # [rows, 1]; beyond any standardised value (|z| < sqrt(n))
-    phi_q0, g_q0 = _phi_and_antiderivative(q0)
-    capped = torch.minimum(cdf.expand(rows, k - 1), u0)
-    left_of = z < q0
-    zc = torch.minimum(z, q0)
-    phi_c, g_c = torch.where(left_of, phi_z, phi_q0), torch.where(left_of, g_z, g_q0)
-    inner = _segment_integrals(zc[:, :-1], zc[:, 1:], phi_c[:, :-1], phi_c[:, 1:], g_c[:, :-1], g_c[:, 1:], capped,
-                               None)
-    zr = torch.maximum(z, q0)
-    outer = (u0 - capped) * (zr[:, 1:] - zr[:, :-1])
-    left = g_c[:, 0] + u0[:, 0] * (z[:, 0] - q0[:, 0]).clamp(min=0.0)
-    right = torch.where(left_of[:, -1], u0[:, 0] * (q0[:, 0] - z[:, -1]) - (g_q0[:, 0] - g_z[:, -1]), 0.0)
-    return left + inner.sum(dim=1) + outer.sum(dim=1) + right
+    last = torch.ones(rows, 1, dtype=z.dtype, device=z.device)
+    after = torch.cat([cdf.expand(rows, k - 1), last], dim=1).reshape(-1)
+    if q is not None:
+        q = torch.cat([q.expand(rows, k - 1), last], dim=1).reshape(-1)
+    level = torch.as_tensor(level, dtype=z.dtype, device=z.device).reshape(-1).expand(rows)
+    lengths = torch.full((rows,), k, dtype=torch.long, device=z.device)
+    return w1_rows_to_gaussian(z.reshape(-1), after, lengths, level, q)
+
+
+def w1_rows_to_gaussian(
+    z: Tensor, after: Tensor, lengths: Tensor, level: Tensor, q: Tensor | None = None, row: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`w1_points_to_gaussian` for rows of different lengths laid end to end (no padding).
+
+    Args:
+        z: ``[P]`` point positions: each row's points consecutive and ascending, every row at least one point.
+        after: ``[P]`` value of ``F`` just after each point (1 at a row's last point).
+        lengths: ``[rows]`` points per row (summing to ``P``).
+        level: ``[rows]`` quantile ``u0`` at which each row is split.
+        q: optional ``[P]`` ``Φ⁻¹(after)``.
+        row: optional ``[P]`` row of each point (``repeat_interleave`` of ``lengths``), if the caller has it.
+
+    Returns:
+        ``(wd, wd_below, wd_above)``, each ``[rows]``.
+
+    Each segment ``[a, b]`` from a point to the next of its row, where ``F = c``, gives ``∫_a^b |c − Φ|`` and,
+    for the part below ``u0`` (``∫ |min(F, u0) − min(Φ, u0)|``), with ``q0 = Φ⁻¹(u0)``: the same integral over
+    ``[min(a, q0), min(b, q0)]`` with ``c' = min(c, u0)``, plus ``(u0 − c)⁺ · (max(b, q0) − max(a, q0))`` right
+    of ``q0``. ``Φ`` and ``G`` are evaluated once per point (``G`` is increasing, so ``G(min(z, q0)) =
+    min(G(z), G(q0))``); the few segments where ``Φ`` crosses ``c`` share one ``Φ⁻¹(c)`` and ``G`` of it between
+    the two parts (a crossing left of ``q0`` needs ``c < u0``). Per-row sums are segment reductions.
+    """
+    n_points, rows = z.shape[0], lengths.shape[0]
+    if row is None:
+        row = torch.repeat_interleave(torch.arange(rows, device=z.device), lengths, output_size=n_points)
+    last = lengths.cumsum(0) - 1
+    first = last - (lengths - 1)
+    phi, g = _phi_and_antiderivative(z)
+    u0 = level.to(z.dtype).clamp(0.0, 1.0)
+    q0 = torch.special.ndtri(u0).clamp(-1e6, 1e6)  # beyond any standardised value (|z| < sqrt(n))
+    g_q0 = _phi_antiderivative(q0)
+    # Segment i runs from point i to point i + 1; those from a row's last point are zeroed at the end.
+    q0_at, u0_at = q0.index_select(0, row), u0.index_select(0, row)
+    zc, g_c = torch.minimum(z, q0_at), torch.minimum(g, g_q0.index_select(0, row))
+    full = torch.addcmul(_ahead(g), after, _ahead(z), value=-1.0).abs_()
+    below = torch.addcmul(_ahead(g_c), torch.minimum(after, u0_at), _ahead(zc), value=-1.0).abs_()
+    right = (u0_at - after).clamp_(min=0.0).mul_(_ahead(torch.maximum(z, q0_at)))
+    del q0_at
+    cross = (phi[:-1] < after[:-1]) & (after[:-1] < phi[1:])
+    pick = _PICK_ON_CPU and z.device.type == "cpu"
+    at = cross.nonzero().squeeze(1) if pick else None  # CPU: only the crossing segments (free to find there)
+
+    def ends(t: Tensor) -> tuple[Tensor, Tensor]:  # a per-point array at both ends of those segments
+        return (t[:-1], t[1:]) if at is None else (t.index_select(0, at), t.index_select(0, at + 1))
+
+    (a, b), (ga, gb), (ac, bc), (gca, gcb), (c, _) = ends(z), ends(g), ends(zc), ends(g_c), ends(after)
+    qq = torch.special.ndtri(c) if q is None else ends(q)[0]
+    qq = torch.minimum(torch.maximum(qq, a), b)  # guard against rounding at the ends
+    g_q = _phi_antiderivative(qq)
+    crossed = c * (2.0 * qq - a - b) + ga + gb - 2.0 * g_q
+    # Below u0 the same crossing (q <= q0) on the clipped segment, when it is left of q0 and c < u0.
+    crossed_low = c * (2.0 * qq - ac - bc) + gca + gcb - 2.0 * g_q
+    inner = (c < ends(u0_at)[0]) & (ac < bc)
+    if at is None:
+        full[:-1] = torch.where(cross, crossed, full[:-1])
+        below[:-1] = torch.where(cross & inner, crossed_low, below[:-1])
+    else:
+        full.index_copy_(0, at, crossed)
+        below.index_copy_(0, at, torch.where(inner, crossed_low, below.index_select(0, at)))
+    below += right
+    full.index_fill_(0, last, 0.0)
+    below.index_fill_(0, last, 0.0)
+    # Tails: (−∞, z_1] where F = 0 gives ∫Φ = G(z_1); [z_k, ∞) where F = 1 gives ∫(1 − Φ) = G(−z_k). Below u0:
+    # ∫ min(Φ, u0) = G(min(z_1, q0)) + u0 · (z_1 − q0)⁺ on the left; on the right, when z_k < q0,
+    # ∫_{z_k}^{q0} (u0 − Φ) = G(−z_k) − G(−q0) − (1 − u0)(q0 − z_k) (so u0 = 1 leaves exactly wd's tail).
+    z1, zk = z.index_select(0, first), z.index_select(0, last)
+    g_right = _phi_antiderivative(-zk)
+    wd = g.index_select(0, first) + g_right + torch.segment_reduce(full, "sum", lengths=lengths)
+    part = g_c.index_select(0, first) + u0 * (z1 - q0).clamp(min=0.0)
+    part += torch.where(zk < q0, g_right - _phi_antiderivative(-q0) - (1.0 - u0) * (q0 - zk), 0.0)
+    part += torch.segment_reduce(below, "sum", lengths=lengths)
+    return wd, part, wd - part
+
+
+def _ahead(t: Tensor) -> Tensor:
+    """``t[i + 1] − t[i]`` for each ``i`` (0 for the last)."""
+    out = torch.empty_like(t)
+    torch.sub(t[1:], t[:-1], out=out[:-1])
+    out[-1:] = 0.0
+    return out
 
 
 def _sorted_rows(x: Tensor) -> Tensor:
