@@ -688,19 +688,19 @@ def _histogram_points(
     if flat is None:
         col = torch.arange(width, device=packed.device).repeat(rows)
     else:
-        col = flat - row * width
-        values = packed.reshape(-1).index_select(0, cols.order.index_select(0, col) + row * n_bins)
+        col = flat.sub(row, alpha=width)
+        values = packed.reshape(-1).index_select(0, cols.order.index_select(0, col).add_(row, alpha=n_bins))
     last = lengths.cumsum(0) - 1
     first = last - (lengths - 1)
     mass = values >> low_bits
     running = mass.cumsum(0)
-    d = (values & ((1 << low_bits) - 1)).double().div_(mass.clamp(min=1)).mul_(cols.step.index_select(0, col))
-    d += cols.base.index_select(0, col)
+    d = values.bitwise_and_((1 << low_bits) - 1).double().div_(mass.clamp(min=1))
+    d = torch.addcmul(cols.base.index_select(0, col), d, cols.step.index_select(0, col))
     below_n, below, above_n, above = tails
     for end, value, n, tail_col in ((first, below, below_n, 0), (last, above, above_n, width - 1)):
         at = d.index_select(0, end)
         d.index_copy_(0, end, torch.where((col.index_select(0, end) == tail_col) & (n > 0), value, at))
-    z = d.sub_(mu_d.index_select(0, row)).div_(sd_d.index_select(0, row))
+    z = torch.addcmul((-mu_d / sd_d).index_select(0, row), d, sd_d.reciprocal().index_select(0, row))
     before = running.index_select(0, first) - mass.index_select(0, first)  # mass of the rows before
-    after = (running - before.index_select(0, row)).double().div_(count.clamp(min=1).double().index_select(0, row))
+    after = running.sub_(before.index_select(0, row)).double().div_(count.clamp(min=1).double().index_select(0, row))
     return z, after, lengths, row

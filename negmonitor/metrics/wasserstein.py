@@ -25,6 +25,7 @@ from negmonitor.errors import NegmonitorError
 __all__ = ["wasserstein_to_gaussian", "wasserstein_to_gaussian_split", "w1_points_to_gaussian"]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _PICK_ON_CPU = True  # False runs the dense (non-CPU) path on CPU too, for the tests
 # Elements per working chunk of the reference (4 MiB per fp64 temporary: cache-friendly, no page-fault churn).
 _CHUNK_ELEMENTS = 1 << 19
@@ -36,9 +37,13 @@ def _phi_antiderivative(z: Tensor) -> Tensor:
 
 
 def _phi_and_antiderivative(z: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Φ(z), G(z))`` with ``G(z) = zΦ(z) + φ(z)``."""
-    cdf = torch.special.ndtr(z)
-    return cdf, torch.exp(-0.5 * z * z).mul_(_INV_SQRT_2PI).addcmul_(z, cdf)
+    """``(Φ(z), G(z))`` with ``G(z) = zΦ(z) + φ(z)``.
+
+    ``Φ = (1 + erf(z/√2)) / 2``: its absolute error stays ~1e-16 in the tails (all these integrals need), and erf
+    is ~1.4x faster than ``ndtr`` and 2x faster than ``erfc``.
+    """
+    cdf = torch.special.erf(z * _INV_SQRT_2).mul_(0.5).add_(0.5)
+    return cdf, (z * z).mul_(-0.5).exp_().mul_(_INV_SQRT_2PI).addcmul_(z, cdf)
 
 
 def w1_points_to_gaussian(
@@ -137,11 +142,18 @@ def w1_rows_to_gaussian(
     # ∫_{z_k}^{q0} (u0 − Φ) = G(−z_k) − G(−q0) − (1 − u0)(q0 − z_k) (so u0 = 1 leaves exactly wd's tail).
     z1, zk = z.index_select(0, first), z.index_select(0, last)
     g_right = _phi_antiderivative(-zk)
-    wd = g.index_select(0, first) + g_right + torch.segment_reduce(full, "sum", lengths=lengths)
+    wd = g.index_select(0, first) + g_right + _row_sums(full, first, last)
     part = g_c.index_select(0, first) + u0 * (z1 - q0).clamp(min=0.0)
     part += torch.where(zk < q0, g_right - _phi_antiderivative(-q0) - (1.0 - u0) * (q0 - zk), 0.0)
-    part += torch.segment_reduce(below, "sum", lengths=lengths)
+    part += _row_sums(below, first, last)
     return wd, part, wd - part
+
+
+def _row_sums(t: Tensor, first: Tensor, last: Tensor) -> Tensor:
+    """Sum of ``t`` over each row's points ``first..last`` (a running sum's differences: faster than
+    ``segment_reduce`` or ``index_add_`` on CPU; the terms are small and positive, so nothing cancels badly)."""
+    running = t.cumsum(0)
+    return running.index_select(0, last) - running.index_select(0, first) + t.index_select(0, first)
 
 
 def _ahead(t: Tensor) -> Tensor:
