@@ -61,9 +61,10 @@ __all__ = ["NeuronStatsAccumulator", "SUPPORTED_N_BINS"]
 SUPPORTED_N_BINS = (512, 1024, 2048, 4096, 8192)
 _TAIL = 65520.0  # |d| at or beyond this overflows float16: the exact tails
 _MAX_CHUNK_ROWS = 1 << 24  # rows per update chunk: negatives are counted in fp32, exact up to 2^24
+_MIN_BLOCK_WIDTH = 64  # neurons per update block at least (narrower blocks: per-op overhead, poor vector loops)
 _CPU_BLOCK_ELEMENTS = 1 << 17  # a block's temporaries and state slice stay in cache
 _DEVICE_BLOCK_ELEMENTS = 1 << 21  # elsewhere: 64 MiB of update temporaries (~200 MiB in compute)
-_UPDATE_BYTES_PER_ELEMENT = 32  # scratch: d and another fp32, the batch's dtype, float16, 2 x int64 (30)
+_UPDATE_BYTES_PER_ELEMENT = 32  # scratch: d, another fp32, the masked block in fp32, float16, 2 x int64 (30)
 _COMPUTE_BYTES_PER_POINT = 192  # ~24 fp64 / int64 arrays per point at the peak of the W1 integration
 _HEAP_PRIME_BYTES = (32 << 20) - (64 << 10)  # just under glibc's 32 MiB cap of its dynamic mmap threshold
 _WINDOW_BYTES_PER_BIN = 10  # compute's scan on CPU: two bool masks and (at most) an int64 index per bin
@@ -176,7 +177,7 @@ class NeuronStatsAccumulator(Metric):
         """
         block = _DEVICE_BLOCK_ELEMENTS if block_elements is None else int(block_elements)
         state = n_neurons * (n_bins * 8 + 2 * 8 + 4 * 8 + 8 + 4 * 4) + 8
-        rows = max(1, min(int(n_rows), block))
+        rows = _chunk_rows(int(n_rows), block)
         width = min(n_neurons, max(1, block // rows))
         update = _UPDATE_BYTES_PER_ELEMENT * rows * width + _VECTOR_BYTES_PER_NEURON * n_neurons
         grid_rows = max(1, min(int(n_rows), GRID_ROWS))
@@ -276,7 +277,7 @@ class NeuronStatsAccumulator(Metric):
             self.init_grid(rows)
         self._has_data = True
         block = self._block(rows.device)
-        step = max(1, min(rows.shape[0], block, _MAX_CHUNK_ROWS))
+        step = _chunk_rows(rows.shape[0], block)
         for r0 in range(0, rows.shape[0], step):
             self._update_chunk(rows[r0 : r0 + step], max(1, block // min(step, rows.shape[0] - r0)))
 
@@ -293,25 +294,26 @@ class NeuronStatsAccumulator(Metric):
         """
         t, n = chunk.shape
         device = chunk.device
-        if chunk.dtype == torch.float64:
-            chunk = chunk.float()  # everything in fp32 (narrower dtypes widen inside the first op)
         size = t * min(width, n)
-        scratch = _Scratch(size, chunk.dtype, device)
+        scratch = _Scratch(size, device)
         sums = torch.empty(8, n, dtype=torch.float32, device=device)  # mean, e^1..e^4 sums, tail excesses, negatives
-        lo, hi = torch.empty(n, dtype=chunk.dtype, device=device), torch.empty(n, dtype=chunk.dtype, device=device)
+        lo, hi = torch.empty(n, device=device), torch.empty(n, device=device)
         hist = self.hist.view(n, self.n_bins)
         shift = -(self.center * self.inv_unit)
         for j0 in range(0, n, width):
             j1 = min(n, j0 + width)
             xb, nb = chunk[:, j0:j1], j1 - j0
             d, other, masked = scratch.views(t, nb)
-            torch.addcmul(shift[j0:j1], xb, self.inv_unit[j0:j1], out=d)  # (x - c) / u
-            # Finite range and negative count in raw units: non-finite values +inf for the min, -inf for the max.
-            torch.nan_to_num(xb, nan=math.inf, posinf=math.inf, neginf=math.inf, out=masked)
+            # The block in fp32 (everything runs in fp32: bf16 ops are slower), non-finite values +inf: the min,
+            # the negative count and d (whose infinities become NaN below) need no other masking.
+            if xb.dtype == torch.float32:
+                torch.nan_to_num(xb, nan=math.inf, posinf=math.inf, neginf=math.inf, out=masked)
+            else:
+                masked.copy_(xb).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
+            torch.addcmul(shift[j0:j1], masked, self.inv_unit[j0:j1], out=d)  # (x - c) / u
             torch.amin(masked, dim=0, out=lo[j0:j1])
             torch.sum(torch.lt(masked, 0, out=other), dim=0, out=sums[7, j0:j1])  # a float count: a bool sum is ~10x slower
-            torch.nan_to_num(xb, nan=-math.inf, posinf=-math.inf, neginf=-math.inf, out=masked)
-            torch.amax(masked, dim=0, out=hi[j0:j1])
+            torch.amax(masked.nan_to_num_(posinf=-math.inf, neginf=-math.inf), dim=0, out=hi[j0:j1])
             # Histogram: non-finite values as NaN (their own bins), finite tails overflow to the ±inf bins.
             d.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
             column, packed = _raw_bins(d, self._code_shift, self._low_bits, scratch.codes(nb, t))
@@ -333,8 +335,8 @@ class NeuronStatsAccumulator(Metric):
         self.power_sums += _expand_power_sums(t, wide[0], wide[1:5])
         self.tail_excess += wide[5:7]
         self.negative += sums[7].long()
-        self.min_value = torch.minimum(self.min_value, lo.float())
-        self.max_value = torch.maximum(self.max_value, hi.float())
+        self.min_value = torch.minimum(self.min_value, lo)
+        self.max_value = torch.maximum(self.max_value, hi)
         self.rows += t
 
 
@@ -428,13 +430,13 @@ class NeuronStatsAccumulator(Metric):
 
 
 class _Scratch:
-    """Buffers for one update call's blocks (freed with it): fp32 ``d`` and a second fp32, the batch dtype's
-    masked copy, the float16 codes and two int64 code arrays."""
+    """Buffers for one update call's blocks (freed with it): fp32 ``d``, a second fp32, the block in fp32 with its
+    non-finite values masked, the float16 codes and two int64 code arrays."""
 
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, size: int, device: torch.device) -> None:
         self.d = torch.empty(size, dtype=torch.float32, device=device)
         self.other = torch.empty(size, dtype=torch.float32, device=device)
-        self.masked = torch.empty(size, dtype=dtype, device=device)
+        self.masked = torch.empty(size, dtype=torch.float32, device=device)
         self.half = torch.empty(size, dtype=torch.float16, device=device)
         self.column = torch.empty(size, dtype=torch.int64, device=device)
         self.packed = torch.empty(size, dtype=torch.int64, device=device)
@@ -463,6 +465,12 @@ def _keep_freed_heap() -> None:
     other allocators this is a no-op.
     """
     np.empty(_HEAP_PRIME_BYTES, dtype=np.uint8)
+
+
+def _chunk_rows(rows: int, block_elements: int) -> int:
+    """Rows per chunk of an update: all of the batch's, as long as a block of them is still
+    ``_MIN_BLOCK_WIDTH`` neurons wide (a 16k-token batch in one chunk made 8-wide blocks, 2x slower per value)."""
+    return max(1, min(rows, block_elements // _MIN_BLOCK_WIDTH, _MAX_CHUNK_ROWS))
 
 
 def _group_points(n_bins: int, block_elements: int) -> int:
