@@ -16,9 +16,10 @@ How WD streams (one pass):
     batches are wider, narrower or shifted.
     Each bin keeps its count and the sum of the dropped low code bits, i.e. the bin's centroid (at float16
     precision, a 1e-5 effect on WD). Collapsing a bin's mass to its centroid leaves ``∫F`` over the bin unchanged,
-    so the only error comes from bins inside which ``F − Φ`` changes sign. At compute time the bins are put in
-    value order, their centroids standardised with the exact moments, and
-    :func:`~negmonitor.metrics.wasserstein.w1_points_to_gaussian` integrates the point masses exactly.
+    so the only error comes from bins inside which ``F − Φ`` changes sign. At compute time each neuron's bins
+    are put in value order, their centroids standardised with the exact moments, and
+    :func:`~negmonitor.metrics.wasserstein.w1_rows_to_gaussian` integrates the point masses exactly (on CPU only
+    the bins the neuron filled, laid end to end: a neuron fills a fraction of its bins).
 
 Special values without a branch: every value lands in some bin, so nothing is tested per batch. Non-finite values
 are turned into NaN before coding, so they fill the float16 NaN bins; finite values beyond ``|d| ≥ 65520`` (the
@@ -28,9 +29,10 @@ of the W1 points but for the two tail centroids. Moments use ``d`` with non-fini
 every raw power sum).
 
 Memory: the state is one int64 per bin plus a few vectors per neuron (31.3 MiB per 1,000 neurons at 4096 bins).
-The update works on blocks of about ``block_elements`` values (all rows of a batch chunk, a slice of neurons) and
-:meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator holds at once. On CPU what bounds the
-speed is the histogram's random access into its 32 KiB per neuron.
+The update works on blocks of about ``block_elements`` values (a chunk of rows, a slice of at least 64 neurons)
+and :meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator holds at once. On CPU what bounds
+the update's speed is the histogram's ``scatter_add_`` (~3 ns per value, ~40% of the update) and ~25 other
+elementwise passes over each block; compute's, the ~50 elementwise fp64 passes over each filled bin.
 
 Measured against the exact sort-based value (max absolute error over Gaussian, heavy-tailed, multimodal, skewed,
 near-constant and first-batch-misleading neurons): 4096 bins (default) 0.0004 at 16k tokens, 0.0017 at 1M tokens;
@@ -348,7 +350,8 @@ class NeuronStatsAccumulator(Metric):
         the rest (see :func:`~negmonitor.metrics.wasserstein.w1_points_to_gaussian`), so an all-negative neuron has
         ``wd_neg = wd``. NaN WD, mean, std, skew and kurtosis for neurons with fewer
         than ``min_count`` finite values; a constant neuron has its mean, std 0 and NaN WD, skew and kurtosis.
-        Reads one number back (the row count, to refuse a histogram that may have overflowed).
+        Reads one number back (the row count, to refuse a histogram that may have overflowed); on CPU it also lists
+        the filled bins (free there).
         """
         if int(self.rows) >= 1 << self._count_bits:
             raise NegmonitorError(
