@@ -215,6 +215,7 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     from negmonitor.budget import LayerShape, format_bytes, plan_measurement
     from negmonitor.monitoring.engine import MonitorState
     from negmonitor.probeset import ProbeSet
+    from negmonitor.probing import ProbeSettings, _residual_bytes
 
     model = build_model(kind, len(tokenizer), device)
     probe_set = ProbeSet.build(texts, tokenizer, n_tokens=args.tokens, window=args.window, n_pairs=1_000, seed=0)
@@ -253,10 +254,12 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     stats_per_layer = sum(v for k, v in free_breakdown.items() if k != "forward with hooks") / 2
     forward_per_layer = bare / 2
     shapes = [LayerShape(i, site.n_neurons, site.d_in) for i in range(depth)]
+    residual = _residual_bytes(model, probe_set, [site], ProbeSettings(memory_budget=None), 1)
     plan = plan_measurement(shapes, budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
                             n_slots=2 * probe_set.n_pairs, cap_bytes=next(model.parameters()).element_size(),
-                            attention_bytes_per_row=site_heads(model) * probe_set.window * 8)
-    passes_forward = sum(g[-1] + 1 for g in plan.groups) * forward_per_layer
+                            attention_bytes_per_row=site_heads(model) * probe_set.window * 8, residual_bytes=residual)
+    # Each pass runs the blocks from its start (the cached hidden states, or the embeddings) to its group's end.
+    passes_forward = (depth if plan.resume else sum(g[-1] + 1 for g in plan.groups)) * forward_per_layer
     full_free = depth * (forward_per_layer + stats_per_layer)
     full_budget = passes_forward + depth * stats_per_layer
     largest = max(len(g) for g in plan.groups)
@@ -264,7 +267,7 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     # Budgeted probe pass at full depth: the planner's figure for it, corrected by measured/planned at 2 layers.
     two = plan_measurement(shapes[:2], budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
                            n_slots=2 * probe_set.n_pairs, cap_bytes=next(model.parameters()).element_size(),
-                           attention_bytes_per_row=site_heads(model) * probe_set.window * 8)
+                           attention_bytes_per_row=site_heads(model) * probe_set.window * 8, residual_bytes=residual)
     accuracy = runs[budget_label][2]["probe pass"] / max(two.need)
     budget_mem = int(max(plan.need) * max(1.0, accuracy))
     rest = max(0, runs[budget_label][2]["peak"] - runs[budget_label][2]["probe pass"]) / 2  # drift etc., per layer
@@ -273,7 +276,9 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
           f"2 layers {accuracy:.2f}; rest of the measurement (drift snapshot etc.) {format_bytes(int(rest))} per layer")
     print(f"full depth ({depth} layers), extrapolated: bare forward {depth * forward_per_layer:.1f} s; no budget "
           f"{full_free:.1f} s ({full_free / (depth * forward_per_layer):.2f}x), peak {format_bytes(free_mem)}; "
-          f"budget {format_bytes(args.budget)}: {len(plan.groups)} passes of <= {largest} layers, {full_budget:.1f} s "
+          f"budget {format_bytes(args.budget)}: {len(plan.groups)} passes of <= {largest} layers"
+          f"{' (each from the hidden states the last one cached)' if plan.resume else ' (each from the embeddings)'}, "
+          f"{full_budget:.1f} s "
           f"({full_budget / (depth * forward_per_layer):.2f}x), probe-pass peak {format_bytes(budget_mem)}"
           + (f" [{'ok' if budget_mem <= 2 * GIB else 'over'} vs goal 2 GiB]" if kind == "pythia-1.4b" else "")
           + f"; + rest of the measurement {format_bytes(int(rest * depth))}")
