@@ -305,7 +305,7 @@ def corpus(n_sentences: int) -> tuple[object, list[str]]:
     data = TextDataModule(source="builtin", n_sentences=n_sentences, seq_len=64, tokenizer_vocab_size=2048, seed=0)
     data.prepare_data()
     data.setup("fit")
-    return data.tokenizer, data.probe_texts()
+    return data.tokenizer, data.probe_texts(max(256, n_sentences // 4))
 
 
 def main(argv: list[str] | None = None) -> None:
