@@ -6,7 +6,7 @@ compare. Snapshots may be in any float dtype (the monitor keeps bf16 ones on the
 fp32 (fp64 when either snapshot is fp64), a block of rows at a time, so the transient memory stays small at any
 width. fp32 is enough because ``1 − cos`` is taken as ``‖p̂ − ĉ‖² / 2``, which has no cancellation: its relative
 error is ~1e-4 even at ``1 − cos = 1e-10``, far finer than a bf16 snapshot resolves (~1e-4 absolute), and about
-4x faster than fp64 on CPU at Pythia-1.4B's width.
+15x faster than the fp64 version on CPU at Pythia-1.4B's width (0.36 s to 0.024 s a layer).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from negmonitor.errors import NegmonitorError
 
 __all__ = ["weight_drift"]
 
-_BLOCK_ELEMENTS = 1 << 22  # work per block: 16-32 MiB per temporary, whatever the layer's size
+_BLOCK_ELEMENTS = 1 << 20  # work per block: 4-8 MiB per temporary (3x faster on CPU than 16 MiB), at any width
 
 
 def weight_drift(prev: Tensor, cur: Tensor) -> dict[str, Tensor]:
