@@ -4,8 +4,9 @@ Two views of how far each neuron's weight row moved: its direction (cosine dissi
 size (L2 norm of the change); each also divided by the layer mean over neurons, so layers of different scale
 compare. Snapshots may be in any float dtype (the monitor keeps bf16 ones on the model's device). The maths is
 fp32 (fp64 when either snapshot is fp64), a block of rows at a time, so the transient memory stays small at any
-width. fp32 is enough because ``1 − cos`` is taken as ``‖p̂ − ĉ‖² / 2``, which has no cancellation: its relative
-error is ~1e-4 even at ``1 − cos = 1e-10``, far finer than a bf16 snapshot resolves (~1e-4 absolute), and about
+width. fp32 is enough because ``1 − cos`` is taken as ``‖p̂ − ĉ‖² / 2``, which has no cancellation: it stays
+within 1e-3 relative of the fp64 value from ``1 − cos = 0.1`` down to 1e-9 (tested), far finer than a bf16
+snapshot resolves (~1e-4 absolute), and about
 15x faster than the fp64 version on CPU at Pythia-1.4B's width (0.36 s to 0.024 s a layer).
 """
 
