@@ -4,8 +4,10 @@ Two randomly initialised models with the layer shapes of the paper's models, 2 l
 like Pythia-1.4B (d=2,048, 8,192 MLP neurons, GELU, 16 heads) and a Llama shaped like Llama-3.1-8B (d=4,096,
 14,336 neurons, SwiGLU gate, 32 heads / 8 KV heads). The vocabulary is the built-in corpus tokenizer's (2,048
 ids, not 50k/128k: the embedding and LM head are not what is measured, and a real vocabulary would cost GiBs of
-memory for nothing). Default monitor settings (4,096 bins, 1,000 pairs, probe batch 8, the image and cohort
-steps of the callback), probe text from the built-in grammar corpus.
+memory for nothing). Default monitor settings (16,384 probe tokens in 2,048-token windows, 4,096 bins, 1,000
+pairs, probe batch 8, the image and cohort steps of the callback), probe text from the built-in grammar corpus.
+``--tokens 2048 --window 512`` gives a quicker look, where the fixed per-layer costs (WD from the histograms,
+drift, tables) weigh 8x more against the forward.
 
 Per model it prints: the bare forward over the probe tokens (the full model, no hooks); one full measurement
 (`take_measurement` + the records written as the callback does) and its breakdown: forward with hooks, statistics
@@ -17,7 +19,9 @@ for Pythia-1.4B, 32 for Llama-3.1-8B; the budgeted time uses the grouping the pl
 Goals: measurement <= 1.25x the bare forward; peak extra memory within the budget; Pythia-1.4B at full depth within
 2 GiB at the default budget. Timings on a shared machine are noisy: the best of ``--repeats`` runs counts.
 
-Run: ``python benchmarks/scale.py [--device cpu|cuda] [--tokens 2048] [--models pythia,llama] [--budget 1GiB]``
+Run: ``python benchmarks/scale.py [--device cpu|cuda] [--tokens 16384] [--window 2048] [--models pythia-1.4b,llama-3.1-8b]
+[--budget 1GiB] [--repeats 1]`` (defaults shown; on 2 CPU cores about 4 minutes for Pythia-1.4B's shape and 15 for
+Llama-3.1-8B's).
 """
 
 from __future__ import annotations
@@ -215,6 +219,7 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     from negmonitor.budget import LayerShape, format_bytes, plan_measurement
     from negmonitor.monitoring.engine import MonitorState
     from negmonitor.probeset import ProbeSet
+    from negmonitor.probing import ProbeSettings, _residual_bytes
 
     model = build_model(kind, len(tokenizer), device)
     probe_set = ProbeSet.build(texts, tokenizer, n_tokens=args.tokens, window=args.window, n_pairs=1_000, seed=0)
@@ -253,10 +258,12 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     stats_per_layer = sum(v for k, v in free_breakdown.items() if k != "forward with hooks") / 2
     forward_per_layer = bare / 2
     shapes = [LayerShape(i, site.n_neurons, site.d_in) for i in range(depth)]
+    residual = _residual_bytes(model, probe_set, [site], ProbeSettings(memory_budget=None), 1)
     plan = plan_measurement(shapes, budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
                             n_slots=2 * probe_set.n_pairs, cap_bytes=next(model.parameters()).element_size(),
-                            attention_bytes_per_row=site_heads(model) * probe_set.window * 8)
-    passes_forward = sum(g[-1] + 1 for g in plan.groups) * forward_per_layer
+                            attention_bytes_per_row=site_heads(model) * probe_set.window * 8, residual_bytes=residual)
+    # Each pass runs the blocks from its start (the cached hidden states, or the embeddings) to its group's end.
+    passes_forward = (depth if plan.resume else sum(g[-1] + 1 for g in plan.groups)) * forward_per_layer
     full_free = depth * (forward_per_layer + stats_per_layer)
     full_budget = passes_forward + depth * stats_per_layer
     largest = max(len(g) for g in plan.groups)
@@ -264,7 +271,7 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     # Budgeted probe pass at full depth: the planner's figure for it, corrected by measured/planned at 2 layers.
     two = plan_measurement(shapes[:2], budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
                            n_slots=2 * probe_set.n_pairs, cap_bytes=next(model.parameters()).element_size(),
-                           attention_bytes_per_row=site_heads(model) * probe_set.window * 8)
+                           attention_bytes_per_row=site_heads(model) * probe_set.window * 8, residual_bytes=residual)
     accuracy = runs[budget_label][2]["probe pass"] / max(two.need)
     budget_mem = int(max(plan.need) * max(1.0, accuracy))
     rest = max(0, runs[budget_label][2]["peak"] - runs[budget_label][2]["probe pass"]) / 2  # drift etc., per layer
@@ -273,7 +280,9 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
           f"2 layers {accuracy:.2f}; rest of the measurement (drift snapshot etc.) {format_bytes(int(rest))} per layer")
     print(f"full depth ({depth} layers), extrapolated: bare forward {depth * forward_per_layer:.1f} s; no budget "
           f"{full_free:.1f} s ({full_free / (depth * forward_per_layer):.2f}x), peak {format_bytes(free_mem)}; "
-          f"budget {format_bytes(args.budget)}: {len(plan.groups)} passes of <= {largest} layers, {full_budget:.1f} s "
+          f"budget {format_bytes(args.budget)}: {len(plan.groups)} passes of <= {largest} layers"
+          f"{' (each from the hidden states the last one cached)' if plan.resume else ' (each from the embeddings)'}, "
+          f"{full_budget:.1f} s "
           f"({full_budget / (depth * forward_per_layer):.2f}x), probe-pass peak {format_bytes(budget_mem)}"
           + (f" [{'ok' if budget_mem <= 2 * GIB else 'over'} vs goal 2 GiB]" if kind == "pythia-1.4b" else "")
           + f"; + rest of the measurement {format_bytes(int(rest * depth))}")
@@ -296,7 +305,7 @@ def corpus(n_sentences: int) -> tuple[object, list[str]]:
     data = TextDataModule(source="builtin", n_sentences=n_sentences, seq_len=64, tokenizer_vocab_size=2048, seed=0)
     data.prepare_data()
     data.setup("fit")
-    return data.tokenizer, data.probe_texts()
+    return data.tokenizer, data.probe_texts(max(256, n_sentences // 4))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,8 +313,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--tokens", type=int, default=2048, help="probe tokens (default 2048: a few minutes on 2 cores)")
-    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=16_384, help="probe tokens (default: the monitor's 16,384)")
+    parser.add_argument("--window", type=int, default=2_048, help="probe window (default: the monitor's 2,048)")
     parser.add_argument("--models", default="pythia-1.4b,llama-3.1-8b")
     parser.add_argument("--budget", default=DEFAULT_MEMORY_BUDGET, type=parse_bytes, help="e.g. 1GiB (default)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each side; the best counts")

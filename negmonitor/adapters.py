@@ -130,6 +130,11 @@ def find_sites(model: nn.Module, layers: Sequence[int] | int | None = None) -> l
     return [_site(spec, blocks_name, blocks, layer) for layer in chosen]
 
 
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of blocks (one MLP site each), in forward order."""
+    return _match(model)[2]
+
+
 def normalise_layers(layers: Sequence[int] | int | None, n_layers: int) -> list[int]:
     """Turn ``None`` / an int / a list (negative indices allowed) into sorted, checked layer indices."""
     if layers is None:

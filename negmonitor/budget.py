@@ -85,15 +85,18 @@ class Plan:
     rows_per_update: int
     budget: int | None
     need: list[int]  # planned bytes per group
+    resume: bool = False  # each pass after the first starts from the hidden states cached at its first block
 
     def describe(self, shapes: Sequence[LayerShape]) -> str:
         """One line for the log."""
         spans = [f"{shapes[g[0]].layer}-{shapes[g[-1]].layer}" if len(g) > 1 else f"{shapes[g[0]].layer}"
                  for g in self.groups]
         budget = format_bytes(self.budget) if self.budget else "none"
+        start = ("each later pass starting from the hidden states cached at its first layer"
+                 if self.resume else "each from the embeddings")
         return (f"negmonitor: memory budget {budget}: {len(self.groups)} pass(es) over the probe set for layer "
-                f"groups [{', '.join(spans)}], probe batch size {self.batch_size}, planned peak "
-                f"{format_bytes(max(self.need, default=0))}")
+                f"groups [{', '.join(spans)}]" + (f" ({start})" if len(self.groups) > 1 else "")
+                + f", probe batch size {self.batch_size}, planned peak {format_bytes(max(self.need, default=0))}")
 
 
 def _acc_bytes(n_neurons: int, n_bins: int, rows: int) -> int:
@@ -137,6 +140,7 @@ def plan_measurement(
     cap_bytes: int,
     world_size: int = 1,
     attention_bytes_per_row: int = 0,
+    residual_bytes: int = 0,
 ) -> Plan:
     """Group the layers (consecutive, in site order) and pick the batch size so that every group fits ``budget``.
 
@@ -144,11 +148,31 @@ def plan_measurement(
     ``batch_size``) that needs the fewest passes is taken, the largest among equals: each pass runs the model up
     to its group's last layer, while a smaller batch costs little.
 
+    ``residual_bytes``: the hidden states entering one block for every probe window of this process (0: passes
+    cannot start part-way, see :mod:`negmonitor.residual`). When more than one group is needed and the budget holds
+    that cache beside the largest group, each pass after the first starts from it (``Plan.resume``): a pass hands
+    its windows' cached states to the next one batch by batch, so one copy is held at a time.
+
     Raises:
         NegmonitorError: when one layer does not fit even at batch size 1: names the smallest budget that works.
     """
     if not shapes:
         return Plan([], batch_size, 1, budget, [])
+    plain = _plan(shapes, budget, batch_size, window, n_bins, n_slots, cap_bytes, world_size, attention_bytes_per_row)
+    if budget is None or len(plain.groups) == 1 or residual_bytes <= 0 or residual_bytes >= budget:
+        return plain
+    try:
+        resumed = _plan(shapes, budget - residual_bytes, batch_size, window, n_bins, n_slots, cap_bytes, world_size,
+                        attention_bytes_per_row)
+    except NegmonitorError:
+        return plain  # the cache leaves too little for one layer: every pass starts from the embeddings
+    resumed.budget, resumed.resume = budget, True
+    resumed.need = [need + residual_bytes for need in resumed.need]
+    return resumed
+
+
+def _plan(shapes: Sequence[LayerShape], budget: int | None, batch_size: int, window: int, n_bins: int,
+          n_slots: int, cap_bytes: int, world_size: int, attention_bytes_per_row: int) -> Plan:
     max_n = max(s.n_neurons for s in shapes)
     sizes = []
     bs = max(1, int(batch_size))

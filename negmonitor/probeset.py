@@ -23,10 +23,10 @@ from typing import Sequence
 import torch
 
 from negmonitor.errors import NegmonitorError
+from negmonitor.protocol import SEPARATOR, WINDOW
 
 DEFAULT_PROBE_DATASET = "wikitext:wikitext-2-raw-v1:test"
-DEFAULT_WINDOW = 2_048
-SEPARATOR = "\n\n"
+DEFAULT_WINDOW = WINDOW
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", ".tokens")
 
 

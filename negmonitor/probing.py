@@ -10,20 +10,22 @@ accumulators are summarised and dropped before the next group starts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from negmonitor.adapters import MLPSite, find_sites
+from negmonitor.adapters import MLPSite, find_blocks, find_sites
 from negmonitor.budget import DEFAULT_MEMORY_BUDGET, LayerShape, Plan, log_plan_once, parse_bytes, plan_measurement
 from negmonitor.capture import BatchContext, SiteRecorder, StopPass, check_hooks_fired, recording, unwrap_compiled
 from negmonitor.distributed import Shard, agree_on_failure, gathers_weight
 from negmonitor.errors import NegmonitorError
 from negmonitor.probeset import ProbeSet
+from negmonitor.residual import block_inputs, can_start_midway, run_blocks, stop_before
 from negmonitor.summary import LayerSummary, summarise_recorder
 
 if TYPE_CHECKING:
@@ -143,7 +145,29 @@ def _plan(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSite], setti
     return plan_measurement(
         _shapes(sites), budget=settings.memory_budget, batch_size=settings.batch_size, window=probe_set.window,
         n_bins=n_bins, n_slots=2 * probe_set.n_pairs, cap_bytes=_capture_bytes(model), world_size=world_size,
-        attention_bytes_per_row=attention)
+        attention_bytes_per_row=attention, residual_bytes=_residual_bytes(model, probe_set, sites, settings, world_size))
+
+
+def _residual_bytes(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSite], settings: ProbeSettings,
+                    world_size: int) -> int:
+    """Bytes of the hidden states entering one block for this process's windows (0 when passes cannot start
+    part-way), in the parameters' dtype, which the residual stream keeps under autocast. A batch's cached input is
+    dropped before its blocks run, so the pass holds one copy (the batch in flight is the forward's own)."""
+    if not sites or not _may_resume(model, sites):
+        return 0
+    windows = -(-probe_set.n_windows // world_size)
+    param = next(model.parameters(), None)
+    width = param.element_size() if param is not None and param.is_floating_point() else 4
+    return windows * probe_set.window * max(site.d_in for site in sites) * width
+
+
+def _may_resume(model: nn.Module, sites: Sequence[MLPSite]) -> bool:
+    """Whether a pass may start from cached hidden states (:mod:`negmonitor.residual`): not under FSDP, whose
+    forward must run whole, and only for models that hand every block the same arguments and can run without a
+    KV cache."""
+    config = getattr(model, "config", None)
+    return (hasattr(config, "use_cache") and can_start_midway(model)
+            and not any(gathers_weight(site.projection) for site in sites))
 
 
 def _capture_bytes(model: nn.Module) -> int:
@@ -161,9 +185,16 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
                     forward_context: Callable[[], ContextManager]) -> list[LayerSummary]:
     summaries: list[LayerSummary] = []
     guarded = world_size > 1
-    for group in plan.groups:
+    cache: list[torch.Tensor] | None = None  # hidden states entering this group's first block, one per batch
+    for g, group in enumerate(plan.groups):
+        resume = None
+        if plan.resume:
+            following = plan.groups[g + 1][0] if g + 1 < len(plan.groups) else None
+            resume = Resume(find_blocks(model), sites[group[0]].layer if cache is not None else None, cache,
+                            None if following is None else sites[following].layer)
         recorders = _measure_once(model, probe_set, [sites[i] for i in group], settings, batch_size, rank,
-                                  world_size, plan.rows_per_update, forward_context)
+                                  world_size, plan.rows_per_update, forward_context, resume)
+        cache = None if resume is None else resume.cache_out
         _reduce_counts(recorders, world_size)
         while recorders:  # summarise and drop one recorder at a time: the group's state shrinks as it goes
             recorder = recorders.pop(0)
@@ -192,6 +223,22 @@ def _free_cached(model: nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
+@dataclass
+class Resume:
+    """Where a pass starts and what it hands on (:mod:`negmonitor.residual`).
+
+    ``start``: the block whose input ``cache_in`` holds, one tensor per batch (``None``: start from the
+    embeddings); ``feed``: the block whose input this pass collects in ``cache_out`` for the next group, stopping
+    there (``None``: the last group, which stops after its last layer).
+    """
+
+    blocks: nn.ModuleList
+    start: int | None
+    cache_in: list[torch.Tensor] | None
+    feed: int | None
+    cache_out: list[torch.Tensor] = field(default_factory=list)
+
+
 def _measure_once(
     model: nn.Module,
     probe_set: ProbeSet,
@@ -202,16 +249,20 @@ def _measure_once(
     world_size: int,
     rows_per_update: int | None = None,
     forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    resume: Resume | None = None,
 ) -> list[SiteRecorder]:
     """One pass over this rank's windows for ``sites``, stopping each forward after the last of them (not under
-    FSDP, whose forward must run whole: its units gather and free parameters in hooks)."""
+    FSDP, whose forward must run whole: its units gather and free parameters in hooks), or, with ``resume``, at the
+    next group's first block, and starting from cached hidden states when ``resume`` has them."""
     eager = unwrap_compiled(model)
     device = _device_of(eager)
     kwargs = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
     if world_size > 1:
         kwargs["sync_grid"] = False  # the grids are shared after the calibration phase, outside any hook
     last = max(range(len(sites)), key=lambda i: sites[i].layer)
-    may_stop = not any(gathers_weight(site.projection) for site in sites)
+    may_stop = not any(gathers_weight(site.projection) for site in sites) and (resume is None or resume.feed is None)
+    stop_at = (contextlib.nullcontext if resume is None or resume.feed is None
+               else functools.partial(stop_before, resume.blocks[resume.feed]))
     recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update,
                               stop_after=may_stop and i == last, **kwargs).to(device) for i, site in enumerate(sites)]
     pair_flat = probe_set.pair_positions.reshape(-1)
@@ -222,23 +273,26 @@ def _measure_once(
     with _eval_no_grad(eager), recording(sites, recorders, batch):
         if world_size > 1:
             with agree_on_failure():  # every rank learns of a failure here before the grid broadcast
-                with forward_context():
+                with forward_context(), stop_at():
                     _calibrate(runner, probe_set, batch, batch_size, device)
             _share_rank0_grids(recorders)
         with agree_on_failure(world_size > 1):  # ... and here before the reductions that follow the pass
-            for chunk in _progress(batches, settings.progress, "probe"):
-                ids = probe_set.input_ids[chunk].to(device)
-                mask = probe_set.attention_mask[chunk].to(device)
-                _set_batch(batch, chunk, mask, pair_flat, probe_set.window, device)
-                with forward_context():
-                    _run(runner, ids, mask)
+            with stop_at(*(() if resume is None or resume.feed is None else (resume.cache_out,))):
+                for index, chunk in enumerate(_progress(batches, settings.progress, "probe")):
+                    ids = probe_set.input_ids[chunk].to(device)
+                    mask = probe_set.attention_mask[chunk].to(device)
+                    _set_batch(batch, chunk, mask, pair_flat, probe_set.window, device)
+                    with forward_context():
+                        if resume is not None and resume.cache_in is not None:
+                            _run_from_cache(runner, ids, mask, resume, index, sites[last].layer)
+                        else:
+                            _run(runner, ids, mask)
             if batches:
                 check_hooks_fired(recorders)
     with _eval_no_grad(eager):  # as many forward passes as rank 0 (FSDP: each one is a collective); no hooks
         for _ in range(Shard(rank, world_size).extra_batches(probe_set.n_windows, batch_size)):
             with forward_context():
-                runner(input_ids=probe_set.input_ids[:1].to(device),
-                       attention_mask=probe_set.attention_mask[:1].to(device))
+                runner(**_inputs(runner, probe_set.input_ids[:1].to(device), probe_set.attention_mask[:1].to(device)))
     return recorders
 
 
@@ -249,12 +303,36 @@ def _share_rank0_grids(recorders: Sequence[SiteRecorder]) -> None:
         torch.distributed.broadcast(recorder.stats.inv_unit, src=0)
 
 
+def _inputs(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The model's inputs for a probe batch; no KV cache (nothing reads it, and it would hold every layer's keys and
+    values until the pass ends)."""
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if hasattr(getattr(runner, "config", None), "use_cache"):
+        inputs["use_cache"] = False
+    return inputs
+
+
 def _run(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
     """One forward, ended early by the group's last hook."""
     try:
-        runner(input_ids=ids, attention_mask=mask)
+        runner(**_inputs(runner, ids, mask))
     except StopPass:
         pass
+
+
+def _run_from_cache(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor, resume: Resume, index: int,
+                    last_layer: int) -> None:
+    """One batch from the hidden states cached at ``resume.start`` (released as they are used) up to the next
+    group's first block (kept for it) or the group's last layer."""
+    args, kwargs = block_inputs(runner, resume.blocks[0], **_inputs(runner, ids, mask))
+    hidden, resume.cache_in[index] = resume.cache_in[index], None
+    stop = last_layer + 1 if resume.feed is None else resume.feed
+    try:
+        hidden = run_blocks(resume.blocks, resume.start, stop, hidden, args, kwargs)
+    except StopPass:
+        return
+    if resume.feed is not None:
+        resume.cache_out.append(hidden)
 
 
 def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, batch_size: int,

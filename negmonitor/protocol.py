@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from negmonitor.errors import NegmonitorError
 
+WINDOW = 2_048  # the paper's probe windows and perplexity chunks, in tokens
+SEPARATOR = "\n\n"  # between the rows of a split joined into one stream, as the authors join WikiText rows
 SCORES = ("sum", "mean")
 PREFIXES = ("bos", "none")
 NPI_PAIRS = ("both", "last")
@@ -44,7 +46,7 @@ class Protocol:
     """
 
     name: str
-    window: int = 2_048
+    window: int = WINDOW
     blimp_score: str = "sum"
     tse_score: str = "sum"
     prefix: str = "bos"
@@ -54,6 +56,11 @@ class Protocol:
 NEGMONITOR = Protocol("negmonitor")
 PAPER = Protocol("paper", tse_score="mean", prefix="none", npi_pairs="last")
 PROTOCOLS = {p.name: p for p in (NEGMONITOR, PAPER)}
+
+
+def default_window(max_positions: int | None) -> int:
+    """The paper's window, clipped to the model's maximum positions (``None``: no limit known)."""
+    return WINDOW if max_positions is None else min(WINDOW, max_positions)
 
 
 def get_protocol(name: str | Protocol | None) -> Protocol:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from negmonitor import budget
+from negmonitor import budget, probing
 from negmonitor.adapters import find_sites
 from negmonitor.errors import NegmonitorError
 from negmonitor.probeset import ProbeSet
@@ -63,23 +63,29 @@ def test_bad_budget_is_refused_by_the_callback_at_construction() -> None:
 
 
 def _one_layer_budget(model, probe_set, settings: ProbeSettings) -> int:
-    """A budget that holds any one layer at the requested batch size but never two."""
+    """A budget that holds any one layer (and the cached hidden states, where passes may start from them) at the
+    requested batch size but never two."""
     sites = find_sites(model)
-    needs = [_plan(model, probe_set, [site], ProbeSettings(batch_size=settings.batch_size, memory_budget=None), 1)
-             .need[0] for site in sites]
-    return max(needs) + 1
+    unlimited = ProbeSettings(batch_size=settings.batch_size, memory_budget=None)
+    needs = [_plan(model, probe_set, [site], unlimited, 1).need[0] for site in sites]
+    return max(needs) + probing._residual_bytes(model, probe_set, sites, unlimited, 1) + 1
 
 
-def test_budgeted_measurement_equals_unbudgeted(model, probe_set, tokenizer) -> None:
-    """One layer per pass (three passes, each stopped after its layer) gives the unbudgeted tables."""
+@pytest.mark.parametrize("resume", [True, False], ids=["from-cached-hidden-states", "from-the-embeddings"])
+def test_budgeted_measurement_equals_unbudgeted(model, probe_set, tokenizer, resume, monkeypatch) -> None:
+    """One layer per pass (three passes) gives the unbudgeted tables, whether each pass starts from the hidden
+    states the previous one cached or from the embeddings (models whose blocks take different arguments)."""
+    if not resume:
+        monkeypatch.setattr(probing, "_may_resume", lambda *a: False)
     free = probe(model, probe_set, tokenizer=tokenizer, batch_size=8, memory_budget=None)
     limit = _one_layer_budget(model, probe_set, ProbeSettings(batch_size=8))
     plan = _plan(model, probe_set, find_sites(model), ProbeSettings(batch_size=8, memory_budget=limit), 1)
-    assert plan.groups == [[0], [1], [2]] and plan.batch_size == 8
+    assert plan.groups == [[0], [1], [2]] and plan.batch_size == 8 and plan.resume == resume
 
     calls: dict[str, int] = {}
     layers = model.gpt_neox.layers
-    watched = {"attn0": layers[0].attention, "attn2": layers[2].attention, "norm": model.gpt_neox.final_layer_norm}
+    watched = {"embed": model.gpt_neox.embed_in, "attn0": layers[0].attention, "attn1": layers[1].attention,
+               "attn2": layers[2].attention, "norm": model.gpt_neox.final_layer_norm}
     handles = [m.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
                for k, m in watched.items()]
     try:
@@ -89,12 +95,15 @@ def test_budgeted_measurement_equals_unbudgeted(model, probe_set, tokenizer) -> 
     finally:
         for handle in handles:
             handle.remove()
-    n_batches = -(-probe_set.n_windows // 8)
-    # Layer 0 runs in every pass, layer 2 only in the last, the final norm never: each pass stops at its group's
-    # last projection.
-    assert calls == {"attn0": 3 * n_batches, "attn2": n_batches}
+    n = -(-probe_set.n_windows // 8)
+    # The final norm never runs: each pass stops at its group's last projection (or the next group's first block).
+    # From cached hidden states every block runs once per batch (only the embedding step is repeated per pass);
+    # from the embeddings, layer 0 runs in every pass.
+    expected = ({"embed": 3 * n, "attn0": n, "attn1": n, "attn2": n} if resume else
+                {"embed": 3 * n, "attn0": 3 * n, "attn1": 2 * n, "attn2": n})
+    assert calls == expected
     assert sum("3 pass(es)" in str(w.message) for w in caught) == 1
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
     columns = ["wd", "wd_neg", "wd_pos", "md", "mean", "std", "skew", "kurtosis", "neg_frac", "count", "nonfinite"]
     for column in columns:
@@ -190,8 +199,6 @@ def test_each_group_state_is_freed_without_the_garbage_collector(model, probe_se
     import gc
     import weakref
 
-    from negmonitor import probing
-
     states: list = []
     original = probing._measure_once
 
@@ -210,3 +217,48 @@ def test_each_group_state_is_freed_without_the_garbage_collector(model, probe_se
         assert len(states) == 9 and all(ref() is None for ref in states)
     finally:
         gc.enable()
+
+
+def _three_layer_model(family: str):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from tiny_models import _causal_config, _token_ids, tiny_bert
+
+    torch.manual_seed(0)
+    if family == "bert":
+        model = tiny_bert(head="base")
+        model.encoder.layer.append(type(model.encoder.layer[0])(model.config))
+        model.config.num_hidden_layers = 3
+        return model.eval()
+    if family == "qwen3-mixed":
+        config = Qwen3Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=8, intermediate_size=64, vocab_size=512, max_position_embeddings=256,
+                             use_sliding_window=True, sliding_window=16, max_window_layers=1, **_token_ids())
+    else:
+        config = _causal_config(family, 512, 256, _token_ids())
+        config.num_hidden_layers = config.n_layer = 3
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert", "qwen3-mixed"])
+def test_passes_from_cached_hidden_states_equal_one_pass_in_every_family(family, probe_set) -> None:
+    """Every family's blocks run from the cached hidden states give the statistics of one whole pass, in fp32 and
+    under bf16 autocast; a model whose blocks take different arguments (sliding-window layers beside full ones)
+    starts every pass from the embeddings."""
+    model = _three_layer_model(family)
+    sites = find_sites(model)
+    assert len(sites) == 3
+    limit = _one_layer_budget(model, probe_set, ProbeSettings(batch_size=8))
+    plan = _plan(model, probe_set, sites, ProbeSettings(batch_size=8, memory_budget=limit), 1)
+    assert len(plan.groups) == 3 and plan.resume == (family != "qwen3-mixed")
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            free = probe(model, probe_set, batch_size=8, memory_budget=None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                grouped = probe(model, probe_set, batch_size=8, memory_budget=limit)
+        for column in ["wd", "wd_neg", "md", "mean", "std", "kurtosis", "neg_frac"]:
+            np.testing.assert_allclose(grouped.neurons[column].to_numpy(float), free.neurons[column].to_numpy(float),
+                                       rtol=1e-6, atol=1e-7, err_msg=f"{family} {column} autocast={autocast}")
+        pd.testing.assert_frame_equal(grouped.top_pairs, free.top_pairs)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

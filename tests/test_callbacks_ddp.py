@@ -6,10 +6,14 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lightning_helpers import TEXT, TinyLM, run_script
+from negmonitor import probing
+from negmonitor.adapters import find_sites
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState, take_measurement
 from negmonitor.probeset import ProbeSet
+from negmonitor.probing import ProbeSettings, _plan
 from negmonitor.records import RecordStore
 
 SCRIPT = textwrap.dedent('''
@@ -23,7 +27,8 @@ SCRIPT = textwrap.dedent('''
     seed_everything(0)
     module = TinyLM()
     monitor = NegativeDifferentiationMonitor(probe=[TEXT], probe_tokens=2_048, probe_window=64, n_pairs=200,
-                                             every_n_steps=2, log_dir=sys.argv[1])
+                                             every_n_steps=2, log_dir=sys.argv[1],
+                                             memory_budget=None if sys.argv[3] == "none" else int(sys.argv[3]))
     trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=2, logger=False, callbacks=[monitor],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=sys.argv[1])
@@ -31,10 +36,24 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_ddp_equals_single_process(tmp_path) -> None:
+@pytest.mark.parametrize("one_layer_per_pass", [False, True], ids=["one-pass", "one-layer-per-pass"])
+def test_ddp_equals_single_process(tmp_path, one_layer_per_pass) -> None:
+    """Also with a budget that holds one layer at a time: each rank then runs two passes, the second from the
+    hidden states its first one cached."""
+    budget = "none"
+    if one_layer_per_pass:
+        model = TinyLM().model
+        probe_set = ProbeSet.build([TEXT], TinyLM().tokenizer, n_tokens=2_048, window=64, n_pairs=200)
+        sites, free = find_sites(model), ProbeSettings(memory_budget=None)
+        limit = (max(_plan(model, probe_set, [site], free, 2).need[0] for site in sites)
+                 + probing._residual_bytes(model, probe_set, sites, free, 2) + 1)
+        plan = _plan(model, probe_set, sites, ProbeSettings(memory_budget=limit), 2)
+        assert plan.groups == [[0], [1]] and plan.resume
+        budget = str(limit)
     code, _, err = run_script(tmp_path, "ddp_run.py", SCRIPT, str(tmp_path / "logs"), str(Path(__file__).parent),
-                              timeout=300, hang="the DDP run hung")
+                              budget, timeout=300, hang="the DDP run hung")
     assert code == 0, err[-3000:]
+    assert ("2 pass(es)" in err) == one_layer_per_pass
     store = RecordStore.for_logdir(tmp_path / "logs")
     assert list((tmp_path / "logs" / "negmonitor" / "scalars").glob("*.parquet")), "rank 0 wrote no records"
     neurons = store.read_neurons()

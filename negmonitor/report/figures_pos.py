@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from negmonitor.errors import NegmonitorError
+from negmonitor.protocol import SEPARATOR, default_window
 from negmonitor.report.activations import MARKER, load_cached, probe_source
 from negmonitor.report.base import ReportContext, Skip, at_step, checkpoint_words, figure, last_snapshot, make
 from negmonitor.report.plotting import CONDITION_COLOURS, CONDITION_NAMES, new_figure, run_colour, save_png
@@ -148,7 +149,7 @@ def token_stream(tokenizer: Any, source: Any, limit: int) -> tuple[str, int]:
     from negmonitor.probeset import load_probe_texts
 
     texts = source if isinstance(source, list) else load_probe_texts(source)[0]
-    text = "\n\n".join(str(t) for t in texts)
+    text = SEPARATOR.join(str(t) for t in texts)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     if len(offsets) > limit:
         text = text[:offsets[limit - 1][1]]
@@ -160,13 +161,13 @@ def compute_pos_surprisal_tokens(ctx: ReportContext, model_path: str, selections
     """The paper's unit: ``condition, pos, n, mean_a, mean_b, excess, se`` per model token over consecutive windows
     of ``stream`` (:func:`negmonitor.evaluation.pos_surprisal.window_surprisals`), with the window and its count."""
     from negmonitor.evaluation._common import max_positions
-    from negmonitor.evaluation.pos_surprisal import DEFAULT_WINDOW, pos_excess_surprisal, window_surprisals
+    from negmonitor.evaluation.pos_surprisal import pos_excess_surprisal, window_surprisals
     from negmonitor.interventions import ablate
     from negmonitor.selection import Selection
 
     model, tokenizer = load_cached(ctx, model_path)
     limit = max_positions(model, tokenizer)
-    window = ctx.options.pos_window or (DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit))
+    window = ctx.options.pos_window or default_window(limit)
     mode = ((run.meta.get("ablation_meta") or {}).get("settings") or {}).get("mode", "zero_negative")
     windows, base = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH)
     frames = []
