@@ -63,7 +63,7 @@ __all__ = ["NeuronStatsAccumulator", "SUPPORTED_N_BINS"]
 SUPPORTED_N_BINS = (512, 1024, 2048, 4096, 8192)
 _TAIL = 65520.0  # |d| at or beyond this overflows float16: the exact tails
 _MAX_CHUNK_ROWS = 1 << 24  # rows per update chunk: negatives are counted in fp32, exact up to 2^24
-_MIN_BLOCK_WIDTH = 64  # neurons per update block at least (narrower blocks: per-op overhead, poor vector loops)
+_MIN_BLOCK_WIDTH = 64  # neurons per block of a long batch's update (narrower: per-op overhead, poor vector loops)
 _CPU_BLOCK_ELEMENTS = 1 << 17  # a block's temporaries and state slice stay in cache
 _DEVICE_BLOCK_ELEMENTS = 1 << 21  # elsewhere: 64 MiB of update temporaries (~200 MiB in compute)
 _UPDATE_BYTES_PER_ELEMENT = 32  # scratch: d, another fp32, the masked block in fp32, float16, 2 x int64 (30)
@@ -314,7 +314,8 @@ class NeuronStatsAccumulator(Metric):
                 masked.copy_(xb).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
             torch.addcmul(shift[j0:j1], masked, self.inv_unit[j0:j1], out=d)  # (x - c) / u
             torch.amin(masked, dim=0, out=lo[j0:j1])
-            torch.sum(torch.lt(masked, 0, out=other), dim=0, out=sums[7, j0:j1])  # a float count: a bool sum is ~10x slower
+            # Negatives as a float sum of a float comparison (a bool column sum is ~10x slower).
+            torch.sum(torch.lt(masked, 0, out=other), dim=0, out=sums[7, j0:j1])
             torch.amax(masked.nan_to_num_(posinf=-math.inf, neginf=-math.inf), dim=0, out=hi[j0:j1])
             # Histogram: non-finite values as NaN (their own bins), finite tails overflow to the ±inf bins.
             d.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
@@ -471,9 +472,9 @@ def _keep_freed_heap() -> None:
 
 
 def _chunk_rows(rows: int, block_elements: int) -> int:
-    """Rows per chunk of an update: all of the batch's, as long as a block of them is still
+    """Rows per chunk of an update: at most a block's, and beyond 2,048 no more than leave a block
     ``_MIN_BLOCK_WIDTH`` neurons wide (a 16k-token batch in one chunk made 8-wide blocks, 2x slower per value)."""
-    return max(1, min(rows, block_elements // _MIN_BLOCK_WIDTH, _MAX_CHUNK_ROWS))
+    return max(1, min(rows, block_elements, max(2048, block_elements // _MIN_BLOCK_WIDTH), _MAX_CHUNK_ROWS))
 
 
 def _group_points(n_bins: int, block_elements: int) -> int:

@@ -8,8 +8,9 @@ the normal, no quadrature). The negative-side part ``wd_neg`` is the transport o
 fraction, i.e. the area between the CDFs below that height. ``wd = wd_neg + wd_pos``; an all-negative neuron has
 ``wd_neg = wd``, a neuron symmetric about 0 half of it. (Splitting at ``z = 0`` would split at the neuron's mean.)
 
-:func:`w1_points_to_gaussian` is the shared core: it takes any sorted point masses (a sorted sample, or the
-centroids of a histogram's bins) and is also what :mod:`negmonitor.metrics.streaming` calls at compute time.
+:func:`w1_rows_to_gaussian` is the shared core: it takes rows of sorted point masses laid end to end (rows of a
+sorted sample through :func:`w1_points_to_gaussian`, or each neuron's filled histogram bins, which is what
+:mod:`negmonitor.metrics.streaming` calls at compute time).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from negmonitor.errors import NegmonitorError
 
-__all__ = ["wasserstein_to_gaussian", "wasserstein_to_gaussian_split", "w1_points_to_gaussian"]
+__all__ = ["wasserstein_to_gaussian", "wasserstein_to_gaussian_split", "w1_points_to_gaussian", "w1_rows_to_gaussian"]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -95,7 +96,7 @@ def w1_rows_to_gaussian(
     ``[min(a, q0), min(b, q0)]`` with ``c' = min(c, u0)``, plus ``(u0 − c)⁺ · (max(b, q0) − max(a, q0))`` right
     of ``q0``. ``Φ`` and ``G`` are evaluated once per point (``G`` is increasing, so ``G(min(z, q0)) =
     min(G(z), G(q0))``); the few segments where ``Φ`` crosses ``c`` share one ``Φ⁻¹(c)`` and ``G`` of it between
-    the two parts (a crossing left of ``q0`` needs ``c < u0``). Per-row sums are segment reductions.
+    the two parts (a crossing left of ``q0`` needs ``c < u0``). Per-row sums are differences of a running sum.
     """
     n_points, rows = z.shape[0], lengths.shape[0]
     if row is None:
