@@ -141,14 +141,15 @@ def peak_extra_memory(device: torch.device) -> Iterator[dict]:
 
 
 def bare_forward(model: torch.nn.Module, probe_set, batch_size: int, device: torch.device) -> float:
-    """Seconds for the full model's forward over the probe windows (no hooks, no grad)."""
+    """Seconds for the full model's forward over the probe windows (no hooks, no grad, no KV cache: as in
+    training, and as the probe pass runs it)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, probe_set.n_windows, batch_size):
             model(input_ids=probe_set.input_ids[i:i + batch_size].to(device),
-                  attention_mask=probe_set.attention_mask[i:i + batch_size].to(device))
+                  attention_mask=probe_set.attention_mask[i:i + batch_size].to(device), use_cache=False)
     sync()
     return time.perf_counter() - start
 
