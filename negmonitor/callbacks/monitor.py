@@ -90,7 +90,7 @@ class NegativeDifferentiationMonitor(Callback):
         strict: re-raise a failure inside a measurement instead of warning (once) and recording it.
         families: which curve families to log (default: all).
         memory_budget: extra memory one measurement may allocate on the model's device: bytes or a size such as
-            ``"2GiB"`` (default 1 GiB; ``None``: no limit). Layers are measured in groups that fit, one partial pass
+            ``"2GiB"`` (default 2 GiB; ``None``: no limit). Layers are measured in groups that fit, one partial pass
             over the probe set per group; the grouping is logged once.
         probe_precision: ``"trainer"`` (default) runs the probe forward inside the trainer's precision context, as
             training runs (autocast under ``"bf16-mixed"``); ``"fp32"`` forces full precision. The statistics
