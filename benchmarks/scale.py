@@ -264,9 +264,15 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     forward_per_layer = bare / 2
     shapes = [LayerShape(i, site.n_neurons, site.d_in) for i in range(depth)]
     residual = _residual_bytes(model, probe_set, [site], ProbeSettings(memory_budget=None), 1)
-    plan = plan_measurement(shapes, budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
-                            n_slots=2 * probe_set.n_pairs, cap_bytes=next(model.parameters()).element_size(),
-                            attention_bytes_per_row=site_heads(model) * probe_set.window * 8, residual_bytes=residual)
+
+    cap_bytes, attention = next(model.parameters()).element_size(), site_heads(model) * probe_set.window * 8
+
+    def plan_for(layers: list) -> object:  # the plan the library makes for these layer shapes
+        return plan_measurement(layers, budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
+                                n_slots=2 * probe_set.n_pairs, cap_bytes=cap_bytes, attention_bytes_per_row=attention,
+                                residual_bytes=residual)
+
+    plan = plan_for(shapes)
     # Each pass runs the blocks from its start (the cached hidden states, or the embeddings) to its group's end.
     passes_forward = (depth if plan.resume else sum(g[-1] + 1 for g in plan.groups)) * forward_per_layer
     full_free = depth * (forward_per_layer + stats_per_layer)
@@ -274,9 +280,7 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     largest = max(len(g) for g in plan.groups)
     free_mem = one_layer_peak + (depth - 1) * per_layer_mem
     # Budgeted probe pass at full depth: the planner's figure for it, corrected by measured/planned at 2 layers.
-    two = plan_measurement(shapes[:2], budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
-                           n_slots=2 * probe_set.n_pairs, cap_bytes=next(model.parameters()).element_size(),
-                           attention_bytes_per_row=site_heads(model) * probe_set.window * 8, residual_bytes=residual)
+    two = plan_for(shapes[:2])
     accuracy = runs[budget_label][2]["probe pass"] / max(two.need)
     budget_mem = int(max(plan.need) * max(1.0, accuracy))
     rest = max(0, runs[budget_label][2]["peak"] - runs[budget_label][2]["probe pass"]) / 2  # drift etc., per layer

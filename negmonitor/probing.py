@@ -10,7 +10,6 @@ accumulators are summarised and dropped before the next group starts.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import warnings
 from dataclasses import dataclass, field
@@ -186,11 +185,12 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
     summaries: list[LayerSummary] = []
     guarded = world_size > 1
     cache: list[torch.Tensor] | None = None  # hidden states entering this group's first block, one per batch
+    blocks = find_blocks(model) if plan.resume else None
     for g, group in enumerate(plan.groups):
         resume = None
-        if plan.resume:
+        if blocks is not None:
             following = plan.groups[g + 1][0] if g + 1 < len(plan.groups) else None
-            resume = Resume(find_blocks(model), sites[group[0]].layer if cache is not None else None, cache,
+            resume = Resume(blocks, sites[group[0]].layer if cache is not None else None, cache,
                             None if following is None else sites[following].layer)
         recorders = _measure_once(model, probe_set, [sites[i] for i in group], settings, batch_size, rank,
                                   world_size, plan.rows_per_update, forward_context, resume)
@@ -260,9 +260,12 @@ def _measure_once(
     if world_size > 1:
         kwargs["sync_grid"] = False  # the grids are shared after the calibration phase, outside any hook
     last = max(range(len(sites)), key=lambda i: sites[i].layer)
-    may_stop = not any(gathers_weight(site.projection) for site in sites) and (resume is None or resume.feed is None)
-    stop_at = (contextlib.nullcontext if resume is None or resume.feed is None
-               else functools.partial(stop_before, resume.blocks[resume.feed]))
+    feed = None if resume is None or resume.feed is None else resume.blocks[resume.feed]  # where this pass stops
+
+    def stop_at(store: list[torch.Tensor] | None = None) -> ContextManager:
+        return contextlib.nullcontext() if feed is None else stop_before(feed, store)
+
+    may_stop = feed is None and not any(gathers_weight(site.projection) for site in sites)
     recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update,
                               stop_after=may_stop and i == last, **kwargs).to(device) for i, site in enumerate(sites)]
     pair_flat = probe_set.pair_positions.reshape(-1)
@@ -277,7 +280,7 @@ def _measure_once(
                     _calibrate(runner, probe_set, batch, batch_size, device)
             _share_rank0_grids(recorders)
         with agree_on_failure(world_size > 1):  # ... and here before the reductions that follow the pass
-            with stop_at(*(() if resume is None or resume.feed is None else (resume.cache_out,))):
+            with stop_at(None if feed is None else resume.cache_out):
                 for index, chunk in enumerate(_progress(batches, settings.progress, "probe")):
                     ids = probe_set.input_ids[chunk].to(device)
                     mask = probe_set.attention_mask[chunk].to(device)
