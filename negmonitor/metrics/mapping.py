@@ -88,10 +88,13 @@ def mapping_difficulty(
     inv_d_in = dx.max() / dx  # 1 / (normalised input distance); inf for left-out pairs
     weight = torch.where(keep, inv_d_in, 0.0)  # for the sums over kept pairs
     inv_oi = torch.where(keep, inv_d_in, math.nan)  # left-out pairs get NaN OI
-    md = torch.empty(n_neurons, dtype=torch.float32, device=device)
+    weighted = torch.empty(n_neurons, dtype=torch.float32, device=device)  # Σ over kept pairs of |Δy| / d_in
+    medians = torch.empty(n_neurons, dtype=torch.float32, device=device)
     oi = torch.empty((n_pairs, n_neurons), dtype=torch.float32, device=device) if with_oi else None
     width = min(n_neurons, max(1, (block_elements or _BLOCK_ELEMENTS) // max(1, n_pairs)))
-    all_kept = device.type == "cpu" and bool(keep.all())  # free to know on CPU; elsewhere always masked
+    on_cpu = device.type == "cpu"
+    all_kept = on_cpu and bool(keep.all())  # free to know on CPU; elsewhere always masked
+    count = int(n_kept) if on_cpu else n_kept  # an int spares the CPU medians a check per block
     # This call's two block buffers, reused by every block (fresh CPU buffers per block cost page faults).
     diff_buffer = torch.empty(n_pairs * width, dtype=torch.float32, device=device)
     rows_buffer = torch.empty(n_pairs * width, dtype=torch.float32, device=device)
@@ -104,18 +107,18 @@ def mapping_difficulty(
         else:
             diff.copy_(a).sub_(b)  # in fp32 whatever the capture dtype
         diff.abs_()  # [P, w]
-        weighted = weight @ diff
+        torch.mv(diff.t(), weight, out=weighted[start:stop])
         if oi is not None:
             torch.mul(diff, inv_oi[:, None], out=oi[:, start:stop])
         rows = rows_buffer[: n_pairs * (stop - start)].view(stop - start, n_pairs)
         rows.copy_(diff.t())  # neuron-major rows for the sort (a blocked transposing copy)
         if not all_kept:
             rows.masked_fill_(~keep, math.inf)  # left-out pairs sort last
-        medians = row_medians_(rows, n_kept)
-        inv_scale = torch.where(medians > 0, 1.0 / medians, math.nan)
-        md[start:stop] = weighted * inv_scale / n_kept
-        if oi is not None:
-            oi[:, start:stop] *= inv_scale
+        medians[start:stop] = row_medians_(rows, count)
+    inv_scale = torch.where(medians > 0, 1.0 / medians, math.nan)
+    md = weighted * inv_scale / n_kept
+    if oi is not None:
+        oi *= inv_scale
     return md, oi
 
 
