@@ -183,3 +183,11 @@ def test_no_logger_records_under_default_root_dir_one_folder_per_run(tmp_path) -
     for version in ("version_0", "version_1"):
         scalars = _records(tmp_path / "lightning_logs" / version)
         assert set(scalars.run) == {version}
+
+
+def test_top_neuron_histograms_tick_their_range_and_zero_where_it_does_not_crowd() -> None:
+    from negmonitor.monitoring.tensorboard import _range_ticks
+
+    assert _range_ticks(-3.9, 3.07) == ([-3.9, 0.0, 3.07], ["-3.9", "0", "3.07"])
+    assert _range_ticks(-23.2, -0.0546)[0] == [-23.2, -0.0546]  # zero would overprint the range's end
+    assert _range_ticks(2.0, 5.0)[0] == [0.0, 2.0, 5.0]  # the zero line is drawn: the axis reaches it

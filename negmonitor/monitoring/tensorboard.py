@@ -63,9 +63,18 @@ def top_neuron_figures(samples: dict[int, tuple[list[int], np.ndarray]], step: i
             ax.set_title(f"L{layer} n{neuron}", fontsize=8)
             ax.tick_params(labelsize=6)
             ax.set_yticks([])  # token counts: the shape is what is read, and tick layout is most of the drawing
+            ax.set_xticks(*_range_ticks(float(edges[0]), float(edges[-1])))  # the auto locator took 40% of drawing
         fig.suptitle(f"pre-activations of top-WD neurons, layer {layer}, step {step}", fontsize=8)
         fig.subplots_adjust(left=0.05, right=0.98, bottom=0.15, top=0.8, wspace=0.25)
         yield tag("images/top_neurons", int(layer)), fig
+
+
+def _range_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
+    """x ticks of a top-neuron histogram: its range, and zero (the line drawn) where it does not crowd them."""
+    span = max(high, 0.0) - min(low, 0.0) or 1.0
+    ticks = [low, high] + ([0.0] if min(abs(low), abs(high)) > 0.12 * span else [])
+    ticks = sorted(ticks)
+    return ticks, [f"{t:.3g}" for t in ticks]
 
 
 def figure_rgb(fig: Any) -> np.ndarray:
