@@ -120,3 +120,19 @@ def test_fp16_overflow_in_training_is_flagged_and_training_goes_on(tmp_path) -> 
     assert health.value.tolist() == [1.0]
     bad_tokens = scalars[(scalars.metric == "health/nonfinite_tokens") & (scalars.layer == 1)]
     assert (bad_tokens.value > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_rows_are_counted_as_an_elementwise_check_would(dtype) -> None:
+    """NaN or ±inf anywhere in a row (first, last or only value; inf and -inf together), never a huge finite row."""
+    from negmonitor.capture import count_nonfinite_rows
+
+    rows = torch.randn(64, 37, generator=torch.Generator().manual_seed(0)).to(dtype)
+    rows[1, 0], rows[2, 36], rows[3, 5] = math.nan, math.inf, -math.inf
+    rows[4, 0], rows[4, 1] = math.inf, -math.inf
+    rows[5] = math.nan
+    rows[6] = torch.finfo(dtype).max  # finite, however large
+    rows[7, 3], rows[7, 4] = math.nan, math.inf
+    expected = int((~torch.isfinite(rows)).any(dim=1).sum())
+    assert expected == 6
+    assert int(count_nonfinite_rows(rows)) == expected
