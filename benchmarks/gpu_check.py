@@ -1,7 +1,11 @@
 """GPU check: the scale benchmark on CUDA, then a real bf16-mixed Trainer run with the monitor bundle attached.
 
 1. ``benchmarks/scale.py`` on the GPU (Pythia-1.4B- and Llama-3.1-8B-shaped layers, with and without the budget).
-2. A Pythia-160m-shaped GPT-NeoX (12 layers, d=768, 3,072 neurons/layer) trained from scratch on the built-in
+2. One probe batch's histogram update at Pythia-1.4B's width (16,384 tokens x 8,192 neurons, fp32) at three block
+   sizes: the default on CUDA (2^21 values, 64 blocks of ~25 kernels each) and 4x and 16x larger (fewer launches,
+   more scratch). On CPU meta tensors the default issues ~4,500 aten calls per update, so on a GPU the update may be
+   bound by kernel launches rather than memory; this prints which block size pays.
+3. A Pythia-160m-shaped GPT-NeoX (12 layers, d=768, 3,072 neurons/layer) trained from scratch on the built-in
    grammar corpus with ``precision="bf16-mixed"`` for ``--steps`` steps, once without and once with
    ``NegativeDifferentiationMonitor`` (ablation on, default memory budget), printing each measurement's time, the
    growth of ``torch.cuda.max_memory_allocated`` during it (above what was allocated when it started) and the
@@ -58,6 +62,28 @@ def timed_monitor_class():
             self._timed(super().on_train_end, trainer, pl_module)
 
     return TimedMonitor
+
+
+def update_block_sizes(device: torch.device, rows: int, neurons: int) -> None:
+    """Time one histogram update of a ``[rows, neurons]`` batch at the default block size and two larger ones."""
+    from negmonitor.metrics.streaming import _DEVICE_BLOCK_ELEMENTS, NeuronStatsAccumulator
+
+    x = torch.randn(rows, neurons, device=device, generator=torch.Generator(device).manual_seed(0))
+    print(f"\n== histogram update of one {rows:,} x {neurons:,} batch on {device} ==")
+    for block in (_DEVICE_BLOCK_ELEMENTS, 4 * _DEVICE_BLOCK_ELEMENTS, 16 * _DEVICE_BLOCK_ELEMENTS):
+        acc = NeuronStatsAccumulator(neurons, block_elements=block).to(device)
+        acc.update(x)  # the grid and the first allocations
+        times = []
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            acc.update(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        print(f"block {block:>10,} values ({-(-rows * neurons // block)} blocks): best {min(times) * 1e3:8.1f} ms "
+              f"({rows * neurons / min(times) / 1e9:.2f} G values/s)")
 
 
 def train(args, root: Path, monitored: bool) -> tuple[float, list]:
@@ -118,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         scale_args = ["--tokens", str(args.scale_tokens), "--repeats", "1" if args.dry_run else "2"]
         scale_args += ["--models", "pythia-1.4b"] if args.dry_run else ["--device", "cuda"]
         scale.main(scale_args)
+    if args.dry_run:
+        update_block_sizes(torch.device("cpu"), 2048, 512)
+    else:
+        update_block_sizes(torch.device("cuda"), 16_384, 8_192)
     with tempfile.TemporaryDirectory() as tmp:
         train(argparse.Namespace(**{**vars(args), "steps": min(args.steps, 20)}), Path(tmp) / "warmup", False)
         plain, _ = train(args, Path(tmp) / "plain", False)
