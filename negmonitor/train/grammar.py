@@ -673,7 +673,7 @@ class GrammarCorpus:
         """
         sentences = self._kept_sentences("heldout", is_heldout)
         rng = random.Random(f"paragraphs:{self.seed}")
-        return [" ".join(itertools.islice(sentences, rng.randint(1, 6))) for _ in range(max(1, int(n)))]
+        return [" ".join(itertools.islice(sentences, rng.randint(1, 6))) for _ in range(max(0, int(n)))]
 
     def text(self, n_sentences: int) -> str:
         """Training text of ``n_sentences`` sentences, one paragraph per line."""
