@@ -33,6 +33,9 @@ def count_nonfinite_rows(rows: torch.Tensor) -> torch.Tensor:
     return (~(torch.isfinite(rows.amax(dim=1)) & torch.isfinite(rows.amin(dim=1)))).sum()
 
 
+_PAIR_ROWS_PER_COPY = 256  # pair rows gathered at a time
+
+
 class PairBuffer(Metric):
     """Input vectors and outputs at the MD pair positions; slots not seen here stay zero, so a sum merges ranks.
 
@@ -58,12 +61,17 @@ class PairBuffer(Metric):
         self.seen = torch.zeros(self.n_slots, device=device)
         self.allocated = True
 
-    def update(self, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:  # type: ignore[override]
-        """Store the rows for ``slots``."""
+    def update(self, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor,  # type: ignore[override]
+               rows: torch.Tensor) -> None:
+        """Store rows ``rows`` of ``x`` ``[tokens, d]`` and ``y`` ``[tokens, n]`` in ``slots``, a few hundred rows at
+        a time (a gather of all the pair rows at once is a 64 MiB temporary at Pythia-1.4B width, page faults on
+        CPU)."""
         if not self.allocated:
             self.allocate(x.dtype, y.dtype, y.device)
-        self.x[slots] = x.to(self.x.dtype)
-        self.y[slots] = y.to(self.y.dtype)
+        for k in range(0, rows.numel(), _PAIR_ROWS_PER_COPY):
+            into, taken = slots[k : k + _PAIR_ROWS_PER_COPY], rows[k : k + _PAIR_ROWS_PER_COPY]
+            self.x[into] = x.index_select(0, taken).to(self.x.dtype)
+            self.y[into] = y.index_select(0, taken).to(self.y.dtype)
         self.seen[slots] = 1.0
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -115,7 +123,7 @@ class SiteRecorder(nn.Module):
         # every batch updates the buffer, with no rows when it holds no pair position: a probe without MD pairs
         # (or a rank without any) then computes zeros, not torchmetrics' "compute before update" warning
         flat_x = x_in.detach().reshape(-1, x_in.shape[-1])
-        self.pairs.update(batch.pair_slots, flat_x[batch.pair_rows], flat_y[batch.pair_rows])
+        self.pairs.update(batch.pair_slots, flat_x, flat_y, batch.pair_rows)
 
 
     def release(self) -> None:

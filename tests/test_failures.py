@@ -136,3 +136,23 @@ def test_nonfinite_rows_are_counted_as_an_elementwise_check_would(dtype) -> None
     expected = int((~torch.isfinite(rows)).any(dim=1).sum())
     assert expected == 6
     assert int(count_nonfinite_rows(rows)) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pair_buffer_stores_rows_in_slots_however_many(dtype) -> None:
+    """The pair rows reach their slots a few hundred at a time: more rows than one copy takes (and an unsorted
+    slot order) land exactly where one gather would put them; slots not given stay zero."""
+    from negmonitor.capture import _PAIR_ROWS_PER_COPY, PairBuffer
+
+    g = torch.Generator().manual_seed(0)
+    n_rows = 2 * _PAIR_ROWS_PER_COPY + 37
+    x, y = torch.randn(3000, 5, generator=g).to(dtype), torch.randn(3000, 7, generator=g).to(dtype)
+    rows = torch.randperm(3000, generator=g)[:n_rows]
+    slots = torch.randperm(n_rows + 10, generator=g)[:n_rows]
+    buffer = PairBuffer(n_rows + 10, 5, 7)
+    buffer.update(slots, x, y, rows)
+    got = buffer.compute()
+    want_x, want_y = torch.zeros(n_rows + 10, 5, dtype=dtype), torch.zeros(n_rows + 10, 7, dtype=dtype)
+    want_x[slots], want_y[slots] = x[rows], y[rows]
+    assert torch.equal(got["x"], want_x) and torch.equal(got["y"], want_y)
+    assert got["x"].dtype == dtype and int(got["seen"].sum()) == n_rows

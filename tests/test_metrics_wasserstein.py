@@ -336,6 +336,52 @@ def test_streaming_block_sizes_give_the_same_state(suite) -> None:
     assert int(states[0][0].compute()["nonfinite"].sum()) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_blocks_give_the_masking_paths_state(suite, monkeypatch: pytest.MonkeyPatch, dtype) -> None:
+    """On CPU, blocks with only finite values inside the float16 range of d skip the masking passes: the state is
+    bit for bit the one every block through the masking path (what runs on GPUs) gives, with blocks of each kind
+    in one update (a NaN, an infinity, a far tail, a near-overflow value)."""
+    from negmonitor.metrics import streaming
+
+    _, x, _ = suite
+    x = torch.cat([x * (1 + k / 8) + k for k in range(8)], dim=1).to(dtype)  # 168 neurons
+    x[7, 3], x[11, 70], x[9, 130], x[5, 150] = math.nan, -math.inf, 1e9, -3e4  # 32-wide blocks 1, 3, 5 plain
+    states = []
+    for plain in (True, False):
+        monkeypatch.setattr(streaming, "_PLAIN_BLOCKS_ON_CPU", plain)
+        acc = NeuronStatsAccumulator(x.shape[1], block_elements=32 * BATCH)  # 32-neuron blocks
+        for start in range(0, x.shape[0], BATCH):
+            acc.update(x[start : start + BATCH])
+        states.append({name: getattr(acc, name) for name in acc._defaults})
+    assert states[0]["tail_excess"].abs().sum() > 0 and states[0]["hist"].sum() > 0
+    for name in states[0]:
+        assert torch.equal(states[0][name].nan_to_num(), states[1][name].nan_to_num()), name
+
+
+def test_plain_block_check_sends_edge_blocks_to_the_masking_path() -> None:
+    """The check refuses a block with a NaN, an infinity or a value whose d is near the float16 overflow, and
+    takes a finite one (so both paths are exercised by the test above)."""
+    acc = NeuronStatsAccumulator(4)
+    acc.set_grid(torch.zeros(4), torch.ones(4))
+    for bad in (math.nan, math.inf, -math.inf, 4e4, -4e4):
+        x = torch.randn(16, 4)
+        x[3, 2] = bad
+        assert not _plain(acc, x), bad
+    assert _plain(acc, torch.randn(16, 4) * 100)
+
+
+def _plain(acc: NeuronStatsAccumulator, x: torch.Tensor) -> bool:
+    from negmonitor.metrics.streaming import _Scratch
+
+    t, n = x.shape
+    scratch = _Scratch(t * n, x.device)
+    d, other, masked = scratch.views(t, n)
+    sums, lo, hi = torch.zeros(8, n), torch.empty(n), torch.empty(n)
+    hist = torch.zeros(n, acc.n_bins, dtype=torch.long)
+    return acc._update_plain_block(x, 0, n, d, other, masked, -(acc.center * acc.inv_unit), hist, scratch, sums,
+                                   lo, hi)
+
+
 def test_streaming_merge_rejects_different_grids() -> None:
     a, b = NeuronStatsAccumulator(2), NeuronStatsAccumulator(2)
     a.update(torch.randn(100, 2))
@@ -412,8 +458,9 @@ def test_update_never_reads_back_from_the_device(monkeypatch: pytest.MonkeyPatch
     ``update`` (first batch, grid included; non-finite values and tails): on CUDA each would stall the training
     stream. This runs on CPU, so it covers every Python-level read-back; kernels with data-dependent output
     shapes (``nonzero``, boolean indexing) are guarded as well. The grid's medians take the torch path that runs
-    off CPU (on CPU they are numpy's sorts, which read CPU memory in place: no device to wait for)."""
-    from negmonitor.metrics import _median
+    off CPU (on CPU they are numpy's sorts, which read CPU memory in place: no device to wait for), and every block
+    the masking path (the CPU-only plain-block check reads one flag per block, free there)."""
+    from negmonitor.metrics import _median, streaming
 
     x = torch.randn(4096, 40) * 3
     x[3, 2], x[100, 5], x[7, 9] = math.nan, math.inf, 1e9
@@ -434,6 +481,7 @@ def test_update_never_reads_back_from_the_device(monkeypatch: pytest.MonkeyPatch
             patch.setattr(torch.Tensor, name, refuse)
         patch.setattr(torch.Tensor, "__getitem__", getitem)
         patch.setattr(_median, "row_medians_", _median._torch_row_medians)
+        patch.setattr(streaming, "_PLAIN_BLOCKS_ON_CPU", False)
         patch.setattr(torch.Tensor, "nonzero", refuse)
         patch.setattr(torch, "nonzero", refuse)
         patch.setattr(torch, "masked_select", refuse)
