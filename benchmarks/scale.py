@@ -9,7 +9,9 @@ pairs, probe batch 8, the image and cohort steps of the callback), probe text fr
 ``--tokens 2048 --window 512`` gives a quicker look, where the fixed per-layer costs (WD from the histograms,
 drift, tables) weigh 8x more against the forward.
 
-Per model it prints: the bare forward over the probe tokens (the full model, no hooks); one full measurement
+Per model it prints: the bare forward over the probe tokens (the full model, no hooks) at each probe batch size
+the measurements below use (a budget may lower it; each measurement is compared with the bare forward at its own
+batch size, as the forward's speed depends on it); one full measurement
 (`take_measurement` + the records written as the callback does) and its breakdown: forward with hooks, statistics
 in the hooks, statistics' compute, MD, tables, drift, writes; peak extra memory during it (CUDA
 ``max_memory_allocated`` growth on GPU; resident-set growth, sampled every ms in a thread, on CPU) with no budget
@@ -228,8 +230,23 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
 
     model = build_model(kind, len(tokenizer), device)
     probe_set = ProbeSet.build(texts, tokenizer, n_tokens=args.tokens, window=args.window, n_pairs=1_000, seed=0)
+    site = find_sites(model)[0]
+    depth = FULL_DEPTH[kind]
+    shapes = [LayerShape(i, site.n_neurons, site.d_in) for i in range(depth)]
+    residual = _residual_bytes(model, probe_set, [site], ProbeSettings(memory_budget=None), 1)
+    cap_bytes, attention = next(model.parameters()).element_size(), site_heads(model) * probe_set.window * 8
+
+    def plan_for(layers: list, budget: int | None = args.budget) -> object:  # the plan the library makes for them
+        return plan_measurement(layers, budget=budget, batch_size=8, window=probe_set.window, n_bins=4096,
+                                n_slots=2 * probe_set.n_pairs, cap_bytes=cap_bytes, attention_bytes_per_row=attention,
+                                residual_bytes=residual)
+
+    # The bare forward at each batch size a measurement below runs its probe pass in (a budget may lower it, and
+    # the forward's own speed depends on it): each measurement is compared with the bare forward at its own.
+    batch_sizes = sorted({8, plan_for(shapes[:2]).batch_size, plan_for(shapes).batch_size}, reverse=True)
     bare_forward(model, probe_set, 8, device)  # warm-up (allocator, kernels)
-    bare = min(bare_forward(model, probe_set, 8, device) for _ in range(args.repeats))
+    bares = {b: min(bare_forward(model, probe_set, b, device) for _ in range(args.repeats)) for b in batch_sizes}
+    bare = bares[8]
     state = MonitorState()
     one_measurement(model, probe_set, tokenizer, None, device, state)  # warm-up; sets the drift snapshot
     runs = {}
@@ -242,17 +259,18 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
         runs[label] = best
     one_layer_peak = one_measurement(model, probe_set, tokenizer, None, device, state, layers=[0])[2]["probe pass"]
 
-    site = find_sites(model)[0]
-    depth = FULL_DEPTH[kind]
     print(f"\n== {kind}-shaped, 2 layers (d={site.d_in}, {site.n_neurons} neurons/layer), {probe_set.n_tokens} "
           f"probe tokens, {device} ==")
-    print(f"bare forward over the probe tokens: {bare:.2f} s")
+    print("bare forward over the probe tokens: "
+          + ", ".join(f"{seconds:.2f} s at batch size {b}" for b, seconds in bares.items()))
     two_layer_peak = runs["no budget"][2]["probe pass"]
     per_layer_mem = max(0, two_layer_peak - one_layer_peak)
     for label, (total, breakdown, mem) in runs.items():
-        ratio = total / bare
+        batch = 8 if label == "no budget" else plan_for(shapes[:2]).batch_size
+        ratio = total / bares[batch]
         pass_peak = mem["probe pass"]
-        print(f"measurement ({label}): {total:.2f} s = {ratio:.2f}x bare forward "
+        print(f"measurement ({label}, probe batch size {batch}): {total:.2f} s = {ratio:.2f}x the bare forward at "
+              f"that batch size ({total / bare:.2f}x the batch-8 one) "
               f"[{'ok' if ratio <= 1.25 else 'over'} vs goal 1.25x]; peak extra memory: probe pass "
               f"{format_bytes(pass_peak)}"
               + ("" if label == "no budget" else f" [{'within' if pass_peak <= args.budget else 'OVER'} the budget]")
@@ -262,19 +280,10 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     _, free_breakdown, _ = runs["no budget"]
     stats_per_layer = sum(v for k, v in free_breakdown.items() if k != "forward with hooks") / 2
     forward_per_layer = bare / 2
-    shapes = [LayerShape(i, site.n_neurons, site.d_in) for i in range(depth)]
-    residual = _residual_bytes(model, probe_set, [site], ProbeSettings(memory_budget=None), 1)
-
-    cap_bytes, attention = next(model.parameters()).element_size(), site_heads(model) * probe_set.window * 8
-
-    def plan_for(layers: list) -> object:  # the plan the library makes for these layer shapes
-        return plan_measurement(layers, budget=args.budget, batch_size=8, window=probe_set.window, n_bins=4096,
-                                n_slots=2 * probe_set.n_pairs, cap_bytes=cap_bytes, attention_bytes_per_row=attention,
-                                residual_bytes=residual)
-
     plan = plan_for(shapes)
+    planned_forward_per_layer = bares[plan.batch_size] / 2  # the forward at the full-depth plan's batch size
     # Each pass runs the blocks from its start (the cached hidden states, or the embeddings) to its group's end.
-    passes_forward = (depth if plan.resume else sum(g[-1] + 1 for g in plan.groups)) * forward_per_layer
+    passes_forward = (depth if plan.resume else sum(g[-1] + 1 for g in plan.groups)) * planned_forward_per_layer
     full_free = depth * (forward_per_layer + stats_per_layer)
     full_budget = passes_forward + depth * stats_per_layer
     largest = max(len(g) for g in plan.groups)
@@ -291,8 +300,9 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
           f"{full_free:.1f} s ({full_free / (depth * forward_per_layer):.2f}x), peak {format_bytes(free_mem)}; "
           f"budget {format_bytes(args.budget)}: {len(plan.groups)} passes of <= {largest} layers"
           f"{' (each from the hidden states the last one cached)' if plan.resume else ' (each from the embeddings)'}, "
-          f"{full_budget:.1f} s "
-          f"({full_budget / (depth * forward_per_layer):.2f}x), probe-pass peak {format_bytes(budget_mem)}"
+          f"at probe batch size {plan.batch_size}, {full_budget:.1f} s "
+          f"({full_budget / (depth * planned_forward_per_layer):.2f}x the bare forward at that batch size), probe-pass "
+          f"peak {format_bytes(budget_mem)}"
           + (f" [{'ok' if budget_mem <= 2 * GIB else 'over'} vs goal 2 GiB]" if kind == "pythia-1.4b" else "")
           + f"; + rest of the measurement {format_bytes(int(rest * depth))}")
     del model
