@@ -133,6 +133,19 @@ def _shapes(sites: Sequence[MLPSite]) -> list[LayerShape]:
     return [LayerShape(site.layer, site.n_neurons, site.d_in) for site in sites]
 
 
+def check_memory_budget(model: nn.Module, probe_set: ProbeSet, layers: Sequence[int] | int | None,
+                        settings: ProbeSettings, world_size: int = 1) -> Plan:
+    """Plan a measurement without running it, so that a budget too small for even one layer is refused at set-up
+    (one line naming the smallest budget that works) rather than at every measurement of a training run. Call it
+    in the probe forward's precision context: the capture dtype is part of the plan.
+
+    Raises:
+        NegmonitorError: when one layer does not fit ``settings.memory_budget`` even at probe batch size 1.
+    """
+    eager = unwrap_compiled(model)
+    return _plan(eager, probe_set, find_sites(eager, layers), settings, world_size)
+
+
 def _plan(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSite], settings: ProbeSettings,
           world_size: int) -> Plan:
     kwargs = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
@@ -283,8 +296,9 @@ def _measure_once(
             with stop_at(None if feed is None else resume.cache_out):
                 for index, chunk in enumerate(_progress(batches, settings.progress, "probe")):
                     ids = probe_set.input_ids[chunk].to(device)
-                    mask = probe_set.attention_mask[chunk].to(device)
-                    _set_batch(batch, chunk, mask, pair_flat, probe_set.window, device)
+                    host_mask = probe_set.attention_mask[chunk]
+                    mask = host_mask.to(device)
+                    _set_batch(batch, chunk, host_mask, pair_flat, probe_set.window, device)
                     with forward_context():
                         if resume is not None and resume.cache_in is not None:
                             _run_from_cache(runner, ids, mask, resume, index, sites[last].layer)
@@ -346,8 +360,9 @@ def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, batc
     reduced statistics equal the single-process ones.
     """
     chunk = list(range(min(batch_size, probe_set.n_windows)))
-    mask = probe_set.attention_mask[chunk].to(device)
-    batch.valid_rows = mask.reshape(-1).nonzero().squeeze(1)
+    host_mask = probe_set.attention_mask[chunk]
+    mask = host_mask.to(device)
+    batch.valid_rows = host_mask.reshape(-1).nonzero().squeeze(1).to(device)
     batch.pair_rows = batch.pair_slots = torch.empty(0, dtype=torch.long, device=device)
     batch.calibrating = True
     try:
@@ -356,11 +371,14 @@ def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, batc
         batch.calibrating = False
 
 
-def _set_batch(batch: BatchContext, chunk: list[int], mask: torch.Tensor, pair_flat: torch.Tensor, window: int,
+def _set_batch(batch: BatchContext, chunk: list[int], host_mask: torch.Tensor, pair_flat: torch.Tensor, window: int,
                device: torch.device) -> None:
-    """Tell the hooks which rows of the flattened batch are real tokens and which are MD pair positions."""
-    batch.valid_rows = mask.reshape(-1).nonzero().squeeze(1)
-    batch.all_valid = batch.valid_rows.numel() == mask.numel()
+    """Tell the hooks which rows of the flattened batch are real tokens and which are MD pair positions.
+
+    Everything is worked out from the probe set's host tensors and the results moved to ``device``: a ``nonzero``
+    of a device tensor would wait for the device at every batch."""
+    batch.valid_rows = host_mask.reshape(-1).nonzero().squeeze(1).to(device)
+    batch.all_valid = batch.valid_rows.numel() == host_mask.numel()
     win = torch.as_tensor(chunk, dtype=torch.long)
     pair_window, pair_offset = pair_flat // window, pair_flat % window
     local = (pair_window.unsqueeze(1) == win.unsqueeze(0))

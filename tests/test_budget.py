@@ -62,6 +62,30 @@ def test_bad_budget_is_refused_by_the_callback_at_construction() -> None:
         NegativeDifferentiationMonitor(probe=["x"], memory_budget="lots")
 
 
+def test_too_small_budget_is_refused_when_training_starts_not_at_every_measurement(tmp_path) -> None:
+    """In a real Trainer a budget too small for one layer ends fit() at set-up with the one-line error naming the
+    smallest budget that works, before any training step (not a warning and a failed measurement at every step
+    while nothing is ever measured); that budget then trains and measures."""
+    from lightning_helpers import TinyLM, token_loader, trainer
+
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+
+    module = TinyLM()
+    monitor = NegativeDifferentiationMonitor(probe=[TEXT], every_n_steps=2, memory_budget="64KiB",
+                                             probe_tokens=512, probe_window=64, n_pairs=64)
+    with pytest.raises(NegmonitorError) as info:
+        trainer(tmp_path / "small", max_steps=4, callbacks=[monitor]).fit(module, token_loader(module.tokenizer))
+    message = str(info.value)
+    assert "\n" not in message and "smallest budget that works" in message
+    assert module.global_step == 0
+    smallest = re.search(r"memory_budget='(\d+MiB)'", message).group(1)
+    monitor = NegativeDifferentiationMonitor(probe=[TEXT], every_n_steps=2, memory_budget=smallest,
+                                             probe_tokens=512, probe_window=64, n_pairs=64)
+    trained = trainer(tmp_path / "fits", max_steps=2, callbacks=[monitor])
+    trained.fit(module, token_loader(module.tokenizer))
+    assert trained.global_step == 2 and monitor.measured_steps
+
+
 def _one_layer_budget(model, probe_set, settings: ProbeSettings) -> int:
     """A budget that holds any one layer (and the cached hidden states, where passes may start from them) at the
     requested batch size but never two."""

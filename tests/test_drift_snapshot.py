@@ -151,3 +151,31 @@ def test_drift_too_small_for_bf16_is_warned_once(tmp_path) -> None:
         warnings.filterwarnings("error", message=".*resolves well.*")
         trainer(tmp_path / "fp32", 3, [WeightDriftMonitor(every_n_steps=1, drift_dtype="fp32", **SMALL)]).fit(
             module, token_loader(module.tokenizer))
+
+
+def test_a_snapshot_that_cannot_be_written_never_ends_training(tmp_path, monkeypatch) -> None:
+    """A full disk while the weight snapshot is saved beside a checkpoint: one warning, the run and its
+    checkpoints go on (no snapshot file, no half-written one); ``strict=True`` re-raises."""
+    from negmonitor.monitoring import drift_snapshot
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(drift_snapshot, "write_snapshot", full_disk)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _ckpt_run(tmp_path / "full", max_steps=4)
+    said = [str(w.message) for w in caught if "could not write the weight snapshot" in str(w.message)]
+    assert len(said) == 1 and "No space left on device" in said[0]
+    assert sorted(p.name for p in (tmp_path / "full" / "ckpt").glob("*.ckpt")) == [
+        "epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"]
+    drift_dir = RecordStore.for_logdir(tmp_path / "full" / "run" / "version_0").root / "drift"
+    assert not drift_dir.exists() or not any(drift_dir.iterdir())
+
+    seed_everything(0)
+    module = TinyLM()
+    monitor = WeightDriftMonitor(every_n_steps=2, strict=True, **SMALL)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "strict" / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(OSError, match="No space left"):
+        trainer(tmp_path / "strict", 4, [monitor, checkpoints]).fit(module, token_loader(module.tokenizer,
+                                                                                         n_batches=2))

@@ -154,6 +154,7 @@ def test_cli_replay_writes_records_manifest_and_prints_paths(reference_run, caps
     manifest = read_manifest(reference_run)
     assert manifest.status.tolist() == ["ok"] * len(STEPS)
     assert manifest.weights_sha256.str.len().eq(64).all()
+    assert set(manifest.dtype) == {"float32"}  # no --dtype on CPU: fp32, recorded per revision
     assert (reference_run / "negmonitor" / "manifest.json").is_file()
     assert (reference_run / "negmonitor" / "cohort.json").is_file()
 
@@ -333,3 +334,15 @@ def test_ablation_damage_at_every_checkpoint(step_series, probe_file, tmp_path):
                    "ablation/acc_drop/blimp/wasserstein"):
         assert sorted(scalars[scalars.metric == metric].step) == [0, 40]
     assert sorted(scalars[scalars.metric == "wd/cohort_mean"].step.unique()) == [0, 40]  # damage vs cohort WD
+
+
+def test_replay_records_the_dtype_it_ran_in(step_series, probe_file, tmp_path):
+    """``dtype="bf16"``: every revision's weights ran in bf16, as its manifest entry and the run info say."""
+    import json
+
+    result = replay(step_series, "step0,step10", tmp_path / "bf16", probe=str(probe_file), tokens_per_step=1000,
+                    run_name="tiny", dtype="bf16", tensorboard=False, **PROBE, **QUIET)
+    assert result.manifest.status.tolist() == ["ok", "ok"]
+    assert result.manifest.dtype.tolist() == ["bfloat16", "bfloat16"]
+    info = json.loads((tmp_path / "bf16" / "negmonitor" / "replay.json").read_text())
+    assert info["dtype"] == "torch.bfloat16"

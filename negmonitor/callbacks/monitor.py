@@ -38,7 +38,7 @@ from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
-from negmonitor.probing import ProbeSettings
+from negmonitor.probing import ProbeSettings, check_memory_budget
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, scalar_rows
 
@@ -177,6 +177,7 @@ class NegativeDifferentiationMonitor(Callback):
         self._snapshot_to_read: int | None = None
         self._snapshot_saved: int | None = None
         self._drift_warned = False
+        self._snapshot_write_warned = False
         self.measured_steps: list[int] = []
         self.tokens_seen = 0
         self.timings: dict[str, float] = {}
@@ -230,6 +231,13 @@ class NegativeDifferentiationMonitor(Callback):
         self.precision_used = "32-true" if self.probe_precision == "fp32" else str(trainer.precision)
         self._prepare(find_hf_model(pl_module, self.model_attr), getattr(trainer, "datamodule", None),
                       trainer.is_global_zero)
+        self._check_budget(trainer)
+
+    def _check_budget(self, trainer: Trainer) -> None:
+        """Refuse a memory budget too small for one layer now, before training starts, not at every measurement."""
+        with self._forward_context(trainer)():
+            check_memory_budget(self._hf_model, self._probe_set, self.settings.layers, self.settings.probe,
+                                trainer.world_size)
 
     def _prepare(self, hf_model: torch.nn.Module, datamodule: Any, is_global_zero: bool) -> None:
         """Trainer-agnostic (also the HF callback's): resolve the ablation data, build the probe set, write run.json."""
@@ -292,8 +300,19 @@ class NegativeDifferentiationMonitor(Callback):
 
             if self._snapshot_saved != self.state.prev_step:
                 path = snapshot_path(self._store.root, self.record_key, self.state.prev_step)
-                write_snapshot(path, self.state.prev_weights, self.state.prev_step)
-                prune_snapshots(self._store.root, self.record_key, keep=2)
+                try:
+                    write_snapshot(path, self.state.prev_weights, self.state.prev_step)
+                    prune_snapshots(self._store.root, self.record_key, keep=2)
+                except Exception as exc:  # a full disk must not end the training run (nor its checkpoint)
+                    if self.strict:
+                        raise
+                    if not self._snapshot_write_warned:
+                        warnings.warn(f"negmonitor: could not write the weight snapshot of step "
+                                      f"{self.state.prev_step} to {path} ({type(exc).__name__}: {exc}); training "
+                                      "goes on, but a run resumed from this checkpoint measures no drift at its "
+                                      "first measurement (no further warning)", stacklevel=2)
+                        self._snapshot_write_warned = True
+                    return
                 self._snapshot_saved = self.state.prev_step
 
     def state_dict(self) -> dict[str, Any]:

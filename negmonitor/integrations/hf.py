@@ -112,6 +112,7 @@ class NegativeDifferentiationCallback(TrainerCallback):
                               "tokens_per_step=...)", stacklevel=2)
         monitor._open(root, sinks, self._ranks.is_global_zero)
         monitor._prepare(getattr(model, "_orig_mod", model), None, self._ranks.is_global_zero)
+        monitor._check_budget(self._ranks)
         self._load_state(args, state)
         self._maybe_measure(state, monitor.schedule.due(state.global_step))
 

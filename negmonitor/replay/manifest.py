@@ -34,7 +34,7 @@ from negmonitor.replay.revisions import step_of
 STATUSES = ("ok", "duplicate", "missing", "failed")
 DONE = ("ok", "duplicate")
 COLUMNS = ["revision", "step", "tokens_seen", "variant", "status", "weights_sha256", "identical_to_previous",
-           "previous", "identical_to", "error", "seconds", "shard", "finished_at"]
+           "previous", "identical_to", "error", "seconds", "shard", "finished_at", "dtype"]
 
 
 @dataclass
@@ -53,6 +53,7 @@ class ManifestEntry:
     seconds: float = math.nan
     shard: str = "1/1"
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    dtype: str | None = None  # the floating-point dtype the checkpoint's weights ran in, e.g. "bfloat16"
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -291,6 +291,7 @@ class _Replay:
             logger.warning("%s: %s (%s) — skipped, recorded in the manifest", revision, entry.status, entry.error)
             self.manifest.write(entry)
             return previous
+        entry.dtype = _weights_dtype(model)  # what it ran in, also where --dtype left it as saved
         try:
             loaded = _Loaded(revision, weights_sha256(model), self._weight_rows(model))
             entry.weights_sha256 = loaded.sha
@@ -552,3 +553,9 @@ def _token_count(series: Series) -> dict:
     else:
         source = "step x tokens_per_step" if given else "unknown (recorded as 0)"
     return {"tokens_per_step": given, "tokens_seen_from": source}
+
+
+def _weights_dtype(model: nn.Module) -> str | None:
+    """The dtype of the model's floating-point weights, as ``"float32"`` / ``"bfloat16"`` (``None`` if it has none)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
