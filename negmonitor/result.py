@@ -172,11 +172,13 @@ class _TableBuilder:
     def __init__(self, summaries: list[LayerSummary], probe_set, tokenizer, settings) -> None:
         self.summaries, self.probe_set, self.tokenizer, self.settings = summaries, probe_set, tokenizer, settings
         self._contexts: np.ndarray | None = None
+        self._texts: dict[int, str] = {}  # token id -> text, shared by every layer's table and the pair table
 
     def _token_text(self, ids: np.ndarray) -> np.ndarray:
         unique, inverse = np.unique(ids, return_inverse=True)
-        text = _batch_decode(self.tokenizer, [[int(i)] for i in unique])
-        return np.asarray(text, dtype=object)[inverse.reshape(-1)]
+        new = [int(i) for i in unique if int(i) not in self._texts]
+        self._texts.update(zip(new, _batch_decode(self.tokenizer, [[i] for i in new])))
+        return np.asarray([self._texts[int(i)] for i in unique], dtype=object)[inverse.reshape(-1)]
 
     def _pair_contexts(self) -> np.ndarray:
         """``[P, 2]`` context strings of every pair position (up to 8 tokens before it, the token in [[ ]])."""

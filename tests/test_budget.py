@@ -206,6 +206,26 @@ def test_top_pair_tables_decode_like_the_tokenizer(model, probe_set, tokenizer) 
         assert row.sign == ("NN", "PN", "PP")[int(row.y_a >= 0) + int(row.y_b >= 0)]
 
 
+def test_each_token_id_is_decoded_once_for_all_tables(model, probe_set, tokenizer) -> None:
+    """Every layer's top-pair table and the pair table share one decoding of each distinct token id; the text is
+    still the tokenizer's."""
+    calls: list[list[list[int]]] = []
+
+    class Counting:
+        def batch_decode(self, sequences):
+            calls.append([list(seq) for seq in sequences])
+            return tokenizer.batch_decode(sequences)
+
+    result = probe(model, probe_set, tokenizer=Counting())
+    top, pairs = result.top_pairs, result.pairs
+    assert top.layer.nunique() == 3 and len(pairs) == probe_set.n_pairs
+    token_calls = [call for call in calls if all(len(seq) == 1 for seq in call)]  # the pair contexts are longer
+    ids = [seq[0] for call in token_calls for seq in call]
+    assert len(ids) == len(set(ids))  # no id decoded twice
+    assert set(top.token_a_id) | set(top.token_b_id) | set(pairs.token_a_id) | set(pairs.token_b_id) <= set(ids)
+    assert list(pairs.token_a) == [tokenizer.decode([i]) for i in pairs.token_a_id]
+
+
 @pytest.mark.parametrize("command", ["probe", "ablate", "replay"])
 def test_memory_budget_flag_is_checked_before_any_model_loads(command, tmp_path, capsys) -> None:
     from negmonitor.cli import main
