@@ -215,3 +215,12 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "deberta"}
+
+
+def is_decoder_config(config: object) -> bool:
+    """Whether a transformers config is a causal LM's (built with ``AutoModelForCausalLM``), not a BERT-style
+    encoder's (``AutoModel``)."""
+    return getattr(config, "model_type", "") not in ENCODER_MODEL_TYPES

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from negmonitor.adapters import is_decoder_config
 from negmonitor.errors import NegmonitorError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -89,9 +90,7 @@ def _build_empty_model(path: Path, hparams: dict) -> nn.Module:
                               "the run folder, or save the model id as the hyper-parameter 'model_name_or_path'")
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from negmonitor.models import _is_decoder
-
-    cls = AutoModelForCausalLM if _is_decoder(config) else AutoModel
+    cls = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
     return cls.from_config(config)
 
 

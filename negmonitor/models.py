@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from negmonitor.adapters import is_decoder_config
 from negmonitor.errors import NegmonitorError, first_line
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -106,7 +107,7 @@ def _weights(name: str, config: object, torch_dtype: torch.dtype | None, revisio
         model = None  # not a causal LM (e.g. BERT): fall back to the bare encoder
     except Exception as exc:
         raise _load_error(name, revision, exc) from exc
-    if model is None or not _is_decoder(config):
+    if model is None or not is_decoder_config(config):
         try:
             model = AutoModel.from_pretrained(name, dtype=torch_dtype, **kwargs)
         except Exception as exc:
@@ -137,9 +138,6 @@ def _tokenizer_folder(name: str) -> str:
     return str(path.parent) if path.is_dir() and not has_tokenizer(path) and has_tokenizer(path.parent) else name
 
 
-def _is_decoder(config: object) -> bool:
-    model_type = getattr(config, "model_type", "")
-    return model_type not in {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "deberta"}
 
 
 def _load_error(name: str, revision: str | None, exc: Exception) -> NegmonitorError:

@@ -87,3 +87,41 @@ def test_every_module_imports_fresh_on_its_own() -> None:
     env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", FRESH, *names], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def _module_edges(path: Path, module: str, modules: set[str]) -> set[str]:
+    """negmonitor modules ``module`` imports anywhere in its file (inside functions too), ``from a import b``
+    resolved to ``a.b`` where that is a module; a submodule taking names from its own package is left out (the
+    package's ``__init__`` re-exporting its submodules is not a cycle)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names if alias.name in modules)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                out.update([full] if full in modules else [base] if base in modules else [])
+    return {m for m in out if m != module and not module.startswith(m + ".")}
+
+
+def test_no_import_cycles_even_through_imports_inside_functions() -> None:
+    """A deferred import inside a function still ties two modules together: no module may reach itself."""
+    paths = {_module_name(p): p for p in _modules()}
+    graph = {m: _module_edges(p, m, set(paths)) for m, p in paths.items()}
+    cycles = []
+    for start in graph:  # depth-first search from each module for a path back to it
+        seen, todo = set(), [(start, [start])]
+        while todo:
+            node, trail = todo.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    cycles.append(" -> ".join(trail + [start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    todo.append((nxt, trail + [nxt]))
+    assert not cycles, "import cycles:\n" + "\n".join(sorted(set(cycles))[:10])

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from negmonitor.adapters import is_decoder_config
 from negmonitor.checkpoints import has_tokenizer
 from negmonitor.errors import NegmonitorError, first_line
 from negmonitor.models import parse_device, parse_dtype, quiet_transformers
@@ -365,12 +366,10 @@ def load_weights(name: str, revision: str | None = None, dtype: torch.dtype | st
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from negmonitor.models import _is_decoder
-
     kwargs = {"revision": revision, "cache_dir": cache_dir}
     with quiet_transformers():
         config = AutoConfig.from_pretrained(name, **kwargs)
-        cls = AutoModelForCausalLM if _is_decoder(config) else AutoModel
+        cls = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
         model = cls.from_pretrained(name, dtype=parse_dtype(dtype), **kwargs)
     return model.to(parse_device(device)).eval()
 
