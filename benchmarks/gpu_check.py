@@ -5,7 +5,8 @@
    sizes: the default on CUDA (2^21 values, 64 blocks of ~25 kernels each) and 4x and 16x larger (fewer launches,
    more scratch). On CPU meta tensors the default issues ~4,500 aten calls per update, so on a GPU the update may be
    bound by kernel launches rather than memory; this prints which block size pays.
-3. A Pythia-160m-shaped GPT-NeoX (12 layers, d=768, 3,072 neurons/layer) trained from scratch on the built-in
+3. Host syncs per probe batch (CUDA's sync debug mode over a 2- and a 6-batch probe pass; goal 0).
+4. A Pythia-160m-shaped GPT-NeoX (12 layers, d=768, 3,072 neurons/layer) trained from scratch on the built-in
    grammar corpus with ``precision="bf16-mixed"`` for ``--steps`` steps, once without and once with
    ``NegativeDifferentiationMonitor`` (ablation on, default memory budget), printing each measurement's time, the
    growth of ``torch.cuda.max_memory_allocated`` during it (above what was allocated when it started) and the
@@ -86,6 +87,40 @@ def update_block_sizes(device: torch.device, rows: int, neurons: int) -> None:
               f"({rows * neurons / min(times) / 1e9:.2f} G values/s)")
 
 
+def syncs_per_probe_batch(device: torch.device) -> None:
+    """Host syncs per probe batch: one probe pass over 2 and over 6 batches under CUDA's sync debug mode, the
+    difference over 4 (the once-per-measurement reads cancel out). The goal is 0: a sync per batch stalls the
+    training stream every batch. CUDA only (the debug mode does not exist elsewhere)."""
+    import warnings
+
+    import scale
+
+    from negmonitor.probeset import ProbeSet
+    from negmonitor.probing import probe
+
+    print(f"\n== host syncs per probe batch on {device} ==")
+    if device.type != "cuda":
+        print("n/a off CUDA (the dry run shows the step runs up to here)")
+        return
+    tokenizer, texts = scale.corpus(16_384)
+    model = scale.build_model("pythia-1.4b", len(tokenizer), device)
+    counts = {}
+    for batches in (2, 6):
+        probe_set = ProbeSet.build(texts, tokenizer, n_tokens=batches * 4 * 512, window=512, n_pairs=200, seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                probe(model, probe_set, batch_size=4, memory_budget=None)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        counts[batches] = sum("synchroniz" in str(w.message) for w in caught)
+    print(f"syncs in one measurement: {counts[2]} with 2 batches, {counts[6]} with 6 batches -> "
+          f"{(counts[6] - counts[2]) / 4:.1f} per batch (goal 0)")
+    del model
+    torch.cuda.empty_cache()
+
+
 def train(args, root: Path, monitored: bool) -> tuple[float, list]:
     import lightning as L
 
@@ -148,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         update_block_sizes(torch.device("cpu"), 2048, 512)
     else:
         update_block_sizes(torch.device("cuda"), 16_384, 8_192)
+    try:
+        syncs_per_probe_batch(torch.device("cpu" if args.dry_run else "cuda"))
+    except Exception as exc:  # a diagnostic: report it and go on to the training run
+        print(f"host-sync count failed: {type(exc).__name__}: {exc}")
     with tempfile.TemporaryDirectory() as tmp:
         train(argparse.Namespace(**{**vars(args), "steps": min(args.steps, 20)}), Path(tmp) / "warmup", False)
         plain, _ = train(args, Path(tmp) / "plain", False)
