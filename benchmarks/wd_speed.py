@@ -298,7 +298,8 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
           f"{state / 2**20 / neurons * 1000:.1f} MiB per 1,000 neurons (goal <= 64), independent of token count")
     print(f"peak memory of the streaming path: resident memory grew by {peak / 2**20:.1f} MiB at most during its "
           f"first pass (state + each call's scratch; the {x.numel() * 4 / 2**20:,.0f} MiB input excluded); "
-          f"planned_bytes bound {NeuronStatsAccumulator.planned_bytes(neurons, acc.n_bins, BATCH, acc._block(x.device)) / 2**20:.1f} MiB; "
+          f"planned_bytes bound {NeuronStatsAccumulator.planned_bytes(neurons, acc.n_bins, BATCH, acc._block(x.device)) / 2**20:.1f} MiB "
+          f"(of torch's allocations; resident memory also counts the heap glibc keeps after frees); "
           f"process peak {_max_rss_bytes() / 2**20:,.0f} MiB\n")
 
 
