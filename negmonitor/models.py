@@ -138,8 +138,6 @@ def _tokenizer_folder(name: str) -> str:
     return str(path.parent) if path.is_dir() and not has_tokenizer(path) and has_tokenizer(path.parent) else name
 
 
-
-
 def _load_error(name: str, revision: str | None, exc: Exception) -> NegmonitorError:
     text = str(exc)
     local = Path(name).exists()

@@ -105,7 +105,8 @@ def measure(
     half-updated); at batch size 1 a :class:`NegmonitorError` names the settings to change.
     """
     eager = unwrap_compiled(model)
-    plan = _plan(eager, probe_set, sites, settings, world_size)
+    with forward_context():  # the capture dtype the plan counts is the forward's (e.g. bf16 under autocast)
+        plan = _plan(eager, probe_set, sites, settings, world_size)
     if rank == 0:  # every rank plans alike
         log_plan_once(plan, _shapes(sites), settings.batch_size)
     batch_size = plan.batch_size
@@ -294,16 +295,15 @@ def _measure_once(
             _share_rank0_grids(recorders)
         with agree_on_failure(world_size > 1):  # ... and here before the reductions that follow the pass
             with stop_at(None if feed is None else resume.cache_out):
-                for index, chunk in enumerate(_progress(batches, settings.progress, "probe")):
-                    ids = probe_set.input_ids[chunk].to(device)
-                    host_mask = probe_set.attention_mask[chunk]
-                    mask = host_mask.to(device)
-                    _set_batch(batch, chunk, host_mask, pair_flat, probe_set.window, device)
+                inputs = _batch_inputs(probe_set, batches, pair_flat, device)
+                for index, this in enumerate(_progress(inputs, settings.progress, "probe")):
+                    batch.valid_rows, batch.all_valid = this.valid_rows, this.all_valid
+                    batch.pair_slots, batch.pair_rows = this.pair_slots, this.pair_rows
                     with forward_context():
                         if resume is not None and resume.cache_in is not None:
-                            _run_from_cache(runner, ids, mask, resume, index, sites[last].layer)
+                            _run_from_cache(runner, this.ids, this.mask, resume, index, sites[last].layer)
                         else:
-                            _run(runner, ids, mask)
+                            _run(runner, this.ids, this.mask)
             if batches:
                 check_hooks_fired(recorders)
     with _eval_no_grad(eager):  # as many forward passes as rank 0 (FSDP: each one is a collective); no hooks
@@ -371,20 +371,51 @@ def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, batc
         batch.calibrating = False
 
 
-def _set_batch(batch: BatchContext, chunk: list[int], host_mask: torch.Tensor, pair_flat: torch.Tensor, window: int,
-               device: torch.device) -> None:
-    """Tell the hooks which rows of the flattened batch are real tokens and which are MD pair positions.
+@dataclass
+class _BatchInputs:
+    """One probe batch on the device: token ids and mask ``[b, window]``, the rows of the flattened batch that are
+    real tokens, and the MD pair positions in it (``pair_rows``) with their buffer slots."""
 
-    Everything is worked out from the probe set's host tensors and the results moved to ``device``: a ``nonzero``
-    of a device tensor would wait for the device at every batch."""
-    batch.valid_rows = host_mask.reshape(-1).nonzero().squeeze(1).to(device)
-    batch.all_valid = batch.valid_rows.numel() == host_mask.numel()
+    ids: torch.Tensor
+    mask: torch.Tensor
+    valid_rows: torch.Tensor
+    pair_slots: torch.Tensor
+    pair_rows: torch.Tensor
+    all_valid: bool
+
+
+def _batch_inputs(probe_set: ProbeSet, batches: list[list[int]], pair_flat: torch.Tensor,
+                  device: torch.device) -> list[_BatchInputs]:
+    """Every batch's inputs and row tables, worked out from the probe set's host tensors and moved to ``device``
+    in one copy per kind for the whole pass: a copy from ordinary host memory (and a ``nonzero`` of a device
+    tensor) waits for the device, so per-batch copies would stall the training stream at every batch."""
+    if not batches:
+        return []
+    order = [w for chunk in batches for w in chunk]
+    host_mask = probe_set.attention_mask[order]
+    ids, mask = probe_set.input_ids[order].to(device), host_mask.to(device)
+    tables = [_batch_rows(chunk, probe_set.attention_mask[chunk], pair_flat, probe_set.window) for chunk in batches]
+    flat = [torch.cat([table[k] for table in tables]).to(device) for k in range(3)]
+    out, first, offsets = [], 0, [0, 0, 0]
+    for chunk, table in zip(batches, tables):
+        valid, slots, rows = (f[o : o + len(t)] for f, o, t in zip(flat, offsets, table))
+        offsets = [o + len(t) for o, t in zip(offsets, table)]
+        stop = first + len(chunk)
+        out.append(_BatchInputs(ids[first:stop], mask[first:stop], valid, slots, rows,
+                                all_valid=len(table[0]) == host_mask[first:stop].numel()))
+        first = stop
+    return out
+
+
+def _batch_rows(chunk: list[int], host_mask: torch.Tensor, pair_flat: torch.Tensor,
+                window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the host, for the windows ``chunk``: the rows of the flattened batch that are real tokens, and the slots
+    and rows of the MD pair positions that fall in it."""
+    valid_rows = host_mask.reshape(-1).nonzero().squeeze(1)
     win = torch.as_tensor(chunk, dtype=torch.long)
     pair_window, pair_offset = pair_flat // window, pair_flat % window
-    local = (pair_window.unsqueeze(1) == win.unsqueeze(0))
-    slots, where = local.nonzero(as_tuple=True)
-    batch.pair_slots = slots.to(device)
-    batch.pair_rows = (where * window + pair_offset[slots]).to(device)
+    slots, where = (pair_window.unsqueeze(1) == win.unsqueeze(0)).nonzero(as_tuple=True)
+    return valid_rows, slots, where * window + pair_offset[slots]
 
 
 @contextlib.contextmanager

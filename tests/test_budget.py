@@ -306,3 +306,34 @@ def test_passes_from_cached_hidden_states_equal_one_pass_in_every_family(family,
                                        rtol=1e-6, atol=1e-7, err_msg=f"{family} {column} autocast={autocast}")
         pd.testing.assert_frame_equal(grouped.top_pairs, free.top_pairs)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_probe_pass_moves_its_inputs_to_the_device_once_not_per_batch(probe_set, monkeypatch) -> None:
+    """The batches' ids, masks and row tables reach the device in a fixed number of copies per pass (a copy from
+    ordinary host memory waits for the device), and each batch's tables are the ones worked out for it alone."""
+    windows = probe_set.window_indices(0, 1)
+    pair_flat = probe_set.pair_positions.reshape(-1)
+    copies = []
+    real_to = torch.Tensor.to
+
+    def counted(self, *args, **kwargs):
+        copies.append(1)
+        return real_to(self, *args, **kwargs)
+
+    counts = {}
+    for size in (2, 8):
+        batches = [windows[i : i + size] for i in range(0, len(windows), size)]
+        copies.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "to", counted)
+            inputs = probing._batch_inputs(probe_set, batches, pair_flat, torch.device("cpu"))
+        counts[len(batches)] = len(copies)
+        for chunk, got in zip(batches, inputs):
+            valid, slots, rows = probing._batch_rows(chunk, probe_set.attention_mask[chunk], pair_flat,
+                                                     probe_set.window)
+            assert torch.equal(got.ids, probe_set.input_ids[chunk]) and torch.equal(got.mask,
+                                                                                   probe_set.attention_mask[chunk])
+            assert torch.equal(got.valid_rows, valid) and torch.equal(got.pair_slots, slots)
+            assert torch.equal(got.pair_rows, rows) and got.all_valid == (len(valid) == got.mask.numel())
+        assert sum(len(i.pair_slots) for i in inputs) == probe_set.n_pairs * 2
+    assert len(counts) == 2 and len(set(counts.values())) == 1, counts  # 16 and 4 batches: the same copies

@@ -63,3 +63,19 @@ def test_unknown_probe_precision_is_refused() -> None:
         NegativeDifferentiationMonitor(probe=[TEXT], probe_precision="fp8")
     with pytest.raises(NegmonitorError, match="drift_dtype must be one of"):
         NegativeDifferentiationMonitor(probe=[TEXT], drift_dtype="int8")
+
+
+def test_budget_plans_at_set_up_and_at_each_measurement_count_the_same_capture_dtype(tmp_path, monkeypatch) -> None:
+    """Under bf16-mixed the probe captures bf16 pre-activations: the fit-start budget check and every measurement's
+    plan count 2 bytes a value alike (fp32 plans at measurement time once let a budget pass the check and then fail
+    at every measurement); with probe_precision="fp32" both count 4."""
+    from negmonitor import probing
+
+    seen: list[int] = []
+    real = probing._capture_bytes
+    monkeypatch.setattr(probing, "_capture_bytes", lambda model: seen.append(real(model)) or seen[-1])
+    _run(tmp_path / "mixed")
+    assert len(seen) >= 3 and set(seen) == {2}, seen  # the check, then the measurements at steps 0 and 2
+    seen.clear()
+    _run(tmp_path / "fp32", probe_precision="fp32")
+    assert len(seen) >= 3 and set(seen) == {4}, seen

@@ -300,20 +300,22 @@ class NegativeDifferentiationMonitor(Callback):
 
             if self._snapshot_saved != self.state.prev_step:
                 path = snapshot_path(self._store.root, self.record_key, self.state.prev_step)
-                try:
+                try:  # a full disk must not end the training run (nor its checkpoint)
                     write_snapshot(path, self.state.prev_weights, self.state.prev_step)
+                    self._snapshot_saved = self.state.prev_step
                     prune_snapshots(self._store.root, self.record_key, keep=2)
-                except Exception as exc:  # a full disk must not end the training run (nor its checkpoint)
+                except Exception as exc:
                     if self.strict:
                         raise
                     if not self._snapshot_write_warned:
-                        warnings.warn(f"negmonitor: could not write the weight snapshot of step "
-                                      f"{self.state.prev_step} to {path} ({type(exc).__name__}: {exc}); training "
-                                      "goes on, but a run resumed from this checkpoint measures no drift at its "
-                                      "first measurement (no further warning)", stacklevel=2)
+                        written = self._snapshot_saved == self.state.prev_step  # the pruning failed
+                        what = "remove the older weight snapshots beside" if written else "write"
+                        warnings.warn(f"negmonitor: could not {what} the weight snapshot of step "
+                                      f"{self.state.prev_step} at {path} "
+                                      f"({type(exc).__name__}: {exc}); training goes on, but a run resumed from "
+                                      "a checkpoint without its snapshot measures no drift at its first "
+                                      "measurement (no further warning)", stacklevel=2)
                         self._snapshot_write_warned = True
-                    return
-                self._snapshot_saved = self.state.prev_step
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.to_dict(), "measured_steps": list(self.measured_steps),

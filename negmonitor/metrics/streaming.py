@@ -284,7 +284,7 @@ class NeuronStatsAccumulator(Metric):
         step = _chunk_rows(rows.shape[0], block)
         # One set of scratch buffers for the whole call, shared by its chunks (a chunk's blocks hold at most
         # ``block`` values): fresh buffers per chunk cost page faults on CPU.
-        scratch = _Scratch(min(block, rows.numel()), rows.device)
+        scratch = _Scratch(min(block, step * rows.shape[1]), rows.device)
         for r0 in range(0, rows.shape[0], step):
             self._update_chunk(rows[r0 : r0 + step], max(1, block // min(step, rows.shape[0] - r0)), scratch)
 
