@@ -371,15 +371,10 @@ def test_plain_block_check_sends_edge_blocks_to_the_masking_path() -> None:
 
 
 def _plain(acc: NeuronStatsAccumulator, x: torch.Tensor) -> bool:
-    from negmonitor.metrics.streaming import _Scratch
+    from negmonitor.metrics.streaming import _plain_source
 
-    t, n = x.shape
-    scratch = _Scratch(t * n, x.device)
-    d, other, masked = scratch.views(t, n)
-    sums, lo, hi = torch.zeros(8, n), torch.empty(n), torch.empty(n)
-    hist = torch.zeros(n, acc.n_bins, dtype=torch.long)
-    return acc._update_plain_block(x, 0, n, d, other, masked, -(acc.center * acc.inv_unit), hist, scratch, sums,
-                                   lo, hi)
+    lo, hi = torch.empty(x.shape[1]), torch.empty(x.shape[1])
+    return _plain_source(x, torch.empty(x.shape), -(acc.center * acc.inv_unit), acc.inv_unit, lo, hi) is not None
 
 
 def test_streaming_merge_rejects_different_grids() -> None:

@@ -310,29 +310,35 @@ class NeuronStatsAccumulator(Metric):
             j1 = min(n, j0 + width)
             xb, nb = chunk[:, j0:j1], j1 - j0
             d, other, masked = scratch.views(t, nb)
-            if plain_check and self._update_plain_block(xb, j0, j1, d, other, masked, shift, hist, scratch, sums,
-                                                        lo, hi):
-                continue
-            # The block in fp32 (everything runs in fp32: bf16 ops are slower), non-finite values +inf: the min,
-            # the negative count and d (whose infinities become NaN below) need no other masking.
-            if xb.dtype == torch.float32:
-                torch.nan_to_num(xb, nan=math.inf, posinf=math.inf, neginf=math.inf, out=masked)
-            else:
-                masked.copy_(xb).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
-            torch.addcmul(shift[j0:j1], masked, self.inv_unit[j0:j1], out=d)  # (x - c) / u
-            torch.amin(masked, dim=0, out=lo[j0:j1])
+            src = (_plain_source(xb, masked, shift[j0:j1], self.inv_unit[j0:j1], lo[j0:j1], hi[j0:j1])
+                   if plain_check else None)
+            plain = src is not None
+            if not plain:
+                # The block in fp32 (everything runs in fp32: bf16 ops are slower), non-finite values +inf: the
+                # min, the negative count and d (whose infinities become NaN below) need no other masking.
+                if xb.dtype == torch.float32:
+                    torch.nan_to_num(xb, nan=math.inf, posinf=math.inf, neginf=math.inf, out=masked)
+                else:
+                    masked.copy_(xb).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
+                src = masked
+            torch.addcmul(shift[j0:j1], src, self.inv_unit[j0:j1], out=d)  # (x - c) / u
             # Negatives as a float sum of a float comparison (a bool column sum is ~10x slower).
-            torch.sum(torch.lt(masked, 0, out=other), dim=0, out=sums[7, j0:j1])
-            torch.amax(masked.nan_to_num_(posinf=-math.inf, neginf=-math.inf), dim=0, out=hi[j0:j1])
-            # Histogram: non-finite values as NaN (their own bins), finite tails overflow to the ±inf bins.
-            d.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+            torch.sum(torch.lt(src, 0, out=other), dim=0, out=sums[7, j0:j1])
+            if not plain:
+                torch.amin(masked, dim=0, out=lo[j0:j1])
+                torch.amax(masked.nan_to_num_(posinf=-math.inf, neginf=-math.inf), dim=0, out=hi[j0:j1])
+                # Histogram: non-finite values as NaN (their own bins), finite tails overflow to the ±inf bins.
+                d.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
             column, packed = _raw_bins(d, self._code_shift, self._low_bits, scratch.codes(nb, t))
             hist[j0:j1].scatter_add_(1, column, packed)
-            d.nan_to_num_(nan=0.0)  # non-finite values add 0 to every raw power sum
-            torch.clamp(d, max=-_TAIL, out=other).add_(_TAIL)
-            torch.sum(other, dim=0, out=sums[5, j0:j1])
-            torch.clamp(d, min=_TAIL, out=other).sub_(_TAIL)
-            torch.sum(other, dim=0, out=sums[6, j0:j1])
+            if plain:
+                sums[5:7, j0:j1] = 0.0  # no tails
+            else:
+                d.nan_to_num_(nan=0.0)  # non-finite values add 0 to every raw power sum
+                torch.clamp(d, max=-_TAIL, out=other).add_(_TAIL)
+                torch.sum(other, dim=0, out=sums[5, j0:j1])
+                torch.clamp(d, min=_TAIL, out=other).sub_(_TAIL)
+                torch.sum(other, dim=0, out=sums[6, j0:j1])
             _add_moment_sums(d, other, sums[:5, j0:j1])
         wide = sums.double()
         self.power_sums += _expand_power_sums(t, wide[0], wide[1:5])
@@ -341,31 +347,6 @@ class NeuronStatsAccumulator(Metric):
         self.min_value = torch.minimum(self.min_value, lo)
         self.max_value = torch.maximum(self.max_value, hi)
         self.rows += t
-
-
-    def _update_plain_block(self, xb: Tensor, j0: int, j1: int, d: Tensor, other: Tensor, masked: Tensor,
-                            shift: Tensor, hist: Tensor, scratch: "_Scratch", sums: Tensor, lo: Tensor,
-                            hi: Tensor) -> bool:
-        """The update of one block on CPU when every value is finite and inside the float16 range of ``d`` (nearly
-        always): no masking passes and no tail sums, the same state as the general path. Returns ``False``, having
-        written nothing but ``lo``/``hi`` (which the general path rewrites), when the block needs the general path.
-
-        The general path's four ``nan_to_num`` passes are slow on CPU (scalar loops: a quarter of its time at
-        Pythia-1.4B width); one min/max pass tells whether they are needed (NaN reaches both, and ``d`` is
-        monotone in ``x``)."""
-        src = xb if xb.dtype == torch.float32 else masked.copy_(xb)
-        torch.amin(src, dim=0, out=lo[j0:j1])  # (aminmax along dim 0 is 30x slower on CPU, torch 2.13)
-        torch.amax(src, dim=0, out=hi[j0:j1])
-        ends = torch.addcmul(shift[j0:j1], torch.stack((lo[j0:j1], hi[j0:j1])), self.inv_unit[j0:j1])
-        if not bool(ends.abs().amax() < _TAIL / 2):  # NaN or inf anywhere, or d near the float16 overflow
-            return False
-        torch.addcmul(shift[j0:j1], src, self.inv_unit[j0:j1], out=d)  # (x - c) / u
-        torch.sum(torch.lt(src, 0, out=other), dim=0, out=sums[7, j0:j1])
-        column, packed = _raw_bins(d, self._code_shift, self._low_bits, scratch.codes(j1 - j0, d.shape[0]))
-        hist[j0:j1].scatter_add_(1, column, packed)
-        sums[5:7, j0:j1] = 0.0  # no tails
-        _add_moment_sums(d, other, sums[:5, j0:j1])
-        return True
 
     # -------------------------------------------------------------------------------------------- compute
     def compute(self) -> dict[str, Tensor]:
@@ -493,6 +474,23 @@ def _keep_freed_heap() -> None:
     other allocators this is a no-op.
     """
     np.empty(_HEAP_PRIME_BYTES, dtype=np.uint8)
+
+
+def _plain_source(xb: Tensor, masked: Tensor, shift: Tensor, inv_unit: Tensor, lo: Tensor,
+                  hi: Tensor) -> Tensor | None:
+    """On CPU, the block in fp32 (``xb`` itself, or its copy in ``masked``) when every value is finite and inside
+    the float16 range of ``d`` (nearly always), with its column min and max written to ``lo``/``hi``: such a
+    block needs no masking passes and has no tails, and gives the same state. ``None`` when it needs the masking
+    path (which rewrites ``lo``/``hi``).
+
+    The masking path's four ``nan_to_num`` passes are slow on CPU (scalar loops: a quarter of the update at
+    Pythia-1.4B width); one min/max pass tells whether they are needed (NaN reaches both, and ``d`` is
+    monotone in ``x``)."""
+    src = xb if xb.dtype == torch.float32 else masked.copy_(xb)
+    torch.amin(src, dim=0, out=lo)  # (aminmax along dim 0 is 30x slower on CPU, torch 2.13)
+    torch.amax(src, dim=0, out=hi)
+    ends = torch.addcmul(shift, torch.stack((lo, hi)), inv_unit)
+    return src if bool(ends.abs().amax() < _TAIL / 2) else None  # NaN or inf, or d near the float16 overflow
 
 
 def _add_moment_sums(d: Tensor, other: Tensor, out: Tensor) -> None:
