@@ -391,20 +391,15 @@ def _batch_inputs(probe_set: ProbeSet, batches: list[list[int]], pair_flat: torc
     tensor) waits for the device, so per-batch copies would stall the training stream at every batch."""
     if not batches:
         return []
+    sizes = [len(chunk) for chunk in batches]
     order = [w for chunk in batches for w in chunk]
     host_mask = probe_set.attention_mask[order]
-    ids, mask = probe_set.input_ids[order].to(device), host_mask.to(device)
-    tables = [_batch_rows(chunk, probe_set.attention_mask[chunk], pair_flat, probe_set.window) for chunk in batches]
-    flat = [torch.cat([table[k] for table in tables]).to(device) for k in range(3)]
-    out, first, offsets = [], 0, [0, 0, 0]
-    for chunk, table in zip(batches, tables):
-        valid, slots, rows = (f[o : o + len(t)] for f, o, t in zip(flat, offsets, table))
-        offsets = [o + len(t) for o, t in zip(offsets, table)]
-        stop = first + len(chunk)
-        out.append(_BatchInputs(ids[first:stop], mask[first:stop], valid, slots, rows,
-                                all_valid=len(table[0]) == host_mask[first:stop].numel()))
-        first = stop
-    return out
+    host_masks = host_mask.split(sizes)
+    ids, mask = probe_set.input_ids[order].to(device).split(sizes), host_mask.to(device).split(sizes)
+    tables = [_batch_rows(chunk, m, pair_flat, probe_set.window) for chunk, m in zip(batches, host_masks)]
+    valid, slots, rows = (torch.cat(kind).to(device).split([len(t) for t in kind]) for kind in zip(*tables))
+    return [_BatchInputs(*fields, all_valid=len(table[0]) == m.numel())
+            for *fields, table, m in zip(ids, mask, valid, slots, rows, tables, host_masks)]
 
 
 def _batch_rows(chunk: list[int], host_mask: torch.Tensor, pair_flat: torch.Tensor,
