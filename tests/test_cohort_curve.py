@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from negmonitor.monitoring.cohort import final_cohort_curve
 
@@ -21,3 +22,21 @@ def test_final_step_cohort_is_followed_back() -> None:
 def test_needs_two_snapshots() -> None:
     one = pd.DataFrame({"step": [0, 0], "layer": [0, 0], "neuron": [0, 1], "wd": [0.1, 0.2]})
     assert final_cohort_curve(one).empty
+
+
+def test_cohort_is_matched_by_layer_and_neuron_together() -> None:
+    """Layers of different widths (their own top count), the same neuron index in both layers but a member of one
+    only, sparse neuron ids, shuffled rows and a superseded duplicate (the last row of a key wins)."""
+    wd = {0: {(0, 0): 0.4, (0, 1): 0.2, (0, 7): 0.6, (0, 9): 0.0, (1, 0): 0.3, (1, 1): 0.1},
+          20: {(0, 0): 0.9, (0, 1): 0.1, (0, 7): 0.8, (0, 9): 0.2, (1, 0): 0.1, (1, 1): 0.7}}
+    rows = [{"step": step, "layer": layer, "neuron": neuron, "wd": w}
+            for step, values in wd.items() for (layer, neuron), w in values.items()]
+    stale = {"step": 20, "layer": 1, "neuron": 0, "wd": 0.95}  # superseded: else (1, 0) would be layer 1's top
+    shuffled = pd.DataFrame(rows).sample(frac=1.0, random_state=3)
+    frame = pd.concat([pd.DataFrame([stale]), shuffled], ignore_index=True)
+    curve = final_cohort_curve(frame, frac=0.5)  # members: (0, 0), (0, 7) of four; (1, 1) of two
+    assert curve.step.tolist() == [0, 20]
+    # step 0: layer 0 cohort (0.4 + 0.6) / 2, rest (0.2 + 0.0) / 2; layer 1 cohort 0.1, rest 0.3
+    # step 20: layer 0 cohort (0.9 + 0.8) / 2, rest (0.1 + 0.2) / 2; layer 1 cohort 0.7, rest 0.1
+    assert curve.cohort.tolist() == pytest.approx([(0.5 + 0.1) / 2, (0.85 + 0.7) / 2], abs=1e-12)
+    assert curve.rest.tolist() == pytest.approx([(0.1 + 0.3) / 2, (0.15 + 0.1) / 2], abs=1e-12)

@@ -28,6 +28,7 @@ __all__ = ["wasserstein_to_gaussian", "wasserstein_to_gaussian_split", "w1_point
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _PICK_ON_CPU = True  # False runs the dense (non-CPU) path on CPU too, for the tests
+_RUNNING_SUMS_ON_CPU = True  # False sums rows of different lengths as off CPU (no float cumsum), for the tests
 # Elements per working chunk of the reference (4 MiB per fp64 temporary: cache-friendly, no page-fault churn).
 _CHUNK_ELEMENTS = 1 << 19
 
@@ -72,11 +73,12 @@ def w1_points_to_gaussian(
         q = torch.cat([q.expand(rows, k - 1), last], dim=1).reshape(-1)
     level = torch.as_tensor(level, dtype=z.dtype, device=z.device).reshape(-1).expand(rows)
     lengths = torch.full((rows,), k, dtype=torch.long, device=z.device)
-    return w1_rows_to_gaussian(z.reshape(-1), after, lengths, level, q)
+    return w1_rows_to_gaussian(z.reshape(-1), after, lengths, level, q, width=k)
 
 
 def w1_rows_to_gaussian(
-    z: Tensor, after: Tensor, lengths: Tensor, level: Tensor, q: Tensor | None = None, row: Tensor | None = None
+    z: Tensor, after: Tensor, lengths: Tensor, level: Tensor, q: Tensor | None = None, row: Tensor | None = None,
+    width: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`w1_points_to_gaussian` for rows of different lengths laid end to end (no padding).
 
@@ -87,6 +89,8 @@ def w1_rows_to_gaussian(
         level: ``[rows]`` quantile ``u0`` at which each row is split.
         q: optional ``[P]`` ``Φ⁻¹(after)``.
         row: optional ``[P]`` row of each point (``repeat_interleave`` of ``lengths``), if the caller has it.
+        width: every row's number of points, when the caller knows they all have the same: the per-row sums
+            are then sums over a ``[rows, width]`` view.
 
     Returns:
         ``(wd, wd_below, wd_above)``, each ``[rows]``.
@@ -96,7 +100,8 @@ def w1_rows_to_gaussian(
     ``[min(a, q0), min(b, q0)]`` with ``c' = min(c, u0)``, plus ``(u0 − c)⁺ · (max(b, q0) − max(a, q0))`` right
     of ``q0``. ``Φ`` and ``G`` are evaluated once per point (``G`` is increasing, so ``G(min(z, q0)) =
     min(G(z), G(q0))``); the few segments where ``Φ`` crosses ``c`` share one ``Φ⁻¹(c)`` and ``G`` of it between
-    the two parts (a crossing left of ``q0`` needs ``c < u0``). Per-row sums are differences of a running sum.
+    the two parts (a crossing left of ``q0`` needs ``c < u0``). Per-row sums take no floating-point ``cumsum``
+    off CPU (:func:`_row_sums`).
     """
     n_points, rows = z.shape[0], lengths.shape[0]
     if row is None:
@@ -143,18 +148,28 @@ def w1_rows_to_gaussian(
     # ∫_{z_k}^{q0} (u0 − Φ) = G(−z_k) − G(−q0) − (1 − u0)(q0 − z_k) (so u0 = 1 leaves exactly wd's tail).
     z1, zk = z.index_select(0, first), z.index_select(0, last)
     g_right = _phi_antiderivative(-zk)
-    wd = g.index_select(0, first) + g_right + _row_sums(full, first, last)
+    wd = g.index_select(0, first) + g_right + _row_sums(full, first, last, row, width)
     part = g_c.index_select(0, first) + u0 * (z1 - q0).clamp(min=0.0)
     part += torch.where(zk < q0, g_right - _phi_antiderivative(-q0) - (1.0 - u0) * (q0 - zk), 0.0)
-    part += _row_sums(below, first, last)
+    part += _row_sums(below, first, last, row, width)
     return wd, part, wd - part
 
 
-def _row_sums(t: Tensor, first: Tensor, last: Tensor) -> Tensor:
-    """Sum of ``t`` over each row's points ``first..last`` (a running sum's differences: faster than
-    ``segment_reduce`` or ``index_add_`` on CPU; the terms are small and positive, so nothing cancels badly)."""
-    running = t.cumsum(0)
-    return running.index_select(0, last) - running.index_select(0, first) + t.index_select(0, first)
+def _row_sums(t: Tensor, first: Tensor, last: Tensor, row: Tensor, width: int | None) -> Tensor:
+    """Sum of ``t`` over each row's points ``first..last`` (``row``: each point's row).
+
+    Rows of one ``width``: a sum over a ``[rows, width]`` view. Rows of different lengths: on CPU a running sum's
+    differences (faster there than ``segment_reduce`` or ``index_add_``; the terms are small and positive, so
+    nothing cancels badly); elsewhere ``index_add_`` by row, since a floating-point ``cumsum`` on CUDA raises under
+    ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``) and ``index_add_`` has a
+    deterministic kernel there.
+    """
+    if width is not None:
+        return t.view(-1, width).sum(dim=1)
+    if _RUNNING_SUMS_ON_CPU and t.device.type == "cpu":
+        running = t.cumsum(0)
+        return running.index_select(0, last) - running.index_select(0, first) + t.index_select(0, first)
+    return torch.zeros(first.shape[0], dtype=t.dtype, device=t.device).index_add_(0, row, t)
 
 
 def _ahead(t: Tensor) -> Tensor:
