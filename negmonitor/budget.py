@@ -106,7 +106,7 @@ def _acc_bytes(n_neurons: int, n_bins: int, rows: int) -> int:
     return int(NeuronStatsAccumulator.planned_bytes(n_neurons, n_bins, rows))
 
 
-def _layer_costs(shape: LayerShape, n_bins: int, n_slots: int, rows: int, cap_bytes: int, world_size: int,
+def _layer_costs(shape: LayerShape, n_bins: int, n_slots: int, rows: int, cap_bytes: int,
                  batch_rows: int | None = None) -> tuple[int, int]:
     """(held for the whole pass, largest transient) of one layer, in bytes."""
     n, d = shape.n_neurons, shape.d_in
@@ -115,13 +115,12 @@ def _layer_costs(shape: LayerShape, n_bins: int, n_slots: int, rows: int, cap_by
     pairs = n_slots * (d + n) * cap_bytes + n_slots * 4
     held = state + pairs + 64
     hook = update + rows * n * (cap_bytes + 1)  # + the chunk's copy and its finite mask
-    grid_rows = min(GRID_ROWS, batch_rows or rows)  # the first batch's grid reads up to GRID_ROWS of its rows at once
+    grid_rows = min(GRID_ROWS, batch_rows or rows)  # the grid reads up to GRID_ROWS rows of the first window at once
     hook = max(hook, _acc_bytes(n, n_bins, grid_rows) - state + grid_rows * n * cap_bytes)
     p = max(1, n_slots // 2)
     columns = min(n, MD_COLUMNS)  # MD runs over blocks of columns: |dy|, sorted values and indices, fp32 copies
     md = p * columns * 4 * 8 + n_slots * d * 4 + n * 64
-    sync = (world_size + 1) * held if world_size > 1 else 0  # torchmetrics gathers every rank's state
-    return held, max(hook, md, sync)
+    return held, max(hook, md)  # under DDP the state is reduced in place: no rank holds another's
 
 
 def _forward_bytes(shapes: Sequence[LayerShape], batch_rows: int, cap_bytes: int, attention: int) -> int:
@@ -141,7 +140,6 @@ def plan_measurement(
     n_bins: int,
     n_slots: int,
     cap_bytes: int,
-    world_size: int = 1,
     attention_bytes_per_row: int = 0,
     residual_bytes: int = 0,
 ) -> Plan:
@@ -161,11 +159,11 @@ def plan_measurement(
     """
     if not shapes:
         return Plan([], batch_size, 1, budget, [])
-    plain = _plan(shapes, budget, batch_size, window, n_bins, n_slots, cap_bytes, world_size, attention_bytes_per_row)
+    plain = _plan(shapes, budget, batch_size, window, n_bins, n_slots, cap_bytes, attention_bytes_per_row)
     if budget is None or len(plain.groups) == 1 or residual_bytes <= 0 or residual_bytes >= budget:
         return plain
     try:
-        resumed = _plan(shapes, budget - residual_bytes, batch_size, window, n_bins, n_slots, cap_bytes, world_size,
+        resumed = _plan(shapes, budget - residual_bytes, batch_size, window, n_bins, n_slots, cap_bytes,
                         attention_bytes_per_row)
     except NegmonitorError:
         return plain  # the cache leaves too little for one layer: every pass starts from the embeddings
@@ -175,7 +173,7 @@ def plan_measurement(
 
 
 def _plan(shapes: Sequence[LayerShape], budget: int | None, batch_size: int, window: int, n_bins: int,
-          n_slots: int, cap_bytes: int, world_size: int, attention_bytes_per_row: int) -> Plan:
+          n_slots: int, cap_bytes: int, attention_bytes_per_row: int) -> Plan:
     max_n = max(s.n_neurons for s in shapes)
     sizes = []
     bs = max(1, int(batch_size))
@@ -188,7 +186,7 @@ def _plan(shapes: Sequence[LayerShape], budget: int | None, batch_size: int, win
     smallest = 0  # what one layer needs at the last size tried (batch size 1): the least any plan can need
     for bs in sizes:
         rows = max(1, min(bs * window, MAX_UPDATE_ELEMENTS // max_n))
-        costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, world_size, bs * window) for s in shapes]
+        costs = [_layer_costs(s, n_bins, n_slots, rows, cap_bytes, bs * window) for s in shapes]
         forward = _forward_bytes(shapes, bs * window, cap_bytes, attention_bytes_per_row)
         if budget is None:
             need = sum(h for h, _ in costs) + max(t for _, t in costs) + forward

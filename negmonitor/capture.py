@@ -13,15 +13,16 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 from torchmetrics import Metric
 
 from negmonitor.adapters import MLPSite
+from negmonitor.distributed import reduce_in_place
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics.streaming import GRID_ROWS, NeuronStatsAccumulator
+from negmonitor.metrics.streaming import NeuronStatsAccumulator
 
 
 def count_nonfinite_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,8 @@ class PairBuffer(Metric):
 
     full_state_update = False
 
-    def __init__(self, n_slots: int, d_in: int, n_neurons: int) -> None:
-        super().__init__()
+    def __init__(self, n_slots: int, d_in: int, n_neurons: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.n_slots, self.d_in, self.n_neurons = int(n_slots), int(d_in), int(n_neurons)
         self.add_state("x", torch.zeros(1), dist_reduce_fx="sum")
         self.add_state("y", torch.zeros(1), dist_reduce_fx="sum")
@@ -75,7 +76,11 @@ class PairBuffer(Metric):
         self.seen[slots] = 1.0
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Return the buffers."""
+        """Return the buffers (torchmetrics returns copies; :meth:`buffers` does not)."""
+        return self.buffers()
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers themselves (zero-filled fp32 ones when no batch was seen)."""
         if not self.allocated:
             self.allocate(torch.float32, torch.float32, self.seen.device)
         return {"x": self.x, "y": self.y, "seen": self.seen}
@@ -92,8 +97,9 @@ class SiteRecorder(nn.Module):
                  stop_after: bool = False, **accumulator_kwargs: object) -> None:
         super().__init__()
         self.layer = site.layer
-        self.stats = NeuronStatsAccumulator(site.n_neurons, **accumulator_kwargs)
-        self.pairs = PairBuffer(n_pair_slots, site.d_in, site.n_neurons)
+        # torchmetrics' sync on compute all-gathers every rank's state: :meth:`reduce_across_ranks` reduces in place.
+        self.stats = NeuronStatsAccumulator(site.n_neurons, sync_on_compute=False, **accumulator_kwargs)
+        self.pairs = PairBuffer(n_pair_slots, site.d_in, site.n_neurons, sync_on_compute=False)
         self.rows_per_update = rows_per_update
         self.stop_after = stop_after
         self.register_buffer("nonfinite_tokens", torch.zeros((), dtype=torch.long))
@@ -105,9 +111,9 @@ class SiteRecorder(nn.Module):
         if not self.pairs.allocated:
             self.pairs.allocate(x_in.dtype, y.dtype, y.device)
         rows = batch.valid_rows
-        if rows.numel() and (batch.calibrating or not self.stats.grid_ready):
-            # The grid reads at most GRID_ROWS evenly spaced rows of the first batch: pick them here, not a copy of all.
-            self.stats.init_grid(flat_y.index_select(0, rows[:: -(-rows.numel() // GRID_ROWS)]))
+        if batch.grid_rows.numel() and (batch.calibrating or not self.stats.grid_ready):
+            # The grid reads at most GRID_ROWS rows of the probe's first window: picked here, not a copy of all.
+            self.stats.init_grid(flat_y.index_select(0, batch.grid_rows))
         if batch.calibrating:
             return
         step = self.rows_per_update or max(1, rows.numel())
@@ -126,6 +132,13 @@ class SiteRecorder(nn.Module):
         self.pairs.update(batch.pair_slots, flat_x, flat_y, batch.pair_rows)
 
 
+    def reduce_across_ranks(self) -> None:
+        """Sum (min, max) every rank's state into every rank's, in place: a collective, one state at a time, no
+        copies (each rank's pair slots are its own, the others' are zero, so a sum merges them exactly)."""
+        buffers = self.pairs.buffers()  # allocated at every rank's first hook call (the calibration batch's)
+        pairs = [(buffers["x"], "sum"), (buffers["y"], "sum"), (buffers["seen"], "sum")]
+        reduce_in_place([*self.stats.states_to_reduce(), *pairs, (self.nonfinite_tokens, "sum"), (self.calls, "sum")])
+
     def release(self) -> None:
         """Drop the state now. torchmetrics wraps each metric's ``update``/``compute`` in closures over the metric,
         so a dropped metric is a reference cycle that only the garbage collector frees: without this, one layer
@@ -141,11 +154,13 @@ class StopPass(Exception):
 
 @dataclass
 class BatchContext:
-    """What the hooks need to know about the batch being run: unpadded rows and pair rows with their slots."""
+    """What the hooks need to know about the batch being run: unpadded rows, pair rows with their slots, and the rows
+    that fix the histogram grids (empty but in the batch holding the probe's first window)."""
 
     valid_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     pair_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     pair_slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    grid_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     calibrating: bool = False
     all_valid: bool = False  # every row is a real token: chunks are views, not copies
 

@@ -63,6 +63,27 @@ class Shard:
         return reduced.to(values.device)
 
 
+def reduce_in_place(tensors: Sequence[tuple[torch.Tensor, str]]) -> None:
+    """All-reduce each ``(tensor, op)`` in place across the processes, ``op`` one of ``"sum"``, ``"min"``, ``"max"``.
+
+    In place, so a reduction holds no more than the state itself: torchmetrics' own sync all-gathers every rank's copy
+    and stacks them (``world_size + 1`` copies of a histogram at once). A CPU tensor under NCCL goes through one
+    device copy at a time. No-op outside ``torch.distributed`` with more than one process.
+    """
+    if not is_distributed():
+        return
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+           "max": torch.distributed.ReduceOp.MAX}
+    nccl = torch.distributed.get_backend() == "nccl"
+    for tensor, op in tensors:
+        if nccl and tensor.device.type != "cuda":
+            staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            torch.distributed.all_reduce(staged, op=ops[op])
+            tensor.copy_(staged)
+        else:
+            torch.distributed.all_reduce(tensor, op=ops[op])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # FSDP
 
@@ -151,6 +172,12 @@ def _innermost_owners(root: nn.Module) -> dict[nn.Module, nn.Module]:
 
     visit(root, None)
     return owners
+
+
+def forward_is_collective(model: nn.Module) -> bool:
+    """Whether a forward pass of ``model`` is a collective (FSDP units gather parameters in it, inside
+    :func:`fsdp_routing`): then every process must run as many as the others."""
+    return any(module in _OWNERS for module in model.modules())
 
 
 def gathers_weight(module: nn.Module) -> bool:

@@ -21,7 +21,8 @@ from torch import nn
 from negmonitor.adapters import MLPSite, find_blocks, find_sites
 from negmonitor.budget import DEFAULT_MEMORY_BUDGET, LayerShape, Plan, log_plan_once, parse_bytes, plan_measurement
 from negmonitor.capture import BatchContext, SiteRecorder, StopPass, check_hooks_fired, recording, unwrap_compiled
-from negmonitor.distributed import Shard, agree_on_failure, gathers_weight
+from negmonitor.metrics.streaming import GRID_ROWS
+from negmonitor.distributed import Shard, agree_on_failure, forward_is_collective, gathers_weight
 from negmonitor.errors import NegmonitorError
 from negmonitor.probeset import ProbeSet
 from negmonitor.residual import block_inputs, can_start_midway, run_blocks, stop_before
@@ -113,15 +114,15 @@ def measure(
     while True:
         failed = False
         try:
-            summaries = _measure_groups(eager, probe_set, sites, settings, plan, batch_size, rank, world_size,
-                                        forward_context)
-            _free_cached(eager)  # the next group reuses freed blocks; at the end they go back to the device
-            return summaries
+            # Freed blocks stay in the allocator's cache for the training run (no empty_cache: that would also drop
+            # the training run's cached blocks and make its next step allocate afresh).
+            return _measure_groups(eager, probe_set, sites, settings, plan, batch_size, rank, world_size,
+                                   forward_context)
         except torch.OutOfMemoryError:
             failed = True  # retried outside the handler: the traceback's frames hold the pass's tensors
         if failed:
             gc.collect()  # the failed pass's metrics are reference cycles (see SiteRecorder.release)
-            _free_cached(eager)
+            _free_cached(eager)  # after an out-of-memory error, unfragmented room for the smaller retry
             if batch_size <= 1:
                 raise NegmonitorError(
                     "out of memory during the probe pass even at probe batch size 1 — lower memory_budget (fewer "
@@ -157,7 +158,7 @@ def _plan(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSite], setti
         attention = int(getattr(config, "num_attention_heads", 0) or 0) * probe_set.window * 4 * 2
     return plan_measurement(
         _shapes(sites), budget=settings.memory_budget, batch_size=settings.batch_size, window=probe_set.window,
-        n_bins=n_bins, n_slots=2 * probe_set.n_pairs, cap_bytes=_capture_bytes(model), world_size=world_size,
+        n_bins=n_bins, n_slots=2 * probe_set.n_pairs, cap_bytes=_capture_bytes(model),
         attention_bytes_per_row=attention, residual_bytes=_residual_bytes(model, probe_set, sites, settings, world_size))
 
 
@@ -209,30 +210,19 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
         recorders = _measure_once(model, probe_set, [sites[i] for i in group], settings, batch_size, rank,
                                   world_size, plan.rows_per_update, forward_context, resume)
         cache = None if resume is None else resume.cache_out
-        _reduce_counts(recorders, world_size)
-        while recorders:  # summarise and drop one recorder at a time: the group's state shrinks as it goes
+        while recorders:  # reduce, summarise and drop one recorder at a time: the group's state shrinks as it goes
             recorder = recorders.pop(0)
-            # torchmetrics' compute() syncs the states (collectives), then does local maths; the result is cached
-            # for the summary. A guard after each one: no rank enters the next sync while another has failed.
-            for metric in (recorder.stats, recorder.pairs):
-                with agree_on_failure(guarded):
-                    metric.compute()
-            with agree_on_failure(guarded):
+            if guarded:
+                recorder.reduce_across_ranks()  # collectives, in place (the last guard closed the pass)
+            with agree_on_failure(guarded):  # local maths; no rank enters the next reduction if another failed
                 summaries.append(summarise_recorder(recorder, settings.top_neuron_frac, settings.top_pairs,
                                                     settings.sample_neurons))
             recorder.release()
     return summaries
 
 
-def _reduce_counts(recorders: list, world_size: int) -> None:
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        for recorder in recorders:
-            torch.distributed.all_reduce(recorder.nonfinite_tokens)
-            torch.distributed.all_reduce(recorder.calls)
-
-
 def _free_cached(model: nn.Module) -> None:
-    """On CUDA, give the allocator's cached blocks back to the device (the statistics keep no scratch of their own)."""
+    """On CUDA, give the allocator's cached blocks back to the device."""
     if _device_of(model).type == "cuda":
         torch.cuda.empty_cache()
 
@@ -270,9 +260,10 @@ def _measure_once(
     next group's first block, and starting from cached hidden states when ``resume`` has them."""
     eager = unwrap_compiled(model)
     device = _device_of(eager)
-    kwargs = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
-    if world_size > 1:
-        kwargs["sync_grid"] = False  # the grids are shared after the calibration phase, outside any hook
+    kwargs: dict = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
+    # The grids are shared after the calibration phase, outside any hook (and a single-rank probe inside a DDP job
+    # must not broadcast: the other ranks are not measuring).
+    kwargs["sync_grid"] = False
     last = max(range(len(sites)), key=lambda i: sites[i].layer)
     feed = None if resume is None or resume.feed is None else resume.blocks[resume.feed]  # where this pass stops
 
@@ -280,8 +271,10 @@ def _measure_once(
         return contextlib.nullcontext() if feed is None else stop_before(feed, store)
 
     may_stop = feed is None and not any(gathers_weight(site.projection) for site in sites)
-    recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update,
-                              stop_after=may_stop and i == last, **kwargs).to(device) for i, site in enumerate(sites)]
+    with agree_on_failure(world_size > 1):  # the state is the measurement's largest allocation
+        recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update,
+                                  stop_after=may_stop and i == last, **kwargs).to(device)
+                     for i, site in enumerate(sites)]
     pair_flat = probe_set.pair_positions.reshape(-1)
     windows = probe_set.window_indices(rank, world_size)
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
@@ -291,7 +284,7 @@ def _measure_once(
         if world_size > 1:
             with agree_on_failure():  # every rank learns of a failure here before the grid broadcast
                 with forward_context(), stop_at():
-                    _calibrate(runner, probe_set, batch, batch_size, device)
+                    _calibrate(runner, probe_set, batch, device)
             _share_rank0_grids(recorders)
         with agree_on_failure(world_size > 1):  # ... and here before the reductions that follow the pass
             with stop_at(None if feed is None else resume.cache_out):
@@ -299,6 +292,7 @@ def _measure_once(
                 for index, this in enumerate(_progress(inputs, settings.progress, "probe")):
                     batch.valid_rows, batch.all_valid = this.valid_rows, this.all_valid
                     batch.pair_slots, batch.pair_rows = this.pair_slots, this.pair_rows
+                    batch.grid_rows = this.grid_rows
                     with forward_context():
                         if resume is not None and resume.cache_in is not None:
                             _run_from_cache(runner, this.ids, this.mask, resume, index, sites[last].layer)
@@ -306,8 +300,9 @@ def _measure_once(
                             _run(runner, this.ids, this.mask)
             if batches:
                 check_hooks_fired(recorders)
-    with _eval_no_grad(eager):  # as many forward passes as rank 0 (FSDP: each one is a collective); no hooks
-        for _ in range(Shard(rank, world_size).extra_batches(probe_set.n_windows, batch_size)):
+    extra = Shard(rank, world_size).extra_batches(probe_set.n_windows, batch_size) if forward_is_collective(eager) else 0
+    with _eval_no_grad(eager):  # under FSDP each forward is a collective: as many as rank 0's; no hooks
+        for _ in range(extra):
             with forward_context():
                 runner(**_inputs(runner, probe_set.input_ids[:1].to(device), probe_set.attention_mask[:1].to(device)))
     return recorders
@@ -352,21 +347,20 @@ def _run_from_cache(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor, re
         resume.cache_out.append(hidden)
 
 
-def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, batch_size: int,
-               device: torch.device) -> None:
-    """Fix every histogram grid from the probe's first windows, as a single process would from its first batch.
+def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, device: torch.device) -> None:
+    """Fix every histogram grid from the probe's first window, as a single process does in its first batch.
 
-    Under DDP each rank would otherwise take its grid from its own first batch; with a shared calibration batch the
+    Under DDP each rank would otherwise take its grid from its own first batch; with a shared calibration window the
     reduced statistics equal the single-process ones.
     """
-    chunk = list(range(min(batch_size, probe_set.n_windows)))
-    host_mask = probe_set.attention_mask[chunk]
+    host_mask = probe_set.attention_mask[:1]
     mask = host_mask.to(device)
     batch.valid_rows = host_mask.reshape(-1).nonzero().squeeze(1).to(device)
+    batch.grid_rows = _grid_rows(host_mask.reshape(-1).nonzero().squeeze(1), [0], probe_set.window).to(device)
     batch.pair_rows = batch.pair_slots = torch.empty(0, dtype=torch.long, device=device)
     batch.calibrating = True
     try:
-        _run(runner, probe_set.input_ids[chunk].to(device), mask)
+        _run(runner, probe_set.input_ids[:1].to(device), mask)
     finally:
         batch.calibrating = False
 
@@ -374,13 +368,15 @@ def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, batc
 @dataclass
 class _BatchInputs:
     """One probe batch on the device: token ids and mask ``[b, window]``, the rows of the flattened batch that are
-    real tokens, and the MD pair positions in it (``pair_rows``) with their buffer slots."""
+    real tokens, the MD pair positions in it (``pair_rows``) with their buffer slots, and the rows the histogram
+    grids are taken from (the probe's first window's, in the batch that holds it; else empty)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     valid_rows: torch.Tensor
     pair_slots: torch.Tensor
     pair_rows: torch.Tensor
+    grid_rows: torch.Tensor
     all_valid: bool
 
 
@@ -397,20 +393,32 @@ def _batch_inputs(probe_set: ProbeSet, batches: list[list[int]], pair_flat: torc
     host_masks = host_mask.split(sizes)
     ids, mask = probe_set.input_ids[order].to(device).split(sizes), host_mask.to(device).split(sizes)
     tables = [_batch_rows(chunk, m, pair_flat, probe_set.window) for chunk, m in zip(batches, host_masks)]
-    valid, slots, rows = (torch.cat(kind).to(device).split([len(t) for t in kind]) for kind in zip(*tables))
+    valid, slots, rows, grid = (torch.cat(kind).to(device).split([len(t) for t in kind]) for kind in zip(*tables))
     return [_BatchInputs(*fields, all_valid=len(table[0]) == m.numel())
-            for *fields, table, m in zip(ids, mask, valid, slots, rows, tables, host_masks)]
+            for *fields, table, m in zip(ids, mask, valid, slots, rows, grid, tables, host_masks)]
 
 
 def _batch_rows(chunk: list[int], host_mask: torch.Tensor, pair_flat: torch.Tensor,
-                window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """On the host, for the windows ``chunk``: the rows of the flattened batch that are real tokens, and the slots
-    and rows of the MD pair positions that fall in it."""
+                window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the host, for the windows ``chunk``: the rows of the flattened batch that are real tokens, the slots and
+    rows of the MD pair positions that fall in it, and the grid rows (:func:`_grid_rows`)."""
     valid_rows = host_mask.reshape(-1).nonzero().squeeze(1)
     win = torch.as_tensor(chunk, dtype=torch.long)
     pair_window, pair_offset = pair_flat // window, pair_flat % window
     slots, where = (pair_window.unsqueeze(1) == win.unsqueeze(0)).nonzero(as_tuple=True)
-    return valid_rows, slots, where * window + pair_offset[slots]
+    return valid_rows, slots, where * window + pair_offset[slots], _grid_rows(valid_rows, chunk, window)
+
+
+def _grid_rows(valid_rows: torch.Tensor, chunk: list[int], window: int) -> torch.Tensor:
+    """Rows of the flattened batch of windows ``chunk`` that fix the histogram grids: up to ``GRID_ROWS`` evenly
+    spaced real tokens of the probe's first window (window 0), whatever the batch size, so a budget or an
+    out-of-memory retry that lowers the batch size gives the same grid, hence the same statistics. Empty when
+    ``chunk`` does not hold window 0."""
+    if 0 not in chunk:
+        return valid_rows[:0]
+    start = chunk.index(0) * window
+    first = valid_rows[(valid_rows >= start) & (valid_rows < start + window)]
+    return first[:: max(1, -(-first.numel() // GRID_ROWS))]
 
 
 @contextlib.contextmanager

@@ -42,9 +42,10 @@ class LayerSummary:
 
 
 def summarise_recorder(recorder, top_neuron_frac: float, top_pairs: int, sample_neurons: int = 0) -> LayerSummary:
-    """Compute every statistic of ``recorder`` (already reduced across ranks by its metrics' ``compute``)."""
+    """Compute every statistic of ``recorder`` (under DDP, already reduced across ranks by
+    :meth:`~negmonitor.capture.SiteRecorder.reduce_across_ranks`)."""
     stats = recorder.stats.compute()
-    buffers = recorder.pairs.compute()
+    buffers = recorder.pairs.buffers()  # not compute(): torchmetrics would return copies
     summary = LayerSummary(recorder.layer, {k: v.detach().cpu() for k, v in stats.items()},
                            int(recorder.nonfinite_tokens))
     x, y = buffers["x"], buffers["y"]

@@ -183,3 +183,93 @@ def test_hf_trainer_ddp_measures_on_every_rank_and_rank_zero_writes(tmp_path) ->
     ddp = store.read_neurons()
     ddp = ddp[ddp.step == 0].sort_values(["layer", "neuron"])
     np.testing.assert_allclose(ddp.wd.to_numpy(), single.sort_values(["layer", "neuron"]).wd.to_numpy(), atol=1e-4)
+
+
+def _probe_dtypes(model) -> list:
+    """Watch the first MLP projection: the dtype of each output computed without grad (the probe's forwards)."""
+    seen: list = []
+    model.gpt_neox.layers[0].mlp.dense_h_to_4h.register_forward_hook(
+        lambda mod, args, out: None if torch.is_grad_enabled() else seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("probe_precision, dtype, recorded", [("trainer", torch.bfloat16, "bf16-mixed"),
+                                                              ("fp32", torch.float32, "32-true")])
+def test_hf_bf16_training_is_probed_under_its_autocast_and_recorded(tmp_path, probe_precision, dtype,
+                                                                    recorded) -> None:
+    """``TrainingArguments(bf16=True)`` trains under accelerate's bf16 autocast: the probe forward runs under the
+    same autocast by default (fp32 on request), and run.json says which."""
+    from transformers import Trainer
+
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm("neox").train()
+    seen = _probe_dtypes(model)
+    callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=2, families=("wd", "health"),
+                                               probe_precision=probe_precision, **PROBE)
+    Trainer(model=model, args=_args(tmp_path / "out", 2, bf16=True), train_dataset=_Blocks(tokenizer),
+            processing_class=tokenizer, callbacks=[callback]).train()
+    assert callback.measured_steps == [0, 2] and seen and set(seen) == {dtype}
+    assert not torch.is_autocast_enabled("cpu")  # the probe left no autocast behind
+    (info,) = callback.records_dir.glob("run-*.json")
+    assert json.loads(info.read_text())["probe_precision"] == recorded
+    scalars = RecordStore(callback.records_dir).read_scalars()
+    assert "health/measurement_failed" not in set(scalars.metric) and scalars.value.notna().any()
+
+
+def test_hf_fp32_training_is_recorded_as_such(tmp_path) -> None:
+    from transformers import Trainer
+
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm("neox").train()
+    seen = _probe_dtypes(model)
+    callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=2, families=("wd", "health"), **PROBE)
+    Trainer(model=model, args=_args(tmp_path / "out", 1), train_dataset=_Blocks(tokenizer),
+            processing_class=tokenizer, callbacks=[callback]).train()
+    assert seen and set(seen) == {torch.float32}
+    (info,) = callback.records_dir.glob("run-*.json")
+    assert json.loads(info.read_text())["probe_precision"] == "32-true"
+
+
+def test_hf_state_that_cannot_be_saved_never_ends_training(tmp_path, monkeypatch) -> None:
+    """A full disk while the monitor's state is saved beside an HF checkpoint (``torch.save`` has written part of
+    it): one warning, training and its checkpoints go on, no partial state file is left; ``strict`` re-raises."""
+    import errno
+
+    from transformers import Trainer
+
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):  # only the monitor's state file: the Trainer's own saves go through
+        if Path(str(f)).name.startswith(".negmonitor-"):
+            Path(f).write_bytes(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+
+    def run(output_dir, **settings):
+        tokenizer = tiny_tokenizer()
+        callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=2, families=("wd", "health"),
+                                                   **PROBE, **settings)
+        trainer = Trainer(model=tiny_causal_lm("neox").train(), args=_args(output_dir, 4, save_strategy="steps",
+                                                                           save_steps=2),
+                          train_dataset=_Blocks(tokenizer), processing_class=tokenizer, callbacks=[callback])
+        trainer.train()
+        return trainer, callback
+
+    with pytest.warns(UserWarning, match="could not save the monitor's state") as caught:
+        trainer, callback = run(tmp_path / "out")
+    assert sum("could not save the monitor's state" in str(w.message) for w in caught) == 1
+    assert trainer.state.global_step == 4 and callback.measured_steps == [0, 2, 4]
+    for step in (2, 4):
+        folder = tmp_path / "out" / f"checkpoint-{step}"
+        assert (folder / "trainer_state.json").is_file()  # the Trainer's checkpoint is whole
+        assert not list(folder.glob("*negmonitor*")), sorted(p.name for p in folder.iterdir())
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path / "strict", strict=True)

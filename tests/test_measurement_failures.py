@@ -122,3 +122,42 @@ def test_strict_re_raises_the_out_of_memory_error(tmp_path) -> None:
     monitor = NegativeDifferentiationMonitor(every_n_steps=2, strict=True, **SMALL)
     with pytest.raises(Exception, match="out of memory"):
         trainer(tmp_path, 2, [monitor]).fit(module, token_loader(module.tokenizer))
+
+
+def test_a_full_records_disk_never_ends_training(tmp_path, monkeypatch) -> None:
+    """From step 2 on every record write raises ENOSPC: the measurement fails, recording that failure fails too;
+    each is warned about once and training runs to its end (``strict=True`` re-raises)."""
+    import errno
+
+    from negmonitor.records import RecordStore as Store
+
+    real, tr = Store.write, None
+
+    def full_disk(self, *args, **kwargs):
+        if tr.global_step >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "write", full_disk)
+    seed_everything(0)
+    module = TinyLM()
+    monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "health"), **SMALL)
+    tr = trainer(tmp_path / "run1", 6, [monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(module, token_loader(module.tokenizer))
+    assert tr.global_step == 6 and monitor.measured_steps == [0, 2, 4, 6]
+    assert monitor.failures == 3
+    said = [str(w.message) for w in caught if str(w.message).startswith("negmonitor:")]
+    assert sum("measurement at step 2 failed" in m for m in said) == 1
+    recording = [m for m in said if "could not record the failed measurement" in m]
+    assert len(recording) == 1 and "step 2" in recording[0] and "No space left" in recording[0]
+    scalars = RecordStore.for_logdir(tmp_path / "run1" / "run" / "version_0").read_scalars()
+    assert sorted(scalars.step.unique()) == [0]  # what the disk took before it filled
+
+    seed_everything(0)
+    module = TinyLM()
+    strict = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "health"), strict=True, **SMALL)
+    tr = trainer(tmp_path / "run2", 6, [strict])
+    with pytest.raises(OSError, match="No space left"):
+        tr.fit(module, token_loader(module.tokenizer))

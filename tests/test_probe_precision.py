@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -79,3 +80,33 @@ def test_budget_plans_at_set_up_and_at_each_measurement_count_the_same_capture_d
     seen.clear()
     _run(tmp_path / "fp32", probe_precision="fp32")
     assert len(seen) >= 3 and set(seen) == {4}, seen
+
+
+def _bf16_true_run(tmp_path, **kwargs):
+    """A ``precision="bf16-true"`` run (bf16 weights); the probe forward's output dtypes, run.json, the warnings."""
+    seed_everything(0)
+    module = TinyLM()
+    dtypes = []
+    module.model.gpt_neox.layers[0].mlp.dense_h_to_4h.register_forward_hook(
+        lambda mod, args, out: None if torch.is_grad_enabled() else dtypes.append(out.dtype))
+    monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "health"), **SMALL, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, 2, [monitor], precision="bf16-true").fit(module, token_loader(module.tokenizer))
+    store = RecordStore.for_logdir(tmp_path / "run" / "version_0")
+    info = json.loads((store.root / f"run-{monitor.record_key}.json").read_text())
+    said = [str(w.message) for w in caught if "cannot be honoured" in str(w.message)]
+    return set(dtypes), info, said, store.read_scalars()
+
+
+def test_bf16_true_weights_are_recorded_as_what_ran_and_fp32_is_said_to_be_impossible(tmp_path) -> None:
+    """``precision="bf16-true"`` holds the weights in bf16: the forward runs in bf16 whatever the probe asks, so
+    run.json records "bf16-true", and asking for fp32 warns once instead of recording "32-true"."""
+    dtypes, info, said, scalars = _bf16_true_run(tmp_path / "fp32", probe_precision="fp32")
+    assert dtypes == {torch.bfloat16}
+    assert info["probe_precision"] == "bf16-true"
+    assert len(said) == 1 and "torch.bfloat16" in said[0]
+    assert "health/measurement_failed" not in set(scalars.metric) and sorted(scalars.step.unique()) == [0, 2]
+
+    dtypes, info, said, _ = _bf16_true_run(tmp_path / "trainer")
+    assert dtypes == {torch.bfloat16} and info["probe_precision"] == "bf16-true" and not said

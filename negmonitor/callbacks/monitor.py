@@ -44,6 +44,7 @@ from negmonitor.records import RecordStore, scalar_rows
 
 FAMILIES = ("wd", "md", "moments", "jaccard", "health", "cohort", "pairs", "drift", "ablation")
 PROBE_PRECISIONS = ("trainer", "fp32")
+_PRECISION_NAMES = {torch.float32: "32", torch.float64: "64", torch.bfloat16: "bf16", torch.float16: "16"}
 # cosine dissimilarity below which a snapshot's rounding (bias ~3e-6 in bf16, ~5e-8 in fp16) is over ~3% of it
 DRIFT_RESOLUTION = {torch.bfloat16: 1e-4, torch.float16: 2e-6}
 
@@ -93,11 +94,19 @@ class NegativeDifferentiationMonitor(Callback):
             ``"2GiB"`` (default 2 GiB; ``None``: no limit). Layers are measured in groups that fit, one partial pass
             over the probe set per group; the grouping is logged once.
         probe_precision: ``"trainer"`` (default) runs the probe forward inside the trainer's precision context, as
-            training runs (autocast under ``"bf16-mixed"``); ``"fp32"`` forces full precision. The statistics
-            accumulate in fp32 either way; ``run-<key>.json`` records which was used.
-        drift_dtype: dtype of the previous-weights snapshot for weight drift, kept on the model's device
-            (``"bf16"``, default; ``"fp32"`` for drift between measurements only a few warm-up steps apart). It is
-            saved beside the records when a checkpoint is saved, never inside the checkpoint.
+            training runs (autocast under ``"bf16-mixed"``); ``"fp32"`` forces full precision, which weights held
+            in bf16 or fp16 (``"bf16-true"``) cannot give: the forward then runs in the weights' dtype, with one
+            warning. The statistics accumulate in fp32 either way; ``run-<key>.json`` records what the forward ran
+            in (``probe_precision``: ``"bf16-mixed"``, ``"32-true"``, ``"bf16-true"``, ...).
+        drift_dtype: dtype of the previous-weights snapshot for weight drift, kept in host memory between
+            measurements (``"bf16"``, default; ``"fp32"`` for drift between measurements only a few warm-up steps
+            apart); the drift is computed one layer at a time on the model's device. It is saved beside the
+            records when a checkpoint is saved, never inside the checkpoint.
+        drift_snapshots_kept: how many of those saved snapshots to keep, newest first (default 2; ``None`` keeps
+            all). A checkpoint whose snapshot was removed resumes without drift at its first measurement, so keep
+            as many as the checkpoints you may resume from (``ModelCheckpoint(save_top_k=-1)``: ``None``). Each is
+            as large as the monitored weights in ``drift_dtype``: ~0.8 GB for Pythia-1.4B, 7.5 GB for Pythia-12B
+            in bf16.
 
     Raises:
         NegmonitorError: a setting is out of range (raised at construction).
@@ -134,6 +143,7 @@ class NegativeDifferentiationMonitor(Callback):
         memory_budget: int | str | None = DEFAULT_MEMORY_BUDGET,
         probe_precision: str = "trainer",
         drift_dtype: str | torch.dtype = "bf16",
+        drift_snapshots_kept: int | None = 2,
     ) -> None:
         super().__init__()
         if not 0.0 < cohort_frac <= 1.0:
@@ -141,6 +151,10 @@ class NegativeDifferentiationMonitor(Callback):
         if probe_precision not in PROBE_PRECISIONS:
             raise NegmonitorError(f"probe_precision must be one of {', '.join(PROBE_PRECISIONS)}, got "
                                   f"{probe_precision!r}")
+        if drift_snapshots_kept is not None and (isinstance(drift_snapshots_kept, bool)
+                                                 or not isinstance(drift_snapshots_kept, int) or drift_snapshots_kept < 1):
+            raise NegmonitorError(f"drift_snapshots_kept must be a positive integer or None (keep all), got "
+                                  f"{drift_snapshots_kept!r}")
         unknown = set(families or ()) - set(FAMILIES)
         if unknown:
             raise NegmonitorError(f"unknown families {sorted(unknown)} — choose from {', '.join(FAMILIES)}")
@@ -172,12 +186,15 @@ class NegativeDifferentiationMonitor(Callback):
         self.strict = strict
         self.probe_precision = probe_precision
         self.precision_used: str | None = None
+        self.drift_snapshots_kept = drift_snapshots_kept
         self.state = MonitorState()
         self.failures = 0
         self._snapshot_to_read: int | None = None
         self._snapshot_saved: int | None = None
+        self._snapshot_file: Path | None = None  # where the snapshot of step _snapshot_saved (or _to_read) is
         self._drift_warned = False
         self._snapshot_write_warned = False
+        self._failure_write_warned = False
         self.measured_steps: list[int] = []
         self.tokens_seen = 0
         self.timings: dict[str, float] = {}
@@ -228,10 +245,26 @@ class NegativeDifferentiationMonitor(Callback):
         if self.tokenizer is None:
             raise NegmonitorError("no tokenizer found on the LightningModule or datamodule (.tokenizer) — pass "
                                   "NegativeDifferentiationMonitor(tokenizer=...)")
-        self.precision_used = "32-true" if self.probe_precision == "fp32" else str(trainer.precision)
-        self._prepare(find_hf_model(pl_module, self.model_attr), getattr(trainer, "datamodule", None),
-                      trainer.is_global_zero)
+        self._hf_model = find_hf_model(pl_module, self.model_attr)
+        self.precision_used = self._precision_in_use(trainer)
+        self._prepare(self._hf_model, getattr(trainer, "datamodule", None), trainer.is_global_zero)
         self._check_budget(trainer)
+
+    def _precision_in_use(self, trainer: Trainer) -> str:
+        """What the probe forward computes in, named as Lightning names precisions: the autocast dtype inside its
+        context (``"bf16-mixed"``), else the weights' (``"32-true"``, ``"bf16-true"``). Warns (once, rank zero)
+        when ``probe_precision="fp32"`` cannot be honoured because the weights themselves are half precision."""
+        param = next(self._hf_model.parameters())
+        with self._forward_context(trainer)():
+            autocast = param.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(param.device.type)
+            dtype = torch.get_autocast_dtype(param.device.type) if autocast else param.dtype
+        name = f"{_PRECISION_NAMES.get(dtype, str(dtype).removeprefix('torch.'))}-{'mixed' if autocast else 'true'}"
+        if self.probe_precision == "fp32" and dtype not in (torch.float32, torch.float64):
+            configured = getattr(trainer, "precision", None)  # the HF callback's stand-in has none
+            rank_zero_warn(f"negmonitor: probe_precision='fp32' cannot be honoured: the model's weights are {dtype}"
+                           f"{f' (trainer precision {configured!r})' if configured else ''}, so the probe forward "
+                           f"runs in {dtype}; run.json records probe_precision={name!r}")
+        return name
 
     def _check_budget(self, trainer: Trainer) -> None:
         """Refuse a memory budget too small for one layer now, before training starts, not at every measurement."""
@@ -296,14 +329,15 @@ class NegativeDifferentiationMonitor(Callback):
     def _save_snapshot(self, is_global_zero: bool) -> None:
         """Trainer-agnostic (also the HF callback's): write the weight snapshot the state refers to, once."""
         if is_global_zero and self.state.prev_weights and self._store is not None:
-            from negmonitor.monitoring.drift_snapshot import prune_snapshots, snapshot_path, write_snapshot
+            from negmonitor.monitoring.drift_snapshot import prune_snapshots, write_snapshot
 
             if self._snapshot_saved != self.state.prev_step:
-                path = snapshot_path(self._store.root, self.record_key, self.state.prev_step)
+                path = self._snapshot_target()
                 try:  # a full disk must not end the training run (nor its checkpoint)
                     write_snapshot(path, self.state.prev_weights, self.state.prev_step)
-                    self._snapshot_saved = self.state.prev_step
-                    prune_snapshots(self._store.root, self.record_key, keep=2)
+                    self._snapshot_saved, self._snapshot_file = self.state.prev_step, path
+                    if self.drift_snapshots_kept is not None:
+                        prune_snapshots(self._store.root, self.record_key, keep=self.drift_snapshots_kept)
                 except Exception as exc:
                     if self.strict:
                         raise
@@ -317,13 +351,32 @@ class NegativeDifferentiationMonitor(Callback):
                                       "measurement (no further warning)", stacklevel=2)
                         self._snapshot_write_warned = True
 
+    def _snapshot_target(self) -> Path:
+        """Absolute path the snapshot of ``state.prev_step`` is written to, in this run's records folder."""
+        from negmonitor.monitoring.drift_snapshot import snapshot_path
+
+        return snapshot_path(self._store.root, self.record_key, self.state.prev_step).resolve()
+
+    def _snapshot_location(self) -> str | None:
+        """Where the snapshot the state refers to is, for ``state_dict``: the file written or read back, else the one
+        this checkpoint's ``on_save_checkpoint`` (called after ``state_dict``) writes."""
+        step = self.state.prev_step
+        if step is None or self._store is None or not self.settings.weight_drift:
+            return None
+        if self._snapshot_file is not None and step in (self._snapshot_saved, self._snapshot_to_read):
+            return str(self._snapshot_file)
+        return str(self._snapshot_target())
+
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.to_dict(), "measured_steps": list(self.measured_steps),
-                "tokens_seen": self.tokens_seen}
+                "tokens_seen": self.tokens_seen, "snapshot_file": self._snapshot_location()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = MonitorState.from_dict(state_dict.get("state", {}))
         self._snapshot_to_read = self.state.prev_step if self.state.prev_weights is None else None
+        saved = state_dict.get("snapshot_file")
+        self._snapshot_file = Path(saved) if saved else None
+        self._snapshot_saved = None
         self.measured_steps = list(state_dict.get("measured_steps", []))
         self.tokens_seen = int(state_dict.get("tokens_seen", 0))
 
@@ -377,11 +430,26 @@ class NegativeDifferentiationMonitor(Callback):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # what the failed pass held goes back to the training run
         if trainer.is_global_zero and self._store is not None:
-            rows = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
+            self._write_failure_row(step)
+
+    def _write_failure_row(self, step: int) -> None:
+        """The ``health/measurement_failed`` row; a records folder that cannot take it (a full disk) is warned about
+        once and training goes on (``strict`` re-raises)."""
+        rows = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
+        try:
             self._store.write_scalars(self.run_name, step, self.tokens_seen, rows, key=f"{self.record_key}-failed")
+        except Exception as exc:
+            if self.strict:
+                raise
+            if not self._failure_write_warned:
+                self._failure_write_warned = True
+                warnings.warn(f"negmonitor: could not record the failed measurement of step {step} under "
+                              f"{self._store.root} ({type(exc).__name__}: {exc}); training goes on, the records "
+                              "miss this and any later such row (no further warning)", stacklevel=2)
 
     def _read_snapshot(self) -> None:
-        """After a resume, read the weight snapshot the checkpoint refers to (saved beside the records).
+        """After a resume, read the weight snapshot the checkpoint refers to into host memory: from where the
+        checkpoint's state says it was saved, else from this run's records folder (moved with the run).
 
         Never raises: it runs on rank 0 only, before the measurement's collectives."""
         step, self._snapshot_to_read = self._snapshot_to_read, None
@@ -389,15 +457,17 @@ class NegativeDifferentiationMonitor(Callback):
             return
         from negmonitor.monitoring.drift_snapshot import read_snapshot, snapshot_path
 
-        path = snapshot_path(self._store.root, self.record_key, step)
+        here = snapshot_path(self._store.root, self.record_key, step).resolve()
+        candidates = list(dict.fromkeys(p for p in (self._snapshot_file, here) if p is not None))
+        path = next((p for p in candidates if p.is_file()), candidates[0])
         try:
-            self.state.prev_weights = read_snapshot(path, next(self._hf_model.parameters()).device)
-            self._snapshot_saved = step
+            self.state.prev_weights = read_snapshot(path, "cpu")
+            self._snapshot_saved, self._snapshot_file = step, path
         except Exception as exc:  # noqa: BLE001 - a missing snapshot costs one drift value, never the run
             why = "is missing" if not path.is_file() else f"cannot be read ({type(exc).__name__}: {exc})"
             warnings.warn(f"negmonitor: the weight snapshot of step {step} at {path} {why}; weight drift restarts at "
                           "this measurement (its drift rows are missing once)", stacklevel=2)
-            self.state.prev_weights, self.state.prev_step = None, None
+            self.state.prev_weights, self.state.prev_step, self._snapshot_file = None, None, None
 
     def _measure_unguarded(self, trainer: Trainer, step: int, final: bool = False) -> None:
         self.timings = {}  # this measurement's phases only
@@ -458,8 +528,10 @@ class NegativeDifferentiationMonitor(Callback):
         if self.probe_precision == "fp32":
             device_type = next(self._hf_model.parameters()).device.type
             return lambda: torch.autocast(device_type, enabled=False)
-        plugin = getattr(trainer, "precision_plugin", None)  # the HF callback's stand-in has none: as configured
-        return plugin.forward_context if plugin is not None else contextlib.nullcontext
+        plugin = getattr(trainer, "precision_plugin", None)
+        if plugin is not None:
+            return plugin.forward_context
+        return getattr(trainer, "forward_context", contextlib.nullcontext)  # the HF callback's: its training autocast
 
     def _due(self, step: int, every: int) -> bool:
         """First measurement, or the first one at or after a multiple of ``every`` (``media_every_n_steps: 250``

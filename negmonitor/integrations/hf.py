@@ -22,9 +22,11 @@ Example::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import contextlib
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 from transformers import TrainerCallback
 
@@ -35,11 +37,12 @@ from negmonitor.monitoring.tensorboard import WriterSink
 
 @dataclass(frozen=True)
 class _Ranks:
-    """What the monitor's measurement reads of a trainer."""
+    """What the monitor's measurement reads of a trainer: the ranks, and the precision context training runs in."""
 
     global_rank: int
     world_size: int
     is_global_zero: bool
+    forward_context: Callable[[], ContextManager] = field(default=contextlib.nullcontext, compare=False)
 
 
 class NegativeDifferentiationCallback(TrainerCallback):
@@ -56,7 +59,10 @@ class NegativeDifferentiationCallback(TrainerCallback):
             ``TrainingArguments(include_num_input_tokens_seen=True)``; 0 otherwise).
         **settings: every other argument of :class:`~negmonitor.callbacks.NegativeDifferentiationMonitor`
             (``every_n_steps``, ``log_spaced_until``, ``at_end``, ``layers``, ``probe_tokens``, ``ablation``,
-            ``minimal_pairs``, ``ppl_text``, ``media_every_n_steps``, ``families``, ``strict``, ...).
+            ``minimal_pairs``, ``ppl_text``, ``media_every_n_steps``, ``families``, ``strict``,
+            ``drift_snapshots_kept``, ...). ``probe_precision="trainer"`` (default) runs the probe forward under the
+            autocast training uses (``TrainingArguments(bf16=True)``: bf16, ``fp16=True``: fp16, else none);
+            ``"fp32"`` turns autocast off. ``run-<key>.json`` records what the forward ran in.
 
     Raises:
         NegmonitorError: no probe, or a setting out of range (at construction); FSDP or DeepSpeed training, or no
@@ -72,6 +78,7 @@ class NegativeDifferentiationCallback(TrainerCallback):
                                                       run_name=run_name, tokens_per_step=tokens_per_step, **settings)
         self._writer: Any = None
         self._ranks: _Ranks | None = None
+        self._state_write_warned = False
 
     @property
     def measured_steps(self) -> list[int]:
@@ -95,7 +102,9 @@ class NegativeDifferentiationCallback(TrainerCallback):
         if monitor.tokenizer is None:
             raise NegmonitorError("no tokenizer: pass Trainer(processing_class=tokenizer) or "
                                   "NegativeDifferentiationCallback(tokenizer=...)")
-        self._ranks = _Ranks(int(args.process_index), int(args.world_size), bool(state.is_world_process_zero))
+        model = getattr(model, "_orig_mod", model)
+        self._ranks = _Ranks(int(args.process_index), int(args.world_size), bool(state.is_world_process_zero),
+                             training_autocast(args, model))
         root = Path(monitor.log_dir) if monitor.log_dir else hf_log_dir(args)
         monitor.run_name = monitor.run_name or Path(str(getattr(args, "run_name", None) or args.output_dir)).name
         sinks = []
@@ -111,7 +120,9 @@ class NegativeDifferentiationCallback(TrainerCallback):
                               "include_num_input_tokens_seen=True) or NegativeDifferentiationCallback("
                               "tokens_per_step=...)", stacklevel=2)
         monitor._open(root, sinks, self._ranks.is_global_zero)
-        monitor._prepare(getattr(model, "_orig_mod", model), None, self._ranks.is_global_zero)
+        monitor._hf_model = model
+        monitor.precision_used = monitor._precision_in_use(self._ranks)
+        monitor._prepare(model, None, self._ranks.is_global_zero)
         monitor._check_budget(self._ranks)
         self._load_state(args, state)
         self._maybe_measure(state, monitor.schedule.due(state.global_step))
@@ -122,13 +133,27 @@ class NegativeDifferentiationCallback(TrainerCallback):
         if self._ranks is not None and self._ranks.is_global_zero:
             path = self._state_path(args, state.global_step)
             if path.parent.is_dir():
-                import torch
-
-                from negmonitor.atomic import atomic_path
-
-                with atomic_path(path) as tmp:
-                    torch.save(self.monitor.state_dict(), tmp)
+                self._write_state(path)
             self.monitor._save_snapshot(True)  # the weight snapshot lives beside the records, not in the state
+
+    def _write_state(self, path: Path) -> None:
+        """``torch.save`` the monitor's state to ``path`` atomically; a failure (a full disk) is warned about once
+        and training goes on, its checkpoint without the monitor's state (``strict`` re-raises)."""
+        import torch
+
+        from negmonitor.atomic import atomic_path
+
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(self.monitor.state_dict(), tmp)
+        except Exception as exc:
+            if self.monitor.strict:
+                raise
+            if not self._state_write_warned:
+                self._state_write_warned = True
+                warnings.warn(f"negmonitor: could not save the monitor's state to {path} ({type(exc).__name__}: "
+                              f"{exc}); training goes on, but a run resumed from this checkpoint starts the monitor "
+                              "afresh (new cohort, no drift at first) (no further warning)", stacklevel=2)
 
     def _load_state(self, args: Any, state: Any) -> None:
         """On a resume (``global_step > 0``), read the state saved beside ``output_dir/checkpoint-<step>``."""
@@ -162,6 +187,19 @@ class NegativeDifferentiationCallback(TrainerCallback):
         monitor.tokens_seen = (step * monitor.tokens_per_step if monitor.tokens_per_step
                                else int(getattr(state, "num_input_tokens_seen", 0) or 0))
         monitor._measure(self._ranks, step, final)
+
+
+def training_autocast(args: Any, model: Any) -> Callable[[], ContextManager]:
+    """The autocast the ``Trainer`` trains under (accelerate's, set by ``args.bf16`` / ``args.fp16``), as a
+    context factory for the probe forward; no autocast for full-precision training."""
+    import torch
+
+    param = next(model.parameters(), None)
+    device_type = param.device.type if param is not None else "cpu"
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type, dtype=dtype)
 
 
 def hf_log_dir(args: Any) -> Path:

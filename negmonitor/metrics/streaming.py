@@ -388,6 +388,7 @@ class NeuronStatsAccumulator(Metric):
             _keep_freed_heap()
         block = self._block(device)
         window = _window_rows(n, self.n_bins, block, compact)
+        width = None if compact else cols.width  # off CPU every bin is a point: rows of one width
         for j0 in range(0, n, window):
             packed = hist[j0 : j0 + window]
             flat, lengths = _filled_points(packed, cols, count[j0 : j0 + window] == 0) if compact else (None, None)
@@ -397,7 +398,7 @@ class NeuronStatsAccumulator(Metric):
                     packed[r0:r1], None if flat is None else flat[p0:p1] - r0 * cols.width,
                     None if lengths is None else lengths[r0:r1], low, self._code_shift, count[j:k],
                     [t[j:k] for t in tails], mu_d[j:k], sd_d[j:k])
-                wd[:, j:k] = torch.stack(w1_rows_to_gaussian(z, after, lens, negative[j:k], row=row))
+                wd[:, j:k] = torch.stack(w1_rows_to_gaussian(z, after, lens, negative[j:k], row=row, width=width))
         seen = count > 0
         mean = torch.where(hi == lo, lo.double(), (mu_d - shift) / inv)  # a constant neuron's mean is exact
         nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
@@ -417,6 +418,12 @@ class NeuronStatsAccumulator(Metric):
         self.hist = torch.zeros(self.n_neurons * self.n_bins, dtype=torch.long, device=self.hist.device)
         self._grid_set = False
         self._has_data = False
+
+    def states_to_reduce(self) -> list[tuple[Tensor, str]]:
+        """``(state, "sum" | "min" | "max")`` for an in-place reduction across ranks
+        (:func:`~negmonitor.distributed.reduce_in_place`); the grid is left out: the ranks share it before updating."""
+        return [(self.hist, "sum"), (self.tail_excess, "sum"), (self.power_sums, "sum"), (self.negative, "sum"),
+                (self.min_value, "min"), (self.max_value, "max"), (self.rows, "sum")]
 
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
         """Add another accumulator's state (same grid required; an empty one is ignored)."""
@@ -460,7 +467,7 @@ class _Scratch:
 
 _OUTPUT_ORDER = ("wd", "wd_neg", "wd_pos", "mean", "std", "skew", "kurtosis", "neg_frac", "count", "nonfinite",
                  "min", "max")
-GRID_ROWS = 1024  # rows of the first batch the grid is taken from
+GRID_ROWS = 1024  # rows the grid is taken from (a probe pass: of its first window)
 
 
 def _keep_freed_heap() -> None:

@@ -1,10 +1,14 @@
 """The previous-weights snapshot of weight drift, saved beside the records instead of inside a checkpoint.
 
-The snapshot is as large as the monitored projections (bf16: ~0.8 GB for Pythia-1.4B, ~6 GB for Pythia-12B), so
-it stays out of the Lightning checkpoint's callback state. When a checkpoint is saved, the snapshot it refers to
-(the weights at the checkpoint's last measurement) is written once to ``<records>/drift/<key>-step-<N>.safetensors``
-(atomically; safetensors keeps bf16 exactly and loads no code); resuming reads it back, so the first drift after a
-resume equals the uninterrupted run's. The newest ``keep`` files per monitor are kept.
+The snapshot is as large as the monitored projections' weights in its dtype (bf16, layers x neurons x d_in x 2 B:
+Pythia-1.4B 24 x 8192 x 2048 x 2 B = 0.8 GB, Pythia-12B 36 x 20480 x 5120 x 2 B = 7.5 GB), so it lives in host
+memory between measurements and stays out of the Lightning checkpoint's callback state. When a checkpoint is saved,
+the snapshot it refers to (the weights at the checkpoint's last measurement) is written once to
+``<records>/drift/<key>-step-<N>.safetensors`` (atomically; safetensors keeps bf16 exactly and loads no code) and
+the checkpoint's state records that file's absolute path; resuming reads it back into host memory, from there (a
+resumed run may log to a new folder, e.g. the logger's next version) or else from the current records folder, so
+the first drift after a resume equals the uninterrupted run's. :func:`prune_snapshots` keeps the newest ``keep``
+files per monitor (the monitor's ``drift_snapshots_kept``; it may keep all).
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ class MonitorSettings:
             after ``warmup_steps``).
         warmup_steps: steps before which no cohort is fixed.
         weight_drift: measure the weight drift between successive measurements.
-        drift_dtype: dtype of the previous-weights snapshot, kept on the model's device. bf16 (default) halves an
+        drift_dtype: dtype of the previous-weights snapshot, kept in host memory (compared on the model's device one
+            layer at a time). bf16 (default) halves an
             fp32 copy; both snapshots are rounded alike, so an unchanged row drifts by exactly 0. bf16's rounding
             (relative 2⁻⁸ per weight, independent per weight) adds ≈3e-6 to a cosine dissimilarity D plus noise of
             order sqrt(D·1e-5/d_in): per neuron within ~3% for D ≥ 5e-3 (rows moving ≥10% between measurements,
@@ -139,15 +140,22 @@ def take_measurement(
         result = ProbeResult.from_summaries(summaries, sites, probe_set, tokenizer, probe_settings)
     samples = {s.layer: s.samples for s in summaries if s.samples is not None}
     del summaries
+    gathered = settings.weight_drift and any(gathers_weight(site.projection) for site in sites)
     if rank != 0:
-        if settings.weight_drift and any(gathers_weight(site.projection) for site in sites):
+        if gathered:
             for site in sites:  # under FSDP rank 0's weight reads are collectives: join them, in the same order
                 site.weight_rows()
+        with agree_on_failure(world_size > 1 and not gathered):  # learn whether rank 0's part below failed
+            pass
         return Measurement(step, result, pd.DataFrame(), pd.DataFrame())
-    _maybe_fix_cohort(result, step, settings, state)
-    drift = _drift(sites, state, step, settings.drift_dtype) if settings.weight_drift else {}
-    neurons = _neuron_snapshot(result, state, drift)
-    scalars = _layer_scalars(result, neurons, state, drift, settings)
+    # Rank 0 alone follows the cohort, measures drift and builds the tables; a failure here reaches every rank
+    # before what follows the measurement (an ablation's collectives), so all skip it together. (Under FSDP the
+    # drift's weight reads are collectives, which a guarded phase must not hold.)
+    with agree_on_failure(world_size > 1 and not gathered):
+        _maybe_fix_cohort(result, step, settings, state)
+        drift = _drift(sites, state, step, settings.drift_dtype) if settings.weight_drift else {}
+        neurons = _neuron_snapshot(result, state, drift)
+        scalars = _layer_scalars(result, neurons, state, drift, settings)
     return Measurement(step, result, scalars, neurons, samples)
 
 
@@ -183,19 +191,48 @@ def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int,
            dtype: torch.dtype = torch.bfloat16) -> dict[int, dict[str, torch.Tensor]]:
     """Per-neuron weight drift since the previous measurement; the snapshot is replaced by the current weights.
 
-    The snapshot stays on the model's device in ``dtype``; the previous one is rounded the same way before the
-    comparison (a snapshot given in another dtype, e.g. by the replay, is compared at ``dtype`` too).
+    The snapshot lives in host memory, in ``dtype``: the model's device belongs to training. One layer at a time,
+    its previous rows go to the model's device, are compared with the live weights (rounded to ``dtype`` block by
+    block, so the values are those of two rounded snapshots), the current rows are copied to the host and the
+    previous ones freed: beyond the model, the device holds about one layer's rows and the host one snapshot plus
+    a layer. A snapshot given in another dtype (e.g. by the replay) is compared at ``dtype`` too. A failure part-way
+    drops the snapshot (drift restarts at the next measurement) rather than leave one of mixed steps.
     """
-    previous = state.prev_weights or {}
+    previous = dict(state.prev_weights or {})
+    state.prev_weights, state.prev_step = None, None  # the state's reference goes: each layer is freed once compared
     current, drift = {}, {}
     for site in sites:
-        rows = site.weight_rows().detach().to(dtype=dtype, copy=True)
-        before = previous.get(site.layer)
+        rows = site.weight_rows().detach()  # the live weight (a gathered copy under FSDP)
+        before = previous.pop(site.layer, None)
         if before is not None and before.shape == rows.shape:
-            drift[site.layer] = {k: v.cpu() for k, v in weight_drift(before.to(rows.device, dtype), rows).items()}
-        current[site.layer] = rows
+            drift[site.layer] = _layer_drift(before, rows, dtype)
+        del before
+        current[site.layer] = _host_copy(rows, dtype)
+        del rows
     state.prev_weights, state.prev_step = current, int(step)
     return drift
+
+
+def _layer_drift(before: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Drift of one layer on the weights' device (its previous rows moved there in ``dtype``, then freed); on CPU."""
+    on_device = before.to(rows.device, dtype)  # converted on the host (a blocking copy): the device gets ``dtype``
+    values = weight_drift(on_device, rows, dtype=dtype)
+    return {key: value.cpu() for key, value in values.items()}
+
+
+_COPY_BLOCK_ELEMENTS = 1 << 22  # rows rounded on the device per copy to the host: 16 MiB of fp32 at any width
+
+
+def _host_copy(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``rows`` as a new host tensor in ``dtype`` (never the live weight), rounded on the weights' device a block of
+    rows at a time: the device allocates one block, and only ``dtype``'s bytes cross to the host. The copy keeps
+    the rows' layout (GPT-2's ``Conv1D`` rows are a transposed view), so the drift's fp32 sums run in the order
+    they always did and the values stay bit for bit those of a copy on the device."""
+    out = torch.empty_like(rows, dtype=dtype, device="cpu")
+    block = max(1, _COPY_BLOCK_ELEMENTS // max(1, rows.shape[1]))
+    for r0 in range(0, rows.shape[0], block):
+        out[r0 : r0 + block].copy_(rows[r0 : r0 + block].to(dtype))
+    return out
 
 
 def _neuron_snapshot(result: ProbeResult, state: MonitorState, drift: dict) -> pd.DataFrame:
