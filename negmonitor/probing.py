@@ -348,19 +348,21 @@ def _run_from_cache(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor, re
 
 
 def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, device: torch.device) -> None:
-    """Fix every histogram grid from the probe's first window, as a single process does in its first batch.
+    """Fix every histogram grid from the probe's first window with a real token (:func:`_grid_window`), as a
+    single process does in the batch that holds it.
 
     Under DDP each rank would otherwise take its grid from its own first batch; with a shared calibration window the
     reduced statistics equal the single-process ones.
     """
-    host_mask = probe_set.attention_mask[:1]
+    first = _grid_window(probe_set)
+    host_mask = probe_set.attention_mask[first : first + 1]
     mask = host_mask.to(device)
     batch.valid_rows = host_mask.reshape(-1).nonzero().squeeze(1).to(device)
-    batch.grid_rows = _grid_rows(host_mask.reshape(-1).nonzero().squeeze(1), [0], probe_set.window).to(device)
+    batch.grid_rows = _grid_rows(host_mask.reshape(-1).nonzero().squeeze(1), [first], probe_set.window, first).to(device)
     batch.pair_rows = batch.pair_slots = torch.empty(0, dtype=torch.long, device=device)
     batch.calibrating = True
     try:
-        _run(runner, probe_set.input_ids[:1].to(device), mask)
+        _run(runner, probe_set.input_ids[first : first + 1].to(device), mask)
     finally:
         batch.calibrating = False
 
@@ -392,31 +394,38 @@ def _batch_inputs(probe_set: ProbeSet, batches: list[list[int]], pair_flat: torc
     host_mask = probe_set.attention_mask[order]
     host_masks = host_mask.split(sizes)
     ids, mask = probe_set.input_ids[order].to(device).split(sizes), host_mask.to(device).split(sizes)
-    tables = [_batch_rows(chunk, m, pair_flat, probe_set.window) for chunk, m in zip(batches, host_masks)]
+    first = _grid_window(probe_set)
+    tables = [_batch_rows(chunk, m, pair_flat, probe_set.window, first) for chunk, m in zip(batches, host_masks)]
     valid, slots, rows, grid = (torch.cat(kind).to(device).split([len(t) for t in kind]) for kind in zip(*tables))
     return [_BatchInputs(*fields, all_valid=len(table[0]) == m.numel())
             for *fields, table, m in zip(ids, mask, valid, slots, rows, grid, tables, host_masks)]
 
 
-def _batch_rows(chunk: list[int], host_mask: torch.Tensor, pair_flat: torch.Tensor,
-                window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch_rows(chunk: list[int], host_mask: torch.Tensor, pair_flat: torch.Tensor, window: int,
+                grid_window: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """On the host, for the windows ``chunk``: the rows of the flattened batch that are real tokens, the slots and
     rows of the MD pair positions that fall in it, and the grid rows (:func:`_grid_rows`)."""
     valid_rows = host_mask.reshape(-1).nonzero().squeeze(1)
     win = torch.as_tensor(chunk, dtype=torch.long)
     pair_window, pair_offset = pair_flat // window, pair_flat % window
     slots, where = (pair_window.unsqueeze(1) == win.unsqueeze(0)).nonzero(as_tuple=True)
-    return valid_rows, slots, where * window + pair_offset[slots], _grid_rows(valid_rows, chunk, window)
+    return valid_rows, slots, where * window + pair_offset[slots], _grid_rows(valid_rows, chunk, window, grid_window)
 
 
-def _grid_rows(valid_rows: torch.Tensor, chunk: list[int], window: int) -> torch.Tensor:
+def _grid_window(probe_set: ProbeSet) -> int:
+    """The probe window the histogram grids come from: the first with a real token (0 when none has one)."""
+    filled = probe_set.attention_mask.any(dim=1).nonzero()
+    return int(filled[0, 0]) if filled.numel() else 0
+
+
+def _grid_rows(valid_rows: torch.Tensor, chunk: list[int], window: int, grid_window: int = 0) -> torch.Tensor:
     """Rows of the flattened batch of windows ``chunk`` that fix the histogram grids: up to ``GRID_ROWS`` evenly
-    spaced real tokens of the probe's first window (window 0), whatever the batch size, so a budget or an
-    out-of-memory retry that lowers the batch size gives the same grid, hence the same statistics. Empty when
-    ``chunk`` does not hold window 0."""
-    if 0 not in chunk:
+    spaced real tokens of window ``grid_window`` (:func:`_grid_window`), whatever the batch size, so a budget or
+    an out-of-memory retry that lowers the batch size gives the same grid, hence the same statistics. Empty when
+    ``chunk`` does not hold that window."""
+    if grid_window not in chunk:
         return valid_rows[:0]
-    start = chunk.index(0) * window
+    start = chunk.index(grid_window) * window
     first = valid_rows[(valid_rows >= start) & (valid_rows < start + window)]
     return first[:: max(1, -(-first.numel() // GRID_ROWS))]
 

@@ -112,6 +112,24 @@ def test_a_budget_that_lowers_the_batch_size_gives_the_same_statistics(model, pr
                                        rtol=1e-5, atol=1e-6, err_msg=column)
 
 
+def test_the_grid_comes_from_the_first_window_with_real_tokens(model, probe_set, tokenizer) -> None:
+    """A probe set whose first window is all padding (built by hand): the grids come from the next window at every
+    batch size (under DDP, the calibration window), never from whatever rows a rank sees first."""
+    import dataclasses
+
+    mask = probe_set.attention_mask.clone()
+    mask[0] = 0
+    pairs = probe_set.pair_positions[(probe_set.pair_positions >= probe_set.window).all(dim=1)]  # [P, 2]
+    padded = dataclasses.replace(probe_set, attention_mask=mask, pair_positions=pairs)
+    assert probing._grid_window(padded) == 1 and probing._grid_window(probe_set) == 0
+    batched = probe(model, padded, tokenizer=tokenizer, batch_size=8, memory_budget=None)
+    single = probe(model, padded, tokenizer=tokenizer, batch_size=1, memory_budget=None)
+    assert (batched.neurons["count"] == int(mask.sum())).all()
+    for column in ["wd", "wd_neg", "mean", "std", "neg_frac"]:
+        np.testing.assert_allclose(single.neurons[column].to_numpy(float), batched.neurons[column].to_numpy(float),
+                                   rtol=1e-5, atol=1e-6, err_msg=column)
+
+
 @pytest.mark.parametrize("resume", [True, False], ids=["from-cached-hidden-states", "from-the-embeddings"])
 def test_budgeted_measurement_equals_unbudgeted(model, probe_set, tokenizer, resume, monkeypatch) -> None:
     """One layer per pass (three passes) gives the unbudgeted tables, whether each pass starts from the hidden

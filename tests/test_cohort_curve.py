@@ -40,3 +40,11 @@ def test_cohort_is_matched_by_layer_and_neuron_together() -> None:
     # step 20: layer 0 cohort (0.9 + 0.8) / 2, rest (0.1 + 0.2) / 2; layer 1 cohort 0.7, rest 0.1
     assert curve.cohort.tolist() == pytest.approx([(0.5 + 0.1) / 2, (0.85 + 0.7) / 2], abs=1e-12)
     assert curve.rest.tolist() == pytest.approx([(0.1 + 0.3) / 2, (0.15 + 0.1) / 2], abs=1e-12)
+
+
+def test_a_cohort_of_every_neuron_has_no_rest() -> None:
+    """``frac=1.0`` (accepted as a cohort fraction): every neuron is in the cohort; the rest is NaN, not an error."""
+    rows = [{"step": s, "layer": 0, "neuron": n, "wd": 0.1 * (s + n)} for s in (0, 1) for n in (0, 1)]
+    curve = final_cohort_curve(pd.DataFrame(rows), frac=1.0)
+    assert curve.step.tolist() == [0, 1] and curve.cohort.round(6).tolist() == [0.05, 0.15]
+    assert curve.rest.isna().all()

@@ -72,6 +72,21 @@ def test_snapshot_files_round_trip_bit_exact_and_prune(tmp_path) -> None:
                                                                       for s in (4, 6)]
 
 
+def test_pruning_keeps_the_snapshots_written_last_not_the_highest_steps(tmp_path) -> None:
+    """A run resumed from an earlier checkpoint into the same folder finds the abandoned run's later steps there:
+    the snapshot it has just written must survive the pruning."""
+    import os
+
+    weights = {0: torch.randn(8, 4).bfloat16()}
+    for age, step in ((300, 10), (200, 20)):  # the abandoned run's snapshots, written earlier
+        path = write_snapshot(snapshot_path(tmp_path, "k", step), weights, step)
+        os.utime(path, ns=(path.stat().st_mtime_ns - age * 10**9,) * 2)
+    write_snapshot(snapshot_path(tmp_path, "k", 4), weights, 4)  # the resumed run's, just now
+    prune_snapshots(tmp_path, "k", keep=2)
+    assert sorted(p.name for p in (tmp_path / "drift").iterdir()) == [snapshot_path(tmp_path, "k", s).name
+                                                                      for s in (4, 20)]
+
+
 def _ckpt_run(root, intermediate: int | None = None, max_steps: int = 4, ckpt_path=None, version: int | None = 0,
               **monitor_kwargs):
     """Train the tiny LM with a drift monitor every 2 steps and a checkpoint every 2 steps (all kept), logging to

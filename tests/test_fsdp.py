@@ -69,7 +69,19 @@ SCRIPT = textwrap.dedent('''
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=3, logger=False,
                         callbacks=[monitor, Rows()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=sys.argv[1])
+    if sys.argv[4:] == ["fail-drift"]:
+        from negmonitor.monitoring import engine
+        real_layer_drift = engine._layer_drift
+
+        def failing_layer_drift(before, rows, dtype):
+            """Rank 0, step 2: the first layer's drift fails between the weight gathers the other rank joins."""
+            if trainer.global_rank == 0 and trainer.global_step == 2:
+                raise RuntimeError("injected failure in rank 0's drift")
+            return real_layer_drift(before, rows, dtype)
+
+        engine._layer_drift = failing_layer_drift
     trainer.fit(module, token_loader(module.tokenizer))
+    print(f"rank {trainer.global_rank} finished", flush=True)
     # the routing patches are gone
     assert "forward" not in vars(module.model) and "forward" not in vars(module.model.gpt_neox)
 ''')
@@ -120,3 +132,30 @@ def test_deepspeed_is_refused_in_setup(tmp_path) -> None:
     fake = SimpleNamespace(strategy=DeepSpeedStrategy(), is_global_zero=True, loggers=[], logger=None)
     with pytest.raises(NegmonitorError, match="does not support DeepSpeedStrategy.*strategy='ddp' or FSDPStrategy"):
         monitor.setup(fake, TinyLM(), "fit")
+
+
+def test_model_parallel_strategy_is_refused_in_setup(tmp_path) -> None:
+    """FSDP2 / tensor parallel (Lightning's ModelParallelStrategy): DTensor weights and forwards that are collectives
+    the monitor does not know of, so it is refused in one line rather than hang a rank."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    monitor = NegativeDifferentiationMonitor(probe=[TEXT], log_dir=tmp_path)
+    fake = SimpleNamespace(strategy=ModelParallelStrategy(), is_global_zero=True, loggers=[], logger=None)
+    with pytest.raises(NegmonitorError, match="does not support ModelParallelStrategy.*strategy='ddp' or FSDPStrategy"):
+        monitor.setup(fake, TinyLM(), "fit")
+
+
+def test_a_failure_in_rank_0s_drift_under_fsdp_hangs_no_rank(tmp_path) -> None:
+    """Under FSDP the drift's weight reads are collectives: rank 0 joins every one even after a layer failed, and
+    the failure reaches the other rank before the ablation, so both skip the step."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    code, out, err = run_script(tmp_path, "fsdp_fail.py", SCRIPT, str(logs), str(Path(__file__).parent),
+                                json.dumps(ABLATION), "fail-drift", extra_env={"PYTHONWARNINGS": "always::UserWarning"},
+                                hang="a rank hung after rank 0's drift failed under FSDP")
+    assert code == 0, err[-3000:]
+    assert "rank 0 finished" in out and "rank 1 finished" in out, out
+    scalars = RecordStore.for_logdir(logs).read_scalars()
+    assert scalars[scalars.metric == "health/measurement_failed"].step.tolist() == [2]
+    assert "wd/max" in set(scalars[scalars.step == 0].metric)
+    assert err.count("measurement at step 2 failed on rank 0 (RuntimeError: injected failure in rank 0's drift") == 1

@@ -676,9 +676,11 @@ def _find_tokenizer(pl_module: LightningModule, trainer: Trainer) -> Any:
 
 
 def check_strategy(strategy: Any) -> None:
-    """Refuse strategies the monitor cannot measure under (DeepSpeed: its ZeRO stages shard parameters in ways the
-    probe pass and the weight reads do not follow)."""
-    if any("deepspeed" in cls.__name__.lower() for cls in type(strategy).__mro__):
+    """Refuse strategies the monitor cannot measure under: DeepSpeed (its ZeRO stages shard parameters in ways the
+    probe pass and the weight reads do not follow) and ``ModelParallelStrategy`` (FSDP2 / tensor parallel: DTensor
+    weights, and forwards that are collectives the monitor does not know of)."""
+    names = [cls.__name__.lower() for cls in type(strategy).__mro__]
+    if any("deepspeed" in name or "modelparallel" in name for name in names):
         raise NegmonitorError(f"negmonitor does not support {type(strategy).__name__} — train with strategy='ddp' or "
                               "FSDPStrategy (the monitor measures whole layers under both)")
 

@@ -19,7 +19,7 @@ def final_cohort_curve(neurons: pd.DataFrame, frac: float = 0.05) -> pd.DataFram
     neurons = neurons.drop_duplicates(["step", "layer", "neuron"], keep="last")
     members = _final_members(neurons[neurons.step == neurons.step.max()], frac)
     frame = neurons.assign(member=pd.MultiIndex.from_frame(neurons[["layer", "neuron"]]).isin(members))
-    per_layer = frame.groupby(["step", "layer", "member"]).wd.mean().unstack("member")
+    per_layer = frame.groupby(["step", "layer", "member"]).wd.mean().unstack("member").reindex(columns=[True, False])
     curve = per_layer.groupby("step").mean()
     return pd.DataFrame({"step": curve.index.to_numpy(), "cohort": curve.get(True, pd.Series(dtype=float)).to_numpy(),
                          "rest": curve.get(False, pd.Series(dtype=float)).to_numpy()})

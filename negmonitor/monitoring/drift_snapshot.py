@@ -45,9 +45,10 @@ def read_snapshot(path: str | os.PathLike, device: torch.device | str = "cpu") -
 
 
 def prune_snapshots(root: str | os.PathLike, key: str, keep: int = 2) -> None:
-    """Delete all but the newest ``keep`` snapshots of monitor ``key``."""
+    """Delete all but the ``keep`` most recently written snapshots of monitor ``key`` (by write time, not step: after
+    a resume from an earlier checkpoint into the same folder, the abandoned run's later steps go first)."""
     pattern = re.compile(rf"{re.escape(key)}-step-(\d+)\.safetensors")
-    found = sorted((int(m.group(1)), p) for p in (Path(root) / "drift").glob(f"{key}-step-*.safetensors")
-                   if (m := pattern.fullmatch(p.name)))
-    for _, path in found[:-keep] if keep > 0 else found:
+    found = sorted((p.stat().st_mtime_ns, int(m.group(1)), p)
+                   for p in (Path(root) / "drift").glob(f"{key}-step-*.safetensors") if (m := pattern.fullmatch(p.name)))
+    for *_, path in found[:-keep] if keep > 0 else found:
         path.unlink(missing_ok=True)

@@ -145,14 +145,21 @@ def take_measurement(
         if gathered:
             for site in sites:  # under FSDP rank 0's weight reads are collectives: join them, in the same order
                 site.weight_rows()
-        with agree_on_failure(world_size > 1 and not gathered):  # learn whether rank 0's part below failed
+        with agree_on_failure(world_size > 1):  # learn whether rank 0's part below failed
             pass
         return Measurement(step, result, pd.DataFrame(), pd.DataFrame())
     # Rank 0 alone follows the cohort, measures drift and builds the tables; a failure here reaches every rank
-    # before what follows the measurement (an ablation's collectives), so all skip it together. (Under FSDP the
-    # drift's weight reads are collectives, which a guarded phase must not hold.)
-    with agree_on_failure(world_size > 1 and not gathered):
-        _maybe_fix_cohort(result, step, settings, state)
+    # before what follows the measurement (an ablation's collectives), so all skip it together. Under FSDP the
+    # drift's weight reads are collectives: rank 0 joins every one of them even after a failure, so the guard's
+    # all-reduce comes after the same gathers on every rank.
+    with agree_on_failure(world_size > 1):
+        try:
+            _maybe_fix_cohort(result, step, settings, state)
+        except Exception:
+            if gathered:
+                for site in sites:
+                    site.weight_rows()
+            raise
         drift = _drift(sites, state, step, settings.drift_dtype) if settings.weight_drift else {}
         neurons = _neuron_snapshot(result, state, drift)
         scalars = _layer_scalars(result, neurons, state, drift, settings)
@@ -201,14 +208,24 @@ def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int,
     previous = dict(state.prev_weights or {})
     state.prev_weights, state.prev_step = None, None  # the state's reference goes: each layer is freed once compared
     current, drift = {}, {}
+    failure: Exception | None = None
     for site in sites:
-        rows = site.weight_rows().detach()  # the live weight (a gathered copy under FSDP)
-        before = previous.pop(site.layer, None)
-        if before is not None and before.shape == rows.shape:
-            drift[site.layer] = _layer_drift(before, rows, dtype)
-        del before
-        current[site.layer] = _host_copy(rows, dtype)
+        # The live weight (a gathered copy under FSDP: every site is read, in order, even after a failure, as the
+        # other ranks join each read).
+        rows = site.weight_rows().detach()
+        if failure is not None:
+            continue
+        try:
+            before = previous.pop(site.layer, None)
+            if before is not None and before.shape == rows.shape:
+                drift[site.layer] = _layer_drift(before, rows, dtype)
+            del before
+            current[site.layer] = _host_copy(rows, dtype)
+        except Exception as exc:  # noqa: BLE001 - raised after the loop
+            failure = exc
         del rows
+    if failure is not None:
+        raise failure
     state.prev_weights, state.prev_step = current, int(step)
     return drift
 
