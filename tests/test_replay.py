@@ -346,3 +346,19 @@ def test_replay_records_the_dtype_it_ran_in(step_series, probe_file, tmp_path):
     assert result.manifest.dtype.tolist() == ["bfloat16", "bfloat16"]
     info = json.loads((tmp_path / "bf16" / "negmonitor" / "replay.json").read_text())
     assert info["dtype"] == "torch.bfloat16"
+
+
+def test_replay_drift_compares_each_checkpoint_with_its_predecessor(reference_run) -> None:
+    """The drift of every measured checkpoint is that of its weights against its predecessor's, in fp32: the
+    measured revision's rows are handed on as the next one's predecessor (one host copy, not a second one)."""
+    from negmonitor.metrics.drift import weight_drift
+
+    _, neurons = _records(reference_run)
+    snapshots = _snapshots()
+    for before, after in zip(STEPS[1:-1], STEPS[2:]):
+        at = neurons[neurons.step == after].sort_values(["layer", "neuron"])
+        for layer in sorted(at.layer.unique()):
+            rows = [snapshots[s].gpt_neox.layers[layer].mlp.dense_h_to_4h.weight.detach() for s in (before, after)]
+            expected = weight_drift(*rows)["cos_dissim"].double().numpy()
+            got = at[at.layer == layer].drift_cos_dissim.to_numpy()
+            assert abs(got - expected).max() < 1e-6, (after, layer)

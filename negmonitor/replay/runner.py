@@ -293,13 +293,16 @@ class _Replay:
             return previous
         entry.dtype = _weights_dtype(model)  # what it ran in, also where --dtype left it as saved
         try:
-            loaded = _Loaded(revision, weights_sha256(model), self._weight_rows(model))
+            loaded = _Loaded(revision, weights_sha256(model), {})
             entry.weights_sha256 = loaded.sha
             entry.identical_to_previous = previous is not None and previous.sha == loaded.sha
+            rows = None
             if entry.identical_to_previous:
                 entry.status = "duplicate"
             else:
-                entry.status, entry.error = self._measure(model, index, previous)
+                entry.status, entry.error, rows = self._measure(model, index, previous)
+            # A measured revision's rows are the drift's new snapshot (one host copy of the weights, not two).
+            loaded.rows = rows if rows is not None else self._weight_rows(model)
         finally:
             del model
             self._release()
@@ -307,13 +310,18 @@ class _Replay:
         self.manifest.write(entry)
         return loaded
 
-    def _measure(self, model: nn.Module, index: int, previous: _Loaded | None) -> tuple[str, str | None]:
-        """Measure one checkpoint and write its records; ``("failed", why)`` when the measurement raises."""
+    def _measure(self, model: nn.Module, index: int,
+                 previous: _Loaded | None) -> tuple[str, str | None, dict[int, torch.Tensor] | None]:
+        """Measure one checkpoint and write its records: ``("ok", None, rows)`` with this revision's weight rows
+        (the drift's new snapshot), or ``("failed", why, None)`` when the measurement raises. The predecessor's rows
+        are handed to the drift, which frees each layer once compared (it is not needed after this revision)."""
         revision = self.revisions[index]
         step, tokens = step_of(revision), self.series.tokens_seen(revision)
         state = MonitorState(cohort=self.cohort["cohort"], cohort_step=self.cohort["step"],
                              prev_weights=previous.rows if previous else None,
                              prev_step=step_of(previous.revision) if previous else None)
+        if previous is not None:
+            previous.rows = {}
         try:
             measurement = engine.take_measurement(model, self._probe_for(model), step, self.monitor, state,
                                                   tokenizer=self.tokenizer)
@@ -329,9 +337,9 @@ class _Replay:
                           "recorded as failed, the replay goes on", stacklevel=2)
             self.store.write_scalars(self.run_name, step, tokens,
                                      scalar_rows([(-1, -1, "health/measurement_failed", 1.0)]), key="failed")
-            return "failed", f"measure: {type(exc).__name__}: {first_line(exc)}"
+            return "failed", f"measure: {type(exc).__name__}: {first_line(exc)}", None
         self._write(measurement, scalars, index, step, tokens)
-        return "ok", None
+        return "ok", None, state.prev_weights
 
     def _write(self, measurement: engine.Measurement, scalars: pd.DataFrame, index: int, step: int,
                tokens: int) -> None:
