@@ -354,15 +354,13 @@ def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, devi
     Under DDP each rank would otherwise take its grid from its own first batch; with a shared calibration window the
     reduced statistics equal the single-process ones.
     """
-    first = _grid_window(probe_set)
-    host_mask = probe_set.attention_mask[first : first + 1]
-    mask = host_mask.to(device)
-    batch.valid_rows = host_mask.reshape(-1).nonzero().squeeze(1).to(device)
-    batch.grid_rows = _grid_rows(host_mask.reshape(-1).nonzero().squeeze(1), [first], probe_set.window, first).to(device)
-    batch.pair_rows = batch.pair_slots = torch.empty(0, dtype=torch.long, device=device)
+    no_pairs = probe_set.pair_positions.reshape(-1)[:0]
+    this = _batch_inputs(probe_set, [[_grid_window(probe_set)]], no_pairs, device)[0]
+    batch.valid_rows, batch.grid_rows = this.valid_rows, this.grid_rows
+    batch.pair_rows, batch.pair_slots = this.pair_rows, this.pair_slots
     batch.calibrating = True
     try:
-        _run(runner, probe_set.input_ids[first : first + 1].to(device), mask)
+        _run(runner, this.ids, this.mask)
     finally:
         batch.calibrating = False
 

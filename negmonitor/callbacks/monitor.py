@@ -193,8 +193,7 @@ class NegativeDifferentiationMonitor(Callback):
         self._snapshot_saved: int | None = None
         self._snapshot_file: Path | None = None  # where the snapshot of step _snapshot_saved (or _to_read) is
         self._drift_warned = False
-        self._snapshot_write_warned = False
-        self._failure_write_warned = False
+        self._writes_warned: set[str] = set()  # kinds of side write (snapshot, failure row, ...) already warned about
         self.measured_steps: list[int] = []
         self.tokens_seen = 0
         self.timings: dict[str, float] = {}
@@ -339,17 +338,21 @@ class NegativeDifferentiationMonitor(Callback):
                     if self.drift_snapshots_kept is not None:
                         prune_snapshots(self._store.root, self.record_key, keep=self.drift_snapshots_kept)
                 except Exception as exc:
-                    if self.strict:
-                        raise
-                    if not self._snapshot_write_warned:
-                        written = self._snapshot_saved == self.state.prev_step  # the pruning failed
-                        what = "remove the older weight snapshots beside" if written else "write"
-                        warnings.warn(f"negmonitor: could not {what} the weight snapshot of step "
-                                      f"{self.state.prev_step} at {path} "
-                                      f"({type(exc).__name__}: {exc}); training goes on, but a run resumed from "
-                                      "a checkpoint without its snapshot measures no drift at its first "
-                                      "measurement (no further warning)", stacklevel=2)
-                        self._snapshot_write_warned = True
+                    written = self._snapshot_saved == self.state.prev_step  # the pruning failed
+                    what = "remove the older weight snapshots beside" if written else "write"
+                    self._write_failed(exc, "snapshot", f"negmonitor: could not {what} the weight snapshot of step "
+                                       f"{self.state.prev_step} at {path} ({type(exc).__name__}: {exc}); training "
+                                       "goes on, but a run resumed from a checkpoint without its snapshot measures "
+                                       "no drift at its first measurement (no further warning)")
+
+    def _write_failed(self, exc: Exception, kind: str, message: str) -> None:
+        """A write beside training failed (a full disk): ``strict`` re-raises; else ``message`` is warned at the first
+        failure of this ``kind`` only, and training goes on."""
+        if self.strict:
+            raise exc
+        if kind not in self._writes_warned:
+            self._writes_warned.add(kind)
+            warnings.warn(message, stacklevel=3)
 
     def _snapshot_target(self) -> Path:
         """Absolute path the snapshot of ``state.prev_step`` is written to, in this run's records folder."""
@@ -439,13 +442,9 @@ class NegativeDifferentiationMonitor(Callback):
         try:
             self._store.write_scalars(self.run_name, step, self.tokens_seen, rows, key=f"{self.record_key}-failed")
         except Exception as exc:
-            if self.strict:
-                raise
-            if not self._failure_write_warned:
-                self._failure_write_warned = True
-                warnings.warn(f"negmonitor: could not record the failed measurement of step {step} under "
-                              f"{self._store.root} ({type(exc).__name__}: {exc}); training goes on, the records "
-                              "miss this and any later such row (no further warning)", stacklevel=2)
+            self._write_failed(exc, "failure row", f"negmonitor: could not record the failed measurement of step "
+                               f"{step} under {self._store.root} ({type(exc).__name__}: {exc}); training goes on, the "
+                               "records miss this and any later such row (no further warning)")
 
     def _read_snapshot(self) -> None:
         """After a resume, read the weight snapshot the checkpoint refers to into host memory: from where the

@@ -21,9 +21,8 @@ Example::
 
 from __future__ import annotations
 
-import os
 import contextlib
-import warnings
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
@@ -78,7 +77,6 @@ class NegativeDifferentiationCallback(TrainerCallback):
                                                       run_name=run_name, tokens_per_step=tokens_per_step, **settings)
         self._writer: Any = None
         self._ranks: _Ranks | None = None
-        self._state_write_warned = False
 
     @property
     def measured_steps(self) -> list[int]:
@@ -147,13 +145,10 @@ class NegativeDifferentiationCallback(TrainerCallback):
             with atomic_path(path) as tmp:
                 torch.save(self.monitor.state_dict(), tmp)
         except Exception as exc:
-            if self.monitor.strict:
-                raise
-            if not self._state_write_warned:
-                self._state_write_warned = True
-                warnings.warn(f"negmonitor: could not save the monitor's state to {path} ({type(exc).__name__}: "
-                              f"{exc}); training goes on, but a run resumed from this checkpoint starts the monitor "
-                              "afresh (new cohort, no drift at first) (no further warning)", stacklevel=2)
+            self.monitor._write_failed(exc, "state", f"negmonitor: could not save the monitor's state to {path} "
+                                       f"({type(exc).__name__}: {exc}); training goes on, but a run resumed from "
+                                       "this checkpoint starts the monitor afresh (new cohort, no drift at first) "
+                                       "(no further warning)")
 
     def _load_state(self, args: Any, state: Any) -> None:
         """On a resume (``global_step > 0``), read the state saved beside ``output_dir/checkpoint-<step>``."""

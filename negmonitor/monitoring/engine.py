@@ -143,8 +143,7 @@ def take_measurement(
     gathered = settings.weight_drift and any(gathers_weight(site.projection) for site in sites)
     if rank != 0:
         if gathered:
-            for site in sites:  # under FSDP rank 0's weight reads are collectives: join them, in the same order
-                site.weight_rows()
+            _join_weight_reads(sites)
         with agree_on_failure(world_size > 1):  # learn whether rank 0's part below failed
             pass
         return Measurement(step, result, pd.DataFrame(), pd.DataFrame())
@@ -157,8 +156,7 @@ def take_measurement(
             _maybe_fix_cohort(result, step, settings, state)
         except Exception:
             if gathered:
-                for site in sites:
-                    site.weight_rows()
+                _join_weight_reads(sites)
             raise
         drift = _drift(sites, state, step, settings.drift_dtype) if settings.weight_drift else {}
         neurons = _neuron_snapshot(result, state, drift)
@@ -192,6 +190,13 @@ def _maybe_fix_cohort(result: ProbeResult, step: int, settings: MonitorSettings,
     state.cohort = {layer: top_k_indices(values, settings.cohort_frac).tolist()
                     for layer, values in result.values("wd").items()}
     state.cohort_step = int(step)
+
+
+def _join_weight_reads(sites: Sequence[MLPSite]) -> None:
+    """Under FSDP the drift's weight reads are collectives: a rank that does not measure drift joins each of them, in
+    the same order as rank 0's :func:`_drift`."""
+    for site in sites:
+        site.weight_rows()
 
 
 def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int,
