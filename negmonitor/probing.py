@@ -55,6 +55,15 @@ class ProbeSettings:
         self.memory_budget = parse_bytes(self.memory_budget)
 
 
+@dataclass
+class ProbeBatchLimit:
+    """The probe batch size an out-of-memory retry came down to, kept by a run for its next measurements: they
+    start there instead of running out of memory, emptying the allocator's cache and retrying at every step
+    (the statistics do not depend on the batch size). ``None`` until a retry lowers it."""
+
+    batch_size: int | None = None
+
+
 def probe(
     model: nn.Module,
     probe_set: ProbeSet,
@@ -95,6 +104,7 @@ def measure(
     rank: int = 0,
     world_size: int = 1,
     forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    batch_limit: ProbeBatchLimit | None = None,
 ) -> list[LayerSummary]:
     """Run this process's share of the probe windows, group by group, and return one summary per site.
 
@@ -103,7 +113,8 @@ def measure(
     any rank before the next collective). ``forward_context`` wraps each forward call (e.g. a Lightning precision
     plugin's autocast); the statistics accumulate in fp32 outside it. On CUDA out-of-memory (on any rank) every
     accumulator is dropped, the batch size halves and the measurement restarts on every rank (statistics are never
-    half-updated); at batch size 1 a :class:`NegmonitorError` names the settings to change.
+    half-updated); at batch size 1 a :class:`NegmonitorError` names the settings to change. ``batch_limit``, when
+    given, caps the batch size and keeps what a retry lowered it to, for the caller's next measurement.
     """
     eager = unwrap_compiled(model)
     with forward_context():  # the capture dtype the plan counts is the forward's (e.g. bf16 under autocast)
@@ -111,6 +122,8 @@ def measure(
     if rank == 0:  # every rank plans alike
         log_plan_once(plan, _shapes(sites), settings.batch_size)
     batch_size = plan.batch_size
+    if batch_limit is not None and batch_limit.batch_size is not None:
+        batch_size = min(batch_size, batch_limit.batch_size)
     while True:
         failed = False
         try:
@@ -128,7 +141,12 @@ def measure(
                     "out of memory during the probe pass even at probe batch size 1 — lower memory_budget (fewer "
                     "layers per pass), the probe window, or the layers monitored")
             batch_size //= 2
-            warnings.warn(f"negmonitor: out of memory during the probe pass; retrying with batch size {batch_size}")
+            later = ""
+            if batch_limit is not None:
+                batch_limit.batch_size = batch_size
+                later = " (later measurements start there)"
+            warnings.warn(f"negmonitor: out of memory during the probe pass; retrying with batch size {batch_size}"
+                          f"{later}")
 
 
 def _shapes(sites: Sequence[MLPSite]) -> list[LayerShape]:

@@ -161,3 +161,33 @@ def test_a_full_records_disk_never_ends_training(tmp_path, monkeypatch) -> None:
     tr = trainer(tmp_path / "run2", 6, [strict])
     with pytest.raises(OSError, match="No space left"):
         tr.fit(module, token_loader(module.tokenizer))
+
+
+def test_a_batch_size_lowered_by_an_out_of_memory_retry_is_kept_for_later_measurements(tmp_path) -> None:
+    """A probe batch of more than 2 windows runs out of memory: the first measurement retries at 4, then 2, and says
+    later measurements start there; they do, so no later measurement runs out of memory (or empties the allocator's
+    cache) again, and none fails."""
+    seed_everything(0)
+    module = TinyLM()
+    raised: dict[int, int] = {}
+    tr = None
+
+    def out_of_memory_above_two_windows(mod, args, output):
+        if not torch.is_grad_enabled() and args[0].shape[0] > 2:
+            raised[tr.global_step] = raised.get(tr.global_step, 0) + 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated: probe batches above 2 windows)")
+
+    module.model.gpt_neox.layers[0].mlp.register_forward_hook(out_of_memory_above_two_windows)
+    monitor = NegativeDifferentiationMonitor(every_n_steps=2, **SMALL)
+    tr = trainer(tmp_path, 6, [monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(module, token_loader(module.tokenizer))
+    retries = [str(w.message) for w in caught if "retrying with batch size" in str(w.message)]
+    assert retries == [f"negmonitor: out of memory during the probe pass; retrying with batch size {b} (later "
+                       "measurements start there)" for b in (4, 2)]
+    assert raised == {0: 2}  # only the first measurement ran out of memory
+    assert monitor.failures == 0
+    scalars = RecordStore.for_logdir(tmp_path / "run" / "version_0").read_scalars()
+    assert "health/measurement_failed" not in set(scalars.metric)
+    assert sorted(scalars[scalars.metric == "wd/max"].step.unique()) == [0, 2, 4, 6]

@@ -239,6 +239,29 @@ def test_failed_measurement_is_recorded_and_retried(step_series, probe_file, tmp
     assert "health/measurement_failed" not in set(retried.read_scalars().metric)
 
 
+def test_a_batch_size_lowered_by_an_out_of_memory_retry_is_kept_for_later_checkpoints(step_series, probe_file,
+                                                                                      tmp_path, monkeypatch):
+    """Probe batches of more than 2 windows run out of memory: the cohort pass retries at 4, then 2; every later
+    checkpoint starts at 2 and none runs out of memory again, or fails."""
+    from transformers.models.gpt_neox import modeling_gpt_neox
+
+    raised = []
+    real = modeling_gpt_neox.GPTNeoXMLP.forward
+
+    def out_of_memory_above_two_windows(self, hidden_states, *args, **kwargs):
+        if not torch.is_grad_enabled() and hidden_states.shape[0] > 2:
+            raised.append(hidden_states.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated: probe batches above 2 windows)")
+        return real(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_gpt_neox.GPTNeoXMLP, "forward", out_of_memory_above_two_windows)
+    with pytest.warns(UserWarning, match="retrying with batch size 2 \\(later measurements start there\\)"):
+        result = replay(step_series, "all", tmp_path / "log", probe=str(probe_file), tensorboard=False, **PROBE,
+                        **QUIET)
+    assert raised == [8, 4]  # the first pass only
+    assert result.manifest.status.tolist() == ["ok"] * len(STEPS)
+
+
 def test_resume_with_other_settings_is_refused(reference_run, step_series, probe_file):
     with pytest.raises(NegmonitorError, match="other settings"):
         replay(step_series, "all", reference_run, probe=str(probe_file), tokens_per_step=1000, run_name="tiny",

@@ -38,7 +38,7 @@ from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
-from negmonitor.probing import ProbeSettings, check_memory_budget
+from negmonitor.probing import ProbeBatchLimit, ProbeSettings, check_memory_budget
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, scalar_rows
 
@@ -188,6 +188,7 @@ class NegativeDifferentiationMonitor(Callback):
         self.precision_used: str | None = None
         self.drift_snapshots_kept = drift_snapshots_kept
         self.state = MonitorState()
+        self._batch_limit = ProbeBatchLimit()  # lowered by an out-of-memory retry, for the later measurements
         self.failures = 0
         self._snapshot_to_read: int | None = None
         self._snapshot_saved: int | None = None
@@ -475,7 +476,8 @@ class NegativeDifferentiationMonitor(Callback):
             measurement = engine.take_measurement(self._hf_model, self._probe_set, step, self.settings, self.state,
                                                   tokenizer=self.tokenizer, rank=trainer.global_rank,
                                                   world_size=trainer.world_size,
-                                                  forward_context=self._forward_context(trainer))
+                                                  forward_context=self._forward_context(trainer),
+                                                  batch_limit=self._batch_limit)
             self.timings["probe"] = time.perf_counter() - start
             scalars = measurement.scalars
             if self.ablation is not None and (final or self._due(step, max(1, self.ablation_every))):

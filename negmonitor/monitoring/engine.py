@@ -23,7 +23,7 @@ from negmonitor.capture import unwrap_compiled
 from negmonitor.distributed import agree_on_failure, gathers_weight
 from negmonitor.metrics.drift import weight_drift
 from negmonitor.metrics.ranking import jaccard, top_k_indices
-from negmonitor.probing import ProbeSettings, measure
+from negmonitor.probing import ProbeBatchLimit, ProbeSettings, measure
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import scalar_rows
 from negmonitor.result import ProbeResult
@@ -121,10 +121,12 @@ def take_measurement(
     rank: int = 0,
     world_size: int = 1,
     forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    batch_limit: ProbeBatchLimit | None = None,
 ) -> Measurement:
     """Measure ``model`` at ``step``, update ``state`` (cohort, weight snapshot) and return the measurement.
 
     ``forward_context`` wraps the probe forward (e.g. the trainer's autocast); statistics are fp32 either way.
+    ``batch_limit``: the run's probe batch size after an out-of-memory retry (see :class:`ProbeBatchLimit`).
     Every rank runs the probe pass (its statistics are reduced across ranks; under DDP every phase that precedes a
     collective is closed by :func:`~negmonitor.distributed.agree_on_failure`, so a failure on one rank makes every
     rank raise and skip instead of leaving the others waiting) and gets the per-neuron table (the ablation's
@@ -135,7 +137,7 @@ def take_measurement(
     sites = find_sites(eager, settings.layers)
     probe_settings = replace(settings.probe, sample_neurons=settings.image_neurons)
     summaries = measure(eager, probe_set, sites, probe_settings, rank=rank, world_size=world_size,
-                        forward_context=forward_context)
+                        forward_context=forward_context, batch_limit=batch_limit)
     with agree_on_failure(world_size > 1):  # no collective follows, but every rank should skip the same steps
         result = ProbeResult.from_summaries(summaries, sites, probe_set, tokenizer, probe_settings)
     samples = {s.layer: s.samples for s in summaries if s.samples is not None}

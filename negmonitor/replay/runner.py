@@ -49,7 +49,7 @@ from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
 from negmonitor.budget import DEFAULT_MEMORY_BUDGET
-from negmonitor.probing import ProbeSettings
+from negmonitor.probing import ProbeBatchLimit, ProbeSettings
 from negmonitor.probeset import TEXT_SUFFIXES, ProbeSet, load_probe_texts
 from negmonitor.records import RecordStore, scalar_rows
 from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest, weights_sha256
@@ -227,6 +227,7 @@ class _Replay:
         check_run_info(self.store.root, self._run_info(), FINGERPRINT)
         # fp32 drift: one checkpoint is in memory at a time, and Pythia's early checkpoints (steps 1, 2, 4, ...)
         # move by far less than bf16 resolves
+        self._batch_limit = ProbeBatchLimit()  # lowered by an out-of-memory retry, for the later checkpoints
         self.monitor = MonitorSettings(layers=settings.layers, cohort_frac=settings.cohort_frac, warmup_steps=0,
                                        weight_drift=True, drift_dtype=torch.float32,
                                        image_neurons=settings.image_neurons,
@@ -324,7 +325,7 @@ class _Replay:
             previous.rows = {}
         try:
             measurement = engine.take_measurement(model, self._probe_for(model), step, self.monitor, state,
-                                                  tokenizer=self.tokenizer)
+                                                  tokenizer=self.tokenizer, batch_limit=self._batch_limit)
             scalars = measurement.scalars
             if self.ablation_rows is not None:
                 extra = self.ablation_rows(model, self.tokenizer, measurement.result, self.settings.ablation,
@@ -400,7 +401,7 @@ class _Replay:
                 state = MonitorState()
                 settings = dataclasses.replace(self.monitor, weight_drift=False)
                 engine.take_measurement(model, self._probe_for(model), step_of(revision), settings, state,
-                                        tokenizer=self.tokenizer)
+                                        tokenizer=self.tokenizer, batch_limit=self._batch_limit)
             finally:
                 del model
                 self._release()
