@@ -271,11 +271,11 @@ def test_median_along_first_axis_is_numpys_median():
 
 
 @pytest.mark.parametrize("m", [256, 257, 1000, 1001, 4096])
-def test_row_medians_from_sorted_halves_equal_whole_sorts(m: int) -> None:
-    """The halves-and-window pick equals the midpoint of whole sorted rows, bit for bit, on random rows, ties,
-    constant rows, rows whose halves do not overlap (the window cannot hold the answer: redone whole), +-inf and
-    NaN (sorted last, as numpy sorts)."""
-    from negmonitor.metrics._median import _kth_of_two_sorted, _row_medians
+def test_row_medians_by_partition_equal_whole_sorts(m: int) -> None:
+    """The partition at the lower middle rank and the least value above it equal the midpoint of whole sorted rows,
+    bit for bit, on random rows, ties, constant rows, sorted and reversed rows, +-inf and NaN (sorted last, as
+    numpy sorts), also with a count below the length (the rest +inf, as MD's left-out pairs)."""
+    from negmonitor.metrics._median import _row_medians
 
     rng = np.random.default_rng(m)
     cases = {
@@ -296,5 +296,9 @@ def test_row_medians_from_sorted_halves_equal_whole_sorts(m: int) -> None:
         got = _row_medians(rows.copy(), m)
         assert got.dtype == rows.dtype, name
         np.testing.assert_array_equal(got, expected, err_msg=name)
-    halves = [np.sort(part, axis=1) for part in np.split(cases["random"], [m // 2], axis=1)]
-    assert _kth_of_two_sorted(*halves, (m - 1) // 2)[2].all()  # random rows: the window holds it, nothing redone
+    for count in (m - 1, m // 2 + 1, 2, 1):
+        rows = cases["random"].copy()
+        rows[:, count:] = np.inf
+        whole = np.sort(rows, axis=1)
+        expected = (whole[:, (count - 1) // 2] + whole[:, count // 2]) * 0.5
+        np.testing.assert_array_equal(_row_medians(rows, count), expected, err_msg=f"count {count}")

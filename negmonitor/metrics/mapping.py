@@ -11,7 +11,7 @@ out of every statistic; a neuron whose median output difference is 0 gets NaN MD
 midpoint median (as ``numpy.median``).
 
 Everything is computed in torch on the tensors' device, block by block over neurons, with nothing read back to
-the host (the number of kept pairs stays a tensor); on CPU the medians' sorts are numpy's (see ``_median``).
+the host (the number of kept pairs stays a tensor); on CPU the medians' selections are numpy's (see ``_median``).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def mapping_difficulty(
         if oi is not None:
             torch.mul(diff, inv_oi[:, None], out=oi[:, start:stop])
         rows = rows_buffer[: n_pairs * (stop - start)].view(stop - start, n_pairs)
-        rows.copy_(diff.t())  # neuron-major rows for the sort (a blocked transposing copy)
+        rows.copy_(diff.t())  # neuron-major rows for the median (a blocked transposing copy)
         if not all_kept:
             rows.masked_fill_(~keep, math.inf)  # left-out pairs sort last
         medians[start:stop] = row_medians_(rows, count)
