@@ -45,6 +45,7 @@ from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_tex
 from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.interventions import ablate, check_mode
+from negmonitor.result import ProbeResult
 from negmonitor.selection import Selection, restrict_layers, select_neurons
 from negmonitor.validation import check_fraction
 
@@ -476,8 +477,8 @@ def neuron_values(model: nn.Module, tokenizer, result, settings: AblationSetting
                        tokenizer=tokenizer, batch_size=settings.batch_size, progress=settings.progress)
     if isinstance(result, Mapping):
         return {int(k): torch.as_tensor(v, dtype=torch.float64) for k, v in result.items()}
-    if hasattr(result, "values") and hasattr(result, "neurons"):
-        return result.values(settings.metric)
+    if isinstance(result, ProbeResult):
+        return result.values(settings.metric)  # from its tensors when its tables were never built
     raise NegmonitorError(f"expected a ProbeResult, a ProbeSet or a mapping layer -> values, got "
                           f"{type(result).__name__} — run negmonitor.probe first")
 

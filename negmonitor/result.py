@@ -34,19 +34,43 @@ TABLES = ("neurons", "layers", "pairs", "top_pairs")
 class ProbeResult:
     """Per-neuron, per-layer and per-pair tables from one probe pass (see the module docstring).
 
-    ``neurons`` and ``layers`` are built at once; ``pairs`` and ``top_pairs`` (token text and context) only when
-    first read (saved, logged), from the layer summaries.
+    A result of a probe pass builds each table only when it is first read (logged, saved): under DDP the other
+    ranks read just :meth:`values` (the ablation's selections), which comes from the per-layer tensors without a
+    table. Token text and context are decoded once, for the pair tables.
     """
 
-    def __init__(self, neurons: pd.DataFrame, layers: pd.DataFrame, pairs: pd.DataFrame | None = None,
-                 top_pairs: pd.DataFrame | None = None, meta: dict | None = None,
+    def __init__(self, neurons: pd.DataFrame | None = None, layers: pd.DataFrame | None = None,
+                 pairs: pd.DataFrame | None = None, top_pairs: pd.DataFrame | None = None, meta: dict | None = None,
                  tables: "_TableBuilder | None" = None) -> None:
-        self.neurons = neurons
-        self.layers = layers
-        self._pairs = pairs if pairs is not None or tables is not None else pd.DataFrame()
-        self._top_pairs = top_pairs if top_pairs is not None or tables is not None else pd.DataFrame()
+        def given(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+            return frame if frame is not None or tables is not None else pd.DataFrame()
+
+        self._neurons, self._layers = given(neurons), given(layers)
+        self._pairs, self._top_pairs = given(pairs), given(top_pairs)
         self.meta = meta if meta is not None else {}
         self._tables = tables
+
+    @property
+    def neurons(self) -> pd.DataFrame:
+        """One row per neuron: WD and its split, MD, moments, counts (``NEURON_COLUMNS``)."""
+        if self._neurons is None:
+            self._neurons = self._tables.neuron_frame()
+        return self._neurons
+
+    @neurons.setter
+    def neurons(self, value: pd.DataFrame) -> None:
+        self._neurons = value
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        """One row per layer: WD summary and negative-side share, MD summary, pair-sign shares, Jaccard."""
+        if self._layers is None:
+            self._layers = self._tables.layer_frame(self.neurons)
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: pd.DataFrame) -> None:
+        self._layers = value
 
     @property
     def pairs(self) -> pd.DataFrame:
@@ -93,39 +117,45 @@ class ProbeResult:
         return cls(meta=meta, **tables)
 
     def values(self, metric: str = "wd") -> dict[int, torch.Tensor]:
-        """Per-layer tensors of one per-neuron metric (for selection and cohorts)."""
-        if metric not in self.neurons.columns:
+        """Per-layer float64 tensors of one per-neuron metric (for selection and cohorts), indexed by neuron."""
+        columns = NEURON_COLUMNS if self._neurons is None else self._neurons.columns
+        if metric not in columns:
             raise NegmonitorError(f"unknown metric {metric!r} — use one of {', '.join(NEURON_COLUMNS[2:11])}")
+        if self._neurons is None:  # not built: straight from the per-layer tensors, no table
+            return {int(s.layer): torch.from_numpy(_neuron_column(s, metric).astype(np.float64))
+                    for s in sorted(self._tables.summaries, key=lambda s: s.layer)}
         return {int(layer): torch.tensor(group.sort_values("neuron")[metric].to_numpy(dtype=np.float64))
                 for layer, group in self.neurons.groupby("layer")}
 
     @classmethod
     def from_summaries(cls, summaries: Sequence[LayerSummary], sites: Sequence[MLPSite], probe_set, tokenizer,
                        settings) -> "ProbeResult":
-        """Per-neuron and per-layer tables from the layer summaries; the pair tables are built when read."""
-        frames = [_neuron_frame(s) for s in summaries]
-        neurons = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=NEURON_COLUMNS)
-        layers = pd.DataFrame([_layer_row(s, f, settings) for s, f in zip(summaries, frames)])
+        """The result of a probe pass: its tables are built from the layer summaries when first read."""
         meta = {"probe_source": probe_set.source, "probe_tokens": probe_set.n_tokens,
                 "probe_windows": probe_set.n_windows, "window": probe_set.window, "n_pairs": probe_set.n_pairs,
                 "seed": probe_set.seed, "family": sites[0].family if sites else None}
-        return cls(neurons, layers, None, None, meta, tables=_TableBuilder(list(summaries), probe_set, tokenizer,
-                                                                         settings))
+        return cls(meta=meta, tables=_TableBuilder(list(summaries), probe_set, tokenizer, settings))
+
+
+def _neuron_column(summary: LayerSummary, key: str) -> np.ndarray:
+    """One column of a layer's per-neuron table, from its summary's tensors."""
+    st = summary.stats
+    n = int(st["wd"].numel())
+    if key == "layer":
+        return np.full(n, summary.layer, dtype=np.int64)
+    if key == "neuron":
+        return np.arange(n, dtype=np.int64)
+    if key == "md":
+        return _np(summary.md) if summary.md is not None else np.full(n, np.nan)
+    if key in ("count", "nonfinite"):
+        return _np(st[key]).astype(np.int64)
+    if key == "flagged":
+        return ~np.isfinite(_np(st["wd"]))
+    return _np(st[key])
 
 
 def _neuron_frame(summary: LayerSummary) -> pd.DataFrame:
-    st = summary.stats
-    n = int(st["wd"].numel())
-    columns = {"layer": np.full(n, summary.layer, dtype=np.int64), "neuron": np.arange(n, dtype=np.int64)}
-    for key in ("wd", "wd_neg", "wd_pos"):
-        columns[key] = _np(st[key])
-    columns["md"] = _np(summary.md) if summary.md is not None else np.full(n, np.nan)
-    for key in ("mean", "std", "skew", "kurtosis", "neg_frac"):
-        columns[key] = _np(st[key])
-    columns["count"] = _np(st["count"]).astype(np.int64)
-    columns["nonfinite"] = _np(st["nonfinite"]).astype(np.int64)
-    columns["flagged"] = ~np.isfinite(columns["wd"])
-    return pd.DataFrame(columns)
+    return pd.DataFrame({key: _neuron_column(summary, key) for key in NEURON_COLUMNS})
 
 
 def _layer_row(summary: LayerSummary, frame: pd.DataFrame, settings) -> dict:
@@ -173,6 +203,16 @@ class _TableBuilder:
         self.summaries, self.probe_set, self.tokenizer, self.settings = summaries, probe_set, tokenizer, settings
         self._contexts: np.ndarray | None = None
         self._texts: dict[int, str] = {}  # token id -> text, shared by every layer's table and the pair table
+
+    def neuron_frame(self) -> pd.DataFrame:
+        """One row per neuron of every layer."""
+        frames = [_neuron_frame(s) for s in self.summaries]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=NEURON_COLUMNS)
+
+    def layer_frame(self, neurons: pd.DataFrame) -> pd.DataFrame:
+        """One row per layer, from its rows of ``neurons``."""
+        return pd.DataFrame([_layer_row(s, neurons[neurons.layer == s.layer], self.settings)
+                             for s in self.summaries])
 
     def _token_text(self, ids: np.ndarray) -> np.ndarray:
         unique, inverse = np.unique(ids, return_inverse=True)

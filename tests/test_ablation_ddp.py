@@ -26,8 +26,20 @@ SCRIPT = textwrap.dedent('''
     import lightning as L
     from lightning.pytorch import seed_everything
     from lightning_helpers import TEXT, TinyLM, token_loader
+    from negmonitor import result as result_module
     from negmonitor.callbacks import NegativeDifferentiationMonitor
     from negmonitor.train.grammar import GrammarCorpus
+
+    tables = []  # per-neuron and per-layer table rows this rank built
+
+    def counting(build):
+        def wrapped(*args, **kwargs):
+            tables.append(build.__name__)
+            return build(*args, **kwargs)
+        return wrapped
+
+    result_module._neuron_frame = counting(result_module._neuron_frame)
+    result_module._layer_row = counting(result_module._layer_row)
 
     class CountingMonitor(NegativeDifferentiationMonitor):
         """Counts the forward passes each rank runs for the ablation."""
@@ -52,6 +64,8 @@ SCRIPT = textwrap.dedent('''
     trainer.fit(module, token_loader(module.tokenizer))
     with open(f"{sys.argv[1]}/forwards-{trainer.global_rank}.json", "w") as f:
         json.dump(monitor.forwards, f)
+    with open(f"{sys.argv[1]}/tables-{trainer.global_rank}.json", "w") as f:
+        json.dump(tables, f)
 ''')
 
 
@@ -64,6 +78,9 @@ def test_ddp_ablation_is_split_across_ranks_and_equals_single_process(tmp_path) 
     assert code == 0, err[-3000:]
     forwards = [json.loads((logs / f"forwards-{rank}.json").read_text()) for rank in (0, 1)]
     assert forwards[0] == forwards[1] and all(n > 0 for n in forwards[1]), forwards  # both ranks work, in lockstep
+    # Rank 1 selects its ablated neurons from the per-layer tensors: only rank 0 builds the tables it records.
+    tables = [json.loads((logs / f"tables-{rank}.json").read_text()) for rank in (0, 1)]
+    assert tables[1] == [] and {"_neuron_frame", "_layer_row"} <= set(tables[0]), tables
 
     scalars = RecordStore.for_logdir(logs).read_scalars()
     ddp = scalars[(scalars.step == 0) & scalars.metric.str.startswith("ablation/")].set_index("metric").value

@@ -264,3 +264,22 @@ def test_probe_without_md_pairs_warns_nothing() -> None:
         result = probe(tiny_causal_lm(), probe_set)
     assert [str(w.message) for w in caught] == []
     assert result.neurons.wd.notna().all()
+
+
+def test_values_without_the_tables_equal_the_tables_columns(tokenizer) -> None:
+    """A rank that only selects neurons (the ablation under DDP) reads :meth:`ProbeResult.values` from the layer
+    tensors, without building a table: every metric equals the built table's column, neuron for neuron."""
+    probe_set = ProbeSet.build(["the cat sees the dogs . " * 50] * 10, tokenizer, n_tokens=1024, window=64,
+                               n_pairs=100)
+    result = probe(tiny_causal_lm("neox"), probe_set)
+    untabled = {metric: result.values(metric) for metric in ("wd", "wd_neg", "md", "skew", "count", "flagged")}
+    with pytest.raises(NegmonitorError, match="unknown metric 'ppl'"):
+        result.values("ppl")
+    for metric, by_layer in untabled.items():
+        table = result.neurons
+        assert sorted(by_layer) == sorted(table.layer.unique())
+        for layer, values in by_layer.items():
+            column = table[table.layer == layer].sort_values("neuron")[metric].to_numpy(dtype=np.float64)
+            np.testing.assert_array_equal(values.numpy(), column, err_msg=metric)
+            assert values.dtype == torch.float64
+    assert list(result.layers.layer) == sorted(by_layer)

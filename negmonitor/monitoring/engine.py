@@ -129,9 +129,10 @@ def take_measurement(
     ``batch_limit``: the run's probe batch size after an out-of-memory retry (see :class:`ProbeBatchLimit`).
     Every rank runs the probe pass (its statistics are reduced across ranks; under DDP every phase that precedes a
     collective is closed by :func:`~negmonitor.distributed.agree_on_failure`, so a failure on one rank makes every
-    rank raise and skip instead of leaving the others waiting) and gets the per-neuron table (the ablation's
-    selections need it on every rank); only rank 0 follows the cohort, measures drift and builds the records'
-    tables: the others get empty scalars and neurons. Under FSDP the other ranks join rank 0's weight gathers.
+    rank raise and skip instead of leaving the others waiting) and gets the :class:`ProbeResult`, whose tables are
+    built only when read: the other ranks read just its per-layer values (the ablation's selections). Only rank 0
+    follows the cohort, measures drift and builds the tables: the others get empty scalars and neurons. Under FSDP
+    the other ranks join rank 0's weight gathers.
     """
     eager = unwrap_compiled(model)
     sites = find_sites(eager, settings.layers)
