@@ -302,3 +302,26 @@ def test_row_medians_by_partition_equal_whole_sorts(m: int) -> None:
         whole = np.sort(rows, axis=1)
         expected = (whole[:, (count - 1) // 2] + whole[:, count // 2]) * 0.5
         np.testing.assert_array_equal(_row_medians(rows, count), expected, err_msg=f"count {count}")
+
+
+@pytest.mark.parametrize("m", [100, 256, 1001])
+def test_nonnegative_rows_ordered_as_int32_bits_give_the_float_medians(m: int) -> None:
+    """MD's medians order |Δy| rows as int32 bits: bit for bit the float medians, with ties, zeros, +inf and NaN
+    (from ``abs_``: sign bit clear), for a shared count and for per-row counts."""
+    from negmonitor.metrics._median import row_medians_
+
+    rng = np.random.default_rng(m)
+    rows = torch.from_numpy(rng.standard_normal((48, m)).astype(np.float32) ** 3)
+    rows[:8] = rows[:8].round()  # ties and zeros (-0.0 among them before abs_)
+    rows[8:12, ::7] = math.inf
+    rows[12:16, 3] = math.nan
+    rows[16:20, : m // 2 + 3] = -math.nan  # NaN past the middle, sign bit set until abs_
+    rows.abs_()
+    for count in (m, m - 1, m // 2 + 1, 1, torch.full((48,), m - 3), torch.randint(1, m + 1, (48,))):
+        padded = rows.clone()
+        k = count if isinstance(count, int) else count[:, None]
+        padded[torch.arange(m)[None, :].expand(48, m) >= torch.as_tensor(k)] = math.inf  # past the count: last
+        expected = row_medians_(padded.clone(), count)
+        got = row_medians_(padded.clone(), count, nonnegative=True)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=f"count {count}")

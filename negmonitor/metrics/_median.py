@@ -8,7 +8,8 @@ On CUDA and other devices: ``torch.sort`` of a block of columns and a gather at 
 ``torch.sort`` is slow (~50 ms for 2,048 rows of 1,000 values, torch 2.13), so numpy reorders the rows in place (a
 CPU tensor and its ndarray share memory: no copy). Rows of 256 or more with one shared count are partitioned at the
 lower middle rank (numpy's SIMD selection) and the upper middle value is the least of the values above it; shorter
-rows are sorted whole, which is faster there. On the AMD EPYC of the last benchmarks, 524 rows of 1,000 values
+rows are sorted whole, which is faster there. Rows known to be non-negative (MD's |Δy|) are ordered as their int32
+bits, which numpy selects on faster than on float32. On the AMD EPYC of the last benchmarks, 524 rows of 1,000 values
 (one MD block): 1.3 ms partitioned, 2.8 ms sorted as two halves (the way before), 2.9 ms sorted whole. A second
 thread sorting half the rows did not pay: torch's OpenMP threads keep the other core busy between ops.
 """
@@ -48,12 +49,19 @@ def column_medians(values: Tensor, count: Tensor | int, block_elements: int | No
     return out
 
 
-def row_medians_(rows: Tensor, count: Tensor | int) -> Tensor:
+def row_medians_(rows: Tensor, count: Tensor | int, nonnegative: bool = False) -> Tensor:
     """Midpoint median of the ``count`` smallest values of each row of ``rows`` ``[b, m]``, reordering ``rows`` in
-    place (so pass a tensor of your own; contiguous on CPU). ``count``: an int or a ``[b]`` tensor."""
+    place (so pass a tensor of your own; contiguous on CPU). ``count``: an int or a ``[b]`` tensor.
+
+    ``nonnegative``: every value has its sign bit clear (``abs_()`` output, +inf, +NaN). On CPU fp32 rows are then
+    ordered as their int32 bit patterns, which sort as the values do (NaN last): numpy selects on int32 about 1.5x
+    faster than on float32 (Intel Xeon, AVX-512: 2,048 rows of 1,000, 2.7 vs 4.2 ms)."""
     if _NUMPY_ON_CPU and rows.device.type == "cpu":
         k = count if isinstance(count, int) else count.numpy()
-        return torch.from_numpy(_row_medians(rows.numpy(), k))
+        values = rows.numpy()
+        if nonnegative and values.dtype == np.float32:
+            return torch.from_numpy(_row_medians(values.view(np.int32), k, np.float32))
+        return torch.from_numpy(_row_medians(values, k))
     return _torch_row_medians(rows, count)
 
 
@@ -67,9 +75,16 @@ def _torch_row_medians(rows: Tensor, count: Tensor | int) -> Tensor:
     return ((low + high) * 0.5).squeeze(1)
 
 
-def _row_medians(rows: np.ndarray, count: int | np.ndarray) -> np.ndarray:
-    """:func:`row_medians_` on CPU: numpy reorders ``rows`` in place (NaN and +inf go last, as numpy sorts)."""
+def _row_medians(rows: np.ndarray, count: int | np.ndarray, values_dtype: type | None = None) -> np.ndarray:
+    """:func:`row_medians_` on CPU: numpy reorders ``rows`` in place (NaN and +inf go last, as numpy sorts).
+    ``values_dtype``: what ``rows`` hold when they are ordered as another dtype's view (int32 bits of fp32)."""
     b, m = rows.shape
+
+    def midpoint(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        if values_dtype is not None:
+            low, high = low.view(values_dtype), high.view(values_dtype)
+        return (low + high) * 0.5
+
     if not isinstance(count, int):
         if count.size and (count == count.flat[0]).all():
             count = int(count.flat[0])
@@ -78,14 +93,15 @@ def _row_medians(rows: np.ndarray, count: int | np.ndarray) -> np.ndarray:
             k = np.clip(np.asarray(count, dtype=np.int64), 1, m)
             low = np.take_along_axis(rows, ((k - 1) // 2)[:, None], axis=1)[:, 0]
             high = np.take_along_axis(rows, (k // 2).clip(max=m - 1)[:, None], axis=1)[:, 0]
-            return (low + high) * 0.5
+            return midpoint(low, high)
     k = min(max(count, 1), m)
     lower, upper = (k - 1) // 2, min(k // 2, m - 1)
     if m < _PARTITION_MIN_LENGTH:
         rows.sort(axis=1)
-        return (rows[:, lower] + rows[:, upper]) * 0.5
+        return midpoint(rows[:, lower], rows[:, upper])
     rows.partition(lower, axis=1)  # rows[:, lower] in place, nothing smaller after it
     low = rows[:, lower]
-    # The next order statistic is the least value after it; fmin passes over NaN (sorted last), as a sort would.
+    # The next order statistic is the least value after it; fmin passes over NaN (sorted last), as a sort would
+    # (as int32 bits, NaN is the largest: a plain minimum).
     high = low if upper == lower else np.fmin.reduce(rows[:, lower + 1 :], axis=1)
-    return (low + high) * 0.5
+    return midpoint(low, high)
