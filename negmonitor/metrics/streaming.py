@@ -69,7 +69,6 @@ _CPU_BLOCK_ELEMENTS = 1 << 19  # 16 MiB of update temporaries: per-op overhead a
 _DEVICE_BLOCK_ELEMENTS = 1 << 21  # elsewhere: 64 MiB of update temporaries (~200 MiB in compute)
 _UPDATE_BYTES_PER_ELEMENT = 32  # scratch: d, another fp32, the masked block in fp32, float16, 2 x int64 (30)
 _COMPUTE_BYTES_PER_POINT = 192  # ~24 fp64 / int64 arrays per point at the peak of the W1 integration
-_HEAP_PRIME_BYTES = (32 << 20) - (64 << 10)  # just under glibc's 32 MiB cap of its dynamic mmap threshold
 _WINDOW_BYTES_PER_BIN = 10  # compute's scan on CPU: two bool masks and (at most) an int64 index per bin
 _VECTOR_BYTES_PER_NEURON = 256  # per-neuron vectors of an update or compute chunk
 _COMPACT_ON_CPU = True  # False runs compute's fixed-shape (non-CPU) path on CPU too, for the tests
@@ -384,8 +383,6 @@ class NeuronStatsAccumulator(Metric):
         negative = self.negative.double() / countf.clamp(min=1)  # mass below pre-activation 0
         wd = torch.empty(3, n, dtype=torch.float64, device=device)
         compact = _COMPACT_ON_CPU and device.type == "cpu"
-        if device.type == "cpu":
-            _keep_freed_heap()
         block = self._block(device)
         window = _window_rows(n, self.n_bins, block, compact)
         width = None if compact else cols.width  # off CPU every bin is a point: rows of one width
@@ -468,18 +465,6 @@ class _Scratch:
 _OUTPUT_ORDER = ("wd", "wd_neg", "wd_pos", "mean", "std", "skew", "kurtosis", "neg_frac", "count", "nonfinite",
                  "min", "max")
 GRID_ROWS = 1024  # rows the grid is taken from (a probe pass: of its first window)
-
-
-def _keep_freed_heap() -> None:
-    """Free one untouched 32 MiB block, so that glibc keeps the heap memory freed between compute's groups.
-
-    glibc gives freed heap memory back to the OS once more than a threshold is free at the top of the heap, and
-    raises that threshold to twice the size of the largest freed mmapped block up to 32 MiB. A group churns
-    ~10 MB of temporaries; below the threshold each group faults its pages in afresh (that doubled compute's
-    time). The block is numpy's (plain malloc) and its pages are never touched, so it holds no memory; with
-    other allocators this is a no-op.
-    """
-    np.empty(_HEAP_PRIME_BYTES, dtype=np.uint8)
 
 
 def _plain_source(xb: Tensor, masked: Tensor, shift: Tensor, inv_unit: Tensor, lo: Tensor,
