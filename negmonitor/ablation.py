@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET, parse_bytes
 from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.interventions import ablate, check_mode
@@ -81,6 +82,9 @@ class AblationSettings:
         npi_pairs: ``both`` pairs of each TSE NPI triple, or the ``last`` only (the authors').
         lm_eval_limit: documents per lm-eval task (None: all).
         lm_eval_task_dirs: folders of custom lm-eval task YAML files.
+        memory_budget: extra memory one perplexity forward may allocate on the model's device (bytes or a size such
+            as ``"2GiB"``; None: no bound): the perplexity batch size halves until its logits, activations and
+            loss fit. The training monitor and the commands set it to their own ``memory_budget``.
         progress: show progress bars.
     """
 
@@ -103,6 +107,7 @@ class AblationSettings:
     npi_pairs: str | None = None
     lm_eval_limit: int | float | None = None
     lm_eval_task_dirs: tuple[str, ...] = ()
+    memory_budget: int | str | None = DEFAULT_MEMORY_BUDGET
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -116,6 +121,7 @@ class AblationSettings:
             raise NegmonitorError(f"max_matching_evals must be a positive integer, got {self.max_matching_evals!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise NegmonitorError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        self.memory_budget = parse_bytes(self.memory_budget)
         for name in ("ppl_window", "ppl_stride"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -236,7 +242,7 @@ def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: Ablati
     from negmonitor.evaluation.perplexity import perplexity
 
     result = perplexity(model, tokenizer, ids, window=settings.ppl_window, stride=settings.ppl_stride,
-                        batch_size=settings.batch_size, shard=shard)
+                        batch_size=settings.batch_size, shard=shard, memory_budget=settings.memory_budget)
     return {"ppl": result.ppl, "nll": result.nll}
 
 

@@ -29,7 +29,8 @@ from negmonitor.errors import NegmonitorError
 from negmonitor.metrics.streaming import GRID_ROWS, NeuronStatsAccumulator
 from negmonitor.summary import MD_COLUMNS
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "parse_bytes", "format_bytes", "Plan", "plan_measurement"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "parse_bytes", "format_bytes", "Plan", "plan_measurement", "lm_window_bytes",
+           "evaluation_batch_size"]
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
 MAX_UPDATE_ELEMENTS = 1 << 22  # rows x neurons handed to an accumulator at once: bounds the update's transients
@@ -231,3 +232,48 @@ def log_plan_once(plan: Plan, shapes: Sequence[LayerShape], requested_batch_size
         warnings.warn(line, stacklevel=3)
     else:
         log.info(line)
+
+
+LOSS_ROWS = 512  # positions per slice of the perplexity loss: its fp32 log-softmax is LOSS_ROWS x vocabulary
+
+
+def lm_window_bytes(model, window: int) -> int:
+    """Planned extra memory of one ``window``-token row through a causal LM's evaluation forward (no autograd): its
+    logits (counted in fp32), the hidden activations of one block, the eager attention's score matrices, and the
+    loss over :data:`LOSS_ROWS` positions at a time (their fp32 copy and log-softmax)."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = int(head.weight.shape[0]) if head is not None else int(getattr(config, "vocab_size", 0) or 0)
+    d = int(getattr(config, "hidden_size", 0) or 0)
+    n = int(next((v for v in (getattr(config, k, None) for k in ("intermediate_size", "n_inner", "ffn_dim")) if v),
+                 4 * d))
+    attention = 0
+    if getattr(config, "_attn_implementation", "eager") == "eager":  # B x H x T x T scores and their softmax
+        attention = int(getattr(config, "num_attention_heads", 0) or 0) * window * 4 * 2
+    return window * (vocab * 4 + (2 * n + 4 * d) * 4 + attention) + min(window, LOSS_ROWS) * vocab * 8
+
+
+def evaluation_batch_size(model, window: int, batch_size: int, budget: int | None) -> int:
+    """The largest of ``batch_size, batch_size/2, ..., 1`` windows whose evaluation forward fits ``budget`` (logged
+    once when lowered); ``batch_size`` without a budget.
+
+    Raises:
+        NegmonitorError: a budget too small for one window, naming the smallest that works.
+    """
+    if budget is None:
+        return batch_size
+    per_window = lm_window_bytes(model, window)
+    if per_window > budget:
+        raise NegmonitorError(f"memory_budget {format_bytes(budget)} cannot hold one {window}-token perplexity "
+                              f"window — the smallest budget that works here is {format_bytes(per_window)} "
+                              f"(memory_budget='{math.ceil(per_window / (1 << 20))}MiB'); or pass a shorter ppl_window")
+    size = batch_size
+    while size > 1 and size * per_window > budget:
+        size //= 2
+    if size < batch_size:
+        line = (f"negmonitor: memory budget {format_bytes(budget)}: perplexity batch size {batch_size} -> {size} "
+                f"({window}-token windows, planned {format_bytes(size * per_window)})")
+        if line not in _LOGGED:
+            _LOGGED.add(line)
+            warnings.warn(line, stacklevel=3)
+    return size

@@ -373,3 +373,23 @@ def test_a_probe_pass_moves_its_inputs_to_the_device_once_not_per_batch(probe_se
             assert torch.equal(got.grid_rows, grid) and (grid.numel() > 0) == (0 in chunk)
         assert sum(len(i.pair_slots) for i in inputs) == probe_set.n_pairs * 2
     assert len(counts) == 2 and len(set(counts.values())) == 1, counts  # 16 and 4 batches: the same copies
+
+
+def test_the_monitors_budget_bounds_the_ablations_perplexity_and_a_too_small_one_is_refused_at_set_up(tmp_path):
+    """With ablation on, the monitor's memory_budget is the ablation's too; one too small for a perplexity window
+    ends fit() at set-up with one line naming the smallest budget that works, before any training step."""
+    from lightning_helpers import TinyLM, token_loader, trainer
+
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+
+    module = TinyLM()
+    kwargs = dict(probe=[TEXT], every_n_steps=2, probe_tokens=512, probe_window=64, n_pairs=64, ppl_text=[TEXT],
+                  ablation={"fraction": 0.05, "max_matching_evals": 2, "ppl_window": 64})
+    assert NegativeDifferentiationMonitor(memory_budget="3GiB", **kwargs).ablation.memory_budget == 3 << 30
+    assert NegativeDifferentiationMonitor(memory_budget=None, **kwargs).ablation.memory_budget is None
+    monitor = NegativeDifferentiationMonitor(memory_budget="64KiB", **kwargs)
+    with pytest.raises(NegmonitorError) as info:
+        trainer(tmp_path / "small", max_steps=4, callbacks=[monitor]).fit(module, token_loader(module.tokenizer))
+    message = str(info.value)
+    assert "\n" not in message and "64-token perplexity window" in message and "smallest budget" in message
+    assert module.global_step == 0

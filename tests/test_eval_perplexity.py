@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -205,3 +206,46 @@ def test_hub_path_is_datasets_load_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     assert load_perplexity_text() == " = Title = \n\n\n Body line . \n"
     assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]
+
+
+def test_the_loss_taken_a_slice_of_positions_at_a_time_matches_brute_force(model, tokenizer, monkeypatch):
+    """The loss runs over LOSS_ROWS positions at a time (its fp32 copy and softmax stay small beside the logits):
+    slices of 3 positions, with unscored positions inside and across them, give the brute-force NLL."""
+    module = importlib.import_module("negmonitor.evaluation.perplexity")
+
+    monkeypatch.setattr(module, "LOSS_ROWS", 3)
+    ids = token_stream(tokenizer, SHORT_TEXT).tolist()[:30]
+    for window, stride in ((12, 5), (8, 8)):
+        expected_total, expected_count = brute_force_nll(model, ids, window, stride)
+        result = perplexity(model, tokenizer, ids, window=window, stride=stride, batch_size=3, drop_tail=False)
+        assert result.n_tokens == expected_count
+        assert result.nll == pytest.approx(expected_total / expected_count, rel=1e-5)
+
+
+def test_a_memory_budget_lowers_the_batch_size_and_keeps_the_perplexity(model, tokenizer, monkeypatch):
+    """A budget for two windows per forward: batch size 8 -> 2, logged once, the same perplexity; no budget: 8."""
+    from negmonitor.budget import lm_window_bytes
+    module = importlib.import_module("negmonitor.evaluation.perplexity")
+
+    ids = token_stream(tokenizer, SHORT_TEXT * 3).tolist()
+    rows: list[int] = []
+    score = module._score_batch
+    monkeypatch.setattr(module, "_score_batch", lambda m, i, batch, *a: rows.append(len(batch)) or score(m, i, batch, *a))
+    free = perplexity(model, tokenizer, ids, window=8, batch_size=8)
+    assert max(rows) == 8
+    rows.clear()
+    budget = 2 * lm_window_bytes(model, 8) + 1
+    with pytest.warns(UserWarning, match="perplexity batch size 8 -> 2"):
+        bounded = perplexity(model, tokenizer, ids, window=8, batch_size=8, memory_budget=budget)
+    assert max(rows) == 2 and len(rows) > 4
+    assert bounded.n_tokens == free.n_tokens
+    assert bounded.nll == pytest.approx(free.nll, rel=1e-6)
+
+
+def test_a_budget_too_small_for_one_window_is_refused_in_one_line(model, tokenizer):
+    from negmonitor.budget import lm_window_bytes
+
+    need = lm_window_bytes(model, 8)
+    with pytest.raises(NegmonitorError, match=r"the smallest budget that works here is .*memory_budget='\d+MiB'") as err:
+        perplexity(model, tokenizer, SHORT_TEXT, window=8, memory_budget=need - 1)
+    assert "\n" not in str(err.value)

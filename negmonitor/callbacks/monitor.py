@@ -21,6 +21,7 @@ import contextlib
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +31,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from negmonitor.ablation import AblationSettings
-from negmonitor.budget import DEFAULT_MEMORY_BUDGET
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET, evaluation_batch_size
 from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
 from negmonitor.distributed import Shard
@@ -39,6 +40,7 @@ from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
 from negmonitor.probing import ProbeBatchLimit, ProbeSettings, check_memory_budget
+from negmonitor.protocol import default_window
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, scalar_rows
 
@@ -174,7 +176,8 @@ class NegativeDifferentiationMonitor(Callback):
         if ablation is not None and ablation is not False and "ablation" in self.families:
             from negmonitor.monitoring.ablation_rows import as_settings
 
-            self.ablation = as_settings(ablation)
+            # One budget for the whole measurement: it also bounds the ablation's perplexity batches.
+            self.ablation = replace(as_settings(ablation), memory_budget=memory_budget)
         self.ablation_every = ablation_every_n_steps or every_n_steps
         self.minimal_pairs = minimal_pairs
         self.minimal_pairs_sample = minimal_pairs_sample
@@ -267,7 +270,13 @@ class NegativeDifferentiationMonitor(Callback):
         return name
 
     def _check_budget(self, trainer: Trainer) -> None:
-        """Refuse a memory budget too small for one layer now, before training starts, not at every measurement."""
+        """Refuse a memory budget too small for one layer (or, with ablation, one perplexity window) now, before
+        training starts, not at every measurement."""
+        if self.ablation is not None and self.ppl_text is not None:
+            from negmonitor.evaluation._common import max_positions
+
+            window = self.ablation.ppl_window or default_window(max_positions(self._hf_model, self.tokenizer))
+            evaluation_batch_size(self._hf_model, window, 1, self.ablation.memory_budget)
         with self._forward_context(trainer)():
             check_memory_budget(self._hf_model, self._probe_set, self.settings.layers, self.settings.probe,
                                 trainer.world_size)

@@ -129,6 +129,7 @@ def _check_args(args: argparse.Namespace) -> tuple:
         layers=tuple(parse_layers(args.layers)) if args.layers else None,
         lm_eval_limit=_limit(args.lm_eval_limit),
         lm_eval_task_dirs=(args.lm_eval_tasks_dir,) if args.lm_eval_tasks_dir else (), progress=True,
+        memory_budget=memory_budget(args),
         **protocol_kwargs(args))
     _check_metric(args.metric)
     request = parse_evals(args.eval or ("ppl,blimp,tse" if args.tse else "ppl,blimp"))

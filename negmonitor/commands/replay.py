@@ -112,7 +112,8 @@ def _ablation(args: argparse.Namespace) -> tuple:
 
     check_positive(args.random_draws, "--random-draws")
     ablation = AblationSettings(fraction=check_fraction(args.ablate, "--ablate"), seed=args.seed,
-                                random_draws=args.random_draws, batch_size=args.batch_size, **protocol_kwargs(args))
+                                random_draws=args.random_draws, batch_size=args.batch_size,
+                                memory_budget=memory_budget(args), **protocol_kwargs(args))
     minimal_pairs = []  # BLiMP and TSE together are scored in the same protocol run
     if args.blimp:
         from negmonitor.evaluation.blimp import load_blimp

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from negmonitor.budget import LOSS_ROWS, evaluation_batch_size
 from negmonitor.distributed import Shard, agree_on_failure
 from negmonitor.errors import NegmonitorError
 from negmonitor.protocol import SEPARATOR, default_window
@@ -103,6 +104,7 @@ def perplexity(
     progress: bool = False,
     drop_tail: bool = True,
     shard: Shard | None = None,
+    memory_budget: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a text, a list of texts (joined) or a 1-D sequence of token ids.
 
@@ -116,6 +118,9 @@ def perplexity(
         shard: under DDP/FSDP, this process's place: it scores every ``world_size``-th window (padding with
             throw-away batches to rank 0's count) and the summed NLL and token count are reduced over the
             processes, so every process gets the single-process result.
+        memory_budget: extra bytes one forward may allocate on the model's device (its logits, activations and
+            loss): ``batch_size`` halves until a batch fits (:func:`~negmonitor.budget.evaluation_batch_size`);
+            None: no bound.
 
     Raises:
         NegmonitorError: for a masked LM, fewer than two tokens, or a window/stride out of range.
@@ -128,6 +133,7 @@ def perplexity(
     if ids.numel() < 2:
         raise NegmonitorError(f"the text has {ids.numel()} token(s); perplexity needs at least 2 — pass more text")
     window, stride = _resolve_window(model, tokenizer, window, stride)
+    batch_size = evaluation_batch_size(model, window, batch_size, memory_budget)
     spans = sliding_windows(ids.numel(), window, stride, drop_tail)
     device, pad_id = model_device(model, device), pad_token_id(tokenizer)
     if shard is None or not shard.active:
@@ -209,10 +215,17 @@ def _score_batch(model: nn.Module, ids: torch.Tensor, batch: Sequence[tuple[int,
         attention[row, : end - begin] = 1
         labels[row, first - begin: end - begin] = ids[first:end]
     logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-    targets = labels[:, 1:].to(logits.device)
-    scored = targets != -100  # only the scored positions go through the (float32) softmax
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="sum")
-    return float(nll.double()), int(scored.sum())
+    targets = labels[:, 1:]  # position i predicts token i + 1
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for row in range(logits.shape[0]):  # the loss over LOSS_ROWS positions at a time: its float32 copy and
+        for start in range(0, targets.shape[1], LOSS_ROWS):  # softmax stay small beside the logits
+            wanted = targets[row, start : start + LOSS_ROWS]
+            scored = wanted != -100  # only the scored positions go through the (float32) softmax
+            if scored.any():  # on the host: no read-back
+                chunk = logits[row, start : start + wanted.numel()][scored.to(logits.device)].float()
+                total += torch.nn.functional.cross_entropy(chunk, wanted[scored].to(logits.device),
+                                                           reduction="sum").double()
+    return float(total), int((targets != -100).sum())
 
 
 def load_perplexity_text(source: str | os.PathLike | None = None, name: str | None = None,
