@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
-from negmonitor.budget import DEFAULT_MEMORY_BUDGET, parse_bytes
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET, evaluation_batch_size, parse_bytes
 from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.interventions import ablate, check_mode
@@ -235,6 +235,15 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
         frames.append(table)
     breakdown = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BREAKDOWN_COLUMNS)
     return Scores(metrics, breakdown)
+
+
+def check_perplexity_budget(model: nn.Module, tokenizer, settings: AblationSettings) -> None:
+    """Refuse now, in one line, a ``memory_budget`` too small for one perplexity window (not at the evaluation)."""
+    from negmonitor.evaluation._common import max_positions
+    from negmonitor.protocol import default_window
+
+    window = settings.ppl_window or default_window(max_positions(model, tokenizer))
+    evaluation_batch_size(model, window, 1, settings.memory_budget)
 
 
 def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: AblationSettings,

@@ -238,18 +238,26 @@ LOSS_ROWS = 512  # positions per slice of the perplexity loss: its fp32 log-soft
 
 
 def lm_window_bytes(model, window: int) -> int:
-    """Planned extra memory of one ``window``-token row through a causal LM's evaluation forward (no autograd): its
-    logits (counted in fp32), the hidden activations of one block, the eager attention's score matrices, and the
-    loss over :data:`LOSS_ROWS` positions at a time (their fp32 copy and log-softmax)."""
+    """Planned extra memory of one ``window``-token row through a causal LM's evaluation forward (no autograd, no
+    KV cache): its logits (counted in fp32), the hidden activations of one block, the eager attention's score
+    matrices, and the loss over :data:`LOSS_ROWS` positions at a time (their fp32 copy and log-softmax)."""
     config = getattr(model, "config", None)
+
+    def setting(*names: str) -> int:  # the model's config, else its text model's (composite configs)
+        for source in (config, getattr(config, "text_config", None)):
+            value = next((getattr(source, k) for k in names if getattr(source, k, None)), None)
+            if value:
+                return int(value)
+        return 0
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    vocab = int(head.weight.shape[0]) if head is not None else int(getattr(config, "vocab_size", 0) or 0)
-    d = int(getattr(config, "hidden_size", 0) or 0)
-    n = int(next((v for v in (getattr(config, k, None) for k in ("intermediate_size", "n_inner", "ffn_dim")) if v),
-                 4 * d))
+    # From the config or the head's declared width, never its weight: under FSDP that is this rank's flat shard.
+    vocab = setting("vocab_size") or int(getattr(head, "out_features", 0) or 0)
+    d = setting("hidden_size")
+    n = setting("intermediate_size", "n_inner", "ffn_dim") or 4 * d
     attention = 0
     if getattr(config, "_attn_implementation", "eager") == "eager":  # B x H x T x T scores and their softmax
-        attention = int(getattr(config, "num_attention_heads", 0) or 0) * window * 4 * 2
+        attention = setting("num_attention_heads") * window * 4 * 2
     return window * (vocab * 4 + (2 * n + 4 * d) * 4 + attention) + min(window, LOSS_ROWS) * vocab * 8
 
 

@@ -107,3 +107,16 @@ def test_parse_evals():
         parse_evals("lm-eval:")
     with pytest.raises(NegmonitorError, match="unknown evaluation 'ppl:x'"):
         parse_evals("ppl:x")
+
+
+def test_a_budget_too_small_for_one_perplexity_window_is_refused_before_the_probe(saved_model, tmp_path, capsys):
+    """One line naming the smallest budget, before any neuron is measured, and nothing written."""
+    out = tmp_path / "out"
+    text = tmp_path / "text.txt"
+    text.write_text("The author that the guard likes laughs. " * 200, encoding="utf-8")
+    code = main(_args(saved_model, out, "--eval", "ppl", "--text", str(text), "--probe-text", str(text),
+                      "--window", "64", "--ppl-window", "64", "--memory-budget", "64KiB"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "64-token perplexity window" in err and "smallest budget that works" in err
+    assert not (out / "probe").exists() and not list(out.glob("ablation*"))

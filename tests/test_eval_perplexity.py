@@ -249,3 +249,25 @@ def test_a_budget_too_small_for_one_window_is_refused_in_one_line(model, tokeniz
     with pytest.raises(NegmonitorError, match=r"the smallest budget that works here is .*memory_budget='\d+MiB'") as err:
         perplexity(model, tokenizer, SHORT_TEXT, window=8, memory_budget=need - 1)
     assert "\n" not in str(err.value)
+
+
+def test_the_window_plan_reads_the_config_not_the_heads_weight_and_the_forward_keeps_no_cache(model, tokenizer):
+    """Under FSDP (use_orig_params) a rank's head weight is its flat shard: the plan must not read it, or ranks
+    would choose different batch sizes and pad with different numbers of collective forwards. The forward asks
+    for no KV cache (the plan does not count one)."""
+    import copy
+
+    from negmonitor.budget import lm_window_bytes
+
+    sharded = copy.deepcopy(model)
+    planned = lm_window_bytes(sharded, 32)
+    sharded.get_output_embeddings().weight = torch.nn.Parameter(torch.empty(0))  # as an FSDP rank may hold it
+    assert lm_window_bytes(sharded, 32) == planned > 32 * sharded.config.vocab_size * 4
+    seen: list[dict] = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: seen.append(kw) or forward(*a, **kw)
+    try:
+        perplexity(model, tokenizer, SHORT_TEXT, window=8, batch_size=2)
+    finally:
+        del model.forward
+    assert seen and all(kw.get("use_cache") is False for kw in seen)

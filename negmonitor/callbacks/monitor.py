@@ -30,8 +30,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from negmonitor.ablation import AblationSettings
-from negmonitor.budget import DEFAULT_MEMORY_BUDGET, evaluation_batch_size
+from negmonitor.ablation import AblationSettings, check_perplexity_budget
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET
 from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
 from negmonitor.distributed import Shard
@@ -40,7 +40,6 @@ from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
 from negmonitor.probing import ProbeBatchLimit, ProbeSettings, check_memory_budget
-from negmonitor.protocol import default_window
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, scalar_rows
 
@@ -273,10 +272,7 @@ class NegativeDifferentiationMonitor(Callback):
         """Refuse a memory budget too small for one layer (or, with ablation, one perplexity window) now, before
         training starts, not at every measurement."""
         if self.ablation is not None and self.ppl_text is not None:
-            from negmonitor.evaluation._common import max_positions
-
-            window = self.ablation.ppl_window or default_window(max_positions(self._hf_model, self.tokenizer))
-            evaluation_batch_size(self._hf_model, window, 1, self.ablation.memory_budget)
+            check_perplexity_budget(self._hf_model, self.tokenizer, self.ablation)
         with self._forward_context(trainer)():
             check_memory_budget(self._hf_model, self._probe_set, self.settings.layers, self.settings.probe,
                                 trainer.world_size)
@@ -588,8 +584,6 @@ class AblationMonitor(NegativeDifferentiationMonitor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("families", ("ablation", "health"))
         if kwargs.get("ablation") is None:
-            from negmonitor.ablation import AblationSettings
-
             kwargs["ablation"] = AblationSettings()
         super().__init__(*args, **kwargs)
 

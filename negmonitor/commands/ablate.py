@@ -167,7 +167,8 @@ def _limit(value: float | None) -> int | float | None:
 
 def run(args: argparse.Namespace) -> int:
     """Check arguments, load, probe, run the protocol (and sweeps), print and write the tables."""
-    from negmonitor.ablation import EvalSuite, fraction_sweep, format_table, layer_group_sweep, run_protocol
+    from negmonitor.ablation import (EvalSuite, check_perplexity_budget, fraction_sweep, format_table,
+                                     layer_group_sweep, run_protocol)
     from negmonitor.models import load_model
 
     request, settings, fractions = _check_args(args)
@@ -175,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(args.out)
     model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
                                   tokenizer=args.tokenizer)
+    if "ppl" in request.names:
+        check_perplexity_budget(model, tokenizer, settings)  # before the probe, not at the first evaluation
     suite = _build_suite(args, request, tokenizer, settings.npi_pairs)
     values = _probe_values(args, model, tokenizer, settings, out)
     dtype = dtype_name(model)

@@ -214,7 +214,10 @@ def _score_batch(model: nn.Module, ids: torch.Tensor, batch: Sequence[tuple[int,
         input_ids[row, : end - begin] = ids[begin:end]
         attention[row, : end - begin] = 1
         labels[row, first - begin: end - begin] = ids[first:end]
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        inputs["use_cache"] = False  # nothing reads the KV cache; it would hold every layer's keys and values
+    logits = model(**inputs).logits
     targets = labels[:, 1:]  # position i predicts token i + 1
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for row in range(logits.shape[0]):  # the loss over LOSS_ROWS positions at a time: its float32 copy and
