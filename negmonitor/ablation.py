@@ -238,11 +238,11 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
 
 
 def check_perplexity_budget(model: nn.Module, tokenizer, settings: AblationSettings) -> None:
-    """Refuse now, in one line, a ``memory_budget`` too small for one perplexity window (not at the evaluation)."""
-    from negmonitor.evaluation._common import max_positions
-    from negmonitor.protocol import default_window
+    """Refuse now, in one line, a ``memory_budget`` too small for one perplexity window (not at the evaluation);
+    a window the model cannot take is refused first, as the evaluation would."""
+    from negmonitor.evaluation.perplexity import resolve_window
 
-    window = settings.ppl_window or default_window(max_positions(model, tokenizer))
+    window, _ = resolve_window(model, tokenizer, settings.ppl_window, settings.ppl_stride)
     evaluation_batch_size(model, window, 1, settings.memory_budget)
 
 

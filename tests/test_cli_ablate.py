@@ -120,3 +120,8 @@ def test_a_budget_too_small_for_one_perplexity_window_is_refused_before_the_prob
     assert code == 2 and len(err.splitlines()) == 1
     assert "64-token perplexity window" in err and "smallest budget that works" in err
     assert not (out / "probe").exists() and not list(out.glob("ablation*"))
+    # A window the model cannot take is named first (the budget would be the wrong thing to change).
+    code = main(_args(saved_model, out, "--eval", "ppl", "--text", str(text), "--probe-text", str(text),
+                      "--window", "64", "--ppl-window", "100000", "--memory-budget", "64KiB"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "exceeds the model's" in err

@@ -132,7 +132,7 @@ def perplexity(
     ids = token_stream(tokenizer, texts_or_token_ids)
     if ids.numel() < 2:
         raise NegmonitorError(f"the text has {ids.numel()} token(s); perplexity needs at least 2 — pass more text")
-    window, stride = _resolve_window(model, tokenizer, window, stride)
+    window, stride = resolve_window(model, tokenizer, window, stride)
     batch_size = evaluation_batch_size(model, window, batch_size, memory_budget)
     spans = sliding_windows(ids.numel(), window, stride, drop_tail)
     device, pad_id = model_device(model, device), pad_token_id(tokenizer)
@@ -174,7 +174,7 @@ def token_stream(tokenizer: PreTrainedTokenizerBase,
     return torch.tensor(encoded, dtype=torch.long)
 
 
-def _resolve_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase, window: int | None,
+def resolve_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase, window: int | None,
                     stride: int | None) -> tuple[int, int]:
     """Default and check the window length and stride against the model's maximum positions."""
     limit = max_positions(model, tokenizer)
