@@ -234,7 +234,7 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
                 recorder.reduce_across_ranks()  # collectives, in place (the last guard closed the pass)
             with agree_on_failure(guarded):  # local maths; no rank enters the next reduction if another failed
                 summaries.append(summarise_recorder(recorder, settings.top_neuron_frac, settings.top_pairs,
-                                                    settings.sample_neurons))
+                                                    settings.sample_neurons, settings.pairs_per_neuron_table))
             recorder.release()
     return summaries
 

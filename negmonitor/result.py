@@ -236,18 +236,19 @@ class _TableBuilder:
 
     def top_pair_frame(self) -> pd.DataFrame:
         """Highest-OI pairs of the top-MD neurons, with sign class, token ids, text and context."""
-        frames = [self._layer_top_pairs(s) for s in self.summaries if s.oi_top is not None]
+        frames = [self._layer_top_pairs(s) for s in self.summaries if s.best_pairs is not None]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def _layer_top_pairs(self, summary: LayerSummary) -> pd.DataFrame:
         neurons = summary.top_md.numpy()
-        k = min(self.settings.pairs_per_neuron_table, summary.oi_top.shape[0])
-        best = mapping.top_pairs(summary.oi_top, k).t().numpy()  # [m, k]: each neuron's pairs by OI, best first
-        m = len(neurons)
+        k, m = summary.best_pairs.shape  # chosen on the device (summarise_recorder): [k, m], best first
+
+        def by_neuron(values: torch.Tensor) -> np.ndarray:  # [k, m] -> each neuron's k pairs in a row
+            return values.t().reshape(-1).numpy()
+
         col = np.repeat(np.arange(m), k)
-        pair = best.reshape(-1)
-        y_a = summary.y_a_top.numpy()[pair, col]
-        y_b = summary.y_b_top.numpy()[pair, col]
+        pair = by_neuron(summary.best_pairs)
+        y_a, y_b = by_neuron(summary.best_y_a), by_neuron(summary.best_y_b)
         signs = mapping.sign_classes(torch.from_numpy(y_a), torch.from_numpy(y_b)).numpy()
         positions = self.probe_set.pair_positions.numpy()
         ids = self.probe_set.input_ids.reshape(-1).numpy()
@@ -255,7 +256,7 @@ class _TableBuilder:
         frame = pd.DataFrame({
             "layer": np.full(m * k, summary.layer, dtype=np.int64), "neuron": neurons[col].astype(np.int64),
             "rank": np.tile(np.arange(k, dtype=np.int64), m), "pair": pair.astype(np.int64),
-            "md": summary.md.double().numpy()[neurons[col]], "oi": summary.oi_top.double().numpy()[pair, col],
+            "md": summary.md.double().numpy()[neurons[col]], "oi": by_neuron(summary.best_oi).astype(np.float64),
             "y_a": y_a.astype(np.float64), "y_b": y_b.astype(np.float64),
             "sign": np.asarray(SIGN_NAMES, dtype=object)[signs], "pos_a": pos_a.astype(np.int64),
             "pos_b": pos_b.astype(np.int64), "token_a_id": ids[pos_a].astype(np.int64),

@@ -3,7 +3,7 @@
 Every statistic of a layer is computed here, where its state lives: the accumulator's WD, split and moments, MD
 over the (DDP-reduced) pair rows, the OI ratios of the top-MD neurons only, their pair-sign shares, and the
 pre-activations of the top-WD neurons at the pair positions (for images). What leaves is a few floats per neuron
-plus ``[P, top neurons]`` blocks: the recorder (histograms, pair buffers) can then be dropped, so a measurement in
+plus the top-MD neurons' highest-OI pairs (``[k, top neurons]``): the recorder (histograms, pair buffers) can then be dropped, so a measurement in
 layer groups holds one group's state at a time. :mod:`negmonitor.result` builds tables from these summaries.
 """
 
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from negmonitor.metrics.mapping import mapping_difficulty, pair_sign_shares
+from negmonitor.metrics.mapping import top_pairs as rank_pairs
 from negmonitor.metrics.ranking import top_k_indices
 
 __all__ = ["LayerSummary", "summarise_recorder", "MD_COLUMNS"]
@@ -33,17 +34,21 @@ class LayerSummary:
     nonfinite_tokens: int
     md: Tensor | None = None  # [n] fp32; None with fewer than 2 pairs
     top_md: Tensor | None = None  # top-MD neuron indices, largest MD first
-    oi_top: Tensor | None = None  # [P, len(top_md)] OI ratios of those neurons
-    y_a_top: Tensor | None = None  # [P, len(top_md)] pre-activations of the first / second token of each pair
-    y_b_top: Tensor | None = None
+    # Each top-MD neuron's highest-OI pairs, chosen on the device: [k, len(top_md)] each, best first
+    best_pairs: Tensor | None = None  # pair indices
+    best_oi: Tensor | None = None  # their OI ratios
+    best_y_a: Tensor | None = None  # pre-activations of the first / second token of each pair
+    best_y_b: Tensor | None = None
     input_dist: Tensor | None = None  # [P] input distance over its maximum
     shares: dict = field(default_factory=lambda: {"nn": math.nan, "pn": math.nan, "pp": math.nan})
     samples: tuple[list[int], np.ndarray] | None = None  # top-WD neurons and their [2P, k] pre-activations
 
 
-def summarise_recorder(recorder, top_neuron_frac: float, top_pairs: int, sample_neurons: int = 0) -> LayerSummary:
+def summarise_recorder(recorder, top_neuron_frac: float, top_pairs: int, sample_neurons: int = 0,
+                       pairs_per_neuron: int = 10) -> LayerSummary:
     """Compute every statistic of ``recorder`` (under DDP, already reduced across ranks by
-    :meth:`~negmonitor.capture.SiteRecorder.reduce_across_ranks`)."""
+    :meth:`~negmonitor.capture.SiteRecorder.reduce_across_ranks`); ``pairs_per_neuron``: the highest-OI pairs kept
+    per top-MD neuron for the top-pair table (only those ``[k, m]`` values leave the device)."""
     stats = recorder.stats.compute()
     buffers = recorder.pairs.buffers()  # not compute(): torchmetrics would return copies
     summary = LayerSummary(recorder.layer, {k: v.detach().cpu() for k, v in stats.items()},
@@ -69,6 +74,7 @@ def summarise_recorder(recorder, top_neuron_frac: float, top_pairs: int, sample_
         ya, yb = y_a[:, top].float(), y_b[:, top].float()
         summary.shares = pair_sign_shares(oi, ya, yb, md[top], top_neuron_frac=1.0,
                                           top_pairs=min(top_pairs, oi.shape[0]))
-        summary.top_md, summary.oi_top = top.cpu(), oi.cpu()
-        summary.y_a_top, summary.y_b_top = ya.cpu(), yb.cpu()
+        best = rank_pairs(oi, min(pairs_per_neuron, oi.shape[0]))  # [k, m], on the device
+        summary.top_md, summary.best_pairs = top.cpu(), best.cpu()
+        summary.best_oi, summary.best_y_a, summary.best_y_b = (t.gather(0, best).cpu() for t in (oi, ya, yb))
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from negmonitor.adapters import find_sites
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics.mapping import mapping_difficulty
 from negmonitor.metrics.wasserstein import wasserstein_to_gaussian
-from negmonitor.probing import probe
+from negmonitor.probing import ProbeSettings, probe
 from negmonitor.probeset import ProbeSet
 from negmonitor.result import ProbeResult
 from tiny_models import tiny_bert, tiny_bert_tokenizer, tiny_causal_lm, tiny_tokenizer
@@ -70,8 +71,22 @@ def test_probe_matches_exact_definitions(family, tokenizer, wiki_text) -> None:
         assert int(result.neurons[result.neurons.layer == layer]["count"].max()) == int(mask.sum())
         assert torch.allclose(got.float(), exact.float(), atol=0.005, equal_nan=True)
         flat = probe_set.pair_positions
-        md, _ = mapping_difficulty(x[flat[:, 0]], x[flat[:, 1]], y[flat[:, 0]], y[flat[:, 1]])
+        md, oi = mapping_difficulty(x[flat[:, 0]], x[flat[:, 1]], y[flat[:, 0]], y[flat[:, 1]])
         np.testing.assert_allclose(result.values("md")[layer].numpy(), md.double().numpy(), rtol=1e-4)
+        # The top-pair table (its pairs chosen on the device): each top-MD neuron's highest-OI pairs, best first,
+        # with their OI ratios and the two tokens' pre-activations.
+        top = result.top_pairs[result.top_pairs.layer == layer]
+        k = ProbeSettings().pairs_per_neuron_table
+        assert len(top) == k * top.neuron.nunique() and (top.groupby("neuron")["rank"].max() == k - 1).all()
+        pair, neuron = top.pair.to_numpy(), top.neuron.to_numpy()
+        np.testing.assert_allclose(top.oi.to_numpy(), oi[pair, neuron].double().numpy(), rtol=1e-4)
+        np.testing.assert_allclose(top.y_a.to_numpy(), y[flat[pair, 0], neuron].double().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(top.y_b.to_numpy(), y[flat[pair, 1], neuron].double().numpy(), rtol=1e-5, atol=1e-6)
+        kth = torch.nan_to_num(oi[:, torch.from_numpy(neuron[::k])], nan=-math.inf).topk(k, dim=0).values[-1]
+        assert (top.oi.to_numpy().reshape(-1, k)[:, -1] >= kth.double().numpy() * (1 - 1e-5)).all()
+    for summary in result._tables.summaries:  # only each top-MD neuron's k best pairs left the device
+        assert summary.best_oi.shape == summary.best_y_a.shape == (ProbeSettings().pairs_per_neuron_table,
+                                                                   len(summary.top_md))
     assert {"nn_share", "pn_share", "pp_share", "wd_neg_share", "jaccard_wd_md"} <= set(result.layers.columns)
     shares = result.layers[["nn_share", "pn_share", "pp_share"]].sum(axis=1)
     np.testing.assert_allclose(shares.to_numpy(), 1.0, atol=1e-6)
