@@ -34,7 +34,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -388,7 +388,8 @@ class AblationReport:
         table: one row per condition (identifying columns first, then ``ppl, nll, blimp_acc, tse_acc,
             lm_eval:<task>``).
         breakdown: per-suite accuracies per condition (``condition, suite, level, group, accuracy, n, se``).
-        selections: every condition's neurons (:meth:`Selection.to_frame` rows plus ``condition``).
+        selections: every condition's neurons (:meth:`Selection.to_frame` rows plus ``condition``), built when
+            first read (saved): the training monitor reads only the table, on every rank.
         matching: the perplexity-matching trace (empty when not run).
         meta: settings and the matching outcome.
         name: file stem used by :meth:`save`.
@@ -396,10 +397,17 @@ class AblationReport:
 
     table: pd.DataFrame
     breakdown: pd.DataFrame
-    selections: pd.DataFrame
+    _selections: pd.DataFrame | Callable[[], pd.DataFrame]
     matching: pd.DataFrame = field(default_factory=pd.DataFrame)
     meta: dict = field(default_factory=dict)
     name: str = "ablation"
+
+    @property
+    def selections(self) -> pd.DataFrame:
+        """Every condition's neurons, one row each (see the class docstring)."""
+        if callable(self._selections):
+            self._selections = self._selections()
+        return self._selections
 
     def to_markdown(self) -> str:
         """The main table as a GitHub-flavoured markdown table."""
@@ -520,20 +528,23 @@ def _evaluate_conditions(model: nn.Module, tokenizer, suite: EvalSuite, settings
 
 def _report(rows: list[tuple[Scores, _Condition]], settings: AblationSettings, name: str) -> AblationReport:
     """Assemble the main table, the breakdown and the selections from evaluated conditions."""
-    table_rows, breakdowns, selections = [], [], []
+    table_rows, breakdowns = [], []
     for scores, condition in rows:
         sel = condition.selection
         row = {**condition.columns, "fraction": sel.fraction if sel is not None else 0.0,
                "n_neurons": sel.n_neurons if sel is not None else 0, **scores.metrics}
         table_rows.append(row)
         breakdowns.append(_with_columns(scores.breakdown, condition.columns))
-        if sel is not None:
-            selections.append(_with_columns(sel.to_frame(), condition.columns))
     table = pd.DataFrame(table_rows)
     breakdown = pd.concat(breakdowns, ignore_index=True) if breakdowns else pd.DataFrame()
-    frame = pd.concat(selections, ignore_index=True) if selections else Selection({}).to_frame()
+    chosen = [(c.selection, c.columns) for _, c in rows if c.selection is not None]
+
+    def selections() -> pd.DataFrame:  # built when read: one row per chosen neuron of every condition
+        frames = [_with_columns(sel.to_frame(), columns) for sel, columns in chosen]
+        return pd.concat(frames, ignore_index=True) if frames else Selection({}).to_frame()
+
     meta = {"settings": asdict(settings), "conditions": [r[1].columns for r in rows]}
-    return AblationReport(table, breakdown, frame, meta=meta, name=name)
+    return AblationReport(table, breakdown, selections, meta=meta, name=name)
 
 
 def _with_columns(df: pd.DataFrame, columns: dict) -> pd.DataFrame:

@@ -40,6 +40,9 @@ SCRIPT = textwrap.dedent('''
 
     result_module._neuron_frame = counting(result_module._neuron_frame)
     result_module._layer_row = counting(result_module._layer_row)
+    from negmonitor.selection import Selection
+
+    Selection.to_frame = counting(Selection.to_frame)  # the ablation's selections table: saved by ablate, not here
 
     class CountingMonitor(NegativeDifferentiationMonitor):
         """Counts the forward passes each rank runs for the ablation."""
@@ -81,6 +84,7 @@ def test_ddp_ablation_is_split_across_ranks_and_equals_single_process(tmp_path) 
     # Rank 1 selects its ablated neurons from the per-layer tensors: only rank 0 builds the tables it records.
     tables = [json.loads((logs / f"tables-{rank}.json").read_text()) for rank in (0, 1)]
     assert tables[1] == [] and {"_neuron_frame", "_layer_row"} <= set(tables[0]), tables
+    assert "to_frame" not in tables[0], tables  # the monitor logs the ablation's scalars only
 
     scalars = RecordStore.for_logdir(logs).read_scalars()
     ddp = scalars[(scalars.step == 0) & scalars.metric.str.startswith("ablation/")].set_index("metric").value
