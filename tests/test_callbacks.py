@@ -225,3 +225,27 @@ def test_a_measurement_leaves_rng_and_grads_untouched() -> None:
     assert np.array_equal(np_state[1], np.random.get_state()[1])
     assert module.model.training  # train mode restored
     assert all(torch.equal(grads[n], p.grad) for n, p in module.model.named_parameters())
+
+
+def test_sample_histograms_are_numpys_histograms_of_each_sampled_neuron() -> None:
+    """One ``bins``-bin row set per sampled neuron with a finite value (NaN left out, an all-NaN neuron skipped),
+    in layer then sample order, equal to ``np.histogram``."""
+    import numpy as np
+
+    from negmonitor.monitoring.engine import sample_histograms
+
+    rng = np.random.default_rng(0)
+    first, second = rng.standard_normal((50, 2)), rng.standard_normal((40, 3)) * 3
+    first[::7, 1] = np.nan
+    second[:, 2] = np.nan
+    frame = sample_histograms({3: ([5, 9], first), 4: ([0, 2, 7], second)}, bins=6)
+    expected = [(3, 5, first[:, 0]), (3, 9, first[:, 1]), (4, 0, second[:, 0]), (4, 2, second[:, 1])]
+    assert list(frame.columns) == ["layer", "neuron", "bin", "left", "right", "count"] and len(frame) == 4 * 6
+    for i, (layer, neuron, values) in enumerate(expected):
+        rows = frame.iloc[i * 6 : (i + 1) * 6]
+        counts, edges = np.histogram(values[np.isfinite(values)], bins=6)
+        assert (rows.layer == layer).all() and (rows.neuron == neuron).all() and list(rows.bin) == list(range(6))
+        np.testing.assert_array_equal(rows["count"], counts)
+        np.testing.assert_array_equal(rows.left, edges[:-1])
+        np.testing.assert_array_equal(rows.right, edges[1:])
+    assert sample_histograms({}).empty

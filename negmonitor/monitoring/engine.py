@@ -172,16 +172,20 @@ HISTOGRAM_BINS = 64
 
 def sample_histograms(samples: dict[int, tuple[list[int], np.ndarray]], bins: int = HISTOGRAM_BINS) -> pd.DataFrame:
     """``layer, neuron, bin, left, right, count`` rows: each sampled neuron's values in ``bins`` equal bins."""
-    rows = []
+    parts: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # one (layer, neuron, counts, edges) per sampled neuron
     for layer, (neurons, values) in samples.items():
         for neuron, column in zip(neurons, np.asarray(values, dtype=float).T):
             column = column[np.isfinite(column)]
-            if not column.size:
-                continue
-            counts, edges = np.histogram(column, bins=bins)
-            rows += [(int(layer), int(neuron), b, float(edges[b]), float(edges[b + 1]), int(counts[b]))
-                     for b in range(bins)]
-    return pd.DataFrame(rows, columns=["layer", "neuron", "bin", "left", "right", "count"])
+            if column.size:
+                parts.append((int(layer), int(neuron), *np.histogram(column, bins=bins)))
+    columns = ["layer", "neuron", "bin", "left", "right", "count"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    edges = np.stack([p[3] for p in parts])
+    return pd.DataFrame({"layer": np.repeat([p[0] for p in parts], bins), "neuron": np.repeat([p[1] for p in parts], bins),
+                         "bin": np.tile(np.arange(bins), len(parts)), "left": edges[:, :-1].reshape(-1),
+                         "right": edges[:, 1:].reshape(-1), "count": np.concatenate([p[2] for p in parts])},
+                        columns=columns)
 
 
 def _maybe_fix_cohort(result: ProbeResult, step: int, settings: MonitorSettings, state: MonitorState) -> None:
