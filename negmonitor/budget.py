@@ -225,9 +225,8 @@ def _greedy(costs: list[tuple[int, int]], forward: int, budget: int, batch_size:
 def log_plan_once(plan: Plan, shapes: Sequence[LayerShape], requested_batch_size: int) -> None:
     """Log the grouping once per process and plan (a callback measures many times with the same plan)."""
     line = plan.describe(shapes)
-    if line in _LOGGED:
+    if not _first_time(line):
         return
-    _LOGGED.add(line)
     if len(plan.groups) > 1 or plan.batch_size < requested_batch_size:
         warnings.warn(line, stacklevel=3)
     else:
@@ -255,10 +254,16 @@ def lm_window_bytes(model, window: int) -> int:
     vocab = setting("vocab_size") or int(getattr(head, "out_features", 0) or 0)
     d = setting("hidden_size")
     n = setting("intermediate_size", "n_inner", "ffn_dim") or 4 * d
-    attention = 0
-    if getattr(config, "_attn_implementation", "eager") == "eager":  # B x H x T x T scores and their softmax
-        attention = setting("num_attention_heads") * window * 4 * 2
-    return window * (vocab * 4 + (2 * n + 4 * d) * 4 + attention) + min(window, LOSS_ROWS) * vocab * 8
+    return (window * (vocab * 4 + (2 * n + 4 * d) * 4 + eager_attention_bytes(model, window))
+            + min(window, LOSS_ROWS) * vocab * 8)
+
+
+def eager_attention_bytes(model, window: int) -> int:
+    """Bytes per batch row of eager attention's ``H x T x T`` fp32 scores and their softmax (0 for SDPA, flash)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", "eager") != "eager":
+        return 0
+    return int(getattr(config, "num_attention_heads", 0) or 0) * window * 4 * 2
 
 
 def evaluation_batch_size(model, window: int, batch_size: int, budget: int | None) -> int:
@@ -281,7 +286,14 @@ def evaluation_batch_size(model, window: int, batch_size: int, budget: int | Non
     if size < batch_size:
         line = (f"negmonitor: memory budget {format_bytes(budget)}: perplexity batch size {batch_size} -> {size} "
                 f"({window}-token windows, planned {format_bytes(size * per_window)})")
-        if line not in _LOGGED:
-            _LOGGED.add(line)
+        if _first_time(line):
             warnings.warn(line, stacklevel=3)
     return size
+
+
+def _first_time(line: str) -> bool:
+    """True the first time this process logs ``line`` (a callback measures many times with the same plan)."""
+    if line in _LOGGED:
+        return False
+    _LOGGED.add(line)
+    return True

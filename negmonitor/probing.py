@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from negmonitor.adapters import MLPSite, find_blocks, find_sites
-from negmonitor.budget import DEFAULT_MEMORY_BUDGET, LayerShape, Plan, log_plan_once, parse_bytes, plan_measurement
+from negmonitor.budget import (DEFAULT_MEMORY_BUDGET, LayerShape, Plan, eager_attention_bytes, log_plan_once,
+                               parse_bytes, plan_measurement)
 from negmonitor.capture import BatchContext, SiteRecorder, StopPass, check_hooks_fired, recording, unwrap_compiled
 from negmonitor.metrics.streaming import GRID_ROWS
 from negmonitor.distributed import Shard, agree_on_failure, forward_is_collective, gathers_weight
 from negmonitor.errors import NegmonitorError
+from negmonitor.evaluation._common import no_cache_inputs
 from negmonitor.probeset import ProbeSet
 from negmonitor.residual import block_inputs, can_start_midway, run_blocks, stop_before
 from negmonitor.summary import LayerSummary, summarise_recorder
@@ -170,10 +172,7 @@ def _plan(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSite], setti
           world_size: int) -> Plan:
     kwargs = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
     n_bins = int(kwargs.get("n_bins", 4096))
-    config = getattr(model, "config", None)
-    attention = 0
-    if getattr(config, "_attn_implementation", "eager") == "eager":  # score matrices materialised: B x H x T x T
-        attention = int(getattr(config, "num_attention_heads", 0) or 0) * probe_set.window * 4 * 2
+    attention = eager_attention_bytes(model, probe_set.window)
     return plan_measurement(
         _shapes(sites), budget=settings.memory_budget, batch_size=settings.batch_size, window=probe_set.window,
         n_bins=n_bins, n_slots=2 * probe_set.n_pairs, cap_bytes=_capture_bytes(model),
@@ -322,7 +321,8 @@ def _measure_once(
     with _eval_no_grad(eager):  # under FSDP each forward is a collective: as many as rank 0's; no hooks
         for _ in range(extra):
             with forward_context():
-                runner(**_inputs(runner, probe_set.input_ids[:1].to(device), probe_set.attention_mask[:1].to(device)))
+                runner(**no_cache_inputs(runner, probe_set.input_ids[:1].to(device),
+                                         probe_set.attention_mask[:1].to(device)))
     return recorders
 
 
@@ -333,19 +333,10 @@ def _share_rank0_grids(recorders: Sequence[SiteRecorder]) -> None:
         torch.distributed.broadcast(recorder.stats.inv_unit, src=0)
 
 
-def _inputs(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict:
-    """The model's inputs for a probe batch; no KV cache (nothing reads it, and it would hold every layer's keys and
-    values until the pass ends)."""
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if hasattr(getattr(runner, "config", None), "use_cache"):
-        inputs["use_cache"] = False
-    return inputs
-
-
 def _run(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
     """One forward, ended early by the group's last hook."""
     try:
-        runner(**_inputs(runner, ids, mask))
+        runner(**no_cache_inputs(runner, ids, mask))
     except StopPass:
         pass
 
@@ -354,7 +345,7 @@ def _run_from_cache(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor, re
                     last_layer: int) -> None:
     """One batch from the hidden states cached at ``resume.start`` (released as they are used) up to the next
     group's first block (kept for it) or the group's last layer."""
-    args, kwargs = block_inputs(runner, resume.blocks[0], **_inputs(runner, ids, mask))
+    args, kwargs = block_inputs(runner, resume.blocks[0], **no_cache_inputs(runner, ids, mask))
     hidden, resume.cache_in[index] = resume.cache_in[index], None
     stop = last_layer + 1 if resume.feed is None else resume.feed
     try:

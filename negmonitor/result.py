@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -42,57 +43,35 @@ class ProbeResult:
     def __init__(self, neurons: pd.DataFrame | None = None, layers: pd.DataFrame | None = None,
                  pairs: pd.DataFrame | None = None, top_pairs: pd.DataFrame | None = None, meta: dict | None = None,
                  tables: "_TableBuilder | None" = None) -> None:
-        def given(frame: pd.DataFrame | None) -> pd.DataFrame | None:
-            return frame if frame is not None or tables is not None else pd.DataFrame()
-
-        self._neurons, self._layers = given(neurons), given(layers)
-        self._pairs, self._top_pairs = given(pairs), given(top_pairs)
+        for name, frame in zip(TABLES, (neurons, layers, pairs, top_pairs)):  # the others are built when read
+            if frame is not None or tables is None:
+                self.__dict__[name] = frame if frame is not None else pd.DataFrame()
         self.meta = meta if meta is not None else {}
         self._tables = tables
 
-    @property
+    @functools.cached_property
     def neurons(self) -> pd.DataFrame:
         """One row per neuron: WD and its split, MD, moments, counts (``NEURON_COLUMNS``)."""
-        if self._neurons is None:
-            self._neurons = self._tables.neuron_frame()
-        return self._neurons
+        return self._tables.neuron_frame()
 
-    @neurons.setter
-    def neurons(self, value: pd.DataFrame) -> None:
-        self._neurons = value
-
-    @property
+    @functools.cached_property
     def layers(self) -> pd.DataFrame:
         """One row per layer: WD summary and negative-side share, MD summary, pair-sign shares, Jaccard."""
-        if self._layers is None:
-            self._layers = self._tables.layer_frame(self.neurons)
-        return self._layers
+        return self._tables.layer_frame(self.neurons)
 
-    @layers.setter
-    def layers(self, value: pd.DataFrame) -> None:
-        self._layers = value
-
-    @property
+    @functools.cached_property
     def pairs(self) -> pd.DataFrame:
         """The MD pairs: positions, token ids and text, per-layer normalised input distance."""
-        if self._pairs is None:
-            self._pairs = self._tables.pair_frame()
-        return self._pairs
+        return self._tables.pair_frame()
 
-    @pairs.setter
-    def pairs(self, value: pd.DataFrame) -> None:
-        self._pairs = value
-
-    @property
+    @functools.cached_property
     def top_pairs(self) -> pd.DataFrame:
         """Highest-OI pairs of the top-MD neurons of each layer, with sign class, tokens and context."""
-        if self._top_pairs is None:
-            self._top_pairs = self._tables.top_pair_frame()
-        return self._top_pairs
+        return self._tables.top_pair_frame()
 
-    @top_pairs.setter
-    def top_pairs(self, value: pd.DataFrame) -> None:
-        self._top_pairs = value
+    def built(self, table: str) -> bool:
+        """Whether ``table`` (one of ``TABLES``) exists yet: given, loaded or already read."""
+        return table in self.__dict__
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write every table as parquet (atomically, one file each) plus ``meta.json``; return the folder."""
@@ -118,10 +97,10 @@ class ProbeResult:
 
     def values(self, metric: str = "wd") -> dict[int, torch.Tensor]:
         """Per-layer float64 tensors of one per-neuron metric (for selection and cohorts), indexed by neuron."""
-        columns = NEURON_COLUMNS if self._neurons is None else self._neurons.columns
+        columns = self.neurons.columns if self.built("neurons") else NEURON_COLUMNS
         if metric not in columns:
             raise NegmonitorError(f"unknown metric {metric!r} — use one of {', '.join(NEURON_COLUMNS[2:11])}")
-        if self._neurons is None:  # not built: straight from the per-layer tensors, no table
+        if not self.built("neurons"):  # straight from the per-layer tensors, no table
             return {int(s.layer): torch.from_numpy(_neuron_column(s, metric).astype(np.float64))
                     for s in sorted(self._tables.summaries, key=lambda s: s.layer)}
         return {int(layer): torch.tensor(group.sort_values("neuron")[metric].to_numpy(dtype=np.float64))

@@ -221,7 +221,7 @@ def test_rank_above_zero_builds_no_tables(model, probe_set, tokenizer, monkeypat
     other = take_measurement(model, probe_set, 0, MonitorSettings(), state, tokenizer, rank=1, world_size=2)
     assert other.neurons.empty and other.scalars.empty and state.cohort is None and state.prev_weights is None
     assert set(other.result.values("wd")) == {0, 1, 2}  # the per-neuron table: the ablation selects on every rank
-    assert other.result._top_pairs is None  # pair tables are never built there
+    assert not other.result.built("top_pairs")  # pair tables are never built there
     first = take_measurement(model, probe_set, 0, MonitorSettings(), state, tokenizer)
     assert state.cohort and first.neurons.in_cohort.sum() == sum(len(v) for v in state.cohort.values())
     members = first.neurons[first.neurons.in_cohort]
@@ -230,7 +230,7 @@ def test_rank_above_zero_builds_no_tables(model, probe_set, tokenizer, monkeypat
 
 def test_top_pair_tables_decode_like_the_tokenizer(model, probe_set, tokenizer) -> None:
     result = probe(model, probe_set, tokenizer=tokenizer)
-    assert result._top_pairs is None  # not built until read
+    assert not result.built("top_pairs")  # not built until read
     top = result.top_pairs
     assert len(top) == 3 * 9 * 10  # 3 layers x 5% of 192 neurons x 10 pairs
     sample = top.sample(20, random_state=0)

@@ -28,6 +28,15 @@ def model_device(model: nn.Module, device: str | torch.device | None = None) -> 
     return torch.device("cpu")
 
 
+def no_cache_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Keyword inputs of one forward that asks for no KV cache where the model has one: nothing reads it, and it
+    would hold every layer's keys and values until the forward's outputs are dropped."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        inputs["use_cache"] = False
+    return inputs
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode (no dropout); restore its training flag afterwards, even on error."""

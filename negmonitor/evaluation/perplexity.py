@@ -47,6 +47,7 @@ from negmonitor.evaluation._common import (
     load_hub_dataset,
     max_positions,
     model_device,
+    no_cache_inputs,
     pad_token_id,
     progress_bar,
 )
@@ -214,10 +215,7 @@ def _score_batch(model: nn.Module, ids: torch.Tensor, batch: Sequence[tuple[int,
         input_ids[row, : end - begin] = ids[begin:end]
         attention[row, : end - begin] = 1
         labels[row, first - begin: end - begin] = ids[first:end]
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
-    if hasattr(getattr(model, "config", None), "use_cache"):
-        inputs["use_cache"] = False  # nothing reads the KV cache; it would hold every layer's keys and values
-    logits = model(**inputs).logits
+    logits = model(**no_cache_inputs(model, input_ids.to(device), attention.to(device))).logits
     targets = labels[:, 1:]  # position i predicts token i + 1
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for row in range(logits.shape[0]):  # the loss over LOSS_ROWS positions at a time: its float32 copy and
