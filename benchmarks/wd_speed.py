@@ -217,6 +217,25 @@ def run_md(x: torch.Tensor, n_pairs: int, d_model: int, repeats: int = 11) -> No
           f"({with_oi_s * 1e3:.1f} ms with the OI ratios of every pair too)")
     print(f"  speed-up: {loop_s / vec_s:.1f}x ({loop_s / with_oi_s:.1f}x with OI)   (goal >= 20x)   "
           f"max relative difference: {diff:.1e}")
+    rows = (y_a - y_b).abs_().t().contiguous().numpy().view(np.int32)  # the medians' selection, as MD runs it
+    select_s = min(_timed(lambda: rows.copy().partition(n_pairs // 2, axis=1)) for _ in range(repeats))
+    copy_s = min(_timed(rows.copy) for _ in range(repeats))
+    print(f"  of which numpy's row selection (np.partition, {x.shape[1]:,} rows of {n_pairs:,}): "
+          f"{(select_s - copy_s) * 1e3:.1f} ms{_slow_numpy_sort_note()}")
+
+
+def _slow_numpy_sort_note() -> str:
+    """Why the selection may be slow here: numpy's AVX-512 sort (x86-simd-sort) stores with ``vpcompressd`` to
+    memory, which AMD Zen 4 (family 0x19) microcodes (numpy/x86-simd-sort#6); numpy has no switch for it but the
+    process-wide ``NPY_DISABLE_CPU_FEATURES`` set before numpy is imported."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    amd_family_19h = "AuthenticAMD" in info and "\ncpu family\t: 25\n" in info
+    avx512 = any("AVX512" in f for f in np.show_config(mode="dicts")["SIMD Extensions"].get("found", []))
+    return (" (AMD Zen 4 with numpy's AVX-512 sort: its microcoded compress-stores make numpy's selection several "
+            "times slower than on other x86 machines, see numpy/x86-simd-sort#6)") if amd_family_19h and avx512 else ""
 
 
 def _timed(fn) -> float:

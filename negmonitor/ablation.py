@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
-from negmonitor.budget import DEFAULT_MEMORY_BUDGET, evaluation_batch_size, parse_bytes
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit, evaluation_batch_size, parse_bytes
 from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.interventions import ablate, check_mode
@@ -151,6 +151,8 @@ class EvalSuite:
         shard: under DDP/FSDP, this process's place: perplexity windows and minimal-pair sentences are split across
             the processes and their sums reduced, so every process gets the single-process numbers (every process
             must then run the same evaluations; lm-eval tasks are not split). None: one process.
+        batch_limit: the perplexity batch size an out-of-memory retry came down to, kept for the later
+            evaluations (a run that builds a suite per measurement passes its own, kept across them).
     """
 
     ppl_ids: torch.Tensor | None = None
@@ -158,15 +160,16 @@ class EvalSuite:
     tse: pd.DataFrame | None = None
     lm_eval_tasks: tuple[str, ...] = ()
     shard: Shard | None = None
+    batch_limit: BatchLimit = field(default_factory=BatchLimit)
 
     @classmethod
     def build(cls, tokenizer, ppl_text: str | Sequence[str] | torch.Tensor | None = None,
               blimp: pd.DataFrame | None = None, tse: pd.DataFrame | None = None,
               lm_eval_tasks: Sequence[str] = (), max_ppl_tokens: int | None = None,
-              shard: Shard | None = None) -> "EvalSuite":
+              shard: Shard | None = None, batch_limit: BatchLimit | None = None) -> "EvalSuite":
         """Tokenize the perplexity text once (keeping its first ``max_ppl_tokens`` tokens) and bundle the rest."""
         ids = None if ppl_text is None else leading_tokens(tokenizer, ppl_text, max_ppl_tokens)
-        return cls(ids, blimp, tse, tuple(lm_eval_tasks), shard)
+        return cls(ids, blimp, tse, tuple(lm_eval_tasks), shard, batch_limit or BatchLimit())
 
     @property
     def names(self) -> list[str]:
@@ -182,7 +185,7 @@ def leading_tokens(tokenizer, text: str | Sequence[str] | torch.Tensor, n_tokens
     A long text is cut at a line break (else a space), where no token spans the cut, so the ids equal a prefix of
     the whole text's; the cut doubles until it yields more than ``n_tokens`` tokens.
     """
-    from negmonitor.evaluation.perplexity import token_stream
+    from negmonitor.evaluation.lm_perplexity import token_stream
 
     if n_tokens is None or not isinstance(text, str):
         ids = token_stream(tokenizer, text)
@@ -222,7 +225,7 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
     metrics: dict[str, float] = {}
     frames = []
     if "ppl" in wanted:
-        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings, suite.shard))
+        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings, suite.shard, suite.batch_limit))
     for name in ("blimp", "tse"):
         if name in wanted:
             value, margin, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings, suite.shard)
@@ -240,18 +243,19 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
 def check_perplexity_budget(model: nn.Module, tokenizer, settings: AblationSettings) -> None:
     """Refuse now, in one line, a ``memory_budget`` too small for one perplexity window (not at the evaluation);
     a window the model cannot take is refused first, as the evaluation would."""
-    from negmonitor.evaluation.perplexity import resolve_window
+    from negmonitor.evaluation.lm_perplexity import resolve_window
 
     window, _ = resolve_window(model, tokenizer, settings.ppl_window, settings.ppl_stride)
     evaluation_batch_size(model, window, 1, settings.memory_budget)
 
 
 def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: AblationSettings,
-                shard: Shard | None = None) -> dict[str, float]:
-    from negmonitor.evaluation.perplexity import perplexity
+                shard: Shard | None = None, batch_limit: BatchLimit | None = None) -> dict[str, float]:
+    from negmonitor.evaluation.lm_perplexity import perplexity
 
     result = perplexity(model, tokenizer, ids, window=settings.ppl_window, stride=settings.ppl_stride,
-                        batch_size=settings.batch_size, shard=shard, memory_budget=settings.memory_budget)
+                        batch_size=settings.batch_size, shard=shard, memory_budget=settings.memory_budget,
+                        batch_limit=batch_limit)
     return {"ppl": result.ppl, "nll": result.nll}
 
 

@@ -30,7 +30,7 @@ from negmonitor.metrics.streaming import GRID_ROWS, NeuronStatsAccumulator
 from negmonitor.summary import MD_COLUMNS
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "parse_bytes", "format_bytes", "Plan", "plan_measurement", "lm_window_bytes",
-           "evaluation_batch_size"]
+           "evaluation_batch_size", "BatchLimit", "halve_after_out_of_memory"]
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
 MAX_UPDATE_ELEMENTS = 1 << 22  # rows x neurons handed to an accumulator at once: bounds the update's transients
@@ -289,6 +289,39 @@ def evaluation_batch_size(model, window: int, batch_size: int, budget: int | Non
         if _first_time(line):
             warnings.warn(line, stacklevel=3)
     return size
+
+
+@dataclass
+class BatchLimit:
+    """The batch size an out-of-memory retry came down to, kept by a run for its next calls (probe passes, perplexity
+    evaluations): they start there instead of running out of memory, emptying the allocator's cache and retrying
+    every time (the results do not depend on the batch size). ``None`` until a retry lowers it."""
+
+    batch_size: int | None = None
+
+    def cap(self, batch_size: int) -> int:
+        """``batch_size``, or the lowered size if a retry brought it lower."""
+        return batch_size if self.batch_size is None else min(batch_size, self.batch_size)
+
+
+def halve_after_out_of_memory(batch_size: int, limit: BatchLimit | None, during: str, fix: str,
+                              later: str = "measurements") -> int:
+    """The batch size to retry ``during`` (e.g. "the probe pass") at after an out-of-memory error: half, kept in
+    ``limit`` for the run's ``later`` calls, with a warning.
+
+    Raises:
+        NegmonitorError: at batch size 1, naming ``fix``.
+    """
+    if batch_size <= 1:
+        raise NegmonitorError(f"out of memory during {during} even at batch size 1 — {fix}")
+    batch_size //= 2
+    kept = ""
+    if limit is not None:
+        limit.batch_size = batch_size
+        kept = f" (later {later} start there)"
+    warnings.warn(f"negmonitor: out of memory during {during}; retrying with batch size {batch_size}{kept}",
+                  stacklevel=3)
+    return batch_size
 
 
 def _first_time(line: str) -> bool:

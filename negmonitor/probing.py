@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from negmonitor.adapters import MLPSite, find_blocks, find_sites
-from negmonitor.budget import (DEFAULT_MEMORY_BUDGET, LayerShape, Plan, eager_attention_bytes, log_plan_once,
-                               parse_bytes, plan_measurement)
+from negmonitor.budget import (DEFAULT_MEMORY_BUDGET, BatchLimit, LayerShape, Plan, eager_attention_bytes,
+                               halve_after_out_of_memory, log_plan_once, parse_bytes, plan_measurement)
 from negmonitor.capture import BatchContext, SiteRecorder, StopPass, check_hooks_fired, recording, unwrap_compiled
 from negmonitor.metrics.streaming import GRID_ROWS
 from negmonitor.distributed import Shard, agree_on_failure, forward_is_collective, gathers_weight
@@ -55,15 +55,6 @@ class ProbeSettings:
 
     def __post_init__(self) -> None:
         self.memory_budget = parse_bytes(self.memory_budget)
-
-
-@dataclass
-class ProbeBatchLimit:
-    """The probe batch size an out-of-memory retry came down to, kept by a run for its next measurements: they
-    start there instead of running out of memory, emptying the allocator's cache and retrying at every step
-    (the statistics do not depend on the batch size). ``None`` until a retry lowers it."""
-
-    batch_size: int | None = None
 
 
 def probe(
@@ -106,7 +97,7 @@ def measure(
     rank: int = 0,
     world_size: int = 1,
     forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
-    batch_limit: ProbeBatchLimit | None = None,
+    batch_limit: BatchLimit | None = None,
 ) -> list[LayerSummary]:
     """Run this process's share of the probe windows, group by group, and return one summary per site.
 
@@ -123,9 +114,7 @@ def measure(
         plan = _plan(eager, probe_set, sites, settings, world_size)
     if rank == 0:  # every rank plans alike
         log_plan_once(plan, _shapes(sites), settings.batch_size)
-    batch_size = plan.batch_size
-    if batch_limit is not None and batch_limit.batch_size is not None:
-        batch_size = min(batch_size, batch_limit.batch_size)
+    batch_size = plan.batch_size if batch_limit is None else batch_limit.cap(plan.batch_size)
     while True:
         failed = False
         try:
@@ -138,17 +127,9 @@ def measure(
         if failed:
             gc.collect()  # the failed pass's metrics are reference cycles (see SiteRecorder.release)
             _free_cached(eager)  # after an out-of-memory error, unfragmented room for the smaller retry
-            if batch_size <= 1:
-                raise NegmonitorError(
-                    "out of memory during the probe pass even at probe batch size 1 — lower memory_budget (fewer "
-                    "layers per pass), the probe window, or the layers monitored")
-            batch_size //= 2
-            later = ""
-            if batch_limit is not None:
-                batch_limit.batch_size = batch_size
-                later = " (later measurements start there)"
-            warnings.warn(f"negmonitor: out of memory during the probe pass; retrying with batch size {batch_size}"
-                          f"{later}")
+            batch_size = halve_after_out_of_memory(
+                batch_size, batch_limit, "the probe pass",
+                "lower memory_budget (fewer layers per pass), the probe window, or the layers monitored")
 
 
 def _shapes(sites: Sequence[MLPSite]) -> list[LayerShape]:

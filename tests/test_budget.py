@@ -376,8 +376,9 @@ def test_a_probe_pass_moves_its_inputs_to_the_device_once_not_per_batch(probe_se
 
 
 def test_the_monitors_budget_bounds_the_ablations_perplexity_and_a_too_small_one_is_refused_at_set_up(tmp_path):
-    """With ablation on, the monitor's memory_budget is the ablation's too; one too small for a perplexity window
-    ends fit() at set-up with one line naming the smallest budget that works, before any training step."""
+    """With ablation on, the monitor's memory_budget is the ablation's too (unless the ablation sets its own); one
+    too small for a perplexity window ends fit() at set-up with one line naming the smallest budget that works,
+    before any training step."""
     from lightning_helpers import TinyLM, token_loader, trainer
 
     from negmonitor.callbacks import NegativeDifferentiationMonitor
@@ -387,6 +388,8 @@ def test_the_monitors_budget_bounds_the_ablations_perplexity_and_a_too_small_one
                   ablation={"fraction": 0.05, "max_matching_evals": 2, "ppl_window": 64})
     assert NegativeDifferentiationMonitor(memory_budget="3GiB", **kwargs).ablation.memory_budget == 3 << 30
     assert NegativeDifferentiationMonitor(memory_budget=None, **kwargs).ablation.memory_budget is None
+    own = dict(kwargs, ablation={**kwargs["ablation"], "memory_budget": "1GiB"})  # the ablation's own budget is kept
+    assert NegativeDifferentiationMonitor(memory_budget="3GiB", **own).ablation.memory_budget == 1 << 30
     monitor = NegativeDifferentiationMonitor(memory_budget="64KiB", **kwargs)
     with pytest.raises(NegmonitorError) as info:
         trainer(tmp_path / "small", max_steps=4, callbacks=[monitor]).fit(module, token_loader(module.tokenizer))

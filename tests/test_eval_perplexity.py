@@ -1,4 +1,4 @@
-"""Tests for negmonitor.evaluation.perplexity: sliding windows, brute-force agreement, loaders, errors."""
+"""Tests for negmonitor.evaluation.lm_perplexity: sliding windows, brute-force agreement, loaders, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from conftest import SHARED_DATA
 from negmonitor.errors import NegmonitorError
-from negmonitor.evaluation.perplexity import (
+from negmonitor.evaluation.lm_perplexity import (
     PerplexityResult,
     load_perplexity_text,
     perplexity,
@@ -211,7 +211,7 @@ def test_hub_path_is_datasets_load_dataset(monkeypatch):
 def test_the_loss_taken_a_slice_of_positions_at_a_time_matches_brute_force(model, tokenizer, monkeypatch):
     """The loss runs over LOSS_ROWS positions at a time (its fp32 copy and softmax stay small beside the logits):
     slices of 3 positions, with unscored positions inside and across them, give the brute-force NLL."""
-    module = importlib.import_module("negmonitor.evaluation.perplexity")
+    module = importlib.import_module("negmonitor.evaluation.lm_perplexity")
 
     monkeypatch.setattr(module, "LOSS_ROWS", 3)
     ids = token_stream(tokenizer, SHORT_TEXT).tolist()[:30]
@@ -225,7 +225,7 @@ def test_the_loss_taken_a_slice_of_positions_at_a_time_matches_brute_force(model
 def test_a_memory_budget_lowers_the_batch_size_and_keeps_the_perplexity(model, tokenizer, monkeypatch):
     """A budget for two windows per forward: batch size 8 -> 2, logged once, the same perplexity; no budget: 8."""
     from negmonitor.budget import lm_window_bytes
-    module = importlib.import_module("negmonitor.evaluation.perplexity")
+    module = importlib.import_module("negmonitor.evaluation.lm_perplexity")
 
     ids = token_stream(tokenizer, SHORT_TEXT * 3).tolist()
     rows: list[int] = []
@@ -240,6 +240,53 @@ def test_a_memory_budget_lowers_the_batch_size_and_keeps_the_perplexity(model, t
     assert max(rows) == 2 and len(rows) > 4
     assert bounded.n_tokens == free.n_tokens
     assert bounded.nll == pytest.approx(free.nll, rel=1e-6)
+
+
+def test_out_of_memory_halves_the_batch_keeps_the_perplexity_and_later_evaluations_start_there(model, tokenizer,
+                                                                                                 monkeypatch):
+    """Forwards of more than 2 windows run out of memory: the first evaluation retries at 4, then 2 (warned), gives
+    the unbatched perplexity, and its BatchLimit makes the next evaluation start at 2 (no error, no warning).
+    Out of memory even at batch size 1 is one line saying what to change."""
+    import warnings
+
+    from negmonitor.budget import BatchLimit
+    module = importlib.import_module("negmonitor.evaluation.lm_perplexity")
+
+    ids = token_stream(tokenizer, SHORT_TEXT * 3).tolist()
+    expected = perplexity(model, tokenizer, ids, window=8, batch_size=1)
+    rows: list[int] = []
+    score = module._score_batch
+
+    def out_of_memory_above(limit):
+        def scored(m, i, batch, *a):
+            rows.append(len(batch))
+            if len(batch) > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return score(m, i, batch, *a)
+        return scored
+
+    monkeypatch.setattr(module, "_score_batch", out_of_memory_above(2))
+    kept = BatchLimit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = perplexity(model, tokenizer, ids, window=8, batch_size=8, batch_limit=kept)
+    assert [str(w.message) for w in caught] == [
+        f"negmonitor: out of memory during a perplexity evaluation; retrying with batch size {b} (later evaluations "
+        "start there)" for b in (4, 2)]
+    assert rows[:3] == [8, 4, 2] and max(rows[2:]) == 2 and kept.batch_size == 2
+    assert (first.n_tokens, first.nll) == (expected.n_tokens, pytest.approx(expected.nll, rel=1e-6))
+    rows.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = perplexity(model, tokenizer, ids, window=8, batch_size=8, batch_limit=kept)
+    assert max(rows) == 2 and second.nll == pytest.approx(expected.nll, rel=1e-6)
+
+    monkeypatch.setattr(module, "_score_batch", out_of_memory_above(0))
+    with pytest.warns(UserWarning, match="retrying with batch size 1$"):
+        with pytest.raises(NegmonitorError, match="out of memory during a perplexity evaluation even at batch size 1 "
+                                                  "— pass a shorter ppl_window") as err:
+            perplexity(model, tokenizer, ids, window=8, batch_size=2)
+    assert "\n" not in str(err.value)
 
 
 def test_a_budget_too_small_for_one_window_is_refused_in_one_line(model, tokenizer):

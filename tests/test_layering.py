@@ -125,3 +125,22 @@ def test_no_import_cycles_even_through_imports_inside_functions() -> None:
                     seen.add(nxt)
                     todo.append((nxt, trail + [nxt]))
     assert not cycles, "import cycles:\n" + "\n".join(sorted(set(cycles))[:10])
+
+
+def test_no_module_shares_its_name_with_something_its_package_exports() -> None:
+    """``negmonitor.evaluation.perplexity`` was both a module and the package's function: ``import a.b as m`` then
+    gave the function. Every submodule's name on its package is that module (or nothing)."""
+    import importlib
+    import types
+
+    clashes = []
+    for path in _modules():
+        module = _module_name(path)
+        package, _, name = module.rpartition(".")
+        if not package or path.name == "__main__.py":
+            continue
+        importlib.import_module(module)
+        found = getattr(sys.modules[package], name, None)
+        if found is not None and not (isinstance(found, types.ModuleType) and found.__name__ == module):
+            clashes.append(f"{module} (the package's {name!r} is {type(found).__name__})")
+    assert not clashes, clashes

@@ -119,8 +119,19 @@ PHASES_SCRIPT = textwrap.dedent('''
             raise RuntimeError("injected failure in rank 0's drift")
         return real_drift(sites, state, step, *args, **kwargs)
 
+    import negmonitor.evaluation.lm_perplexity as perplexity_module
+    real_score = perplexity_module._score_batch
+
+    def failing_score(model, ids, batch, *args):
+        """Rank 1 alone, step 4: the ablation's first perplexity forward runs out of memory, once."""
+        if trainer.global_rank == 1 and trainer.global_step == 4 and not made.get("perplexity"):
+            made["perplexity"] = True
+            raise torch.OutOfMemoryError("CUDA out of memory (injected in a perplexity forward)")
+        return real_score(model, ids, batch, *args)
+
     NeuronStatsAccumulator.__init__ = failing_init
     engine._drift = failing_drift
+    perplexity_module._score_batch = failing_score
     trainer.fit(module, token_loader(module.tokenizer))
     # A probe on one rank alone inside the DDP job: nothing it runs may wait for the other rank.
     if trainer.global_rank == 0:
@@ -135,7 +146,8 @@ PHASES_SCRIPT = textwrap.dedent('''
 def test_failures_in_the_allocation_and_in_rank_0s_own_part_never_hang_a_rank(tmp_path) -> None:
     """An out-of-memory error allocating the state on one rank is retried by both ranks together; a failure in the
     part only rank 0 runs (cohort, drift, tables) reaches the other rank before the ablation's collectives, so both
-    skip that step; a probe on one rank of a DDP job runs alone."""
+    skip that step; an out-of-memory error in one rank's perplexity forward is retried at half the batch by both
+    ranks together (the ablation is not lost); a probe on one rank of a DDP job runs alone."""
     code, out, err = run_script(tmp_path, "ddp_phases.py", PHASES_SCRIPT, str(tmp_path / "logs"),
                                 str(Path(__file__).parent), extra_env={"PYTHONWARNINGS": "always::UserWarning"},
                                 hang="a rank hung after a failure on the other rank")
@@ -151,3 +163,6 @@ def test_failures_in_the_allocation_and_in_rank_0s_own_part_never_hang_a_rank(tm
         metrics = set(scalars[scalars.step == step].metric)
         assert "wd/max" in metrics and any(m.startswith("ablation/") for m in metrics), (step, sorted(metrics)[:20])
     assert err.count("measurement at step 2 failed on rank 0 (RuntimeError: injected failure in rank 0's drift") == 1
+    retry = ("out of memory during a perplexity evaluation; retrying with batch size 2 (later evaluations start "
+             "there)")
+    assert err.count(retry) == 2, err[-3000:]  # rank 1 after its own error, rank 0 after rank 1's

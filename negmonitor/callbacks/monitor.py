@@ -31,7 +31,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from negmonitor.ablation import AblationSettings, check_perplexity_budget
-from negmonitor.budget import DEFAULT_MEMORY_BUDGET
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit
 from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
 from negmonitor.distributed import Shard
@@ -39,7 +39,7 @@ from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
-from negmonitor.probing import ProbeBatchLimit, ProbeSettings, check_memory_budget
+from negmonitor.probing import ProbeSettings, check_memory_budget
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, scalar_rows
 
@@ -93,7 +93,8 @@ class NegativeDifferentiationMonitor(Callback):
         families: which curve families to log (default: all).
         memory_budget: extra memory one measurement may allocate on the model's device: bytes or a size such as
             ``"2GiB"`` (default 2 GiB; ``None``: no limit). Layers are measured in groups that fit, one partial pass
-            over the probe set per group; the grouping is logged once.
+            over the probe set per group; the grouping is logged once. It bounds the ablation's perplexity forwards
+            too, unless ``ablation`` sets a ``memory_budget`` of its own (other than the default).
         probe_precision: ``"trainer"`` (default) runs the probe forward inside the trainer's precision context, as
             training runs (autocast under ``"bf16-mixed"``); ``"fp32"`` forces full precision, which weights held
             in bf16 or fp16 (``"bf16-true"``) cannot give: the forward then runs in the weights' dtype, with one
@@ -175,8 +176,11 @@ class NegativeDifferentiationMonitor(Callback):
         if ablation is not None and ablation is not False and "ablation" in self.families:
             from negmonitor.monitoring.ablation_rows import as_settings
 
-            # One budget for the whole measurement: it also bounds the ablation's perplexity batches.
-            self.ablation = replace(as_settings(ablation), memory_budget=memory_budget)
+            # One budget for the whole measurement: it also bounds the ablation's perplexity batches, unless the
+            # ablation settings give their own (any value but the default).
+            self.ablation = as_settings(ablation)
+            if self.ablation.memory_budget == DEFAULT_MEMORY_BUDGET:
+                self.ablation = replace(self.ablation, memory_budget=memory_budget)
         self.ablation_every = ablation_every_n_steps or every_n_steps
         self.minimal_pairs = minimal_pairs
         self.minimal_pairs_sample = minimal_pairs_sample
@@ -190,7 +194,8 @@ class NegativeDifferentiationMonitor(Callback):
         self.precision_used: str | None = None
         self.drift_snapshots_kept = drift_snapshots_kept
         self.state = MonitorState()
-        self._batch_limit = ProbeBatchLimit()  # lowered by an out-of-memory retry, for the later measurements
+        self._batch_limit = BatchLimit()  # lowered by an out-of-memory retry, for the later measurements
+        self._ppl_batch_limit = BatchLimit()  # the same for the ablation's perplexity evaluations
         self.failures = 0
         self._snapshot_to_read: int | None = None
         self._snapshot_saved: int | None = None
@@ -551,7 +556,8 @@ class NegativeDifferentiationMonitor(Callback):
         from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
 
         return ablation_scalar_rows(self._hf_model, self.tokenizer, measurement.result, self.ablation,
-                                    self.minimal_pairs, self.ppl_text, shard=shard)
+                                    self.minimal_pairs, self.ppl_text, shard=shard,
+                                    batch_limit=self._ppl_batch_limit)
 
 
 class WassersteinMonitor(NegativeDifferentiationMonitor):
@@ -624,7 +630,7 @@ def resolve_ppl_text(spec: Any, datamodule: Any = None) -> Any:
         return datamodule.probe_texts() if hasattr(datamodule, "probe_texts") else None
     if not isinstance(spec, str) or not _looks_like_source(spec):
         return spec  # the text itself
-    from negmonitor.evaluation.perplexity import load_perplexity_text
+    from negmonitor.evaluation.lm_perplexity import load_perplexity_text
 
     if Path(spec).expanduser().exists() or ":" not in spec:
         return load_perplexity_text(spec)

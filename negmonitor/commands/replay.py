@@ -126,7 +126,7 @@ def _ablation(args: argparse.Namespace) -> tuple:
                                       npi_pairs=ablation.npi_pairs))
     from pathlib import Path
 
-    from negmonitor.evaluation.perplexity import load_perplexity_text
+    from negmonitor.evaluation.lm_perplexity import load_perplexity_text
 
     local_probe = next((p for p in (args.probe, args.text) if p and Path(p).expanduser().exists()), None)
     ppl_text = load_perplexity_text(args.ppl_text or local_probe)  # None: WikiText-2 validation from the hub

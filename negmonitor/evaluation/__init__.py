@@ -23,7 +23,7 @@ from negmonitor.evaluation.minimal_pairs import (
     score_sentences,
     standard_error,
 )
-from negmonitor.evaluation.perplexity import PerplexityResult, load_perplexity_text, perplexity, sliding_windows
+from negmonitor.evaluation.lm_perplexity import PerplexityResult, load_perplexity_text, perplexity, sliding_windows
 from negmonitor.evaluation.pos_surprisal import (
     TokenSurprisal,
     align_to_words,

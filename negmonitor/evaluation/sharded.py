@@ -4,7 +4,7 @@ Each process scores every ``world_size``-th sentence and the scores are summed o
 ends with the single-process numbers (to float rounding) and none waits while another evaluates. Every process runs
 the same number of forward passes (padding with throw-away sentences), as FSDP needs. Masked LMs
 (pseudo-log-likelihood, a data-dependent number of passes) are not split: each process scores every sentence.
-Perplexity takes its share the same way through :func:`~negmonitor.evaluation.perplexity.perplexity`'s ``shard``.
+Perplexity takes its share the same way through :func:`~negmonitor.evaluation.lm_perplexity.perplexity`'s ``shard``.
 """
 
 from __future__ import annotations

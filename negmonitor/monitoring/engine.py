@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from negmonitor.adapters import MLPSite, find_sites
+from negmonitor.budget import BatchLimit
 from negmonitor.capture import unwrap_compiled
 from negmonitor.distributed import agree_on_failure, gathers_weight
 from negmonitor.metrics.drift import weight_drift
 from negmonitor.metrics.ranking import jaccard, top_k_indices
-from negmonitor.probing import ProbeBatchLimit, ProbeSettings, measure
+from negmonitor.probing import ProbeSettings, measure
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import scalar_rows
 from negmonitor.result import ProbeResult
@@ -121,12 +122,12 @@ def take_measurement(
     rank: int = 0,
     world_size: int = 1,
     forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
-    batch_limit: ProbeBatchLimit | None = None,
+    batch_limit: BatchLimit | None = None,
 ) -> Measurement:
     """Measure ``model`` at ``step``, update ``state`` (cohort, weight snapshot) and return the measurement.
 
     ``forward_context`` wraps the probe forward (e.g. the trainer's autocast); statistics are fp32 either way.
-    ``batch_limit``: the run's probe batch size after an out-of-memory retry (see :class:`ProbeBatchLimit`).
+    ``batch_limit``: the run's probe batch size after an out-of-memory retry (see :class:`BatchLimit`).
     Every rank runs the probe pass (its statistics are reduced across ranks; under DDP every phase that precedes a
     collective is closed by :func:`~negmonitor.distributed.agree_on_failure`, so a failure on one rank makes every
     rank raise and skip instead of leaving the others waiting) and gets the :class:`ProbeResult`, whose tables are

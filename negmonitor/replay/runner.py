@@ -48,8 +48,8 @@ from negmonitor.models import parse_device, parse_dtype
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
-from negmonitor.budget import DEFAULT_MEMORY_BUDGET
-from negmonitor.probing import ProbeBatchLimit, ProbeSettings
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit
+from negmonitor.probing import ProbeSettings
 from negmonitor.probeset import TEXT_SUFFIXES, ProbeSet, load_probe_texts
 from negmonitor.records import RecordStore, scalar_rows
 from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest, weights_sha256
@@ -227,7 +227,8 @@ class _Replay:
         check_run_info(self.store.root, self._run_info(), FINGERPRINT)
         # fp32 drift: one checkpoint is in memory at a time, and Pythia's early checkpoints (steps 1, 2, 4, ...)
         # move by far less than bf16 resolves
-        self._batch_limit = ProbeBatchLimit()  # lowered by an out-of-memory retry, for the later checkpoints
+        self._batch_limit = BatchLimit()  # lowered by an out-of-memory retry, for the later checkpoints
+        self._ppl_batch_limit = BatchLimit()  # the same for the ablation's perplexity evaluations
         self.monitor = MonitorSettings(layers=settings.layers, cohort_frac=settings.cohort_frac, warmup_steps=0,
                                        weight_drift=True, drift_dtype=torch.float32,
                                        image_neurons=settings.image_neurons,
@@ -329,7 +330,8 @@ class _Replay:
             scalars = measurement.scalars
             if self.ablation_rows is not None:
                 extra = self.ablation_rows(model, self.tokenizer, measurement.result, self.settings.ablation,
-                                           self.settings.minimal_pairs, self.settings.ppl_text)
+                                           self.settings.minimal_pairs, self.settings.ppl_text,
+                                           batch_limit=self._ppl_batch_limit)
                 scalars = pd.concat([scalars, extra], ignore_index=True)
         except NegmonitorError:
             raise

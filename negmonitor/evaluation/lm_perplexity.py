@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import math
 import numbers
 import os
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from negmonitor.budget import LOSS_ROWS, evaluation_batch_size
+from negmonitor.budget import LOSS_ROWS, BatchLimit, evaluation_batch_size, halve_after_out_of_memory
 from negmonitor.distributed import Shard, agree_on_failure
 from negmonitor.errors import NegmonitorError
 from negmonitor.protocol import SEPARATOR, default_window
@@ -106,6 +107,7 @@ def perplexity(
     drop_tail: bool = True,
     shard: Shard | None = None,
     memory_budget: int | None = None,
+    batch_limit: BatchLimit | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a text, a list of texts (joined) or a 1-D sequence of token ids.
 
@@ -122,6 +124,9 @@ def perplexity(
         memory_budget: extra bytes one forward may allocate on the model's device (its logits, activations and
             loss): ``batch_size`` halves until a batch fits (:func:`~negmonitor.budget.evaluation_batch_size`);
             None: no bound.
+        batch_limit: the run's perplexity batch size after an out-of-memory retry, kept for its later evaluations.
+            On out-of-memory (on any process under a ``shard``) the batch size halves and the evaluation restarts
+            (every process in step); at batch size 1 a :class:`NegmonitorError` says what to change.
 
     Raises:
         NegmonitorError: for a masked LM, fewer than two tokens, or a window/stride out of range.
@@ -135,21 +140,39 @@ def perplexity(
         raise NegmonitorError(f"the text has {ids.numel()} token(s); perplexity needs at least 2 — pass more text")
     window, stride = resolve_window(model, tokenizer, window, stride)
     batch_size = evaluation_batch_size(model, window, batch_size, memory_budget)
+    if batch_limit is not None:
+        batch_size = batch_limit.cap(batch_size)
     spans = sliding_windows(ids.numel(), window, stride, drop_tail)
     device, pad_id = model_device(model, device), pad_token_id(tokenizer)
-    if shard is None or not shard.active:
-        total_nll, n_scored = _score_spans(model, ids, spans, batch_size, device, pad_id, progress)
-    else:
-        with agree_on_failure():  # a rank that fails here tells the others before the sum below
-            total_nll, n_scored = _score_spans(model, ids, shard.take(spans), batch_size, device, pad_id, progress)
-            with eval_mode(model), torch.no_grad():
-                for _ in range(shard.extra_batches(len(spans), batch_size)):
-                    _score_batch(model, ids, spans[:1], device, pad_id)
-        total_nll, n_scored = shard.sum(torch.tensor([total_nll, n_scored], dtype=torch.float64,
-                                                     device=device)).tolist()
-        n_scored = int(n_scored)
+    while True:
+        try:
+            total_nll, n_scored = _score_shard(model, ids, spans, batch_size, device, pad_id, progress, shard)
+        except torch.OutOfMemoryError:
+            pass  # retried below, outside the handler: its traceback's frames hold the failed batch's logits
+        else:
+            break
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # unfragmented room for the smaller retry
+        batch_size = halve_after_out_of_memory(batch_size, batch_limit, "a perplexity evaluation",
+                                               "pass a shorter ppl_window", later="evaluations")
     nll = total_nll / n_scored
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_scored)
+
+
+def _score_shard(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]], batch_size: int,
+                 device: torch.device, pad_id: int, progress: bool, shard: Shard | None) -> tuple[float, int]:
+    """Summed NLL and scored-token count over every window: this process's share under an active ``shard``,
+    reduced over the processes (each failure reaches every process first, so all raise together)."""
+    if shard is None or not shard.active:
+        return _score_spans(model, ids, spans, batch_size, device, pad_id, progress)
+    with agree_on_failure():  # a rank that fails here tells the others before the sum below
+        total_nll, n_scored = _score_spans(model, ids, shard.take(spans), batch_size, device, pad_id, progress)
+        with eval_mode(model), torch.no_grad():
+            for _ in range(shard.extra_batches(len(spans), batch_size)):
+                _score_batch(model, ids, spans[:1], device, pad_id)
+    total_nll, n_scored = shard.sum(torch.tensor([total_nll, n_scored], dtype=torch.float64, device=device)).tolist()
+    return total_nll, int(n_scored)
 
 
 def token_stream(tokenizer: PreTrainedTokenizerBase,
