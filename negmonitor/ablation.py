@@ -84,7 +84,8 @@ class AblationSettings:
         lm_eval_task_dirs: folders of custom lm-eval task YAML files.
         memory_budget: extra memory one perplexity forward may allocate on the model's device (bytes or a size such
             as ``"2GiB"``; None: no bound): the perplexity batch size halves until its logits, activations and
-            loss fit. The training monitor and the commands set it to their own ``memory_budget``.
+            loss fit. The commands set it to their own ``memory_budget``; the training monitor too, unless it is
+            set here to anything but the default.
         progress: show progress bars.
     """
 

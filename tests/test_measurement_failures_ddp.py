@@ -158,7 +158,7 @@ def test_failures_in_the_allocation_and_in_rank_0s_own_part_never_hang_a_rank(tm
     scalars = RecordStore.for_logdir(tmp_path / "logs").read_scalars()
     failed = scalars[scalars.metric == "health/measurement_failed"]
     assert sorted(failed.step) == [2]
-    assert "retrying with batch size" in err
+    assert "during the probe pass; retrying with batch size" in err
     for step in (0, 4, 6):  # step 0 after the joint retry; the ablation ran on both ranks where nothing failed
         metrics = set(scalars[scalars.step == step].metric)
         assert "wd/max" in metrics and any(m.startswith("ablation/") for m in metrics), (step, sorted(metrics)[:20])

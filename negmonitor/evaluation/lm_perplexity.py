@@ -124,12 +124,13 @@ def perplexity(
         memory_budget: extra bytes one forward may allocate on the model's device (its logits, activations and
             loss): ``batch_size`` halves until a batch fits (:func:`~negmonitor.budget.evaluation_batch_size`);
             None: no bound.
-        batch_limit: the run's perplexity batch size after an out-of-memory retry, kept for its later evaluations.
-            On out-of-memory (on any process under a ``shard``) the batch size halves and the evaluation restarts
-            (every process in step); at batch size 1 a :class:`NegmonitorError` says what to change.
+        batch_limit: the run's perplexity batch size after an out-of-memory retry, kept for its later evaluations
+            (on out-of-memory, on any process under a ``shard``, the batch size halves and the evaluation restarts,
+            every process in step, with or without a ``batch_limit``).
 
     Raises:
-        NegmonitorError: for a masked LM, fewer than two tokens, or a window/stride out of range.
+        NegmonitorError: for a masked LM, fewer than two tokens, a window/stride out of range, or out of memory
+            even at batch size 1.
     """
     check_lm(model)
     if is_masked_lm(model):
@@ -155,7 +156,7 @@ def perplexity(
         if device.type == "cuda":
             torch.cuda.empty_cache()  # unfragmented room for the smaller retry
         batch_size = halve_after_out_of_memory(batch_size, batch_limit, "a perplexity evaluation",
-                                               "pass a shorter ppl_window", later="evaluations")
+                                               "pass a shorter window (ppl_window)", later="evaluations")
     nll = total_nll / n_scored
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_scored)
 
@@ -171,7 +172,8 @@ def _score_shard(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int
         with eval_mode(model), torch.no_grad():
             for _ in range(shard.extra_batches(len(spans), batch_size)):
                 _score_batch(model, ids, spans[:1], device, pad_id)
-    total_nll, n_scored = shard.sum(torch.tensor([total_nll, n_scored], dtype=torch.float64, device=device)).tolist()
+        sums = torch.tensor([total_nll, n_scored], dtype=torch.float64, device=device)  # allocated inside the guard
+    total_nll, n_scored = shard.sum(sums).tolist()
     return total_nll, int(n_scored)
 
 
