@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -42,7 +43,8 @@ import torch
 from torch import nn
 
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
-from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit, evaluation_batch_size, parse_bytes
+from negmonitor.budget import (DEFAULT_MEMORY_BUDGET, BatchLimit, evaluation_batch_size, parse_bytes,
+                               retry_on_out_of_memory)
 from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.interventions import ablate, check_mode
@@ -140,6 +142,11 @@ class AblationSettings:
         self.npi_pairs = check_choice(self.npi_pairs or proto.npi_pairs, NPI_PAIRS, "npi_pairs")
 
 
+def batch_limits() -> dict[str, BatchLimit]:
+    """One :class:`~negmonitor.budget.BatchLimit` per evaluation name, made when first asked for."""
+    return defaultdict(BatchLimit)
+
+
 @dataclass
 class EvalSuite:
     """The evaluations run under every condition; leave out any that are not wanted.
@@ -152,8 +159,9 @@ class EvalSuite:
         shard: under DDP/FSDP, this process's place: perplexity windows and minimal-pair sentences are split across
             the processes and their sums reduced, so every process gets the single-process numbers (every process
             must then run the same evaluations; lm-eval tasks are not split). None: one process.
-        batch_limit: the perplexity batch size an out-of-memory retry came down to, kept for the later
-            evaluations (a run that builds a suite per measurement passes its own, kept across them).
+        batch_limits: per evaluation (``ppl``, ``blimp``, ``tse``), the batch size an out-of-memory retry came
+            down to, kept for the later evaluations (a run that builds a suite per measurement passes its own
+            :func:`batch_limits`, kept across them).
     """
 
     ppl_ids: torch.Tensor | None = None
@@ -161,16 +169,16 @@ class EvalSuite:
     tse: pd.DataFrame | None = None
     lm_eval_tasks: tuple[str, ...] = ()
     shard: Shard | None = None
-    batch_limit: BatchLimit = field(default_factory=BatchLimit)
+    batch_limits: dict[str, BatchLimit] = field(default_factory=lambda: batch_limits())
 
     @classmethod
     def build(cls, tokenizer, ppl_text: str | Sequence[str] | torch.Tensor | None = None,
               blimp: pd.DataFrame | None = None, tse: pd.DataFrame | None = None,
               lm_eval_tasks: Sequence[str] = (), max_ppl_tokens: int | None = None,
-              shard: Shard | None = None, batch_limit: BatchLimit | None = None) -> "EvalSuite":
+              shard: Shard | None = None, limits: dict[str, BatchLimit] | None = None) -> "EvalSuite":
         """Tokenize the perplexity text once (keeping its first ``max_ppl_tokens`` tokens) and bundle the rest."""
         ids = None if ppl_text is None else leading_tokens(tokenizer, ppl_text, max_ppl_tokens)
-        return cls(ids, blimp, tse, tuple(lm_eval_tasks), shard, batch_limit or BatchLimit())
+        return cls(ids, blimp, tse, tuple(lm_eval_tasks), shard, batch_limits() if limits is None else limits)
 
     @property
     def names(self) -> list[str]:
@@ -226,10 +234,11 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
     metrics: dict[str, float] = {}
     frames = []
     if "ppl" in wanted:
-        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings, suite.shard, suite.batch_limit))
+        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings, suite.shard, suite.batch_limits["ppl"]))
     for name in ("blimp", "tse"):
         if name in wanted:
-            value, margin, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings, suite.shard)
+            value, margin, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings, suite.shard,
+                                                  suite.batch_limits[name])
             metrics[f"{name}_acc"] = value
             metrics[f"{name}_margin"] = margin
             frames.append(table)
@@ -261,21 +270,26 @@ def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: Ablati
 
 
 def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame, settings: AblationSettings,
-                   shard: Shard | None = None) -> tuple[float, float, pd.DataFrame]:
+                   shard: Shard | None = None, batch_limit: BatchLimit | None = None
+                   ) -> tuple[float, float, pd.DataFrame]:
     """Overall accuracy, mean log-probability margin (good − bad, nats) and the suite's accuracy levels.
 
     The margin still moves when accuracy is saturated (a small model that gets every pair right), so damage to the
     model's preference for the grammatical sentence is visible before any pair flips.
     """
     from negmonitor.evaluation import blimp_accuracy, tse_accuracy
+    from negmonitor.evaluation._common import model_device
     from negmonitor.evaluation.sharded import sharded_evaluate_pairs
     from negmonitor.evaluation.tse import keep_npi_pairs
 
     if suite == "tse":
         pairs = keep_npi_pairs(pairs, settings.npi_pairs)
     score = settings.blimp_score if suite == "blimp" else settings.tse_score
-    scored = sharded_evaluate_pairs(model, tokenizer, pairs, shard or Shard(), batch_size=settings.batch_size,
-                                    score=score, prefix=settings.pair_prefix)
+    scored = retry_on_out_of_memory(
+        lambda size: sharded_evaluate_pairs(model, tokenizer, pairs, shard or Shard(), batch_size=size, score=score,
+                                            prefix=settings.pair_prefix),
+        settings.batch_size, batch_limit, model_device(model, None), f"{suite} minimal-pair scoring",
+        "free memory on the model's device", later="evaluations")
     table = (blimp_accuracy if suite == "blimp" else tse_accuracy)(scored)
     table.insert(0, "suite", suite)
     overall = table.loc[table["level"] == "overall", "accuracy"]

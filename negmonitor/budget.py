@@ -18,25 +18,29 @@ states the previous one cached (:mod:`negmonitor.residual`).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
+
+import torch
 
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics.streaming import GRID_ROWS, NeuronStatsAccumulator
 from negmonitor.summary import MD_COLUMNS
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "parse_bytes", "format_bytes", "Plan", "plan_measurement", "lm_window_bytes",
-           "evaluation_batch_size", "BatchLimit", "halve_after_out_of_memory"]
+           "evaluation_batch_size", "BatchLimit", "retry_on_out_of_memory"]
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
 MAX_UPDATE_ELEMENTS = 1 << 22  # rows x neurons handed to an accumulator at once: bounds the update's transients
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 _LOGGED: set[str] = set()
+T = TypeVar("T")
 log = logging.getLogger("negmonitor")
 
 
@@ -304,24 +308,36 @@ class BatchLimit:
         return batch_size if self.batch_size is None else min(batch_size, self.batch_size)
 
 
-def halve_after_out_of_memory(batch_size: int, limit: BatchLimit | None, during: str, fix: str,
-                              later: str = "measurements") -> int:
-    """The batch size to retry ``during`` (e.g. "the probe pass") at after an out-of-memory error: half, kept in
-    ``limit`` for the run's ``later`` calls, with a warning.
+def retry_on_out_of_memory(run: Callable[[int], T], batch_size: int, limit: BatchLimit | None, device: torch.device,
+                           during: str, fix: str, later: str = "measurements") -> T:
+    """``run(batch_size)``, and after an out-of-memory error ``run`` again at half the batch size (warned, and kept in
+    ``limit`` for the run's ``later`` calls), starting from ``limit``'s size if a retry lowered it before.
+
+    Under DDP ``run`` closes its local phases with :func:`~negmonitor.distributed.agree_on_failure`, so every rank
+    raises an ``OutOfMemoryError`` together and retries in step. Between tries the failed call's reference cycles
+    are collected and, on CUDA, the allocator's cache is given back, for unfragmented room.
 
     Raises:
-        NegmonitorError: at batch size 1, naming ``fix``.
+        NegmonitorError: out of memory at batch size 1, naming ``fix``.
     """
-    if batch_size <= 1:
-        raise NegmonitorError(f"out of memory during {during} even at batch size 1 — {fix}")
-    batch_size //= 2
-    kept = ""
-    if limit is not None:
-        limit.batch_size = batch_size
-        kept = f" (later {later} start there)"
-    warnings.warn(f"negmonitor: out of memory during {during}; retrying with batch size {batch_size}{kept}",
-                  stacklevel=3)
-    return batch_size
+    batch_size = batch_size if limit is None else limit.cap(batch_size)
+    while True:
+        try:
+            return run(batch_size)
+        except torch.OutOfMemoryError:
+            pass  # retried below, outside the handler: its traceback's frames hold the failed call's tensors
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if batch_size <= 1:
+            raise NegmonitorError(f"out of memory during {during} even at batch size 1 — {fix}")
+        batch_size //= 2
+        kept = ""
+        if limit is not None:
+            limit.batch_size = batch_size
+            kept = f" (later {later} start there)"
+        warnings.warn(f"negmonitor: out of memory during {during}; retrying with batch size {batch_size}{kept}",
+                      stacklevel=2)
 
 
 def _first_time(line: str) -> bool:

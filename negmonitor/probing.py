@@ -10,7 +10,6 @@ accumulators are summarised and dropped before the next group starts.
 from __future__ import annotations
 
 import contextlib
-import gc
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
@@ -20,7 +19,7 @@ from torch import nn
 
 from negmonitor.adapters import MLPSite, find_blocks, find_sites
 from negmonitor.budget import (DEFAULT_MEMORY_BUDGET, BatchLimit, LayerShape, Plan, eager_attention_bytes,
-                               halve_after_out_of_memory, log_plan_once, parse_bytes, plan_measurement)
+                               log_plan_once, parse_bytes, plan_measurement, retry_on_out_of_memory)
 from negmonitor.capture import BatchContext, SiteRecorder, StopPass, check_hooks_fired, recording, unwrap_compiled
 from negmonitor.metrics.streaming import GRID_ROWS
 from negmonitor.distributed import Shard, agree_on_failure, forward_is_collective, gathers_weight
@@ -114,22 +113,13 @@ def measure(
         plan = _plan(eager, probe_set, sites, settings, world_size)
     if rank == 0:  # every rank plans alike
         log_plan_once(plan, _shapes(sites), settings.batch_size)
-    batch_size = plan.batch_size if batch_limit is None else batch_limit.cap(plan.batch_size)
-    while True:
-        failed = False
-        try:
-            # Freed blocks stay in the allocator's cache for the training run (no empty_cache: that would also drop
-            # the training run's cached blocks and make its next step allocate afresh).
-            return _measure_groups(eager, probe_set, sites, settings, plan, batch_size, rank, world_size,
-                                   forward_context)
-        except torch.OutOfMemoryError:
-            failed = True  # retried outside the handler: the traceback's frames hold the pass's tensors
-        if failed:
-            gc.collect()  # the failed pass's metrics are reference cycles (see SiteRecorder.release)
-            _free_cached(eager)  # after an out-of-memory error, unfragmented room for the smaller retry
-            batch_size = halve_after_out_of_memory(
-                batch_size, batch_limit, "the probe pass",
-                "lower memory_budget (fewer layers per pass), the probe window, or the layers monitored")
+    # Freed blocks stay in the allocator's cache for the training run (no empty_cache but after an out-of-memory
+    # error: it would also drop the training run's cached blocks and make its next step allocate afresh).
+    return retry_on_out_of_memory(
+        lambda batch_size: _measure_groups(eager, probe_set, sites, settings, plan, batch_size, rank, world_size,
+                                           forward_context),
+        plan.batch_size, batch_limit, _device_of(eager), "the probe pass",
+        "lower memory_budget (fewer layers per pass), the probe window, or the layers monitored")
 
 
 def _shapes(sites: Sequence[MLPSite]) -> list[LayerShape]:
@@ -217,12 +207,6 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
                                                     settings.sample_neurons, settings.pairs_per_neuron_table))
             recorder.release()
     return summaries
-
-
-def _free_cached(model: nn.Module) -> None:
-    """On CUDA, give the allocator's cached blocks back to the device."""
-    if _device_of(model).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 @dataclass

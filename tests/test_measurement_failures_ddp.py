@@ -129,9 +129,20 @@ PHASES_SCRIPT = textwrap.dedent('''
             raise torch.OutOfMemoryError("CUDA out of memory (injected in a perplexity forward)")
         return real_score(model, ids, batch, *args)
 
+    import negmonitor.evaluation.minimal_pairs as pairs_module
+    real_logprobs = pairs_module._next_token_logprobs
+
+    def failing_logprobs(model, input_ids, *args):
+        """Rank 1 alone, step 6: the ablation's first minimal-pair batch runs out of memory, once."""
+        if trainer.global_rank == 1 and trainer.global_step == 6 and not made.get("pairs"):
+            made["pairs"] = True
+            raise torch.OutOfMemoryError("CUDA out of memory (injected in a minimal-pair batch)")
+        return real_logprobs(model, input_ids, *args)
+
     NeuronStatsAccumulator.__init__ = failing_init
     engine._drift = failing_drift
     perplexity_module._score_batch = failing_score
+    pairs_module._next_token_logprobs = failing_logprobs
     trainer.fit(module, token_loader(module.tokenizer))
     # A probe on one rank alone inside the DDP job: nothing it runs may wait for the other rank.
     if trainer.global_rank == 0:
@@ -147,7 +158,8 @@ def test_failures_in_the_allocation_and_in_rank_0s_own_part_never_hang_a_rank(tm
     """An out-of-memory error allocating the state on one rank is retried by both ranks together; a failure in the
     part only rank 0 runs (cohort, drift, tables) reaches the other rank before the ablation's collectives, so both
     skip that step; an out-of-memory error in one rank's perplexity forward is retried at half the batch by both
-    ranks together (the ablation is not lost); a probe on one rank of a DDP job runs alone."""
+    ranks together (the ablation is not lost), and so is one in a minimal-pair batch; a probe on one rank of a DDP
+    job runs alone."""
     code, out, err = run_script(tmp_path, "ddp_phases.py", PHASES_SCRIPT, str(tmp_path / "logs"),
                                 str(Path(__file__).parent), extra_env={"PYTHONWARNINGS": "always::UserWarning"},
                                 hang="a rank hung after a failure on the other rank")
@@ -166,3 +178,5 @@ def test_failures_in_the_allocation_and_in_rank_0s_own_part_never_hang_a_rank(tm
     retry = ("out of memory during a perplexity evaluation; retrying with batch size 2 (later evaluations start "
              "there)")
     assert err.count(retry) == 2, err[-3000:]  # rank 1 after its own error, rank 0 after rank 1's
+    retry = "minimal-pair scoring; retrying with batch size 2 (later evaluations start there)"
+    assert err.count(retry) == 2, err[-3000:]  # step 6, both ranks in step

@@ -21,6 +21,7 @@ import contextlib
 import os
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -195,7 +196,7 @@ class NegativeDifferentiationMonitor(Callback):
         self.drift_snapshots_kept = drift_snapshots_kept
         self.state = MonitorState()
         self._batch_limit = BatchLimit()  # lowered by an out-of-memory retry, for the later measurements
-        self._ppl_batch_limit = BatchLimit()  # the same for the ablation's perplexity evaluations
+        self._evaluation_batch_limits: dict[str, BatchLimit] = defaultdict(BatchLimit)  # the same for the ablation's
         self.failures = 0
         self._snapshot_to_read: int | None = None
         self._snapshot_saved: int | None = None
@@ -557,7 +558,7 @@ class NegativeDifferentiationMonitor(Callback):
 
         return ablation_scalar_rows(self._hf_model, self.tokenizer, measurement.result, self.ablation,
                                     self.minimal_pairs, self.ppl_text, shard=shard,
-                                    batch_limit=self._ppl_batch_limit)
+                                    batch_limits=self._evaluation_batch_limits)
 
 
 class WassersteinMonitor(NegativeDifferentiationMonitor):

@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     if args.layer_groups:
         reports.append(layer_group_sweep(model, tokenizer, values, suite, args.layer_groups, settings))
     if fractions:
-        ppl_only = (EvalSuite(ppl_ids=suite.ppl_ids, batch_limit=suite.batch_limit) if suite.ppl_ids is not None
+        ppl_only = (EvalSuite(ppl_ids=suite.ppl_ids, batch_limits=suite.batch_limits) if suite.ppl_ids is not None
                     else suite)
         reports.append(fraction_sweep(model, tokenizer, values, ppl_only, fractions, settings))
     for report in reports:

@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import gc
 import math
 import numbers
 import os
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from negmonitor.budget import LOSS_ROWS, BatchLimit, evaluation_batch_size, halve_after_out_of_memory
+from negmonitor.budget import LOSS_ROWS, BatchLimit, evaluation_batch_size, retry_on_out_of_memory
 from negmonitor.distributed import Shard, agree_on_failure
 from negmonitor.errors import NegmonitorError
 from negmonitor.protocol import SEPARATOR, default_window
@@ -141,22 +140,11 @@ def perplexity(
         raise NegmonitorError(f"the text has {ids.numel()} token(s); perplexity needs at least 2 — pass more text")
     window, stride = resolve_window(model, tokenizer, window, stride)
     batch_size = evaluation_batch_size(model, window, batch_size, memory_budget)
-    if batch_limit is not None:
-        batch_size = batch_limit.cap(batch_size)
     spans = sliding_windows(ids.numel(), window, stride, drop_tail)
     device, pad_id = model_device(model, device), pad_token_id(tokenizer)
-    while True:
-        try:
-            total_nll, n_scored = _score_shard(model, ids, spans, batch_size, device, pad_id, progress, shard)
-        except torch.OutOfMemoryError:
-            pass  # retried below, outside the handler: its traceback's frames hold the failed batch's logits
-        else:
-            break
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # unfragmented room for the smaller retry
-        batch_size = halve_after_out_of_memory(batch_size, batch_limit, "a perplexity evaluation",
-                                               "pass a shorter window (ppl_window)", later="evaluations")
+    total_nll, n_scored = retry_on_out_of_memory(
+        lambda size: _score_shard(model, ids, spans, size, device, pad_id, progress, shard), batch_size, batch_limit,
+        device, "a perplexity evaluation", "pass a shorter window (ppl_window)", later="evaluations")
     nll = total_nll / n_scored
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_scored)
 

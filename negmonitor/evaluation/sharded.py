@@ -29,12 +29,12 @@ def sharded_sentence_scores(model: nn.Module, tokenizer, sentences: Sequence[str
         return score_sentences(model, tokenizer, sentences, batch_size=batch_size, score=score, prefix=prefix)
     mine = shard.take(range(len(sentences)))
     padding = len(range(0, len(sentences), shard.world_size)) - len(mine)  # as many sentences as rank 0
-    with agree_on_failure():  # a rank that fails here tells the others before the sum below
+    with agree_on_failure():  # a rank that fails here (allocating the sum's tensor too) tells the others first
         scores = score_sentences(model, tokenizer, [sentences[i] for i in mine] + sentences[:1] * padding,
                                  batch_size=batch_size, score=score, prefix=prefix)
-    device = model_device(model, None)
-    full = torch.zeros(len(sentences), dtype=torch.float64, device=device)
-    full[torch.tensor(mine, dtype=torch.long, device=device)] = scores[: len(mine)].to(device)
+        device = model_device(model, None)
+        full = torch.zeros(len(sentences), dtype=torch.float64, device=device)
+        full[torch.tensor(mine, dtype=torch.long, device=device)] = scores[: len(mine)].to(device)
     return shard.sum(full).cpu()
 
 

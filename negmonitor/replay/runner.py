@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -228,7 +229,7 @@ class _Replay:
         # fp32 drift: one checkpoint is in memory at a time, and Pythia's early checkpoints (steps 1, 2, 4, ...)
         # move by far less than bf16 resolves
         self._batch_limit = BatchLimit()  # lowered by an out-of-memory retry, for the later checkpoints
-        self._ppl_batch_limit = BatchLimit()  # the same for the ablation's perplexity evaluations
+        self._evaluation_batch_limits: dict[str, BatchLimit] = defaultdict(BatchLimit)  # the same for the ablation's
         self.monitor = MonitorSettings(layers=settings.layers, cohort_frac=settings.cohort_frac, warmup_steps=0,
                                        weight_drift=True, drift_dtype=torch.float32,
                                        image_neurons=settings.image_neurons,
@@ -331,7 +332,7 @@ class _Replay:
             if self.ablation_rows is not None:
                 extra = self.ablation_rows(model, self.tokenizer, measurement.result, self.settings.ablation,
                                            self.settings.minimal_pairs, self.settings.ppl_text,
-                                           batch_limit=self._ppl_batch_limit)
+                                           batch_limits=self._evaluation_batch_limits)
                 scalars = pd.concat([scalars, extra], ignore_index=True)
         except NegmonitorError:
             raise
