@@ -28,7 +28,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import NegmonitorError, first_line
 from negmonitor.metrics.streaming import GRID_ROWS, NeuronStatsAccumulator
 from negmonitor.summary import MD_COLUMNS
 
@@ -324,13 +324,13 @@ def retry_on_out_of_memory(run: Callable[[int], T], batch_size: int, limit: Batc
     while True:
         try:
             return run(batch_size)
-        except torch.OutOfMemoryError:
-            pass  # retried below, outside the handler: its traceback's frames hold the failed call's tensors
+        except torch.OutOfMemoryError as error:
+            cause = first_line(error)  # only its text: the traceback's frames hold the failed call's tensors
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if batch_size <= 1:
-            raise NegmonitorError(f"out of memory during {during} even at batch size 1 — {fix}")
+            raise NegmonitorError(f"out of memory during {during} even at batch size 1 ({cause}) — {fix}")
         batch_size //= 2
         kept = ""
         if limit is not None:

@@ -284,7 +284,8 @@ def test_out_of_memory_halves_the_batch_keeps_the_perplexity_and_later_evaluatio
     monkeypatch.setattr(module, "_score_batch", out_of_memory_above(0))
     with pytest.warns(UserWarning, match="retrying with batch size 1$"):
         with pytest.raises(NegmonitorError, match="out of memory during a perplexity evaluation even at batch size 1 "
-                                                  "— pass a shorter window \\(ppl_window\\)") as err:
+                                                  r"\(CUDA out of memory \(simulated\)\) — pass a shorter window "
+                                                  r"\(ppl_window\)") as err:
             perplexity(model, tokenizer, ids, window=8, batch_size=2)
     assert "\n" not in str(err.value)
 
