@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -142,11 +141,6 @@ class AblationSettings:
         self.npi_pairs = check_choice(self.npi_pairs or proto.npi_pairs, NPI_PAIRS, "npi_pairs")
 
 
-def batch_limits() -> dict[str, BatchLimit]:
-    """One :class:`~negmonitor.budget.BatchLimit` per evaluation name, made when first asked for."""
-    return defaultdict(BatchLimit)
-
-
 @dataclass
 class EvalSuite:
     """The evaluations run under every condition; leave out any that are not wanted.
@@ -160,8 +154,8 @@ class EvalSuite:
             the processes and their sums reduced, so every process gets the single-process numbers (every process
             must then run the same evaluations; lm-eval tasks are not split). None: one process.
         batch_limits: per evaluation (``ppl``, ``blimp``, ``tse``), the batch size an out-of-memory retry came
-            down to, kept for the later evaluations (a run that builds a suite per measurement passes its own
-            :func:`batch_limits`, kept across them).
+            down to, kept for the later evaluations (a run that builds a suite per measurement passes its own dict,
+            kept across them; entries are added as needed).
     """
 
     ppl_ids: torch.Tensor | None = None
@@ -169,16 +163,20 @@ class EvalSuite:
     tse: pd.DataFrame | None = None
     lm_eval_tasks: tuple[str, ...] = ()
     shard: Shard | None = None
-    batch_limits: dict[str, BatchLimit] = field(default_factory=lambda: batch_limits())
+    batch_limits: dict[str, BatchLimit] = field(default_factory=dict)
 
     @classmethod
     def build(cls, tokenizer, ppl_text: str | Sequence[str] | torch.Tensor | None = None,
               blimp: pd.DataFrame | None = None, tse: pd.DataFrame | None = None,
               lm_eval_tasks: Sequence[str] = (), max_ppl_tokens: int | None = None,
-              shard: Shard | None = None, limits: dict[str, BatchLimit] | None = None) -> "EvalSuite":
+              shard: Shard | None = None, batch_limits: dict[str, BatchLimit] | None = None) -> "EvalSuite":
         """Tokenize the perplexity text once (keeping its first ``max_ppl_tokens`` tokens) and bundle the rest."""
         ids = None if ppl_text is None else leading_tokens(tokenizer, ppl_text, max_ppl_tokens)
-        return cls(ids, blimp, tse, tuple(lm_eval_tasks), shard, batch_limits() if limits is None else limits)
+        return cls(ids, blimp, tse, tuple(lm_eval_tasks), shard, {} if batch_limits is None else batch_limits)
+
+    def batch_limit(self, evaluation: str) -> BatchLimit:
+        """The run's :class:`~negmonitor.budget.BatchLimit` for one evaluation (``ppl``, ``blimp``, ...)."""
+        return self.batch_limits.setdefault(evaluation, BatchLimit())
 
     @property
     def names(self) -> list[str]:
@@ -234,11 +232,11 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
     metrics: dict[str, float] = {}
     frames = []
     if "ppl" in wanted:
-        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings, suite.shard, suite.batch_limits["ppl"]))
+        metrics.update(_perplexity(model, tokenizer, suite.ppl_ids, settings, suite.shard, suite.batch_limit("ppl")))
     for name in ("blimp", "tse"):
         if name in wanted:
             value, margin, table = _minimal_pairs(model, tokenizer, name, getattr(suite, name), settings, suite.shard,
-                                                  suite.batch_limits[name])
+                                                  suite.batch_limit(name))
             metrics[f"{name}_acc"] = value
             metrics[f"{name}_margin"] = margin
             frames.append(table)

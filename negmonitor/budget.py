@@ -298,8 +298,8 @@ def evaluation_batch_size(model, window: int, batch_size: int, budget: int | Non
 @dataclass
 class BatchLimit:
     """The batch size an out-of-memory retry came down to, kept by a run for its next calls (probe passes, perplexity
-    evaluations): they start there instead of running out of memory, emptying the allocator's cache and retrying
-    every time (the results do not depend on the batch size). ``None`` until a retry lowers it."""
+    evaluations, minimal-pair scoring): they start there instead of running out of memory, emptying the allocator's
+    cache and retrying every time (the results do not depend on the batch size). ``None`` until a retry lowers it."""
 
     batch_size: int | None = None
 
@@ -337,7 +337,7 @@ def retry_on_out_of_memory(run: Callable[[int], T], batch_size: int, limit: Batc
             limit.batch_size = batch_size
             kept = f" (later {later} start there)"
         warnings.warn(f"negmonitor: out of memory during {during}; retrying with batch size {batch_size}{kept}",
-                      stacklevel=2)
+                      stacklevel=3)
 
 
 def _first_time(line: str) -> bool:

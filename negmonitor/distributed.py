@@ -55,12 +55,20 @@ class Shard:
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over the processes (a copy, on ``values``' device; NCCL reduces on the current GPU)."""
-        if not self.active:
-            return values.clone()
-        nccl = torch.distributed.get_backend() == "nccl"
-        reduced = values.to(torch.device("cuda", torch.cuda.current_device()), copy=True) if nccl else values.clone()
-        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
-        return reduced.to(values.device)
+        return self.sum_(self.reduction_copy(values)).to(values.device)
+
+    def reduction_copy(self, values: torch.Tensor) -> torch.Tensor:
+        """A copy of ``values`` where the backend reduces (the current GPU under NCCL), for :meth:`sum_`. Made inside
+        a failure guard (:func:`agree_on_failure`), an out-of-memory error allocating it reaches every process."""
+        if self.active and torch.distributed.get_backend() == "nccl":
+            return values.to(torch.device("cuda", torch.cuda.current_device()), copy=True)
+        return values.clone()
+
+    def sum_(self, staged: torch.Tensor) -> torch.Tensor:
+        """Sum ``staged`` (from :meth:`reduction_copy`) over the processes in place, allocating nothing; returns it."""
+        if self.active:
+            torch.distributed.all_reduce(staged, op=torch.distributed.ReduceOp.SUM)
+        return staged
 
 
 def reduce_in_place(tensors: Sequence[tuple[torch.Tensor, str]]) -> None:

@@ -21,7 +21,6 @@ import contextlib
 import os
 import time
 import warnings
-from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -196,7 +195,7 @@ class NegativeDifferentiationMonitor(Callback):
         self.drift_snapshots_kept = drift_snapshots_kept
         self.state = MonitorState()
         self._batch_limit = BatchLimit()  # lowered by an out-of-memory retry, for the later measurements
-        self._evaluation_batch_limits: dict[str, BatchLimit] = defaultdict(BatchLimit)  # the same for the ablation's
+        self._evaluation_batch_limits: dict[str, BatchLimit] = {}  # the same for the ablation's evaluations
         self.failures = 0
         self._snapshot_to_read: int | None = None
         self._snapshot_saved: int | None = None

@@ -160,8 +160,9 @@ def _score_shard(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int
         with eval_mode(model), torch.no_grad():
             for _ in range(shard.extra_batches(len(spans), batch_size)):
                 _score_batch(model, ids, spans[:1], device, pad_id)
-        sums = torch.tensor([total_nll, n_scored], dtype=torch.float64, device=device)  # allocated inside the guard
-    total_nll, n_scored = shard.sum(sums).tolist()
+        # allocated inside the guard: an out-of-memory error here reaches every process (none retries alone)
+        sums = shard.reduction_copy(torch.tensor([total_nll, n_scored], dtype=torch.float64, device=device))
+    total_nll, n_scored = shard.sum_(sums).tolist()
     return total_nll, int(n_scored)
 
 

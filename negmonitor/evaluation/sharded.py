@@ -35,7 +35,8 @@ def sharded_sentence_scores(model: nn.Module, tokenizer, sentences: Sequence[str
         device = model_device(model, None)
         full = torch.zeros(len(sentences), dtype=torch.float64, device=device)
         full[torch.tensor(mine, dtype=torch.long, device=device)] = scores[: len(mine)].to(device)
-    return shard.sum(full).cpu()
+        full = shard.reduction_copy(full)
+    return shard.sum_(full).cpu()
 
 
 def sharded_evaluate_pairs(model: nn.Module, tokenizer, pairs_df: pd.DataFrame, shard: Shard,

@@ -48,7 +48,7 @@ def ablation_scalar_rows(model, tokenizer, result, settings: Any, minimal_pairs:
     (e.g. BLiMP and TSE together: one protocol run, scalars for both suites). ``shard``: under DDP/FSDP every
     process calls this with its :class:`~negmonitor.distributed.Shard`; each evaluates its share of every
     evaluation and all get the same rows (the single-process ones). ``batch_limits``: the run's evaluation batch
-    sizes after out-of-memory retries (:func:`~negmonitor.ablation.batch_limits`), kept across its measurements.
+    sizes after out-of-memory retries (``{evaluation: BatchLimit}``), kept across its measurements.
     """
     from negmonitor.ablation import EvalSuite, run_protocol
 
@@ -56,7 +56,7 @@ def ablation_scalar_rows(model, tokenizer, result, settings: Any, minimal_pairs:
     slots = pair_slots(minimal_pairs)
     blimp, tse = (slots.get(kind, (None, None))[1] for kind in ("blimp", "tse"))
     suite = EvalSuite.build(tokenizer, ppl_text=ppl_text, blimp=blimp, tse=tse, max_ppl_tokens=max_ppl_tokens,
-                           shard=shard, limits=batch_limits)
+                           shard=shard, batch_limits=batch_limits)
     report = run_protocol(model, tokenizer, result, suite, settings)
     suites = {name: kind for kind, (name, _) in slots.items()}
     return scalar_rows(damage_rows(report.table, suites, report.meta.get("matching") or {}))

@@ -33,7 +33,6 @@ import os
 import sys
 import time
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -229,7 +228,7 @@ class _Replay:
         # fp32 drift: one checkpoint is in memory at a time, and Pythia's early checkpoints (steps 1, 2, 4, ...)
         # move by far less than bf16 resolves
         self._batch_limit = BatchLimit()  # lowered by an out-of-memory retry, for the later checkpoints
-        self._evaluation_batch_limits: dict[str, BatchLimit] = defaultdict(BatchLimit)  # the same for the ablation's
+        self._evaluation_batch_limits: dict[str, BatchLimit] = {}  # the same for the ablation's evaluations
         self.monitor = MonitorSettings(layers=settings.layers, cohort_frac=settings.cohort_frac, warmup_steps=0,
                                        weight_drift=True, drift_dtype=torch.float32,
                                        image_neurons=settings.image_neurons,
