@@ -53,22 +53,18 @@ class Shard:
         mine = math.ceil(len(range(self.rank, n_items, self.world_size)) / batch_size)
         return most - mine
 
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over the processes (a copy, on ``values``' device; NCCL reduces on the current GPU)."""
-        return self.sum_(self.reduction_copy(values)).to(values.device)
-
-    def reduction_copy(self, values: torch.Tensor) -> torch.Tensor:
-        """A copy of ``values`` where the backend reduces (the current GPU under NCCL), for :meth:`sum_`. Made inside
-        a failure guard (:func:`agree_on_failure`), an out-of-memory error allocating it reaches every process."""
+    def reduction_device(self, device: torch.device) -> torch.device:
+        """Where a tensor for :meth:`sum_` must live: the current GPU under NCCL, else ``device``. Make it inside the
+        failure guard (:func:`agree_on_failure`), so an out-of-memory error allocating it reaches every process."""
         if self.active and torch.distributed.get_backend() == "nccl":
-            return values.to(torch.device("cuda", torch.cuda.current_device()), copy=True)
-        return values.clone()
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
 
-    def sum_(self, staged: torch.Tensor) -> torch.Tensor:
-        """Sum ``staged`` (from :meth:`reduction_copy`) over the processes in place, allocating nothing; returns it."""
+    def sum_(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum ``values`` (on :meth:`reduction_device`) over the processes in place, allocating nothing; returns it."""
         if self.active:
-            torch.distributed.all_reduce(staged, op=torch.distributed.ReduceOp.SUM)
-        return staged
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+        return values
 
 
 def reduce_in_place(tensors: Sequence[tuple[torch.Tensor, str]]) -> None:

@@ -3,8 +3,9 @@
 Every statistic of a layer is computed here, where its state lives: the accumulator's WD, split and moments, MD
 over the (DDP-reduced) pair rows, the OI ratios of the top-MD neurons only, their pair-sign shares, and the
 pre-activations of the top-WD neurons at the pair positions (for images). What leaves is a few floats per neuron
-plus the top-MD neurons' highest-OI pairs (``[k, top neurons]``): the recorder (histograms, pair buffers) can then be dropped, so a measurement in
-layer groups holds one group's state at a time. :mod:`negmonitor.result` builds tables from these summaries.
+plus the top-MD neurons' highest-OI pairs (``[k, top neurons]``): the recorder (histograms, pair buffers) can
+then be dropped, so a measurement in layer groups holds one group's state at a time. :mod:`negmonitor.result`
+builds tables from these summaries.
 """
 
 from __future__ import annotations
@@ -72,9 +73,11 @@ def summarise_recorder(recorder, top_neuron_frac: float, top_pairs: int, sample_
         # OI of a neuron depends on its own column only: the top neurons' OI equals the full matrix's columns.
         _, oi = mapping_difficulty(x_a, x_b, y_a[:, top], y_b[:, top])
         ya, yb = y_a[:, top].float(), y_b[:, top].float()
-        summary.shares = pair_sign_shares(oi, ya, yb, md[top], top_neuron_frac=1.0,
-                                          top_pairs=min(top_pairs, oi.shape[0]))
-        best = rank_pairs(oi, min(pairs_per_neuron, oi.shape[0]))  # [k, m], on the device
+        k_shares, k_table = min(top_pairs, oi.shape[0]), min(pairs_per_neuron, oi.shape[0])
+        ranked = rank_pairs(oi, max(k_shares, k_table))  # one sort, on the device, for the shares and the table
+        summary.shares = pair_sign_shares(oi, ya, yb, md[top], top_neuron_frac=1.0, top_pairs=k_shares,
+                                          ranked=ranked)
+        best = ranked[:k_table]  # [k, m]
         summary.top_md, summary.best_pairs = top.cpu(), best.cpu()
         summary.best_oi, summary.best_y_a, summary.best_y_b = (t.gather(0, best).cpu() for t in (oi, ya, yb))
     return summary

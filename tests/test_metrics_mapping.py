@@ -218,6 +218,9 @@ def test_pair_sign_shares_match_the_loop(frac: float, m: int) -> None:
     assert got["n_neurons"] == n_chosen and got["n_counted"] == total
     assert got["n_pairs"] == min(m, 200)
     assert got["nn"] + got["pn"] + got["pp"] == pytest.approx(1.0)
+    # a ranking taken once for more pairs (as the summary shares it with the top-pair table) gives the same shares
+    ranked = top_pairs(oi, min(200, m + 7))
+    assert pair_sign_shares(oi, y_a, y_b, md, top_neuron_frac=frac, top_pairs=m, ranked=ranked) == got
 
 
 def test_pair_sign_shares_find_an_all_negative_neuron() -> None:

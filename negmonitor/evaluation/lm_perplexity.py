@@ -161,7 +161,7 @@ def _score_shard(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int
             for _ in range(shard.extra_batches(len(spans), batch_size)):
                 _score_batch(model, ids, spans[:1], device, pad_id)
         # allocated inside the guard: an out-of-memory error here reaches every process (none retries alone)
-        sums = shard.reduction_copy(torch.tensor([total_nll, n_scored], dtype=torch.float64, device=device))
+        sums = torch.tensor([total_nll, n_scored], dtype=torch.float64, device=shard.reduction_device(device))
     total_nll, n_scored = shard.sum_(sums).tolist()
     return total_nll, int(n_scored)
 
@@ -190,7 +190,7 @@ def token_stream(tokenizer: PreTrainedTokenizerBase,
 
 
 def resolve_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase, window: int | None,
-                    stride: int | None) -> tuple[int, int]:
+                   stride: int | None) -> tuple[int, int]:
     """Default and check the window length and stride against the model's maximum positions."""
     limit = max_positions(model, tokenizer)
     if window is None:

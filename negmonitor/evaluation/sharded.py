@@ -32,10 +32,9 @@ def sharded_sentence_scores(model: nn.Module, tokenizer, sentences: Sequence[str
     with agree_on_failure():  # a rank that fails here (allocating the sum's tensor too) tells the others first
         scores = score_sentences(model, tokenizer, [sentences[i] for i in mine] + sentences[:1] * padding,
                                  batch_size=batch_size, score=score, prefix=prefix)
-        device = model_device(model, None)
+        device = shard.reduction_device(model_device(model, None))
         full = torch.zeros(len(sentences), dtype=torch.float64, device=device)
         full[torch.tensor(mine, dtype=torch.long, device=device)] = scores[: len(mine)].to(device)
-        full = shard.reduction_copy(full)
     return shard.sum_(full).cpu()
 
 

@@ -172,6 +172,7 @@ def pair_sign_shares(
     md: Tensor,
     top_neuron_frac: float = 0.05,
     top_pairs: int = 100,
+    ranked: Tensor | None = None,
 ) -> dict[str, float]:
     """NN/PN/PP shares among each top-MD neuron's highest-OI pairs.
 
@@ -179,6 +180,7 @@ def pair_sign_shares(
     ``top_pairs`` pairs by OI ratio (fewer if there are fewer pairs; NaN-OI pairs are not counted), and returns
     ``{"nn", "pn", "pp"}`` shares of those (neuron, pair) items, plus ``n_neurons`` (neurons taken),
     ``n_pairs`` (pairs taken per neuron) and ``n_counted`` (items counted). Shares are NaN when nothing qualifies.
+    ``ranked``: :func:`top_pairs` of ``oi`` already taken (at least ``top_pairs`` rows), so it is not sorted again.
     """
     neurons = top_k_indices(md, top_neuron_frac)
     k = min(int(top_pairs), oi.shape[0])
@@ -187,7 +189,7 @@ def pair_sign_shares(
                 "n_counted": 0}
     neurons = neurons.to(oi.device)
     oi_sel = oi[:, neurons]
-    best = _rank_pairs(oi_sel, k)  # [k, m]
+    best = _rank_pairs(oi_sel, k) if ranked is None else ranked[:k, neurons]  # [k, m]
     classes = sign_classes(y_a[:, neurons], y_b[:, neurons]).gather(0, best)
     valid = torch.isfinite(oi_sel.gather(0, best))
     counts = _class_counts(classes, valid).tolist()  # the only read-back: three numbers
