@@ -16,7 +16,9 @@ batch size, as the forward's speed depends on it); one full measurement
 in the hooks, statistics' compute, MD, tables, drift, writes; peak extra memory during it (CUDA
 ``max_memory_allocated`` growth on GPU; resident-set growth, sampled every ms in a thread, on CPU) with no budget
 and at ``--budget`` (default: the library default); and per-layer figures extrapolated to full depth (24 layers
-for Pythia-1.4B, 32 for Llama-3.1-8B; the budgeted time uses the grouping the planner would choose there).
+for Pythia-1.4B, 32 for Llama-3.1-8B; the budgeted time uses the grouping the planner would choose there). On CPU
+it also times one layer's worth of pre-activations through the WD accumulator with the fused CPU update (numba)
+and with torch's passes, so what the kernel pays shows in the same run.
 
 Goals: measurement <= 1.25x the bare forward; peak extra memory within the budget; Pythia-1.4B at full depth within
 2 GiB at the default budget. Timings on a shared machine are noisy: the best of ``--repeats`` runs counts.
@@ -305,11 +307,43 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
           f"peak {format_bytes(budget_mem)}"
           + (f" [{'ok' if budget_mem <= 2 * GIB else 'over'} vs goal 2 GiB]" if kind == "pythia-1.4b" else "")
           + f"; + rest of the measurement {format_bytes(int(rest * depth))}")
+    if device.type == "cpu":
+        fused, passes = fused_update_payoff(site.n_neurons, probe_set.n_tokens, args.repeats)
+        print(f"fused CPU update (numba) against torch's passes, one layer's {probe_set.n_tokens:,} x "
+              f"{site.n_neurons:,} pre-activations in 2,048-token batches: {fused:.2f} s vs {passes:.2f} s "
+              f"({passes / fused:.2f}x)" if fused else "fused CPU update: not available (numba is not installed)")
     del model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return runs
+
+
+def fused_update_payoff(n_neurons: int, tokens: int, repeats: int) -> tuple[float | None, float]:
+    """Seconds to stream one layer's pre-activations (synthetic: per-neuron scale and offset) through the WD
+    accumulator with the fused CPU update and with torch's passes, best of ``repeats`` each (``None`` without
+    numba): what the fused kernel saves in the hooks, measured in this run."""
+    from negmonitor.metrics import NeuronStatsAccumulator, _fused_cpu, streaming
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(2048, n_neurons, generator=g) * torch.rand(n_neurons, generator=g) * 3
+    batch += torch.randn(n_neurons, generator=g)
+
+    def stream() -> float:
+        acc = NeuronStatsAccumulator(n_neurons)
+        start = time.perf_counter()
+        for _ in range(max(1, tokens // 2048)):
+            acc.update(batch)
+        return time.perf_counter() - start
+
+    seconds = {}
+    for fused in ((True, False) if _fused_cpu.available(torch.device("cpu")) else (False,)):
+        streaming._FUSED_ON_CPU = fused
+        try:
+            seconds[fused] = min(stream() for _ in range(max(1, repeats)))
+        finally:
+            streaming._FUSED_ON_CPU = True
+    return seconds.get(True), seconds[False]
 
 
 def site_heads(model) -> int:

@@ -8,7 +8,8 @@ mixtures, shifted-after-the-first-batch). In one run it times:
     It is timed on a subset of neurons and extrapolated linearly to all of them (the output says so);
 (b) negmonitor's streaming path: ``NeuronStatsAccumulator`` fed 2,048-token batches, then ``compute()``
     (which also gives mean, std, skew, kurtosis, negative fraction, min and max), on as many torch threads as
-    the baseline has processes (the same cores for both), and again on one thread.
+    the baseline has processes (the same cores for both), and again on one thread; and once more with torch's
+    elementwise passes in place of the fused CPU update (numba), to show what the kernel pays.
 
 Both (a) and (b) are timed ``--repeats`` times (default 3) and the best run counts (the first streaming run also
 pays for allocating the state; it is printed too);
@@ -43,6 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from negmonitor.metrics import _fused_cpu, streaming  # noqa: E402
 from negmonitor.metrics import (  # noqa: E402
     NeuronStatsAccumulator,
     mapping_difficulty,
@@ -301,6 +303,17 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
           f"neurons (first run {first_s:.2f} s)")
     print(f"    speed-up (a)/(b): {base_all / stream_s:.1f}x as measured; {ideal_all / stream_s:.1f}x against the "
           f"perfectly parallel pool   (goal >= 50x)")
+    if _fused_cpu.available(x.device):  # what the fused CPU update (numba) pays, in this run
+        streaming._FUSED_ON_CPU = False
+        try:
+            passes_upd, passes_comp, _, _, _, _ = best_streaming(x, args.repeats)
+        finally:
+            streaming._FUSED_ON_CPU = True
+        print(f"    with torch's passes instead of the fused CPU update: update {passes_upd:.2f} s + compute "
+              f"{passes_comp:.2f} s ({base_all / (passes_upd + passes_comp):.1f}x); the fused update is "
+              f"{passes_upd / upd_s:.2f}x faster")
+    else:
+        print("    (numba is not installed: the update ran torch's passes)")
     if threads > 1:
         torch.set_num_threads(1)
         one_upd, one_comp, _, _, _, _ = best_streaming(x, args.repeats)

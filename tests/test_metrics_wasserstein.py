@@ -358,6 +358,97 @@ def test_plain_blocks_give_the_masking_paths_state(suite, monkeypatch: pytest.Mo
         assert torch.equal(states[0][name].nan_to_num(), states[1][name].nan_to_num()), name
 
 
+def _fused_and_torch_states(x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, **kwargs) -> list:
+    """The states after streaming ``x`` with the fused CPU update and with torch's passes, and which blocks the
+    fused update took (True) or left to torch's masking path (False)."""
+    from negmonitor.metrics import _fused_cpu, streaming
+
+    monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)  # the test's small chunks take the fused path too
+    plain: list[bool] = []
+    fused_update = _fused_cpu.fused_update
+
+    def spy(*args, **kw):
+        done = fused_update(*args, **kw)
+        plain.extend(done)
+        return done
+
+    monkeypatch.setattr(_fused_cpu, "fused_update", spy)
+    out = []
+    for fused in (True, False):
+        monkeypatch.setattr(streaming, "_FUSED_ON_CPU", fused)
+        acc = NeuronStatsAccumulator(x.shape[1], **kwargs)
+        for start in range(0, x.shape[0], BATCH):
+            acc.update(x[start : start + BATCH])
+        out.append(acc)
+    return out, plain
+
+
+@pytest.mark.parametrize("block_neurons, refused", [(32, 3), (256, 1)])
+def test_fused_cpu_update_gives_the_torch_passes_state(suite, monkeypatch: pytest.MonkeyPatch, block_neurons: int,
+                                                       refused: int) -> None:
+    """The fused CPU update (numba) leaves the state torch's passes leave: the same histogram bit for bit, with
+    values whose float16 codes are subnormal, ±0, exactly 0 and far from the centre; the same negative counts,
+    extremes and tails, with the blocks it refuses (a NaN, an infinity, a far tail) left to the masking path, in
+    the torch path's narrower blocks; power sums and statistics equal to fp32 rounding."""
+    pytest.importorskip("numba", reason="the fused CPU update needs numba (a dependency; absent, torch's passes run)")
+    from negmonitor.metrics import _fused_cpu
+
+    assert _fused_cpu.available(torch.device("cpu"))
+    monkeypatch.setattr(_fused_cpu, "BLOCK_NEURONS", block_neurons)
+    _, x, _ = suite
+    x = torch.cat([x * (1 + k / 8) + k for k in range(8)], dim=1)  # 168 neurons
+    x[:, 40] = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(3)) * 1e-6  # subnormal codes of d
+    x[::7, 41], x[1::7, 41], x[2::7, 42] = 0.0, -0.0, 1e4  # exact and negative zeros; d ≈ 8,000
+    x[7, 3], x[11, 70], x[9, 130], x[5, 150] = math.nan, -math.inf, 1e9, -3e4  # in the first batch
+    (fused, torch_passes), plain = _fused_and_torch_states(x, monkeypatch, block_elements=32 * BATCH)
+    assert plain.count(False) == refused and True in plain  # 32 wide: blocks 0, 2 and 4; 256 wide: the one
+    assert fused.tail_excess.abs().sum() > 0 and fused.hist.sum() > 0
+    for name in fused._defaults:
+        if name != "power_sums":
+            assert torch.equal(getattr(fused, name).nan_to_num(), getattr(torch_passes, name).nan_to_num()), name
+    torch.testing.assert_close(fused.power_sums, torch_passes.power_sums, rtol=1e-6, atol=1e-3)
+    got, want = fused.compute(), torch_passes.compute()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, equal_nan=True, msg=key)
+
+
+def test_fused_cpu_update_on_threads_of_its_own_leaves_nothing_behind(suite, monkeypatch: pytest.MonkeyPatch
+                                                                       ) -> None:
+    """Blocks split over torch's thread count give the one-thread state; the threads are joined when the update
+    returns and torch's thread count is as it was."""
+    pytest.importorskip("numba", reason="the fused CPU update needs numba")
+    import threading
+
+    from negmonitor.metrics import _fused_cpu
+
+    _, x, _ = suite
+    x = torch.cat([x * (1 + k / 4) - k for k in range(4)], dim=1)  # 84 neurons, 3 blocks of 32
+    monkeypatch.setattr(_fused_cpu, "BLOCK_NEURONS", 32)
+    torch.set_num_threads(1)
+    one = _fused_and_torch_states(x, monkeypatch, block_elements=32 * BATCH)[0][0]
+    monkeypatch.setattr(_fused_cpu, "_MIN_VALUES_PER_THREAD", 1)
+    torch.set_num_threads(2)
+    before = threading.active_count()
+    (two, _), plain = _fused_and_torch_states(x, monkeypatch, block_elements=32 * BATCH)
+    assert plain and all(plain)
+    assert threading.active_count() == before and torch.get_num_threads() == 2
+    for name in one._defaults:
+        assert torch.equal(getattr(one, name).nan_to_num(), getattr(two, name).nan_to_num()), name
+
+
+def test_without_numba_the_torch_passes_run(suite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where numba is not installed (the device machine of the GPU check has none) nothing is fused and nothing
+    fails: the update is torch's."""
+    from negmonitor.metrics import _fused_cpu, streaming
+
+    monkeypatch.setattr(_fused_cpu, "_kernel", lambda: None)
+    monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
+    assert not _fused_cpu.available(torch.device("cpu"))
+    _, x, want = suite
+    got = _stream(x)
+    torch.testing.assert_close(got["wd"], want[0], atol=0.005, rtol=0)
+
+
 def test_plain_block_check_sends_edge_blocks_to_the_masking_path() -> None:
     """The check refuses a block with a NaN, an infinity or a value whose d is near the float16 overflow, and
     takes a finite one (so both paths are exercised by the test above)."""

@@ -298,3 +298,31 @@ def test_values_without_the_tables_equal_the_tables_columns(tokenizer) -> None:
             np.testing.assert_array_equal(values.numpy(), column, err_msg=metric)
             assert values.dtype == torch.float64
     assert list(result.layers.layer) == sorted(by_layer)
+
+
+def test_a_probe_through_the_fused_cpu_update_equals_one_through_torchs_passes(tokenizer, monkeypatch) -> None:
+    """A whole probe pass whose chunks take the fused CPU update (numba; normally only at real widths) gives the
+    per-neuron table of one whose chunks take torch's passes: counts and negative fractions exactly, WD and moments
+    to fp32 rounding."""
+    pytest.importorskip("numba", reason="the fused CPU update needs numba")
+    from negmonitor.metrics import _fused_cpu, streaming
+
+    calls = []
+    fused_update = _fused_cpu.fused_update
+    monkeypatch.setattr(_fused_cpu, "fused_update", lambda *a, **k: calls.append(1) or fused_update(*a, **k))
+    monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
+    model = tiny_causal_lm("neox")
+    texts = [f"the {a} sees the {b} and the {b}s see {n} {a}s" for a in ("cat", "dog", "bird") for b in
+             ("fox", "cow", "hen") for n in range(40)]
+    probe_set = ProbeSet.build(texts, tokenizer, n_tokens=4_000, window=128, n_pairs=200, seed=0)
+    tables = []
+    for fused in (True, False):
+        monkeypatch.setattr(streaming, "_FUSED_ON_CPU", fused)
+        tables.append(probe(model, probe_set, tokenizer=tokenizer, batch_size=8).neurons)
+    assert calls  # the fused update ran
+    fused, passes = tables
+    for column in ("count", "nonfinite", "neg_frac"):
+        np.testing.assert_array_equal(fused[column].to_numpy(), passes[column].to_numpy(), err_msg=column)
+    for column in ("wd", "wd_neg", "mean", "std", "md"):
+        np.testing.assert_allclose(fused[column].to_numpy(), passes[column].to_numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=column)

@@ -31,9 +31,13 @@ every raw power sum).
 
 Memory: the state is one int64 per bin plus a few vectors per neuron (31.3 MiB per 1,000 neurons at 4096 bins).
 The update works on blocks of about ``block_elements`` values (a chunk of rows, a slice of at least 64 neurons)
-and :meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator holds at once. On CPU what bounds
-the update's speed is the histogram's ``scatter_add_`` (~2-3 ns per value, 20-40% of the update by machine) and
-~20 other elementwise passes over each block; compute's, the ~50 elementwise fp64 passes over each filled bin.
+and :meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator holds at once. Off CPU the update is
+~20 elementwise torch passes over each block and the histogram's ``scatter_add_``. On CPU, chunks of 2^21 values or
+more (real widths) go through one fused pass per block instead (:mod:`~negmonitor.metrics._fused_cpu`, numba, the
+same state; 1.3-1.7x faster at Pythia-1.4B width, ``benchmarks/scale.py`` and ``wd_speed.py`` print by how much),
+which is then bound by the histogram's read-modify-write (~2-3 ns per value on one core); smaller chunks (tiny models)
+keep torch's passes, so numba is never imported for them. Compute's cost is the ~50 elementwise fp64 passes over
+each filled bin.
 
 Measured against the exact sort-based value (max absolute error over Gaussian, heavy-tailed, multimodal, skewed,
 near-constant and first-batch-misleading neurons): 4096 bins (default) 0.0004 at 16k tokens, 0.0017 at 1M tokens;
@@ -55,6 +59,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from negmonitor.errors import NegmonitorError
+from negmonitor.metrics import _fused_cpu
 from negmonitor.metrics._median import column_medians
 from negmonitor.metrics.wasserstein import w1_rows_to_gaussian
 
@@ -73,6 +78,8 @@ _WINDOW_BYTES_PER_BIN = 10  # compute's scan on CPU: two bool masks and (at most
 _VECTOR_BYTES_PER_NEURON = 256  # per-neuron vectors of an update or compute chunk
 _COMPACT_ON_CPU = True  # False runs compute's fixed-shape (non-CPU) path on CPU too, for the tests
 _PLAIN_BLOCKS_ON_CPU = True  # False runs every update block through the masking (non-CPU) path, for the tests
+_FUSED_ON_CPU = True  # False gives plain CPU blocks torch's passes instead of the fused kernel, for the tests
+_FUSED_MIN_VALUES = 1 << 21  # smaller chunks keep torch's passes: no numba import or compile for tiny models
 
 
 def _nan_aware_max(stacked: Tensor) -> Tensor:
@@ -304,12 +311,24 @@ class NeuronStatsAccumulator(Metric):
         hist = self.hist.view(n, self.n_bins)
         shift = -(self.center * self.inv_unit)
         plain_check = _PLAIN_BLOCKS_ON_CPU and device.type == "cpu"  # reading a flag back is free on CPU
-        for j0 in range(0, n, width):
-            j1 = min(n, j0 + width)
+        fused = (plain_check and _FUSED_ON_CPU and chunk.dtype == torch.float32 and chunk.is_contiguous()
+                 and t * n >= _FUSED_MIN_VALUES and _fused_cpu.available(device))
+        blocks = _blocks(n, width)
+        if fused:  # plain blocks in one fused pass each (their power sums in fp64, in ``raw``); the rest below
+            raw = torch.zeros(n, 4, dtype=torch.float64, device=device)
+            blocks = _blocks(n, max(width, _fused_cpu.BLOCK_NEURONS))  # it needs no scratch: wider blocks
+            done = _fused_cpu.fused_update(chunk, blocks, shift.double(), self.inv_unit.double(), hist, raw, sums[7],
+                                           lo, hi, _TAIL / 2, self._code_shift, self._low_bits)
+            for (j0, j1), plain in zip(blocks, done):
+                if plain:
+                    sums[:7, j0:j1] = 0.0  # adds nothing below: the block's power sums are in raw
+            self.power_sums += raw.t()
+            blocks = [b for (j0, j1), plain in zip(blocks, done) if not plain for b in _blocks(j1, width, j0)]
+        for j0, j1 in blocks:
             xb, nb = chunk[:, j0:j1], j1 - j0
             d, other, masked = scratch.views(t, nb)
             src = (_plain_source(xb, masked, shift[j0:j1], self.inv_unit[j0:j1], lo[j0:j1], hi[j0:j1])
-                   if plain_check else None)
+                   if plain_check and not fused else None)  # (a block the fused pass refused is not plain)
             plain = src is not None
             if not plain:
                 # The block in fp32 (everything runs in fp32: bf16 ops are slower), non-finite values +inf: the
@@ -493,6 +512,11 @@ def _add_moment_sums(d: Tensor, other: Tensor, out: Tensor) -> None:
     torch.sum(torch.mul(e, e, out=other), dim=0, out=out[2])
     torch.sum(e.mul_(other), dim=0, out=out[3])
     torch.sum(other.square_(), dim=0, out=out[4])
+
+
+def _blocks(stop: int, width: int, start: int = 0) -> list[tuple[int, int]]:
+    """``(j0, j1)`` neuron ranges of at most ``width`` covering ``start:stop``."""
+    return [(j0, min(stop, j0 + width)) for j0 in range(start, stop, width)]
 
 
 def _chunk_rows(rows: int, block_elements: int) -> int:
