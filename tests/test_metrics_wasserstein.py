@@ -412,6 +412,121 @@ def test_fused_cpu_update_gives_the_torch_passes_state(suite, monkeypatch: pytes
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, equal_nan=True, msg=key)
 
 
+def _edge_values() -> torch.Tensor:
+    """fp32 values whose float16 rounding is delicate: ±0, fp32 subnormals, float16 subnormals and the midpoints
+    between them (and one fp32 ulp either side), the 2^-14 boundary, ties to even in the normal range, up to 32,759."""
+    sub = torch.arange(0, 1030, dtype=torch.float64) * 2.0**-24  # float16 subnormals and the first normals
+    mids = sub + 2.0**-25
+    values = [torch.tensor([0.0, 1e-40, -1e-40, 2.0**-14, 2.0**-15, 2.0**-25, 3 * 2.0**-26]), sub, mids,
+              torch.tensor([1 + k * 2.0**-11 for k in range(64)]), torch.tensor([2.0**e * 1.0009765625 for e in
+                                                                               range(-14, 15)]),
+              torch.tensor([1000.5, 2049.0, 2051.0, 4100.0, 32759.0, 16383.5])]
+    x = torch.cat(values).float()
+    up, down = torch.nextafter(x, torch.tensor(math.inf)), torch.nextafter(x, torch.tensor(-math.inf))
+    x = torch.cat([x, up, down])
+    return torch.cat([x, -x])
+
+
+def test_fused_cpu_update_codes_edge_values_as_torch_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the grid at centre 0 and unit 1 (d = x), values at every float16 rounding edge land in torch's bins."""
+    pytest.importorskip("numba", reason="the fused CPU update needs numba")
+    from negmonitor.metrics import streaming
+
+    from negmonitor.metrics import _fused_cpu
+
+    monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
+    taken: list[bool] = []
+    fused_update = _fused_cpu.fused_update
+    monkeypatch.setattr(_fused_cpu, "fused_update", lambda *a, **k: taken.extend(fused_update(*a, **k)) or taken)
+    values = _edge_values()
+    x = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))]
+    x = x[: x.numel() // 4 * 4].view(-1, 4)  # four neurons
+    states = []
+    for fused in (True, False):
+        monkeypatch.setattr(streaming, "_FUSED_ON_CPU", fused)
+        acc = NeuronStatsAccumulator(4)
+        acc.set_grid(torch.zeros(4), torch.ones(4))
+        acc.update(x)
+        states.append(acc)
+    assert torch.equal(states[0].hist, states[1].hist)
+    assert torch.equal(states[0].negative, states[1].negative)
+    raw = states[0].hist.view(4, -1) >> states[0]._low_bits
+    assert taken == [True] and int((raw > 0).sum()) > 500  # fused; the edges fill many distinct bins
+
+
+def test_fused_cpu_update_over_partial_tiles_wide_blocks_and_a_later_refused_block(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks wider than a tile and chunks that end inside a tile of rows, with a block refused in a later batch
+    only (its earlier batches were fused): the state of torch's passes."""
+    pytest.importorskip("numba", reason="the fused CPU update needs numba")
+    from negmonitor.metrics import _fused_cpu, streaming
+
+    monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
+    monkeypatch.setattr(_fused_cpu, "BLOCK_NEURONS", 512)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, 600, generator=g) * torch.rand(600, generator=g) * 4 + torch.randn(600, generator=g)
+    x[2500, 550] = math.nan  # the third batch's second block
+    states = []
+    for fused in (True, False):
+        monkeypatch.setattr(streaming, "_FUSED_ON_CPU", fused)
+        acc = NeuronStatsAccumulator(600)
+        for start in range(0, 3000, 1000):  # 1,000 rows: 7 full tiles of 128 and one of 104
+            acc.update(x[start : start + 1000])
+        states.append(acc)
+    for name in states[0]._defaults:
+        if name != "power_sums":
+            assert torch.equal(getattr(states[0], name).nan_to_num(), getattr(states[1], name).nan_to_num()), name
+    torch.testing.assert_close(states[0].power_sums, states[1].power_sums, rtol=1e-6, atol=1e-3)
+
+
+def test_fused_cpu_update_refuses_a_block_whose_d_is_nan_and_leaves_it_untouched() -> None:
+    """A NaN grid value (d NaN for every value) must not be taken as plain: the block is refused and nothing of the
+    state is written but its min and max."""
+    pytest.importorskip("numba", reason="the fused CPU update needs numba")
+    from negmonitor.metrics import _fused_cpu
+
+    n = 8
+    x = torch.randn(300, n)
+    shift, inv = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    shift[3] = math.nan
+    hist, raw, negative = torch.zeros(n, 4096, dtype=torch.long), torch.zeros(n, 4, dtype=torch.float64), torch.zeros(n)
+    lo, hi = torch.empty(n), torch.empty(n)
+    done = _fused_cpu.fused_update(x, [(0, 4), (4, 8)], shift, inv, hist, raw, negative, lo, hi, 32760.0, 4, 34)
+    assert done == [False, True]
+    assert hist[:4].abs().sum() == 0 and raw[:4].abs().sum() == 0 and negative[:4].abs().sum() == 0
+    assert int(hist[4:].sum() >> 34) == 4 * 300 and torch.equal(lo, x.amin(dim=0)) and torch.equal(hi, x.amax(dim=0))
+
+
+def test_a_kernel_that_fails_to_compile_is_warned_once_and_torchs_passes_run(suite, monkeypatch) -> None:
+    """numba installed but its compile failing (no writable cache folder and a broken LLVM, say): one warning,
+    torch's passes, the same statistics."""
+    pytest.importorskip("numba", reason="the fused CPU update needs numba")
+    from negmonitor.metrics import _fused_cpu, streaming
+
+    def broken(numba, cache):
+        raise RuntimeError("cannot cache function 'update': no locator available for file '/ro/_fused_cpu.py'")
+
+    monkeypatch.setattr(_fused_cpu, "_compile", broken)
+    monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
+    _fused_cpu._kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be compiled .*no locator available.*torch's elementwise"):
+            assert not _fused_cpu.available(torch.device("cpu"))
+        _, x, want = suite
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not at every update
+            got = _stream(x)
+        torch.testing.assert_close(got["wd"], want[0], atol=0.005, rtol=0)
+    finally:
+        _fused_cpu._kernel.cache_clear()
+
+
+def test_set_grid_refuses_a_unit_whose_reciprocal_overflows() -> None:
+    acc = NeuronStatsAccumulator(2)
+    with pytest.raises(NegmonitorError, match="at least 3e-39"):
+        acc.set_grid(torch.zeros(2), torch.tensor([1.0, 1e-40]))
+
+
 def test_fused_cpu_update_on_threads_of_its_own_leaves_nothing_behind(suite, monkeypatch: pytest.MonkeyPatch
                                                                        ) -> None:
     """Blocks split over torch's thread count give the one-thread state; the threads are joined when the update

@@ -5,7 +5,7 @@ reads each value twice (a check, then the work) and does the rest from registers
 c) / u``, its float16 code, the histogram increment, the sums of ``d``'s powers 1-4 (in fp64, where torch sums in
 fp32 about the block mean), the negative count and the column min and max. What bounds it is the histogram's
 read-modify-write, ~2-3 ns a value on one core whether torch or this kernel does it. At Pythia-1.4B width on the
-2-core Intel Xeon VM of the benchmarks the update is 1.3-2.1x faster than torch's passes (``benchmarks/scale.py``
+2-core Intel Xeon VM of the benchmarks the update is 1.3-1.7x faster than torch's passes (``benchmarks/scale.py``
 and ``benchmarks/wd_speed.py`` print the ratio in each run).
 
 It takes only *plain* blocks, whose values are finite and whose ``d`` stays inside half the float16 range: it
@@ -14,8 +14,8 @@ passes too, and so does everything where numba is not installed. The kernel rele
 runs the blocks on at most ``torch.get_num_threads()`` threads of its own, joined before it returns (no pool
 outlives the call, no global setting changes).
 
-The state it leaves is torch's: the same histogram bit for bit (``d`` rounded once from the exact ``x · inv +
-shift``, as the fused multiply-add of torch's ``addcmul``; float16 rounded to nearest even, as torch does), the same
+The state it leaves is torch's: the same histogram bit for bit (``d`` rounded as torch's ``addcmul`` rounds it,
+once with a fused multiply-add or twice without; float16 rounded to nearest even, as torch does), the same
 negative counts and extremes, and power sums equal to fp32 rounding (closer to exact here). Written by hand, because
 numba has no float16 on CPU: the float32-to-float16 rounding, in integer operations.
 """
@@ -23,6 +23,7 @@ numba has no float16 on CPU: the float32-to-float16 rounding, in integer operati
 from __future__ import annotations
 
 import functools
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -41,14 +42,39 @@ _MIN_VALUES_PER_THREAD = 1 << 18  # below this a second thread costs more to sta
 
 @functools.lru_cache(maxsize=1)
 def _kernel() -> Callable | None:
-    """The compiled kernel, or ``None`` where numba is not installed (compiled at first use, cached on disk)."""
+    """The compiled kernel, or ``None`` where it cannot run: numba not installed, its JIT disabled, or compiling
+    failing (warned once; torch's passes run). Compiled at first use, on the calling thread, and cached on disk
+    where numba finds a writable cache folder (else compiled in memory, ~5 s once per process)."""
     try:
         import numba
     except ImportError:
         return None
+    if numba.config.DISABLE_JIT:  # the kernel would run as Python: hours at real width
+        return None
+    reason = ""
+    for cache in (True, False):  # cache=True refuses at once where no cache folder is writable
+        try:
+            kernel = _compile(numba, cache)
+            _warm_up(kernel)
+            return kernel
+        except Exception as error:  # noqa: BLE001 - any numba or LLVM failure leaves torch's passes
+            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    warnings.warn(f"negmonitor: the fused CPU update could not be compiled ({reason}); torch's elementwise passes "
+                  "run instead (same statistics, slower)", RuntimeWarning, stacklevel=2)
+    return None
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False)
-    def update(x, j0, j1, shift, inv, hist, raw, negative, lo, hi, limit, code_shift, low_bits):  # pragma: no cover
+
+def _warm_up(kernel: Callable) -> None:
+    """Compile ``kernel`` for the argument types :func:`fused_update` passes, on a tiny block."""
+    n = 2
+    kernel(np.zeros((1, n), np.float32), 0, n, np.zeros(n), np.ones(n), np.zeros((n, 16), np.int64),
+           np.zeros((n, 4)), np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32), 16.0, 12,
+           34, True)
+
+
+def _compile(numba, cache: bool) -> Callable:  # noqa: ANN001 - the numba module
+    @numba.njit(nogil=True, cache=cache, boundscheck=False)
+    def update(x, j0, j1, shift, inv, hist, raw, negative, lo, hi, limit, code_shift, low_bits, fma):  # pragma: no cover
         rows = x.shape[0]
         # The check first: column min and max, and whether a value is non-finite or d reaches ``limit``.
         lo[j0:j1] = x[0, j0:j1]
@@ -64,7 +90,8 @@ def _kernel() -> Callable | None:
         if nonfinite != 0.0:
             return False
         for j in range(j0, j1):
-            if abs(np.float64(lo[j]) * inv[j] + shift[j]) >= limit or abs(np.float64(hi[j]) * inv[j] + shift[j]) >= limit:
+            d_lo, d_hi = np.float64(lo[j]) * inv[j] + shift[j], np.float64(hi[j]) * inv[j] + shift[j]
+            if not (abs(d_lo) < limit and abs(d_hi) < limit):  # NaN (a NaN or infinite grid) is refused too
                 return False
         one = np.int64(1) << low_bits
         low_mask = (1 << code_shift) - 1
@@ -87,7 +114,10 @@ def _kernel() -> Callable | None:
                     x_row, d_row = x[r0 + r, b0 : b0 + w], d_tile[r, :w]
                     for k in range(w):
                         v = x_row[k]
-                        dv = np.float32(np.float64(v) * inv_b[k] + shift_b[k])  # one rounding, as addcmul's FMA
+                        if fma:  # one rounding, as torch's addcmul where it is built with a fused multiply-add
+                            dv = np.float32(np.float64(v) * inv_b[k] + shift_b[k])
+                        else:  # two, as where it is not
+                            dv = np.float32(v * np.float32(inv_b[k])) + np.float32(shift_b[k])
                         d_row[k] = dv
                         e = np.float64(dv)
                         e2 = e * e
@@ -101,7 +131,7 @@ def _kernel() -> Callable | None:
                         b = bits_row[k]
                         a = b & 0x7FFFFFFF
                         normal = (a - (112 << 23) + 0xFFF + ((a >> 13) & 1)) >> 13
-                        s = min(126 - (a >> 23), 31)  # a subnormal float16: the significand shifted right by s
+                        s = min(max(126 - (a >> 23), 1), 31)  # a subnormal float16: the significand >> s
                         m = (a & 0x7FFFFF) | 0x800000
                         q = m >> s
                         rest = m & ((1 << s) - 1)
@@ -124,6 +154,15 @@ def _kernel() -> Callable | None:
     return update
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_rounds_addcmul_once() -> bool:
+    """Whether torch's CPU ``addcmul`` rounds ``shift + x · inv`` once (built with a fused multiply-add, as the
+    x86-64 wheels are) or twice, so that the kernel's ``d`` is torch's bit for bit either way: (1 + 2^-12)² − 1 is
+    2^-11 + 2^-24 rounded once and 2^-11 rounded twice, in the vector loop and in the scalar tail alike."""
+    x = torch.full((67,), 1 + 2.0**-12)
+    return bool((torch.addcmul(torch.full_like(x, -1.0), x, x) != 2.0**-11).all())
+
+
 def available(device: torch.device) -> bool:
     """Whether the fused update can run for a state on ``device`` (CPU, with numba installed)."""
     return device.type == "cpu" and _kernel() is not None
@@ -143,7 +182,7 @@ def fused_update(x: Tensor, blocks: Sequence[tuple[int, int]], shift: Tensor, in
     """
     kernel = _kernel()
     arrays = (shift.numpy(), inv_unit.numpy(), hist.numpy(), raw.numpy(), negative.numpy(), lo.numpy(),
-              hi.numpy(), float(limit), code_shift, low_bits)
+              hi.numpy(), float(limit), int(code_shift), int(low_bits), _torch_rounds_addcmul_once())
     values = x.numpy()
 
     def run(block: tuple[int, int]) -> bool:

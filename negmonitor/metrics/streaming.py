@@ -33,8 +33,8 @@ Memory: the state is one int64 per bin plus a few vectors per neuron (31.3 MiB p
 The update works on blocks of about ``block_elements`` values (a chunk of rows, a slice of at least 64 neurons)
 and :meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator holds at once. Off CPU the update is
 ~20 elementwise torch passes over each block and the histogram's ``scatter_add_``. On CPU, chunks of 2^21 values or
-more (real widths) go through one fused pass per block instead (:mod:`~negmonitor.metrics._fused_cpu`, numba, the
-same state; 1.3-1.7x faster at Pythia-1.4B width, ``benchmarks/scale.py`` and ``wd_speed.py`` print by how much),
+more (real widths, fp32) go through one fused pass per block instead (:mod:`~negmonitor.metrics._fused_cpu`, numba,
+the same state; 1.3-1.7x faster at Pythia-1.4B width, ``benchmarks/scale.py`` and ``wd_speed.py`` print by how much),
 which is then bound by the histogram's read-modify-write (~2-3 ns per value on one core); smaller chunks (tiny models)
 keep torch's passes, so numba is never imported for them. Compute's cost is the ~50 elementwise fp64 passes over
 each filled bin.
@@ -234,8 +234,10 @@ class NeuronStatsAccumulator(Metric):
         """
         center = torch.as_tensor(center, dtype=torch.float32, device=self.center.device).expand(self.n_neurons)
         unit = torch.as_tensor(unit, dtype=torch.float32, device=self.center.device).expand(self.n_neurons)
-        if not bool(torch.isfinite(center).all() & torch.isfinite(unit).all() & (unit > 0).all()):
-            raise NegmonitorError("grid centre must be finite and unit finite and positive for every neuron")
+        if not bool(torch.isfinite(center).all() & torch.isfinite(unit).all() & (unit > 0).all()
+                    & torch.isfinite(1.0 / unit).all()):
+            raise NegmonitorError("grid centre must be finite and unit finite and positive for every neuron "
+                                  "(and at least 3e-39, whose reciprocal fp32 holds)")
         self._check_no_data()
         self._set_grid(center, unit)
 
