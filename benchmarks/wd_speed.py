@@ -296,6 +296,16 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
           f"all {neurons:,}: {base_all:.1f} s\n    (calibration: {serial_s * 1e3:.1f} ms per neuron in one process, "
           f"so a perfectly parallel {args.processes}-process pool would need {ideal_all:.1f} s)")
 
+    # The fused CPU update loads numba and compiles its kernel (or loads it from numba's disk cache) once per
+    # process, at the first real-width update: timed apart, so the first pass's memory is the measurement's own.
+    wide_enough = BATCH * x.shape[1] >= streaming._FUSED_MIN_VALUES  # smaller chunks keep torch's passes
+    with ResidentPeak() as load:
+        start = time.perf_counter()
+        fused = wide_enough and _fused_cpu.available(x.device)
+        load_s = time.perf_counter() - start
+    if fused:
+        print(f"fused CPU update (numba): loaded or compiled once per process in {load_s:.2f} s, resident memory "
+              f"+{load.growth / 2**20:.0f} MiB (numba, LLVM and the kernel; not part of any measurement's state)")
     upd_s, comp_s, first_s, stats, acc, peak = best_streaming(x, args.repeats)
     stream_s = upd_s + comp_s
     print(f"(b) negmonitor NeuronStatsAccumulator, {BATCH:,}-token batches, {threads} thread(s), best of "
@@ -303,7 +313,7 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
           f"neurons (first run {first_s:.2f} s)")
     print(f"    speed-up (a)/(b): {base_all / stream_s:.1f}x as measured; {ideal_all / stream_s:.1f}x against the "
           f"perfectly parallel pool   (goal >= 50x)")
-    if _fused_cpu.available(x.device):  # what the fused CPU update (numba) pays, in this run
+    if fused:  # what the fused CPU update (numba) pays, in this run
         streaming._FUSED_ON_CPU = False
         try:
             passes_upd, passes_comp, _, _, _, _ = best_streaming(x, args.repeats)
@@ -312,8 +322,11 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
         print(f"    with torch's passes instead of the fused CPU update: update {passes_upd:.2f} s + compute "
               f"{passes_comp:.2f} s ({base_all / (passes_upd + passes_comp):.1f}x); the fused update is "
               f"{passes_upd / upd_s:.2f}x faster")
-    else:
+    elif wide_enough:
         print("    (numba is not installed: the update ran torch's passes)")
+    else:
+        print(f"    ({BATCH:,} x {x.shape[1]:,} chunks are below the fused CPU update's {streaming._FUSED_MIN_VALUES:,} "
+              "values: the update ran torch's passes)")
     if threads > 1:
         torch.set_num_threads(1)
         one_upd, one_comp, _, _, _, _ = best_streaming(x, args.repeats)
