@@ -310,7 +310,7 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     if device.type == "cpu":
         fused, passes = fused_update_payoff(site.n_neurons, probe_set.n_tokens, args.repeats)
         print(f"fused CPU update (numba) against torch's passes, one layer's {probe_set.n_tokens:,} x "
-              f"{site.n_neurons:,} pre-activations in 2,048-token batches: {fused:.2f} s vs {passes:.2f} s "
+              f"{site.n_neurons:,} pre-activations in the probe's chunks: {fused:.2f} s vs {passes:.2f} s "
               f"({passes / fused:.2f}x)" if fused else "fused CPU update: not available (numba is not installed)")
     del model
     gc.collect()
@@ -323,26 +323,28 @@ def fused_update_payoff(n_neurons: int, tokens: int, repeats: int) -> tuple[floa
     """Seconds to stream one layer's pre-activations (synthetic: per-neuron scale and offset) through the WD
     accumulator with the fused CPU update and with torch's passes, best of ``repeats`` each (``None`` without
     numba): what the fused kernel saves in the hooks, measured in this run."""
+    from negmonitor.budget import MAX_UPDATE_ELEMENTS
     from negmonitor.metrics import NeuronStatsAccumulator, _fused_cpu, streaming
 
+    rows = max(1, MAX_UPDATE_ELEMENTS // n_neurons)  # the chunk a probe hands the accumulator at this width
     g = torch.Generator().manual_seed(0)
-    batch = torch.randn(2048, n_neurons, generator=g) * torch.rand(n_neurons, generator=g) * 3
+    batch = torch.randn(rows, n_neurons, generator=g) * torch.rand(n_neurons, generator=g) * 3
     batch += torch.randn(n_neurons, generator=g)
 
     def stream() -> float:
         acc = NeuronStatsAccumulator(n_neurons)
         start = time.perf_counter()
-        for _ in range(max(1, tokens // 2048)):
+        for _ in range(max(1, tokens // rows)):
             acc.update(batch)
         return time.perf_counter() - start
 
-    seconds = {}
+    seconds, before = {}, streaming._FUSED_ON_CPU
     for fused in ((True, False) if _fused_cpu.available(torch.device("cpu")) else (False,)):
         streaming._FUSED_ON_CPU = fused
         try:
             seconds[fused] = min(stream() for _ in range(max(1, repeats)))
         finally:
-            streaming._FUSED_ON_CPU = True
+            streaming._FUSED_ON_CPU = before
     return seconds.get(True), seconds[False]
 
 

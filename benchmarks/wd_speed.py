@@ -314,11 +314,11 @@ def run_wd(x: torch.Tensor, args: argparse.Namespace, n_base: int, threads: int)
     print(f"    speed-up (a)/(b): {base_all / stream_s:.1f}x as measured; {ideal_all / stream_s:.1f}x against the "
           f"perfectly parallel pool   (goal >= 50x)")
     if fused:  # what the fused CPU update (numba) pays, in this run
-        streaming._FUSED_ON_CPU = False
+        before, streaming._FUSED_ON_CPU = streaming._FUSED_ON_CPU, False
         try:
             passes_upd, passes_comp, _, _, _, _ = best_streaming(x, args.repeats)
         finally:
-            streaming._FUSED_ON_CPU = True
+            streaming._FUSED_ON_CPU = before
         print(f"    with torch's passes instead of the fused CPU update: update {passes_upd:.2f} s + compute "
               f"{passes_comp:.2f} s ({base_all / (passes_upd + passes_comp):.1f}x); the fused update is "
               f"{passes_upd / upd_s:.2f}x faster")

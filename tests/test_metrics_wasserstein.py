@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -437,7 +438,12 @@ def test_fused_cpu_update_codes_edge_values_as_torch_does(monkeypatch: pytest.Mo
     monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
     taken: list[bool] = []
     fused_update = _fused_cpu.fused_update
-    monkeypatch.setattr(_fused_cpu, "fused_update", lambda *a, **k: taken.extend(fused_update(*a, **k)) or taken)
+    def spy(*args, **kwargs):
+        done = fused_update(*args, **kwargs)
+        taken.extend(done)
+        return done
+
+    monkeypatch.setattr(_fused_cpu, "fused_update", spy)
     values = _edge_values()
     x = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))]
     x = x[: x.numel() // 4 * 4].view(-1, 4)  # four neurons
@@ -508,17 +514,43 @@ def test_a_kernel_that_fails_to_compile_is_warned_once_and_torchs_passes_run(sui
 
     monkeypatch.setattr(_fused_cpu, "_compile", broken)
     monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
-    _fused_cpu._kernel.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="could not be compiled .*no locator available.*torch's elementwise"):
-            assert not _fused_cpu.available(torch.device("cpu"))
-        _, x, want = suite
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # warned once, not at every update
-            got = _stream(x)
-        torch.testing.assert_close(got["wd"], want[0], atol=0.005, rtol=0)
-    finally:
-        _fused_cpu._kernel.cache_clear()
+    # a fresh cache for this test only (the real one, with the compiled kernel, comes back afterwards)
+    monkeypatch.setattr(_fused_cpu, "_kernel", functools.lru_cache(maxsize=1)(_fused_cpu._kernel.__wrapped__))
+    with pytest.warns(RuntimeWarning, match="could not be compiled .*no locator available.*torch's elementwise"):
+        assert not _fused_cpu.available(torch.device("cpu"))
+    _, x, want = suite
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not at every update
+        got = _stream(x)
+    torch.testing.assert_close(got["wd"], want[0], atol=0.005, rtol=0)
+
+
+def test_a_numba_that_fails_to_import_is_warned_once_even_where_warnings_are_errors(monkeypatch) -> None:
+    """An installed numba whose import fails (llvmlite's library missing, say) falls back to torch's passes, and the
+    fallback is kept: with warnings as errors, the warning does not escape and the import is not tried again."""
+    import builtins
+
+    from negmonitor.metrics import _fused_cpu
+
+    monkeypatch.setattr(_fused_cpu.importlib.util, "find_spec", lambda name: object())
+    real_import, tries = builtins.__import__, []
+
+    def failing_import(name, *args, **kwargs):
+        if name == "numba":
+            tries.append(name)
+            raise OSError("libllvmlite.so: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    monkeypatch.setattr(_fused_cpu, "_kernel", functools.lru_cache(maxsize=1)(_fused_cpu._kernel.__wrapped__))
+    with pytest.warns(RuntimeWarning, match="could not be imported .*libllvmlite"):
+        assert not _fused_cpu.available(torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setattr(_fused_cpu, "_kernel", functools.lru_cache(maxsize=1)(_fused_cpu._kernel.__wrapped__))
+        assert not _fused_cpu.available(torch.device("cpu"))
+        assert not _fused_cpu.available(torch.device("cpu"))
+    assert tries == ["numba", "numba"]  # once per fresh cache, not once per call
 
 
 def test_set_grid_refuses_a_unit_whose_reciprocal_overflows() -> None:

@@ -5,7 +5,7 @@ reads each value twice (a check, then the work) and does the rest from registers
 c) / u``, its float16 code, the histogram increment, the sums of ``d``'s powers 1-4 (in fp64, where torch sums in
 fp32 about the block mean), the negative count and the column min and max. What bounds it is the histogram's
 read-modify-write, ~2-3 ns a value on one core whether torch or this kernel does it. At Pythia-1.4B width on the
-2-core Intel Xeon VM of the benchmarks the update is 1.3-1.7x faster than torch's passes (``benchmarks/scale.py``
+2-core Intel Xeon VM of the benchmarks the update is 1.3-1.6x faster than torch's passes (``benchmarks/scale.py``
 and ``benchmarks/wd_speed.py`` print the ratio in each run).
 
 It takes only *plain* blocks, whose values are finite and whose ``d`` stays inside half the float16 range: it
@@ -15,7 +15,8 @@ runs the blocks on at most ``torch.get_num_threads()`` threads of its own, joine
 outlives the call, no global setting changes).
 
 The state it leaves is torch's: the same histogram bit for bit (``d`` rounded as torch's ``addcmul`` rounds it,
-once with a fused multiply-add or twice without; float16 rounded to nearest even, as torch does), the same
+once with a fused multiply-add or twice without, but for a double rounding through fp64 that can move a value to
+the next float16 code about once in 2^42; float16 rounded to nearest even, as torch does), the same
 negative counts and extremes, and power sums equal to fp32 rounding (closer to exact here). Written by hand, because
 numba has no float16 on CPU: the float32-to-float16 rounding, in integer operations.
 """
@@ -23,6 +24,7 @@ numba has no float16 on CPU: the float32-to-float16 rounding, in integer operati
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -33,7 +35,7 @@ from torch import Tensor
 
 __all__ = ["BLOCK_NEURONS", "available", "fused_update"]
 
-BLOCK_NEURONS = 256  # the narrowest block worth a kernel call (and a thread) of its own
+BLOCK_NEURONS = 256  # neurons per kernel call: 32 calls per Pythia-1.4B layer chunk, work for up to 32 threads
 
 _WIDTH = 256  # neurons per tile: a tile's column of codes is 128 cache lines, read once per neuron's scatter
 _ROWS = 128  # rows per tile (2 x 128 KiB of tiles, in L2)
@@ -44,23 +46,34 @@ _MIN_VALUES_PER_THREAD = 1 << 18  # below this a second thread costs more to sta
 def _kernel() -> Callable | None:
     """The compiled kernel, or ``None`` where it cannot run: numba not installed, its JIT disabled, or compiling
     failing (warned once; torch's passes run). Compiled at first use, on the calling thread, and cached on disk
-    where numba finds a writable cache folder (else compiled in memory, ~5 s once per process)."""
+    where numba finds a writable cache folder (else compiled in memory, ~6 s once per process)."""
+    if importlib.util.find_spec("numba") is None:
+        return None
     try:
         import numba
-    except ImportError:
-        return None
+    except Exception as error:  # noqa: BLE001 - installed but broken (llvmlite's library, a numpy mismatch)
+        return _give_up("could not be imported", error)
     if numba.config.DISABLE_JIT:  # the kernel would run as Python: hours at real width
         return None
-    reason = ""
     for cache in (True, False):  # cache=True refuses at once where no cache folder is writable
         try:
             kernel = _compile(numba, cache)
             _warm_up(kernel)
             return kernel
         except Exception as error:  # noqa: BLE001 - any numba or LLVM failure leaves torch's passes
-            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-    warnings.warn(f"negmonitor: the fused CPU update could not be compiled ({reason}); torch's elementwise passes "
-                  "run instead (same statistics, slower)", RuntimeWarning, stacklevel=2)
+            failure = error
+    return _give_up("could not be compiled", failure)
+
+
+def _give_up(what: str, error: Exception) -> None:
+    """Warn that torch's passes run instead (once: :func:`_kernel` caches the ``None``, even where warnings are
+    errors, so that every update does not try again)."""
+    reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    try:
+        warnings.warn(f"negmonitor: numba is installed but the fused CPU update {what} ({reason}); torch's "
+                      "elementwise passes run instead (same statistics, slower)", RuntimeWarning, stacklevel=3)
+    except Warning:  # -W error: still fall back, once
+        pass
     return None
 
 

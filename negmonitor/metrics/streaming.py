@@ -34,9 +34,9 @@ The update works on blocks of about ``block_elements`` values (a chunk of rows, 
 and :meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator holds at once. Off CPU the update is
 ~20 elementwise torch passes over each block and the histogram's ``scatter_add_``. On CPU, chunks of 2^21 values or
 more (real widths, fp32) go through one fused pass per block instead (:mod:`~negmonitor.metrics._fused_cpu`, numba,
-the same state; 1.3-1.7x faster at Pythia-1.4B width, ``benchmarks/scale.py`` and ``wd_speed.py`` print by how much),
-which is then bound by the histogram's read-modify-write (~2-3 ns per value on one core); smaller chunks (tiny models)
-keep torch's passes, so numba is never imported for them. Compute's cost is the ~50 elementwise fp64 passes over
+the same state; 1.3-1.6x faster at Pythia-1.4B width, ``benchmarks/scale.py`` and ``wd_speed.py`` print by how much),
+which is then bound by the histogram's read-modify-write (~2-3 ns per value on one core); smaller chunks (tiny models
+at their default settings) keep torch's passes, so numba is never imported for them. Compute's cost is the ~50 elementwise fp64 passes over
 each filled bin.
 
 Measured against the exact sort-based value (max absolute error over Gaussian, heavy-tailed, multimodal, skewed,
@@ -318,7 +318,7 @@ class NeuronStatsAccumulator(Metric):
         blocks = _blocks(n, width)
         if fused:  # plain blocks in one fused pass each (their power sums in fp64, in ``raw``); the rest below
             raw = torch.zeros(n, 4, dtype=torch.float64, device=device)
-            blocks = _blocks(n, max(width, _fused_cpu.BLOCK_NEURONS))  # it needs no scratch: wider blocks
+            blocks = _blocks(n, _fused_cpu.BLOCK_NEURONS)  # it needs no scratch: blocks enough for every thread
             done = _fused_cpu.fused_update(chunk, blocks, shift.double(), self.inv_unit.double(), hist, raw, sums[7],
                                            lo, hi, _TAIL / 2, self._code_shift, self._low_bits)
             for (j0, j1), plain in zip(blocks, done):
