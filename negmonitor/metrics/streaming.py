@@ -318,7 +318,7 @@ class NeuronStatsAccumulator(Metric):
         blocks = _blocks(n, width)
         if fused:  # plain blocks in one fused pass each (their power sums in fp64, in ``raw``); the rest below
             raw = torch.zeros(n, 4, dtype=torch.float64, device=device)
-            blocks = _blocks(n, _fused_cpu.BLOCK_NEURONS)  # it needs no scratch: blocks enough for every thread
+            blocks = _blocks(n, _fused_cpu.block_width(n))  # it needs no scratch: its own width
             done = _fused_cpu.fused_update(chunk, blocks, shift.double(), self.inv_unit.double(), hist, raw, sums[7],
                                            lo, hi, _TAIL / 2, self._code_shift, self._low_bits)
             for (j0, j1), plain in zip(blocks, done):
