@@ -359,9 +359,11 @@ def test_plain_blocks_give_the_masking_paths_state(suite, monkeypatch: pytest.Mo
         assert torch.equal(states[0][name].nan_to_num(), states[1][name].nan_to_num()), name
 
 
-def _fused_and_torch_states(x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, **kwargs) -> list:
-    """The states after streaming ``x`` with the fused CPU update and with torch's passes, and which blocks the
-    fused update took (True) or left to torch's masking path (False)."""
+def _fused_and_torch_states(x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, batch: int = BATCH,
+                            grid: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> list:
+    """The states after streaming ``x`` in ``batch``-row updates (on ``grid``, if given) with the fused CPU update
+    and with torch's passes, and which blocks the fused update took (True) or left to torch's masking path
+    (False)."""
     from negmonitor.metrics import _fused_cpu, streaming
 
     monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)  # the test's small chunks take the fused path too
@@ -378,10 +380,20 @@ def _fused_and_torch_states(x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, **
     for fused in (True, False):
         monkeypatch.setattr(streaming, "_FUSED_ON_CPU", fused)
         acc = NeuronStatsAccumulator(x.shape[1], **kwargs)
-        for start in range(0, x.shape[0], BATCH):
-            acc.update(x[start : start + BATCH])
+        if grid is not None:
+            acc.set_grid(*grid)
+        for start in range(0, x.shape[0], batch):
+            acc.update(x[start : start + batch])
         out.append(acc)
     return out, plain
+
+
+def _assert_same_state_but_power_sums(fused: NeuronStatsAccumulator, torch_passes: NeuronStatsAccumulator) -> None:
+    """Every state bit for bit but the power sums, which are equal to fp32 rounding."""
+    for name in fused._defaults:
+        if name != "power_sums":
+            assert torch.equal(getattr(fused, name).nan_to_num(), getattr(torch_passes, name).nan_to_num()), name
+    torch.testing.assert_close(fused.power_sums, torch_passes.power_sums, rtol=1e-6, atol=1e-3)
 
 
 @pytest.mark.parametrize("block_neurons, refused", [(32, 3), (256, 1)])
@@ -404,10 +416,7 @@ def test_fused_cpu_update_gives_the_torch_passes_state(suite, monkeypatch: pytes
     (fused, torch_passes), plain = _fused_and_torch_states(x, monkeypatch, block_elements=32 * BATCH)
     assert plain.count(False) == refused and True in plain  # 32 wide: blocks 0, 2 and 4; 256 wide: the one
     assert fused.tail_excess.abs().sum() > 0 and fused.hist.sum() > 0
-    for name in fused._defaults:
-        if name != "power_sums":
-            assert torch.equal(getattr(fused, name).nan_to_num(), getattr(torch_passes, name).nan_to_num()), name
-    torch.testing.assert_close(fused.power_sums, torch_passes.power_sums, rtol=1e-6, atol=1e-3)
+    _assert_same_state_but_power_sums(fused, torch_passes)
     got, want = fused.compute(), torch_passes.compute()
     for key in got:  # (kurtosis near 0 from fp32 block sums against fp64 ones: an absolute 1e-6)
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, equal_nan=True, msg=key)
@@ -431,29 +440,10 @@ def _edge_values() -> torch.Tensor:
 def test_fused_cpu_update_codes_edge_values_as_torch_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the grid at centre 0 and unit 1 (d = x), values at every float16 rounding edge land in torch's bins."""
     pytest.importorskip("numba", reason="the fused CPU update needs numba")
-    from negmonitor.metrics import streaming
-
-    from negmonitor.metrics import _fused_cpu
-
-    monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
-    taken: list[bool] = []
-    fused_update = _fused_cpu.fused_update
-    def spy(*args, **kwargs):
-        done = fused_update(*args, **kwargs)
-        taken.extend(done)
-        return done
-
-    monkeypatch.setattr(_fused_cpu, "fused_update", spy)
     values = _edge_values()
     x = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))]
     x = x[: x.numel() // 4 * 4].view(-1, 4)  # four neurons
-    states = []
-    for fused in (True, False):
-        monkeypatch.setattr(streaming, "_FUSED_ON_CPU", fused)
-        acc = NeuronStatsAccumulator(4)
-        acc.set_grid(torch.zeros(4), torch.ones(4))
-        acc.update(x)
-        states.append(acc)
+    states, taken = _fused_and_torch_states(x, monkeypatch, batch=x.shape[0], grid=(torch.zeros(4), torch.ones(4)))
     assert torch.equal(states[0].hist, states[1].hist)
     assert torch.equal(states[0].negative, states[1].negative)
     raw = states[0].hist.view(4, -1) >> states[0]._low_bits
@@ -465,24 +455,16 @@ def test_fused_cpu_update_over_partial_tiles_wide_blocks_and_a_later_refused_blo
     """Blocks wider than a tile and chunks that end inside a tile of rows, with a block refused in a later batch
     only (its earlier batches were fused): the state of torch's passes."""
     pytest.importorskip("numba", reason="the fused CPU update needs numba")
-    from negmonitor.metrics import _fused_cpu, streaming
+    from negmonitor.metrics import _fused_cpu
 
-    monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
     monkeypatch.setattr(_fused_cpu, "BLOCK_NEURONS", 512)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3000, 600, generator=g) * torch.rand(600, generator=g) * 4 + torch.randn(600, generator=g)
     x[2500, 550] = math.nan  # the third batch's second block
-    states = []
-    for fused in (True, False):
-        monkeypatch.setattr(streaming, "_FUSED_ON_CPU", fused)
-        acc = NeuronStatsAccumulator(600)
-        for start in range(0, 3000, 1000):  # 1,000 rows: 7 full tiles of 128 and one of 104
-            acc.update(x[start : start + 1000])
-        states.append(acc)
-    for name in states[0]._defaults:
-        if name != "power_sums":
-            assert torch.equal(getattr(states[0], name).nan_to_num(), getattr(states[1], name).nan_to_num()), name
-    torch.testing.assert_close(states[0].power_sums, states[1].power_sums, rtol=1e-6, atol=1e-3)
+    # 1,000-row updates: 7 full tiles of 128 rows and one of 104
+    (fused, torch_passes), plain = _fused_and_torch_states(x, monkeypatch, batch=1000)
+    assert plain == [True, True, True, True, True, False]
+    _assert_same_state_but_power_sums(fused, torch_passes)
 
 
 def test_fused_cpu_update_refuses_a_block_whose_d_is_nan_and_leaves_it_untouched() -> None:

@@ -36,8 +36,8 @@ and :meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator hol
 more (real widths, fp32) go through one fused pass per block instead (:mod:`~negmonitor.metrics._fused_cpu`, numba,
 the same state; 1.3-1.6x faster at Pythia-1.4B width, ``benchmarks/scale.py`` and ``wd_speed.py`` print by how much),
 which is then bound by the histogram's read-modify-write (~2-3 ns per value on one core); smaller chunks (tiny models
-at their default settings) keep torch's passes, so numba is never imported for them. Compute's cost is the ~50 elementwise fp64 passes over
-each filled bin.
+at their default settings) keep torch's passes, so numba is never imported for them. Compute's cost is the ~50
+elementwise fp64 passes over each filled bin.
 
 Measured against the exact sort-based value (max absolute error over Gaussian, heavy-tailed, multimodal, skewed,
 near-constant and first-batch-misleading neurons): 4096 bins (default) 0.0004 at 16k tokens, 0.0017 at 1M tokens;
@@ -315,10 +315,9 @@ class NeuronStatsAccumulator(Metric):
         plain_check = _PLAIN_BLOCKS_ON_CPU and device.type == "cpu"  # reading a flag back is free on CPU
         fused = (plain_check and _FUSED_ON_CPU and chunk.dtype == torch.float32 and chunk.is_contiguous()
                  and t * n >= _FUSED_MIN_VALUES and _fused_cpu.available(device))
-        blocks = _blocks(n, width)
+        blocks = _blocks(n, _fused_cpu.block_width(n) if fused else width)  # the fused pass needs no scratch
         if fused:  # plain blocks in one fused pass each (their power sums in fp64, in ``raw``); the rest below
             raw = torch.zeros(n, 4, dtype=torch.float64, device=device)
-            blocks = _blocks(n, _fused_cpu.block_width(n))  # it needs no scratch: its own width
             done = _fused_cpu.fused_update(chunk, blocks, shift.double(), self.inv_unit.double(), hist, raw, sums[7],
                                            lo, hi, _TAIL / 2, self._code_shift, self._low_bits)
             for (j0, j1), plain in zip(blocks, done):
