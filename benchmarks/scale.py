@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import os
 import tempfile
 import threading
@@ -308,10 +309,13 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
           + (f" [{'ok' if budget_mem <= 2 * GIB else 'over'} vs goal 2 GiB]" if kind == "pythia-1.4b" else "")
           + f"; + rest of the measurement {format_bytes(int(rest * depth))}")
     if device.type == "cpu":
-        fused, passes = fused_update_payoff(site.n_neurons, probe_set.n_tokens, args.repeats)
-        print(f"fused CPU update (numba) against torch's passes, one layer's {probe_set.n_tokens:,} x "
-              f"{site.n_neurons:,} pre-activations in the probe's chunks: {fused:.2f} s vs {passes:.2f} s "
-              f"({passes / fused:.2f}x)" if fused else "fused CPU update: not available (numba is not installed)")
+        payoff = fused_update_payoff(site.n_neurons, probe_set.n_tokens, 8 * probe_set.window, args.repeats)
+        if payoff:
+            passes = next(v for k, v in payoff.items() if k.startswith("torch"))
+            print(f"update of one layer's {probe_set.n_tokens:,} x {site.n_neurons:,} pre-activations: "
+                  + ", ".join(f"{k} {v:.2f} s ({passes / v:.2f}x)" for k, v in payoff.items()))
+        else:
+            print("fused CPU update: not available (numba is not installed)")
     del model
     gc.collect()
     if device.type == "cuda":
@@ -319,33 +323,40 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
     return runs
 
 
-def fused_update_payoff(n_neurons: int, tokens: int, repeats: int) -> tuple[float | None, float]:
+def fused_update_payoff(n_neurons: int, tokens: int, batch_rows: int, repeats: int) -> dict[str, float]:
     """Seconds to stream one layer's pre-activations (synthetic: per-neuron scale and offset) through the WD
-    accumulator with the fused CPU update and with torch's passes, best of ``repeats`` each (``None`` without
-    numba): what the fused kernel saves in the hooks, measured in this run."""
+    accumulator, best of ``repeats`` each, as a probe hands them: the fused CPU update (numba) in whole batches of
+    ``batch_rows`` rows (a batch with no padding is a view), and, for comparison, the fused update and torch's passes
+    in the ``MAX_UPDATE_ELEMENTS // n`` rows a probe hands torch's passes (a padded batch's copies). Empty without
+    numba. What the fused kernel saves in the hooks, measured in this run."""
     from negmonitor.budget import MAX_UPDATE_ELEMENTS
     from negmonitor.metrics import NeuronStatsAccumulator, _fused_cpu, streaming
 
-    rows = max(1, MAX_UPDATE_ELEMENTS // n_neurons)  # the chunk a probe hands the accumulator at this width
+    if not _fused_cpu.available(torch.device("cpu")):
+        return {}
+    short = max(1, MAX_UPDATE_ELEMENTS // n_neurons)
     g = torch.Generator().manual_seed(0)
-    batch = torch.randn(rows, n_neurons, generator=g) * torch.rand(n_neurons, generator=g) * 3
+    batch = torch.randn(batch_rows, n_neurons, generator=g) * torch.rand(n_neurons, generator=g) * 3
     batch += torch.randn(n_neurons, generator=g)
 
-    def stream() -> float:
+    def stream(rows: int) -> float:
         acc = NeuronStatsAccumulator(n_neurons)
         start = time.perf_counter()
         for _ in range(max(1, tokens // rows)):
-            acc.update(batch)
+            acc.update(batch[:rows])
         return time.perf_counter() - start
 
     seconds, before = {}, streaming._FUSED_ON_CPU
-    for fused in ((True, False) if _fused_cpu.available(torch.device("cpu")) else (False,)):
-        streaming._FUSED_ON_CPU = fused
-        try:
-            seconds[fused] = min(stream() for _ in range(max(1, repeats)))
-        finally:
-            streaming._FUSED_ON_CPU = before
-    return seconds.get(True), seconds[False]
+    runs = {f"fused, {batch_rows:,}-row batches": (True, batch_rows), f"fused, {short:,}-row chunks": (True, short),
+            f"torch's passes, {short:,}-row chunks": (False, short)}
+    try:
+        for _ in range(max(1, repeats)):  # interleaved: this machine's speed drifts
+            for label, (fused, rows) in runs.items():
+                streaming._FUSED_ON_CPU = fused
+                seconds[label] = min(seconds.get(label, math.inf), stream(rows))
+    finally:
+        streaming._FUSED_ON_CPU = before
+    return seconds
 
 
 def site_heads(model) -> int:

@@ -89,8 +89,10 @@ class PairBuffer(Metric):
 class SiteRecorder(nn.Module):
     """Accumulators for one site: per-neuron statistics, pair rows and a count of tokens with non-finite values.
 
-    A batch's rows reach the accumulator ``rows_per_update`` at a time, which bounds the update's transients
-    whatever the batch size; ``stop_after`` makes its hook end the forward pass (the group's last layer).
+    A batch's rows reach the accumulator ``rows_per_update`` at a time, which bounds the copies of a padded batch's
+    real rows and the update's transients whatever the batch size; a batch with no padding that the fused CPU update
+    takes goes in whole (a view, and that update's transients do not grow with the rows). ``stop_after`` makes its
+    hook end the forward pass (the group's last layer).
     """
 
     def __init__(self, site: MLPSite, n_pair_slots: int, rows_per_update: int | None = None,
@@ -117,6 +119,8 @@ class SiteRecorder(nn.Module):
         if batch.calibrating:
             return
         step = self.rows_per_update or max(1, rows.numel())
+        if batch.all_valid and self.stats.fuses(flat_y):
+            step = rows.numel()  # a view, not a copy: the fused CPU update is faster the longer its chunks
         for r0 in range(0, rows.numel(), step):
             if batch.all_valid:
                 chunk = flat_y[r0 : r0 + step]

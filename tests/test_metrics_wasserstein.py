@@ -863,3 +863,37 @@ def test_streaming_ddp_sync_equals_single_process(tmp_path) -> None:
     want = single.compute()
     for key in want:  # only the order of fp64 additions differs
         torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-9, equal_nan=True, msg=key)
+
+
+def test_a_long_batch_takes_one_fused_pass_and_its_refused_block_goes_through_torchs_row_chunks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused update takes a whole 3,000-row batch in one pass; the block it refuses (a NaN) goes through torch's
+    masking path in torch's own chunks of rows (2,048 at this block size) and narrow blocks: torch's state."""
+    pytest.importorskip("numba", reason="the fused CPU update needs numba")
+    from negmonitor.metrics import _fused_cpu
+
+    monkeypatch.setattr(_fused_cpu, "BLOCK_NEURONS", 512)  # blocks 0-512 and 512-600
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3000, 600, generator=g) * torch.rand(600, generator=g) * 4 + torch.randn(600, generator=g)
+    x[2500, 550] = math.nan
+    fused_rows, torch_parts = [], []
+    fused_update, torch_pass = _fused_cpu.fused_update, NeuronStatsAccumulator._torch_pass
+
+    def rows_seen(chunk, *args, **kwargs):
+        fused_rows.append(chunk.shape[0])
+        return fused_update(chunk, *args, **kwargs)
+
+    def parts_seen(self, chunk, blocks, scratch, may_be_plain):
+        if not may_be_plain:  # the fused run's refused blocks
+            torch_parts.append((chunk.shape[0], blocks))
+        return torch_pass(self, chunk, blocks, scratch, may_be_plain)
+
+    monkeypatch.setattr(_fused_cpu, "fused_update", rows_seen)
+    monkeypatch.setattr(NeuronStatsAccumulator, "_torch_pass", parts_seen)
+    (fused, torch_passes), plain = _fused_and_torch_states(x, monkeypatch, batch=3000, block_elements=1 << 14)
+    assert fused_rows == [3000] and plain == [True, False]
+    assert [rows for rows, _ in torch_parts] == [2048, 952]
+    for rows, blocks in torch_parts:  # blocks of 16,384 // rows neurons covering the refused 512-600 only
+        assert blocks[0][0] == 512 and blocks[-1][1] == 600 and max(j1 - j0 for j0, j1 in blocks) == 16384 // rows
+    assert int(fused.rows) == 3000
+    _assert_same_state_but_power_sums(fused, torch_passes)

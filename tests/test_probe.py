@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from negmonitor import budget
 from negmonitor.adapters import find_sites
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics.mapping import mapping_difficulty
@@ -307,11 +308,15 @@ def test_a_probe_through_the_fused_cpu_update_equals_one_through_torchs_passes(t
     pytest.importorskip("numba", reason="the fused CPU update needs numba")
     from negmonitor.metrics import _fused_cpu, streaming
 
-    calls = []
-    fused_update = _fused_cpu.fused_update
+    calls, rows = [], {True: [], False: []}
+    fused_update, update = _fused_cpu.fused_update, streaming.NeuronStatsAccumulator.update
     monkeypatch.setattr(_fused_cpu, "fused_update", lambda *a, **k: calls.append(1) or fused_update(*a, **k))
+    monkeypatch.setattr(streaming.NeuronStatsAccumulator, "update",
+                        lambda self, x: rows[streaming._FUSED_ON_CPU].append(x.shape[0]) or update(self, x))
     monkeypatch.setattr(streaming, "_FUSED_MIN_VALUES", 0)
     model = tiny_causal_lm("neox")
+    n_neurons = find_sites(model)[0].n_neurons
+    monkeypatch.setattr(budget, "MAX_UPDATE_ELEMENTS", 100 * n_neurons)  # 100 rows an update, as at real width
     texts = [f"the {a} sees the {b} and the {b}s see {n} {a}s" for a in ("cat", "dog", "bird") for b in
              ("fox", "cow", "hen") for n in range(40)]
     probe_set = ProbeSet.build(texts, tokenizer, n_tokens=4_000, window=128, n_pairs=200, seed=0)
@@ -320,6 +325,8 @@ def test_a_probe_through_the_fused_cpu_update_equals_one_through_torchs_passes(t
         monkeypatch.setattr(streaming, "_FUSED_ON_CPU", fused)
         tables.append(probe(model, probe_set, tokenizer=tokenizer, batch_size=8).neurons)
     assert calls  # the fused update ran
+    # it took whole unpadded batches of 8 x 128 tokens (views); torch's passes took 100 rows at a time
+    assert max(rows[True]) == 8 * 128 and max(rows[False]) == 100
     fused, passes = tables
     for column in ("count", "nonfinite", "neg_frac"):
         np.testing.assert_array_equal(fused[column].to_numpy(), passes[column].to_numpy(), err_msg=column)

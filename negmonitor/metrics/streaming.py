@@ -292,15 +292,56 @@ class NeuronStatsAccumulator(Metric):
         # One set of scratch buffers for the whole call, shared by its chunks (a chunk's blocks hold at most
         # ``block`` values): fresh buffers per chunk cost page faults on CPU.
         scratch = _Scratch(min(block, step * rows.shape[1]), rows.device)
-        for r0 in range(0, rows.shape[0], step):
-            self._update_chunk(rows[r0 : r0 + step], max(1, block // min(step, rows.shape[0] - r0)), scratch)
+        # The fused pass takes the whole batch at once: its transients do not grow with the rows, and it is faster
+        # the longer its chunks (at Pythia-1.4B width 1.2-1.4x torch's passes in 512-row chunks, 1.9x in 16k-row
+        # batches, one run of benchmarks/scale.py). torch's passes take the blocks it
+        # refuses, in their own chunks.
+        fused = self.fuses(rows)
+        outer = _MAX_CHUNK_ROWS if fused else step
+        for f0 in range(0, rows.shape[0], outer):
+            chunk = rows[f0 : f0 + outer]
+            columns = self._fused_pass(chunk) if fused else [(0, self.n_neurons)]
+            for r0 in range(0, chunk.shape[0] if columns else 0, step):
+                part = chunk[r0 : r0 + step]
+                width = max(1, block // part.shape[0])
+                self._torch_pass(part, [b for j0, j1 in columns for b in _blocks(j1, width, j0)], scratch,
+                                 may_be_plain=not fused)
+            self.rows += chunk.shape[0]
+
+    def fuses(self, x: Tensor) -> bool:
+        """Whether :meth:`update` gives ``x`` to the fused CPU pass (then the longer its batches, the faster)."""
+        return (_PLAIN_BLOCKS_ON_CPU and _FUSED_ON_CPU and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.is_contiguous() and x.numel() >= _FUSED_MIN_VALUES and _fused_cpu.available(x.device))
 
     def forward(self, x: Tensor) -> None:  # type: ignore[override]
         """Same as :meth:`update` (a per-batch WD would need its own grid; call :meth:`compute` at the end)."""
         self.update(x)
 
-    def _update_chunk(self, chunk: Tensor, width: int, scratch: "_Scratch") -> None:
-        """One chunk of rows, in blocks of ``width`` neurons (``t · width`` values at most ``scratch``'s size).
+    def _fused_pass(self, chunk: Tensor) -> list[tuple[int, int]]:
+        """The chunk's plain blocks into the state in one fused pass each; returns the neuron ranges it refused
+        (the torch path's to take), whose state it left untouched."""
+        n, cpu = self.n_neurons, chunk.device
+        raw = torch.zeros(n, 4, dtype=torch.float64, device=cpu)
+        negative = torch.zeros(n, device=cpu)  # fp32: exact up to 2^24 rows a chunk
+        lo, hi = torch.empty(n, device=cpu), torch.empty(n, device=cpu)
+        blocks = _blocks(n, _fused_cpu.block_width(n))
+        shift = -(self.center * self.inv_unit)
+        done = _fused_cpu.fused_update(chunk, blocks, shift.double(), self.inv_unit.double(), self.hist.view(n, -1),
+                                       raw, negative, lo, hi, _TAIL / 2, self._code_shift, self._low_bits)
+        refused = [block for block, plain in zip(blocks, done) if not plain]
+        for j0, j1 in refused:  # their extremes are the torch path's to fold
+            lo[j0:j1], hi[j0:j1] = math.inf, -math.inf
+        self.power_sums += raw.t()
+        self.negative += negative.long()
+        self.min_value = torch.minimum(self.min_value, lo)
+        self.max_value = torch.maximum(self.max_value, hi)
+        return refused
+
+    def _torch_pass(self, chunk: Tensor, blocks: list[tuple[int, int]], scratch: "_Scratch",
+                    may_be_plain: bool) -> None:
+        """The ``blocks`` (neuron ranges, each ``t · width`` values at most ``scratch``'s size) of a chunk of rows
+        in torch's elementwise passes. ``may_be_plain``: on CPU, check each block for the plain path (not for
+        blocks the fused pass refused).
 
         The blocks' per-element work writes into the update call's scratch buffers, reused by every block (fresh
         CPU buffers per block cost page faults that doubled the update's time); the per-neuron results land in
@@ -308,28 +349,17 @@ class NeuronStatsAccumulator(Metric):
         """
         t, n = chunk.shape
         device = chunk.device
-        sums = torch.empty(8, n, dtype=torch.float32, device=device)  # mean, e^1..e^4 sums, tail excesses, negatives
-        lo, hi = torch.empty(n, device=device), torch.empty(n, device=device)
+        # mean, e^1..e^4 sums, tail excesses, negatives; neurons of no block add nothing
+        sums = torch.zeros(8, n, dtype=torch.float32, device=device)
+        lo, hi = torch.full((n,), math.inf, device=device), torch.full((n,), -math.inf, device=device)
         hist = self.hist.view(n, self.n_bins)
         shift = -(self.center * self.inv_unit)
-        plain_check = _PLAIN_BLOCKS_ON_CPU and device.type == "cpu"  # reading a flag back is free on CPU
-        fused = (plain_check and _FUSED_ON_CPU and chunk.dtype == torch.float32 and chunk.is_contiguous()
-                 and t * n >= _FUSED_MIN_VALUES and _fused_cpu.available(device))
-        blocks = _blocks(n, _fused_cpu.block_width(n) if fused else width)  # the fused pass needs no scratch
-        if fused:  # plain blocks in one fused pass each (their power sums in fp64, in ``raw``); the rest below
-            raw = torch.zeros(n, 4, dtype=torch.float64, device=device)
-            done = _fused_cpu.fused_update(chunk, blocks, shift.double(), self.inv_unit.double(), hist, raw, sums[7],
-                                           lo, hi, _TAIL / 2, self._code_shift, self._low_bits)
-            for (j0, j1), plain in zip(blocks, done):
-                if plain:
-                    sums[:7, j0:j1] = 0.0  # adds nothing below: the block's power sums are in raw
-            self.power_sums += raw.t()
-            blocks = [b for (j0, j1), plain in zip(blocks, done) if not plain for b in _blocks(j1, width, j0)]
+        plain_check = may_be_plain and _PLAIN_BLOCKS_ON_CPU and device.type == "cpu"  # reading a flag back is free
         for j0, j1 in blocks:
             xb, nb = chunk[:, j0:j1], j1 - j0
             d, other, masked = scratch.views(t, nb)
-            src = (_plain_source(xb, masked, shift[j0:j1], self.inv_unit[j0:j1], lo[j0:j1], hi[j0:j1])
-                   if plain_check and not fused else None)  # (a block the fused pass refused is not plain)
+            src = _plain_source(xb, masked, shift[j0:j1], self.inv_unit[j0:j1], lo[j0:j1], hi[j0:j1]) \
+                if plain_check else None
             plain = src is not None
             if not plain:
                 # The block in fp32 (everything runs in fp32: bf16 ops are slower), non-finite values +inf: the
@@ -349,9 +379,7 @@ class NeuronStatsAccumulator(Metric):
                 d.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
             column, packed = _raw_bins(d, self._code_shift, self._low_bits, scratch.codes(nb, t))
             hist[j0:j1].scatter_add_(1, column, packed)
-            if plain:
-                sums[5:7, j0:j1] = 0.0  # no tails
-            else:
+            if not plain:
                 d.nan_to_num_(nan=0.0)  # non-finite values add 0 to every raw power sum
                 torch.clamp(d, max=-_TAIL, out=other).add_(_TAIL)
                 torch.sum(other, dim=0, out=sums[5, j0:j1])
@@ -364,7 +392,6 @@ class NeuronStatsAccumulator(Metric):
         self.negative += sums[7].long()
         self.min_value = torch.minimum(self.min_value, lo)
         self.max_value = torch.maximum(self.max_value, hi)
-        self.rows += t
 
     # -------------------------------------------------------------------------------------------- compute
     def compute(self) -> dict[str, Tensor]:
