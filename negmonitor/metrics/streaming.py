@@ -32,9 +32,10 @@ every raw power sum).
 Memory: the state is one int64 per bin plus a few vectors per neuron (31.3 MiB per 1,000 neurons at 4096 bins).
 The update works on blocks of about ``block_elements`` values (a chunk of rows, a slice of at least 64 neurons)
 and :meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator holds at once. Off CPU the update is
-~20 elementwise torch passes over each block and the histogram's ``scatter_add_``. On CPU, chunks of 2^21 values or
-more (real widths, fp32) go through one fused pass per block instead (:mod:`~negmonitor.metrics._fused_cpu`, numba,
-the same state; 1.3-1.6x faster at Pythia-1.4B width, ``benchmarks/scale.py`` and ``wd_speed.py`` print by how much),
+~20 elementwise torch passes over each block and the histogram's ``scatter_add_``. On CPU, batches of 2^21 values or
+more (real widths, fp32) go through one fused pass per block instead, the whole batch at once
+(:mod:`~negmonitor.metrics._fused_cpu`, numba, the same state; at Pythia-1.4B width 1.9x faster in 16k-row batches,
+``benchmarks/scale.py`` and ``wd_speed.py`` print by how much),
 which is then bound by the histogram's read-modify-write (~2-3 ns per value on one core); smaller chunks (tiny models
 at their default settings) keep torch's passes, so numba is never imported for them. Compute's cost is the ~50
 elementwise fp64 passes over each filled bin.
