@@ -36,7 +36,8 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "parse_bytes", "format_bytes", "Plan", "plan
            "evaluation_batch_size", "BatchLimit", "retry_on_out_of_memory"]
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
-MAX_UPDATE_ELEMENTS = 1 << 22  # rows x neurons handed to an accumulator at once: bounds the update's transients
+MAX_UPDATE_ELEMENTS = 1 << 22  # rows x neurons of a padded batch copied for an update at once (an unpadded one that
+# the fused CPU update takes goes in whole: a view, and that update's transients do not grow with the rows)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 _LOGGED: set[str] = set()

@@ -120,7 +120,7 @@ class SiteRecorder(nn.Module):
             return
         step = self.rows_per_update or max(1, rows.numel())
         if batch.all_valid and self.stats.fuses(flat_y):
-            step = rows.numel()  # a view, not a copy: the fused CPU update is faster the longer its chunks
+            step = max(1, rows.numel())  # a view, not a copy: the fused CPU update is faster the longer its chunks
         for r0 in range(0, rows.numel(), step):
             if batch.all_valid:
                 chunk = flat_y[r0 : r0 + step]

@@ -35,9 +35,9 @@ and :meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator hol
 ~20 elementwise torch passes over each block and the histogram's ``scatter_add_``. On CPU, batches of 2^21 values or
 more (real widths, fp32) go through one fused pass per block instead, the whole batch at once
 (:mod:`~negmonitor.metrics._fused_cpu`, numba, the same state; at Pythia-1.4B width 1.9x faster in 16k-row batches,
-``benchmarks/scale.py`` and ``wd_speed.py`` print by how much),
-which is then bound by the histogram's read-modify-write (~2-3 ns per value on one core); smaller chunks (tiny models
-at their default settings) keep torch's passes, so numba is never imported for them. Compute's cost is the ~50
+``benchmarks/scale.py`` and ``wd_speed.py`` print by how much), which is then bound by the histogram's
+read-modify-write (~2-3 ns per value on one core); its transients do not grow with the rows. Smaller batches (tiny
+models at their default settings) keep torch's passes, so numba is never imported for them. Compute's cost is the ~50
 elementwise fp64 passes over each filled bin.
 
 Measured against the exact sort-based value (max absolute error over Gaussian, heavy-tailed, multimodal, skewed,
@@ -180,7 +180,8 @@ class NeuronStatsAccumulator(Metric):
     def planned_bytes(n_neurons: int, n_bins: int = 4096, n_rows: int = 2048, block_elements: int | None = None
                       ) -> int:
         """Upper bound of the bytes one accumulator holds at once: its state plus the largest transient of
-        :meth:`update` with batches of ``n_rows`` rows (fp32 or narrower) and of :meth:`compute`.
+        :meth:`update` with batches of ``n_rows`` rows (fp32 or narrower; a longer batch that the fused CPU pass
+        takes whole adds nothing that grows with its rows) and of :meth:`compute`.
 
         ``block_elements`` as given to the constructor (``None``: the larger, non-CPU default, an upper bound
         for both). The batch itself is the caller's and not counted.
@@ -295,18 +296,18 @@ class NeuronStatsAccumulator(Metric):
         scratch = _Scratch(min(block, step * rows.shape[1]), rows.device)
         # The fused pass takes the whole batch at once: its transients do not grow with the rows, and it is faster
         # the longer its chunks (at Pythia-1.4B width 1.2-1.4x torch's passes in 512-row chunks, 1.9x in 16k-row
-        # batches, one run of benchmarks/scale.py). torch's passes take the blocks it
-        # refuses, in their own chunks.
+        # batches, benchmarks/scale.py). torch's passes take what it refuses, in their own chunks.
         fused = self.fuses(rows)
         outer = _MAX_CHUNK_ROWS if fused else step
         for f0 in range(0, rows.shape[0], outer):
             chunk = rows[f0 : f0 + outer]
-            columns = self._fused_pass(chunk) if fused else [(0, self.n_neurons)]
-            for r0 in range(0, chunk.shape[0] if columns else 0, step):
-                part = chunk[r0 : r0 + step]
-                width = max(1, block // part.shape[0])
-                self._torch_pass(part, [b for j0, j1 in columns for b in _blocks(j1, width, j0)], scratch,
-                                 may_be_plain=not fused)
+            left = self._fused_pass(chunk, block) if fused else [(chunk, [(0, self.n_neurons)])]
+            for part_rows, columns in left:
+                for r0 in range(0, part_rows.shape[0], step):
+                    part = part_rows[r0 : r0 + step]
+                    width = max(1, block // part.shape[0])
+                    self._torch_pass(part, [b for j0, j1 in columns for b in _blocks(j1, width, j0)], scratch,
+                                     may_be_plain=not fused)
             self.rows += chunk.shape[0]
 
     def fuses(self, x: Tensor) -> bool:
@@ -318,16 +319,35 @@ class NeuronStatsAccumulator(Metric):
         """Same as :meth:`update` (a per-batch WD would need its own grid; call :meth:`compute` at the end)."""
         self.update(x)
 
-    def _fused_pass(self, chunk: Tensor) -> list[tuple[int, int]]:
-        """The chunk's plain blocks into the state in one fused pass each; returns the neuron ranges it refused
-        (the torch path's to take), whose state it left untouched."""
-        n, cpu = self.n_neurons, chunk.device
+    def _fused_pass(self, chunk: Tensor, block: int) -> list[tuple[Tensor, list[tuple[int, int]]]]:
+        """The chunk's plain blocks into the state in one fused pass each; returns what is left for torch's passes:
+        ``(rows, neuron ranges)``, whose state it left untouched.
+
+        A block refused over the whole chunk (a NaN or a far outlier somewhere in it) is tried again in runs of
+        ``block // width`` rows (as many values as one of torch's blocks), so that only the runs holding such a
+        value go through torch's masking path, not the whole batch.
+        """
+        n, width = self.n_neurons, _fused_cpu.block_width(self.n_neurons)
+        refused = self._fused_blocks(chunk, _blocks(n, width))
+        run = max(1, block // width)
+        if not refused or chunk.shape[0] <= run:
+            return [(chunk, refused)] if refused else []
+        left = []
+        for r0 in range(0, chunk.shape[0], run):
+            part = chunk[r0 : r0 + run]
+            still = self._fused_blocks(part, refused)
+            if still:
+                left.append((part, still))
+        return left
+
+    def _fused_blocks(self, rows: Tensor, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """One fused pass over each of ``blocks`` (neuron ranges) of ``rows``; returns the ranges it refused."""
+        n, cpu = self.n_neurons, rows.device
         raw = torch.zeros(n, 4, dtype=torch.float64, device=cpu)
         negative = torch.zeros(n, device=cpu)  # fp32: exact up to 2^24 rows a chunk
-        lo, hi = torch.empty(n, device=cpu), torch.empty(n, device=cpu)
-        blocks = _blocks(n, _fused_cpu.block_width(n))
+        lo, hi = torch.full((n,), math.inf, device=cpu), torch.full((n,), -math.inf, device=cpu)
         shift = -(self.center * self.inv_unit)
-        done = _fused_cpu.fused_update(chunk, blocks, shift.double(), self.inv_unit.double(), self.hist.view(n, -1),
+        done = _fused_cpu.fused_update(rows, blocks, shift.double(), self.inv_unit.double(), self.hist.view(n, -1),
                                        raw, negative, lo, hi, _TAIL / 2, self._code_shift, self._low_bits)
         refused = [block for block, plain in zip(blocks, done) if not plain]
         for j0, j1 in refused:  # their extremes are the torch path's to fold
