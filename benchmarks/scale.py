@@ -17,8 +17,10 @@ in the hooks, statistics' compute, MD, tables, drift, writes; peak extra memory 
 ``max_memory_allocated`` growth on GPU; resident-set growth, sampled every ms in a thread, on CPU) with no budget
 and at ``--budget`` (default: the library default); and per-layer figures extrapolated to full depth (24 layers
 for Pythia-1.4B, 32 for Llama-3.1-8B; the budgeted time uses the grouping the planner would choose there). On CPU
-it also times one layer's worth of pre-activations through the WD accumulator with the fused CPU update (numba)
-and with torch's passes, so what the kernel pays shows in the same run.
+it also times one layer's worth of pre-activations through the WD accumulator, interleaved: the fused CPU update
+(numba) in whole probe batches (as a probe hands it an unpadded batch) and in ``MAX_UPDATE_ELEMENTS // n``-row
+chunks (512 rows at Pythia-1.4B width), and torch's passes in those chunks (as a probe hands them), so what the
+kernel pays shows in the same run.
 
 Goals: measurement <= 1.25x the bare forward; peak extra memory within the budget; Pythia-1.4B at full depth within
 2 GiB at the default budget. Timings on a shared machine are noisy: the best of ``--repeats`` runs counts.
