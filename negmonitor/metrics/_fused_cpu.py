@@ -4,9 +4,9 @@ On CPU torch's update makes ~20 elementwise passes over each block and is bound 
 reads each value twice (a check, then the work) and does the rest from registers and a cached tile: ``d = (x −
 c) / u``, its float16 code, the histogram increment, the sums of ``d``'s powers 1-4 (in fp64, where torch sums in
 fp32 about the block mean), the negative count and the column min and max. What bounds it is the histogram's
-read-modify-write, ~2-3 ns a value on one core whether torch or this kernel does it. At Pythia-1.4B width on 2 cores the
-update is 1.9x faster than torch's passes in 16k-row batches (a probe's unpadded batch, handed whole) and 1.2-1.4x in
-512-row chunks (``benchmarks/scale.py`` and ``benchmarks/wd_speed.py`` print the ratio in each run).
+read-modify-write, ~2-3 ns a value on one core whether torch or this kernel does it. At Pythia-1.4B width on 2
+cores the update is 1.9-2.0x faster than torch's passes in 16k-row batches (a probe's unpadded batch, handed whole)
+and 1.2-1.5x in 512-row chunks (``benchmarks/scale.py`` and ``benchmarks/wd_speed.py`` print the ratio in each run).
 
 It takes only *plain* blocks, whose values are finite and whose ``d`` stays inside half the float16 range: it
 checks each block first and leaves one that is not untouched, for torch's masking path; blocks off CPU take torch's

@@ -34,7 +34,7 @@ The update works on blocks of about ``block_elements`` values (a chunk of rows, 
 and :meth:`NeuronStatsAccumulator.planned_bytes` bounds what one accumulator holds at once. Off CPU the update is
 ~20 elementwise torch passes over each block and the histogram's ``scatter_add_``. On CPU, batches of 2^21 values or
 more (real widths, fp32) go through one fused pass per block instead, the whole batch at once
-(:mod:`~negmonitor.metrics._fused_cpu`, numba, the same state; at Pythia-1.4B width 1.9x faster in 16k-row batches,
+(:mod:`~negmonitor.metrics._fused_cpu`, numba, the same state; at Pythia-1.4B width 1.9-2.0x faster in 16k-row batches,
 ``benchmarks/scale.py`` and ``wd_speed.py`` print by how much), which is then bound by the histogram's
 read-modify-write (~2-3 ns per value on one core); its transients do not grow with the rows. Smaller batches (tiny
 models at their default settings) keep torch's passes, so numba is never imported for them. Compute's cost is the ~50
@@ -295,7 +295,7 @@ class NeuronStatsAccumulator(Metric):
         # ``block`` values): fresh buffers per chunk cost page faults on CPU.
         scratch = _Scratch(min(block, step * rows.shape[1]), rows.device)
         # The fused pass takes the whole batch at once: its transients do not grow with the rows, and it is faster
-        # the longer its chunks (at Pythia-1.4B width 1.2-1.4x torch's passes in 512-row chunks, 1.9x in 16k-row
+        # the longer its chunks (at Pythia-1.4B width 1.2-1.5x torch's passes in 512-row chunks, 1.9-2.0x in 16k-row
         # batches, benchmarks/scale.py). torch's passes take what it refuses, in their own chunks.
         fused = self.fuses(rows)
         outer = _MAX_CHUNK_ROWS if fused else step
@@ -330,8 +330,10 @@ class NeuronStatsAccumulator(Metric):
         n, width = self.n_neurons, _fused_cpu.block_width(self.n_neurons)
         refused = self._fused_blocks(chunk, _blocks(n, width))
         run = max(1, block // width)
-        if not refused or chunk.shape[0] <= run:
-            return [(chunk, refused)] if refused else []
+        if not refused:
+            return []
+        if chunk.shape[0] <= run:
+            return [(chunk, refused)]
         left = []
         for r0 in range(0, chunk.shape[0], run):
             part = chunk[r0 : r0 + run]
