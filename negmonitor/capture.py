@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from negmonitor.adapters import MLPSite
-from negmonitor.distributed import reduce_in_place
+from negmonitor.distributed import FailureHold, reduce_in_place
 from negmonitor.errors import NegmonitorError
 from negmonitor.metrics.streaming import NeuronStatsAccumulator
 
@@ -167,12 +167,20 @@ class BatchContext:
     grid_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     calibrating: bool = False
     all_valid: bool = False  # every row is a real token: chunks are views, not copies
+    # Under FSDP a hook that raised would cut this rank's forward short while the other ranks' go on to gathers it
+    # never joins: ``failures`` holds a hook's error there instead (see FailureHold), the hooks stay idle from then
+    # on, the forward runs to its end and the pass raises the error after its last forward.
+    failures: FailureHold = field(default_factory=lambda: FailureHold(active=False))
 
 
 def _hook(recorder: SiteRecorder, batch: BatchContext, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    with torch.autocast(output.device.type, enabled=False):  # statistics in fp32 even inside a mixed-precision forward
+    if batch.failures.failed:  # a hook failed earlier in this pass (held under FSDP): the forward runs on, unobserved
+        return
+    with batch.failures, torch.autocast(output.device.type, enabled=False):  # statistics in fp32 in any forward
         recorder.observe(args[0], output, batch)
-    if recorder.stop_after:
+    if batch.failures.failed:
+        recorder.release()  # an out-of-memory error should not meet the rest of the forward with the state held
+    elif recorder.stop_after:
         raise StopPass
 
 

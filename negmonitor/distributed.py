@@ -219,6 +219,41 @@ class PeerOutOfMemory(PeerFailure, torch.OutOfMemoryError):
     """Out of memory on another rank: an ``OutOfMemoryError``, so a retry at a smaller batch runs on every rank."""
 
 
+class FailureHold:
+    """The first error of the work around collective forwards, held until after the last forward.
+
+    Under FSDP each forward is a collective (every unit gathers its parameters): a rank that raised part-way through
+    a loop of forwards (in a capture hook, or scoring a batch's logits) would leave the others waiting in gathers it
+    never joins. Inside ``with hold:`` an error is kept instead of raised (when ``active``); the caller skips that
+    work from then on (:attr:`failed`) but runs every forward, and :meth:`raise_held` raises the error after the
+    last one, inside the caller's :func:`agree_on_failure`. Inactive, errors pass straight through. A failure
+    inside the model's own forward is not held: FSDP's state after it is not known, as in a training step.
+    """
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.failure: Exception | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
+    def __enter__(self) -> "FailureHold":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> bool:
+        if not (self.active and isinstance(error, Exception)):
+            return False
+        self.failure = error
+        return True
+
+    def raise_held(self) -> None:
+        """Raise (and forget) the held error, if any."""
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
+
+
 def is_distributed() -> bool:
     """``torch.distributed`` is initialised with more than one process."""
     dist = torch.distributed

@@ -22,7 +22,7 @@ from negmonitor.budget import (DEFAULT_MEMORY_BUDGET, BatchLimit, LayerShape, Pl
                                log_plan_once, parse_bytes, plan_measurement, retry_on_out_of_memory)
 from negmonitor.capture import BatchContext, SiteRecorder, StopPass, check_hooks_fired, recording, unwrap_compiled
 from negmonitor.metrics.streaming import GRID_ROWS
-from negmonitor.distributed import Shard, agree_on_failure, forward_is_collective, gathers_weight
+from negmonitor.distributed import FailureHold, Shard, agree_on_failure, forward_is_collective, gathers_weight
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation._common import no_cache_inputs
 from negmonitor.probeset import ProbeSet
@@ -260,16 +260,20 @@ def _measure_once(
     pair_flat = probe_set.pair_positions.reshape(-1)
     windows = probe_set.window_indices(rank, world_size)
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    batch = BatchContext()
+    batch = BatchContext(failures=FailureHold(active=forward_is_collective(eager)))
     runner = getattr(eager, "base_model", eager)
-    with _eval_no_grad(eager), recording(sites, recorders, batch):
+    # Under FSDP each forward is a collective: every rank runs as many as rank 0 (its own, then throw-away ones
+    # without hooks) before the guard's all-reduce, and a hook's failure is held until then (BatchContext.failures).
+    extra = Shard(rank, world_size).extra_batches(probe_set.n_windows, batch_size) if forward_is_collective(eager) else 0
+    with _eval_no_grad(eager):
         if world_size > 1:
             with agree_on_failure():  # every rank learns of a failure here before the grid broadcast
-                with forward_context(), stop_at():
+                with recording(sites, recorders, batch), forward_context(), stop_at():
                     _calibrate(runner, probe_set, batch, device)
+                batch.failures.raise_held()
             _share_rank0_grids(recorders)
         with agree_on_failure(world_size > 1):  # ... and here before the reductions that follow the pass
-            with stop_at(None if feed is None else resume.cache_out):
+            with recording(sites, recorders, batch), stop_at(None if feed is None else resume.cache_out):
                 inputs = _batch_inputs(probe_set, batches, pair_flat, device)
                 for index, this in enumerate(_progress(inputs, settings.progress, "probe")):
                     batch.valid_rows, batch.all_valid = this.valid_rows, this.all_valid
@@ -280,14 +284,13 @@ def _measure_once(
                             _run_from_cache(runner, this.ids, this.mask, resume, index, sites[last].layer)
                         else:
                             _run(runner, this.ids, this.mask)
+            for _ in range(extra):
+                with forward_context():
+                    runner(**no_cache_inputs(runner, probe_set.input_ids[:1].to(device),
+                                             probe_set.attention_mask[:1].to(device)))
+            batch.failures.raise_held()
             if batches:
                 check_hooks_fired(recorders)
-    extra = Shard(rank, world_size).extra_batches(probe_set.n_windows, batch_size) if forward_is_collective(eager) else 0
-    with _eval_no_grad(eager):  # under FSDP each forward is a collective: as many as rank 0's; no hooks
-        for _ in range(extra):
-            with forward_context():
-                runner(**no_cache_inputs(runner, probe_set.input_ids[:1].to(device),
-                                         probe_set.attention_mask[:1].to(device)))
     return recorders
 
 

@@ -87,6 +87,46 @@ def test_out_of_memory_halves_the_batch_and_retries(tokenizer, monkeypatch) -> N
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
 
 
+def test_a_hook_failure_where_forwards_are_collective_is_raised_after_the_last_forward(tokenizer, monkeypatch) -> None:
+    """Where each forward is a collective (FSDP), a capture hook that fails does not cut the pass short: every
+    forward runs to its end (the layers after it too), the hooks idle from then on, and the error is raised once the
+    pass is over, with every hook removed. Elsewhere it is raised at once."""
+    import negmonitor.probing as probing_module
+    from negmonitor.capture import SiteRecorder
+
+    model = tiny_causal_lm("neox")
+    probe_set = _probe_set(tokenizer)
+    batches = -(-probe_set.n_windows // 8)
+    real_observe = SiteRecorder.observe
+    observed: list[int] = []
+
+    def failing_observe(self, x_in, y, batch):
+        observed.append(self.layer)
+        if self.layer == 0 and observed.count(0) == 2:  # the second batch's first hook
+            raise RuntimeError("injected failure in a hook")
+        return real_observe(self, x_in, y, batch)
+
+    last_layer = model.gpt_neox.layers[-1].mlp.dense_h_to_4h
+    forwards: list[int] = []
+    last_layer.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    monkeypatch.setattr(SiteRecorder, "observe", failing_observe)
+    monkeypatch.setattr(probing_module, "forward_is_collective", lambda model: True)
+    with pytest.raises(RuntimeError, match="injected failure in a hook"):
+        probing_module.measure(model, probe_set, find_sites(model, None),
+                               probing_module.ProbeSettings(batch_size=8, memory_budget=None))
+    assert len(forwards) == batches  # the failing batch and every later one ran whole
+    assert observed.count(0) == 2 and observed.count(1) == 1  # idle after the failure
+    assert all(len(m._forward_hooks) == 0 for m in model.modules() if m is not last_layer)
+
+    monkeypatch.setattr(probing_module, "forward_is_collective", lambda model: False)
+    forwards.clear()
+    observed.clear()
+    with pytest.raises(RuntimeError, match="injected failure in a hook"):
+        probing_module.measure(model, probe_set, find_sites(model, None),
+                               probing_module.ProbeSettings(batch_size=8, memory_budget=None))
+    assert observed == [0, 1, 0] and len(forwards) == 1  # raised in the second batch's first hook
+
+
 def test_unwritable_record_folder_fails_before_training(tmp_path) -> None:
     from negmonitor.callbacks import NegativeDifferentiationMonitor
 

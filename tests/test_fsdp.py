@@ -39,6 +39,8 @@ SCRIPT = textwrap.dedent('''
     from negmonitor.callbacks import NegativeDifferentiationMonitor
     from negmonitor.train.grammar import GrammarCorpus
 
+    PROBE_TOKENS = 2_112
+
     class CPUFSDPStrategy(FSDPStrategy):
         """Lightning's FSDPStrategy on CPU: FSDP is told the device (Lightning passes none for CPU, and torch then
         refuses); a subclass also passes Lightning's GPU-only check."""
@@ -48,7 +50,9 @@ SCRIPT = textwrap.dedent('''
 
     seed_everything(0)
     module = TinyLM()
-    monitor = NegativeDifferentiationMonitor(probe=[TEXT], probe_tokens=2_048, probe_window=64, n_pairs=200,
+    # 33 probe windows in batches of 4: rank 0 runs 5 forwards, rank 1 4 and a throw-away one
+    monitor = NegativeDifferentiationMonitor(probe=[TEXT], probe_tokens=PROBE_TOKENS, probe_window=64, n_pairs=200,
+                                             probe_batch_size=4,
                                              every_n_steps=2, at_end=False, log_dir=sys.argv[1],
                                              ablation=json.loads(sys.argv[3]), ppl_text=TEXT[:2_000],
                                              minimal_pairs=GrammarCorpus(0).minimal_pairs(3))
@@ -80,6 +84,30 @@ SCRIPT = textwrap.dedent('''
             return real_layer_drift(before, rows, dtype)
 
         engine._layer_drift = failing_layer_drift
+    if sys.argv[4:] == ["fail-hook"]:
+        from negmonitor.capture import SiteRecorder
+        real_observe = SiteRecorder.observe
+
+        def failing_observe(self, x_in, y, batch):
+            """Rank 0, step 2: layer 0's hook fails in the probe forward, before the FSDP units of the layers after
+            it gather their parameters (collectives the other rank is running)."""
+            if trainer.global_rank == 0 and trainer.global_step == 2 and self.layer == 0 and not batch.calibrating:
+                raise RuntimeError("injected failure in rank 0's probe hook")
+            return real_observe(self, x_in, y, batch)
+
+        SiteRecorder.observe = failing_observe
+    if sys.argv[4:] == ["fail-score"]:
+        from negmonitor.evaluation import lm_perplexity
+        real_summed_nll = lm_perplexity._summed_nll
+
+        def failing_summed_nll(logits, labels):
+            """Rank 0, step 2: scoring the ablation's first perplexity batch fails after its forward, before the
+            forwards the other rank goes on to."""
+            if trainer.global_rank == 0 and trainer.global_step == 2:
+                raise RuntimeError("injected failure scoring rank 0's perplexity batch")
+            return real_summed_nll(logits, labels)
+
+        lm_perplexity._summed_nll = failing_summed_nll
     trainer.fit(module, token_loader(module.tokenizer))
     print(f"rank {trainer.global_rank} finished", flush=True)
     # the routing patches are gone
@@ -101,7 +129,8 @@ def test_fsdp_records_equal_a_single_process_measurement(tmp_path) -> None:
 
     module = TinyLM()  # the weights the FSDP run measured at step 0
     assert neurons[neurons.step == 0].groupby("layer").size().tolist() == [module.model.config.intermediate_size] * 2
-    probe_set = ProbeSet.build([TEXT], module.tokenizer, n_tokens=2_048, window=64, n_pairs=200)
+    probe_set = ProbeSet.build([TEXT], module.tokenizer, n_tokens=2_112, window=64, n_pairs=200)  # as the script's
+    assert probe_set.n_windows == 33  # uneven over 2 ranks: one runs a throw-away forward
     single = take_measurement(module.model, probe_set, 0, MonitorSettings(), MonitorState())
     fsdp = neurons[neurons.step == 0].sort_values(["layer", "neuron"])
     expected = single.neurons.sort_values(["layer", "neuron"])
@@ -159,3 +188,26 @@ def test_a_failure_in_rank_0s_drift_under_fsdp_hangs_no_rank(tmp_path) -> None:
     assert scalars[scalars.metric == "health/measurement_failed"].step.tolist() == [2]
     assert "wd/max" in set(scalars[scalars.step == 0].metric)
     assert err.count("measurement at step 2 failed on rank 0 (RuntimeError: injected failure in rank 0's drift") == 1
+
+
+@pytest.mark.parametrize("where", ["hook", "score"])
+def test_a_failure_between_collective_forwards_under_fsdp_hangs_no_rank(tmp_path, where) -> None:
+    """Under FSDP each forward is itself a collective (each unit gathers its parameters): a capture hook (in the
+    probe forward) or the scoring of a perplexity batch (after the ablation's forward) that fails on rank 0 must not
+    cut its run of forwards short while the other rank's goes on. Rank 0 runs every forward, the hooks idle or
+    the scores skipped, then both ranks skip the step together."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    ablation = {**ABLATION, "batch_size": 1}  # several evaluation forwards per rank after the failing one
+    code, out, err = run_script(tmp_path, f"fsdp_fail_{where}.py", SCRIPT, str(logs), str(Path(__file__).parent),
+                                json.dumps(ablation), f"fail-{where}",
+                                extra_env={"PYTHONWARNINGS": "always::UserWarning"},
+                                hang=f"a rank hung after rank 0 failed ({where}) under FSDP")
+    assert code == 0, err[-3000:]
+    assert "rank 0 finished" in out and "rank 1 finished" in out, out
+    scalars = RecordStore.for_logdir(logs).read_scalars()
+    assert scalars[scalars.metric == "health/measurement_failed"].step.tolist() == [2]
+    assert "wd/max" in set(scalars[scalars.step == 0].metric)
+    injected = {"hook": "injected failure in rank 0's probe hook",
+                "score": "injected failure scoring rank 0's perplexity batch"}[where]
+    assert err.count(f"measurement at step 2 failed on rank 0 (RuntimeError: {injected}") == 1

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from negmonitor.budget import LOSS_ROWS, BatchLimit, evaluation_batch_size, retry_on_out_of_memory
-from negmonitor.distributed import Shard, agree_on_failure
+from negmonitor.distributed import FailureHold, Shard, agree_on_failure, forward_is_collective
 from negmonitor.errors import NegmonitorError
 from negmonitor.protocol import SEPARATOR, default_window
 from negmonitor.evaluation._common import (
@@ -154,12 +154,16 @@ def _score_shard(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int
     """Summed NLL and scored-token count over every window: this process's share under an active ``shard``,
     reduced over the processes (each failure reaches every process first, so all raise together)."""
     if shard is None or not shard.active:
-        return _score_spans(model, ids, spans, batch_size, device, pad_id, progress)
+        return _score_spans(model, ids, spans, batch_size, device, pad_id, progress, FailureHold(active=False))
+    # Under FSDP each forward is a collective: a failure scoring a batch is held until this rank has run as many
+    # forwards as rank 0 (its own, then throw-away ones), and raised before the guard's all-reduce.
+    held = FailureHold(active=forward_is_collective(model))
     with agree_on_failure():  # a rank that fails here tells the others before the sum below
-        total_nll, n_scored = _score_spans(model, ids, shard.take(spans), batch_size, device, pad_id, progress)
+        total_nll, n_scored = _score_spans(model, ids, shard.take(spans), batch_size, device, pad_id, progress, held)
         with eval_mode(model), torch.no_grad():
             for _ in range(shard.extra_batches(len(spans), batch_size)):
-                _score_batch(model, ids, spans[:1], device, pad_id)
+                _logits(model, *_batch_tensors(ids, spans[:1], pad_id)[:2], device)
+        held.raise_held()
         # allocated inside the guard: an out-of-memory error here reaches every process (none retries alone)
         sums = torch.tensor([total_nll, n_scored], dtype=torch.float64, device=shard.reduction_device(device))
     total_nll, n_scored = shard.sum_(sums).tolist()
@@ -207,20 +211,35 @@ def resolve_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase, window:
 
 
 def _score_spans(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]], batch_size: int,
-                 device: torch.device, pad_id: int, progress: bool) -> tuple[float, int]:
-    """Summed NLL (float64) and count of the scored tokens over all windows."""
+                 device: torch.device, pad_id: int, progress: bool, held: FailureHold) -> tuple[float, int]:
+    """Summed NLL (float64) and count of the scored tokens over all windows; a failure scoring a batch's logits
+    stays in ``held`` when it is active (the caller raises it after its last forward), else it is raised."""
     total, count = 0.0, 0
     batches = list(chunks(spans, batch_size))
     with eval_mode(model), torch.no_grad():
         for batch in progress_bar(batches, progress, total=len(batches), desc="perplexity"):
-            nll, n = _score_batch(model, ids, batch, device, pad_id)
+            nll, n = _score_batch(model, ids, batch, device, pad_id, held)
             total, count = total + nll, count + n
     return total, count
 
 
 def _score_batch(model: nn.Module, ids: torch.Tensor, batch: Sequence[tuple[int, int, int]], device: torch.device,
-                 pad_id: int) -> tuple[float, int]:
-    """One forward pass over a batch of windows, right-padded; returns summed NLL of scored tokens and their count."""
+                 pad_id: int, held: FailureHold | None = None) -> tuple[float, int]:
+    """One forward pass over a batch of windows, right-padded; returns summed NLL of scored tokens and their count.
+    With ``held``, a failure scoring the logits is held there, and once it holds one the forward runs unscored."""
+    input_ids, attention, labels = _batch_tensors(ids, batch, pad_id)
+    logits = _logits(model, input_ids, attention, device)
+    if held is None:
+        return _summed_nll(logits, labels)
+    if not held.failed:
+        with held:
+            return _summed_nll(logits, labels)
+    return 0.0, 0
+
+
+def _batch_tensors(ids: torch.Tensor, batch: Sequence[tuple[int, int, int]],
+                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of windows right-padded: ids, attention mask and labels (-100 where not scored), ``[B, L]`` each."""
     length = max(end - begin for begin, end, _ in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), length), dtype=torch.long)
@@ -229,7 +248,15 @@ def _score_batch(model: nn.Module, ids: torch.Tensor, batch: Sequence[tuple[int,
         input_ids[row, : end - begin] = ids[begin:end]
         attention[row, : end - begin] = 1
         labels[row, first - begin: end - begin] = ids[first:end]
-    logits = model(**no_cache_inputs(model, input_ids.to(device), attention.to(device))).logits
+    return input_ids, attention, labels
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return model(**no_cache_inputs(model, input_ids.to(device), attention.to(device))).logits
+
+
+def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of a batch's scored tokens (labels not -100) and their count."""
     targets = labels[:, 1:]  # position i predicts token i + 1
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for row in range(logits.shape[0]):  # the loss over LOSS_ROWS positions at a time: its float32 copy and

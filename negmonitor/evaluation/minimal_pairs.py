@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from negmonitor.distributed import FailureHold, forward_is_collective
 from negmonitor.errors import NegmonitorError
 from negmonitor.protocol import PREFIXES, SCORES, check_choice
 from negmonitor.evaluation._common import (
@@ -120,21 +122,29 @@ def causal_token_logprobs(model: nn.Module, sequences: Sequence[Sequence[int]], 
     """
     order = sorted((i for i, seq in enumerate(sequences) if len(seq) >= 2), key=lambda i: -len(sequences[i]))
     batches = list(chunks(order, batch_size))
+    held = FailureHold(active=forward_is_collective(model))  # under FSDP: raised after the last forward
     with eval_mode(model):
         for batch in progress_bar(batches, progress, total=len(batches), desc="scoring"):
             input_ids, attention = _right_pad([sequences[i] for i in batch], pad_id)
-            picked = _next_token_logprobs(model, input_ids, attention, device)
-            yield torch.tensor(batch), picked, attention[:, 1:].bool()
+            picked = _next_token_logprobs(model, input_ids, attention, device, held)
+            if picked is not None:
+                yield torch.tensor(batch), picked, attention[:, 1:].bool()
+    held.raise_held()
 
 
 @torch.no_grad()
 def _next_token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
-                         device: torch.device) -> torch.Tensor:
-    """``[B, L-1]`` log-probabilities (float32, CPU) of each next token of a padded batch."""
+                         device: torch.device, held: FailureHold | None = None) -> torch.Tensor | None:
+    """``[B, L-1]`` log-probabilities (float32, CPU) of each next token of a padded batch. With ``held``, a failure
+    after the forward is held there (``None`` returned), and once it holds one the forward runs unscored."""
     logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = input_ids[:, 1:].to(logp.device)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+    if held is not None and held.failed:
+        return None
+    with held if held is not None else contextlib.nullcontext():
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = input_ids[:, 1:].to(logp.device)
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+    return None  # held
 
 
 def _right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +173,7 @@ def _pseudo_log_likelihoods(model: nn.Module, tokenizer: PreTrainedTokenizerBase
     scores = torch.zeros(len(sentences), dtype=torch.float64)
     pad_id = pad_token_id(tokenizer)
     batches = list(chunks(jobs, batch_size))
+    held = FailureHold(active=forward_is_collective(model))  # under FSDP: raised after the last forward
     with eval_mode(model), torch.no_grad():
         for batch in progress_bar(batches, progress, total=len(batches), desc="scoring (PLL)"):
             input_ids, attention = _right_pad([sequences[i] for i, _ in batch], pad_id)
@@ -170,9 +181,13 @@ def _pseudo_log_likelihoods(model: nn.Module, tokenizer: PreTrainedTokenizerBase
             targets = input_ids[rows, positions].clone()
             input_ids[rows, positions] = mask_id
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            logp = torch.log_softmax(logits[rows, positions].float(), dim=-1)
-            picked = logp.gather(-1, targets.to(logp.device).unsqueeze(-1)).squeeze(-1).double().cpu()
-            scores.index_add_(0, torch.tensor([i for i, _ in batch]), picked)
+            if held.failed:
+                continue
+            with held:
+                logp = torch.log_softmax(logits[rows, positions].float(), dim=-1)
+                picked = logp.gather(-1, targets.to(logp.device).unsqueeze(-1)).squeeze(-1).double().cpu()
+                scores.index_add_(0, torch.tensor([i for i, _ in batch]), picked)
+    held.raise_held()
     return scores
 
 

@@ -25,8 +25,11 @@ def sharded_sentence_scores(model: nn.Module, tokenizer, sentences: Sequence[str
     """:func:`~negmonitor.evaluation.minimal_pairs.score_sentences`, this process scoring its share; every process
     gets all scores (float64, CPU, input order)."""
     sentences = list(sentences)
-    if not shard.active or is_masked_lm(model) or not sentences:
+    if not shard.active or not sentences:
         return score_sentences(model, tokenizer, sentences, batch_size=batch_size, score=score, prefix=prefix)
+    if is_masked_lm(model):  # every process scores every sentence; a failure on one still reaches all
+        with agree_on_failure():
+            return score_sentences(model, tokenizer, sentences, batch_size=batch_size, score=score, prefix=prefix)
     mine = shard.take(range(len(sentences)))
     padding = len(range(0, len(sentences), shard.world_size)) - len(mine)  # as many sentences as rank 0
     with agree_on_failure():  # a rank that fails here (allocating the sum's tensor too) tells the others first
