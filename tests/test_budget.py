@@ -390,6 +390,8 @@ def test_the_monitors_budget_bounds_the_ablations_perplexity_and_a_too_small_one
     assert NegativeDifferentiationMonitor(memory_budget=None, **kwargs).ablation.memory_budget is None
     own = dict(kwargs, ablation={**kwargs["ablation"], "memory_budget": "1GiB"})  # the ablation's own budget is kept
     assert NegativeDifferentiationMonitor(memory_budget="3GiB", **own).ablation.memory_budget == 1 << 30
+    own = dict(kwargs, ablation={**kwargs["ablation"], "memory_budget": "2GiB"})  # the default, named: kept too
+    assert NegativeDifferentiationMonitor(memory_budget="3GiB", **own).ablation.memory_budget == 2 << 30
     monitor = NegativeDifferentiationMonitor(memory_budget="64KiB", **kwargs)
     with pytest.raises(NegmonitorError) as info:
         trainer(tmp_path / "small", max_steps=4, callbacks=[monitor]).fit(module, token_loader(module.tokenizer))

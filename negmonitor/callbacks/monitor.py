@@ -94,7 +94,8 @@ class NegativeDifferentiationMonitor(Callback):
         memory_budget: extra memory one measurement may allocate on the model's device: bytes or a size such as
             ``"2GiB"`` (default 2 GiB; ``None``: no limit). Layers are measured in groups that fit, one partial pass
             over the probe set per group; the grouping is logged once. It bounds the ablation's perplexity forwards
-            too, unless ``ablation`` sets a ``memory_budget`` of its own (other than the default).
+            too, unless ``ablation`` sets a ``memory_budget`` of its own (a dict naming one, even the default; an
+            ``AblationSettings`` with another value than the default).
         probe_precision: ``"trainer"`` (default) runs the probe forward inside the trainer's precision context, as
             training runs (autocast under ``"bf16-mixed"``); ``"fp32"`` forces full precision, which weights held
             in bf16 or fp16 (``"bf16-true"``) cannot give: the forward then runs in the weights' dtype, with one
@@ -177,9 +178,11 @@ class NegativeDifferentiationMonitor(Callback):
             from negmonitor.monitoring.ablation_rows import as_settings
 
             # One budget for the whole measurement: it also bounds the ablation's perplexity batches, unless the
-            # ablation settings give their own (any value but the default).
+            # ablation settings give their own (a dict naming one, even the default; settings with another value).
             self.ablation = as_settings(ablation)
-            if self.ablation.memory_budget == DEFAULT_MEMORY_BUDGET:
+            own_budget = ("memory_budget" in ablation if isinstance(ablation, dict)
+                          else self.ablation.memory_budget != DEFAULT_MEMORY_BUDGET)
+            if not own_budget:
                 self.ablation = replace(self.ablation, memory_budget=memory_budget)
         self.ablation_every = ablation_every_n_steps or every_n_steps
         self.minimal_pairs = minimal_pairs
