@@ -189,6 +189,18 @@ def gathers_weight(module: nn.Module) -> bool:
     return module in _OWNERS
 
 
+def join_weight_read(module: nn.Module) -> None:
+    """Take part in another rank's :func:`full_weight` of ``module`` without copying it: enter and leave the
+    gather (a collective when an FSDP unit holds the weight; nothing otherwise)."""
+    owner = _OWNERS.get(module)
+    if owner is None:
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(owner, recurse=False, writeback=False):
+        pass
+
+
 def full_weight(module: nn.Module) -> torch.Tensor:
     """A copy of ``module.weight`` in its full shape: gathered from the shards when an FSDP unit holds it (inside
     :func:`fsdp_routing`; a collective), else the weight itself (detached)."""

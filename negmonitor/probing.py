@@ -205,7 +205,7 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
             with agree_on_failure(guarded):  # local maths; no rank enters the next reduction if another failed
                 summaries.append(summarise_recorder(recorder, settings.top_neuron_frac, settings.top_pairs,
                                                     settings.sample_neurons, settings.pairs_per_neuron_table))
-            recorder.release()
+                recorder.release()  # inside the guard: it allocates torchmetrics' small defaults
     return summaries
 
 

@@ -18,6 +18,7 @@ from negmonitor.evaluation.minimal_pairs import (
     accuracy_levels,
     accuracy_table,
     evaluate_pairs,
+    scorable_sentences,
     score_sentences,
     standard_error,
 )
@@ -124,6 +125,21 @@ def test_too_long_sentence_is_refused(tokenizer):
     model = tiny_causal_lm("neox", max_positions=8)
     with pytest.raises(NegmonitorError, match="longer than the model's 8 positions"):
         score_sentences(model, tokenizer, ["the author that the guard likes laughs and swims"])
+
+
+def test_scorable_sentences_are_those_score_sentences_scores(tokenizer):
+    """What the DDP/FSDP split shares out: the sentences with two tokens or more (the others score 0), with the
+    same refusal of a too-long sentence as score_sentences, before any forward."""
+    model = tiny_causal_lm("neox")
+    texts = ["the cat", "", "a", "the author laughs"]
+    scores = score_sentences(model, tokenizer, texts, prefix="none")
+    kept = scorable_sentences(model, tokenizer, texts, prefix="none")
+    assert 1 not in kept and 0 in kept and 3 in kept
+    assert all(scores[i] == 0 for i in range(len(texts)) if i not in kept) and all(scores[i] < 0 for i in kept)
+    assert scorable_sentences(model, tokenizer, texts) == [0, 2, 3]  # a BOS before each: only "" is left out
+    short = tiny_causal_lm("neox", max_positions=8)
+    with pytest.raises(NegmonitorError, match="longer than the model's 8 positions"):
+        scorable_sentences(short, tokenizer, ["the cat", "the author that the guard likes laughs and swims"])
 
 
 def test_training_flag_restored_and_no_grad(tokenizer):

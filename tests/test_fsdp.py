@@ -22,8 +22,18 @@ from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore
 from negmonitor.train.grammar import GrammarCorpus
 
-ABLATION = {"fraction": 0.05, "max_matching_evals": 3, "batch_size": 4, "ppl_window": 64}
+# One sentence per forward: a rank that ran one forward fewer than the other would hang them both.
+ABLATION = {"fraction": 0.05, "max_matching_evals": 3, "batch_size": 1, "ppl_window": 64}
 PPL_TEXT = TEXT[:2_000]
+
+
+def minimal_pairs():
+    """Three grammar pairs and one whose good sentence is empty: nothing to score there (it scores 0), and the
+    sentence falls to rank 1's share, which must still run as many forwards as rank 0's."""
+    import pandas as pd
+
+    pairs = GrammarCorpus(0).minimal_pairs(3)
+    return pd.concat([pairs, pairs.iloc[:1].assign(pair_id=99, sentence_good="")], ignore_index=True)
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -36,6 +46,7 @@ SCRIPT = textwrap.dedent('''
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
     from lightning_helpers import TEXT, TinyLM, token_loader
+    from test_fsdp import minimal_pairs
     from negmonitor.callbacks import NegativeDifferentiationMonitor
     from negmonitor.train.grammar import GrammarCorpus
 
@@ -55,7 +66,7 @@ SCRIPT = textwrap.dedent('''
                                              probe_batch_size=4,
                                              every_n_steps=2, at_end=False, log_dir=sys.argv[1],
                                              ablation=json.loads(sys.argv[3]), ppl_text=TEXT[:2_000],
-                                             minimal_pairs=GrammarCorpus(0).minimal_pairs(3))
+                                             minimal_pairs=minimal_pairs())
     strategy = CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({GPTNeoXLayer}), process_group_backend="gloo")
     class Rows(L.Callback):
         """Whole MLP rows at step 2 (after the monitor measured them), saved by rank 0."""
@@ -108,6 +119,17 @@ SCRIPT = textwrap.dedent('''
             return real_summed_nll(logits, labels)
 
         lm_perplexity._summed_nll = failing_summed_nll
+    if sys.argv[4:] == ["fail-join"]:
+        from negmonitor.monitoring import engine
+        real_join = engine.join_weight_read
+
+        def failing_join(module):
+            """Rank 1, step 2: joining rank 0's first weight read for drift fails after the gather."""
+            real_join(module)
+            if trainer.global_rank == 1 and trainer.global_step == 2:
+                raise RuntimeError("injected failure joining a weight read on rank 1")
+
+        engine.join_weight_read = failing_join
     trainer.fit(module, token_loader(module.tokenizer))
     print(f"rank {trainer.global_rank} finished", flush=True)
     # the routing patches are gone
@@ -138,8 +160,8 @@ def test_fsdp_records_equal_a_single_process_measurement(tmp_path) -> None:
         np.testing.assert_allclose(fsdp[column].to_numpy(), expected[column].to_numpy(), atol=1e-4, err_msg=column)
 
     ablation = scalars[(scalars.step == 0) & scalars.metric.str.startswith("ablation/")].set_index("metric").value
-    rows = ablation_scalar_rows(module.model, module.tokenizer, single.result, ABLATION,
-                                GrammarCorpus(0).minimal_pairs(3), PPL_TEXT).set_index("metric").value
+    rows = ablation_scalar_rows(module.model, module.tokenizer, single.result, ABLATION, minimal_pairs(),
+                                PPL_TEXT).set_index("metric").value
     assert sorted(ablation.index) == sorted(rows.index)
     np.testing.assert_allclose(ablation[rows.index].to_numpy(), rows.to_numpy(), rtol=1e-5, atol=1e-7)
 
@@ -190,17 +212,17 @@ def test_a_failure_in_rank_0s_drift_under_fsdp_hangs_no_rank(tmp_path) -> None:
     assert err.count("measurement at step 2 failed on rank 0 (RuntimeError: injected failure in rank 0's drift") == 1
 
 
-@pytest.mark.parametrize("where", ["hook", "score"])
+@pytest.mark.parametrize("where", ["hook", "score", "join"])
 def test_a_failure_between_collective_forwards_under_fsdp_hangs_no_rank(tmp_path, where) -> None:
     """Under FSDP each forward is itself a collective (each unit gathers its parameters): a capture hook (in the
     probe forward) or the scoring of a perplexity batch (after the ablation's forward) that fails on rank 0 must not
-    cut its run of forwards short while the other rank's goes on. Rank 0 runs every forward, the hooks idle or
-    the scores skipped, then both ranks skip the step together."""
+    cut its run of forwards short while the other rank's goes on: rank 0 runs every forward, the hooks idle or
+    the scores skipped. Drift's weight reads are collectives too: rank 1, joining them, fails after the first and
+    still joins the rest. Either way both ranks skip the step together."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    ablation = {**ABLATION, "batch_size": 1}  # several evaluation forwards per rank after the failing one
     code, out, err = run_script(tmp_path, f"fsdp_fail_{where}.py", SCRIPT, str(logs), str(Path(__file__).parent),
-                                json.dumps(ablation), f"fail-{where}",
+                                json.dumps(ABLATION), f"fail-{where}",
                                 extra_env={"PYTHONWARNINGS": "always::UserWarning"},
                                 hang=f"a rank hung after rank 0 failed ({where}) under FSDP")
     assert code == 0, err[-3000:]
@@ -208,6 +230,7 @@ def test_a_failure_between_collective_forwards_under_fsdp_hangs_no_rank(tmp_path
     scalars = RecordStore.for_logdir(logs).read_scalars()
     assert scalars[scalars.metric == "health/measurement_failed"].step.tolist() == [2]
     assert "wd/max" in set(scalars[scalars.step == 0].metric)
-    injected = {"hook": "injected failure in rank 0's probe hook",
-                "score": "injected failure scoring rank 0's perplexity batch"}[where]
-    assert err.count(f"measurement at step 2 failed on rank 0 (RuntimeError: {injected}") == 1
+    rank, injected = {"hook": (0, "injected failure in rank 0's probe hook"),
+                      "score": (0, "injected failure scoring rank 0's perplexity batch"),
+                      "join": (1, "injected failure joining a weight read on rank 1")}[where]
+    assert err.count(f"measurement at step 2 failed on rank {rank} (RuntimeError: {injected}") == 1

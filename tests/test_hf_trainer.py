@@ -185,6 +185,47 @@ def test_hf_trainer_ddp_measures_on_every_rank_and_rank_zero_writes(tmp_path) ->
     np.testing.assert_allclose(ddp.wd.to_numpy(), single.sort_values(["layer", "neuron"]).wd.to_numpy(), atol=1e-4)
 
 
+DDP_RESUME_SCRIPT = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    from transformers import Trainer
+    from test_hf_trainer import PROBE, TEXT, _Blocks, _args
+    from tiny_models import tiny_causal_lm, tiny_tokenizer
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    torch.set_num_threads(1)
+    tokenizer = tiny_tokenizer()
+    callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=2, **PROBE)
+    resume = sys.argv[3] == "resume"
+    args = _args(sys.argv[1], 4 if resume else 2, save_strategy="steps", save_steps=2, lr_scheduler_type="constant")
+    trainer = Trainer(model=tiny_causal_lm("llama").train(), args=args, train_dataset=_Blocks(tokenizer),
+                      processing_class=tokenizer, callbacks=[callback])
+    if resume and trainer.args.process_index == 1:  # another node's disk: the checkpoint without the monitor's state
+        callback._state_path = lambda args, step: Path(sys.argv[1]) / "not-on-this-node.pt"
+    trainer.train(resume_from_checkpoint=f"{sys.argv[1]}/checkpoint-2" if resume else None)
+    with open(f"{sys.argv[1]}/measured-{sys.argv[3]}-{trainer.args.process_index}.txt", "w") as f:
+        f.write(str(callback.measured_steps))
+''')
+
+
+def test_hf_ddp_resume_gives_every_rank_rank_zeros_state(tmp_path) -> None:
+    """Only rank 0 saves the monitor's state beside a checkpoint; a rank whose disk lacks it (another node, with
+    ``save_on_each_node``) resumes with rank 0's, so both agree that step 2 was measured (a rank that measured it
+    again alone would wait in collectives the other never joins)."""
+    out = tmp_path / "out"
+    for mode in ("first", "resume"):
+        code, stdout, stderr = run_script(
+            tmp_path, f"hf_ddp_{mode}.py", DDP_RESUME_SCRIPT, str(out), str(Path(__file__).parent), mode,
+            launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+            extra_env={"OMP_NUM_THREADS": "1"}, timeout=300, hang=f"2-process HF Trainer run hung ({mode})")
+        assert code == 0, stderr[-3000:]
+    measured = [(out / f"measured-resume-{rank}.txt").read_text() for rank in (0, 1)]
+    assert measured == ["[0, 2, 4]", "[0, 2, 4]"], measured
+    assert sorted(RecordStore(out / "negmonitor").read_scalars().step.unique()) == [0, 2, 4]
+
+
 def _probe_dtypes(model) -> list:
     """Watch the first MLP projection: the dtype of each output computed without grad (the probe's forwards)."""
     seen: list = []

@@ -78,8 +78,7 @@ def score_sentences(model: nn.Module, tokenizer: PreTrainedTokenizerBase, senten
     device = model_device(model, device)
     if is_masked_lm(model):
         return _pseudo_log_likelihoods(model, tokenizer, sentences, batch_size, device, progress)
-    sequences = encode_with_prefix(tokenizer, sentences) if prefix == "bos" else [
-        list(ids) for ids in tokenizer(sentences, add_special_tokens=True, verbose=False)["input_ids"]]
+    sequences = _encode(tokenizer, sentences, prefix)
     _check_lengths(model, tokenizer, sequences)
     scores = torch.zeros(len(sentences), dtype=torch.float64)
     for index, logp, valid in causal_token_logprobs(model, sequences, batch_size, device, pad_token_id(tokenizer),
@@ -87,6 +86,24 @@ def score_sentences(model: nn.Module, tokenizer: PreTrainedTokenizerBase, senten
         total = (logp.double() * valid).sum(dim=1)
         scores[index] = total if score == "sum" else total / valid.sum(dim=1).clamp(min=1)
     return scores
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, sentences: Sequence[str], prefix: str) -> list[list[int]]:
+    """Token ids of each sentence as a causal LM scores it (see :func:`score_sentences`'s ``prefix``)."""
+    if prefix == "bos":
+        return encode_with_prefix(tokenizer, sentences)
+    return [list(ids) for ids in tokenizer(list(sentences), add_special_tokens=True, verbose=False)["input_ids"]]
+
+
+def scorable_sentences(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sentences: Sequence[str],
+                       prefix: str = "bos") -> list[int]:
+    """Indices of the sentences a causal LM scores with :func:`score_sentences` (2 tokens or more once encoded;
+    the others score 0), after refusing, as it does, any longer than the model's positions. Sharding only these
+    gives every process as many forwards as the others (FSDP needs it) and the same refusals before any forward."""
+    check_choice(prefix, PREFIXES, "prefix")
+    sequences = _encode(tokenizer, sentences, prefix)
+    _check_lengths(model, tokenizer, sequences)
+    return [i for i, seq in enumerate(sequences) if len(seq) >= 2]
 
 
 def encode_with_prefix(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from negmonitor.distributed import Shard, agree_on_failure
 from negmonitor.evaluation._common import is_masked_lm, model_device
-from negmonitor.evaluation.minimal_pairs import evaluate_pairs, score_sentences
+from negmonitor.evaluation.minimal_pairs import evaluate_pairs, scorable_sentences, score_sentences
 
 
 def sharded_sentence_scores(model: nn.Module, tokenizer, sentences: Sequence[str], shard: Shard,
@@ -30,10 +30,14 @@ def sharded_sentence_scores(model: nn.Module, tokenizer, sentences: Sequence[str
     if is_masked_lm(model):  # every process scores every sentence; a failure on one still reaches all
         with agree_on_failure():
             return score_sentences(model, tokenizer, sentences, batch_size=batch_size, score=score, prefix=prefix)
-    mine = shard.take(range(len(sentences)))
-    padding = len(range(0, len(sentences), shard.world_size)) - len(mine)  # as many sentences as rank 0
+    # The sentences with something to score, on every rank alike (a sentence too long is refused here, by every
+    # rank, before any forward); each rank takes its share of those and pads to rank 0's count with a scored one,
+    # so all run as many forwards (under FSDP each is a collective).
+    scorable = scorable_sentences(model, tokenizer, sentences, prefix)
+    mine = shard.take(scorable)
+    padding = len(range(0, len(scorable), shard.world_size)) - len(mine)  # as many sentences as rank 0
     with agree_on_failure():  # a rank that fails here (allocating the sum's tensor too) tells the others first
-        scores = score_sentences(model, tokenizer, [sentences[i] for i in mine] + sentences[:1] * padding,
+        scores = score_sentences(model, tokenizer, [sentences[i] for i in mine] + [sentences[scorable[0]]] * padding,
                                  batch_size=batch_size, score=score, prefix=prefix)
         device = shard.reduction_device(model_device(model, None))
         full = torch.zeros(len(sentences), dtype=torch.float64, device=device)

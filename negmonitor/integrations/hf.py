@@ -151,12 +151,28 @@ class NegativeDifferentiationCallback(TrainerCallback):
                                        "(no further warning)")
 
     def _load_state(self, args: Any, state: Any) -> None:
-        """On a resume (``global_step > 0``), read the state saved beside ``output_dir/checkpoint-<step>``."""
-        path = self._state_path(args, state.global_step)
-        if state.global_step > 0 and path.is_file():
-            import torch
+        """On a resume (``global_step > 0``), read the state saved beside ``output_dir/checkpoint-<step>``.
 
-            self.monitor.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        Rank 0 wrote it and rank 0 reads it; under DDP every rank gets rank 0's copy: another node's disk may lack
+        the file (``save_on_each_node``), and ranks that disagreed about the steps already measured would measure
+        at different steps and wait on each other's collectives."""
+        if state.global_step <= 0:
+            return
+        import torch
+
+        from negmonitor.distributed import agree_on_failure, is_distributed
+
+        path = self._state_path(args, state.global_step)
+        saved = None
+        with agree_on_failure(is_distributed()):  # an unreadable file ends every rank's run, not one
+            if self._ranks.is_global_zero and path.is_file():
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+        if is_distributed():
+            box = [saved]
+            torch.distributed.broadcast_object_list(box, src=0)
+            saved = box[0]
+        if saved is not None:
+            self.monitor.load_state_dict(saved)
 
     def _state_path(self, args: Any, step: int) -> Path:
         return Path(args.output_dir) / f"checkpoint-{int(step)}" / f"negmonitor-{self.monitor.record_key}.pt"

@@ -21,7 +21,7 @@ from torch import nn
 from negmonitor.adapters import MLPSite, find_sites
 from negmonitor.budget import BatchLimit
 from negmonitor.capture import unwrap_compiled
-from negmonitor.distributed import agree_on_failure, gathers_weight
+from negmonitor.distributed import agree_on_failure, gathers_weight, join_weight_read
 from negmonitor.metrics.drift import weight_drift
 from negmonitor.metrics.ranking import jaccard, top_k_indices
 from negmonitor.probing import ProbeSettings, measure
@@ -146,10 +146,9 @@ def take_measurement(
     del summaries
     gathered = settings.weight_drift and any(gathers_weight(site.projection) for site in sites)
     if rank != 0:
-        if gathered:
-            _join_weight_reads(sites)
-        with agree_on_failure(world_size > 1):  # learn whether rank 0's part below failed
-            pass
+        with agree_on_failure(world_size > 1):  # learn whether rank 0's part below failed (and tell it of ours)
+            if gathered:
+                _join_weight_reads(sites)
         return Measurement(step, result, pd.DataFrame(), pd.DataFrame())
     # Rank 0 alone follows the cohort, measures drift and builds the tables; a failure here reaches every rank
     # before what follows the measurement (an ablation's collectives), so all skip it together. Under FSDP the
@@ -202,9 +201,16 @@ def _maybe_fix_cohort(result: ProbeResult, step: int, settings: MonitorSettings,
 
 def _join_weight_reads(sites: Sequence[MLPSite]) -> None:
     """Under FSDP the drift's weight reads are collectives: a rank that does not measure drift joins each of them, in
-    the same order as rank 0's :func:`_drift`."""
+    the same order as rank 0's :func:`_drift`, without copying the weights; it joins every one even after a failure
+    (raised after the last), as the other ranks go on to the next."""
+    failure: Exception | None = None
     for site in sites:
-        site.weight_rows()
+        try:
+            join_weight_read(site.projection)
+        except Exception as exc:  # noqa: BLE001 - raised after the loop
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int,
@@ -224,11 +230,16 @@ def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int,
     failure: Exception | None = None
     for site in sites:
         # The live weight (a gathered copy under FSDP: every site is read, in order, even after a failure, as the
-        # other ranks join each read).
-        rows = site.weight_rows().detach()
+        # other ranks join each read; after one, without the copy).
         if failure is not None:
+            try:
+                join_weight_read(site.projection)
+            except Exception:  # noqa: BLE001 - the first failure is the one raised
+                pass
             continue
+        rows = None
         try:
+            rows = site.weight_rows().detach()
             before = previous.pop(site.layer, None)
             if before is not None and before.shape == rows.shape:
                 drift[site.layer] = _layer_drift(before, rows, dtype)
