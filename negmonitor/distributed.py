@@ -287,13 +287,14 @@ def agree_on_failure(enabled: bool = True) -> Iterator[None]:
     if not (enabled and is_distributed()):
         yield
         return
+    dist = torch.distributed
+    # allocated before the block, so a block that ran the device out of memory still has its flags
+    codes = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=_flag_device())
     error: BaseException | None = None
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks before the next collective
         error = exc
-    dist = torch.distributed
-    codes = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=_flag_device())
     codes[dist.get_rank()] = _code(error)
     dist.all_reduce(codes)
     worst = int(codes.max())

@@ -253,28 +253,32 @@ def _measure_once(
         return contextlib.nullcontext() if feed is None else stop_before(feed, store)
 
     may_stop = feed is None and not any(gathers_weight(site.projection) for site in sites)
-    with agree_on_failure(world_size > 1):  # the state is the measurement's largest allocation
-        recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update,
-                                  stop_after=may_stop and i == last, **kwargs).to(device)
-                     for i, site in enumerate(sites)]
     pair_flat = probe_set.pair_positions.reshape(-1)
     windows = probe_set.window_indices(rank, world_size)
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    batch = BatchContext(failures=FailureHold(active=forward_is_collective(eager)))
-    runner = getattr(eager, "base_model", eager)
     # Under FSDP each forward is a collective: every rank runs as many as rank 0 (its own, then throw-away ones
     # without hooks) before the guard's all-reduce, and a hook's failure is held until then (BatchContext.failures).
     extra = Shard(rank, world_size).extra_batches(probe_set.n_windows, batch_size) if forward_is_collective(eager) else 0
+    # The state is the measurement's largest allocation; the inputs are copied to the device here too, before any
+    # forward, so a rank that cannot hold them fails where every rank learns of it, not between collective forwards.
+    with agree_on_failure(world_size > 1):
+        recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update,
+                                  stop_after=may_stop and i == last, **kwargs).to(device)
+                     for i, site in enumerate(sites)]
+        calibration = _calibration_inputs(probe_set, device) if world_size > 1 else None
+        inputs = _batch_inputs(probe_set, batches, pair_flat, device)
+        spare = (probe_set.input_ids[:1].to(device), probe_set.attention_mask[:1].to(device)) if extra else None
+    batch = BatchContext(failures=FailureHold(active=forward_is_collective(eager)))
+    runner = getattr(eager, "base_model", eager)
     with _eval_no_grad(eager):
-        if world_size > 1:
+        if calibration is not None:
             with agree_on_failure():  # every rank learns of a failure here before the grid broadcast
                 with recording(sites, recorders, batch), forward_context(), stop_at():
-                    _calibrate(runner, probe_set, batch, device)
+                    _calibrate(runner, calibration, batch)
                 batch.failures.raise_held()
             _share_rank0_grids(recorders)
         with agree_on_failure(world_size > 1):  # ... and here before the reductions that follow the pass
             with recording(sites, recorders, batch), stop_at(None if feed is None else resume.cache_out):
-                inputs = _batch_inputs(probe_set, batches, pair_flat, device)
                 for index, this in enumerate(_progress(inputs, settings.progress, "probe")):
                     batch.valid_rows, batch.all_valid = this.valid_rows, this.all_valid
                     batch.pair_slots, batch.pair_rows = this.pair_slots, this.pair_rows
@@ -286,8 +290,7 @@ def _measure_once(
                             _run(runner, this.ids, this.mask)
             for _ in range(extra):
                 with forward_context():
-                    runner(**no_cache_inputs(runner, probe_set.input_ids[:1].to(device),
-                                             probe_set.attention_mask[:1].to(device)))
+                    runner(**no_cache_inputs(runner, *spare))
             batch.failures.raise_held()
             if batches:
                 check_hooks_fired(recorders)
@@ -324,15 +327,19 @@ def _run_from_cache(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor, re
         resume.cache_out.append(hidden)
 
 
-def _calibrate(runner: nn.Module, probe_set: ProbeSet, batch: BatchContext, device: torch.device) -> None:
-    """Fix every histogram grid from the probe's first window with a real token (:func:`_grid_window`), as a
-    single process does in the batch that holds it.
+def _calibration_inputs(probe_set: ProbeSet, device: torch.device) -> _BatchInputs:
+    """The probe's first window with a real token (:func:`_grid_window`) as a batch of its own, without pairs."""
+    no_pairs = probe_set.pair_positions.reshape(-1)[:0]
+    return _batch_inputs(probe_set, [[_grid_window(probe_set)]], no_pairs, device)[0]
+
+
+def _calibrate(runner: nn.Module, this: _BatchInputs, batch: BatchContext) -> None:
+    """Fix every histogram grid from :func:`_calibration_inputs`, as a single process does in the batch that holds
+    that window.
 
     Under DDP each rank would otherwise take its grid from its own first batch; with a shared calibration window the
     reduced statistics equal the single-process ones.
     """
-    no_pairs = probe_set.pair_positions.reshape(-1)[:0]
-    this = _batch_inputs(probe_set, [[_grid_window(probe_set)]], no_pairs, device)[0]
     batch.valid_rows, batch.grid_rows = this.valid_rows, this.grid_rows
     batch.pair_rows, batch.pair_slots = this.pair_rows, this.pair_slots
     batch.calibrating = True

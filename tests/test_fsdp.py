@@ -130,6 +130,17 @@ SCRIPT = textwrap.dedent('''
                 raise RuntimeError("injected failure joining a weight read on rank 1")
 
         engine.join_weight_read = failing_join
+    if sys.argv[4:] == ["fail-inputs"]:
+        from negmonitor import probing
+        real_batch_inputs = probing._batch_inputs
+
+        def failing_batch_inputs(*args):
+            """Rank 0, step 2: copying the probe's inputs to the device fails (an out-of-memory, say)."""
+            if trainer.global_rank == 0 and trainer.global_step == 2:
+                raise RuntimeError("injected failure copying rank 0's probe inputs")
+            return real_batch_inputs(*args)
+
+        probing._batch_inputs = failing_batch_inputs
     trainer.fit(module, token_loader(module.tokenizer))
     print(f"rank {trainer.global_rank} finished", flush=True)
     # the routing patches are gone
@@ -212,9 +223,10 @@ def test_a_failure_in_rank_0s_drift_under_fsdp_hangs_no_rank(tmp_path) -> None:
     assert err.count("measurement at step 2 failed on rank 0 (RuntimeError: injected failure in rank 0's drift") == 1
 
 
-@pytest.mark.parametrize("where", ["hook", "score", "join"])
+@pytest.mark.parametrize("where", ["inputs", "hook", "score", "join"])
 def test_a_failure_between_collective_forwards_under_fsdp_hangs_no_rank(tmp_path, where) -> None:
-    """Under FSDP each forward is itself a collective (each unit gathers its parameters): a capture hook (in the
+    """Under FSDP each forward is itself a collective (each unit gathers its parameters): copying the probe's
+    inputs to the device (before any forward, where every rank learns of a failure), a capture hook (in the
     probe forward) or the scoring of a perplexity batch (after the ablation's forward) that fails on rank 0 must not
     cut its run of forwards short while the other rank's goes on: rank 0 runs every forward, the hooks idle or
     the scores skipped. Drift's weight reads are collectives too: rank 1, joining them, fails after the first and
@@ -230,7 +242,8 @@ def test_a_failure_between_collective_forwards_under_fsdp_hangs_no_rank(tmp_path
     scalars = RecordStore.for_logdir(logs).read_scalars()
     assert scalars[scalars.metric == "health/measurement_failed"].step.tolist() == [2]
     assert "wd/max" in set(scalars[scalars.step == 0].metric)
-    rank, injected = {"hook": (0, "injected failure in rank 0's probe hook"),
+    rank, injected = {"inputs": (0, "injected failure copying rank 0's probe inputs"),
+                      "hook": (0, "injected failure in rank 0's probe hook"),
                       "score": (0, "injected failure scoring rank 0's perplexity batch"),
                       "join": (1, "injected failure joining a weight read on rank 1")}[where]
     assert err.count(f"measurement at step 2 failed on rank {rank} (RuntimeError: {injected}") == 1
