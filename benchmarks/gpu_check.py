@@ -13,8 +13,10 @@
    growth of ``torch.cuda.max_memory_allocated`` during it (above what was allocated when it started) and the
    overhead ratio of the monitored run's wall time against the plain run's.
 
-It runs from the working tree with no network and no pip (``PYTHONPATH=. python benchmarks/gpu_check.py``) and
-checks at the end that neither ``datasets``, ``lm_eval`` nor ``spacy`` was imported. About 5 minutes on an H200.
+It runs from the working tree with no network and no pip (``PYTHONPATH=. python benchmarks/gpu_check.py 2>&1 | tee
+"$OUT/gpu_check.log"`` on the device machine: the log comes back whole, the tool's output tail may not) and checks
+at the end that neither ``datasets``, ``lm_eval`` nor ``spacy`` was imported. A stage that fails prints its
+traceback and the next stage runs; the exit status is 1 if any failed. About 5 minutes on an H200.
 ``--dry-run`` runs a CPU-sized version of everything (tiny model, few steps, small scale run) to show that the
 script executes where there is no GPU.
 """
@@ -25,6 +27,7 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -183,26 +186,21 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu_check.py: no CUDA device here — run it on a GPU machine, or add --dry-run for a CPU-sized run")
             return 2
         args.probe_tokens, args.seq_len, args.batch_size, args.sentences = 32_768, 512, 16, 100_000
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    failed = []  # each stage reports its own failure and the next one runs: device time is too scarce to lose them all
     if not args.skip_scale:
-        import scale
-
         scale_args = ["--tokens", str(args.scale_tokens), "--repeats", "1" if args.dry_run else "2"]
         scale_args += ["--models", "pythia-1.4b"] if args.dry_run else ["--device", "cuda"]
-        scale.main(scale_args)
-    if args.dry_run:
-        update_block_sizes(torch.device("cpu"), 2048, 512)
-    else:
-        update_block_sizes(torch.device("cuda"), 16_384, 8_192)
-    try:
-        syncs_per_probe_batch(torch.device("cpu" if args.dry_run else "cuda"))
-    except Exception as exc:  # a diagnostic: report it and go on to the training run
-        print(f"host-sync count failed: {type(exc).__name__}: {exc}")
+        _stage("scale benchmark", failed, lambda: _run_scale(scale_args))
+    rows, neurons = (2048, 512) if args.dry_run else (16_384, 8_192)
+    _stage("histogram update timing", failed, lambda: update_block_sizes(device, rows, neurons))
+    _stage("host-sync count", failed, lambda: syncs_per_probe_batch(device))
     with tempfile.TemporaryDirectory() as tmp:
         train(argparse.Namespace(**{**vars(args), "steps": min(args.steps, 20)}), Path(tmp) / "warmup", False)
         plain, _ = train(args, Path(tmp) / "plain", False)
         monitored, records = train(args, Path(tmp) / "monitored", True)
-    device = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
-    print(f"\n== Trainer run on {device}: Pythia-160m-shaped GPT-NeoX{' (tiny in the dry run)' if args.dry_run else ''}"
+    device_name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    print(f"\n== Trainer run on {device_name}: Pythia-160m-shaped GPT-NeoX{' (tiny in the dry run)' if args.dry_run else ''}"
           f", {args.steps} steps, batch {args.batch_size} x {args.seq_len} tokens, "
           f"{'fp32' if args.dry_run else 'bf16-mixed'}; probe {args.probe_tokens} tokens, ablation on ==")
     for step, seconds, growth in records:
@@ -211,7 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time: plain {plain:.1f} s, monitored {monitored:.1f} s, overhead ratio {monitored / plain:.2f}")
     imported = [name for name in ("datasets", "lm_eval", "spacy") if name in sys.modules]
     print("heavy optional imports: " + (", ".join(imported) + " IMPORTED (should not be)" if imported else "none"))
-    return 1 if imported else 0
+    if failed:
+        print("failed stages: " + ", ".join(failed))
+    return 1 if imported or failed else 0
+
+
+def _run_scale(scale_args: list[str]) -> None:
+    import scale
+
+    scale.main(scale_args)
+
+
+def _stage(name: str, failed: list[str], run) -> None:
+    """Run one diagnostic stage; a failure is printed (with its traceback) and noted, and the check goes on."""
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - a diagnostic: report it and go on to the next stage
+        print(f"\n{name} FAILED:\n{traceback.format_exc()}", flush=True)
+        failed.append(name)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""`benchmarks/gpu_check.py` runs where there is no GPU (``--dry-run``): a session lent a GPU has minutes of device
+time, too few to find that the check itself is broken."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_check_runs_every_stage_in_its_dry_run() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = done.stdout
+    assert done.returncode == 0, out[-4000:] + done.stderr[-4000:]
+    assert "FAILED" not in out
+    # every stage printed its figures: the scale benchmark, the update's block sizes, the sync count, the Trainer runs
+    assert "== pythia-1.4b-shaped, 2 layers (d=2048, 8192 neurons/layer), 2048 probe tokens, cpu ==" in out
+    assert "full depth (24 layers), extrapolated:" in out
+    assert out.count("G values/s)") == 3
+    assert "== host syncs per probe batch on cpu ==" in out
+    measured = [line for line in out.splitlines() if line.startswith("measurement at step ")]
+    assert [line.split(":")[0] for line in measured] == [f"measurement at step {s}" for s in (0, 6, 12)]
+    assert "overhead ratio" in out
+    assert "heavy optional imports: none" in out
