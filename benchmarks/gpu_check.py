@@ -3,8 +3,9 @@
 1. ``benchmarks/scale.py`` on the GPU (Pythia-1.4B- and Llama-3.1-8B-shaped layers, with and without the budget).
 2. One probe batch's histogram update at Pythia-1.4B's width (16,384 tokens x 8,192 neurons, fp32) at three block
    sizes: the default on CUDA (2^21 values, 64 blocks of ~25 kernels each) and 4x and 16x larger (fewer launches,
-   more scratch). On CPU meta tensors the default issues ~4,500 aten calls per update, so on a GPU the update may be
-   bound by kernel launches rather than memory; this prints which block size pays.
+   more scratch), in one call and in the 512-row calls a probe batch's hook makes off the fused CPU path. On CPU
+   meta tensors the default issues ~4,500 aten calls per update, so on a GPU the update may be bound by kernel
+   launches rather than memory; this prints which block size pays.
 3. Host syncs per probe batch (CUDA's sync debug mode over a 2- and a 6-batch probe pass, against the bare forward
    over the same batches; goal: no more than the bare forward).
 4. A Pythia-160m-shaped GPT-NeoX (12 layers, d=768, 3,072 neurons/layer) trained from scratch on the built-in
@@ -70,32 +71,43 @@ def timed_monitor_class():
 
 
 def update_block_sizes(device: torch.device, rows: int, neurons: int) -> None:
-    """Time one histogram update of a ``[rows, neurons]`` batch at the default block size and two larger ones."""
+    """Time the histogram update of a ``[rows, neurons]`` batch at the default block size and two larger ones, in
+    one call and in the row chunks a probe batch's hook hands it off the fused CPU path (``MAX_UPDATE_ELEMENTS``
+    values per call: 512 rows at 8,192 neurons)."""
+    from negmonitor.budget import MAX_UPDATE_ELEMENTS
     from negmonitor.metrics.streaming import _DEVICE_BLOCK_ELEMENTS, NeuronStatsAccumulator
 
     x = torch.randn(rows, neurons, device=device, generator=torch.Generator(device).manual_seed(0))
+    chunk = max(1, min(rows, MAX_UPDATE_ELEMENTS // neurons))
     print(f"\n== histogram update of one {rows:,} x {neurons:,} batch on {device} ==")
     for block in (_DEVICE_BLOCK_ELEMENTS, 4 * _DEVICE_BLOCK_ELEMENTS, 16 * _DEVICE_BLOCK_ELEMENTS):
         acc = NeuronStatsAccumulator(neurons, block_elements=block).to(device)
         acc.update(x)  # the grid and the first allocations
-        times = []
-        for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            acc.update(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        print(f"block {block:>10,} values ({-(-rows * neurons // block)} blocks): best {min(times) * 1e3:8.1f} ms "
-              f"({rows * neurons / min(times) / 1e9:.2f} G values/s)")
+        for label, step in (("one call", rows), (f"{chunk}-row calls", chunk)):
+            best = min(_timed_on(device, lambda: [acc.update(x[r0:r0 + step]) for r0 in range(0, rows, step)])
+                       for _ in range(3))
+            print(f"block {block:>10,} values, {label:>14}: best {best * 1e3:8.1f} ms "
+                  f"({rows * neurons / best / 1e9:.2f} G values/s)")
 
 
-def syncs_per_probe_batch(device: torch.device) -> None:
+def _timed_on(device: torch.device, run) -> float:
+    """Seconds ``run`` takes, its device work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def syncs_per_probe_batch(device: torch.device, window: int = 512, batch_size: int = 4) -> None:
     """Host syncs per probe batch: one probe pass over 2 and over 6 batches under CUDA's sync debug mode, the
     difference over 4 (the once-per-measurement reads cancel out), beside the same count for the bare forward (the
     model's own forward may sync, e.g. transformers checking the mask). The goal is no more than the bare forward:
-    a sync per batch stalls the training stream every batch. CUDA only (the debug mode does not exist elsewhere)."""
+    a sync per batch stalls the training stream every batch. Counted on CUDA only (the debug mode does not exist
+    elsewhere); off CUDA the same passes run uncounted, so the dry run shows the stage works."""
+    import dataclasses
     import warnings
     from functools import partial
 
@@ -105,13 +117,13 @@ def syncs_per_probe_batch(device: torch.device) -> None:
     from negmonitor.probing import probe
 
     print(f"\n== host syncs per probe batch on {device} ==")
-    if device.type != "cuda":
-        print("n/a off CUDA (the dry run shows the step runs up to here)")
-        return
     tokenizer, texts = scale.corpus(16_384)
     model = scale.build_model("pythia-1.4b", len(tokenizer), device)
 
-    def count(run) -> int:
+    def count(run) -> int | None:
+        if device.type != "cuda":
+            run()
+            return None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -123,10 +135,21 @@ def syncs_per_probe_batch(device: torch.device) -> None:
 
     counts, bare = {}, {}
     for batches in (2, 6):
-        probe_set = ProbeSet.build(texts, tokenizer, n_tokens=batches * 4 * 512, window=512, n_pairs=200, seed=0)
-        counts[batches] = count(partial(probe, model, probe_set, batch_size=4, memory_budget=None))
-        # the model's own forward may sync too (transformers checking the mask): the same batches without negmonitor
-        bare[batches] = count(partial(scale.bare_forward, model, probe_set, 4, device))
+        probe_set = ProbeSet.build(texts, tokenizer, n_tokens=batches * batch_size * window, window=window,
+                                   n_pairs=min(200, batches * batch_size * window // 4), seed=0)
+        run_probe = partial(probe, model, probe_set, batch_size=batch_size, memory_budget=None)
+        if batches == 2:  # uncounted: first-use caches (e.g. compute()'s tables) would sync in one count only
+            run_probe()
+        counts[batches] = count(run_probe)
+        # the model's own forward may sync too (transformers checking the mask): the same batches without negmonitor,
+        # from inputs already on the device, as the probe pass copies them once per pass, not per batch
+        on_device = dataclasses.replace(probe_set, input_ids=probe_set.input_ids.to(device),
+                                        attention_mask=probe_set.attention_mask.to(device))
+        bare[batches] = count(partial(scale.bare_forward, model, on_device, batch_size, device))
+    if device.type != "cuda":
+        print(f"ran 2- and 6-batch probe passes and bare forwards ({window}-token windows, batch {batch_size}); "
+              "syncs are counted on CUDA only")
+        return
     print(f"syncs in one measurement: {counts[2]} with 2 batches, {counts[6]} with 6 batches -> "
           f"{(counts[6] - counts[2]) / 4:.1f} per batch; the bare forward alone: "
           f"{(bare[6] - bare[2]) / 4:.1f} per batch (goal: no more than the bare forward)")
@@ -134,7 +157,9 @@ def syncs_per_probe_batch(device: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
-def train(args, root: Path, monitored: bool) -> tuple[float, list]:
+def train(args, root: Path, monitored: bool) -> tuple[float, list, int]:
+    """One Trainer run; returns its wall time, each measurement's (step, seconds, CUDA peak growth) and the
+    probe's token count (0 unmonitored)."""
     import lightning as L
 
     from negmonitor.train.datamodule import TextDataModule
@@ -152,8 +177,11 @@ def train(args, root: Path, monitored: bool) -> tuple[float, list]:
     module.configure_tokenizer(data.tokenizer)
     callbacks, monitor = [], None
     if monitored:
+        # enough held-out paragraphs (~30 tokens each) for probe_tokens; strict: a failed measurement ends the run
+        # (the default warns and goes on, which would time a skipped measurement as a cheap one)
         monitor = timed_monitor_class()(
-            probe=None, every_n_steps=args.every, probe_tokens=args.probe_tokens, probe_window=args.seq_len,
+            probe=data.probe_texts(max(256, args.probe_tokens // 16)), strict=True, every_n_steps=args.every,
+            probe_tokens=args.probe_tokens, probe_window=args.seq_len,
             ablation={"fraction": 0.05, "max_matching_evals": 4, "ppl_window": args.seq_len},
             ablation_every_n_steps=args.every * 2, minimal_pairs="datamodule", log_dir=str(root / "records"),
             minimal_pairs_sample=10 if args.dry_run else 40, ppl_text=data.probe_texts(16 if args.dry_run else 64))
@@ -167,7 +195,24 @@ def train(args, root: Path, monitored: bool) -> tuple[float, list]:
     trainer.fit(module, datamodule=data)
     if not args.dry_run:
         torch.cuda.synchronize()
-    return time.perf_counter() - start, (monitor.records if monitor else [])
+    probed = monitor._probe_set.n_tokens if monitor else 0
+    return time.perf_counter() - start, (monitor.records if monitor else []), probed
+
+
+def trainer_runs(args) -> None:
+    """A warm-up, then the same run without and with the monitor; prints each measurement and the overhead."""
+    with tempfile.TemporaryDirectory() as tmp:
+        train(argparse.Namespace(**{**vars(args), "steps": min(args.steps, 20)}), Path(tmp) / "warmup", False)
+        plain, _, _ = train(args, Path(tmp) / "plain", False)
+        monitored, records, probed = train(args, Path(tmp) / "monitored", True)
+    device_name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    print(f"\n== Trainer run on {device_name}: Pythia-160m-shaped GPT-NeoX{' (tiny in the dry run)' if args.dry_run else ''}"
+          f", {args.steps} steps, batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{'fp32' if args.dry_run else 'bf16-mixed'}; probe {probed:,} tokens, ablation on ==")
+    for step, seconds, growth in records:
+        print(f"measurement at step {step}: {seconds:.2f} s, max_memory_allocated growth "
+              f"{growth / 2**20:.0f} MiB" if growth == growth else f"measurement at step {step}: {seconds:.2f} s")
+    print(f"wall time: plain {plain:.1f} s, monitored {monitored:.1f} s, overhead ratio {monitored / plain:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,19 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         _stage("scale benchmark", failed, lambda: _run_scale(scale_args))
     rows, neurons = (2048, 512) if args.dry_run else (16_384, 8_192)
     _stage("histogram update timing", failed, lambda: update_block_sizes(device, rows, neurons))
-    _stage("host-sync count", failed, lambda: syncs_per_probe_batch(device))
-    with tempfile.TemporaryDirectory() as tmp:
-        train(argparse.Namespace(**{**vars(args), "steps": min(args.steps, 20)}), Path(tmp) / "warmup", False)
-        plain, _ = train(args, Path(tmp) / "plain", False)
-        monitored, records = train(args, Path(tmp) / "monitored", True)
-    device_name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
-    print(f"\n== Trainer run on {device_name}: Pythia-160m-shaped GPT-NeoX{' (tiny in the dry run)' if args.dry_run else ''}"
-          f", {args.steps} steps, batch {args.batch_size} x {args.seq_len} tokens, "
-          f"{'fp32' if args.dry_run else 'bf16-mixed'}; probe {args.probe_tokens} tokens, ablation on ==")
-    for step, seconds, growth in records:
-        print(f"measurement at step {step}: {seconds:.2f} s, max_memory_allocated growth "
-              f"{growth / 2**20:.0f} MiB" if growth == growth else f"measurement at step {step}: {seconds:.2f} s")
-    print(f"wall time: plain {plain:.1f} s, monitored {monitored:.1f} s, overhead ratio {monitored / plain:.2f}")
+    sync_shape = (64, 1) if args.dry_run else (512, 4)  # window, batch size
+    _stage("host-sync count", failed, lambda: syncs_per_probe_batch(device, *sync_shape))
+    _stage("trainer runs", failed, lambda: trainer_runs(args))
     imported = [name for name in ("datasets", "lm_eval", "spacy") if name in sys.modules]
     print("heavy optional imports: " + (", ".join(imported) + " IMPORTED (should not be)" if imported else "none"))
     if failed:

@@ -21,8 +21,9 @@ def test_the_gpu_check_runs_every_stage_in_its_dry_run() -> None:
     # every stage printed its figures: the scale benchmark, the update's block sizes, the sync count, the Trainer runs
     assert "== pythia-1.4b-shaped, 2 layers (d=2048, 8192 neurons/layer), 2048 probe tokens, cpu ==" in out
     assert "full depth (24 layers), extrapolated:" in out
-    assert out.count("G values/s)") == 3
+    assert out.count("G values/s)") == 6  # three block sizes, in one call and in row chunks
     assert "== host syncs per probe batch on cpu ==" in out
+    assert "ran 2- and 6-batch probe passes and bare forwards" in out
     measured = [line for line in out.splitlines() if line.startswith("measurement at step ")]
     assert [line.split(":")[0] for line in measured] == [f"measurement at step {s}" for s in (0, 6, 12)]
     assert "overhead ratio" in out
