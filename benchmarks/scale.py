@@ -311,7 +311,9 @@ def run_model(kind: str, args, tokenizer, texts, device: torch.device) -> dict:
           + (f" [{'ok' if budget_mem <= 2 * GIB else 'over'} vs goal 2 GiB]" if kind == "pythia-1.4b" else "")
           + f"; + rest of the measurement {format_bytes(int(rest * depth))}")
     if device.type == "cpu":
-        payoff = fused_update_payoff(site.n_neurons, probe_set.n_tokens, 8 * probe_set.window, args.repeats)
+        # whole batches of 8 windows, or the whole probe when it is smaller (every run updates the same tokens)
+        batch_rows = min(8 * probe_set.window, probe_set.n_tokens)
+        payoff = fused_update_payoff(site.n_neurons, probe_set.n_tokens, batch_rows, args.repeats)
         if payoff:
             passes = next(v for k, v in payoff.items() if k.startswith("torch"))
             print(f"update of one layer's {probe_set.n_tokens:,} x {site.n_neurons:,} pre-activations: "
