@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import scale  # noqa: E402 - benchmarks/scale.py (standard library and torch at import)
+
 
 def timed_monitor_class():
     """The bundle, with each Lightning hook that may measure timed (and its CUDA peak growth recorded)."""
@@ -110,8 +112,6 @@ def syncs_per_probe_batch(device: torch.device, window: int = 512, batch_size: i
     import dataclasses
     import warnings
     from functools import partial
-
-    import scale
 
     from negmonitor.probeset import ProbeSet
     from negmonitor.probing import probe
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_scale:
         scale_args = ["--tokens", str(args.scale_tokens), "--repeats", "1" if args.dry_run else "2"]
         scale_args += ["--models", "pythia-1.4b"] if args.dry_run else ["--device", "cuda"]
-        _stage("scale benchmark", failed, lambda: _run_scale(scale_args))
+        _stage("scale benchmark", failed, lambda: scale.main(scale_args))
     rows, neurons = (2048, 512) if args.dry_run else (16_384, 8_192)
     _stage("histogram update timing", failed, lambda: update_block_sizes(device, rows, neurons))
     sync_shape = (64, 1) if args.dry_run else (512, 4)  # window, batch size
@@ -247,12 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print("failed stages: " + ", ".join(failed))
     return 1 if imported or failed else 0
-
-
-def _run_scale(scale_args: list[str]) -> None:
-    import scale
-
-    scale.main(scale_args)
 
 
 def _stage(name: str, failed: list[str], run) -> None:
