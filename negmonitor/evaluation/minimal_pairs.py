@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from negmonitor.budget import LOSS_ROWS
 from negmonitor.distributed import FailureHold, forward_is_collective
 from negmonitor.errors import NegmonitorError
 from negmonitor.protocol import PREFIXES, SCORES, check_choice
@@ -47,6 +48,7 @@ from negmonitor.evaluation._common import (
     is_masked_lm,
     max_positions,
     model_device,
+    no_cache_inputs,
     pad_token_id,
     prefix_token_id,
     progress_bar,
@@ -154,14 +156,29 @@ def _next_token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention: t
                          device: torch.device, held: FailureHold | None = None) -> torch.Tensor | None:
     """``[B, L-1]`` log-probabilities (float32, CPU) of each next token of a padded batch. With ``held``, a failure
     after the forward is held there (``None`` returned), and once it holds one the forward runs unscored."""
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    logits = model(**no_cache_inputs(model, input_ids.to(device), attention.to(device))).logits
     if held is not None and held.failed:
         return None
     with held if held is not None else contextlib.nullcontext():
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = input_ids[:, 1:].to(logp.device)
-        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        return picked_logprobs(logits, input_ids)[:, :-1].cpu()
     return None  # held
+
+
+def picked_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` float32 ``log p(input_ids[:, t + 1])`` from ``logits[:, t]`` (the last column is meaningless).
+
+    Taken :data:`~negmonitor.budget.LOSS_ROWS` positions at a time, as the target logit minus the log-sum-exp in
+    fp32: beside the model's own logits only a slice's fp32 copy exists (a whole-batch fp32 log-softmax over a
+    128k vocabulary is twice the size of bf16 logits, and the fp32 copy it starts from is as large again).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])  # a view of the forward's contiguous logits
+    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1).to(flat.device)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], LOSS_ROWS):
+        piece = flat[start : start + LOSS_ROWS].float()
+        wanted = targets[start : start + LOSS_ROWS].unsqueeze(1)
+        out[start : start + LOSS_ROWS] = piece.gather(1, wanted).squeeze(1) - piece.logsumexp(dim=1)
+    return out.view(input_ids.shape)
 
 
 def _right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

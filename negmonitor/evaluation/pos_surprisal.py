@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit, evaluation_batch_size, retry_on_out_of_memory
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation._common import (
     check_batch_size,
@@ -107,14 +108,18 @@ def token_surprisals(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts
 
 def window_surprisals(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: str | Sequence[str],
                       window: int | None = None, batch_size: int = 8, device: str | torch.device | None = None,
-                      progress: bool = False) -> tuple[list[str], list[TokenSurprisal]]:
+                      progress: bool = False, memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+                      batch_limit: BatchLimit | None = None) -> tuple[list[str], list[TokenSurprisal]]:
     """Per-token surprisal over consecutive windows of one token stream (the paper's unit; see the module doc).
 
     Returns each window's text and its :class:`TokenSurprisal` (offsets relative to that text; the window's first
-    token NaN), in stream order.
+    token NaN), in stream order. As for perplexity, ``batch_size`` halves until a batch of windows fits
+    ``memory_budget`` (bytes; ``None``: no bound), and again after an out-of-memory error (kept in ``batch_limit``
+    for later calls); the result does not depend on it.
 
     Raises:
-        NegmonitorError: a masked LM, a slow tokenizer, no text, or a window longer than the model's positions.
+        NegmonitorError: a masked LM, a slow tokenizer, no text, a window longer than the model's positions, or
+            out of memory even at one window a batch.
     """
     check_batch_size(batch_size)
     check_lm(model)
@@ -132,11 +137,17 @@ def window_surprisals(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text
     starts = list(range(0, max(len(ids) - window + 1, 1), window))
     spans = [(b, min(b + window, len(ids))) for b in starts]
     values = [np.full(end - begin, np.nan) for begin, end in spans]
-    for index, logp, _valid in causal_token_logprobs(model, [ids[b:e] for b, e in spans], batch_size,
-                                                     model_device(model, device), pad_token_id(tokenizer), progress):
-        for row, i in enumerate(index.tolist()):
-            n = spans[i][1] - spans[i][0]
-            values[i][1:] = -logp[row, : n - 1].double().numpy()
+    device = model_device(model, device)
+
+    def score(size: int) -> None:
+        for index, logp, _valid in causal_token_logprobs(model, [ids[b:e] for b, e in spans], size, device,
+                                                         pad_token_id(tokenizer), progress):
+            for row, i in enumerate(index.tolist()):
+                n = spans[i][1] - spans[i][0]
+                values[i][1:] = -logp[row, : n - 1].double().numpy()
+
+    retry_on_out_of_memory(score, evaluation_batch_size(model, window, batch_size, memory_budget), batch_limit,
+                           device, "a surprisal evaluation", "pass a shorter window", later="evaluations")
     slices, out = [], []
     for (begin, end), value in zip(spans, values, strict=True):
         rel = offsets[begin:end]
@@ -300,11 +311,13 @@ def _as_surprisals(items: Sequence[Any]) -> list[TokenSurprisal]:
 def compare_pos_surprisal(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                           condition_a: Condition = None, condition_b: Condition = None, nlp: Any = None,
                           batch_size: int = 8, device: str | torch.device | None = None,
-                          progress: bool = False, unit: str = "token", window: int | None = None) -> pd.DataFrame:
+                          progress: bool = False, unit: str = "token", window: int | None = None,
+                          memory_budget: int | None = DEFAULT_MEMORY_BUDGET) -> pd.DataFrame:
     """Surprisal of ``texts`` under two conditions, compared by POS (see :func:`pos_excess_surprisal`).
 
     ``unit="token"`` (default, the paper's): per model token over consecutive ``window``-token windows of the
-    texts joined into one stream; ``unit="word"``: per spaCy word, each text scored alone. A condition is ``None``
+    texts joined into one stream, in batches that fit ``memory_budget`` (see :func:`window_surprisals`);
+    ``unit="word"``: per spaCy word, each text scored alone. A condition is ``None``
     (the model as it is), a context manager, or a zero-argument callable returning one, e.g.
     ``lambda: ablate(model, selection, "zero_negative")``.
     """
@@ -312,9 +325,9 @@ def compare_pos_surprisal(model: nn.Module, tokenizer: PreTrainedTokenizerBase, 
     texts = list(texts)
     if unit == "token":
         with _enter(condition_a):
-            windows, a = window_surprisals(model, tokenizer, texts, window, batch_size, device, progress)
+            windows, a = window_surprisals(model, tokenizer, texts, window, batch_size, device, progress, memory_budget)
         with _enter(condition_b):
-            _, b = window_surprisals(model, tokenizer, texts, window, batch_size, device, progress)
+            _, b = window_surprisals(model, tokenizer, texts, window, batch_size, device, progress, memory_budget)
         return pos_excess_surprisal(windows, a, b, nlp=nlp, unit=unit)
     with _enter(condition_a):
         a = token_surprisals(model, tokenizer, texts, batch_size=batch_size, device=device, progress=progress)

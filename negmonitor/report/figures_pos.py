@@ -160,6 +160,7 @@ def compute_pos_surprisal_tokens(ctx: ReportContext, model_path: str, selections
                                  nlp: Any) -> tuple[pd.DataFrame, int, int]:
     """The paper's unit: ``condition, pos, n, mean_a, mean_b, excess, se`` per model token over consecutive windows
     of ``stream`` (:func:`negmonitor.evaluation.pos_surprisal.window_surprisals`), with the window and its count."""
+    from negmonitor.budget import BatchLimit
     from negmonitor.evaluation._common import max_positions
     from negmonitor.evaluation.pos_surprisal import pos_excess_surprisal, window_surprisals
     from negmonitor.interventions import ablate
@@ -169,14 +170,16 @@ def compute_pos_surprisal_tokens(ctx: ReportContext, model_path: str, selections
     limit = max_positions(model, tokenizer)
     window = ctx.options.pos_window or default_window(limit)
     mode = ((run.meta.get("ablation_meta") or {}).get("settings") or {}).get("mode", "zero_negative")
-    windows, base = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH)
+    limit = BatchLimit()  # an out-of-memory retry's batch size, kept for the ablated conditions
+    windows, base = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH, batch_limit=limit)
     frames = []
     for condition in ABLATED:
         rows = selections[selections.condition == condition].drop(columns=["condition"])
         if rows.empty:
             continue
         with ablate(model, Selection.from_frame(rows), mode):
-            _, ablated = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH)
+            _, ablated = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH,
+                                           batch_limit=limit)
         frames.append(pos_excess_surprisal(windows, base, ablated, nlp=nlp, unit="token").assign(condition=condition))
     if not frames:
         raise Skip(f"{run.label}: its selections hold none of {', '.join(ABLATED)}")
