@@ -46,6 +46,13 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def placement(dtype: torch.dtype | None, device: torch.device) -> dict:
+    """``from_pretrained`` keywords that load the weights in ``dtype`` (``None``: the dtype they were saved in, on
+    every supported transformers) straight onto ``device``: a 12B checkpoint bound for the GPU is never first built
+    whole in host memory (24 GB in fp16) and then copied."""
+    return {"dtype": dtype if dtype is not None else "auto", "device_map": {"": device}}
+
+
 def load_model(
     model_id: str | os.PathLike,
     revision: str | None = None,
@@ -90,26 +97,25 @@ def load_model(
     except Exception as exc:  # transformers raises OSError/ValueError/HF errors with long texts
         raise _load_error(name, revision, exc) from exc
     with quiet_transformers():
-        model = _weights(name, config, torch_dtype, revision, kwargs)
+        model = _weights(name, config, placement(torch_dtype, dev), revision, kwargs)
     loaded = _tokenizer(str(tokenizer), {}, name) if tokenizer else _tokenizer(name, kwargs, name)
-    model.to(dev).eval()
+    model.eval()
     return model, loaded
 
 
-def _weights(name: str, config: object, torch_dtype: torch.dtype | None, revision: str | None,
-             kwargs: dict) -> nn.Module:
+def _weights(name: str, config: object, placed: dict, revision: str | None, kwargs: dict) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
     model = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, **placed, **kwargs)
     except ValueError:
         model = None  # not a causal LM (e.g. BERT): fall back to the bare encoder
     except Exception as exc:
         raise _load_error(name, revision, exc) from exc
     if model is None or not is_decoder_config(config):
         try:
-            model = AutoModel.from_pretrained(name, dtype=torch_dtype, **kwargs)
+            model = AutoModel.from_pretrained(name, **placed, **kwargs)
         except Exception as exc:
             raise _load_error(name, revision, exc) from exc
     return model

@@ -385,3 +385,154 @@ def test_replay_drift_compares_each_checkpoint_with_its_predecessor(reference_ru
             expected = weight_drift(*rows)["cos_dissim"].double().numpy()
             got = at[at.layer == layer].drift_cos_dissim.to_numpy()
             assert abs(got - expected).max() < 1e-6, (after, layer)
+
+
+def test_drift_snapshots_stay_in_the_weights_dtype_and_a_duplicate_shares_its_predecessors(hub_cache, probe_file,
+                                                                                          tmp_path, monkeypatch):
+    """bf16 weights: the snapshot each measurement hands on is bf16 on the host (half an fp32 copy: 7.5 GB, not
+    15 GB, for Pythia-12B), and the drift is still exact; a duplicate revision reuses its predecessor's snapshot
+    instead of copying the same weights again (no separate copy is made at all here)."""
+    from negmonitor.metrics.drift import weight_drift
+    from negmonitor.monitoring import engine
+    from negmonitor.replay import runner
+
+    real, handed_on, copies = engine.take_measurement, [], []
+
+    def recording(model, probe, step, settings, state, **kwargs):
+        result = real(model, probe, step, settings, state, **kwargs)
+        handed_on.extend((t.dtype, t.device.type) for t in (state.prev_weights or {}).values())
+        return result
+
+    real_rows = runner._Replay._weight_rows
+    monkeypatch.setattr(engine, "take_measurement", recording)
+    monkeypatch.setattr(runner._Replay, "_weight_rows", lambda self, model: copies.append(1) or real_rows(self, model))
+    logdir = tmp_path / "bf16"
+    result = replay("tiny-org/pythia-tiny", "step0,step2,step4,step8", logdir, probe=str(probe_file),
+                    cache_dir=hub_cache, dtype="bf16", tensorboard=False, **PROBE, **QUIET)
+    assert result.manifest.status.tolist() == ["ok", "ok", "duplicate", "ok"]
+    assert handed_on and set(handed_on) == {(torch.bfloat16, "cpu")}
+    assert copies == []
+
+    from transformers import AutoModelForCausalLM
+
+    snapshot = {s: AutoModelForCausalLM.from_pretrained(hub_cache / "models--tiny-org--pythia-tiny" / "snapshots" /
+                                                        f"{i:040x}", dtype=torch.bfloat16)
+                for i, s in ((3, 2), (5, 8))}  # step2 (commit 3) and step8 (commit 5); step4 repeats step2
+    neurons = RecordStore.for_logdir(logdir).read_neurons()
+    at = neurons[neurons.step == 8].sort_values(["layer", "neuron"])
+    for layer in (0, 1):
+        rows = [snapshot[s].gpt_neox.layers[layer].mlp.dense_h_to_4h.weight.detach() for s in (2, 8)]
+        expected = weight_drift(*(r.float() for r in rows))["cos_dissim"].numpy()
+        assert abs(at[at.layer == layer].drift_cos_dissim.to_numpy() - expected).max() < 1e-6
+
+
+def test_checkpoints_load_in_their_saved_dtype_straight_onto_the_device(hub_cache, monkeypatch):
+    """``dtype=None`` is the saved dtype on every supported transformers ("auto"), and the weights are placed by
+    ``from_pretrained`` itself (``device_map``): a 12B checkpoint is never built whole in host memory first."""
+    from transformers import AutoModelForCausalLM
+
+    from negmonitor.replay.sources import load_weights
+
+    seen, real = [], AutoModelForCausalLM.from_pretrained.__func__
+
+    def spying(cls, *args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("dtype", "device_map")})
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spying))
+    folder = hub_cache / "models--tiny-org--pythia-tiny" / "snapshots" / f"{1:040x}"
+    model = load_weights(str(folder), device="cpu")
+    assert seen == [{"dtype": "auto", "device_map": {"": torch.device("cpu")}}]
+    assert not model.training and next(model.parameters()).dtype == torch.float32  # as saved
+    load_weights(str(folder), dtype="bf16", device="cpu")
+    assert seen[-1] == {"dtype": torch.bfloat16, "device_map": {"": torch.device("cpu")}}
+
+
+def test_a_later_revisions_failure_is_recorded_and_the_replay_goes_on(step_series, probe_file, tmp_path,
+                                                                      monkeypatch):
+    """negmonitor's own error (e.g. out of memory even at batch size 1) on a later revision, and a failure hashing
+    another, are each recorded as failed while the others are measured; the same error on the first revision ends
+    the replay at once (a setting's error), with the manifest summary of what was done written."""
+    from negmonitor.monitoring import engine
+    from negmonitor.replay import runner
+
+    real, calls = engine.take_measurement, []
+
+    def failing_on(nth):
+        def measuring(*args, **kwargs):
+            calls.append(args[2])
+            if len(calls) == nth:
+                raise NegmonitorError("out of memory during the probe pass even at batch size 1 (simulated)")
+            return real(*args, **kwargs)
+        return measuring
+
+    real_hash, hashed = runner.weights_sha256, []
+
+    def hashing(model):
+        hashed.append(1)
+        if len(hashed) == 4:  # step40's
+            raise OSError("disk read error (simulated)")
+        return real_hash(model)
+
+    monkeypatch.setattr(engine, "take_measurement", failing_on(3))  # cohort pass, step0, then step10
+    monkeypatch.setattr(runner, "weights_sha256", hashing)
+    with pytest.warns(UserWarning, match="measurement of step10 failed"):
+        result = replay(step_series, "all", tmp_path / "later", probe=str(probe_file), tensorboard=False,
+                        **PROBE, **QUIET)
+    manifest = result.manifest.set_index("revision")
+    assert manifest.status.to_dict() == {"step0": "ok", "step10": "failed", "step20": "ok", "step40": "failed"}
+    assert "even at batch size 1" in manifest.error["step10"] and "disk read error" in manifest.error["step40"]
+    assert pd.isna(manifest.error["step20"])
+
+    calls.clear()
+    monkeypatch.setattr(engine, "take_measurement", failing_on(2))  # the first revision measured
+    monkeypatch.setattr(runner, "weights_sha256", real_hash)
+    with pytest.raises(NegmonitorError, match="even at batch size 1"):
+        replay(step_series, "all", tmp_path / "first", probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    summary = json.loads((tmp_path / "first" / "negmonitor" / "manifest.json").read_text())
+    assert [e["revision"] for e in summary] == ["step0", "step10", "step20", "step40"]
+    assert {e["status"] for e in summary} == {"pending"}  # nothing was done, and the summary says so
+
+
+def test_a_predecessor_that_fails_to_load_is_not_hunted_further_back(step_series, probe_file, tmp_path,
+                                                                     monkeypatch):
+    """Shard 2/2 needs step10 as its predecessor: a load failure that is no missing file (a full disk, out of
+    memory) would fail for every earlier checkpoint too; it is warned once and the drift left out, without loading
+    step0."""
+    from negmonitor.replay import runner
+
+    real, loads = runner._Replay._load, []
+
+    def loading(self, revision):
+        loads.append(revision)
+        if revision == "step10":  # (the cohort pass loads step40)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, revision)
+
+    monkeypatch.setattr(runner._Replay, "_load", loading)
+    with pytest.warns(UserWarning, match="the predecessor step10 did not load"):
+        result = replay(step_series, "all", tmp_path / "log", probe=str(probe_file), shard="2/2", tensorboard=False,
+                        **PROBE, **QUIET)
+    assert result.processed == ["step20", "step40"] and "step0" not in loads
+    neurons = RecordStore.for_logdir(tmp_path / "log").read_neurons()
+    assert neurons[neurons.step == 20].drift_cos_dissim.isna().all()
+    assert neurons[neurons.step == 40].drift_cos_dissim.notna().any()
+
+
+def test_a_failed_hub_listing_tries_every_revision_rather_than_only_the_cached_ones(hub_cache, monkeypatch):
+    """Online, a listing that fails (a timeout, a rate limit) used to shrink the series to what the cache held:
+    every revision not downloaded yet was recorded missing untried, and an explicit one refused as unknown."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from negmonitor.replay.sources import HubSeries
+
+    def failing_listing(*args, **kwargs):
+        raise ConnectionError("429 Too Many Requests (simulated)")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "list_repo_refs", failing_listing)
+    series = HubSeries("tiny-org/pythia-tiny", cache_dir=hub_cache)
+    with pytest.warns(UserWarning, match=r"could not list the revisions .*429 .*every revision asked for is tried"):
+        assert series.available() is None
+    series.check_explicit(["step0", "step143000"])  # not in the cache: tried, not refused

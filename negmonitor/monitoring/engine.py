@@ -244,7 +244,7 @@ def _drift(sites: Sequence[MLPSite], state: MonitorState, step: int,
             if before is not None and before.shape == rows.shape:
                 drift[site.layer] = _layer_drift(before, rows, dtype)
             del before
-            current[site.layer] = _host_copy(rows, dtype)
+            current[site.layer] = host_copy(rows, dtype)
         except Exception as exc:  # noqa: BLE001 - raised after the loop
             failure = exc
         del rows
@@ -264,7 +264,7 @@ def _layer_drift(before: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -
 _COPY_BLOCK_ELEMENTS = 1 << 22  # rows rounded on the device per copy to the host: 16 MiB of fp32 at any width
 
 
-def _host_copy(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def host_copy(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``rows`` as a new host tensor in ``dtype`` (never the live weight), rounded on the weights' device a block of
     rows at a time: the device allocates one block, and only ``dtype``'s bytes cross to the host. The copy keeps
     the rows' layout (GPT-2's ``Conv1D`` rows are a transposed view), so the drift's fp32 sums run in the order

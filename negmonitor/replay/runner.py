@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -187,7 +188,12 @@ def replay(model: str | os.PathLike, revisions: str | Sequence[str | int] = "all
     """
     settings = _settings(settings, overrides)
     runner = _Replay(model, revisions, Path(logdir), probe, settings)
-    runner.run()
+    try:
+        runner.run()
+    except BaseException:
+        with contextlib.suppress(Exception):  # each revision's entry is on disk already: summarise them
+            runner.result()
+        raise
     return runner.result()
 
 
@@ -225,12 +231,12 @@ class _Replay:
         _check_probe_path(probe)
         self.run_name = settings.run_name or self.logdir.resolve().name
         check_run_info(self.store.root, self._run_info(), FINGERPRINT)
-        # fp32 drift: one checkpoint is in memory at a time, and Pythia's early checkpoints (steps 1, 2, 4, ...)
-        # move by far less than bf16 resolves
+        # The drift's snapshots are kept in the dtype each checkpoint's weights are in (exact: Pythia's early
+        # checkpoints, steps 1, 2, 4, ..., move by far less than a coarser rounding resolves), on the host.
         self._batch_limit = BatchLimit()  # lowered by an out-of-memory retry, for the later checkpoints
         self._evaluation_batch_limits: dict[str, BatchLimit] = {}  # the same for the ablation's evaluations
         self.monitor = MonitorSettings(layers=settings.layers, cohort_frac=settings.cohort_frac, warmup_steps=0,
-                                       weight_drift=True, drift_dtype=torch.float32,
+                                       weight_drift=True,
                                        image_neurons=settings.image_neurons,
                                        probe=ProbeSettings(batch_size=settings.batch_size, top_neuron_frac=0.05,
                                                            memory_budget=settings.memory_budget,
@@ -267,6 +273,7 @@ class _Replay:
                 chained = False
                 continue
             if not chained:
+                previous = None  # its rows go before the predecessor's are read
                 previous = self._predecessor(index)
             previous = self._replay_one(index, previous)
             chained = True
@@ -294,17 +301,23 @@ class _Replay:
             self.manifest.write(entry)
             return previous
         entry.dtype = _weights_dtype(model)  # what it ran in, also where --dtype left it as saved
+        loaded: _Loaded | None = None
         try:
             loaded = _Loaded(revision, weights_sha256(model), {})
             entry.weights_sha256 = loaded.sha
             entry.identical_to_previous = previous is not None and previous.sha == loaded.sha
-            rows = None
             if entry.identical_to_previous:
-                entry.status = "duplicate"
+                entry.status, rows = "duplicate", previous.rows  # the same weights: the same snapshot, not a copy
             else:
                 entry.status, entry.error, rows = self._measure(model, index, previous)
             # A measured revision's rows are the drift's new snapshot (one host copy of the weights, not two).
             loaded.rows = rows if rows is not None else self._weight_rows(model)
+        except Exception as exc:  # noqa: BLE001 - hashing or copying one checkpoint must not end a long replay
+            if self._ends_the_replay(exc):
+                raise
+            entry.status, entry.error, loaded = "failed", f"{type(exc).__name__}: {first_line(exc)}", None
+            warnings.warn(f"negmonitor replay: {revision} failed ({entry.error}); recorded in the manifest, the "
+                          "replay goes on", stacklevel=2)
         finally:
             del model
             self._release()
@@ -324,8 +337,9 @@ class _Replay:
                              prev_step=step_of(previous.revision) if previous else None)
         if previous is not None:
             previous.rows = {}
+        settings = dataclasses.replace(self.monitor, drift_dtype=_snapshot_dtype(model, self.settings.layers))
         try:
-            measurement = engine.take_measurement(model, self._probe_for(model), step, self.monitor, state,
+            measurement = engine.take_measurement(model, self._probe_for(model), step, settings, state,
                                                   tokenizer=self.tokenizer, batch_limit=self._batch_limit)
             scalars = measurement.scalars
             if self.ablation_rows is not None:
@@ -333,9 +347,9 @@ class _Replay:
                                            self.settings.minimal_pairs, self.settings.ppl_text,
                                            batch_limits=self._evaluation_batch_limits)
                 scalars = pd.concat([scalars, extra], ignore_index=True)
-        except NegmonitorError:
-            raise
         except Exception as exc:  # noqa: BLE001 - one bad checkpoint must not end a long replay
+            if self._ends_the_replay(exc):
+                raise
             warnings.warn(f"negmonitor replay: measurement of {revision} failed ({type(exc).__name__}: {exc}); "
                           "recorded as failed, the replay goes on", stacklevel=2)
             self.store.write_scalars(self.run_name, step, tokens,
@@ -343,6 +357,11 @@ class _Replay:
             return "failed", f"measure: {type(exc).__name__}: {first_line(exc)}", None
         self._write(measurement, scalars, index, step, tokens)
         return "ok", None, state.prev_weights
+
+    def _ends_the_replay(self, exc: Exception) -> bool:
+        """Whether a revision's failure ends the replay: negmonitor's own error (a setting, or out of memory even at
+        batch size 1) on the first revision this process measures, so it shows at once; later ones are recorded."""
+        return isinstance(exc, NegmonitorError) and not self.processed
 
     def _write(self, measurement: engine.Measurement, scalars: pd.DataFrame, index: int, step: int,
                tokens: int) -> None:
@@ -368,8 +387,12 @@ class _Replay:
                 continue
             try:
                 model = self._load(revision)
-            except Exception:  # noqa: BLE001 - not loadable here: it is no predecessor
+            except CheckpointMissing:
                 continue
+            except Exception as exc:  # noqa: BLE001 - a failure that is no missing file: no drift this time
+                warnings.warn(f"negmonitor replay: the predecessor {revision} did not load ({first_line(exc)}); the "
+                              f"next revision's drift is left out", stacklevel=2)
+                return None
             try:
                 return _Loaded(revision, weights_sha256(model), self._weight_rows(model))
             finally:
@@ -464,7 +487,10 @@ class _Replay:
         return self.probe_set
 
     def _weight_rows(self, model: nn.Module) -> dict[int, torch.Tensor]:
-        return {site.layer: site.weight_rows().float().cpu().clone() for site in find_sites(model, self.settings.layers)}
+        """The drift's snapshot of ``model``: each monitored layer's weight rows on the host, in their own dtype
+        (as a measurement leaves it in ``MonitorState.prev_weights``)."""
+        return {site.layer: engine.host_copy(site.weight_rows().detach(), site.weight_rows().dtype)
+                for site in find_sites(model, self.settings.layers)}
 
     def _open_writer(self) -> Any:
         try:
@@ -570,3 +596,11 @@ def _weights_dtype(model: nn.Module) -> str | None:
     """The dtype of the model's floating-point weights, as ``"float32"`` / ``"bfloat16"`` (``None`` if it has none)."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _snapshot_dtype(model: nn.Module, layers: Sequence[int] | None) -> torch.dtype:
+    """The dtype of the monitored weights (the drift's snapshot keeps it: exact, and half an fp32 copy for fp16 or
+    bf16 checkpoints — 7.5 GB instead of 15 GB on the host for Pythia-12B)."""
+    sites = find_sites(model, layers)
+    dtype = sites[0].weight_rows().dtype if sites else torch.float32
+    return dtype if dtype.is_floating_point else torch.float32

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +31,7 @@ from torch import nn
 from negmonitor.adapters import is_decoder_config
 from negmonitor.checkpoints import has_tokenizer
 from negmonitor.errors import NegmonitorError, first_line
-from negmonitor.models import parse_device, parse_dtype, quiet_transformers
+from negmonitor.models import parse_device, parse_dtype, placement, quiet_transformers
 from negmonitor.replay.revisions import (PYTHIA_TOKENS_PER_STEP, is_pythia, pythia_schedule, sort_by_step, step_of,
                                          variant_of)
 
@@ -162,8 +163,10 @@ class HubSeries(Series):
             if type(exc).__name__ == "RepositoryNotFoundError":
                 raise NegmonitorError(f"model {self.name!r} does not exist on the hub (or is private) — check the "
                                       "id, e.g. EleutherAI/pythia-160m") from exc
-            cached = self._cached_refs(required=False)
-            return cached or None
+            # Not the cached revisions only: each one not cached yet would be recorded missing untried.
+            warnings.warn(f"negmonitor replay: could not list the revisions of {self.name} on the hub "
+                          f"({first_line(exc)}); every revision asked for is tried", stacklevel=2)
+            return None
         return {ref.name for ref in list(refs.branches) + list(refs.tags)}
 
     def _cached_refs(self, required: bool = True) -> set[str] | None:
@@ -370,8 +373,8 @@ def load_weights(name: str, revision: str | None = None, dtype: torch.dtype | st
     with quiet_transformers():
         config = AutoConfig.from_pretrained(name, **kwargs)
         cls = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
-        model = cls.from_pretrained(name, dtype=parse_dtype(dtype), **kwargs)
-    return model.to(parse_device(device)).eval()
+        model = cls.from_pretrained(name, **placement(parse_dtype(dtype), parse_device(device)), **kwargs)
+    return model.eval()
 
 
 def is_missing_error(exc: BaseException) -> bool:
