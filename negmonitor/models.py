@@ -50,6 +50,8 @@ def placement(dtype: torch.dtype | None, device: torch.device) -> dict:
     """``from_pretrained`` keywords that load the weights in ``dtype`` (``None``: the dtype they were saved in, on
     every supported transformers) straight onto ``device``: a 12B checkpoint bound for the GPU is never first built
     whole in host memory (24 GB in fp16) and then copied."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # device_map names one GPU
     return {"dtype": dtype if dtype is not None else "auto", "device_map": {"": device}}
 
 
