@@ -35,11 +35,11 @@ from negmonitor.adapters import MLPSite, find_sites, normalise_layers
 from negmonitor.errors import NegmonitorError
 
 def _zero_negative(x: torch.Tensor, mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
-    return base(torch.where(mask & (x < 0), torch.zeros_like(x), x))
+    return base(x.masked_fill(mask & (x < 0), 0))
 
 
 def _zero_positive(x: torch.Tensor, mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
-    return base(torch.where(mask & (x > 0), torch.zeros_like(x), x))
+    return base(x.masked_fill(mask & (x > 0), 0))
 
 
 def _relu_positive(x: torch.Tensor, mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -53,10 +53,11 @@ def _flip_negative_post(x: torch.Tensor, mask: torch.Tensor, base: nn.Module) ->
 
 def _zero_neuron(x: torch.Tensor, mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
     y = base(x)
-    return torch.where(mask, torch.zeros_like(y), y)
+    return y.masked_fill(mask, 0)
 
 
-# Each rule equals ``torch.where(mask, modified(x), base(x))`` but calls the base nonlinearity only once.
+# Each rule equals ``torch.where(mask, modified(x), base(x))`` but calls the base nonlinearity only once (and fills
+# with a scalar: no full-size zeros beside the [batch, tokens, neurons] activations).
 MODES: dict[str, Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]] = {
     "zero_negative": _zero_negative,
     "zero_positive": _zero_positive,

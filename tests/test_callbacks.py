@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import math
 
 import numpy as np
@@ -38,6 +40,9 @@ def test_monitor_logs_curves_and_records(tmp_path) -> None:
     for metric in ("wd/max", "wd/cohort_mean", "wd/rest_mean", "wd/neg_share", "pairs/nn_share", "md/mean",
                    "drift/cohort_vs_rest"):
         assert f"negmonitor/{metric}/layer_01" in tags["scalars"], metric
+    for metric in ("wd/max", "wd/cohort_mean", "wd/neg_share", "wd/cohort_neg_share", "wd/neg_share_top",
+                   "pairs/nn_share"):  # the whole-model curves the README lists (means over layers)
+        assert f"negmonitor/{metric}" in tags["scalars"], metric
     steps = [e.step for e in acc.Scalars("negmonitor/wd/max/layer_00")]
     assert steps == [0, 1, 2, 4, 8, 10]
     assert [e.step for e in acc.Scalars("negmonitor/drift/cohort/layer_00")] == [1, 2, 4, 8, 10]
@@ -198,9 +203,30 @@ def test_ablation_damage_is_logged(tmp_path, shared_data) -> None:
         assert name in metrics, name
     assert sorted(scalars[scalars.metric == "ablation/ppl_ratio/wasserstein"].step) == [0, 4]
     assert (scalars[scalars.metric.str.startswith("ablation/ppl_ratio")].value > 0).all()
+    at = scalars[scalars.step == 4].set_index("metric").value
+    ratio = at["ablation/ppl_ratio/ppl_matched"] / at["ablation/ppl_ratio/wasserstein"]  # the control's / the target
+    assert at["ablation/ppl_matched_rel_error"] == pytest.approx(abs(ratio - 1), rel=1e-6, abs=1e-9)
+    assert at["ablation/ppl_matched_ok"] == float(at["ablation/ppl_matched_rel_error"] <= 0.01)  # default tolerance
     tags = _events(log_dir).Tags()["scalars"]
     assert "negmonitor/ablation/ppl_ratio/wasserstein" in tags
     assert "negmonitor/ablation/acc_drop/tse/random" in tags
+
+
+def test_ablation_without_text_or_pairs_says_what_it_leaves_out(tmp_path) -> None:
+    """No ppl_text, no minimal pairs and a plain DataLoader (no datamodule to take them from): a user who switched
+    ablation on is told at set-up, once each, which curves will be missing and what to pass; training runs."""
+    from negmonitor.callbacks import AblationMonitor
+
+    seed_everything(0)
+    module = TinyLM()
+    monitor = AblationMonitor(every_n_steps=4, ablation={"fraction": 0.05, "max_matching_evals": 2}, **SMALL)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, 2, [monitor]).fit(module, token_loader(module.tokenizer))
+    said = [str(w.message) for w in caught if str(w.message).startswith("negmonitor: ablation has no")]
+    assert len(said) == 2, said
+    assert "perplexity-matched control are left out — pass ppl_text='wikitext:wikitext-2-raw-v1:validation'" in said[0]
+    assert "acc_drop curves are left out — pass minimal_pairs='blimp'" in said[1]
 
 
 def test_a_measurement_leaves_rng_and_grads_untouched() -> None:

@@ -80,6 +80,11 @@ def test_out_of_memory_in_the_probe_pass_is_warned_once_and_training_goes_on(tmp
     failed = scalars[scalars.metric == "health/measurement_failed"]
     assert sorted(failed.step) == [2, 4]
     assert {"wd/max", "md/mean"} <= set(scalars[scalars.step == 6].metric)  # measuring resumed after the failures
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "version_0")).Reload()
+    curve = events.Scalars("negmonitor/health/measurement_failed")  # in the dashboard, beside the other curves
+    assert [(e.step, e.value) for e in curve] == [(2, 1.0), (4, 1.0)]
     assert sorted(seen) == [0, 2, 4, 6]
     for step in (2, 4):
         _assert_same(*seen[step])

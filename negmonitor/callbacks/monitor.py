@@ -295,6 +295,8 @@ class NegativeDifferentiationMonitor(Callback):
             self.minimal_pairs = resolve_minimal_pairs(self.minimal_pairs, datamodule, self.minimal_pairs_sample,
                                                        self.ablation.npi_pairs)
             self.ppl_text = resolve_ppl_text(self.ppl_text, datamodule)
+            if is_global_zero:
+                _warn_what_ablation_leaves_out(self.minimal_pairs, self.ppl_text)
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
         if is_global_zero:
@@ -448,6 +450,19 @@ class NegativeDifferentiationMonitor(Callback):
             torch.cuda.empty_cache()  # what the failed pass held goes back to the training run
         if trainer.is_global_zero and self._store is not None:
             self._write_failure_row(step)
+        if trainer.is_global_zero:
+            self._log_failure(step)
+
+    def _log_failure(self, step: int) -> None:
+        """The ``health/measurement_failed`` curve to every sink (a point at 1 per failed step), so a failure shows
+        in the dashboard the other curves are read in; a sink that fails here is left alone (never raises)."""
+        metrics = tb.scalar_metrics(scalar_rows([(-1, -1, "health/measurement_failed", 1.0)]))
+        for sink in self._sinks:
+            try:
+                sink.log_scalars(metrics, step)
+                sink.flush()
+            except Exception:  # noqa: BLE001 - the failure is warned about and in the records already
+                pass
 
     def _write_failure_row(self, step: int) -> None:
         """The ``health/measurement_failed`` row; a records folder that cannot take it (a full disk) is warned about
@@ -625,6 +640,17 @@ def resolve_minimal_pairs(spec: Any, datamodule: Any = None, sample: int | None 
     if path.is_dir() and any(path.glob("*.pickle")):
         return load_tse(path, sample_per_construction=sample, npi_pairs=npi_pairs)
     return load_blimp(path, sample_per_uid=sample)
+
+
+def _warn_what_ablation_leaves_out(minimal_pairs: Any, ppl_text: Any) -> None:
+    """Say at set-up, once, which damage measures an ablation run will not have, and how to get them."""
+    if ppl_text is None:
+        warnings.warn("negmonitor: ablation has no perplexity text (ppl_text=None and the datamodule has no "
+                      "probe_texts()): the ablation/ppl_* curves and the perplexity-matched control are left out — pass "
+                      "ppl_text='wikitext:wikitext-2-raw-v1:validation' or a text file", stacklevel=3)
+    if minimal_pairs is None:
+        warnings.warn("negmonitor: ablation has no minimal pairs (minimal_pairs=None): the ablation/acc_drop curves "
+                      "are left out — pass minimal_pairs='blimp', a BLiMP or TSE folder, or 'datamodule'", stacklevel=3)
 
 
 def resolve_ppl_text(spec: Any, datamodule: Any = None) -> Any:

@@ -339,7 +339,8 @@ def _cohort_rows(layer: int, frame: pd.DataFrame, state: MonitorState, settings:
 def _whole_model_rows(rows: list) -> list:
     """Model-wide means (``layer = -1``) of the headline curves."""
     out = []
-    for metric in ("wd/cohort_mean", "wd/rest_mean", "wd/max", "wd/neg_share", "pairs/nn_share", "drift/cohort_vs_rest"):
+    for metric in ("wd/cohort_mean", "wd/rest_mean", "wd/max", "wd/neg_share", "wd/cohort_neg_share", "wd/neg_share_top",
+                   "pairs/nn_share", "drift/cohort_vs_rest"):
         values = [v for _, _, m, v in rows if m == metric and np.isfinite(v)]
         if values:
             out.append((-1, -1, metric, float(np.mean(values))))

@@ -352,8 +352,10 @@ class _Replay:
                 raise
             warnings.warn(f"negmonitor replay: measurement of {revision} failed ({type(exc).__name__}: {exc}); "
                           "recorded as failed, the replay goes on", stacklevel=2)
-            self.store.write_scalars(self.run_name, step, tokens,
-                                     scalar_rows([(-1, -1, "health/measurement_failed", 1.0)]), key="failed")
+            failed = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
+            self.store.write_scalars(self.run_name, step, tokens, failed, key="failed")
+            if self.writer is not None:  # the curve too, beside the revisions' other curves
+                tb.WriterSink(self.writer).log_scalars(tb.scalar_metrics(failed), step)
             return "failed", f"measure: {type(exc).__name__}: {first_line(exc)}", None
         self._write(measurement, scalars, index, step, tokens)
         return "ok", None, state.prev_weights
