@@ -536,3 +536,28 @@ def test_a_failed_hub_listing_tries_every_revision_rather_than_only_the_cached_o
     with pytest.warns(UserWarning, match=r"could not list the revisions .*429 .*every revision asked for is tried"):
         assert series.available() is None
     series.check_explicit(["step0", "step143000"])  # not in the cache: tried, not refused
+
+
+def test_evict_cache_removes_each_recorded_revision_from_the_hub_cache(hub_cache, probe_file, tmp_path):
+    """``--evict-cache``: every revision recorded is deleted from the hub cache (a long series of a big model does
+    not fill the disk), blobs another cached revision still uses are kept (step4 repeats step2's weights), and the
+    revisions not replayed stay."""
+    from huggingface_hub import scan_cache_dir
+
+    from negmonitor.cli import main
+
+    cache = tmp_path / "hub"
+    shutil.copytree(hub_cache, cache, symlinks=True)
+    before = scan_cache_dir(cache).size_on_disk
+    logdir = tmp_path / "log"
+    code = main(["replay", "--model", "tiny-org/pythia-tiny", "--revisions", "step0,step2,step4",
+                 "--logdir", str(logdir), "--cache-dir", str(cache), "--probe", str(probe_file), "--tokens", "512",
+                 "--window", "64", "--pairs", "32", "--no-progress", "--no-tensorboard", "--evict-cache"])
+    assert code == 0
+    assert read_manifest(logdir).status.tolist() == ["ok", "ok", "duplicate"]
+    left = {ref for repo in scan_cache_dir(cache).repos for rev in repo.revisions for ref in rev.refs}
+    assert left == {"step1", "step8", "step16", "step32"}
+    assert scan_cache_dir(cache).size_on_disk < before
+    again = replay("tiny-org/pythia-tiny", "step8", tmp_path / "other", probe=str(probe_file), cache_dir=cache,
+                   tensorboard=False, **PROBE, **QUIET)  # what was not replayed still loads
+    assert again.manifest.status.tolist() == ["ok"]

@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="top-WD neurons per layer in the pre-activation images (0: no images)")
     parser.add_argument("--no-tensorboard", action="store_true", help="write records only, no event files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--evict-cache", action="store_true",
+                        help="delete each hub revision from the hub cache once it is recorded (a long series of a big "
+                             "model: Pythia-12B's 154 checkpoints are ~3.7 TB); local folders are never touched")
     parser.set_defaults(func=run)
 
 
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         ablation=ablation, minimal_pairs=minimal_pairs, ppl_text=ppl_text, dtype=args.dtype, device=args.device,
         shard=shard, tokenizer=args.tokenizer, tokens_per_step=args.tokens_per_step, module=args.module,
         cache_dir=args.cache_dir, run_name=args.run_name, media_every=args.media_every, image_neurons=args.image_neurons,
-        tensorboard=not args.no_tensorboard, progress=not args.no_progress)
+        tensorboard=not args.no_tensorboard, progress=not args.no_progress, evict_cache=args.evict_cache)
     print(result.summary())
     return 0
 

@@ -94,6 +94,8 @@ class ReplaySettings:
         image_neurons: top-WD neurons per layer in the pre-activation images.
         tensorboard: write TensorBoard events into the log folder.
         progress: show a progress bar over the checkpoints.
+        evict_cache: delete each hub revision from the hub cache once its manifest entry is written (long series of
+            big models: Pythia-12B's 154 checkpoints take ~3.7 TB); local series are never touched.
     """
 
     probe_tokens: int | None = None
@@ -121,6 +123,7 @@ class ReplaySettings:
     image_neurons: int = 4
     tensorboard: bool = True
     progress: bool = True
+    evict_cache: bool = False
 
 
 @dataclass
@@ -323,6 +326,7 @@ class _Replay:
             self._release()
         entry.seconds = time.perf_counter() - start
         self.manifest.write(entry)
+        self._evict(revision)
         return loaded
 
     def _measure(self, model: nn.Module, index: int,
@@ -400,6 +404,7 @@ class _Replay:
             finally:
                 del model
                 self._release()
+                self._evict(revision)
         return None
 
     def _fix_cohort(self) -> dict:
@@ -456,6 +461,19 @@ class _Replay:
         if self.tokenizer is None:
             self.tokenizer = self._load_tokenizer(revision)
         return model
+
+    def _evict(self, revision: str) -> None:
+        """With ``evict_cache``, free the disk of a revision that is recorded (a failure to is warned, not fatal)."""
+        if not self.settings.evict_cache:
+            return
+        try:
+            freed = self.series.evict(revision)
+        except Exception as exc:  # noqa: BLE001 - the records are written; the disk is the user's to clean then
+            warnings.warn(f"negmonitor replay: could not remove {revision} from the hub cache ({first_line(exc)})",
+                          stacklevel=2)
+            return
+        if freed:
+            logger.info("%s: removed from the hub cache (%.1f GB freed)", revision, freed / 1e9)
 
     def _release(self) -> None:
         """Return a dropped checkpoint's memory before the next one loads (a full collection only where it pays)."""

@@ -70,6 +70,10 @@ class Series:
         """The series' tokenizer (taken from ``revision`` where checkpoints carry one)."""
         raise NotImplementedError
 
+    def evict(self, revision: str) -> int:
+        """Free the disk a downloaded ``revision`` takes (bytes freed); a local series' files are the user's: kept."""
+        return 0
+
     def check_explicit(self, revisions: Sequence[str]) -> None:
         """Raise a one-line error naming the available revisions when a requested one does not exist."""
         available = self.available()
@@ -149,6 +153,21 @@ class HubSeries(Series):
 
     def describe(self) -> dict:
         return {**super().describe(), "tokens_per_step": self.tokens_per_step, "cache_dir": self.cache_dir}
+
+    def evict(self, revision: str) -> int:
+        """Delete ``revision``'s snapshot from the hub cache, with the files no other cached revision shares (what
+        ``huggingface-cli delete-cache`` does); bytes freed. A replay of Pythia-12B's 154 checkpoints downloads
+        ~3.7 TB, so ``evict_cache`` removes each once it is recorded."""
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir(self.cache_dir)
+        repo = next((r for r in info.repos if r.repo_id == self.name and r.repo_type == "model"), None)
+        commits = [rev.commit_hash for rev in repo.revisions if revision in rev.refs] if repo is not None else []
+        if not commits:
+            return 0
+        strategy = info.delete_revisions(*commits)
+        strategy.execute()
+        return int(strategy.expected_freed_size)
 
     def _list_refs(self) -> set[str] | None:
         from huggingface_hub import constants
