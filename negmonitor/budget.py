@@ -271,7 +271,7 @@ def eager_attention_bytes(model, window: int) -> int:
     return int(getattr(config, "num_attention_heads", 0) or 0) * window * 4 * 2
 
 
-def evaluation_batch_size(model, window: int, batch_size: int, budget: int | None) -> int:
+def evaluation_batch_size(model, window: int, batch_size: int, budget: int | None, what: str = "perplexity") -> int:
     """The largest of ``batch_size, batch_size/2, ..., 1`` windows whose evaluation forward fits ``budget`` (logged
     once when lowered); ``batch_size`` without a budget.
 
@@ -289,7 +289,7 @@ def evaluation_batch_size(model, window: int, batch_size: int, budget: int | Non
     while size > 1 and size * per_window > budget:
         size //= 2
     if size < batch_size:
-        line = (f"negmonitor: memory budget {format_bytes(budget)}: perplexity batch size {batch_size} -> {size} "
+        line = (f"negmonitor: memory budget {format_bytes(budget)}: {what} batch size {batch_size} -> {size} "
                 f"({window}-token windows, planned {format_bytes(size * per_window)})")
         if _first_time(line):
             warnings.warn(line, stacklevel=3)

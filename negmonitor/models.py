@@ -66,7 +66,7 @@ def load_model(
     """Load ``(model, tokenizer)`` in eval mode; encoder-only checkpoints load without an LM head.
 
     ``dtype=None`` loads fp32 on CPU (fp16 matmuls there are slow and lossy) and the checkpoint's saved dtype on a
-    GPU (transformers >= 5 loads the saved dtype, fp16 for Pythia).
+    GPU (fp16 for Pythia), loaded straight onto ``device``.
 
     Args:
         model_id: hub id, ``save_pretrained`` folder, or Lightning ``.ckpt`` file.
@@ -108,19 +108,17 @@ def load_model(
 def _weights(name: str, config: object, placed: dict, revision: str | None, kwargs: dict) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
-    model = None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, **placed, **kwargs)
-    except ValueError:
-        model = None  # not a causal LM (e.g. BERT): fall back to the bare encoder
-    except Exception as exc:
-        raise _load_error(name, revision, exc) from exc
-    if model is None or not is_decoder_config(config):
+    if is_decoder_config(config):  # an encoder (BERT) goes straight to the bare model: one copy on the device
         try:
-            model = AutoModel.from_pretrained(name, **placed, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(name, **placed, **kwargs)
+        except ValueError:
+            pass  # no causal LM class for this config: the bare model
         except Exception as exc:
             raise _load_error(name, revision, exc) from exc
-    return model
+    try:
+        return AutoModel.from_pretrained(name, **placed, **kwargs)
+    except Exception as exc:
+        raise _load_error(name, revision, exc) from exc
 
 
 def _tokenizer(source: str, kwargs: dict, model_name: str) -> object:

@@ -561,3 +561,89 @@ def test_evict_cache_removes_each_recorded_revision_from_the_hub_cache(hub_cache
     again = replay("tiny-org/pythia-tiny", "step8", tmp_path / "other", probe=str(probe_file), cache_dir=cache,
                    tensorboard=False, **PROBE, **QUIET)  # what was not replayed still loads
     assert again.manifest.status.tolist() == ["ok"]
+
+
+def test_an_encoder_checkpoint_is_loaded_once_as_the_bare_encoder(tmp_path, monkeypatch):
+    """BERT has a causal-LM class too: it used to be built (on the device, now that weights are placed while
+    loading) and thrown away before the bare encoder was loaded."""
+    from transformers import AutoModelForCausalLM, BertModel
+
+    from negmonitor.models import load_model
+    from tiny_models import tiny_bert, tiny_bert_tokenizer
+
+    folder = tmp_path / "bert"
+    tiny_bert(head="base").save_pretrained(folder)
+    tiny_bert_tokenizer().save_pretrained(folder)
+    causal = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: causal.append(a) or real(cls, *a, **k)))
+    model, _ = load_model(folder)
+    assert isinstance(model, BertModel) and causal == []
+
+
+def _settings_error_from(nth: int, calls: list):
+    """``engine.take_measurement`` raising negmonitor's own error from its ``nth`` call on (1: the cohort pass)."""
+    from negmonitor.monitoring import engine
+
+    real = engine.take_measurement
+
+    def measuring(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) >= nth:
+            raise NegmonitorError("out of memory during the probe pass even at batch size 1 (simulated)")
+        return real(*args, **kwargs)
+    return measuring
+
+
+def test_a_resumed_replay_gets_past_a_revision_that_keeps_failing(step_series, probe_file, tmp_path, monkeypatch):
+    """step0 was recorded ok by an earlier run: the settings are proven, so step10 failing every time is recorded
+    and the resumed replay goes on to step20 and step40 (it used to stop at step10 on every resume)."""
+    from negmonitor.monitoring import engine
+
+    logdir = tmp_path / "log"
+    replay(step_series, "all", logdir, probe=str(probe_file), tensorboard=False, shard="1/4", **PROBE, **QUIET)
+    real, calls = engine.take_measurement, []
+
+    def step10_fails(*args, **kwargs):
+        calls.append(args[2])
+        if args[2] == 10:
+            raise NegmonitorError("out of memory during the probe pass even at batch size 1 (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "take_measurement", step10_fails)
+    with pytest.warns(UserWarning, match="measurement of step10 failed"):
+        result = replay(step_series, "all", logdir, probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    assert result.skipped == ["step0"] and result.processed == ["step10", "step20", "step40"]
+    assert result.manifest.status.tolist() == ["ok", "failed", "ok", "ok"]
+
+
+def test_a_missing_first_revision_does_not_hide_a_settings_error(hub_cache, probe_file, tmp_path, monkeypatch):
+    """step0's weights are gone (missing); step1 is the first revision measured, and negmonitor's own error there
+    ends the replay at once, rather than being recorded for every later revision after a full load each."""
+    from negmonitor.monitoring import engine
+
+    cache = tmp_path / "hub"
+    shutil.copytree(hub_cache, cache, symlinks=True)
+    (cache / "models--tiny-org--pythia-tiny" / "snapshots" / f"{1:040x}" / "model.safetensors").unlink()
+    calls: list = []
+    monkeypatch.setattr(engine, "take_measurement", _settings_error_from(2, calls))  # after the cohort pass
+    with pytest.raises(NegmonitorError, match="even at batch size 1"):
+        replay("tiny-org/pythia-tiny", "step0,step1,step2,step8", tmp_path / "log", probe=str(probe_file),
+               cache_dir=cache, tensorboard=False, **PROBE, **QUIET)
+    assert calls == [8, 1]  # the cohort pass (step8), then step1: nothing after it
+    assert read_manifest(tmp_path / "log").set_index("revision").status.to_dict() == {"step0": "missing"}
+
+
+def test_evict_cache_keeps_another_shards_revision_loaded_as_a_predecessor(hub_cache, probe_file, tmp_path):
+    """Shard 2/2 loads step1 (shard 1's) as its first revision's predecessor: it stays in the cache until the shard
+    that owns it has recorded it."""
+    from huggingface_hub import scan_cache_dir
+
+    cache = tmp_path / "hub"
+    shutil.copytree(hub_cache, cache, symlinks=True)
+    result = replay("tiny-org/pythia-tiny", "step0,step1,step2,step8", tmp_path / "log", probe=str(probe_file),
+                    cache_dir=cache, shard="2/2", evict_cache=True, tensorboard=False, **PROBE, **QUIET)
+    assert result.processed == ["step2", "step8"]
+    left = {ref for repo in scan_cache_dir(cache).repos for rev in repo.revisions for ref in rev.refs}
+    assert {"step0", "step1"} <= left and not {"step2", "step8"} & left

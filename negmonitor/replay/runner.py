@@ -251,6 +251,7 @@ class _Replay:
         self.writer: Any = None
         self._loaded_params = 0
         self.processed: list[str] = []
+        self._settings_proven = False  # a revision measured with these settings (here, or recorded by an earlier run)
         self.skipped: list[str] = []
 
     # -- the run ----------------------------------------------------------------------------------------------
@@ -362,12 +363,17 @@ class _Replay:
                 tb.WriterSink(self.writer).log_scalars(tb.scalar_metrics(failed), step)
             return "failed", f"measure: {type(exc).__name__}: {first_line(exc)}", None
         self._write(measurement, scalars, index, step, tokens)
+        self._settings_proven = True
         return "ok", None, state.prev_weights
 
     def _ends_the_replay(self, exc: Exception) -> bool:
         """Whether a revision's failure ends the replay: negmonitor's own error (a setting, or out of memory even at
-        batch size 1) on the first revision this process measures, so it shows at once; later ones are recorded."""
-        return isinstance(exc, NegmonitorError) and not self.processed
+        batch size 1) before any revision was measured with these settings, so a setting's error shows at once;
+        once one was (in this process, or recorded ``ok`` by an earlier run in the manifest), it is recorded."""
+        if not isinstance(exc, NegmonitorError) or self._settings_proven:
+            return False
+        self._settings_proven = bool((self.manifest.read().status == "ok").any())
+        return not self._settings_proven
 
     def _write(self, measurement: engine.Measurement, scalars: pd.DataFrame, index: int, step: int,
                tokens: int) -> None:
@@ -404,7 +410,8 @@ class _Replay:
             finally:
                 del model
                 self._release()
-                self._evict(revision)
+                if self.manifest.is_done(revision):  # another shard's revision stays until that shard records it
+                    self._evict(revision)
         return None
 
     def _fix_cohort(self) -> dict:

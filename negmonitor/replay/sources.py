@@ -156,13 +156,15 @@ class HubSeries(Series):
 
     def evict(self, revision: str) -> int:
         """Delete ``revision``'s snapshot from the hub cache, with the files no other cached revision shares (what
-        ``huggingface-cli delete-cache`` does); bytes freed. A replay of Pythia-12B's 154 checkpoints downloads
+        ``huggingface-cli delete-cache`` does), and so every other ref to the same commit (``main`` for Pythia's
+        last step); bytes freed. A replay of Pythia-12B's 154 checkpoints downloads
         ~3.7 TB, so ``evict_cache`` removes each once it is recorded."""
         from huggingface_hub import scan_cache_dir
 
         info = scan_cache_dir(self.cache_dir)
         repo = next((r for r in info.repos if r.repo_id == self.name and r.repo_type == "model"), None)
-        commits = [rev.commit_hash for rev in repo.revisions if revision in rev.refs] if repo is not None else []
+        commits = [rev.commit_hash for rev in repo.revisions if revision in rev.refs or revision == rev.commit_hash] \
+            if repo is not None else []
         if not commits:
             return 0
         strategy = info.delete_revisions(*commits)

@@ -170,8 +170,8 @@ def compute_pos_surprisal_tokens(ctx: ReportContext, model_path: str, selections
     limit = max_positions(model, tokenizer)
     window = ctx.options.pos_window or default_window(limit)
     mode = ((run.meta.get("ablation_meta") or {}).get("settings") or {}).get("mode", "zero_negative")
-    limit = BatchLimit()  # an out-of-memory retry's batch size, kept for the ablated conditions
-    windows, base = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH, batch_limit=limit)
+    retried = BatchLimit()  # an out-of-memory retry's batch size, kept for the ablated conditions
+    windows, base = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH, batch_limit=retried)
     frames = []
     for condition in ABLATED:
         rows = selections[selections.condition == condition].drop(columns=["condition"])
@@ -179,7 +179,7 @@ def compute_pos_surprisal_tokens(ctx: ReportContext, model_path: str, selections
             continue
         with ablate(model, Selection.from_frame(rows), mode):
             _, ablated = window_surprisals(model, tokenizer, stream, window=window, batch_size=BATCH,
-                                           batch_limit=limit)
+                                           batch_limit=retried)
         frames.append(pos_excess_surprisal(windows, base, ablated, nlp=nlp, unit="token").assign(condition=condition))
     if not frames:
         raise Skip(f"{run.label}: its selections hold none of {', '.join(ABLATED)}")
