@@ -241,7 +241,7 @@ def evaluate(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSe
             metrics[f"{name}_margin"] = margin
             frames.append(table)
     if "lm_eval" in wanted:
-        lm_metrics, table = _lm_eval(model, tokenizer, suite.lm_eval_tasks, settings)
+        lm_metrics, table = _lm_eval(model, tokenizer, suite.lm_eval_tasks, settings, suite.batch_limit("lm_eval"))
         metrics.update(lm_metrics)
         frames.append(table)
     breakdown = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BREAKDOWN_COLUMNS)
@@ -295,13 +295,21 @@ def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame,
     return float(overall.iloc[0]) if len(overall) else math.nan, margin, table[BREAKDOWN_COLUMNS]
 
 
-def _lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str],
-             settings: AblationSettings) -> tuple[dict[str, float], pd.DataFrame]:
-    """One headline number per task (``acc`` with no filter when there is one) and every metric as breakdown."""
-    from negmonitor.evaluation import run_lm_eval
+def _lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str], settings: AblationSettings,
+             batch_limit: BatchLimit | None = None) -> tuple[dict[str, float], pd.DataFrame]:
+    """One headline number per task (``acc`` with no filter when there is one) and every metric as breakdown.
 
-    table = run_lm_eval(model, tokenizer, list(tasks), batch_size=settings.batch_size, limit=settings.lm_eval_limit,
-                        task_dirs=list(settings.lm_eval_task_dirs) or None)
+    lm-eval's prompts have no length known beforehand, so its batches are not sized to ``memory_budget``: after an
+    out-of-memory error the batch size halves and the tasks run again (kept in ``batch_limit`` for later
+    conditions)."""
+    from negmonitor.evaluation import run_lm_eval
+    from negmonitor.evaluation._common import model_device
+
+    table = retry_on_out_of_memory(
+        lambda size: run_lm_eval(model, tokenizer, list(tasks), batch_size=size, limit=settings.lm_eval_limit,
+                                 task_dirs=list(settings.lm_eval_task_dirs) or None),
+        settings.batch_size, batch_limit, model_device(model, None), "lm-eval", "pass a smaller --batch-size",
+        later="evaluations")
     metrics = {f"lm_eval:{task}": _headline(rows) for task, rows in table.groupby("task", sort=False)}
     breakdown = pd.DataFrame({"suite": "lm_eval", "level": table["metric"] + "," + table["filter"],
                               "group": table["task"], "accuracy": table["value"], "n": table["n_samples"],

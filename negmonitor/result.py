@@ -74,11 +74,17 @@ class ProbeResult:
         return table in self.__dict__
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write every table as parquet (atomically, one file each) plus ``meta.json``; return the folder."""
+        """Write every table as parquet (atomically, one file each) plus ``meta.json``; return the folder.
+
+        Every table is built before anything is written, and ``meta.json`` is the completion mark: removed first,
+        written last, so a folder whose writing was cut short (a full disk, a kill) is refused by :meth:`load`
+        rather than read as a mix of this result's tables and an older one's."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        for name in TABLES:
-            write_parquet_atomic(getattr(self, name), out / f"{name}.parquet")
+        tables = {name: getattr(self, name) for name in TABLES}
+        (out / "meta.json").unlink(missing_ok=True)
+        for name, table in tables.items():
+            write_parquet_atomic(table, out / f"{name}.parquet")
         write_json_atomic(self.meta, out / "meta.json")
         return out
 
@@ -88,12 +94,14 @@ class ProbeResult:
         folder = Path(directory)
         if not (folder / "neurons.parquet").exists():
             raise NegmonitorError(f"{folder} holds no probe result (no neurons.parquet) — point at a probe --out folder")
+        if not (folder / "meta.json").exists():
+            raise NegmonitorError(f"{folder} holds an incomplete probe result (no meta.json: its writing was cut "
+                                  "short) — run the probe again into it")
         tables = {n: pd.read_parquet(folder / f"{n}.parquet") if (folder / f"{n}.parquet").exists() else pd.DataFrame()
                   for n in TABLES}
         import json
 
-        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
-        return cls(meta=meta, **tables)
+        return cls(meta=json.loads((folder / "meta.json").read_text()), **tables)
 
     def values(self, metric: str = "wd") -> dict[int, torch.Tensor]:
         """Per-layer float64 tensors of one per-neuron metric (for selection and cohorts), indexed by neuron."""

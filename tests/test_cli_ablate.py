@@ -125,3 +125,15 @@ def test_a_budget_too_small_for_one_perplexity_window_is_refused_before_the_prob
                       "--window", "64", "--ppl-window", "100000", "--memory-budget", "64KiB"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "exceeds the model's" in err
+
+
+def test_an_unknown_lm_eval_task_fails_before_the_model_loads(tmp_path, capsys):
+    """A typo in --eval lm-eval:TASK used to surface after loading, probing and the baseline evaluations (an hour
+    on an 8B model); now it is the first thing said, even with a model path that does not exist."""
+    pytest.importorskip("lm_eval")
+    from negmonitor.cli import main
+
+    code = main(["ablate", "--model", str(tmp_path / "no-such-model"), "--eval", "ppl,lm-eval:arc_easyy",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "unknown lm-eval task 'arc_easyy'" in err and "no-such-model" not in err

@@ -134,3 +134,52 @@ def test_results_table_skips_non_numeric():
     assert table["metric"].tolist() == ["acc", "f1"]
     assert table["stderr"].isna().tolist() == [True, False]
     assert table["n_samples"].tolist() == [8, 8] and table["batch_size"].tolist() == [16, 16]
+
+
+def test_the_run_scores_without_a_kv_cache_and_leaves_the_callers_state(task_dir):
+    """lm-eval's scoring forwards build no KV cache (config.use_cache off during the run, restored after), and the
+    global random streams simple_evaluate reseeds are given back as they were (it may run inside training)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    model = tiny_causal_lm("neox", init_range=0.3)
+    seen: list = []
+    handle = model.register_forward_pre_hook(lambda module, args: seen.append(module.config.use_cache))
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    try:
+        run_lm_eval(model, tiny_tokenizer(pad=False), ["tiny_agreement_mc"], batch_size=4, task_dirs=task_dir)
+    finally:
+        handle.remove()
+    assert seen and not any(seen) and model.config.use_cache is True
+    assert random.getstate() == before[0] and (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.get_rng_state(), before[2])
+
+
+def test_out_of_memory_halves_the_lm_eval_batch_and_later_conditions_start_there(monkeypatch):
+    import pandas as pd
+    import torch
+
+    import negmonitor.evaluation as evaluation
+    from negmonitor.ablation import AblationSettings, _lm_eval
+    from negmonitor.budget import BatchLimit
+
+    sizes: list[int] = []
+
+    def out_of_memory_above_two(model, tokenizer, tasks, batch_size, **kwargs):
+        sizes.append(batch_size)
+        if batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return pd.DataFrame([{"task": "t", "metric": "acc", "filter": "none", "value": 0.5, "stderr": 0.1,
+                              "n_samples": 10, "num_fewshot": 0, "batch_size": batch_size, "limit": None}])
+
+    monkeypatch.setattr(evaluation, "run_lm_eval", out_of_memory_above_two)
+    kept = BatchLimit()
+    with pytest.warns(UserWarning, match="out of memory during lm-eval; retrying with batch size 2"):
+        metrics, _ = _lm_eval(tiny_causal_lm("neox"), None, ["t"], AblationSettings(batch_size=8), kept)
+    assert sizes == [8, 4, 2] and kept.batch_size == 2 and metrics == {"lm_eval:t": 0.5}
+    sizes.clear()
+    _lm_eval(tiny_causal_lm("neox"), None, ["t"], AblationSettings(batch_size=8), kept)
+    assert sizes == [2]

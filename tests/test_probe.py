@@ -223,6 +223,30 @@ def test_result_round_trip(tmp_path, tokenizer) -> None:
     assert not list((tmp_path / "r").glob("*.tmp"))
 
 
+def test_a_save_cut_short_is_refused_not_read_as_a_mix(tmp_path, tokenizer, monkeypatch) -> None:
+    """Saving a new result into a folder that holds an old one fails after the first table (a full disk): the
+    folder is refused in one line on loading, instead of the new neurons being read with the old pairs."""
+    import negmonitor.result as result_module
+
+    model = tiny_causal_lm("llama")
+    probe_set = ProbeSet.build(["the cat sees the dog ."] * 300, tokenizer, n_tokens=3_000, window=64, n_pairs=100)
+    probe(model, probe_set, tokenizer=tokenizer).save(tmp_path / "r")
+    real, written = result_module.write_parquet_atomic, []
+
+    def disk_full_after_one(table, path):
+        if written:
+            raise OSError(28, "No space left on device (simulated)")
+        written.append(path)
+        return real(table, path)
+
+    monkeypatch.setattr(result_module, "write_parquet_atomic", disk_full_after_one)
+    with pytest.raises(OSError):
+        probe(model, probe_set, tokenizer=tokenizer, layers=[0]).save(tmp_path / "r")
+    with pytest.raises(NegmonitorError, match=r"incomplete probe result \(no meta.json") as err:
+        ProbeResult.load(tmp_path / "r")
+    assert "\n" not in str(err.value)
+
+
 def test_memory_is_bounded_in_the_token_budget(tmp_path) -> None:
     """Peak RSS of a probe over 8x more tokens grows by far less than one [tokens x neurons] matrix."""
     script = textwrap.dedent('''

@@ -138,6 +138,10 @@ def _check_args(args: argparse.Namespace) -> tuple:
                               "two ablate commands")
     if "tse" in request.names and args.tse is None:
         raise NegmonitorError("--eval tse needs the TSE data — pass the folder of its pickles with --tse DIR")
+    if request.lm_eval_tasks:  # a typo fails now, not after the model has loaded and been probed
+        from negmonitor.evaluation.lm_eval_bridge import check_lm_eval_tasks
+
+        check_lm_eval_tasks(request.lm_eval_tasks, settings.lm_eval_task_dirs or None)
     fractions = [check_fraction(float(f), "--fractions") for f in _split_floats(args.fractions)]
     return request, settings, fractions
 
