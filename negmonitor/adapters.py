@@ -67,6 +67,10 @@ class MLPSite:
         from negmonitor.distributed import full_weight
 
         weight = full_weight(self.projection)
+        if weight.dim() != 2 or weight.numel() == 0:  # a shard or a partition seen outside its wrapper
+            raise NegmonitorError(f"the weight of {self.path} has shape "
+                                  f"{tuple(weight.shape)}, not [neurons, inputs]: a sharded model (FSDP, DeepSpeed "
+                                  "ZeRO-3) seen without its wrapper — measure through a supported strategy")
         return weight.t() if _is_conv1d(self.projection) else weight
 
 

@@ -314,3 +314,53 @@ def test_hf_state_that_cannot_be_saved_never_ends_training(tmp_path, monkeypatch
         assert not list(folder.glob("*negmonitor*")), sorted(p.name for p in folder.iterdir())
     with pytest.raises(OSError, match="No space left"):
         run(tmp_path / "strict", strict=True)
+
+
+def test_hf_callback_refuses_sharded_training_however_it_is_asked_for(tmp_path, monkeypatch) -> None:
+    """FSDP or DeepSpeed from TrainingArguments, from an `accelerate launch --config_file` run (args.fsdp unset:
+    only accelerate's state says so) or seen in the parameters (ZeRO-3 partitions) is refused at the start in one
+    line; the callback sees the bare model, whose probe forward and weight reads would only meet shards (under an
+    accelerate config this used to train for days recording nothing but failures, and could hang under ZeRO-3)."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from negmonitor.errors import NegmonitorError
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    tokenizer = tiny_tokenizer()
+
+    def begin(args, model):
+        callback = NegativeDifferentiationCallback(probe=[TEXT], **PROBE)
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, processing_class=tokenizer)
+
+    with pytest.raises(NegmonitorError, match=r"does not support FSDP \(TrainingArguments.fsdp\)") as err:
+        begin(TrainingArguments(output_dir=str(tmp_path / "a"), fsdp=True, use_cpu=True), tiny_causal_lm())
+    assert "\n" not in str(err.value)
+
+    class _State:  # what an accelerate config with `distributed_type: FSDP` leaves for the Trainer
+        distributed_type = DistributedType.FSDP
+
+    args, model = _args(tmp_path / "b", 1), tiny_causal_lm()
+    monkeypatch.setattr(accelerate.state, "is_initialized", lambda: True)
+    monkeypatch.setattr(accelerate.state, "AcceleratorState", _State)
+    with pytest.raises(NegmonitorError, match=r"does not support FSDP \(the accelerate config\)"):
+        begin(args, model)
+    monkeypatch.undo()
+
+    model = tiny_causal_lm()
+    next(model.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    with pytest.raises(NegmonitorError, match=r"does not support DeepSpeed ZeRO-3"):
+        begin(_args(tmp_path / "c", 1), model)
+
+
+def test_a_weight_read_that_meets_a_shard_is_one_clear_line() -> None:
+    """The second guard: a projection weight that is not [neurons, inputs] (a flat shard, an empty ZeRO-3
+    partition) read outside its wrapper is refused, not passed on to an IndexError deep in the drift."""
+    from negmonitor.adapters import find_sites
+    from negmonitor.errors import NegmonitorError
+
+    site = find_sites(tiny_causal_lm())[0]
+    site.projection.weight = torch.nn.Parameter(torch.empty(0))
+    with pytest.raises(NegmonitorError, match=r"has shape \(0,\), not \[neurons, inputs\]: a sharded model"):
+        site.weight_rows()

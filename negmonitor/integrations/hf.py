@@ -91,9 +91,10 @@ class NegativeDifferentiationCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
                        **kwargs: Any) -> None:
         """Check the set-up, open the records and the event file, build the probe set, measure step 0."""
-        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
-            raise NegmonitorError("negmonitor's Hugging Face callback does not support FSDP or DeepSpeed — train "
-                                  "with DDP or one process, or use the Lightning callback")
+        sharded = sharded_training(args, model)
+        if sharded is not None:
+            raise NegmonitorError(f"negmonitor's Hugging Face callback does not support {sharded} — train with DDP "
+                                  "or one process, or use the Lightning callback (which supports FSDP)")
         monitor = self.monitor
         tokenizer = monitor.tokenizer or processing_class or kwargs.get("tokenizer")
         monitor.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
@@ -218,3 +219,29 @@ def hf_log_dir(args: Any) -> Path:
     ``$TENSORBOARD_LOGGING_DIR`` (where transformers 5's TensorBoard callback writes), else ``args.output_dir``."""
     logging_dir = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
     return Path(logging_dir or args.output_dir).expanduser()
+
+
+def sharded_training(args: Any, model: Any) -> str | None:
+    """The sharded set-up this Trainer runs under (``None``: none), found where each way of asking for it shows:
+    ``TrainingArguments`` (``fsdp=``, ``deepspeed=``), accelerate's state (an ``accelerate launch --config_file`` run
+    leaves ``args.fsdp`` unset), or the parameters themselves (ZeRO-3 partitions, FSDP's flat or DTensor shards).
+    The callback sees the bare model, so under any of them its probe forward and weight reads would see shards."""
+    if getattr(args, "fsdp", None):
+        return "FSDP (TrainingArguments.fsdp)"
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+        return "DeepSpeed (TrainingArguments.deepspeed)"
+    try:
+        from accelerate.state import AcceleratorState, is_initialized
+        from accelerate.utils import DistributedType
+    except ImportError:
+        pass
+    else:
+        if is_initialized() and AcceleratorState().distributed_type in (DistributedType.FSDP,
+                                                                         DistributedType.DEEPSPEED):
+            return f"{AcceleratorState().distributed_type.value} (the accelerate config)"
+    for param in getattr(model, "parameters", lambda: [])():
+        if hasattr(param, "ds_id"):
+            return "DeepSpeed ZeRO-3 (partitioned parameters)"
+        if type(param).__name__ in ("DTensor", "FlatParameter"):
+            return f"FSDP ({type(param).__name__} parameters)"
+    return None
