@@ -271,16 +271,22 @@ def eager_attention_bytes(model, window: int) -> int:
     return int(getattr(config, "num_attention_heads", 0) or 0) * window * 4 * 2
 
 
-def evaluation_batch_size(model, window: int, batch_size: int, budget: int | None, what: str = "perplexity") -> int:
+def evaluation_batch_size(model, window: int, batch_size: int, budget: int | None, what: str = "perplexity",
+                          refuse: bool = True) -> int:
     """The largest of ``batch_size, batch_size/2, ..., 1`` windows whose evaluation forward fits ``budget`` (logged
-    once when lowered); ``batch_size`` without a budget.
+    once when lowered); ``batch_size`` without a budget. A budget too small for one window is refused, or with
+    ``refuse=False`` (a budget its user did not set, as the report's surprisal) windows go one at a time, warned.
 
     Raises:
-        NegmonitorError: a budget too small for one window, naming the smallest that works.
+        NegmonitorError: a budget too small for one window, naming the smallest that works (``refuse``).
     """
     if budget is None:
         return batch_size
     per_window = lm_window_bytes(model, window)
+    if per_window > budget and not refuse:
+        warnings.warn(f"negmonitor: one {window}-token {what} window plans {format_bytes(per_window)}, more than the "
+                      f"memory budget {format_bytes(budget)}: windows are scored one at a time", stacklevel=3)
+        return 1
     if per_window > budget:
         raise NegmonitorError(f"memory_budget {format_bytes(budget)} cannot hold one {window}-token perplexity "
                               f"window — the smallest budget that works here is {format_bytes(per_window)} "

@@ -119,3 +119,8 @@ def scalar_rows(rows: list[tuple[int, int, str, float]]) -> pd.DataFrame:
     """Make a ``layer, neuron, metric, value`` frame from tuples (collected in a list, built once)."""
     return pd.DataFrame(rows, columns=["layer", "neuron", "metric", "value"]).astype(
         {"layer": "int64", "neuron": "int64", "metric": "string", "value": "float64"})
+
+
+def failure_rows() -> pd.DataFrame:
+    """The whole-model ``health/measurement_failed`` row (value 1) a failed measurement is recorded and logged as."""
+    return scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])

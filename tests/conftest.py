@@ -22,6 +22,17 @@ torch.set_num_threads(1)
 SHARED_DATA = Path(os.environ.get("NEGMONITOR_DATA") or TESTS.parents[1] / "shared" / "data").expanduser()
 
 
+def out_of_memory_above(limit: int, real, size_of, sizes: list[int]):
+    """``real`` that records each call's batch size (``size_of(*args)``) in ``sizes`` and raises a simulated CUDA
+    out-of-memory error for a batch larger than ``limit``."""
+    def call(*args, **kwargs):
+        sizes.append(size_of(*args))
+        if sizes[-1] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+    return call
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """``../shared/data`` beside the repo; skip where it is absent (a user's clone)."""

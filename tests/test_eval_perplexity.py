@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, out_of_memory_above
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.lm_perplexity import (
     PerplexityResult,
@@ -255,17 +255,8 @@ def test_out_of_memory_halves_the_batch_keeps_the_perplexity_and_later_evaluatio
     ids = token_stream(tokenizer, SHORT_TEXT * 3).tolist()
     expected = perplexity(model, tokenizer, ids, window=8, batch_size=1)
     rows: list[int] = []
-    score = module._score_batch
-
-    def out_of_memory_above(limit):
-        def scored(m, i, batch, *a):
-            rows.append(len(batch))
-            if len(batch) > limit:
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return score(m, i, batch, *a)
-        return scored
-
-    monkeypatch.setattr(module, "_score_batch", out_of_memory_above(2))
+    score, batch_of = module._score_batch, lambda m, i, batch, *a: len(batch)
+    monkeypatch.setattr(module, "_score_batch", out_of_memory_above(2, score, batch_of, rows))
     kept = BatchLimit()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -281,7 +272,7 @@ def test_out_of_memory_halves_the_batch_keeps_the_perplexity_and_later_evaluatio
         second = perplexity(model, tokenizer, ids, window=8, batch_size=8, batch_limit=kept)
     assert max(rows) == 2 and second.nll == pytest.approx(expected.nll, rel=1e-6)
 
-    monkeypatch.setattr(module, "_score_batch", out_of_memory_above(0))
+    monkeypatch.setattr(module, "_score_batch", out_of_memory_above(0, score, batch_of, rows))
     with pytest.warns(UserWarning, match="retrying with batch size 1$"):
         with pytest.raises(NegmonitorError, match="out of memory during a perplexity evaluation even at batch size 1 "
                                                   r"\(CUDA out of memory \(simulated\)\) — pass a shorter window "

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import out_of_memory_above
 from negmonitor.budget import LOSS_ROWS, BatchLimit, lm_window_bytes
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation.minimal_pairs import picked_logprobs, score_sentences
@@ -89,17 +90,9 @@ def test_surprisal_windows_fit_the_budget_and_give_the_unbounded_result(model, t
 def test_out_of_memory_halves_the_surprisal_batch_and_later_calls_start_there(model, tokenizer, monkeypatch):
     module = importlib.import_module("negmonitor.evaluation.minimal_pairs")
     expected = window_surprisals(model, tokenizer, TEXT, window=16, batch_size=1, memory_budget=None)
-    score, rows = module._next_token_logprobs, []
+    score, rows, batch_of = module._next_token_logprobs, [], lambda m, input_ids, *a: input_ids.shape[0]
 
-    def out_of_memory_above(limit):
-        def scored(m, input_ids, *args, **kwargs):
-            rows.append(input_ids.shape[0])
-            if input_ids.shape[0] > limit:
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return score(m, input_ids, *args, **kwargs)
-        return scored
-
-    monkeypatch.setattr(module, "_next_token_logprobs", out_of_memory_above(2))
+    monkeypatch.setattr(module, "_next_token_logprobs", out_of_memory_above(2, score, batch_of, rows))
     kept = BatchLimit()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -115,7 +108,7 @@ def test_out_of_memory_halves_the_surprisal_batch_and_later_calls_start_there(mo
         window_surprisals(model, tokenizer, TEXT, window=16, batch_size=8, batch_limit=kept)
     assert max(rows) == 2
 
-    monkeypatch.setattr(module, "_next_token_logprobs", out_of_memory_above(0))
+    monkeypatch.setattr(module, "_next_token_logprobs", out_of_memory_above(0, score, batch_of, rows))
     with pytest.warns(UserWarning, match="retrying with batch size 1$"):
         with pytest.raises(NegmonitorError, match="out of memory during a surprisal evaluation even at batch size 1 "
                                                   r"\(CUDA out of memory \(simulated\)\) — pass a shorter window"):

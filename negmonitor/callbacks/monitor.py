@@ -41,7 +41,7 @@ from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
 from negmonitor.probing import ProbeSettings, check_memory_budget
 from negmonitor.probeset import ProbeSet
-from negmonitor.records import RecordStore, scalar_rows
+from negmonitor.records import RecordStore, failure_rows
 
 FAMILIES = ("wd", "md", "moments", "jaccard", "health", "cohort", "pairs", "drift", "ablation")
 PROBE_PRECISIONS = ("trainer", "fp32")
@@ -456,7 +456,7 @@ class NegativeDifferentiationMonitor(Callback):
     def _log_failure(self, step: int) -> None:
         """The ``health/measurement_failed`` curve to every sink (a point at 1 per failed step), so a failure shows
         in the dashboard the other curves are read in; a sink that fails here is left alone (never raises)."""
-        metrics = tb.scalar_metrics(scalar_rows([(-1, -1, "health/measurement_failed", 1.0)]))
+        metrics = tb.scalar_metrics(failure_rows())
         for sink in self._sinks:
             try:
                 sink.log_scalars(metrics, step)
@@ -467,7 +467,7 @@ class NegativeDifferentiationMonitor(Callback):
     def _write_failure_row(self, step: int) -> None:
         """The ``health/measurement_failed`` row; a records folder that cannot take it (a full disk) is warned about
         once and training goes on (``strict`` re-raises)."""
-        rows = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
+        rows = failure_rows()
         try:
             self._store.write_scalars(self.run_name, step, self.tokens_seen, rows, key=f"{self.record_key}-failed")
         except Exception as exc:

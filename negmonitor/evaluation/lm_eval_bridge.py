@@ -28,10 +28,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,18 +77,17 @@ def run_lm_eval(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: str
     was_training = model.training
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
-    streams = _random_streams()
     try:
         if use_cache is not None:
             config.use_cache = False
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
-                  device=str(model_device(model)))
-        results = _evaluate(lm_eval, lm, names, manager, batch_size, limit, num_fewshot, bootstrap_iters)
+        with _random_streams_kept():
+            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
+                      device=str(model_device(model)))
+            results = _evaluate(lm_eval, lm, names, manager, batch_size, limit, num_fewshot, bootstrap_iters)
     finally:
         model.train(was_training)
         if use_cache is not None:
             config.use_cache = use_cache
-        _restore_random_streams(streams)
     return results_table(results, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot)
 
 
@@ -101,29 +101,23 @@ def check_lm_eval_tasks(tasks: Sequence[str], task_dirs: str | os.PathLike | Ite
     _task_manager(TaskManager, list(tasks), _task_paths(task_dirs))
 
 
-def _random_streams() -> tuple:
-    """Python's, NumPy's and torch's (CPU and initialised CUDA devices') global random states."""
+@contextlib.contextmanager
+def _random_streams_kept() -> Iterator[None]:
+    """Give back the global random streams ``simple_evaluate`` reseeds: Python's and NumPy's here, torch's (CPU and
+    initialised CUDA devices) through ``torch.random.fork_rng``."""
     import random
 
     import numpy as np
     import torch
 
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
-
-
-def _restore_random_streams(streams: tuple) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    python, numpy_state, cpu, cuda = streams
-    random.setstate(python)
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+    python, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
 
 
 def _import_lm_eval() -> tuple[Any, Any, Any]:

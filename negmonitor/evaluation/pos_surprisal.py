@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,14 +43,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from negmonitor.budget import (
-    DEFAULT_MEMORY_BUDGET,
-    BatchLimit,
-    evaluation_batch_size,
-    format_bytes,
-    lm_window_bytes,
-    retry_on_out_of_memory,
-)
+from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit, evaluation_batch_size, retry_on_out_of_memory
 from negmonitor.errors import NegmonitorError
 from negmonitor.evaluation._common import (
     check_batch_size,
@@ -155,8 +147,11 @@ def window_surprisals(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text
                 values[i][1:] = -logp[row, : n - 1].double().numpy()
 
     longest = max(end - begin for begin, end in spans)
-    retry_on_out_of_memory(score, _batch_size(model, longest, batch_size, memory_budget), batch_limit,
-                           device, "a surprisal evaluation", "pass a shorter window", later="evaluations")
+    # a window over the budget goes alone rather than being refused: the report and ablate score surprisal under a
+    # budget their user did not set
+    size = evaluation_batch_size(model, longest, batch_size, memory_budget, what="surprisal", refuse=False)
+    retry_on_out_of_memory(score, size, batch_limit, device, "a surprisal evaluation", "pass a shorter window",
+                           later="evaluations")
     slices, out = [], []
     for (begin, end), value in zip(spans, values, strict=True):
         rel = offsets[begin:end]
@@ -308,17 +303,6 @@ def pos_excess_surprisal(texts: Sequence[str], surprisal_a: Sequence[TokenSurpri
                         "se": grouped["diff"].std(ddof=1) / np.sqrt(grouped.size())}).reset_index()
     out = out.sort_values(["excess", "pos"], ascending=[False, True], kind="stable").reset_index(drop=True)
     return out.reindex(columns=list(TABLE_COLUMNS))
-
-
-def _batch_size(model: nn.Module, window: int, batch_size: int, budget: int | None) -> int:
-    """Surprisal windows per batch under ``budget``, as for perplexity; but a window over the budget is scored alone
-    (warned), not refused: the report and ``ablate`` score surprisal under a budget their user did not set."""
-    need = lm_window_bytes(model, window)
-    if budget is not None and need > budget:
-        warnings.warn(f"negmonitor: one {window}-token surprisal window plans {format_bytes(need)}, more than the "
-                      f"memory budget {format_bytes(budget)}: windows are scored one at a time", stacklevel=3)
-        return 1
-    return evaluation_batch_size(model, window, batch_size, budget, what="surprisal")
 
 
 def _as_surprisals(items: Sequence[Any]) -> list[TokenSurprisal]:

@@ -52,7 +52,7 @@ from negmonitor.monitoring.engine import MonitorSettings, MonitorState
 from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit
 from negmonitor.probing import ProbeSettings
 from negmonitor.probeset import TEXT_SUFFIXES, ProbeSet, load_probe_texts
-from negmonitor.records import RecordStore, scalar_rows
+from negmonitor.records import RecordStore, failure_rows
 from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest, weights_sha256
 from negmonitor.replay.revisions import parse_shard, resolve_revisions, revision_name, shard_indices, step_of
 from negmonitor.replay.sources import CheckpointMissing, Series, open_series
@@ -357,7 +357,7 @@ class _Replay:
                 raise
             warnings.warn(f"negmonitor replay: measurement of {revision} failed ({type(exc).__name__}: {exc}); "
                           "recorded as failed, the replay goes on", stacklevel=2)
-            failed = scalar_rows([(-1, -1, "health/measurement_failed", 1.0)])
+            failed = failure_rows()
             self.store.write_scalars(self.run_name, step, tokens, failed, key="failed")
             if self.writer is not None:  # the curve too, beside the revisions' other curves
                 tb.WriterSink(self.writer).log_scalars(tb.scalar_metrics(failed), step)
@@ -516,8 +516,8 @@ class _Replay:
     def _weight_rows(self, model: nn.Module) -> dict[int, torch.Tensor]:
         """The drift's snapshot of ``model``: each monitored layer's weight rows on the host, in their own dtype
         (as a measurement leaves it in ``MonitorState.prev_weights``)."""
-        return {site.layer: engine.host_copy(site.weight_rows().detach(), site.weight_rows().dtype)
-                for site in find_sites(model, self.settings.layers)}
+        rows = {site.layer: site.weight_rows().detach() for site in find_sites(model, self.settings.layers)}
+        return {layer: engine.host_copy(weights, weights.dtype) for layer, weights in rows.items()}
 
     def _open_writer(self) -> Any:
         try:

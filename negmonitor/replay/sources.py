@@ -190,14 +190,12 @@ class HubSeries(Series):
             return None
         return {ref.name for ref in list(refs.branches) + list(refs.tags)}
 
-    def _cached_refs(self, required: bool = True) -> set[str] | None:
+    def _cached_refs(self) -> set[str]:
         from huggingface_hub import constants
 
         cache = Path(self.cache_dir or constants.HF_HUB_CACHE)
         repo = cache / ("models--" + self.name.replace("/", "--"))
         if not repo.is_dir():
-            if not required:
-                return None
             raise NegmonitorError(f"model {self.name!r} is not in the local hub cache {cache} and HF_HUB_OFFLINE=1 "
                                   "— check the id, download it first, or unset HF_HUB_OFFLINE")
         refs = repo / "refs"
