@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from negmonitor.errors import NegmonitorError
+from negmonitor.peft_layers import base_layer
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class MLPSite:
 
     def weight_rows(self) -> torch.Tensor:
         """Neuron weight rows ``[n_neurons, d_in]`` (transformers' ``Conv1D`` stores the transpose), whole even under
-        FSDP (gathered from the shards, see :func:`negmonitor.distributed.full_weight`)."""
+        FSDP (gathered from the shards, see :func:`negmonitor.distributed.full_weight`), and as the forward applies
+        them under LoRA (see :mod:`negmonitor.peft_layers`)."""
         from negmonitor.distributed import full_weight
 
         weight = full_weight(self.projection)
@@ -71,7 +73,7 @@ class MLPSite:
             raise NegmonitorError(f"the weight of {self.path} has shape "
                                   f"{tuple(weight.shape)}, not [neurons, inputs]: a sharded model (FSDP, DeepSpeed "
                                   "ZeRO-3) seen without its wrapper — measure through a supported strategy")
-        return weight.t() if _is_conv1d(self.projection) else weight
+        return weight.t() if _is_conv1d(base_layer(self.projection)) else weight
 
 
 _REGISTRY: dict[str, AdapterSpec] = {}
@@ -208,7 +210,8 @@ def _site(spec: AdapterSpec, blocks_name: str, blocks: nn.ModuleList, layer: int
 
 def _features(module: nn.Module) -> tuple[int, int]:
     """``(out, in)`` features of a projection: ``nn.Linear``'s ``out_features``/``in_features``, transformers'
-    ``Conv1D``'s ``nf``/``nx``, else the (unsharded) weight's shape."""
+    ``Conv1D``'s ``nf``/``nx``, else the (unsharded) weight's shape; a PEFT layer's are its base layer's."""
+    module = base_layer(module)
     if _is_conv1d(module):
         return int(module.nf), int(module.nx)
     if hasattr(module, "out_features") and hasattr(module, "in_features"):

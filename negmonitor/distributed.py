@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 from torch import nn
 
+from negmonitor.peft_layers import applied_weight
+
 T = TypeVar("T")
 
 
@@ -202,15 +204,16 @@ def join_weight_read(module: nn.Module) -> None:
 
 
 def full_weight(module: nn.Module) -> torch.Tensor:
-    """A copy of ``module.weight`` in its full shape: gathered from the shards when an FSDP unit holds it (inside
-    :func:`fsdp_routing`; a collective), else the weight itself (detached)."""
+    """``module``'s weight as its forward applies it (:func:`negmonitor.peft_layers.applied_weight`: under LoRA the
+    base plus the adapters' delta) in its full shape: a copy gathered from the shards when an FSDP unit holds it
+    (inside :func:`fsdp_routing`; a collective), else the weight itself (detached)."""
     owner = _OWNERS.get(module)
     if owner is None:
-        return module.weight.detach()
+        return applied_weight(module)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     with FullyShardedDataParallel.summon_full_params(owner, recurse=False, writeback=False):
-        return module.weight.detach().clone()
+        return applied_weight(module).clone()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from negmonitor.ablation import AblationSettings, check_perplexity_budget
+from negmonitor.adapters import find_sites
 from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit
 from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
@@ -39,6 +40,7 @@ from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
+from negmonitor.peft_layers import check_weight_readable
 from negmonitor.probing import ProbeSettings, check_memory_budget
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, failure_rows
@@ -297,6 +299,9 @@ class NegativeDifferentiationMonitor(Callback):
             self.ppl_text = resolve_ppl_text(self.ppl_text, datamodule)
             if is_global_zero:
                 _warn_what_ablation_leaves_out(self.minimal_pairs, self.ppl_text)
+        if self.settings.weight_drift:  # a site whose weight the drift cannot read is refused now, not every step
+            for site in find_sites(hf_model, self.settings.layers):
+                check_weight_readable(site.projection)
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
         if is_global_zero:

@@ -1,0 +1,85 @@
+"""Projections wrapped by PEFT (LoRA fine-tuning): the weight their forward applies, and the layer they wrap.
+
+Under ``peft``'s LoRA the site's projection (``mlp.gate_proj``, ``mlp.dense_h_to_4h``, ...) is a LoRA layer around
+the frozen base layer. Its output, the pre-activation the probe captures, is ``base(x) + scale * B(A(x))``; its
+``weight`` attribute is the frozen base weight alone, so a drift read from it would stay zero however far the
+adapters moved. :func:`applied_weight` gives ``W + sum of the active, unmerged adapters' B @ A * scale`` (PEFT's own
+``get_delta_weight``, the term its ``merge`` adds), from a quantized base too (PEFT's ``dequantize_module_weight``).
+LoRA variants whose merged weight is not base + delta (DoRA) and other PEFT tuners are refused in one line.
+
+``peft`` is imported only when it is already loaded: a model without PEFT layers never needs it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from negmonitor.errors import NegmonitorError
+
+
+def is_peft_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT tuner layer (a LoRA ``Linear`` around a base layer, ...)."""
+    if "peft" not in sys.modules:
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The layer a PEFT layer wraps (``nn.Linear``, transformers' ``Conv1D``, ...), else ``module`` itself."""
+    return module.get_base_layer() if is_peft_layer(module) else module
+
+
+def applied_weight(module: nn.Module) -> torch.Tensor:
+    """The weight ``module``'s forward applies, detached, in the base layer's layout and dtype: ``module.weight``,
+    or for a PEFT LoRA layer its base weight plus each active adapter's delta (minus merged ones' when the adapters
+    are disabled, as its forward then unmerges them)."""
+    if not is_peft_layer(module):
+        return module.weight.detach()
+    from peft.utils.integrations import dequantize_module_weight
+
+    adding, sign = _deltas_to_add(module)
+    base = dequantize_module_weight(module.get_base_layer()).detach()
+    if not adding:
+        return base
+    weight = base.to(torch.float32, copy=True)  # never the live base weight
+    for name in adding:
+        delta = module.get_delta_weight(name).detach()
+        if delta.shape != weight.shape:  # e.g. adapters sharded in FSDP units of their own, read outside them
+            _refuse(module, f"adapter {name}'s delta has shape {tuple(delta.shape)}, its base weight "
+                            f"{tuple(weight.shape)}")
+        weight.add_(delta.to(weight.device, torch.float32), alpha=sign)
+    return weight.to(base.dtype)
+
+
+def check_weight_readable(module: nn.Module) -> None:
+    """Raise the one-line :class:`NegmonitorError` :func:`applied_weight` would, before training starts."""
+    if is_peft_layer(module):
+        _deltas_to_add(module)
+
+
+def _deltas_to_add(module: nn.Module) -> tuple[list[str], float]:
+    """The LoRA adapters whose deltas the forward adds to the base weight as it stands, and the sign: the active,
+    unmerged ones (+1), or when adapters are disabled the merged ones (-1)."""
+    if not hasattr(module, "lora_A") or not hasattr(module, "get_delta_weight"):
+        _refuse(module, "not LoRA")
+    merged = set(module.merged_adapters)
+    if module.disable_adapters:  # its forward unmerges the merged adapters and applies none
+        adding, sign = merged, -1.0
+    else:
+        adding, sign = {name for name in module.active_adapters if name not in merged}, 1.0
+    adding = sorted(name for name in adding if name in module.lora_A)
+    variants = [name for name in adding if name in (getattr(module, "lora_variant", None) or {})
+                or (getattr(module, "use_dora", None) or {}).get(name)]
+    if variants:
+        _refuse(module, f"adapter {', '.join(variants)} is a LoRA variant such as DoRA")
+    return adding, sign
+
+
+def _refuse(module: nn.Module, why: str) -> None:
+    raise NegmonitorError(f"weight drift cannot read a {type(module).__name__} PEFT layer ({why}) — leave 'drift' "
+                          "out of the monitor's families= to keep the other curves")
