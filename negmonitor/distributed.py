@@ -188,32 +188,47 @@ def forward_is_collective(model: nn.Module) -> bool:
 
 def gathers_weight(module: nn.Module) -> bool:
     """Whether :func:`full_weight` of ``module`` is a collective (an FSDP unit holds it, inside :func:`fsdp_routing`)."""
-    return module in _OWNERS
+    return bool(_weight_owners(module))
 
 
 def join_weight_read(module: nn.Module) -> None:
     """Take part in another rank's :func:`full_weight` of ``module`` without copying it: enter and leave the
-    gather (a collective when an FSDP unit holds the weight; nothing otherwise)."""
-    owner = _OWNERS.get(module)
-    if owner is None:
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    with FullyShardedDataParallel.summon_full_params(owner, recurse=False, writeback=False):
+    gathers (collectives when FSDP units hold its weights; nothing otherwise)."""
+    with _gathered(module):
         pass
 
 
 def full_weight(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as its forward applies it (:func:`negmonitor.peft_layers.applied_weight`: under LoRA the
-    base plus the adapters' delta) in its full shape: a copy gathered from the shards when an FSDP unit holds it
-    (inside :func:`fsdp_routing`; a collective), else the weight itself (detached)."""
-    owner = _OWNERS.get(module)
-    if owner is None:
-        return applied_weight(module)
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    base plus the adapters' delta) in its full shape: gathered from the shards when FSDP units hold it (inside
+    :func:`fsdp_routing`; a collective) and then a copy, else the weight itself (detached)."""
+    with _gathered(module) as gathered:
+        weight = applied_weight(module)
+        if gathered and any(weight.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+                            for p in module.parameters()):
+            weight = weight.clone()  # the gathered parameter is freed on leaving
+        return weight
 
-    with FullyShardedDataParallel.summon_full_params(owner, recurse=False, writeback=False):
-        return applied_weight(module).clone()
+
+def _weight_owners(module: nn.Module) -> list[nn.Module]:
+    """The innermost FSDP units holding the parameters of ``module`` and its submodules (a LoRA layer's adapters
+    may be units of their own), in module order: the same on every rank."""
+    return list(dict.fromkeys(_OWNERS[m] for m in module.modules() if m in _OWNERS))
+
+
+@contextlib.contextmanager
+def _gathered(module: nn.Module) -> Iterator[bool]:
+    """Inside: ``module``'s parameters whole (each FSDP unit holding them summoned, without its children); yields
+    whether any was gathered."""
+    owners = _weight_owners(module)
+    with contextlib.ExitStack() as stack:
+        if owners:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            for owner in owners:
+                stack.enter_context(FullyShardedDataParallel.summon_full_params(owner, recurse=False,
+                                                                                writeback=False))
+        yield bool(owners)
 
 
 # --------------------------------------------------------------------------------------------------------------

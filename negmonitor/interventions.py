@@ -81,9 +81,11 @@ class MaskedActivation(nn.Module):
         self.base = base
         self.mode = check_mode(mode)
         self.register_buffer("mask", mask.to(torch.bool), persistent=False)
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the mode to the masked neurons and the base nonlinearity to the rest."""
+        self.calls += 1
         if x.shape[-1] != self.mask.shape[0]:
             raise NegmonitorError(f"the ablation mask has {self.mask.shape[0]} neurons but the activation got "
                                   f"{x.shape[-1]} — the selection was built for a different model")
@@ -116,20 +118,40 @@ def ablate(
             ``zero_neuron``.
 
     Raises:
-        NegmonitorError: unknown mode, a layer out of range, or a neuron index out of range.
+        NegmonitorError: unknown mode, a layer out of range, or a neuron index out of range; on leaving, a layer
+            whose projection ran inside the block while its activation module never did (a fused MLP kernel, such
+            as Liger's, computes the nonlinearity itself: the ablation changed nothing there).
     """
     check_mode(mode)
     masks = neuron_masks(model, selection)
-    installed: list[tuple[MLPSite, nn.Module]] = []
+    installed: list[tuple[MLPSite, nn.Module, MaskedActivation]] = []
+    projection_calls: dict[int, int] = {}
+    hooks = []
     try:
         for site, mask in masks:
             original = site.activation
-            setattr(site.act_owner, site.act_attr, MaskedActivation(original, mask, mode))
-            installed.append((site, original))
+            masked = MaskedActivation(original, mask, mode)
+            setattr(site.act_owner, site.act_attr, masked)
+            installed.append((site, original, masked))
+            hooks.append(site.projection.register_forward_hook(_counter(projection_calls, site.layer)))
         yield model
     finally:
-        for site, original in reversed(installed):
+        for hook in hooks:
+            hook.remove()
+        for site, original, _ in reversed(installed):
             setattr(site.act_owner, site.act_attr, original)
+    bypassed = [site.path for site, _, masked in installed if projection_calls.get(site.layer) and not masked.calls]
+    if bypassed:
+        raise NegmonitorError(f"the ablation changed nothing: {bypassed[0]} ran but its layer never called its "
+                              "activation module (a fused MLP kernel computes the nonlinearity itself, e.g. Liger's: "
+                              "use_liger_kernel=True) — run ablations without the fused kernel")
+
+
+def _counter(calls: dict[int, int], layer: int) -> Callable[..., None]:
+    def count(module: nn.Module, args: object, output: object) -> None:
+        calls[layer] = calls.get(layer, 0) + 1
+
+    return count
 
 
 def neuron_masks(

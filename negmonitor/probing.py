@@ -109,6 +109,7 @@ def measure(
     given, caps the batch size and keeps what a retry lowered it to, for the caller's next measurement.
     """
     eager = unwrap_compiled(model)
+    check_one_device(eager)
     with forward_context():  # the capture dtype the plan counts is the forward's (e.g. bf16 under autocast)
         plan = _plan(eager, probe_set, sites, settings, world_size)
     if rank == 0:  # every rank plans alike
@@ -423,6 +424,16 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in modes.items():
             module.training = mode
+
+
+def check_one_device(model: nn.Module) -> None:
+    """Refuse a model whose parameters sit on several devices (``device_map="auto"`` across GPUs, or offloaded to
+    the CPU): the probe's accumulators and row tables live on one device, beside every monitored layer."""
+    devices = sorted({str(p.device) for p in model.parameters() if p.device.type != "meta"})
+    if len(devices) > 1:
+        raise NegmonitorError(f"the model's parameters are spread over {', '.join(devices)} (a device_map across "
+                              "devices, or offloading): negmonitor measures a model held on one device — load it "
+                              "onto one device (device_map={'': 0}, --device), or spread the work with DDP or FSDP")
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -364,3 +364,81 @@ def test_a_weight_read_that_meets_a_shard_is_one_clear_line() -> None:
     site.projection.weight = torch.nn.Parameter(torch.empty(0))
     with pytest.raises(NegmonitorError, match=r"has shape \(0,\), not \[neurons, inputs\]: a sharded model"):
         site.weight_rows()
+
+
+def _hf_run(output_dir, max_steps: int, callbacks=(), resume=None, **arguments):
+    """A tiny Llama trained by a real Trainer with the monitor every 2 steps (images only at the final one)."""
+    from transformers import Trainer
+
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    tokenizer = tiny_tokenizer()
+    callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=2, log_spaced_until=0,
+                                               media_every_n_steps=1_000, **PROBE)
+    blocks = _Blocks(tokenizer)
+    Trainer(model=tiny_causal_lm("llama").train(), args=_args(output_dir, max_steps, **arguments),
+            train_dataset=blocks, eval_dataset=blocks, processing_class=tokenizer,
+            callbacks=[callback, *callbacks]).train(resume_from_checkpoint=resume)
+    return callback
+
+
+def _image_steps(records) -> list[int]:
+    acc = EventAccumulator(str(records), size_guidance={"images": 0})
+    acc.Reload()
+    return sorted({e.step for e in acc.Images("negmonitor/images/top_neurons/layer_00")})
+
+
+def test_hf_last_step_is_measured_as_final_before_the_best_checkpoint_is_reloaded(tmp_path) -> None:
+    from transformers import TrainerCallback
+
+    best = dict(eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                metric_for_best_model="loss", learning_rate=3e-2)
+    callback = _hf_run(tmp_path / "best", 5, **best)  # the Trainer puts step 2's or 4's weights back at the end
+    assert callback.measured_steps == [0, 2, 4, 5]
+    neurons = RecordStore(tmp_path / "best" / "negmonitor").read_neurons()
+    wd = {step: frame.sort_values(["layer", "neuron"]).wd.to_numpy() for step, frame in neurons.groupby("step")}
+    assert not np.allclose(wd[5], wd[4]) and not np.allclose(wd[5], wd[2])  # step 5's own weights, not the best's
+    assert _image_steps(tmp_path / "best" / "negmonitor") == [0, 5]  # media: every 1,000 steps and the final one
+
+    callback = _hf_run(tmp_path / "scheduled", 4)  # the last step is also a scheduled one: still the final one
+    assert callback.measured_steps == [0, 2, 4]
+    assert _image_steps(tmp_path / "scheduled" / "negmonitor") == [0, 4]
+
+    class StopAt3(TrainerCallback):  # as EarlyStoppingCallback ends a run
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    callback = _hf_run(tmp_path / "early", 8, [StopAt3()])
+    assert callback.measured_steps == [0, 2, 3]  # the final measurement of a run stopped early
+    with pytest.warns(UserWarning, match=r"no final measurement at step 3: the model now holds the best checkpoint "
+                                         r"\(.*checkpoint-2, load_best_model_at_end\)"):
+        callback = _hf_run(tmp_path / "early_best", 8, [StopAt3()], **best)
+    assert callback.measured_steps == [0, 2]
+
+
+def test_hf_resume_finds_the_state_where_it_was_resumed_from_or_says_it_starts_afresh(tmp_path) -> None:
+    import shutil
+
+    _hf_run(tmp_path / "run", 2, save_strategy="steps", save_steps=2)
+    (state_file,) = (tmp_path / "run" / "checkpoint-2").glob("negmonitor-*.pt")
+    moved = tmp_path / "elsewhere" / "checkpoint-2"
+    shutil.move(str(tmp_path / "run" / "checkpoint-2"), str(moved))  # resumed from a folder outside output_dir
+    callback = _hf_run(tmp_path / "run", 4, resume=str(moved), resume_from_checkpoint=str(moved))
+    assert callback.measured_steps == [0, 2, 4]  # the state came back from the folder the run resumed from
+
+    (moved / state_file.name).unlink()
+    with pytest.warns(UserWarning, match=r"resumed at step 2 without the monitor's state \(looked for .*\): it starts "
+                                         r"afresh — a new cohort at its next measurement"):
+        callback = _hf_run(tmp_path / "again", 4, resume=str(moved), resume_from_checkpoint=str(moved))
+    assert callback.measured_steps == [2, 4]  # step 2 again, as the first measurement of a fresh monitor
+
+
+def test_hf_records_stay_in_one_folder_across_launches_under_transformers_4_logging_dirs(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from negmonitor.integrations.hf import hf_log_dir
+
+    out = tmp_path / "out"  # transformers 4's default logging_dir: <output_dir>/runs/<time>_<host>, new each launch
+    assert hf_log_dir(SimpleNamespace(output_dir=str(out), logging_dir=str(out / "runs" / "Dec03_15-04-11_host"))) == out
+    assert hf_log_dir(SimpleNamespace(output_dir=str(out), logging_dir=str(tmp_path / "tb"))) == tmp_path / "tb"
+    assert hf_log_dir(SimpleNamespace(output_dir=str(out), logging_dir=None)) == out

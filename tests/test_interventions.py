@@ -211,3 +211,25 @@ def test_bad_inputs_raise_one_line_errors(models):
         with ablate(model, {5: [0]}):
             pass
     assert [s.activation for s in find_sites(model)] == originals
+
+
+def test_a_fused_mlp_that_never_calls_its_activation_is_refused(tokenizer) -> None:
+    """As Liger's kernel (use_liger_kernel=True) replaces a Llama MLP's forward: SiLU(gate) * up computed in one
+    fused call, act_fn never called. The ablation would change nothing; it says so instead of scoring no damage."""
+    model = tiny_causal_lm("llama")
+    ids = tokenizer(["the cat sat on the mat"], return_tensors="pt")["input_ids"]
+    with ablate(model, {0: [0, 1]}):  # the model's own forward calls act_fn: no complaint
+        model(ids)
+    mlp = model.model.layers[0].mlp
+    mlp.forward = lambda x: mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    with ablate(model, {1: [3]}):
+        layer_1_only = model(ids).logits
+    with pytest.raises(NegmonitorError, match=r"the ablation changed nothing: model\.layers\.0\.mlp\.gate_proj ran "
+                                              r"but its layer never called its activation module \(a fused MLP "
+                                              r"kernel .*Liger's"):
+        with ablate(model, {0: [0, 1], 1: [3]}):
+            assert torch.equal(model(ids).logits, layer_1_only)  # layer 0's mask was never applied
+    assert not isinstance(mlp.act_fn, MaskedActivation)  # restored
+    assert not mlp.gate_proj._forward_hooks  # the counting hooks are gone
+    with ablate(model, {0: [0, 1]}):  # a block that runs no forward is no evidence either way
+        pass

@@ -357,3 +357,19 @@ def test_a_probe_through_the_fused_cpu_update_equals_one_through_torchs_passes(t
     for column in ("wd", "wd_neg", "mean", "std", "md"):
         np.testing.assert_allclose(fused[column].to_numpy(), passes[column].to_numpy(), rtol=1e-5, atol=1e-6,
                                    err_msg=column)
+
+
+def test_a_model_spread_over_devices_is_refused_in_one_line(tokenizer) -> None:
+    """device_map="auto" over two GPUs (or offloading) puts layers on different devices; the probe's accumulators
+    live on one. Shown with the model's parameters reporting two CUDA devices (no GPU here), before any forward."""
+    from types import SimpleNamespace
+
+    model = tiny_causal_lm("llama")
+    probe_set = ProbeSet.build(["the cat sat on the mat . " * 40], tokenizer, n_tokens=256, window=32, n_pairs=20)
+    real = list(model.parameters())
+    spread = real[:1] + [SimpleNamespace(device=torch.device("cuda", 1))] + real[1:]
+    model.parameters = lambda recurse=True: iter(spread)
+    with pytest.raises(NegmonitorError, match=r"the model's parameters are spread over cpu, cuda:1 \(a device_map "
+                                              r"across devices, or offloading\): negmonitor measures a model held on "
+                                              r"one device — load it onto one device"):
+        probe(model, probe_set, tokenizer=tokenizer)

@@ -40,8 +40,7 @@ from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
-from negmonitor.peft_layers import check_weight_readable
-from negmonitor.probing import ProbeSettings, check_memory_budget
+from negmonitor.probing import ProbeSettings, check_memory_budget, check_one_device
 from negmonitor.probeset import ProbeSet
 from negmonitor.records import RecordStore, failure_rows
 
@@ -299,9 +298,10 @@ class NegativeDifferentiationMonitor(Callback):
             self.ppl_text = resolve_ppl_text(self.ppl_text, datamodule)
             if is_global_zero:
                 _warn_what_ablation_leaves_out(self.minimal_pairs, self.ppl_text)
+        check_one_device(hf_model)  # refused now, not failed at every measurement
         if self.settings.weight_drift:  # a site whose weight the drift cannot read is refused now, not every step
             for site in find_sites(hf_model, self.settings.layers):
-                check_weight_readable(site.projection)
+                site.check_weight_readable()
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
         if is_global_zero:
@@ -547,10 +547,21 @@ class NegativeDifferentiationMonitor(Callback):
                                f"{exc}); the records have every number")
 
     def _check_drift_resolution(self, neurons: pd.DataFrame, step: int) -> None:
-        """Warn once when drift is too small for a bf16/fp16 snapshot to resolve (measurements close together)."""
-        if self._drift_warned or self.settings.drift_dtype == torch.float32 or "drift_cos_dissim" not in neurons:
+        """Warn once when drift is too small for a bf16/fp16 snapshot to resolve (measurements close together), or
+        nothing moved at all (frozen weights: LoRA on other modules, a zero learning rate)."""
+        if self._drift_warned or "drift_cos_dissim" not in neurons or neurons.drift_cos_dissim.isna().all():
             return
-        median = float(neurons.drift_cos_dissim.median())  # NaN (no drift yet) compares False
+        if float(neurons.drift_cos_dissim.abs().max()) == 0.0:
+            self._drift_warned = True
+            below = ("" if self.settings.drift_dtype == torch.float32 else f", or their changes are below what a "
+                     f"{self.settings.drift_dtype} snapshot resolves (drift_dtype='fp32' tells the two apart)")
+            rank_zero_warn(f"negmonitor: no monitored MLP weight changed between the last two measurements (step "
+                           f"{step}): they are frozen (LoRA on other modules, a zero learning rate){below}; the "
+                           "drift curves stay at 0")
+            return
+        if self.settings.drift_dtype == torch.float32:
+            return
+        median = float(neurons.drift_cos_dissim.median())
         if median < DRIFT_RESOLUTION[self.settings.drift_dtype]:
             self._drift_warned = True
             rank_zero_warn(f"negmonitor: weight drift at step {step} (median cosine dissimilarity {median:.1e}) is "

@@ -163,11 +163,19 @@ class NegativeDifferentiationCallback(TrainerCallback):
 
         from negmonitor.distributed import agree_on_failure, is_distributed
 
-        path = self._state_path(args, state.global_step)
+        candidates = self._state_paths(args, state.global_step)
         saved = None
         with agree_on_failure(is_distributed()):  # an unreadable file ends every rank's run, not one
-            if self._ranks.is_global_zero and path.is_file():
-                saved = torch.load(path, map_location="cpu", weights_only=False)
+            if self._ranks.is_global_zero:
+                found = next((path for path in candidates if path.is_file()), None)
+                if found is not None:
+                    saved = torch.load(found, map_location="cpu", weights_only=False)
+                else:
+                    import warnings
+
+                    warnings.warn(f"negmonitor: resumed at step {state.global_step} without the monitor's state "
+                                  f"(looked for {' and '.join(str(c) for c in candidates)}): it starts afresh — a new "
+                                  "cohort at its next measurement, no drift until the one after", stacklevel=2)
         if is_distributed():
             box = [saved]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -178,14 +186,39 @@ class NegativeDifferentiationCallback(TrainerCallback):
     def _state_path(self, args: Any, step: int) -> Path:
         return Path(args.output_dir) / f"checkpoint-{int(step)}" / f"negmonitor-{self.monitor.record_key}.pt"
 
+    def _state_paths(self, args: Any, step: int) -> list[Path]:
+        """Where a resumed run's state may be: beside ``output_dir/checkpoint-<step>``, or in the folder
+        ``TrainingArguments(resume_from_checkpoint=)`` names (the Trainer does not tell callbacks the folder it
+        resumed from; the example scripts set it there)."""
+        paths = [self._state_path(args, step)]
+        resumed = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(resumed, (str, os.PathLike)) and Path(resumed).is_dir():
+            paths.append(Path(resumed) / f"negmonitor-{self.monitor.record_key}.pt")
+        return list(dict.fromkeys(paths))
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Measure when the optimizer step just taken is scheduled."""
-        self._maybe_measure(state, self.monitor.schedule.due(state.global_step))
+        """Measure when the optimizer step just taken is scheduled; the last step (``max_steps``, also of an
+        epoch-based run) is the final measurement, taken here, before the Trainer may load its best checkpoint."""
+        step = int(state.global_step)
+        last = 0 < int(getattr(state, "max_steps", 0) or 0) <= step
+        schedule = self.monitor.schedule
+        self._maybe_measure(state, schedule.due(step) or (last and schedule.at_end), final=last)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Final measurement; close the event file."""
+        """Final measurement of a run that stopped early (e.g. early stopping), unless the Trainer has just put its
+        best checkpoint's weights in the model (``load_best_model_at_end``); close the event file."""
         try:
-            self._maybe_measure(state, self.monitor.schedule.at_end, final=True)
+            step = int(state.global_step)
+            reloaded = getattr(args, "load_best_model_at_end", False) and getattr(state, "best_model_checkpoint", None)
+            if reloaded and self.monitor.schedule.at_end and step not in self.monitor.measured_steps:
+                if self._ranks is not None and self._ranks.is_global_zero:
+                    import warnings
+
+                    warnings.warn(f"negmonitor: no final measurement at step {step}: the model now holds the best "
+                                  f"checkpoint ({state.best_model_checkpoint}, load_best_model_at_end), not step "
+                                  f"{step}'s weights", stacklevel=2)
+            else:
+                self._maybe_measure(state, self.monitor.schedule.at_end, final=True)
         finally:
             if self._writer is not None:
                 self._writer.close()
@@ -215,9 +248,14 @@ def training_autocast(args: Any, model: Any) -> Callable[[], ContextManager]:
 
 
 def hf_log_dir(args: Any) -> Path:
-    """The folder the ``negmonitor/`` records go under: ``args.logging_dir`` (transformers 4), else
-    ``$TENSORBOARD_LOGGING_DIR`` (where transformers 5's TensorBoard callback writes), else ``args.output_dir``."""
-    logging_dir = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
+    """The folder the ``negmonitor/`` records go under: ``args.logging_dir`` (transformers 4) when the user set it,
+    else ``$TENSORBOARD_LOGGING_DIR`` (where transformers 5's TensorBoard callback writes), else ``args.output_dir``.
+    transformers 4's default logging dir, ``<output_dir>/runs/<time>_<host>``, is new at every launch: a resumed run's
+    records would start a new folder (and leave the last one's drift snapshots behind), so it counts as unset."""
+    logging_dir = getattr(args, "logging_dir", None)
+    if logging_dir and Path(logging_dir).expanduser().parent == Path(args.output_dir).expanduser() / "runs":
+        logging_dir = None
+    logging_dir = logging_dir or os.environ.get("TENSORBOARD_LOGGING_DIR")
     return Path(logging_dir or args.output_dir).expanduser()
 
 
