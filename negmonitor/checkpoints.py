@@ -70,6 +70,10 @@ def load_lightning_model(path: str | os.PathLike, dtype: torch.dtype | None = No
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict) or not state:
         raise NegmonitorError(f"checkpoint {path} has no state_dict — it is not a Lightning checkpoint")
+    if any(".lora_A." in key or ".base_layer." in key for key in state):
+        raise NegmonitorError(f"checkpoint {path} holds a LoRA (peft) model, whose adapters negmonitor does not fold "
+                              "in from a checkpoint — merge them (model.merge_and_unload()), save_pretrained the "
+                              "merged model and point negmonitor at that folder")
     hparams = {k: v for k, v in dict(checkpoint.get("hyper_parameters") or {}).items() if not str(k).startswith("_")}
     model = _build_empty_model(path, hparams)
     _load_weights(model, state, path)

@@ -275,3 +275,131 @@ def test_sample_histograms_are_numpys_histograms_of_each_sampled_neuron() -> Non
         np.testing.assert_array_equal(rows.left, edges[:-1])
         np.testing.assert_array_equal(rows.right, edges[1:])
     assert sample_histograms({}).empty
+
+
+def test_a_run_whose_end_was_not_known_at_its_last_step_still_gets_a_final_measurement(tmp_path) -> None:
+    """max_epochs (max_steps=-1) and early stopping end a run after its last scheduled measurement was taken as an
+    ordinary one: the final one's media and ablation are added at the end from that same measurement."""
+    ablation = {"fraction": 0.05, "max_matching_evals": 2, "ppl_window": 64}
+
+    class StopAt4(Callback):  # as EarlyStopping ends a run, after the step's batch
+        def on_train_batch_end(self, trainer_, *args):
+            trainer_.should_stop = trainer_.global_step == 4
+
+    for name, extra, kwargs in (("epochs", [], dict(max_epochs=1)), ("stopped", [StopAt4()], dict(max_epochs=3))):
+        seed_everything(0)
+        module = TinyLM()
+        monitor = NegativeDifferentiationMonitor(every_n_steps=4, media_every_n_steps=1_000, ablation=ablation,
+                                                 ablation_every_n_steps=1_000, ppl_text=TEXT[:2_000], **SMALL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(tmp_path / name, -1, [monitor, *extra], **kwargs).fit(
+                module, token_loader(module.tokenizer, n_batches=8))
+        last = 8 if name == "epochs" else 4
+        assert monitor.measured_steps == [0, 4, 8][: 2 + (name == "epochs")]
+        log_dir = tmp_path / name / "run" / "version_0"
+        scalars = RecordStore.for_logdir(log_dir).read_scalars()
+        assert sorted(scalars[scalars.metric == "ablation/ppl_ratio/wasserstein"].step) == [0, last], name
+        assert "health/measurement_failed" not in set(scalars.metric)
+        images = _events(log_dir).Images("negmonitor/images/top_neurons/layer_00")
+        assert sorted(e.step for e in images) == [0, last], name
+        ablation_curve = _events(log_dir).Scalars("negmonitor/ablation/ppl_ratio/wasserstein")
+        assert [e.step for e in ablation_curve] == [0, last], name
+
+
+def test_tokens_are_counted_in_transformers_batch_encodings(tmp_path) -> None:
+    """transformers' collators (DataCollatorForLanguageModeling) return a BatchEncoding, a UserDict: its input_ids
+    count as a dict's do."""
+    from torch.utils.data import DataLoader
+    from transformers import BatchEncoding
+
+    class DictLM(TinyLM):
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    seed_everything(0)
+    module = DictLM()
+    blocks = [ids for (ids,) in token_loader(module.tokenizer, batch_size=1, n_batches=16).dataset]
+    loader = DataLoader(blocks, batch_size=8, collate_fn=lambda rows: BatchEncoding({"input_ids": torch.stack(rows)}))
+    monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "health"), **SMALL)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, 2, [monitor]).fit(module, loader)
+    assert monitor.tokens_seen == 2 * 8 * 32
+    scalars = RecordStore.for_logdir(tmp_path / "run" / "version_0").read_scalars()
+    assert scalars.groupby("step").tokens_seen.first().to_dict() == {0: 0, 2: 512}
+    assert not [w for w in caught if "cannot count the tokens" in str(w.message)]
+
+    class OpaqueLM(TinyLM):
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch.ids, labels=batch.ids).loss
+
+    class Batch:  # a batch with no input_ids: said once, not silently 0
+        def __init__(self, ids):
+            self.ids = ids
+
+    module = OpaqueLM()
+    loader = DataLoader(blocks, batch_size=8, collate_fn=lambda rows: Batch(torch.stack(rows)))
+    monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "health"), **SMALL)
+    with pytest.warns(UserWarning, match=r"cannot count the tokens of a Batch batch \(no input_ids tensor in it\); "
+                                         r"tokens_seen stays 0 — pass tokens_per_step="):
+        trainer(tmp_path / "opaque", 2, [monitor]).fit(module, loader)
+
+
+def test_a_resumed_run_keeps_its_records_folder_and_name_when_the_logger_opens_a_new_version(tmp_path) -> None:
+    """TensorBoardLogger(version=None), the default (and a SLURM requeue's): the resumed Trainer logs to version_1,
+    but the monitor's records go on in version_0's folder under the run's first name, so the report sees one run."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    def fit(max_steps: int, ckpt_path=None, crash_at=None) -> NegativeDifferentiationMonitor:
+        seed_everything(0)
+        module = TinyLM()
+        monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "drift", "health"), **SMALL)
+        extra = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)]
+        extra += [_Crash(crash_at)] if crash_at else []
+        tr = trainer(tmp_path, max_steps, [monitor, *extra], logger=TensorBoardLogger(str(tmp_path), name="run"))
+        tr.fit(module, token_loader(module.tokenizer, n_batches=6), ckpt_path=ckpt_path)
+        return monitor
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(6, crash_at=3)
+    (checkpoint,) = (tmp_path / "ckpt").glob("*step=2*.ckpt")
+    monitor = fit(6, ckpt_path=str(checkpoint))
+    assert (tmp_path / "run" / "version_1").is_dir()  # the resumed Trainer's logger
+    assert monitor.run_name == "version_0"
+    scalars = RecordStore.for_logdir(tmp_path / "run" / "version_0").read_scalars()
+    assert sorted(scalars.step.unique()) == [0, 2, 4, 6] and set(scalars.run) == {"version_0"}
+    assert "drift/cohort_vs_rest" in set(scalars[scalars.step == 4].metric)  # the step-2 snapshot was found
+    assert not (tmp_path / "run" / "version_1" / "negmonitor" / "scalars").exists()
+
+
+def test_a_callback_reused_with_a_new_trainer_measures_the_new_run_from_its_start(tmp_path) -> None:
+    monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "drift", "health"), **SMALL)
+    for name in ("first", "second"):  # a notebook cell run twice, a sweep, a second stage
+        seed_everything(0)
+        module = TinyLM()
+        trainer(tmp_path / name, 4, [monitor]).fit(module, token_loader(module.tokenizer))
+        assert monitor.measured_steps == [0, 2, 4], name
+        assert monitor.tokens_seen == 4 * 8 * 32 and monitor.run_name == "version_0"
+    first, second = (RecordStore.for_logdir(tmp_path / name / "run" / "version_0").read_scalars()
+                     for name in ("first", "second"))
+    pd.testing.assert_frame_equal(first, second)  # the same run twice: the same records, drift from its own start
+
+
+def test_fast_dev_run_measures_and_writes_nothing(tmp_path) -> None:
+    seed_everything(0)
+    module = TinyLM()
+    monitor = NegativeDifferentiationMonitor(every_n_steps=1, ablation={"fraction": 0.05}, **SMALL)
+    with pytest.warns(UserWarning, match="fast_dev_run — the monitor measures nothing and writes nothing"):
+        trainer(tmp_path, 1, [monitor], logger=False, fast_dev_run=True).fit(module, token_loader(module.tokenizer))
+    assert monitor.measured_steps == [] and not list(tmp_path.rglob("negmonitor"))
+
+
+def test_lightning_cli_yaml_can_switch_ablation_on_with_true_or_a_mapping() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(NegativeDifferentiationMonitor, "monitor")
+    for value, fraction in (("true", 0.01), ("{fraction: 0.02}", 0.02)):
+        config = parser.parse_args(["--monitor.probe", "probe.txt", "--monitor.ablation", value])
+        assert parser.instantiate_classes(config).monitor.ablation.fraction == fraction

@@ -67,3 +67,69 @@ def test_ddp_equals_single_process(tmp_path, one_layer_per_pass) -> None:
         np.testing.assert_allclose(ddp[column].to_numpy(), single[column].to_numpy(), atol=1e-4, rtol=0, err_msg=column)
     scalars = store.read_scalars()
     assert scalars.groupby(["run", "step", "layer", "metric"]).size().max() == 1  # only rank 0 wrote
+
+
+SETUP_SCRIPT = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, sys.argv[2])
+    import lightning as L
+    from lightning.pytorch import seed_everything
+    from lightning_helpers import TEXT, TinyLM, token_loader
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+
+    seed_everything(0)
+    module = TinyLM()
+    # the probe file exists on rank 0's node only (a relative path, a node-local disk)
+    probe = sys.argv[3] if int(os.environ.get("LOCAL_RANK", 0)) == 0 else sys.argv[3] + ".not-on-this-node"
+    monitor = NegativeDifferentiationMonitor(probe=probe, probe_tokens=1_024, probe_window=64, n_pairs=100,
+                                             every_n_steps=2, log_dir=sys.argv[1])
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=2, logger=False, callbacks=[monitor],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=sys.argv[1])
+    trainer.fit(module, token_loader(module.tokenizer))
+''')
+
+
+def test_a_set_up_that_fails_on_one_rank_ends_every_rank(tmp_path) -> None:
+    """Rank 1 cannot read the probe: every rank's run ends at set-up, rank 0 saying which rank failed, instead of
+    training on alone into a collective the failed rank never joins. The two processes are started from outside,
+    as srun starts them on a cluster (Lightning then kills no peer of a failed rank). Before, rank 0 went on into
+    its first gradient all-reduce: gloo there notices the dead peer ("Connection closed by peer", which names no
+    cause); NCCL waits for the process group's timeout (30 minutes)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe.txt"
+    probe.write_text(TEXT)
+    script = tmp_path / "ddp_setup.py"
+    script.write_text(SETUP_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tests_dir = str(Path(__file__).parent)
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "NODE_RANK": "0", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs"), tests_dir, str(probe)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=str(tmp_path), start_new_session=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=150))
+    except subprocess.TimeoutExpired:
+        pytest.fail("rank 0 went on training while rank 1's set-up had failed (the run hung)")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    assert [proc.returncode != 0 for proc in procs] == [True, True]
+    assert "probe.txt.not-on-this-node" in outputs[1][1], outputs[1][1][-3000:]
+    assert "failed on rank(s) [1]" in outputs[0][1], outputs[0][1][-3000:]  # rank 0 says which rank failed
+    assert not list((tmp_path / "logs").rglob("step-*.parquet"))  # nothing measured

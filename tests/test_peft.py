@@ -133,12 +133,12 @@ def test_lightning_lora_run_records_the_adapters_drift_and_refuses_dora(tmp_path
 
     from negmonitor.callbacks import NegativeDifferentiationMonitor
 
-    def fit(folder: str, **lora) -> TinyLM:
+    def fit(folder: str, steps: int = 2, **lora) -> TinyLM:
         module = TinyLM("llama", lr=3e-2)
         module.model = get_peft_model(module.model, LoraConfig(r=4, **{"target_modules": ["gate_proj"], **lora}))
         monitor = NegativeDifferentiationMonitor(probe=[TEXT], every_n_steps=2, log_spaced_until=0, at_end=False,
                                                  drift_dtype="fp32", **PROBE)
-        trainer(tmp_path / folder, 2, [monitor]).fit(module, token_loader(module.tokenizer))
+        trainer(tmp_path / folder, steps, [monitor]).fit(module, token_loader(module.tokenizer))
         return module
 
     with warnings.catch_warnings(record=True) as caught:
@@ -149,9 +149,9 @@ def test_lightning_lora_run_records_the_adapters_drift_and_refuses_dora(tmp_path
     assert (neurons[neurons.step == 2].drift_cos_dissim > 0).all()  # the frozen base alone would be 0
     assert not [w for w in caught if "weight drift" in str(w.message) or "MLP weight changed" in str(w.message)]
 
-    with pytest.warns(UserWarning, match=r"no monitored MLP weight changed between the last two measurements \(step "
-                                         r"2\): they are frozen \(LoRA on other modules"):
-        fit("attention_only", target_modules=["q_proj"])  # the MLP sites stay frozen: their drift is truly 0
+    with pytest.warns(UserWarning, match=r"no monitored MLP weight changed over the last two measurements \(step "
+                                         r"4\): they are frozen \(LoRA on other modules"):
+        fit("attention_only", 4, target_modules=["q_proj"])  # the MLP sites stay frozen: their drift is truly 0
     with pytest.raises(NegmonitorError, match="LoRA variant such as DoRA.*leave 'drift' out"):
         fit("dora", use_dora=True)
 
@@ -278,3 +278,17 @@ def test_fsdp_lora_with_adapters_in_units_of_their_own_reads_whole_weights(tmp_p
     assert sorted(saved) == sorted(gathered) == [0, 1]
     for layer, rows in gathered.items():
         torch.testing.assert_close(saved[layer], rows, rtol=0, atol=0)
+
+
+def test_a_lora_lightning_checkpoint_is_refused_in_one_line(tmp_path) -> None:
+    from lightning_helpers import TinyLM
+
+    from negmonitor.checkpoints import load_lightning_model
+
+    module = TinyLM("llama")
+    module.model = get_peft_model(module.model, LoraConfig(r=4, target_modules=["gate_proj"]))
+    path = tmp_path / "lora.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {}}, path)  # the keys Lightning saves
+    with pytest.raises(NegmonitorError, match=r"lora\.ckpt holds a LoRA \(peft\) model, whose adapters negmonitor "
+                                              r"does not fold in from a checkpoint — merge them"):
+        load_lightning_model(path)

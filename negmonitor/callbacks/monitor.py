@@ -21,21 +21,21 @@ import contextlib
 import os
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from negmonitor.ablation import AblationSettings, check_perplexity_budget
 from negmonitor.adapters import find_sites
 from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit
 from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
-from negmonitor.distributed import Shard
+from negmonitor.distributed import Shard, agree_on_failure
 from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
@@ -133,7 +133,7 @@ class NegativeDifferentiationMonitor(Callback):
         cohort_frac: float = 0.05,
         cohort_step: int | None = None,
         warmup_steps: int = 0,
-        ablation: AblationSettings | None = None,
+        ablation: AblationSettings | dict | bool | None = None,
         ablation_every_n_steps: int | None = None,
         minimal_pairs: Any = None,
         minimal_pairs_sample: int = 40,
@@ -192,6 +192,8 @@ class NegativeDifferentiationMonitor(Callback):
         self.media_every = media_every_n_steps if media_every_n_steps is not None else 5 * every_n_steps
         self.log_dir = log_dir
         self.run_name = run_name
+        self._given_run_name = run_name
+        self._off = False  # fast_dev_run: nothing measured or written
         self.tokens_per_step = tokens_per_step
         self.strict = strict
         self.probe_precision = probe_precision
@@ -204,7 +206,10 @@ class NegativeDifferentiationMonitor(Callback):
         self._snapshot_to_read: int | None = None
         self._snapshot_saved: int | None = None
         self._snapshot_file: Path | None = None  # where the snapshot of step _snapshot_saved (or _to_read) is
-        self._drift_warned = False
+        self._drift_warned = False  # drift below the snapshot dtype's resolution: said once
+        self._frozen_warned = False  # no monitored weight moved: said once
+        self._zero_drifts = 0  # consecutive measurements where no monitored weight moved
+        self._tokens_warned = False
         self._writes_warned: set[str] = set()  # kinds of side write (snapshot, failure row, ...) already warned about
         self.measured_steps: list[int] = []
         self.tokens_seen = 0
@@ -213,6 +218,7 @@ class NegativeDifferentiationMonitor(Callback):
         self._store: RecordStore | None = None
         self._sinks: list[Any] = []  # where the curves go (rank zero only): one per logger, or a writer
         self._hf_model: torch.nn.Module | None = None
+        self._last: _LastMeasurement | None = None
 
     # -- Lightning hooks --------------------------------------------------------------------------------------
 
@@ -226,12 +232,21 @@ class NegativeDifferentiationMonitor(Callback):
         """Check the record folder and decide, once, what each logger gets (scalars; media where it can)."""
         if stage != "fit":
             return
+        self._off = bool(getattr(trainer, "fast_dev_run", False))
+        if self._off:  # a smoke test of the user's run: no full measurement, ablation or records folder
+            rank_zero_warn("negmonitor: fast_dev_run — the monitor measures nothing and writes nothing in this run")
+            return
         check_strategy(trainer.strategy)
+        if trainer.global_step == 0:  # a new run (a resumed one's state is restored after this hook)
+            self._reset_run()
         if not trainer.is_global_zero:
-            return self._open(Path(self.log_dir or trainer.default_root_dir), [], is_global_zero=False)
-        root = Path(self.log_dir) if self.log_dir else records_log_dir(trainer.loggers, trainer.default_root_dir)
-        sinks, scalars_only = logger_sinks(trainer.loggers)
-        self._open(root, sinks, is_global_zero=True)
+            with agree_on_failure():  # rank 0's folder check below: a failure there ends every rank, none waits
+                self._open(Path(self.log_dir or trainer.default_root_dir), [], is_global_zero=False)
+            return
+        with agree_on_failure():
+            root = Path(self.log_dir) if self.log_dir else records_log_dir(trainer.loggers, trainer.default_root_dir)
+            sinks, scalars_only = logger_sinks(trainer.loggers)
+            self._open(root, sinks, is_global_zero=True)
         if not trainer.loggers:
             rank_zero_warn(f"negmonitor: no logger on this Trainer; curves go to the parquet records under "
                            f"{self._store.root} only")
@@ -240,10 +255,24 @@ class NegativeDifferentiationMonitor(Callback):
                            "images and top-pair tables go to TensorBoard / W&B loggers (all numbers are in the "
                            f"records under {self._store.root})")
 
-    def _open(self, root: Path, sinks: list[Any], is_global_zero: bool) -> None:
-        """Trainer-agnostic set-up (also the HF callback's): the records under ``root/negmonitor``, the sinks."""
+    def _reset_run(self) -> None:
+        """Forget a previous run's measurements (the callback reused with a new Trainer: notebooks, sweeps, two
+        stages): steps measured, cohort, weight snapshot, tokens, failures and warnings start afresh."""
+        self.state = MonitorState()
+        self.measured_steps, self.tokens_seen, self.failures, self.timings = [], 0, 0, {}
+        self.run_name = self._given_run_name
+        self._batch_limit, self._evaluation_batch_limits = BatchLimit(), {}
+        self._snapshot_to_read = self._snapshot_saved = self._snapshot_file = None
+        self._drift_warned = self._frozen_warned = self._tokens_warned = False
+        self._zero_drifts = 0
+        self._writes_warned = set()
+        self._last = None
+
+    def _open(self, root: Path, sinks: list[Any], is_global_zero: bool, run_name: str | None = None) -> None:
+        """Trainer-agnostic set-up (also the HF callback's): the records under ``root/negmonitor``, the sinks; the
+        run's name is the one given, else ``run_name``, else the folder's."""
         self._store = RecordStore.for_logdir(root)
-        self.run_name = self.run_name or root.resolve().name
+        self.run_name = self._given_run_name or run_name or root.resolve().name
         self._sinks = sinks
         if is_global_zero:
             from negmonitor.atomic import ensure_writable_dir
@@ -252,14 +281,19 @@ class NegativeDifferentiationMonitor(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the transformers model and tokenizer (built by now) and build the fixed probe set."""
+        if self._off:
+            return
         self.tokenizer = self.tokenizer or _find_tokenizer(pl_module, trainer)
         if self.tokenizer is None:
             raise NegmonitorError("no tokenizer found on the LightningModule or datamodule (.tokenizer) — pass "
                                   "NegativeDifferentiationMonitor(tokenizer=...)")
-        self._hf_model = find_hf_model(pl_module, self.model_attr)
-        self.precision_used = self._precision_in_use(trainer)
-        self._prepare(self._hf_model, getattr(trainer, "datamodule", None), trainer.is_global_zero)
-        self._check_budget(trainer)
+        # Each rank prepares alone (a probe file or hub cache only one node has): a failure ends every rank's run
+        # together, instead of leaving the others waiting in training's first collective.
+        with agree_on_failure():
+            self._hf_model = find_hf_model(pl_module, self.model_attr)
+            self.precision_used = self._precision_in_use(trainer)
+            self._prepare(self._hf_model, getattr(trainer, "datamodule", None), trainer.is_global_zero)
+            self._check_budget(trainer)
 
     def _precision_in_use(self, trainer: Trainer) -> str:
         """What the probe forward computes in, named as Lightning names precisions: the autocast dtype inside its
@@ -319,11 +353,15 @@ class NegativeDifferentiationMonitor(Callback):
                 "cohort_frac": self.settings.cohort_frac, "cohort_step": self.settings.cohort_step,
                 "warmup_steps": self.settings.warmup_steps, "every_n_steps": self.schedule.every_n_steps,
                 "families": list(self.families), "record_key": self.record_key,
-                "probe_precision": self.precision_used, "drift_dtype": str(self.settings.drift_dtype)}
+                "probe_precision": self.precision_used, "drift_dtype": str(self.settings.drift_dtype),
+                # fp32 matmuls run in TF32 under "high" (TrainingArguments(tf32=True), torch_compile with bf16)
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
         write_json_atomic(info, self._store.root / f"run-{self.record_key}.json")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Measure the starting point (step 0) when scheduled."""
+        if self._off:
+            return
         step = trainer.global_step
         if self.schedule.due(step) and step not in self.measured_steps:
             self._measure(trainer, step)
@@ -331,6 +369,8 @@ class NegativeDifferentiationMonitor(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Count tokens (from shapes only) and measure when the step is scheduled."""
+        if self._off:
+            return
         self._count_tokens(batch, trainer)
         step = trainer.global_step
         final = 0 < trainer.max_steps <= step
@@ -338,13 +378,45 @@ class NegativeDifferentiationMonitor(Callback):
             self._measure(trainer, step, final=final)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Final measurement."""
-        if self.schedule.at_end and trainer.global_step not in self.measured_steps:
-            self._measure(trainer, trainer.global_step, final=True)
+        """Final measurement (see :meth:`_end_of_training`)."""
+        if not self._off:
+            self._end_of_training(trainer, trainer.global_step)
+
+    def _end_of_training(self, trainer: Any, step: int) -> None:
+        """Trainer-agnostic (also the HF callback's): the final measurement at the last step. A run whose end was
+        not known at its last step (``max_epochs``, early stopping, ``max_time``) measured that step, if scheduled,
+        as an ordinary one: what a final measurement adds — the ablation when it was not due, the media — is added
+        now from that measurement, with the same weights (no second probe pass, no drift against itself)."""
+        if not self.schedule.at_end:
+            return
+        if step not in self.measured_steps:
+            self._measure(trainer, step, final=True)
+            return
+        last, self._last = self._last, None
+        if last is None or last.step != step or last.final:
+            return
+        try:
+            extra = pd.DataFrame(columns=last.scalars.columns)
+            if self.ablation is not None and not last.ablated:
+                with _strategy_context(trainer, self._hf_model):
+                    extra = self._ablation_rows(last.measurement, Shard(trainer.global_rank, trainer.world_size))
+            if not trainer.is_global_zero:
+                return
+            extra = extra[extra.metric.map(_family).isin(self.families)]
+            scalars = pd.concat([last.scalars, extra], ignore_index=True)
+            pairs = last.measurement.result.top_pairs if "pairs" in self.families else None
+            self._store.write_measurement(self.run_name, step, self.tokens_seen, scalars, last.measurement.neurons,
+                                          pairs, last.measurement.histograms, key=self.record_key)
+            self._log(last.measurement, extra, step, media=not last.media)
+        except Exception as exc:  # the end of a long training run: reported, never raised (strict re-raises)
+            if self.strict:
+                raise
+            self._record_failure(trainer, step, exc)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Save the weight snapshot this checkpoint's state refers to beside the records (once per snapshot)."""
-        self._save_snapshot(trainer.is_global_zero)
+        if not self._off:
+            self._save_snapshot(trainer.is_global_zero)
 
     def _save_snapshot(self, is_global_zero: bool) -> None:
         """Trainer-agnostic (also the HF callback's): write the weight snapshot the state refers to, once."""
@@ -393,7 +465,9 @@ class NegativeDifferentiationMonitor(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.to_dict(), "measured_steps": list(self.measured_steps),
-                "tokens_seen": self.tokens_seen, "snapshot_file": self._snapshot_location()}
+                "tokens_seen": self.tokens_seen, "snapshot_file": self._snapshot_location(),
+                "records_root": str(self._store.root.resolve()) if self._store is not None else None,
+                "run_name": self.run_name}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = MonitorState.from_dict(state_dict.get("state", {}))
@@ -403,6 +477,25 @@ class NegativeDifferentiationMonitor(Callback):
         self._snapshot_saved = None
         self.measured_steps = list(state_dict.get("measured_steps", []))
         self.tokens_seen = int(state_dict.get("tokens_seen", 0))
+        if state_dict.get("run_name") and self._given_run_name is None:
+            self.run_name = state_dict["run_name"]
+        self._continue_records(state_dict.get("records_root"))
+
+    def _continue_records(self, saved_root: str | None) -> None:
+        """A resumed run writes its records where the run began (one folder, one run for the report), although its
+        logger may have opened a new version folder (``TensorBoardLogger(version=None)``); ``log_dir=`` overrides."""
+        if not saved_root or self.log_dir is not None or self._store is None:
+            return
+        saved = Path(saved_root)
+        if saved == self._store.root.resolve():
+            return
+        if not saved.is_dir():
+            rank_zero_warn(f"negmonitor: resumed, but the run's records folder {saved} is not here; its records go on "
+                           f"in {self._store.root}")
+            return
+        rank_zero_info(f"negmonitor: resumed — the records go on in {saved} (this Trainer's logger writes to "
+                       f"{self._store.root.parent})")
+        self._store = RecordStore(saved)
 
     @property
     def record_key(self) -> str:
@@ -417,9 +510,15 @@ class NegativeDifferentiationMonitor(Callback):
         if self.tokens_per_step:
             self.tokens_seen = trainer.global_step * self.tokens_per_step
             return
-        ids = batch.get("input_ids") if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+        # a Mapping: transformers' collators return a BatchEncoding (a UserDict, not a dict)
+        ids = (batch.get("input_ids") if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (list, tuple))
+               else batch)
         if isinstance(ids, torch.Tensor):
             self.tokens_seen += int(ids.numel()) * trainer.world_size  # shape only: no device sync
+        elif not self._tokens_warned:
+            self._tokens_warned = True
+            rank_zero_warn(f"negmonitor: cannot count the tokens of a {type(batch).__name__} batch (no input_ids "
+                           "tensor in it); tokens_seen stays 0 — pass tokens_per_step=")
 
     def _measure(self, trainer: Trainer, step: int, final: bool = False) -> None:
         """One measurement; any failure (out of memory included, on any rank) is warned once, recorded as
@@ -513,22 +612,27 @@ class NegativeDifferentiationMonitor(Callback):
                                                   batch_limit=self._batch_limit)
             self.timings["probe"] = time.perf_counter() - start
             scalars = measurement.scalars
-            if self.ablation is not None and (final or self._due(step, max(1, self.ablation_every))):
+            ablated = self.ablation is not None and (final or self._due(step, max(1, self.ablation_every)))
+            if ablated:
                 # every rank evaluates its share (DDP, FSDP): no rank waits for another
                 start = time.perf_counter()
                 rows = self._ablation_rows(measurement, Shard(trainer.global_rank, trainer.world_size))
                 scalars = pd.concat([scalars, rows], ignore_index=True)
                 self.timings["ablation"] = time.perf_counter() - start
+        media = final or self._due(step, self.media_every)
+        # kept (every rank) until the next measurement: a run that turns out to have ended here is finished from it
+        self._last = _LastMeasurement(step, measurement, scalars[scalars.metric.map(_family).isin(self.families)],
+                                      final, ablated, media)
         if not trainer.is_global_zero:
             return  # every rank has the same numbers; rank 0 writes them
         self._check_drift_resolution(measurement.neurons, step)
         start = time.perf_counter()
-        scalars = scalars[scalars.metric.map(_family).isin(self.families)]
+        scalars = self._last.scalars
         pairs = measurement.result.top_pairs if "pairs" in self.families else None  # built only when recorded
         # histograms: the top neurons' real distributions, for the report's Fig. 1c/6b
         self._store.write_measurement(self.run_name, step, self.tokens_seen, scalars, measurement.neurons, pairs,
                                       measurement.histograms, key=self.record_key)
-        self._log(measurement, scalars, step, media=final or self._due(step, self.media_every))
+        self._log(measurement, scalars, step, media=media)
         self.timings["logging"] = time.perf_counter() - start
 
     def _log(self, measurement: engine.Measurement, scalars: pd.DataFrame, step: int, media: bool) -> None:
@@ -547,19 +651,23 @@ class NegativeDifferentiationMonitor(Callback):
                                f"{exc}); the records have every number")
 
     def _check_drift_resolution(self, neurons: pd.DataFrame, step: int) -> None:
-        """Warn once when drift is too small for a bf16/fp16 snapshot to resolve (measurements close together), or
-        nothing moved at all (frozen weights: LoRA on other modules, a zero learning rate)."""
-        if self._drift_warned or "drift_cos_dissim" not in neurons or neurons.drift_cos_dissim.isna().all():
+        """Warn once when no monitored weight moved over two measurements in a row (frozen: LoRA on other modules, a
+        zero learning rate; one such measurement may be a warm-up from 0 or a step the grad scaler skipped), and
+        once when drift is too small for a bf16/fp16 snapshot to resolve (measurements close together)."""
+        if "drift_cos_dissim" not in neurons or neurons.drift_cos_dissim.isna().all():
             return
-        if float(neurons.drift_cos_dissim.abs().max()) == 0.0:
-            self._drift_warned = True
-            below = ("" if self.settings.drift_dtype == torch.float32 else f", or their changes are below what a "
-                     f"{self.settings.drift_dtype} snapshot resolves (drift_dtype='fp32' tells the two apart)")
-            rank_zero_warn(f"negmonitor: no monitored MLP weight changed between the last two measurements (step "
-                           f"{step}): they are frozen (LoRA on other modules, a zero learning rate){below}; the "
-                           "drift curves stay at 0")
+        frozen = float(neurons.drift_cos_dissim.abs().max()) == 0.0
+        self._zero_drifts = self._zero_drifts + 1 if frozen else 0
+        if frozen:
+            if self._zero_drifts >= 2 and not self._frozen_warned:
+                self._frozen_warned = True
+                below = ("" if self.settings.drift_dtype == torch.float32 else f", or their changes are below what a "
+                         f"{self.settings.drift_dtype} snapshot resolves (drift_dtype='fp32' tells the two apart)")
+                rank_zero_warn(f"negmonitor: no monitored MLP weight changed over the last two measurements (step "
+                               f"{step}): they are frozen (LoRA on other modules, a zero learning rate){below}; the "
+                               "drift curves stay at 0")
             return
-        if self.settings.drift_dtype == torch.float32:
+        if self._drift_warned or self.settings.drift_dtype == torch.float32:
             return
         median = float(neurons.drift_cos_dissim.median())
         if median < DRIFT_RESOLUTION[self.settings.drift_dtype]:
@@ -699,6 +807,19 @@ def _snapshot_dtype(spec: str | torch.dtype) -> torch.dtype:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise NegmonitorError(f"drift_dtype must be one of bf16, fp16, fp32, got {spec!r}")
     return dtype
+
+
+@dataclass
+class _LastMeasurement:
+    """The latest measurement, kept until the next: if training turns out to have ended at its step, the final
+    measurement's additions (ablation, media) are made from it."""
+
+    step: int
+    measurement: engine.Measurement
+    scalars: pd.DataFrame  # as recorded (the families kept)
+    final: bool
+    ablated: bool
+    media: bool
 
 
 def _family(metric: str) -> str:

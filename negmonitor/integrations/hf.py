@@ -30,6 +30,7 @@ from typing import Any, Callable, ContextManager
 from transformers import TrainerCallback
 
 from negmonitor.callbacks.monitor import NegativeDifferentiationMonitor
+from negmonitor.distributed import agree_on_failure
 from negmonitor.errors import NegmonitorError
 from negmonitor.monitoring.tensorboard import WriterSink
 
@@ -102,10 +103,21 @@ class NegativeDifferentiationCallback(TrainerCallback):
             raise NegmonitorError("no tokenizer: pass Trainer(processing_class=tokenizer) or "
                                   "NegativeDifferentiationCallback(tokenizer=...)")
         model = getattr(model, "_orig_mod", model)
+        if self._writer is not None:  # train() again (auto_find_batch_size's retry, a second call): a new run
+            self._writer.close()
+            self._writer = None
+        if state.global_step == 0:
+            monitor._reset_run()
         self._ranks = _Ranks(int(args.process_index), int(args.world_size), bool(state.is_world_process_zero),
                              training_autocast(args, model))
+        with agree_on_failure():  # a rank that fails to set up ends every rank's run, none waits in a collective
+            self._set_up(args, model, monitor)
+        self._load_state(args, state)
+        self._maybe_measure(state, monitor.schedule.due(state.global_step))
+
+    def _set_up(self, args: Any, model: Any, monitor: NegativeDifferentiationMonitor) -> None:
+        """Open the records and the event file (rank zero), build the probe set, check the memory budget."""
         root = Path(monitor.log_dir) if monitor.log_dir else hf_log_dir(args)
-        monitor.run_name = monitor.run_name or Path(str(getattr(args, "run_name", None) or args.output_dir)).name
         sinks = []
         if self._ranks.is_global_zero:
             from torch.utils.tensorboard import SummaryWriter
@@ -118,13 +130,12 @@ class NegativeDifferentiationCallback(TrainerCallback):
                 warnings.warn("negmonitor: tokens_seen is recorded as 0 — set TrainingArguments("
                               "include_num_input_tokens_seen=True) or NegativeDifferentiationCallback("
                               "tokens_per_step=...)", stacklevel=2)
-        monitor._open(root, sinks, self._ranks.is_global_zero)
+        monitor._open(root, sinks, self._ranks.is_global_zero,
+                      run_name=Path(str(getattr(args, "run_name", None) or args.output_dir)).name)
         monitor._hf_model = model
         monitor.precision_used = monitor._precision_in_use(self._ranks)
         monitor._prepare(model, None, self._ranks.is_global_zero)
         monitor._check_budget(self._ranks)
-        self._load_state(args, state)
-        self._maybe_measure(state, monitor.schedule.due(state.global_step))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Save the monitor's state (cohort, measured steps) beside the checkpoint just written, and the weight
@@ -180,8 +191,8 @@ class NegativeDifferentiationCallback(TrainerCallback):
             box = [saved]
             torch.distributed.broadcast_object_list(box, src=0)
             saved = box[0]
-        if saved is not None:
-            self.monitor.load_state_dict(saved)
+        if saved is not None:  # the records root and run name follow output_dir / run_name, not the checkpoint
+            self.monitor.load_state_dict({k: v for k, v in saved.items() if k not in ("records_root", "run_name")})
 
     def _state_path(self, args: Any, step: int) -> Path:
         return Path(args.output_dir) / f"checkpoint-{int(step)}" / f"negmonitor-{self.monitor.record_key}.pt"
@@ -208,17 +219,22 @@ class NegativeDifferentiationCallback(TrainerCallback):
         """Final measurement of a run that stopped early (e.g. early stopping), unless the Trainer has just put its
         best checkpoint's weights in the model (``load_best_model_at_end``); close the event file."""
         try:
-            step = int(state.global_step)
+            step, monitor = int(state.global_step), self.monitor
             reloaded = getattr(args, "load_best_model_at_end", False) and getattr(state, "best_model_checkpoint", None)
-            if reloaded and self.monitor.schedule.at_end and step not in self.monitor.measured_steps:
-                if self._ranks is not None and self._ranks.is_global_zero:
-                    import warnings
+            if self._ranks is None or not monitor.schedule.at_end:
+                return
+            if not reloaded:
+                self._count_tokens(state)
+                monitor._end_of_training(self._ranks, step)
+            elif self._ranks.is_global_zero and (step not in monitor.measured_steps
+                                                 or (monitor._last is not None and not monitor._last.final)):
+                import warnings
 
-                    warnings.warn(f"negmonitor: no final measurement at step {step}: the model now holds the best "
-                                  f"checkpoint ({state.best_model_checkpoint}, load_best_model_at_end), not step "
-                                  f"{step}'s weights", stacklevel=2)
-            else:
-                self._maybe_measure(state, self.monitor.schedule.at_end, final=True)
+                what = ("no final measurement" if step not in monitor.measured_steps
+                        else "the final measurement's ablation and media are left out")
+                warnings.warn(f"negmonitor: {what} at step {step}: the model now holds the best checkpoint "
+                              f"({state.best_model_checkpoint}, load_best_model_at_end), not step {step}'s weights",
+                              stacklevel=2)
         finally:
             if self._writer is not None:
                 self._writer.close()
@@ -228,10 +244,13 @@ class NegativeDifferentiationCallback(TrainerCallback):
         step = int(state.global_step)
         if not due or step in self.monitor.measured_steps or self._ranks is None:
             return
+        self._count_tokens(state)
+        self.monitor._measure(self._ranks, step, final)
+
+    def _count_tokens(self, state: Any) -> None:
         monitor = self.monitor
-        monitor.tokens_seen = (step * monitor.tokens_per_step if monitor.tokens_per_step
+        monitor.tokens_seen = (int(state.global_step) * monitor.tokens_per_step if monitor.tokens_per_step
                                else int(getattr(state, "num_input_tokens_seen", 0) or 0))
-        monitor._measure(self._ranks, step, final)
 
 
 def training_autocast(args: Any, model: Any) -> Callable[[], ContextManager]:
