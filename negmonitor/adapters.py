@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import NegmonitorError, UnreadableWeight
 from negmonitor.peft_layers import base_layer, check_peft_readable, is_peft_layer
 
 
@@ -70,7 +70,7 @@ class MLPSite:
 
         weight = full_weight(self.projection)
         if not weight.is_floating_point():
-            raise NegmonitorError(_unreadable(self.path, f"is {weight.dtype}"))
+            raise UnreadableWeight(_unreadable(self.path, f"is {weight.dtype}"))
         rows = weight.t() if _is_conv1d(base_layer(self.projection)) else weight
         if tuple(rows.shape) != (self.n_neurons, self.d_in):  # a shard or a partition seen outside its wrapper
             raise NegmonitorError(f"the weight of {self.path} has shape "
@@ -79,23 +79,23 @@ class MLPSite:
         return rows
 
     def check_weight_readable(self) -> None:
-        """Refuse, before training, a site whose weight drift cannot read at any measurement (a quantized weight
-        outside peft, a peft layer it cannot follow): one line, not a failure at every step. Checked from the
-        layer's structure and dtype (its weight may be an FSDP shard until gathered)."""
+        """Raise :class:`UnreadableWeight` for a site whose weight drift cannot read at any measurement (a quantized
+        weight outside peft, a peft layer it cannot follow), before training: the callbacks then leave drift out
+        with one warning instead of failing every measurement. Checked from the layer's structure and dtype (its
+        weight may be an FSDP shard until gathered)."""
         if is_peft_layer(self.projection):
             check_peft_readable(self.projection)
             return
         weight = getattr(self.projection, "weight", None)
         if not isinstance(weight, torch.Tensor):
-            raise NegmonitorError(_unreadable(self.path, f"is missing ({type(self.projection).__name__}, as GPTQ or "
+            raise UnreadableWeight(_unreadable(self.path, f"is missing ({type(self.projection).__name__}, as GPTQ or "
                                                          "AWQ layers)"))
         if not weight.is_floating_point():
-            raise NegmonitorError(_unreadable(self.path, f"is {weight.dtype}"))
+            raise UnreadableWeight(_unreadable(self.path, f"is {weight.dtype}"))
 
 
 def _unreadable(path: str, what: str) -> str:
-    return (f"the weight of {path} {what}: a quantized layer, which weight drift cannot read — leave 'drift' out of "
-            "the monitor's families= to keep the other curves")
+    return f"the weight of {path} {what}: a quantized layer, which weight drift cannot read"
 
 
 _REGISTRY: dict[str, AdapterSpec] = {}

@@ -240,8 +240,11 @@ _OK, _OUT_OF_MEMORY, _OTHER = 0, 1, 2
 class PeerFailure(RuntimeError):
     """A measurement phase failed on another rank; this rank skips the measurement too."""
 
-    def __init__(self, ranks: list[int]) -> None:
-        super().__init__(f"the measurement failed on rank(s) {ranks} (see the warning there); every rank skips it")
+    def __init__(self, ranks: list[int], phase: str | None = None) -> None:
+        message = (f"the measurement failed on rank(s) {ranks} (see the warning there); every rank skips it"
+                   if phase is None else f"negmonitor's {phase} failed on rank(s) {ranks} (see the error there); "
+                   "every rank stops")
+        super().__init__(message)
         self.ranks = ranks
 
 
@@ -291,7 +294,7 @@ def is_distributed() -> bool:
 
 
 @contextlib.contextmanager
-def agree_on_failure(enabled: bool = True) -> Iterator[None]:
+def agree_on_failure(enabled: bool = True, phase: str | None = None) -> Iterator[None]:
     """Run a local phase; on leaving it, all ranks all-reduce one code each and raise together if any failed.
 
     The rank that failed re-raises its own exception; the others raise :class:`PeerOutOfMemory` when every failure
@@ -301,6 +304,8 @@ def agree_on_failure(enabled: bool = True) -> Iterator[None]:
 
     Args:
         enabled: ``False`` runs the block unguarded (e.g. a single-process pass).
+        phase: what the block does, when it is not part of a measurement (``"set-up"``): the other ranks' error
+            then names it and says the run stops.
     """
     if not (enabled and is_distributed()):
         yield
@@ -321,7 +326,7 @@ def agree_on_failure(enabled: bool = True) -> Iterator[None]:
     if error is not None and _code(error) == worst:
         raise error
     ranks = [int(r) for r in codes.nonzero().flatten()]
-    raise (PeerOutOfMemory if worst == _OUT_OF_MEMORY else PeerFailure)(ranks) from error
+    raise (PeerOutOfMemory if worst == _OUT_OF_MEMORY else PeerFailure)(ranks, phase) from error
 
 
 def _code(error: BaseException | None) -> int:

@@ -15,6 +15,14 @@ class NegmonitorError(ValueError):
     """A problem with the user's input or environment, with a one-line message saying how to fix it."""
 
 
+class UnreadableWeight(NegmonitorError):
+    """A monitored site whose weight the drift cannot read (quantized, a LoRA variant, ...): ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason} — leave 'drift' out of the monitor's families= to keep the other curves")
+        self.reason = reason
+
+
 def require(condition: bool, message: str) -> None:
     """Raise :class:`NegmonitorError` with ``message`` unless ``condition`` holds."""
     if not condition:

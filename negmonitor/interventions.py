@@ -85,7 +85,8 @@ class MaskedActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the mode to the masked neurons and the base nonlinearity to the rest."""
-        self.calls += 1
+        if not torch.compiler.is_compiling():  # counted in eager runs only: a compiled graph would guard on it
+            self.calls += 1
         if x.shape[-1] != self.mask.shape[0]:
             raise NegmonitorError(f"the ablation mask has {self.mask.shape[0]} neurons but the activation got "
                                   f"{x.shape[-1]} — the selection was built for a different model")
@@ -149,7 +150,8 @@ def ablate(
 
 def _counter(calls: dict[int, int], layer: int) -> Callable[..., None]:
     def count(module: nn.Module, args: object, output: object) -> None:
-        calls[layer] = calls.get(layer, 0) + 1
+        if not torch.compiler.is_compiling():  # as MaskedActivation counts: a compiled run leaves both at 0
+            calls[layer] = calls.get(layer, 0) + 1
 
     return count
 

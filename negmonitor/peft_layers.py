@@ -6,7 +6,8 @@ the frozen base layer. Its output, the pre-activation the probe captures, is ``b
 adapters moved. :func:`applied_weight` gives ``W + sum of the active adapters' B @ A * scale`` (PEFT's own
 ``get_delta_weight``, the term its ``merge`` adds), from a quantized base too (PEFT's ``dequantize_module_weight``).
 LoRA variants whose merged weight is not base + delta (DoRA), other PEFT tuners, nested tuner layers and bases
-without a weight tensor (GPTQ, AWQ) are refused in one line.
+without a weight tensor (GPTQ, AWQ) raise :class:`~negmonitor.errors.UnreadableWeight` (the callbacks then leave
+drift out, with one warning).
 
 ``peft`` is imported only when it is already loaded: a model without PEFT layers never needs it.
 """
@@ -18,7 +19,7 @@ import sys
 import torch
 from torch import nn
 
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import UnreadableWeight
 
 
 def is_peft_layer(module: nn.Module) -> bool:
@@ -62,7 +63,7 @@ def applied_weight(module: nn.Module) -> torch.Tensor:
 
 
 def check_peft_readable(module: nn.Module) -> None:
-    """Raise, before training starts, the one-line :class:`NegmonitorError` a read of ``module``'s weight would
+    """Raise, before training starts, the one-line :class:`UnreadableWeight` a read of ``module``'s weight would
     raise at every measurement (checked from the layer's structure: its weights may be shards until gathered)."""
     if not is_peft_layer(module):
         return
@@ -96,5 +97,4 @@ def _deltas_to_add(module: nn.Module) -> tuple[list[str], float]:
 
 
 def _refuse(module: nn.Module, why: str) -> None:
-    raise NegmonitorError(f"weight drift cannot read a {type(module).__name__} PEFT layer ({why}) — leave 'drift' "
-                          "out of the monitor's families= to keep the other curves")
+    raise UnreadableWeight(f"weight drift cannot read a {type(module).__name__} PEFT layer ({why})")

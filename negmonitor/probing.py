@@ -427,13 +427,15 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
 
 
 def check_one_device(model: nn.Module) -> None:
-    """Refuse a model whose parameters sit on several devices (``device_map="auto"`` across GPUs, or offloaded to
-    the CPU): the probe's accumulators and row tables live on one device, beside every monitored layer."""
-    devices = sorted({str(p.device) for p in model.parameters() if p.device.type != "meta"})
+    """Refuse a model whose parameters sit on several devices (``device_map="auto"`` across GPUs) or are offloaded
+    (accelerate leaves an offloaded parameter on the ``meta`` device until its layer runs): the probe's
+    accumulators and row tables live on one device, beside every monitored layer, and the drift reads weights."""
+    devices = sorted({str(p.device) for p in model.parameters()})
     if len(devices) > 1:
         raise NegmonitorError(f"the model's parameters are spread over {', '.join(devices)} (a device_map across "
-                              "devices, or offloading): negmonitor measures a model held on one device — load it "
-                              "onto one device (device_map={'': 0}, --device), or spread the work with DDP or FSDP")
+                              "devices, or offloading to the CPU or disk): negmonitor measures a model held whole on "
+                              "one device — load it onto one device (device_map={'': 0}, --device), or spread the "
+                              "work with DDP or FSDP")
 
 
 def _device_of(model: nn.Module) -> torch.device:

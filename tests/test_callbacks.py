@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import math
@@ -346,15 +347,17 @@ def test_tokens_are_counted_in_transformers_batch_encodings(tmp_path) -> None:
         trainer(tmp_path / "opaque", 2, [monitor]).fit(module, loader)
 
 
-def test_a_resumed_run_keeps_its_records_folder_and_name_when_the_logger_opens_a_new_version(tmp_path) -> None:
-    """TensorBoardLogger(version=None), the default (and a SLURM requeue's): the resumed Trainer logs to version_1,
-    but the monitor's records go on in version_0's folder under the run's first name, so the report sees one run."""
+def test_a_resumed_run_whose_logger_opens_a_new_version_says_where_the_run_began(tmp_path) -> None:
+    """TensorBoardLogger(version=None), the default (and a requeued job's): the resumed Trainer logs to version_1
+    and the monitor's records go there too (continuing in version_0 silently could write over another run's: a run
+    branched from a checkpoint looks the same); one warning says where the run began and how to keep one folder."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    def fit(max_steps: int, ckpt_path=None, crash_at=None) -> NegativeDifferentiationMonitor:
+    def fit(max_steps: int, ckpt_path=None, crash_at=None, **monitor_kwargs) -> NegativeDifferentiationMonitor:
         seed_everything(0)
         module = TinyLM()
-        monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "drift", "health"), **SMALL)
+        monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "drift", "health"), **SMALL,
+                                                 **monitor_kwargs)
         extra = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)]
         extra += [_Crash(crash_at)] if crash_at else []
         tr = trainer(tmp_path, max_steps, [monitor, *extra], logger=TensorBoardLogger(str(tmp_path), name="run"))
@@ -364,13 +367,17 @@ def test_a_resumed_run_keeps_its_records_folder_and_name_when_the_logger_opens_a
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(6, crash_at=3)
     (checkpoint,) = (tmp_path / "ckpt").glob("*step=2*.ckpt")
-    monitor = fit(6, ckpt_path=str(checkpoint))
-    assert (tmp_path / "run" / "version_1").is_dir()  # the resumed Trainer's logger
-    assert monitor.run_name == "version_0"
-    scalars = RecordStore.for_logdir(tmp_path / "run" / "version_0").read_scalars()
+    began, new = (tmp_path / "run" / version / "negmonitor" for version in ("version_0", "version_1"))
+    with pytest.warns(UserWarning, match=rf"this resumed run's records go to {re.escape(str(new))}; it began in "
+                                         rf"{re.escape(str(began.resolve()))} .* resume with log_dir="):
+        fit(6, ckpt_path=str(checkpoint))
+    assert sorted(RecordStore(new).read_scalars().step.unique()) == [4, 6]
+
+    # log_dir= the first folder's parent: the resumed run's records go on beside the first ones
+    fit(6, ckpt_path=str(checkpoint), log_dir=str(tmp_path / "run" / "version_0"))
+    scalars = RecordStore(began).read_scalars()
     assert sorted(scalars.step.unique()) == [0, 2, 4, 6] and set(scalars.run) == {"version_0"}
     assert "drift/cohort_vs_rest" in set(scalars[scalars.step == 4].metric)  # the step-2 snapshot was found
-    assert not (tmp_path / "run" / "version_1" / "negmonitor" / "scalars").exists()
 
 
 def test_a_callback_reused_with_a_new_trainer_measures_the_new_run_from_its_start(tmp_path) -> None:

@@ -112,7 +112,9 @@ def test_a_set_up_that_fails_on_one_rank_ends_every_rank(tmp_path) -> None:
     tests_dir = str(Path(__file__).parent)
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+        inherited = {k: v for k, v in os.environ.items()  # no cluster variables that would steer Lightning
+                     if not k.startswith(("SLURM_", "TORCHELASTIC_", "GROUP_", "LOCAL_", "RANK", "WORLD_", "MASTER_"))}
+        env = {**inherited, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
                "NODE_RANK": "0", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
                "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
         procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs"), tests_dir, str(probe)],
@@ -131,5 +133,6 @@ def test_a_set_up_that_fails_on_one_rank_ends_every_rank(tmp_path) -> None:
                 proc.communicate()
     assert [proc.returncode != 0 for proc in procs] == [True, True]
     assert "probe.txt.not-on-this-node" in outputs[1][1], outputs[1][1][-3000:]
-    assert "failed on rank(s) [1]" in outputs[0][1], outputs[0][1][-3000:]  # rank 0 says which rank failed
+    assert "negmonitor's set-up failed on rank(s) [1] (see the error there); every rank stops" in outputs[0][1], \
+        outputs[0][1][-3000:]  # rank 0 says which rank failed
     assert not list((tmp_path / "logs").rglob("step-*.parquet"))  # nothing measured

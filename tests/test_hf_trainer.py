@@ -433,12 +433,18 @@ def test_hf_resume_finds_the_state_where_it_was_resumed_from_or_says_it_starts_a
     assert callback.measured_steps == [2, 4]  # step 2 again, as the first measurement of a fresh monitor
 
 
-def test_hf_records_stay_in_one_folder_across_launches_under_transformers_4_logging_dirs(tmp_path) -> None:
-    from types import SimpleNamespace
-
-    from negmonitor.integrations.hf import hf_log_dir
-
-    out = tmp_path / "out"  # transformers 4's default logging_dir: <output_dir>/runs/<time>_<host>, new each launch
-    assert hf_log_dir(SimpleNamespace(output_dir=str(out), logging_dir=str(out / "runs" / "Dec03_15-04-11_host"))) == out
-    assert hf_log_dir(SimpleNamespace(output_dir=str(out), logging_dir=str(tmp_path / "tb"))) == tmp_path / "tb"
-    assert hf_log_dir(SimpleNamespace(output_dir=str(out), logging_dir=None)) == out
+def test_hf_resumed_run_keeps_its_records_folder_when_the_logging_dir_changes(tmp_path, monkeypatch) -> None:
+    """transformers 4's default logging_dir, <output_dir>/runs/<time>_<host>, is new at every launch (here: the
+    TensorBoard folder transformers 5 reads from the environment, changed between launches): a fresh run opens its
+    own records folder, a resumed one goes on in the folder it began in."""
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb" / "launch1"))
+    _hf_run(tmp_path / "out", 2, save_strategy="steps", save_steps=2)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb" / "launch2"))
+    callback = _hf_run(tmp_path / "out", 4, resume=str(tmp_path / "out" / "checkpoint-2"), save_strategy="steps",
+                       save_steps=2)
+    assert callback.measured_steps == [0, 2, 4]
+    scalars = RecordStore(tmp_path / "tb" / "launch1" / "negmonitor").read_scalars()
+    assert sorted(scalars.step.unique()) == [0, 2, 4]
+    assert not (tmp_path / "tb" / "launch2" / "negmonitor" / "scalars").exists()
+    _hf_run(tmp_path / "fresh", 2)  # a fresh run: its own folder, as the environment says
+    assert (tmp_path / "tb" / "launch2" / "negmonitor" / "scalars").is_dir()

@@ -233,3 +233,20 @@ def test_a_fused_mlp_that_never_calls_its_activation_is_refused(tokenizer) -> No
     assert not mlp.gate_proj._forward_hooks  # the counting hooks are gone
     with ablate(model, {0: [0, 1]}):  # a block that runs no forward is no evidence either way
         pass
+
+
+def test_ablating_a_compiled_model_does_not_recompile_it_at_every_forward(tokenizer) -> None:
+    """The check above counts calls in eager runs only: an attribute changed at every call would be a guard that
+    fails at every forward of a compiled model (a full recompile each, until dynamo gives up)."""
+    import torch._dynamo
+
+    model = tiny_causal_lm("llama")
+    ids = tokenizer(["the cat sat on the mat"], return_tensors="pt")["input_ids"]
+    compiled = torch.compile(model, backend="eager")
+    torch._dynamo.reset()
+    with ablate(compiled, {0: [0, 1]}):
+        expected = model(ids).logits  # eager: the ablation applies
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(3):
+                torch.testing.assert_close(compiled(ids).logits, expected)
+    torch._dynamo.reset()

@@ -370,6 +370,14 @@ def test_a_model_spread_over_devices_is_refused_in_one_line(tokenizer) -> None:
     spread = real[:1] + [SimpleNamespace(device=torch.device("cuda", 1))] + real[1:]
     model.parameters = lambda recurse=True: iter(spread)
     with pytest.raises(NegmonitorError, match=r"the model's parameters are spread over cpu, cuda:1 \(a device_map "
-                                              r"across devices, or offloading\): negmonitor measures a model held on "
-                                              r"one device — load it onto one device"):
+                                              r"across devices, or offloading to the CPU or disk\): negmonitor "
+                                              r"measures a model held whole on one device — load it onto one device"):
+        probe(model, probe_set, tokenizer=tokenizer)
+
+    model = tiny_causal_lm("llama")  # accelerate's offload: layer 1 on the meta device until it runs
+    from accelerate import cpu_offload
+
+    cpu_offload(model.model.layers[1], execution_device=torch.device("cpu"))
+    assert {str(p.device) for p in model.parameters()} == {"cpu", "meta"}
+    with pytest.raises(NegmonitorError, match=r"spread over cpu, meta \(a device_map across devices, or offloading"):
         probe(model, probe_set, tokenizer=tokenizer)

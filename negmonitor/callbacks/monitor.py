@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from negmonitor.ablation import AblationSettings, check_perplexity_budget
 from negmonitor.adapters import find_sites
@@ -36,7 +36,7 @@ from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit
 from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
 from negmonitor.distributed import Shard, agree_on_failure
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import NegmonitorError, UnreadableWeight
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
@@ -193,6 +193,7 @@ class NegativeDifferentiationMonitor(Callback):
         self.log_dir = log_dir
         self.run_name = run_name
         self._given_run_name = run_name
+        self._given = dict(tokenizer=tokenizer, minimal_pairs=minimal_pairs, ppl_text=ppl_text)  # as passed
         self._off = False  # fast_dev_run: nothing measured or written
         self.tokens_per_step = tokens_per_step
         self.strict = strict
@@ -240,10 +241,10 @@ class NegativeDifferentiationMonitor(Callback):
         if trainer.global_step == 0:  # a new run (a resumed one's state is restored after this hook)
             self._reset_run()
         if not trainer.is_global_zero:
-            with agree_on_failure():  # rank 0's folder check below: a failure there ends every rank, none waits
+            with agree_on_failure(phase="set-up"):  # rank 0's folder check below: a failure ends every rank
                 self._open(Path(self.log_dir or trainer.default_root_dir), [], is_global_zero=False)
             return
-        with agree_on_failure():
+        with agree_on_failure(phase="set-up"):
             root = Path(self.log_dir) if self.log_dir else records_log_dir(trainer.loggers, trainer.default_root_dir)
             sinks, scalars_only = logger_sinks(trainer.loggers)
             self._open(root, sinks, is_global_zero=True)
@@ -261,6 +262,10 @@ class NegativeDifferentiationMonitor(Callback):
         self.state = MonitorState()
         self.measured_steps, self.tokens_seen, self.failures, self.timings = [], 0, 0, {}
         self.run_name = self._given_run_name
+        # what the last run resolved (its tokenizer, its datamodule's texts) gives way to what was passed
+        self.tokenizer, self.minimal_pairs, self.ppl_text = (self._given[k] for k in ("tokenizer", "minimal_pairs",
+                                                                                       "ppl_text"))
+        self.settings = replace(self.settings, weight_drift="drift" in self.families)
         self._batch_limit, self._evaluation_batch_limits = BatchLimit(), {}
         self._snapshot_to_read = self._snapshot_saved = self._snapshot_file = None
         self._drift_warned = self._frozen_warned = self._tokens_warned = False
@@ -289,7 +294,7 @@ class NegativeDifferentiationMonitor(Callback):
                                   "NegativeDifferentiationMonitor(tokenizer=...)")
         # Each rank prepares alone (a probe file or hub cache only one node has): a failure ends every rank's run
         # together, instead of leaving the others waiting in training's first collective.
-        with agree_on_failure():
+        with agree_on_failure(phase="set-up"):
             self._hf_model = find_hf_model(pl_module, self.model_attr)
             self.precision_used = self._precision_in_use(trainer)
             self._prepare(self._hf_model, getattr(trainer, "datamodule", None), trainer.is_global_zero)
@@ -333,9 +338,15 @@ class NegativeDifferentiationMonitor(Callback):
             if is_global_zero:
                 _warn_what_ablation_leaves_out(self.minimal_pairs, self.ppl_text)
         check_one_device(hf_model)  # refused now, not failed at every measurement
-        if self.settings.weight_drift:  # a site whose weight the drift cannot read is refused now, not every step
-            for site in find_sites(hf_model, self.settings.layers):
-                site.check_weight_readable()
+        if self.settings.weight_drift:  # a site whose weight it cannot read: drift is left out, said once
+            try:
+                for site in find_sites(hf_model, self.settings.layers):
+                    site.check_weight_readable()
+            except UnreadableWeight as exc:
+                self.settings = replace(self.settings, weight_drift=False)
+                if is_global_zero:
+                    rank_zero_warn(f"negmonitor: weight drift is left out of this run: {exc.reason} (the other "
+                                   "curves run)")
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
         if is_global_zero:
@@ -386,13 +397,15 @@ class NegativeDifferentiationMonitor(Callback):
         """Trainer-agnostic (also the HF callback's): the final measurement at the last step. A run whose end was
         not known at its last step (``max_epochs``, early stopping, ``max_time``) measured that step, if scheduled,
         as an ordinary one: what a final measurement adds — the ablation when it was not due, the media — is added
-        now from that measurement, with the same weights (no second probe pass, no drift against itself)."""
+        now from that measurement, with the same weights (no second probe pass, no drift against itself). A failure
+        there is warned about (the measurement itself is recorded); ``strict`` re-raises."""
+        last, self._last = self._last, None  # not kept past training
         if not self.schedule.at_end:
             return
         if step not in self.measured_steps:
             self._measure(trainer, step, final=True)
+            self._last = None
             return
-        last, self._last = self._last, None
         if last is None or last.step != step or last.final:
             return
         try:
@@ -408,10 +421,14 @@ class NegativeDifferentiationMonitor(Callback):
             self._store.write_measurement(self.run_name, step, self.tokens_seen, scalars, last.measurement.neurons,
                                           pairs, last.measurement.histograms, key=self.record_key)
             self._log(last.measurement, extra, step, media=not last.media)
-        except Exception as exc:  # the end of a long training run: reported, never raised (strict re-raises)
+        except Exception as exc:  # the end of a long training run: reported, never raised
             if self.strict:
                 raise
-            self._record_failure(trainer, step, exc)
+            from negmonitor.distributed import PeerFailure
+
+            if not isinstance(exc, PeerFailure) or trainer.is_global_zero:
+                warnings.warn(f"negmonitor: the final additions (ablation, media) to step {step}'s measurement "
+                              f"failed ({type(exc).__name__}: {exc}); its recorded measurement stands", stacklevel=2)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Save the weight snapshot this checkpoint's state refers to beside the records (once per snapshot)."""
@@ -466,8 +483,7 @@ class NegativeDifferentiationMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.to_dict(), "measured_steps": list(self.measured_steps),
                 "tokens_seen": self.tokens_seen, "snapshot_file": self._snapshot_location(),
-                "records_root": str(self._store.root.resolve()) if self._store is not None else None,
-                "run_name": self.run_name}
+                "records_root": str(self._store.root.resolve()) if self._store is not None else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = MonitorState.from_dict(state_dict.get("state", {}))
@@ -477,25 +493,17 @@ class NegativeDifferentiationMonitor(Callback):
         self._snapshot_saved = None
         self.measured_steps = list(state_dict.get("measured_steps", []))
         self.tokens_seen = int(state_dict.get("tokens_seen", 0))
-        if state_dict.get("run_name") and self._given_run_name is None:
-            self.run_name = state_dict["run_name"]
-        self._continue_records(state_dict.get("records_root"))
+        self._say_where_the_run_began(state_dict.get("records_root"))
 
-    def _continue_records(self, saved_root: str | None) -> None:
-        """A resumed run writes its records where the run began (one folder, one run for the report), although its
-        logger may have opened a new version folder (``TensorBoardLogger(version=None)``); ``log_dir=`` overrides."""
-        if not saved_root or self.log_dir is not None or self._store is None:
+    def _say_where_the_run_began(self, saved_root: str | None) -> None:
+        """A resumed run whose logger opened a new folder (``TensorBoardLogger(version=None)``, a requeued job) writes
+        its records there: said once, with how to keep one folder (continuing in the old one silently could write
+        over another run's records: a run branched from a checkpoint looks the same)."""
+        if not saved_root or self._store is None or Path(saved_root) == self._store.root.resolve():
             return
-        saved = Path(saved_root)
-        if saved == self._store.root.resolve():
-            return
-        if not saved.is_dir():
-            rank_zero_warn(f"negmonitor: resumed, but the run's records folder {saved} is not here; its records go on "
-                           f"in {self._store.root}")
-            return
-        rank_zero_info(f"negmonitor: resumed — the records go on in {saved} (this Trainer's logger writes to "
-                       f"{self._store.root.parent})")
-        self._store = RecordStore(saved)
+        rank_zero_warn(f"negmonitor: this resumed run's records go to {self._store.root}; it began in {saved_root} "
+                       "(the report reads each folder as a run) — to keep one folder, resume with log_dir= that "
+                       "folder's parent, or give the logger a fixed version")
 
     @property
     def record_key(self) -> str:

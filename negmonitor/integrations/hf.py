@@ -97,27 +97,33 @@ class NegativeDifferentiationCallback(TrainerCallback):
             raise NegmonitorError(f"negmonitor's Hugging Face callback does not support {sharded} — train with DDP "
                                   "or one process, or use the Lightning callback (which supports FSDP)")
         monitor = self.monitor
+        if self._writer is not None:  # train() again (auto_find_batch_size's retry, a second call): a new run
+            self._writer.close()
+            self._writer = None
+        if state.global_step == 0:
+            monitor._reset_run()
         tokenizer = monitor.tokenizer or processing_class or kwargs.get("tokenizer")
         monitor.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
         if monitor.tokenizer is None:
             raise NegmonitorError("no tokenizer: pass Trainer(processing_class=tokenizer) or "
                                   "NegativeDifferentiationCallback(tokenizer=...)")
         model = getattr(model, "_orig_mod", model)
-        if self._writer is not None:  # train() again (auto_find_batch_size's retry, a second call): a new run
-            self._writer.close()
-            self._writer = None
-        if state.global_step == 0:
-            monitor._reset_run()
         self._ranks = _Ranks(int(args.process_index), int(args.world_size), bool(state.is_world_process_zero),
                              training_autocast(args, model))
-        with agree_on_failure():  # a rank that fails to set up ends every rank's run, none waits in a collective
-            self._set_up(args, model, monitor)
-        self._load_state(args, state)
+        saved = self._read_state(args, state)
+        # A resumed run goes on in the records folder it began in (transformers 4's default logging_dir is new at
+        # every launch); log_dir= overrides. A fresh run opens its own.
+        began = Path(saved["records_root"]).parent if saved and saved.get("records_root") else None
+        root = (Path(monitor.log_dir) if monitor.log_dir else began if began is not None and began.is_dir()
+                else hf_log_dir(args))
+        with agree_on_failure(phase="set-up"):  # a rank that fails ends every rank's run, none waits in a collective
+            self._set_up(args, model, monitor, root)
+        if saved is not None:
+            monitor.load_state_dict(saved)
         self._maybe_measure(state, monitor.schedule.due(state.global_step))
 
-    def _set_up(self, args: Any, model: Any, monitor: NegativeDifferentiationMonitor) -> None:
-        """Open the records and the event file (rank zero), build the probe set, check the memory budget."""
-        root = Path(monitor.log_dir) if monitor.log_dir else hf_log_dir(args)
+    def _set_up(self, args: Any, model: Any, monitor: NegativeDifferentiationMonitor, root: Path) -> None:
+        """Open the records under ``root`` and the event file (rank zero), build the probe set, check the budget."""
         sinks = []
         if self._ranks.is_global_zero:
             from torch.utils.tensorboard import SummaryWriter
@@ -162,37 +168,42 @@ class NegativeDifferentiationCallback(TrainerCallback):
                                        "this checkpoint starts the monitor afresh (new cohort, no drift at first) "
                                        "(no further warning)")
 
-    def _load_state(self, args: Any, state: Any) -> None:
-        """On a resume (``global_step > 0``), read the state saved beside ``output_dir/checkpoint-<step>``.
+    def _read_state(self, args: Any, state: Any) -> dict | None:
+        """On a resume (``global_step > 0``), the state saved beside the checkpoint (see :meth:`_state_paths`).
 
         Rank 0 wrote it and rank 0 reads it; under DDP every rank gets rank 0's copy: another node's disk may lack
         the file (``save_on_each_node``), and ranks that disagreed about the steps already measured would measure
-        at different steps and wait on each other's collectives."""
+        at different steps and wait on each other's collectives. A state that measured past the step resumed at (a
+        stale ``resume_from_checkpoint``) is not this checkpoint's: left out, with a warning."""
         if state.global_step <= 0:
-            return
+            return None
+        import warnings
+
         import torch
 
-        from negmonitor.distributed import agree_on_failure, is_distributed
+        from negmonitor.distributed import is_distributed
 
-        candidates = self._state_paths(args, state.global_step)
+        step = int(state.global_step)
+        candidates = self._state_paths(args, step)
         saved = None
-        with agree_on_failure(is_distributed()):  # an unreadable file ends every rank's run, not one
+        with agree_on_failure(phase="resume"):  # an unreadable file ends every rank's run, not one
             if self._ranks.is_global_zero:
                 found = next((path for path in candidates if path.is_file()), None)
                 if found is not None:
                     saved = torch.load(found, map_location="cpu", weights_only=False)
-                else:
-                    import warnings
-
-                    warnings.warn(f"negmonitor: resumed at step {state.global_step} without the monitor's state "
+                    if max(saved.get("measured_steps") or [0]) > step:
+                        warnings.warn(f"negmonitor: the monitor's state at {found} measured past step {step}, where "
+                                      "this run resumed: it is another checkpoint's, left out", stacklevel=2)
+                        saved, found = None, None
+                if found is None:
+                    warnings.warn(f"negmonitor: resumed at step {step} without the monitor's state "
                                   f"(looked for {' and '.join(str(c) for c in candidates)}): it starts afresh — a new "
                                   "cohort at its next measurement, no drift until the one after", stacklevel=2)
         if is_distributed():
             box = [saved]
             torch.distributed.broadcast_object_list(box, src=0)
             saved = box[0]
-        if saved is not None:  # the records root and run name follow output_dir / run_name, not the checkpoint
-            self.monitor.load_state_dict({k: v for k, v in saved.items() if k not in ("records_root", "run_name")})
+        return saved
 
     def _state_path(self, args: Any, step: int) -> Path:
         return Path(args.output_dir) / f"checkpoint-{int(step)}" / f"negmonitor-{self.monitor.record_key}.pt"
@@ -220,14 +231,15 @@ class NegativeDifferentiationCallback(TrainerCallback):
         best checkpoint's weights in the model (``load_best_model_at_end``); close the event file."""
         try:
             step, monitor = int(state.global_step), self.monitor
-            reloaded = getattr(args, "load_best_model_at_end", False) and getattr(state, "best_model_checkpoint", None)
             if self._ranks is None or not monitor.schedule.at_end:
                 return
+            reloaded = _rank_zero_decides(bool(getattr(args, "load_best_model_at_end", False)
+                                               and getattr(state, "best_model_checkpoint", None)))
             if not reloaded:
                 self._count_tokens(state)
                 monitor._end_of_training(self._ranks, step)
-            elif self._ranks.is_global_zero and (step not in monitor.measured_steps
-                                                 or (monitor._last is not None and not monitor._last.final)):
+            elif self._ranks.is_global_zero and (step not in monitor.measured_steps or (
+                    monitor._last is not None and monitor._last.step == step and not monitor._last.final)):
                 import warnings
 
                 what = ("no final measurement" if step not in monitor.measured_steps
@@ -236,6 +248,7 @@ class NegativeDifferentiationCallback(TrainerCallback):
                               f"({state.best_model_checkpoint}, load_best_model_at_end), not step {step}'s weights",
                               stacklevel=2)
         finally:
+            self.monitor._last = None  # the last measurement's tables are not kept past training
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
@@ -253,6 +266,20 @@ class NegativeDifferentiationCallback(TrainerCallback):
                                else int(getattr(state, "num_input_tokens_seen", 0) or 0))
 
 
+def _rank_zero_decides(value: bool) -> bool:
+    """Rank 0's ``value`` on every rank (under DDP a decision taken apart could send one rank into a collective
+    alone: the Trainer sets ``best_model_checkpoint`` only where the checkpoint folder exists on that node)."""
+    import torch
+
+    from negmonitor.distributed import is_distributed
+
+    if not is_distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def training_autocast(args: Any, model: Any) -> Callable[[], ContextManager]:
     """The autocast the ``Trainer`` trains under (accelerate's, set by ``args.bf16`` / ``args.fp16``), as a
     context factory for the probe forward; no autocast for full-precision training."""
@@ -267,14 +294,9 @@ def training_autocast(args: Any, model: Any) -> Callable[[], ContextManager]:
 
 
 def hf_log_dir(args: Any) -> Path:
-    """The folder the ``negmonitor/`` records go under: ``args.logging_dir`` (transformers 4) when the user set it,
-    else ``$TENSORBOARD_LOGGING_DIR`` (where transformers 5's TensorBoard callback writes), else ``args.output_dir``.
-    transformers 4's default logging dir, ``<output_dir>/runs/<time>_<host>``, is new at every launch: a resumed run's
-    records would start a new folder (and leave the last one's drift snapshots behind), so it counts as unset."""
-    logging_dir = getattr(args, "logging_dir", None)
-    if logging_dir and Path(logging_dir).expanduser().parent == Path(args.output_dir).expanduser() / "runs":
-        logging_dir = None
-    logging_dir = logging_dir or os.environ.get("TENSORBOARD_LOGGING_DIR")
+    """The folder a fresh run's ``negmonitor/`` records go under: ``args.logging_dir`` (transformers 4), else
+    ``$TENSORBOARD_LOGGING_DIR`` (where transformers 5's TensorBoard callback writes), else ``args.output_dir``."""
+    logging_dir = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
     return Path(logging_dir or args.output_dir).expanduser()
 
 
