@@ -51,3 +51,8 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     error says about its cause."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+class AblationBypassed(NegmonitorError):
+    """An ablation that changed nothing: the model's MLP never called the activation module it replaces (a fused
+    kernel computes the nonlinearity itself)."""

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from negmonitor.adapters import MLPSite, find_sites, normalise_layers
-from negmonitor.errors import NegmonitorError
+from negmonitor.errors import AblationBypassed, NegmonitorError
 
 def _zero_negative(x: torch.Tensor, mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
     return base(x.masked_fill(mask & (x < 0), 0))
@@ -119,8 +119,9 @@ def ablate(
             ``zero_neuron``.
 
     Raises:
-        NegmonitorError: unknown mode, a layer out of range, or a neuron index out of range; on leaving, a layer
-            whose projection ran inside the block while its activation module never did (a fused MLP kernel, such
+        NegmonitorError: unknown mode, a layer out of range, or a neuron index out of range.
+        AblationBypassed: on leaving, a layer whose projection ran inside the block while its activation module
+            never did (a fused MLP kernel, such
             as Liger's, computes the nonlinearity itself: the ablation changed nothing there).
     """
     check_mode(mode)
@@ -143,9 +144,9 @@ def ablate(
             setattr(site.act_owner, site.act_attr, original)
     bypassed = [site.path for site, _, masked in installed if projection_calls.get(site.layer) and not masked.calls]
     if bypassed:
-        raise NegmonitorError(f"the ablation changed nothing: {bypassed[0]} ran but its layer never called its "
-                              "activation module (a fused MLP kernel computes the nonlinearity itself, e.g. Liger's: "
-                              "use_liger_kernel=True) — run ablations without the fused kernel")
+        raise AblationBypassed(f"the ablation changed nothing: {bypassed[0]} ran but its layer never called its "
+                               "activation module (a fused MLP kernel computes the nonlinearity itself, e.g. Liger's: "
+                               "use_liger_kernel=True) — run ablations without the fused kernel")
 
 
 def _counter(calls: dict[int, int], layer: int) -> Callable[..., None]:

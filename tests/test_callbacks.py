@@ -410,3 +410,24 @@ def test_lightning_cli_yaml_can_switch_ablation_on_with_true_or_a_mapping() -> N
     for value, fraction in (("true", 0.01), ("{fraction: 0.02}", 0.02)):
         config = parser.parse_args(["--monitor.probe", "probe.txt", "--monitor.ablation", value])
         assert parser.instantiate_classes(config).monitor.ablation.fraction == fraction
+
+
+def test_a_fused_mlp_kernel_leaves_ablation_out_of_the_run_and_keeps_the_other_curves(tmp_path) -> None:
+    """As Liger's kernel replaces each Llama MLP's forward (SiLU(gate) * up in one call, act_fn never called): an
+    ablation there changes nothing, so it is left out of the run with one warning; the measurements go on."""
+    from negmonitor.callbacks import NegativeDifferentiationMonitor as Monitor
+
+    seed_everything(0)
+    module = TinyLM("llama")
+    for layer in module.model.model.layers:
+        mlp = layer.mlp
+        mlp.forward = (lambda m: lambda x: m.down_proj(torch.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x)))(mlp)
+    monitor = Monitor(every_n_steps=2, ablation={"fraction": 0.05, "max_matching_evals": 2, "ppl_window": 64},
+                      ppl_text=TEXT[:2_000], families=("wd", "health", "ablation"), **SMALL)
+    with pytest.warns(UserWarning, match=r"ablation is left out of this run: the ablation changed nothing: "
+                                         r"model\.layers\.0\.mlp\.gate_proj ran but .*Liger's"):
+        trainer(tmp_path, 4, [monitor]).fit(module, token_loader(module.tokenizer))
+    assert monitor.measured_steps == [0, 2, 4] and monitor.ablation is None
+    scalars = RecordStore.for_logdir(tmp_path / "run" / "version_0").read_scalars()
+    assert sorted(scalars[scalars.metric == "wd/max"].step.unique()) == [0, 2, 4]
+    assert not scalars.metric.str.startswith(("ablation/", "health/measurement_failed")).any()

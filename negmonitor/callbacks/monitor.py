@@ -36,7 +36,7 @@ from negmonitor.budget import DEFAULT_MEMORY_BUDGET, BatchLimit
 from negmonitor.callbacks.loggers import logger_sinks, records_log_dir
 from negmonitor.callbacks.schedule import Schedule
 from negmonitor.distributed import Shard, agree_on_failure
-from negmonitor.errors import NegmonitorError, UnreadableWeight
+from negmonitor.errors import AblationBypassed, NegmonitorError, UnreadableWeight
 from negmonitor.monitoring import engine
 from negmonitor.monitoring import tensorboard as tb
 from negmonitor.monitoring.engine import MonitorSettings, MonitorState
@@ -193,7 +193,8 @@ class NegativeDifferentiationMonitor(Callback):
         self.log_dir = log_dir
         self.run_name = run_name
         self._given_run_name = run_name
-        self._given = dict(tokenizer=tokenizer, minimal_pairs=minimal_pairs, ppl_text=ppl_text)  # as passed
+        self._given = dict(tokenizer=tokenizer, minimal_pairs=minimal_pairs, ppl_text=ppl_text,  # as passed
+                           ablation=self.ablation)
         self._off = False  # fast_dev_run: nothing measured or written
         self.tokens_per_step = tokens_per_step
         self.strict = strict
@@ -263,8 +264,8 @@ class NegativeDifferentiationMonitor(Callback):
         self.measured_steps, self.tokens_seen, self.failures, self.timings = [], 0, 0, {}
         self.run_name = self._given_run_name
         # what the last run resolved (its tokenizer, its datamodule's texts) gives way to what was passed
-        self.tokenizer, self.minimal_pairs, self.ppl_text = (self._given[k] for k in ("tokenizer", "minimal_pairs",
-                                                                                       "ppl_text"))
+        self.tokenizer, self.minimal_pairs, self.ppl_text, self.ablation = (
+            self._given[k] for k in ("tokenizer", "minimal_pairs", "ppl_text", "ablation"))
         self.settings = replace(self.settings, weight_drift="drift" in self.families)
         self._batch_limit, self._evaluation_batch_limits = BatchLimit(), {}
         self._snapshot_to_read = self._snapshot_saved = self._snapshot_file = None
@@ -412,7 +413,8 @@ class NegativeDifferentiationMonitor(Callback):
             extra = pd.DataFrame(columns=last.scalars.columns)
             if self.ablation is not None and not last.ablated:
                 with _strategy_context(trainer, self._hf_model):
-                    extra = self._ablation_rows(last.measurement, Shard(trainer.global_rank, trainer.world_size))
+                    rows = self._ablation_rows_or_none(last.measurement, trainer)
+                extra = rows if rows is not None else extra
             if not trainer.is_global_zero:
                 return
             extra = extra[extra.metric.map(_family).isin(self.families)]
@@ -624,8 +626,10 @@ class NegativeDifferentiationMonitor(Callback):
             if ablated:
                 # every rank evaluates its share (DDP, FSDP): no rank waits for another
                 start = time.perf_counter()
-                rows = self._ablation_rows(measurement, Shard(trainer.global_rank, trainer.world_size))
-                scalars = pd.concat([scalars, rows], ignore_index=True)
+                rows = self._ablation_rows_or_none(measurement, trainer)
+                ablated = rows is not None
+                if ablated:
+                    scalars = pd.concat([scalars, rows], ignore_index=True)
                 self.timings["ablation"] = time.perf_counter() - start
         media = final or self._due(step, self.media_every)
         # kept (every rank) until the next measurement: a run that turns out to have ended here is finished from it
@@ -701,6 +705,17 @@ class NegativeDifferentiationMonitor(Callback):
         if previous is None:
             return True
         return every > 0 and step // every > previous // every
+
+    def _ablation_rows_or_none(self, measurement: engine.Measurement, trainer: Any) -> pd.DataFrame | None:
+        """This rank's share of the ablation rows; ``None``, and no ablation for the rest of the run (said once),
+        when the model's MLP never calls the activation module an ablation replaces (a fused kernel): every rank
+        runs the same model, so every rank finds it at the same evaluation."""
+        try:
+            return self._ablation_rows(measurement, Shard(trainer.global_rank, trainer.world_size))
+        except AblationBypassed as exc:
+            self.ablation = None
+            rank_zero_warn(f"negmonitor: ablation is left out of this run: {exc} (the other curves run)")
+            return None
 
     def _ablation_rows(self, measurement: engine.Measurement, shard: Shard | None = None) -> pd.DataFrame:
         from negmonitor.monitoring.ablation_rows import ablation_scalar_rows
