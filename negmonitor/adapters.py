@@ -131,7 +131,8 @@ def registered_families() -> list[str]:
 register_adapter("gpt_neox", ["gpt_neox"], "layers", "mlp.dense_h_to_4h", "mlp.act")
 register_adapter(
     "llama",
-    ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3"],
+    ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2"],  # not Mixtral (MoE) nor Phi-3
+    # (its gate and up projections are one fused Linear): no per-neuron gate module there
     "layers",
     "mlp.gate_proj",
     "mlp.act_fn",

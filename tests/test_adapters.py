@@ -83,3 +83,30 @@ def test_register_adapter_from_user_code() -> None:
         from negmonitor import adapters
 
         adapters._REGISTRY.pop("toy")
+
+
+def test_every_registered_model_type_finds_its_sites() -> None:
+    """Each model type an adapter names is built (tiny, from transformers' own config class) and its sites found
+    at the named projection, with the nonlinearity after it: no family claims a model whose MLP is laid out
+    otherwise (Mixtral's experts, Phi-3's fused gate_up_proj were listed and failed)."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from negmonitor.adapters import _REGISTRY
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                intermediate_size=64, vocab_size=128, head_dim=8, n_embd=32, n_layer=2, n_head=4, n_inner=64,
+                ffn_dim=64, word_embed_proj_dim=32)
+    for spec in _REGISTRY.values():
+        for model_type in spec.model_types:
+            config = AutoConfig.for_model(model_type)
+            for key, value in tiny.items():
+                if hasattr(config, key):
+                    setattr(config, key, value)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = (AutoModel if spec.family == "bert" else AutoModelForCausalLM).from_config(config)
+            sites = find_sites(model)
+            assert len(sites) == 2 and sites[0].path.endswith(spec.projection_path), model_type
+            assert (sites[0].n_neurons, sites[0].d_in) == (64, 32), model_type

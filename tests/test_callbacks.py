@@ -431,3 +431,45 @@ def test_a_fused_mlp_kernel_leaves_ablation_out_of_the_run_and_keeps_the_other_c
     scalars = RecordStore.for_logdir(tmp_path / "run" / "version_0").read_scalars()
     assert sorted(scalars[scalars.metric == "wd/max"].step.unique()) == [0, 2, 4]
     assert not scalars.metric.str.startswith(("ablation/", "health/measurement_failed")).any()
+
+
+def test_resuming_with_other_settings_says_the_monitor_starts_afresh(tmp_path) -> None:
+    """Lightning keys a callback's state by its settings: resumed with every_n_steps changed, the saved state is
+    not this monitor's, and one warning says what that costs instead of Lightning's generic note alone."""
+    def fit(every: int, max_steps: int, ckpt_path=None) -> None:
+        seed_everything(0)
+        module = TinyLM()
+        monitor = NegativeDifferentiationMonitor(every_n_steps=every, families=("wd", "health"), **SMALL)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        trainer(tmp_path, max_steps, [monitor, checkpoints]).fit(module, token_loader(module.tokenizer),
+                                                                ckpt_path=ckpt_path)
+
+    fit(2, 2)
+    (checkpoint,) = (tmp_path / "ckpt").glob("*step=2*.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(2, 4, ckpt_path=str(checkpoint))  # the same settings: no such warning
+    assert not [w for w in caught if "saved with other settings" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"the checkpoint holds a NegativeDifferentiationMonitor state saved with "
+                                         r"other settings \(.*'every_n_steps': 2.*\); with these \(.*'every_n_steps': "
+                                         r"3.*\) the monitor starts afresh"):
+        fit(3, 4, ckpt_path=str(checkpoint))
+
+
+def test_a_fresh_run_into_a_folder_with_another_runs_records_says_it_writes_over_them(tmp_path) -> None:
+    def fit() -> None:
+        seed_everything(0)
+        module = TinyLM()
+        monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "health"), **SMALL)
+        trainer(tmp_path, 2, [monitor], logger=TensorBoardLogger(str(tmp_path), name="run", version=0)).fit(
+            module, token_loader(module.tokenizer))
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit()
+    assert not [w for w in caught if "already holds" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"negmonitor: .*version_0/negmonitor already holds this monitor's records "
+                                         r"of steps 0\.\.2 from another run; this run writes over them"):
+        fit()  # a fixed logger version: the second fresh run lands in the first one's folder

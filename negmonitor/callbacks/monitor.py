@@ -432,6 +432,20 @@ class NegativeDifferentiationMonitor(Callback):
                 warnings.warn(f"negmonitor: the final additions (ablation, media) to step {step}'s measurement "
                               f"failed ({type(exc).__name__}: {exc}); its recorded measurement stands", stacklevel=2)
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Say so when the checkpoint holds this monitor's state under other settings: Lightning keys a callback's
+        state by its settings, so it would drop that state with a generic note, and the monitor start afresh."""
+        if self._off:
+            return
+        saved = [key for key in (checkpoint.get("callbacks") or {}) if isinstance(key, str)]
+        name = type(self).__qualname__
+        others = [key for key in saved if key.startswith(name + "{")]
+        if others and self.state_key not in saved:
+            rank_zero_warn(f"negmonitor: the checkpoint holds a {name} state saved with other settings "
+                           f"({others[0][len(name):]}); with these ({self.state_key[len(name):]}) the monitor starts "
+                           "afresh — a new cohort at its next measurement, tokens counted from 0, no drift until the "
+                           "one after; resume with the same settings to continue its records")
+
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Save the weight snapshot this checkpoint's state refers to beside the records (once per snapshot)."""
         if not self._off:
@@ -539,6 +553,8 @@ class NegativeDifferentiationMonitor(Callback):
         try:
             if trainer.is_global_zero:
                 self._read_snapshot()
+                if not self.measured_steps:
+                    self._say_if_overwriting(step)
             self._measure_unguarded(trainer, step, final)
         except Exception as exc:  # a failed measurement must not end a long training run
             if self.strict:
@@ -547,6 +563,19 @@ class NegativeDifferentiationMonitor(Callback):
         finally:
             if step not in self.measured_steps:
                 self.measured_steps.append(step)
+
+    def _say_if_overwriting(self, step: int) -> None:
+        """Before a run's first measurement: warn once if its records folder already holds this monitor's records
+        of this or later steps from another run (a fresh run into a fixed ``log_dir``, logger version or
+        ``output_dir``), which this run would overwrite step by step and the report read as one run."""
+        if self._store is None:
+            return
+        earlier = [s for s in self._store.steps() if s >= step and self._store.has(s, self.record_key)]
+        if earlier:
+            rank_zero_warn(f"negmonitor: {self._store.root} already holds this monitor's records of steps "
+                           f"{earlier[0]}..{earlier[-1]} from another run; this run writes over them step by step (the "
+                           "report would read the two as one run) — give this run its own folder (a new logger "
+                           "version, output_dir, or log_dir=)")
 
     def _record_failure(self, trainer: Trainer, step: int, exc: Exception) -> None:
         """Warn at the first failure only (each rank about its own; rank 0 also about another rank's), then write
