@@ -8,6 +8,7 @@ from torch import nn
 
 from negmonitor.adapters import find_sites, register_adapter
 from negmonitor.errors import NegmonitorError
+from negmonitor.interventions import ablate
 from tiny_models import tiny_bert, tiny_causal_lm
 
 EXPECTED = {
@@ -109,4 +110,6 @@ def test_every_registered_model_type_finds_its_sites() -> None:
                 model = (AutoModel if spec.family == "bert" else AutoModelForCausalLM).from_config(config)
             sites = find_sites(model)
             assert len(sites) == 2 and sites[0].path.endswith(spec.projection_path), model_type
-            assert (sites[0].n_neurons, sites[0].d_in) == (64, 32), model_type
+            assert sites[0].family == spec.family and (sites[0].n_neurons, sites[0].d_in) == (64, 32), model_type
+            with ablate(model, {0: [0], 1: [0]}):  # AblationBypassed if the MLP never called the nonlinearity
+                model(input_ids=torch.tensor([[3, 5, 7, 9]]))

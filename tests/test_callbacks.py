@@ -450,6 +450,7 @@ def test_resuming_with_other_settings_says_the_monitor_starts_afresh(tmp_path) -
         warnings.simplefilter("always")
         fit(2, 4, ckpt_path=str(checkpoint))  # the same settings: no such warning
     assert not [w for w in caught if "saved with other settings" in str(w.message)]
+    assert not [w for w in caught if "already holds" in str(w.message)]  # a resume is the same run
     with pytest.warns(UserWarning, match=r"the checkpoint holds a NegativeDifferentiationMonitor state saved with "
                                          r"other settings \(.*'every_n_steps': 2.*\); with these \(.*'every_n_steps': "
                                          r"3.*\) the monitor starts afresh"):
@@ -457,6 +458,8 @@ def test_resuming_with_other_settings_says_the_monitor_starts_afresh(tmp_path) -
 
 
 def test_a_fresh_run_into_a_folder_with_another_runs_records_says_it_writes_over_them(tmp_path) -> None:
+    """A fixed logger version (or log_dir=, or an HF output_dir) sends a second fresh run into the first one's
+    records folder: said once before its first measurement; a resume of the same run is not such a run."""
     def fit() -> None:
         seed_everything(0)
         module = TinyLM()
@@ -471,5 +474,8 @@ def test_a_fresh_run_into_a_folder_with_another_runs_records_says_it_writes_over
         fit()
     assert not [w for w in caught if "already holds" in str(w.message)]
     with pytest.warns(UserWarning, match=r"negmonitor: .*version_0/negmonitor already holds this monitor's records "
-                                         r"of steps 0\.\.2 from another run; this run writes over them"):
+                                         r"of 2 step\(s\) from another run; this run writes over them"):
         fit()  # a fixed logger version: the second fresh run lands in the first one's folder
+    (tmp_path / "run" / "version_0" / "negmonitor" / "scalars" / "step-final.parquet").touch()  # a stray file
+    with pytest.warns(UserWarning, match="already holds this monitor's records of 2 step"):
+        fit()  # the advice never costs the measurement

@@ -4,6 +4,7 @@ event files, the same numbers as the engine, and under DDP (2 gloo processes) on
 from __future__ import annotations
 
 import json
+import warnings
 import textwrap
 from pathlib import Path
 
@@ -448,3 +449,24 @@ def test_hf_resumed_run_keeps_its_records_folder_when_the_logging_dir_changes(tm
     assert not (tmp_path / "tb" / "launch2" / "negmonitor" / "scalars").exists()
     _hf_run(tmp_path / "fresh", 2)  # a fresh run: its own folder, as the environment says
     assert (tmp_path / "tb" / "launch2" / "negmonitor" / "scalars").is_dir()
+
+
+def test_hf_auto_find_batch_size_retry_is_the_same_run(tmp_path) -> None:
+    """auto_find_batch_size: an out-of-memory error restarts training at step 0 with a smaller batch; the monitor
+    starts afresh on the same folder without calling its own first attempt's records another run's."""
+    from transformers import TrainerCallback
+
+    class OutOfMemoryOnce(TrainerCallback):
+        raised = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1 and not OutOfMemoryOnce.raised:
+                OutOfMemoryOnce.raised = True
+                raise torch.OutOfMemoryError("CUDA out of memory. (simulated)")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback = _hf_run(tmp_path / "out", 2, [OutOfMemoryOnce()], auto_find_batch_size=True)
+    assert OutOfMemoryOnce.raised and callback.measured_steps == [0, 2]
+    assert not [w for w in caught if "already holds" in str(w.message)]
+    assert sorted(RecordStore(tmp_path / "out" / "negmonitor").read_scalars().step.unique()) == [0, 2]

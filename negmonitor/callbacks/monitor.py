@@ -221,6 +221,7 @@ class NegativeDifferentiationMonitor(Callback):
         self._sinks: list[Any] = []  # where the curves go (rank zero only): one per logger, or a writer
         self._hf_model: torch.nn.Module | None = None
         self._last: _LastMeasurement | None = None
+        self._check_overwrite = True  # a fresh run's folder holding another run's records is said once
 
     # -- Lightning hooks --------------------------------------------------------------------------------------
 
@@ -273,6 +274,7 @@ class NegativeDifferentiationMonitor(Callback):
         self._zero_drifts = 0
         self._writes_warned = set()
         self._last = None
+        self._check_overwrite = True
 
     def _open(self, root: Path, sinks: list[Any], is_global_zero: bool, run_name: str | None = None) -> None:
         """Trainer-agnostic set-up (also the HF callback's): the records under ``root/negmonitor``, the sinks; the
@@ -433,18 +435,20 @@ class NegativeDifferentiationMonitor(Callback):
                               f"failed ({type(exc).__name__}: {exc}); its recorded measurement stands", stacklevel=2)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Say so when the checkpoint holds this monitor's state under other settings: Lightning keys a callback's
-        state by its settings, so it would drop that state with a generic note, and the monitor start afresh."""
-        if self._off:
+        """Say so when a resumed fit's checkpoint holds a state of this monitor's class under other settings, none
+        under these: Lightning keys a callback's state by its settings, so it drops that state with a generic note
+        and the monitor starts afresh. (Another monitor of the class on this Trainer keeps its own key.)"""
+        if self._off or getattr(getattr(trainer, "state", None), "fn", None) != "fit":
             return
         saved = [key for key in (checkpoint.get("callbacks") or {}) if isinstance(key, str)]
         name = type(self).__qualname__
-        others = [key for key in saved if key.startswith(name + "{")]
+        here = {getattr(callback, "state_key", None) for callback in trainer.callbacks}
+        others = [key for key in saved if key.startswith(name + "{") and key not in here]
         if others and self.state_key not in saved:
             rank_zero_warn(f"negmonitor: the checkpoint holds a {name} state saved with other settings "
                            f"({others[0][len(name):]}); with these ({self.state_key[len(name):]}) the monitor starts "
-                           "afresh — a new cohort at its next measurement, tokens counted from 0, no drift until the "
-                           "one after; resume with the same settings to continue its records")
+                           "afresh — a new cohort at its next measurement, its token count restarted, no drift until "
+                           "the one after; resume with the same settings to continue its records")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Save the weight snapshot this checkpoint's state refers to beside the records (once per snapshot)."""
@@ -553,8 +557,8 @@ class NegativeDifferentiationMonitor(Callback):
         try:
             if trainer.is_global_zero:
                 self._read_snapshot()
-                if not self.measured_steps:
-                    self._say_if_overwriting(step)
+                if not self.measured_steps and step == 0 and self._check_overwrite:
+                    self._say_if_overwriting()
             self._measure_unguarded(trainer, step, final)
         except Exception as exc:  # a failed measurement must not end a long training run
             if self.strict:
@@ -564,18 +568,22 @@ class NegativeDifferentiationMonitor(Callback):
             if step not in self.measured_steps:
                 self.measured_steps.append(step)
 
-    def _say_if_overwriting(self, step: int) -> None:
-        """Before a run's first measurement: warn once if its records folder already holds this monitor's records
-        of this or later steps from another run (a fresh run into a fixed ``log_dir``, logger version or
-        ``output_dir``), which this run would overwrite step by step and the report read as one run."""
-        if self._store is None:
-            return
-        earlier = [s for s in self._store.steps() if s >= step and self._store.has(s, self.record_key)]
-        if earlier:
-            rank_zero_warn(f"negmonitor: {self._store.root} already holds this monitor's records of steps "
-                           f"{earlier[0]}..{earlier[-1]} from another run; this run writes over them step by step (the "
-                           "report would read the two as one run) — give this run its own folder (a new logger "
-                           "version, output_dir, or log_dir=)")
+    def _say_if_overwriting(self) -> None:
+        """Before a fresh run's first measurement (step 0): warn once if its records folder already holds this
+        monitor's records from another run (a fixed ``log_dir``, logger version or ``output_dir``), which this run
+        would overwrite step by step and the report read as one run. Advice only: never raises (rank 0 alone runs
+        it, before the measurement's collectives)."""
+        try:
+            if self._store is None:
+                return
+            earlier = sorted((self._store.root / "scalars").glob(f"step-*-{self.record_key}.parquet"))
+            if earlier:
+                rank_zero_warn(f"negmonitor: {self._store.root} already holds this monitor's records of "
+                               f"{len(earlier)} step(s) from another run; this run writes over them step by step "
+                               "(the report would read the two as one run) — give this run its own folder (a new "
+                               "logger version, output_dir, or log_dir=)")
+        except Exception:  # noqa: BLE001 - a listing that fails costs the advice, never the measurement
+            pass
 
     def _record_failure(self, trainer: Trainer, step: int, exc: Exception) -> None:
         """Warn at the first failure only (each rank about its own; rank 0 also about another rank's), then write

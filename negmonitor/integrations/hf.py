@@ -97,11 +97,13 @@ class NegativeDifferentiationCallback(TrainerCallback):
             raise NegmonitorError(f"negmonitor's Hugging Face callback does not support {sharded} — train with DDP "
                                   "or one process, or use the Lightning callback (which supports FSDP)")
         monitor = self.monitor
-        if self._writer is not None:  # train() again (auto_find_batch_size's retry, a second call): a new run
+        again = self._writer is not None  # train() again: auto_find_batch_size's retry, or a second call
+        if again:
             self._writer.close()
             self._writer = None
-        if state.global_step == 0:
-            monitor._reset_run()
+        monitor._reset_run()  # a resume's state is read back below
+        # a retry writes over its own failed attempt's records, not another run's
+        monitor._check_overwrite = not again
         tokenizer = monitor.tokenizer or processing_class or kwargs.get("tokenizer")
         monitor.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
         if monitor.tokenizer is None:
