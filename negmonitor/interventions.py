@@ -121,8 +121,8 @@ def ablate(
     Raises:
         NegmonitorError: unknown mode, a layer out of range, or a neuron index out of range.
         AblationBypassed: on leaving, a layer whose projection ran inside the block while its activation module
-            never did (a fused MLP kernel, such
-            as Liger's, computes the nonlinearity itself: the ablation changed nothing there).
+            never did (a fused MLP kernel, such as Liger's, computes the nonlinearity itself: the ablation changed
+            nothing there).
     """
     check_mode(mode)
     masks = neuron_masks(model, selection)

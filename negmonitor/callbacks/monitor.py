@@ -192,9 +192,8 @@ class NegativeDifferentiationMonitor(Callback):
         self.media_every = media_every_n_steps if media_every_n_steps is not None else 5 * every_n_steps
         self.log_dir = log_dir
         self.run_name = run_name
-        self._given_run_name = run_name
-        self._given = dict(tokenizer=tokenizer, minimal_pairs=minimal_pairs, ppl_text=ppl_text,  # as passed
-                           ablation=self.ablation)
+        self._given = dict(run_name=run_name, tokenizer=tokenizer, minimal_pairs=minimal_pairs,  # as passed
+                           ppl_text=ppl_text, ablation=self.ablation)
         self._off = False  # fast_dev_run: nothing measured or written
         self.tokens_per_step = tokens_per_step
         self.strict = strict
@@ -263,10 +262,9 @@ class NegativeDifferentiationMonitor(Callback):
         stages): steps measured, cohort, weight snapshot, tokens, failures and warnings start afresh."""
         self.state = MonitorState()
         self.measured_steps, self.tokens_seen, self.failures, self.timings = [], 0, 0, {}
-        self.run_name = self._given_run_name
-        # what the last run resolved (its tokenizer, its datamodule's texts) gives way to what was passed
-        self.tokenizer, self.minimal_pairs, self.ppl_text, self.ablation = (
-            self._given[k] for k in ("tokenizer", "minimal_pairs", "ppl_text", "ablation"))
+        # what the last run resolved (its name, tokenizer, datamodule's texts) gives way to what was passed
+        self.run_name, self.tokenizer, self.minimal_pairs, self.ppl_text, self.ablation = (
+            self._given[k] for k in ("run_name", "tokenizer", "minimal_pairs", "ppl_text", "ablation"))
         self.settings = replace(self.settings, weight_drift="drift" in self.families)
         self._batch_limit, self._evaluation_batch_limits = BatchLimit(), {}
         self._snapshot_to_read = self._snapshot_saved = self._snapshot_file = None
@@ -280,7 +278,7 @@ class NegativeDifferentiationMonitor(Callback):
         """Trainer-agnostic set-up (also the HF callback's): the records under ``root/negmonitor``, the sinks; the
         run's name is the one given, else ``run_name``, else the folder's."""
         self._store = RecordStore.for_logdir(root)
-        self.run_name = self._given_run_name or run_name or root.resolve().name
+        self.run_name = self._given["run_name"] or run_name or root.resolve().name
         self._sinks = sinks
         if is_global_zero:
             from negmonitor.atomic import ensure_writable_dir
@@ -420,10 +418,7 @@ class NegativeDifferentiationMonitor(Callback):
             if not trainer.is_global_zero:
                 return
             extra = extra[extra.metric.map(_family).isin(self.families)]
-            scalars = pd.concat([last.scalars, extra], ignore_index=True)
-            pairs = last.measurement.result.top_pairs if "pairs" in self.families else None
-            self._store.write_measurement(self.run_name, step, self.tokens_seen, scalars, last.measurement.neurons,
-                                          pairs, last.measurement.histograms, key=self.record_key)
+            self._write_records(last.measurement, pd.concat([last.scalars, extra], ignore_index=True), step)
             self._log(last.measurement, extra, step, media=not last.media)
         except Exception as exc:  # the end of a long training run: reported, never raised
             if self.strict:
@@ -676,13 +671,16 @@ class NegativeDifferentiationMonitor(Callback):
             return  # every rank has the same numbers; rank 0 writes them
         self._check_drift_resolution(measurement.neurons, step)
         start = time.perf_counter()
-        scalars = self._last.scalars
-        pairs = measurement.result.top_pairs if "pairs" in self.families else None  # built only when recorded
-        # histograms: the top neurons' real distributions, for the report's Fig. 1c/6b
+        self._write_records(measurement, self._last.scalars, step)
+        self._log(measurement, self._last.scalars, step, media=media)
+        self.timings["logging"] = time.perf_counter() - start
+
+    def _write_records(self, measurement: engine.Measurement, scalars: pd.DataFrame, step: int) -> None:
+        """One step's records (atomic parquet): ``scalars`` as given, the neuron table, the top pairs (built only
+        when recorded) and the histograms (the top neurons' real distributions, for the report's Fig. 1c/6b)."""
+        pairs = measurement.result.top_pairs if "pairs" in self.families else None
         self._store.write_measurement(self.run_name, step, self.tokens_seen, scalars, measurement.neurons, pairs,
                                       measurement.histograms, key=self.record_key)
-        self._log(measurement, scalars, step, media=media)
-        self.timings["logging"] = time.perf_counter() - start
 
     def _log(self, measurement: engine.Measurement, scalars: pd.DataFrame, step: int, media: bool) -> None:
         """Curves to every sink, media to those that take them; a sink that fails is warned about, not fatal."""

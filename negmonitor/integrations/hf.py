@@ -183,8 +183,6 @@ class NegativeDifferentiationCallback(TrainerCallback):
 
         import torch
 
-        from negmonitor.distributed import is_distributed
-
         step = int(state.global_step)
         candidates = self._state_paths(args, step)
         saved = None
@@ -201,11 +199,7 @@ class NegativeDifferentiationCallback(TrainerCallback):
                     warnings.warn(f"negmonitor: resumed at step {step} without the monitor's state "
                                   f"(looked for {' and '.join(str(c) for c in candidates)}): it starts afresh — a new "
                                   "cohort at its next measurement, no drift until the one after", stacklevel=2)
-        if is_distributed():
-            box = [saved]
-            torch.distributed.broadcast_object_list(box, src=0)
-            saved = box[0]
-        return saved
+        return _from_rank_zero(saved)
 
     def _state_path(self, args: Any, step: int) -> Path:
         return Path(args.output_dir) / f"checkpoint-{int(step)}" / f"negmonitor-{self.monitor.record_key}.pt"
@@ -235,8 +229,8 @@ class NegativeDifferentiationCallback(TrainerCallback):
             step, monitor = int(state.global_step), self.monitor
             if self._ranks is None or not monitor.schedule.at_end:
                 return
-            reloaded = _rank_zero_decides(bool(getattr(args, "load_best_model_at_end", False)
-                                               and getattr(state, "best_model_checkpoint", None)))
+            reloaded = bool(_from_rank_zero(getattr(args, "load_best_model_at_end", False)
+                                            and getattr(state, "best_model_checkpoint", None)))
             if not reloaded:
                 self._count_tokens(state)
                 monitor._end_of_training(self._ranks, step)
@@ -268,9 +262,10 @@ class NegativeDifferentiationCallback(TrainerCallback):
                                else int(getattr(state, "num_input_tokens_seen", 0) or 0))
 
 
-def _rank_zero_decides(value: bool) -> bool:
-    """Rank 0's ``value`` on every rank (under DDP a decision taken apart could send one rank into a collective
-    alone: the Trainer sets ``best_model_checkpoint`` only where the checkpoint folder exists on that node)."""
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (under DDP, ranks deciding apart could send one into a collective alone:
+    the Trainer sets ``best_model_checkpoint`` only where the checkpoint folder exists on that node, and rank 0
+    alone reads the monitor's saved state)."""
     import torch
 
     from negmonitor.distributed import is_distributed
@@ -279,7 +274,7 @@ def _rank_zero_decides(value: bool) -> bool:
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return box[0]
 
 
 def training_autocast(args: Any, model: Any) -> Callable[[], ContextManager]:
