@@ -75,10 +75,13 @@ def load_lightning_model(path: str | os.PathLike, dtype: torch.dtype | None = No
                               "in from a checkpoint — merge them (model.merge_and_unload()), save_pretrained the "
                               "merged model and point negmonitor at that folder")
     hparams = {k: v for k, v in dict(checkpoint.get("hyper_parameters") or {}).items() if not str(k).startswith("_")}
-    model = _build_empty_model(path, hparams)
-    _load_weights(model, state, path)
-    if dtype is not None:
-        model.to(dtype)
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device (no random fp32 model on the host: 32 GB for an 8B model); the saved tensors are
+    # then put in their place one at a time, in the saved dtype unless ``dtype`` is given, straight onto ``device``.
+    with init_empty_weights(include_buffers=False):
+        model = _build_empty_model(path, hparams)
+    _load_weights(model, state, path, dtype, torch.device(device or "cpu"))
     return model.to(device or "cpu").eval()
 
 
@@ -134,8 +137,10 @@ def _config_beside(path: Path) -> Any:
     return None
 
 
-def _load_weights(model: nn.Module, state: dict, path: Path) -> None:
-    """Load the entries of ``state`` under the one prefix whose remainders are the model's own keys."""
+def _load_weights(model: nn.Module, state: dict, path: Path, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> None:
+    """Put the entries of ``state`` under the one prefix whose remainders are the model's own keys in place of the
+    model's (empty) parameters: floating-point parameters in ``dtype`` (default: as saved), all on ``device``."""
     own = set(model.state_dict())
     counts: dict[str, int] = {}
     for key in state:
@@ -150,14 +155,22 @@ def _load_weights(model: nn.Module, state: dict, path: Path) -> None:
                               "is not the trained model's")
     prefix = max(counts, key=counts.get)
     cut = len(prefix) + 1 if prefix else 0
-    weights = {k[cut:]: v for k, v in state.items() if (k.startswith(prefix + ".") or not prefix) and k[cut:] in own}
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    weights = {}
+    for key, value in state.items():
+        name = key[cut:]
+        if (key.startswith(prefix + ".") or not prefix) and name in own:
+            cast = dtype if dtype is not None and name in parameters and value.is_floating_point() else None
+            weights[name] = value.to(device=device, dtype=cast)
     try:
-        missing, _ = model.load_state_dict(weights, strict=False)
+        missing, _ = model.load_state_dict(weights, strict=False, assign=True)
     except RuntimeError as exc:
         raise NegmonitorError(f"the weights in {path} do not fit the model built for it ({first_line(exc)}) — "
                               "check the config beside it") from exc
-    parameters = dict(model.named_parameters())
-    missing = [k for k in missing if k in parameters]
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied embeddings (loaded as two copies) are one tensor again, as trained
+    loaded = dict(model.named_parameters(remove_duplicate=False))
+    missing = [k for k in missing if k in loaded and loaded[k].is_meta]
     if missing:
         raise NegmonitorError(f"checkpoint {path} lacks {len(missing)} of the model's weights (e.g. {missing[0]}) — "
                               "the config beside it is not the trained model's")

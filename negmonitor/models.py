@@ -164,13 +164,20 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> NegmonitorEr
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence ``transformers``' per-load progress bars (noise next to negmonitor's own bars); restore after."""
+    """Silence ``transformers``' per-load progress bars (noise next to negmonitor's own bars) but keep the hub's
+    download bars (a 24 GB checkpoint downloads for minutes: without them a replay looks hung); restore after."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging
 
     enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
+    hub_enabled = not are_progress_bars_disabled()
+    logging.disable_progress_bar()  # also turns the hub's bars off
+    if hub_enabled:
+        enable_progress_bars()
     try:
         yield
     finally:
         if enabled:
             logging.enable_progress_bar()
+        if not hub_enabled:
+            disable_progress_bars()

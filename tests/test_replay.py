@@ -155,6 +155,9 @@ def test_cli_replay_writes_records_manifest_and_prints_paths(reference_run, caps
     assert manifest.status.tolist() == ["ok"] * len(STEPS)
     assert manifest.weights_sha256.str.len().eq(64).all()
     assert set(manifest.dtype) == {"float32"}  # no --dtype on CPU: fp32, recorded per revision
+    from negmonitor.replay.manifest import format_manifest
+
+    assert format_manifest(manifest).splitlines()[1].split()[4] == "float32"  # and printed with the table
     assert (reference_run / "negmonitor" / "manifest.json").is_file()
     assert (reference_run / "negmonitor" / "cohort.json").is_file()
 
@@ -647,3 +650,142 @@ def test_evict_cache_keeps_another_shards_revision_loaded_as_a_predecessor(hub_c
     assert result.processed == ["step2", "step8"]
     left = {ref for repo in scan_cache_dir(cache).repos for rev in repo.revisions for ref in rev.refs}
     assert {"step0", "step1"} <= left and not {"step2", "step8"} & left
+
+
+def test_a_load_failure_no_revision_escapes_stops_the_cohort_pass_after_one_load(step_series, probe_file, tmp_path,
+                                                                                 monkeypatch):
+    """Out of memory loading the reference (12B on a small card) used to walk back through every revision (a full
+    download each, for Pythia-12B ~3.7 TB) before a message blaming the network; a series whose tokenizer does not
+    load did the same. Now one load, and one line saying what to fix."""
+    from negmonitor.replay import runner
+
+    real, loads = runner._Replay._load, []
+
+    def out_of_memory(self, revision):
+        loads.append(revision)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB (simulated)")
+
+    monkeypatch.setattr(runner._Replay, "_load", out_of_memory)
+    with pytest.raises(NegmonitorError, match=r"cohort reference step40 could not be loaded \(OutOfMemoryError"):
+        replay(step_series, "all", tmp_path / "oom", probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    assert loads == ["step40"]
+
+    monkeypatch.setattr(runner._Replay, "_load", lambda self, revision: loads.append(revision) or real(self, revision))
+    loads.clear()
+    bare = tmp_path / "no-tokenizer"
+    for step in (0, 10, 20):
+        shutil.copytree(step_series / f"step-{step}", bare / f"step-{step}")
+    with pytest.raises(NegmonitorError, match="cohort reference step20 could not be loaded .*no tokenizer found"):
+        replay(bare, "all", tmp_path / "log", probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    assert loads == ["step20"]
+    with pytest.raises(NegmonitorError, match="could not load tokenizer"):  # a given one: before any checkpoint
+        replay(bare, "all", tmp_path / "log2", probe=str(probe_file), tokenizer=str(tmp_path / "nowhere"),
+               tensorboard=False, **PROBE, **QUIET)
+    assert loads == ["step20"]
+
+
+def test_broken_checkpoints_in_a_row_stop_the_replay_instead_of_loading_every_later_one(step_series, probe_file,
+                                                                                       tmp_path, monkeypatch):
+    """Each broken checkpoint is recorded and the replay goes on; three in a row (a full disk, a hub outage that is
+    no 'missing' answer) stop it with one line, before the rest of a 154-revision series is loaded to fail alike;
+    the same command resumes. Out of memory at load stops it at once."""
+    from negmonitor.replay import runner
+
+    real, loads = runner._Replay._load, []
+    series = tmp_path / "series"
+    shutil.copytree(step_series, series)
+    for step in (50, 60, 70):
+        shutil.copytree(step_series / "step-40", series / f"step-{step}")
+
+    def broken_after_step0(self, revision):
+        loads.append(revision)
+        if revision not in ("step0", "step70"):  # step70: the cohort reference
+            raise OSError(f"read error in {revision} (simulated)")
+        return real(self, revision)
+
+    monkeypatch.setattr(runner._Replay, "_load", broken_after_step0)
+    with pytest.raises(NegmonitorError, match=r"step40 could not be loaded .*3 in a row, so the replay stops"):
+        replay(series, "all", tmp_path / "log", probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    assert loads == ["step70", "step0", "step10", "step20", "step40"]
+    manifest = read_manifest(tmp_path / "log").set_index("revision").status.to_dict()
+    assert manifest == {"step0": "ok", "step10": "failed", "step20": "failed", "step40": "failed"}
+
+    def out_of_memory_at(self, revision):
+        if revision == "step10":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, revision)
+
+    monkeypatch.setattr(runner._Replay, "_load", out_of_memory_at)
+    with pytest.raises(NegmonitorError, match="step10 could not be loaded .*OutOfMemoryError.*so the replay stops"):
+        replay(series, "all", tmp_path / "log", probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    monkeypatch.setattr(runner._Replay, "_load", real)
+    result = replay(series, "all", tmp_path / "log", probe=str(probe_file), tensorboard=False, **PROBE, **QUIET)
+    assert result.skipped == ["step0"] and set(result.manifest.status) == {"ok", "duplicate"}  # step50+ = step40
+
+
+def test_a_folder_reused_for_a_longer_list_re_measures_what_a_new_revision_splits(step_series, probe_file, tmp_path):
+    """A pilot replay (``step0,step20``) and then the whole list into the same folder give what one replay of the
+    whole list gives: step20's drift was recorded from step0 and is now taken from step10 (it used to be kept, its
+    interval silently twice as long). A coarser list keeps the finer drift. A cohort fixed at the pilot's last
+    revision stays (the records keep one cohort) with a warning that the list goes further."""
+    settings = dict(probe=str(probe_file), tensorboard=False, run_name="tiny", **PROBE, **QUIET)
+    pilot = tmp_path / "pilot"
+    replay(step_series, "step0,step20", pilot, cohort_revision="step40", **settings)
+    result = replay(step_series, "all", pilot, cohort_revision="step40", **settings)
+    assert result.skipped == ["step0"] and result.processed == ["step10", "step20", "step40"]
+    assert read_manifest(pilot).set_index("revision").previous["step20"] == "step10"
+    since = result.read_scalars().query("metric == 'drift/since_step'").set_index("step").value.to_dict()
+    assert since == {10: 0.0, 20: 10.0, 40: 20.0}  # each drift says the step it is measured from
+    single = replay(step_series, "all", tmp_path / "single", cohort_revision="step40", **settings)
+    _assert_same_records(pilot, single.logdir)
+    coarse = replay(step_series, "step0,step40", pilot, cohort_revision="step40", **settings)
+    assert coarse.skipped == ["step0", "step40"]
+
+    replay(step_series, "step0,step20", tmp_path / "other", **settings)
+    with pytest.warns(UserWarning, match="cohort was fixed at step20 by an earlier replay, but this list goes on to "
+                                         "step40"):
+        replay(step_series, "all", tmp_path / "other", **settings)
+
+
+def test_a_lightning_checkpoint_loads_as_saved_without_a_random_fp32_model_first(tmp_path):
+    """A bf16 checkpoint of an 8B model used to be built as a random fp32 model on the host (32 GB, minutes of
+    initialisation), loaded into it and left in fp32 unless a dtype was given. Now the saved tensors are the
+    model's weights, in their saved dtype (or the one asked for), tied embeddings still tied, and the model
+    computes what the saved one does."""
+    import lightning
+
+    from negmonitor.checkpoints import load_lightning_model
+    from negmonitor.train.module import CausalLMModule
+
+    module = CausalLMModule(family="gpt2", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                            max_position_embeddings=64, vocab_size=128).to(torch.bfloat16)
+    path = tmp_path / "bf16.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 5,
+                "pytorch-lightning_version": lightning.__version__}, path)
+    model = load_lightning_model(path)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids).logits, module.model.eval()(ids).logits)
+    as_fp32 = load_lightning_model(path, dtype=torch.float32)
+    assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
+    assert not any(p.is_meta for p in as_fp32.parameters()) and not any(b.is_meta for b in as_fp32.buffers())
+
+
+def test_hub_downloads_keep_their_progress_bars_while_transformers_is_quiet():
+    """A 24 GB revision downloads for minutes: its bar stays while transformers' own per-load bars are off."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging
+
+    from negmonitor.models import quiet_transformers
+
+    with quiet_transformers():
+        assert not logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    assert logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    disable_progress_bars()  # a user who turned them off keeps them off
+    try:
+        with quiet_transformers():
+            assert are_progress_bars_disabled()
+        assert are_progress_bars_disabled()
+    finally:
+        enable_progress_bars()

@@ -161,9 +161,10 @@ def take_measurement(
             if gathered:
                 _join_weight_reads(sites)
             raise
+        since = state.prev_step  # the drift's base (replaced by this step below)
         drift = _drift(sites, state, step, settings.drift_dtype) if settings.weight_drift else {}
         neurons = _neuron_snapshot(result, state, drift)
-        scalars = _layer_scalars(result, neurons, state, drift, settings)
+        scalars = _layer_scalars(result, neurons, state, drift, settings, since)
     return Measurement(step, result, scalars, neurons, samples)
 
 
@@ -306,13 +307,15 @@ LAYER_COLUMNS = {"wd/max": "wd_max", "wd/mean": "wd_mean", "wd/p99": "wd_p99", "
 
 
 def _layer_scalars(result: ProbeResult, neurons: pd.DataFrame, state: MonitorState, drift: dict,
-                   settings: MonitorSettings) -> pd.DataFrame:
+                   settings: MonitorSettings, drift_since: int | None = None) -> pd.DataFrame:
     rows: list[tuple[int, int, str, float]] = []
     for record in result.layers.to_dict("records"):
         layer = int(record["layer"])
         rows += [(layer, -1, metric, float(record[column])) for metric, column in LAYER_COLUMNS.items()]
         rows += _cohort_rows(layer, neurons[neurons.layer == layer], state, settings)
     rows += _whole_model_rows(rows)
+    if drift and drift_since is not None:  # the step the drift is measured from: a replay's intervals run from 1
+        rows.append((-1, -1, "drift/since_step", float(drift_since)))  # step (step0→1) to 78,000 (→143000)
     return scalar_rows(rows)
 
 

@@ -130,7 +130,8 @@ def weights_sha256(model: nn.Module) -> str:
         tensor = state[name].detach()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         flat = tensor.cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        if flat.numel():
+            digest.update(flat.view(torch.uint8).numpy())  # the buffer itself: no second host copy
     return digest.hexdigest()
 
 
@@ -145,8 +146,9 @@ def format_manifest(frame: pd.DataFrame) -> str:
     shown["identical_to_previous"] = shown["identical_to_previous"].map(lambda v: "yes" if v is True else "")
     shown["identical_to"] = shown["identical_to"].map(lambda v: v if isinstance(v, str) else "")
     shown["error"] = shown["error"].map(lambda v: str(v)[:60] if isinstance(v, str) else "")
+    shown["dtype"] = shown["dtype"].map(lambda v: v if isinstance(v, str) else "")
     shown["seconds"] = shown["seconds"].map(lambda v: f"{v:.1f}" if isinstance(v, (int, float)) and v == v else "")
-    columns = ["revision", "step", "tokens_seen", "status", "weights_sha256", "identical_to_previous",
+    columns = ["revision", "step", "tokens_seen", "status", "dtype", "weights_sha256", "identical_to_previous",
                "identical_to", "seconds", "error"]
     shown = shown[columns].rename(columns={"weights_sha256": "sha256", "identical_to_previous": "same_as_prev"})
     return shown.fillna("").to_string(index=False)

@@ -63,6 +63,7 @@ FINGERPRINT = ("model", "variant", "probe", "probe_tokens", "probe_window", "n_p
                "cohort_frac", "dtype", "ablation", "tokens_per_step")
 logger = logging.getLogger("negmonitor.replay")
 MEDIA_POINTS = 32
+MAX_LOAD_FAILURES = 3  # broken (not missing) checkpoints in a row before a replay stops: something systemic
 BIG_MODEL_PARAMS = 50_000_000  # above this, a freed checkpoint is worth a full gc.collect()
 
 
@@ -252,12 +253,15 @@ class _Replay:
         self._loaded_params = 0
         self.processed: list[str] = []
         self._settings_proven = False  # a revision measured with these settings (here, or recorded by an earlier run)
+        self._broken_loads = 0  # checkpoints in a row that failed to load (not missing ones)
         self.skipped: list[str] = []
 
     # -- the run ----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Fix (or re-read) the cohort, then replay this shard's checkpoints in order."""
+        if self.settings.tokenizer is not None:  # a tokenizer given by path fails here, before any checkpoint loads
+            self.tokenizer = self._load_tokenizer(self.revisions[-1])
         self.cohort = self._fix_cohort()
         indices = shard_indices(len(self.revisions), self.shard)
         self.writer = self._open_writer() if self.settings.tensorboard else None
@@ -272,7 +276,7 @@ class _Replay:
         chained = bool(indices) and indices[0] == 0  # is `previous` the true predecessor of the next index?
         for index in _progress(indices, self.settings.progress, self.revisions, self.shard):
             revision = self.revisions[index]
-            if self._already_done(revision):
+            if self._already_done(index):
                 self.skipped.append(revision)
                 chained = False
                 continue
@@ -298,12 +302,21 @@ class _Replay:
         try:
             model = self._load(revision)
         except Exception as exc:  # noqa: BLE001 - a missing or broken checkpoint is recorded, never fatal
+            self._release()
             missing = isinstance(exc, CheckpointMissing)
             entry.status = "missing" if missing else "failed"
             entry.error = str(exc) if missing else f"load: {type(exc).__name__}: {first_line(exc)}"
             logger.warning("%s: %s (%s) — skipped, recorded in the manifest", revision, entry.status, entry.error)
             self.manifest.write(entry)
+            self._broken_loads = 0 if missing else self._broken_loads + 1
+            if not missing and (_fails_every_load(exc) or self._broken_loads >= MAX_LOAD_FAILURES):
+                raise NegmonitorError(f"{revision} could not be loaded ({entry.error}); "
+                                      f"{'' if _fails_every_load(exc) else f'{self._broken_loads} in a row, '}so the "
+                                      "replay stops rather than load (and download) every later revision to fail the "
+                                      "same way — fix it and run the same command again: what is recorded is "
+                                      "kept") from exc
             return previous
+        self._broken_loads = 0
         entry.dtype = _weights_dtype(model)  # what it ran in, also where --dtype left it as saved
         loaded: _Loaded | None = None
         try:
@@ -419,23 +432,32 @@ class _Replay:
         saved = read_cohort(self.store.root)
         if saved is not None:
             check_cohort(saved, self.cohort_revision)
+            self._check_cohort_reference(saved)
             return saved
         explicit = self.cohort_revision is not None
         candidates = [self.cohort_revision] if explicit else list(reversed(self.revisions))
-        errors = []
+        errors, broken = [], 0
         for revision in candidates:
             if not explicit and not self._may_exist(revision):
                 continue
+            if self.settings.progress:
+                print(f"negmonitor replay: fixing the cohort at {revision} (first pass: loading it)", file=sys.stderr)
             try:
                 model = self._load(revision)
-            except Exception as exc:  # noqa: BLE001 - try the next one (the default reference walks back)
+            except Exception as exc:  # noqa: BLE001 - the default reference walks back past a missing or broken one
+                self._release()
                 if explicit:
                     raise NegmonitorError(f"the cohort reference {revision} could not be loaded ({first_line(exc)}) "
                                           "— choose another with --cohort-revision") from exc
+                if _fails_every_load(exc):  # every earlier revision would fail the same way (and download first)
+                    raise NegmonitorError(f"the cohort reference {revision} could not be loaded "
+                                          f"({type(exc).__name__}: {first_line(exc)}) — fix this (a smaller --dtype, "
+                                          "free memory, --tokenizer) and run again") from exc
                 errors.append(f"{revision}: {first_line(exc)}")
+                broken += not isinstance(exc, CheckpointMissing)
+                if broken >= MAX_LOAD_FAILURES:  # broken files, one after another: stop before downloading more
+                    break
                 continue
-            if self.settings.progress:
-                print(f"negmonitor replay: fixing the cohort at {revision} (first pass)", file=sys.stderr)
             try:
                 state = MonitorState()
                 settings = dataclasses.replace(self.monitor, weight_drift=False)
@@ -447,15 +469,49 @@ class _Replay:
             write_cohort(self.store.root, revision, step_of(revision), state.cohort, self.settings.cohort_frac,
                          self.settings.layers)
             return read_cohort(self.store.root)
-        detail = f" (last error: {errors[0]})" if errors else ""
-        raise NegmonitorError(f"none of the {len(self.revisions)} revisions of {self.series.name} could be loaded"
-                              f"{detail} — check the model, the revisions and your network or hub cache")
+        detail = f" (last error: {errors[-1]})" if errors else ""
+        raise NegmonitorError(f"no cohort reference could be loaded from the {len(self.revisions)} revisions of "
+                              f"{self.series.name}{detail} — check the model, the revisions and your network or hub "
+                              "cache, or choose one with --cohort-revision")
 
-    def _already_done(self, revision: str) -> bool:
+    def _already_done(self, index: int) -> bool:
+        """Recorded (``ok``/``duplicate``, with its records) with a drift that spans no revision of this list: one
+        recorded by a replay of a sparser list (``step0,step20``, then ``all``) is measured again, its drift now
+        from the revision before it in this list (``step10``), as one replay of the whole list would give."""
+        revision = self.revisions[index]
         entry = self.manifest.entry(revision)
         if entry is None or not self.manifest.is_done(revision):
             return False
+        expected, recorded = self._expected_previous(index), entry.get("previous")
+        if expected is not None and (recorded is None or step_of(recorded) < step_of(expected)):
+            return False  # its drift spans a revision of this list
         return entry["status"] == "duplicate" or self.store.has(step_of(revision))
+
+    def _expected_previous(self, index: int) -> str | None:
+        """The revision a replay of this list takes ``index``'s drift from: the nearest earlier one not known to be
+        unloadable (absent from the series, or recorded missing or failing to load)."""
+        for earlier in range(index - 1, -1, -1):
+            revision = self.revisions[earlier]
+            if not self._may_exist(revision):
+                continue
+            entry = self.manifest.entry(revision) or {}
+            if entry.get("status") == "missing" or str(entry.get("error") or "").startswith("load:"):
+                continue
+            return revision
+        return None
+
+    def _check_cohort_reference(self, saved: dict) -> None:
+        """Warn when the folder's cohort was fixed at a revision before the end of this list (a pilot replay's
+        folder reused for a longer list): the records keep one cohort, so it stays, but it is not this list's
+        default reference."""
+        if self.cohort_revision is not None:
+            return
+        later = [r for r in self.revisions if self._may_exist(r) and step_of(r) > int(saved["step"])
+                 and (self.manifest.entry(r) or {}).get("status") != "missing"]
+        if later:
+            warnings.warn(f"negmonitor replay: this log folder's cohort was fixed at {saved['revision']} by an "
+                          f"earlier replay, but this list goes on to {later[-1]}; every revision follows the "
+                          f"{saved['revision']} cohort (use a new log folder to fix it at {later[-1]})", stacklevel=3)
 
     def _may_exist(self, revision: str) -> bool:
         return self.available is None or revision in self.available
@@ -466,7 +522,10 @@ class _Replay:
         model = self.series.load(revision, self.dtype, self.device)
         self._loaded_params = sum(p.numel() for p in model.parameters())
         if self.tokenizer is None:
-            self.tokenizer = self._load_tokenizer(revision)
+            try:
+                self.tokenizer = self._load_tokenizer(revision)
+            except Exception as exc:
+                raise _NoTokenizer(first_line(exc)) from exc
         return model
 
     def _evict(self, revision: str) -> None:
@@ -545,6 +604,15 @@ class _Replay:
         return ReplayResult(self.logdir, self.store.root, frame, path, self.store.root / "cohort.json",
                             self.logdir if self.settings.tensorboard else None, list(self.revisions), self.shard,
                             self.processed, self.skipped)
+
+
+class _NoTokenizer(NegmonitorError):
+    """The series' tokenizer did not load (every revision would fail the same way)."""
+
+
+def _fails_every_load(exc: BaseException) -> bool:
+    """Whether a load failed for a reason no other revision escapes: out of memory, or no tokenizer."""
+    return isinstance(exc, (torch.OutOfMemoryError, _NoTokenizer)) or "out of memory" in str(exc).lower()
 
 
 def _settings(settings: ReplaySettings | None, overrides: dict) -> ReplaySettings:
