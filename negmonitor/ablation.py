@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -68,7 +69,8 @@ class AblationSettings:
         random_draws: random selections to evaluate (seeds ``seed, seed + 1, ...``): rows ``random``,
             ``random_draw1``, ... One draw can be lucky or unlucky; several give the spread that the Wasserstein
             damage has to stand out from (the training monitor logs their mean and standard deviation).
-        ppl_tolerance: relative perplexity difference that counts as matched (0.01 = 1%).
+        ppl_tolerance: how close the perplexity-matched control's perplexity must come to the Wasserstein
+            ablation's, as a share of that ablation's damage (perplexity − baseline; 0.05 = 5%).
         max_matching_evals: at most this many perplexity evaluations in the bisection.
         batch_size: batch size of every evaluation.
         per: rank within each ``layer`` or within groups of layers (``group``).
@@ -95,7 +97,7 @@ class AblationSettings:
     metric: str = "wd"
     seed: int = 0
     random_draws: int = 1
-    ppl_tolerance: float = 0.01
+    ppl_tolerance: float = 0.05
     max_matching_evals: int = 12
     batch_size: int = 8
     per: str = "layer"
@@ -116,7 +118,8 @@ class AblationSettings:
         check_fraction(self.fraction, "fraction")
         check_mode(self.mode)
         if not (isinstance(self.ppl_tolerance, (int, float)) and self.ppl_tolerance > 0):
-            raise NegmonitorError(f"ppl_tolerance must be > 0, got {self.ppl_tolerance!r} — e.g. 0.01 for 1%")
+            raise NegmonitorError(f"ppl_tolerance must be > 0, got {self.ppl_tolerance!r} — e.g. 0.05 for 5% of "
+                                  "the damage")
         if not isinstance(self.random_draws, int) or self.random_draws < 1:
             raise NegmonitorError(f"random_draws must be a positive integer, got {self.random_draws!r} — e.g. 3")
         if not isinstance(self.max_matching_evals, int) or self.max_matching_evals < 1:
@@ -338,7 +341,7 @@ def evaluate_under(model: nn.Module, tokenizer, suite: EvalSuite, settings: Abla
 
 @dataclass
 class MatchResult:
-    """Outcome of the perplexity-matching bisection over the bottom-``p`` WD fraction.
+    """Outcome of the perplexity-matching search over the bottom-``p`` WD fraction.
 
     ``matched`` is False when no evaluated ``p`` came within the tolerance; ``selection``, ``fraction`` and
     ``ppl`` then describe the closest one. ``trace`` has one row per evaluation.
@@ -351,24 +354,43 @@ class MatchResult:
     matched: bool
     n_evals: int
     trace: pd.DataFrame
+    baseline: float = math.nan
 
     @property
     def relative_error(self) -> float:
-        """``|ppl - target| / target`` of the chosen fraction."""
-        return abs(self.ppl - self.target) / self.target
+        """How far the control's perplexity is from the target, relative to the damage it is to match:
+        ``|ppl − target| / (target − baseline)`` (``|ppl − target| / target`` when the baseline is unknown)."""
+        return _match_error(self.ppl, self.target, self.baseline)
+
+
+def _match_error(ppl: float, target: float, baseline: float) -> float:
+    if not (math.isfinite(ppl) and math.isfinite(target)):
+        return math.inf
+    scale = target - baseline if math.isfinite(baseline) else target
+    return abs(ppl - target) / scale if scale > 0 else math.inf
 
 
 def match_perplexity(model: nn.Module, tokenizer, values: Mapping[int, torch.Tensor], suite: EvalSuite,
-                     target_ppl: float, settings: AblationSettings) -> MatchResult:
-    """Bisect the bottom-``p`` fraction (by ``values``) until perplexity is within tolerance of ``target_ppl``.
+                     target_ppl: float, settings: AblationSettings, baseline_ppl: float | None = None) -> MatchResult:
+    """Search the bottom-``p`` fraction (by ``values``) whose ablation raises perplexity as much as the target does.
 
-    The first evaluation is ``p = 1`` (every ranked neuron): if even that stays below the target, no fraction can
-    match and the search stops. Otherwise ``p`` is bisected, assuming perplexity grows with ``p``; a fraction that
-    selects the same neurons as one already evaluated ends the search (the bracket cannot be refined further).
+    Matched means ``|ppl − target| ≤ ppl_tolerance · (target − baseline)``: the tolerance is a share of the damage
+    to match, not of perplexity (a Wasserstein ablation that moves perplexity by 1% would otherwise be "matched" by
+    any control between no damage and twice its damage). ``baseline_ppl`` is the clean model's (evaluated here when
+    not given). The first evaluation is ``p = 1`` (every ranked neuron): if even that stays below the target, no
+    fraction can match and the search stops. Otherwise ``p`` is bisected on a log scale between one neuron per
+    layer and 1 (a match often lies near the Wasserstein fraction, 1% or less), assuming perplexity grows with
+    ``p``; a non-finite perplexity counts as above the target. A fraction that selects the same neurons as one
+    already evaluated ends the search.
     """
     if suite.ppl_ids is None:
         raise NegmonitorError("perplexity matching needs a perplexity text — add 'ppl' to the evaluations")
-    lo, hi, fraction = 0.0, 1.0, 1.0
+    if baseline_ppl is None:
+        baseline_ppl = evaluate_under(model, tokenizer, suite, settings, None, include=["ppl"]).metrics["ppl"]
+    if not (math.isfinite(target_ppl) and target_ppl > baseline_ppl):
+        return _nothing_to_match(values, target_ppl, baseline_ppl, settings)
+    widest = max(int(v.numel()) for v in values.values())
+    lo, hi, fraction = 1.0 / widest, 1.0, 1.0
     seen: set[tuple] = set()
     tried: list[tuple[float, Selection, float]] = []
     for _ in range(settings.max_matching_evals):
@@ -379,21 +401,39 @@ def match_perplexity(model: nn.Module, tokenizer, values: Mapping[int, torch.Ten
         seen.add(key)
         ppl = evaluate_under(model, tokenizer, suite, settings, selection, include=["ppl"]).metrics["ppl"]
         tried.append((fraction, selection, ppl))
-        if abs(ppl - target_ppl) / target_ppl <= settings.ppl_tolerance or (fraction == 1.0 and ppl < target_ppl):
+        error = _match_error(ppl, target_ppl, baseline_ppl)
+        if settings.progress:
+            print(f"negmonitor: perplexity matching {len(tried)}/{settings.max_matching_evals}: bottom {fraction:.3%} "
+                  f"({selection.n_neurons} neurons) ppl {ppl:.4g} vs target {target_ppl:.4g} ({error:.1%} of the "
+                  "damage off)", file=sys.stderr)
+        if error <= settings.ppl_tolerance or (fraction == 1.0 and ppl < target_ppl):
             break
-        lo, hi = (fraction, hi) if ppl < target_ppl else (lo, fraction)
-        fraction = (lo + hi) / 2
+        below = math.isfinite(ppl) and ppl < target_ppl
+        lo, hi = (fraction, hi) if below else (lo, fraction)
+        fraction = math.sqrt(lo * hi)
     trace = pd.DataFrame([{"eval": i + 1, "fraction": f, "n_neurons": sel.n_neurons, "ppl": p, "target": target_ppl,
-                           "rel_error": abs(p - target_ppl) / target_ppl} for i, (f, sel, p) in enumerate(tried)])
-    fraction, selection, ppl = min(tried, key=lambda t: abs(t[2] - target_ppl))
-    result = MatchResult(selection, fraction, ppl, target_ppl, False, len(tried), trace)
+                           "baseline": baseline_ppl, "rel_error": _match_error(p, target_ppl, baseline_ppl)}
+                          for i, (f, sel, p) in enumerate(tried)])
+    fraction, selection, ppl = min(tried, key=lambda t: _match_error(t[2], target_ppl, baseline_ppl))
+    result = MatchResult(selection, fraction, ppl, target_ppl, False, len(tried), trace, baseline_ppl)
     result.matched = result.relative_error <= settings.ppl_tolerance
     if not result.matched:
-        warnings.warn(f"perplexity-matched control not matched within {settings.ppl_tolerance:.1%}: closest was "
-                      f"bottom {result.fraction:.2%} of neurons, perplexity {result.ppl:.3f} vs target "
-                      f"{target_ppl:.3f} ({result.relative_error:.1%} off) after {result.n_evals} evaluations — "
-                      "raise max_matching_evals or ppl_tolerance", stacklevel=2)
+        warnings.warn(f"perplexity-matched control not matched within {settings.ppl_tolerance:.1%} of the damage: "
+                      f"closest was bottom {result.fraction:.2%} of neurons, perplexity {result.ppl:.4g} vs target "
+                      f"{target_ppl:.4g} (baseline {baseline_ppl:.4g}; {result.relative_error:.1%} of the damage off) "
+                      f"after {result.n_evals} evaluations — raise max_matching_evals or ppl_tolerance", stacklevel=2)
     return result
+
+
+def _nothing_to_match(values: Mapping[int, torch.Tensor], target_ppl: float, baseline_ppl: float,
+                      settings: AblationSettings) -> MatchResult:
+    """The Wasserstein ablation did not raise perplexity (or it is not finite): there is no damage for a control to
+    match. Said once; the control row is then the bottom neurons of the Wasserstein set's size, marked unmatched."""
+    selection = _bottom(values, settings.fraction, settings)
+    warnings.warn(f"perplexity-matched control not searched: the Wasserstein ablation's perplexity {target_ppl:.4g} "
+                  f"does not exceed the clean model's {baseline_ppl:.4g}, so there is no damage to match; the "
+                  f"ppl_matched row ablates the bottom {settings.fraction:.2%} instead (marked unmatched)", stacklevel=3)
+    return MatchResult(selection, settings.fraction, math.nan, target_ppl, False, 0, pd.DataFrame(), baseline_ppl)
 
 
 def _bottom(values: Mapping[int, torch.Tensor], fraction: float, settings: AblationSettings) -> Selection:
@@ -484,9 +524,10 @@ def run_protocol(model: nn.Module, tokenizer, result, suite: EvalSuite,
     match = None
     if "ppl" in suite.names:
         target = next(s.metrics["ppl"] for s, c in rows if c.columns["condition"] == "wasserstein")
-        match = match_perplexity(model, tokenizer, values, suite, target, settings)
-        matched = _Condition({"condition": "ppl_matched"}, match.selection,
-                             {"ppl": match.ppl, "nll": math.log(match.ppl)})
+        baseline = next(s.metrics["ppl"] for s, c in rows if c.columns["condition"] == "baseline")
+        match = match_perplexity(model, tokenizer, values, suite, target, settings, baseline)
+        known = {"ppl": match.ppl, "nll": math.log(match.ppl)} if math.isfinite(match.ppl) else {}
+        matched = _Condition({"condition": "ppl_matched"}, match.selection, known)
         rows += _evaluate_conditions(model, tokenizer, suite, settings, [matched])
     report = _report(rows, settings, "ablation")
     report.matching = match.trace if match is not None else pd.DataFrame()
@@ -581,8 +622,12 @@ def _with_columns(df: pd.DataFrame, columns: dict) -> pd.DataFrame:
 def _match_meta(match: MatchResult | None) -> dict:
     if match is None:
         return {"run": False}
-    return {"run": True, "matched": match.matched, "fraction": match.fraction, "ppl": match.ppl,
-            "target": match.target, "relative_error": match.relative_error, "n_evals": match.n_evals,
+    def finite(value: float) -> float | None:  # JSON has no NaN or infinity
+        return float(value) if math.isfinite(value) else None
+
+    return {"run": True, "matched": match.matched, "fraction": match.fraction, "ppl": finite(match.ppl),
+            "target": finite(match.target), "baseline": finite(match.baseline),
+            "relative_error": finite(match.relative_error), "n_evals": match.n_evals,
             "n_neurons": match.selection.n_neurons}
 
 

@@ -78,7 +78,10 @@ def test_protocol_table_breakdown_selections_and_files(model, tokenizer, suite, 
     sites = find_sites(model)
     originals = [s.activation for s in sites]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    report = run_protocol(model, tokenizer, values, suite, _settings(max_matching_evals=4, ppl_tolerance=0.5))
+    # 20%: enough damage on this tiny model for a perplexity-matched control to be searched (at 5% the Wasserstein
+    # ablation lowers its perplexity slightly and there is nothing to match)
+    report = run_protocol(model, tokenizer, values, suite, _settings(fraction=0.2, max_matching_evals=4,
+                                                                     ppl_tolerance=0.5))
     table = report.table.set_index("condition")
     assert list(table.index) == ["baseline", "wasserstein", "random", "ppl_matched"]
     assert list(report.table.columns[:3]) == ["condition", "fraction", "n_neurons"]
@@ -91,7 +94,7 @@ def test_protocol_table_breakdown_selections_and_files(model, tokenizer, suite, 
     assert set(report.breakdown["suite"]) == {"blimp", "tse"}
     assert set(report.breakdown["condition"]) == set(table.index)
     wasserstein = Selection.from_frame(report.selections, name="wasserstein")
-    assert wasserstein == select_neurons(values, "top", frac=0.05)
+    assert wasserstein == select_neurons(values, "top", frac=0.2)
     assert [s.activation for s in sites] == originals
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
@@ -218,20 +221,59 @@ def _ranked(n: int = 1000) -> dict[int, torch.Tensor]:
 
 def test_bisection_matches_within_tolerance(fake):
     suite = EvalSuite(ppl_ids=torch.arange(10))
-    target = 10.0 + 0.1 * 300  # 300 bottom neurons
+    target = 10.0 + 0.1 * 300  # 300 bottom neurons; the clean model's perplexity is 10
     match = match_perplexity(None, None, _ranked(), suite, target, _settings(ppl_tolerance=0.01))
     assert match.matched and match.relative_error <= 0.01
-    assert abs(match.selection.n_neurons - 300) <= 0.01 * target / 0.1
-    assert match.n_evals == fake.calls == len(match.trace) <= 12
-    assert match.trace["fraction"].iloc[0] == 1.0
+    assert abs(match.selection.n_neurons - 300) <= 3  # 1% of the damage (30) is 3 neurons' worth
+    assert match.n_evals + 1 == fake.calls == len(match.trace) + 1 <= 13  # + the baseline, evaluated here
+    assert match.trace["fraction"].iloc[0] == 1.0 and match.baseline == 10.0
     assert match.selection.how == "bottom" and match.selection.name == "ppl_matched"
     assert set(match.selection[0].tolist()) == set(range(match.selection.n_neurons))  # the lowest values
 
 
+def test_the_tolerance_is_a_share_of_the_damage_to_match_not_of_perplexity(fake):
+    """The Wasserstein ablation raises perplexity 10 -> 10.5 (5 neurons' worth): 5% of perplexity would accept
+    anything from no damage to twice it (0-10 neurons); 5% of the damage accepts exactly 5 neurons."""
+    suite = EvalSuite(ppl_ids=torch.arange(10))
+    match = match_perplexity(None, None, _ranked(), suite, 10.5, _settings(ppl_tolerance=0.05), baseline_ppl=10.0)
+    assert match.matched and match.selection.n_neurons == 5 and match.relative_error == 0.0
+    assert fake.calls == match.n_evals  # the baseline given is not evaluated again
+
+
+def test_a_non_finite_perplexity_counts_as_above_the_target_and_is_never_chosen(fake, monkeypatch):
+    """Every neuron ablated overflows (fp16 Pythia-12B): that NaN was kept as the 'closest' and the matched row
+    ablated the whole model."""
+    suite = EvalSuite(ppl_ids=torch.arange(10))
+
+    def overflowing(model, tokenizer, suite, settings, selection, include=None):
+        n = sum(len(v) for v in selection.values())
+        return Scores({"ppl": math.nan if n > 500 else 10.0 + 0.1 * n}, pd.DataFrame())
+
+    monkeypatch.setattr(ablation_module, "evaluate_under", overflowing)
+    with pytest.warns(UserWarning, match="not matched"):
+        match = match_perplexity(None, None, _ranked(), suite, 10.0 + 0.1 * 300, _settings(ppl_tolerance=1e-9,
+                                                                                          max_matching_evals=6),
+                                 baseline_ppl=10.0)
+    assert math.isnan(match.trace.ppl.iloc[0]) and len(match.trace) == 6
+    assert math.isfinite(match.ppl) and match.fraction < 1.0 and match.selection.n_neurons <= 500
+
+
+def test_nothing_to_match_when_the_wasserstein_ablation_does_no_damage(fake):
+    """A tiny model whose Wasserstein ablation lowers perplexity: the search used to 'match' it with every neuron
+    ablated (p = 1 first, within 1% of perplexity). No evaluation now; the row is the bottom neurons of the
+    Wasserstein set's size, unmatched, with one warning."""
+    suite = EvalSuite(ppl_ids=torch.arange(10))
+    with pytest.warns(UserWarning, match="does not exceed the clean model's 10, so there is no damage to match"):
+        match = match_perplexity(None, None, _ranked(), suite, 9.99, _settings(fraction=0.02), baseline_ppl=10.0)
+    assert fake.calls == 0 and match.n_evals == 0 and not match.matched
+    assert match.selection.n_neurons == 20 and set(match.selection[0].tolist()) == set(range(20))
+    assert ablation_module._match_meta(match)["relative_error"] is None  # JSON: no infinity
+
+
 def test_bisection_warns_and_reports_closest_when_unreachable(fake):
     suite = EvalSuite(ppl_ids=torch.arange(10))
-    with pytest.warns(UserWarning, match="not matched within 1.0%.*bottom 100.00%"):
-        match = match_perplexity(None, None, _ranked(), suite, 1e6, _settings())
+    with pytest.warns(UserWarning, match="not matched within 5.0% of the damage.*bottom 100.00%"):
+        match = match_perplexity(None, None, _ranked(), suite, 1e6, _settings(), baseline_ppl=10.0)
     assert not match.matched and match.n_evals == 1 and match.fraction == 1.0
 
 
@@ -239,7 +281,8 @@ def test_bisection_respects_the_evaluation_budget(fake):
     suite = EvalSuite(ppl_ids=torch.arange(10))
     with pytest.warns(UserWarning, match="after 3 evaluations"):
         match = match_perplexity(None, None, _ranked(), suite, 10.0 + 0.1 * 123, _settings(max_matching_evals=3,
-                                                                                             ppl_tolerance=1e-4))
+                                                                                             ppl_tolerance=1e-4),
+                                 baseline_ppl=10.0)
     assert match.n_evals == 3 and not match.matched
     assert match.relative_error == match.trace["rel_error"].min()
 
@@ -248,7 +291,8 @@ def test_bisection_stops_when_the_fraction_cannot_be_refined(fake):
     suite = EvalSuite(ppl_ids=torch.arange(10))
     with pytest.warns(UserWarning):
         match = match_perplexity(None, None, _ranked(4), suite, 10.15, _settings(max_matching_evals=50,
-                                                                                ppl_tolerance=1e-6))
+                                                                                ppl_tolerance=1e-6),
+                                 baseline_ppl=10.0)
     assert match.n_evals < 50 and match.trace["n_neurons"].is_unique
 
 

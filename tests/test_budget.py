@@ -398,3 +398,31 @@ def test_the_monitors_budget_bounds_the_ablations_perplexity_and_a_too_small_one
     message = str(info.value)
     assert "\n" not in message and "64-token perplexity window" in message and "smallest budget" in message
     assert module.global_step == 0
+
+
+def test_the_default_budget_holds_a_perplexity_window_of_a_bf16_qwen3_8b() -> None:
+    """Qwen3-8B (152k vocabulary) in bf16 produces bf16 logits; counted as fp32 they made the default 2 GiB budget
+    refuse `ablate` (after the 16 GB load) and the callback with ablation. Under bf16 autocast over fp32 weights
+    (Lightning's bf16-mixed) the logits are bf16 too; fp32 weights without autocast still count 4 bytes."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from negmonitor.budget import DEFAULT_MEMORY_BUDGET, evaluation_batch_size, lm_window_bytes, parse_bytes
+
+    config = Qwen3Config(vocab_size=151_936, hidden_size=4_096, intermediate_size=12_288, num_hidden_layers=1,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        bf16 = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        fp32 = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    budget = parse_bytes(DEFAULT_MEMORY_BUDGET)
+    assert evaluation_batch_size(bf16, 2_048, 1, budget) == 1  # not refused
+    logits = 2_048 * 151_936
+    assert lm_window_bytes(fp32, 2_048) - lm_window_bytes(bf16, 2_048) == logits * 2
+    with pytest.raises(NegmonitorError, match="cannot hold one 2048-token perplexity window"):
+        evaluation_batch_size(fp32, 2_048, 1, budget)
+    tiny = AutoModelForCausalLM.from_config(Qwen3Config(vocab_size=1_000, hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=1, num_attention_heads=4,
+                                                        num_key_value_heads=2, head_dim=8))
+    outside = lm_window_bytes(tiny, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 autocast: the logits are bf16
+        assert outside - lm_window_bytes(tiny, 64) == 64 * 1_000 * 2

@@ -118,3 +118,28 @@ def test_bf16_true_weights_are_recorded_as_what_ran_and_fp32_is_said_to_be_impos
 
     dtypes, info, said, _ = _bf16_true_run(tmp_path / "trainer")
     assert dtypes == {torch.bfloat16} and info["probe_precision"] == "bf16-true" and not said
+
+
+def test_the_ablation_evaluations_run_in_the_trainers_precision_too(tmp_path, monkeypatch) -> None:
+    """bf16-mixed: the ablation's forwards (~20 per measurement: baseline, Wasserstein, random, the matching search)
+    ran in fp32 outside the autocast that ranked the neurons: slower, twice the activations, other numbers."""
+    from negmonitor import interventions
+    from negmonitor.callbacks import AblationMonitor
+
+    seen, real = [], interventions.MaskedActivation.forward
+
+    def recording(self, x):
+        seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        return real(self, x)
+
+    monkeypatch.setattr(interventions.MaskedActivation, "forward", recording)
+    seed_everything(0)
+    module = TinyLM()
+    monitor = AblationMonitor(every_n_steps=2, ppl_text=TEXT, ablation={"fraction": 0.05, "max_matching_evals": 2},
+                              **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. nothing to match on a model this small
+        trainer(tmp_path, 2, [monitor], precision="bf16-mixed").fit(module, token_loader(module.tokenizer))
+    assert seen and set(seen) == {(torch.bfloat16, True)}
+    scalars = RecordStore.for_logdir(tmp_path / "run" / "version_0").read_scalars()
+    assert "ablation/ppl_ratio/wasserstein" in set(scalars.metric)

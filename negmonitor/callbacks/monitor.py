@@ -320,9 +320,9 @@ class NegativeDifferentiationMonitor(Callback):
     def _check_budget(self, trainer: Trainer) -> None:
         """Refuse a memory budget too small for one layer (or, with ablation, one perplexity window) now, before
         training starts, not at every measurement."""
-        if self.ablation is not None and self.ppl_text is not None:
-            check_perplexity_budget(self._hf_model, self.tokenizer, self.ablation)
-        with self._forward_context(trainer)():
+        with self._forward_context(trainer)():  # as the measurement and the ablation run: autocast's logits
+            if self.ablation is not None and self.ppl_text is not None:
+                check_perplexity_budget(self._hf_model, self.tokenizer, self.ablation)
             check_memory_budget(self._hf_model, self._probe_set, self.settings.layers, self.settings.probe,
                                 trainer.world_size)
 
@@ -742,11 +742,13 @@ class NegativeDifferentiationMonitor(Callback):
         return every > 0 and step // every > previous // every
 
     def _ablation_rows_or_none(self, measurement: engine.Measurement, trainer: Any) -> pd.DataFrame | None:
-        """This rank's share of the ablation rows; ``None``, and no ablation for the rest of the run (said once),
+        """This rank's share of the ablation rows, evaluated in the probe forward's precision context (bf16-mixed:
+        autocast; not fp32 at twice the activations); ``None``, and no ablation for the rest of the run (said once),
         when the model's MLP never calls the activation module an ablation replaces (a fused kernel): every rank
         runs the same model, so every rank finds it at the same evaluation."""
         try:
-            return self._ablation_rows(measurement, Shard(trainer.global_rank, trainer.world_size))
+            with self._forward_context(trainer)():  # the precision the neurons were ranked in, as training runs
+                return self._ablation_rows(measurement, Shard(trainer.global_rank, trainer.world_size))
         except AblationBypassed as exc:
             self.ablation = None
             rank_zero_warn(f"negmonitor: ablation is left out of this run: {exc} (the other curves run)")

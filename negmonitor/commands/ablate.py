@@ -48,7 +48,9 @@ def _add_ablation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-draws", type=int, default=1, metavar="N",
                         help="random controls to evaluate, seeds SEED, SEED+1, ... (rows random, random_draw1, ...; "
                              "default 1)")
-    parser.add_argument("--ppl-tolerance", type=float, default=0.01, help="relative ppl match tolerance (default 0.01)")
+    parser.add_argument("--ppl-tolerance", type=float, default=0.05,
+                        help="how close the matched control's perplexity must come to the Wasserstein ablation's, as "
+                             "a share of that ablation's damage (default 0.05)")
     parser.add_argument("--max-matching-evals", type=int, default=12, help="ppl evaluations for the matched control")
     parser.add_argument("--layer-groups", type=int, default=None, metavar="G",
                         help="also sweep groups of G consecutive layers (alone and cumulative)")
@@ -284,6 +286,8 @@ def _print_matching(meta: dict) -> None:
     if not meta.get("run"):
         return
     status = "matched" if meta["matched"] else "NOT matched (closest shown)"
+    number = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731 - None: not finite
     print(f"\nperplexity-matched control: bottom {meta['fraction']:.2%} of neurons ({meta['n_neurons']}), "
-          f"ppl {meta['ppl']:.3f} vs target {meta['target']:.3f} ({meta['relative_error']:.2%} off), "
+          f"ppl {number(meta['ppl'], '.3f')} vs target {number(meta['target'], '.3f')} (baseline "
+          f"{number(meta.get('baseline'), '.3f')}; {number(meta['relative_error'], '.1%')} of the damage off), "
           f"{status}, {meta['n_evals']} evaluations")

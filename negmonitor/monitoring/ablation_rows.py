@@ -4,7 +4,7 @@ Metrics (whole model, ``layer = -1``): ``ablation/ppl/baseline``, ``ablation/ppl
 under ablation over the baseline's), ``ablation/acc/<suite>/<condition>`` and ``ablation/acc_drop/<suite>/<condition>``
 (baseline accuracy minus the condition's), ``ablation/margin_drop/<suite>/<condition>`` (relative drop of the mean
 log-probability margin good − bad, sensitive when accuracy is saturated), ``ablation/ppl_matched_fraction`` (the bottom-WD share that matched; ``ablation/ppl_matched_rel_error`` and
-``ablation/ppl_matched_ok``: its perplexity's relative distance from the target and 1 when within the tolerance), for
+``ablation/ppl_matched_ok``: its perplexity's distance from the target as a share of the damage to match and 1 when within the tolerance), for
 conditions ``wasserstein``, ``random`` and ``ppl_matched``, plus ``random_mean`` and ``random_sd`` over the random
 draws when there are several (``AblationSettings.random_draws``). ``<suite>`` is the minimal-pair set's ``suite``
 column (``blimp``, ``tse`` or ``grammar``).
@@ -117,7 +117,8 @@ def damage_rows(table: pd.DataFrame, suites: str | Mapping[str, str] | None,
         rows.append((-1, -1, "ablation/ppl_matched_fraction", float(matching["fraction"])))
         # how far the control's perplexity stayed from the target, and whether within the tolerance: a step whose
         # control did not match is marked, not only warned about
-        rows.append((-1, -1, "ablation/ppl_matched_rel_error", float(matching["relative_error"])))
+        error = matching["relative_error"]  # None: nothing to match (the Wasserstein ablation did no damage)
+        rows.append((-1, -1, "ablation/ppl_matched_rel_error", float("nan") if error is None else float(error)))
         rows.append((-1, -1, "ablation/ppl_matched_ok", float(bool(matching["matched"]))))
     return rows
 
