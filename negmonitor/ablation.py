@@ -266,7 +266,7 @@ def _perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, settings: Ablati
 
     result = perplexity(model, tokenizer, ids, window=settings.ppl_window, stride=settings.ppl_stride,
                         batch_size=settings.batch_size, shard=shard, memory_budget=settings.memory_budget,
-                        batch_limit=batch_limit)
+                        batch_limit=batch_limit, progress=settings.progress)
     return {"ppl": result.ppl, "nll": result.nll}
 
 
@@ -288,7 +288,7 @@ def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame,
     score = settings.blimp_score if suite == "blimp" else settings.tse_score
     scored = retry_on_out_of_memory(
         lambda size: sharded_evaluate_pairs(model, tokenizer, pairs, shard or Shard(), batch_size=size, score=score,
-                                            prefix=settings.pair_prefix),
+                                            prefix=settings.pair_prefix, progress=settings.progress),
         settings.batch_size, batch_limit, model_device(model, None), f"{suite} minimal-pair scoring",
         "free memory on the model's device", later="evaluations")
     table = (blimp_accuracy if suite == "blimp" else tse_accuracy)(scored)
@@ -491,6 +491,8 @@ class AblationReport:
         }
         if not self.matching.empty:
             paths["matching"] = write_text_atomic(self.matching.to_csv(index=False), f"{stem}_matching.csv")
+        else:  # an earlier run's trace is not this run's
+            Path(f"{stem}_matching.csv").unlink(missing_ok=True)
         paths["meta"] = write_json_atomic(self.meta, f"{stem}_meta.json")
         return paths
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -137,3 +138,43 @@ def test_an_unknown_lm_eval_task_fails_before_the_model_loads(tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code != 0 and "unknown lm-eval task 'arc_easyy'" in err and "no-such-model" not in err
+
+
+@needs_data
+def test_each_table_is_saved_when_done_and_an_earlier_runs_tables_are_named(saved_model, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A sweep that fails (out of memory in the 15th layer group of an 8B model) used to lose the main table computed
+    hours earlier: nothing was written until every sweep finished. A later run into the same folder says which of
+    the earlier run's tables it leaves (the report reads them as this run's), and drops the matching trace of a
+    run without perplexity. Wrong evaluation data fails before the model loads."""
+    import negmonitor.ablation as ablation_module
+
+    def failing_sweep(*args, **kwargs):
+        raise NegmonitorError("out of memory in the fraction sweep even at batch size 1 (simulated)")
+
+    monkeypatch.setattr(ablation_module, "fraction_sweep", failing_sweep)
+    out = tmp_path / "out"
+    text = str(DATA / "wikitext-2" / "valid.txt")
+    code = main(_args(saved_model, out, "--eval", "ppl", "--text", text, "--ppl-tokens", "512", "--probe-text", text,
+                      "--tokens", "512", "--window", "64", "--max-matching-evals", "2", "--layer-groups", "1",
+                      "--fractions", "0.1"))
+    captured = capsys.readouterr()
+    assert code == 2 and "out of memory in the fraction sweep" in captured.err
+    for name in ("ablation.csv", "ablation_meta.json", "layer_groups.csv"):
+        assert (out / name).is_file() and f"wrote {out / name}" in captured.out
+    assert not (out / "fraction_sweep.csv").exists()
+    (out / "ablation_matching.csv").write_text("eval,fraction\n1,1.0\n")  # a trace of an earlier search
+
+    code = main(_args(saved_model, out, "--eval", "blimp", "--blimp", str(DATA / "blimp"), "--blimp-uids",
+                      "passive_1", "--sample", "2", "--probe-result", str(out / "probe")))
+    captured = capsys.readouterr()
+    assert code == 0
+    assert f"{out} holds layer_groups.csv from an earlier run" in captured.err
+    assert "scoring" in captured.err  # a bar inside each condition's BLiMP scoring (169k TSE pairs take hours)
+    assert not (out / "ablation_matching.csv").exists()
+    assert json.loads((out / "ablation_meta.json").read_text())["probe_result"] == str(out / "probe")
+
+    code = main(_args(tmp_path / "no-such-model", tmp_path / "third", "--eval", "blimp", "--blimp",
+                      str(tmp_path / "no-blimp-here")))
+    err = capsys.readouterr().err
+    assert code == 2 and "blimp" in err.lower() and "no-such-model" not in err

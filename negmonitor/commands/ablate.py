@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass, field
 
 from negmonitor.commands.common import (add_memory_budget_arg, add_model_args, add_ppl_window_args,
@@ -180,39 +181,59 @@ def run(args: argparse.Namespace) -> int:
     request, settings, fractions = _check_args(args)
     memory_budget(args)  # a bad --memory-budget fails before the model loads
     out = ensure_writable_dir(args.out)
+    _warn_stale_outputs(out, args, fractions)
+    data = _load_data(args, request, settings.npi_pairs)  # a wrong folder fails before a 16 GB model loads
     model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
                                   tokenizer=args.tokenizer)
     if "ppl" in request.names:
         check_perplexity_budget(model, tokenizer, settings)  # before the probe, not at the first evaluation
-    suite = _build_suite(args, request, tokenizer, settings.npi_pairs)
+    suite = EvalSuite.build(tokenizer, **data, lm_eval_tasks=request.lm_eval_tasks, max_ppl_tokens=args.ppl_tokens)
     values = _probe_values(args, model, tokenizer, settings, out)
     dtype = dtype_name(model)
     evaluations = ", ".join(GRAMMAR if n == "tse" and GRAMMAR in request.names else n for n in suite.names)
     print(f"ablating {args.model}{'@' + args.revision if args.revision else ''} in {dtype}: mode {settings.mode}, "
           f"top {settings.fraction:g} of neurons by {settings.metric} per layer; evaluations {evaluations}; "
           f"protocol {settings.protocol}")
-    reports = [run_protocol(model, tokenizer, values, suite, settings)]
-    if args.layer_groups:
-        reports.append(layer_group_sweep(model, tokenizer, values, suite, args.layer_groups, settings))
-    if fractions:
-        ppl_only = (EvalSuite(ppl_ids=suite.ppl_ids, batch_limits=suite.batch_limits) if suite.ppl_ids is not None
-                    else suite)
-        reports.append(fraction_sweep(model, tokenizer, values, ppl_only, fractions, settings))
-    for report in reports:
-        report.meta.update(model=args.model, revision=args.revision, dtype=dtype)
+
+    def finish(report) -> None:  # each table is saved as soon as it is done: a later sweep's failure keeps it
+        report.meta.update(model=args.model, revision=args.revision, dtype=dtype,
+                           probe_result=str(args.probe_result) if args.probe_result else None)
         if GRAMMAR in request.names:
             _name_grammar_suite(report, args.grammar_seed)
         print(f"\n{report.name}:\n{format_table(report.table)}")
-    _print_matching(reports[0].meta.get("matching", {}))
-    for report in reports:
+        if report.name == "ablation":
+            _print_matching(report.meta.get("matching", {}))
         for path in report.save(out).values():
             print(f"wrote {path}")
+
+    finish(run_protocol(model, tokenizer, values, suite, settings))
+    if args.layer_groups:
+        finish(layer_group_sweep(model, tokenizer, values, suite, args.layer_groups, settings))
+    if fractions:
+        ppl_only = (EvalSuite(ppl_ids=suite.ppl_ids, batch_limits=suite.batch_limits) if suite.ppl_ids is not None
+                    else suite)
+        finish(fraction_sweep(model, tokenizer, values, ppl_only, fractions, settings))
     return 0
 
 
-def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer, npi_pairs: str = "both"):
-    """Load the evaluation data the user asked for (local folders, else the hub)."""
-    from negmonitor.ablation import EvalSuite
+def _warn_stale_outputs(out, args: argparse.Namespace, fractions: list[float]) -> None:
+    """Say which tables of an earlier ablate run in ``out`` this run leaves as they are (``negmonitor report``
+    reads every table in the folder as one run's)."""
+    from pathlib import Path
+
+    stale = [f"{name}.csv" for name, wanted in (("layer_groups", args.layer_groups), ("fraction_sweep", fractions))
+             if not wanted and (Path(out) / f"{name}.csv").is_file()]
+    probe = Path(out) / "probe"
+    if args.probe_result and probe.is_dir() and probe.resolve() != Path(args.probe_result).resolve():
+        stale.append("probe/")
+    if stale:
+        print(f"negmonitor ablate: {out} holds {', '.join(stale)} from an earlier run, which this run does not "
+              "rewrite; negmonitor report reads them as this run's — remove them, or use a new --out",
+              file=sys.stderr)
+
+
+def _load_data(args: argparse.Namespace, request: EvalRequest, npi_pairs: str = "both") -> dict:
+    """The evaluation data the user asked for (local folders, else the hub), before any model loads."""
     from negmonitor.evaluation import load_blimp, load_perplexity_text, load_tse
 
     text = None
@@ -228,8 +249,7 @@ def _build_suite(args: argparse.Namespace, request: EvalRequest, tokenizer, npi_
         from negmonitor.train.grammar import GrammarCorpus
 
         tse = GrammarCorpus(args.grammar_seed).minimal_pairs(args.sample or GRAMMAR_PAIRS)
-    return EvalSuite.build(tokenizer, ppl_text=text, blimp=blimp, tse=tse, lm_eval_tasks=request.lm_eval_tasks,
-                           max_ppl_tokens=args.ppl_tokens)
+    return {"ppl_text": text, "blimp": blimp, "tse": tse}
 
 
 def _is_grammar(source: str | None) -> bool:

@@ -93,13 +93,15 @@ def check_lm(model: nn.Module) -> None:
                               "(AutoModelForCausalLM or AutoModelForMaskedLM)")
 
 
-def progress_bar(iterable: Iterable, progress: bool, total: int | None = None, desc: str | None = None) -> Iterable:
-    """Wrap ``iterable`` in a tqdm bar when ``progress`` is true."""
+def progress_bar(iterable: Iterable, progress: bool, total: int | None = None, desc: str | None = None,
+                 leave: bool = True) -> Iterable:
+    """Wrap ``iterable`` in a tqdm bar when ``progress`` is true (``leave=False``: cleared when done, for a bar
+    inside another one's loop)."""
     if not progress:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc)
+    return tqdm(iterable, total=total, desc=desc, leave=leave)
 
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:

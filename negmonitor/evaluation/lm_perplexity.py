@@ -217,7 +217,7 @@ def _score_spans(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int
     total, count = 0.0, 0
     batches = list(chunks(spans, batch_size))
     with eval_mode(model), torch.no_grad():
-        for batch in progress_bar(batches, progress, total=len(batches), desc="perplexity"):
+        for batch in progress_bar(batches, progress, total=len(batches), desc="perplexity", leave=False):
             nll, n = _score_batch(model, ids, batch, device, pad_id, held)
             total, count = total + nll, count + n
     return total, count

@@ -143,7 +143,7 @@ def causal_token_logprobs(model: nn.Module, sequences: Sequence[Sequence[int]], 
     batches = list(chunks(order, batch_size))
     held = FailureHold(active=forward_is_collective(model))  # under FSDP: raised after the last forward
     with eval_mode(model):
-        for batch in progress_bar(batches, progress, total=len(batches), desc="scoring"):
+        for batch in progress_bar(batches, progress, total=len(batches), desc="scoring", leave=False):
             input_ids, attention = _right_pad([sequences[i] for i in batch], pad_id)
             picked = _next_token_logprobs(model, input_ids, attention, device, held)
             if picked is not None:
@@ -209,7 +209,7 @@ def _pseudo_log_likelihoods(model: nn.Module, tokenizer: PreTrainedTokenizerBase
     batches = list(chunks(jobs, batch_size))
     held = FailureHold(active=forward_is_collective(model))  # under FSDP: raised after the last forward
     with eval_mode(model), torch.no_grad():
-        for batch in progress_bar(batches, progress, total=len(batches), desc="scoring (PLL)"):
+        for batch in progress_bar(batches, progress, total=len(batches), desc="scoring (PLL)", leave=False):
             input_ids, attention = _right_pad([sequences[i] for i, _ in batch], pad_id)
             rows, positions = torch.arange(len(batch)), torch.tensor([p for _, p in batch])
             targets = input_ids[rows, positions].clone()

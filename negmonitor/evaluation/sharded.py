@@ -21,12 +21,14 @@ from negmonitor.evaluation.minimal_pairs import evaluate_pairs, scorable_sentenc
 
 
 def sharded_sentence_scores(model: nn.Module, tokenizer, sentences: Sequence[str], shard: Shard,
-                            batch_size: int = 32, score: str = "sum", prefix: str = "bos") -> torch.Tensor:
+                            batch_size: int = 32, score: str = "sum", prefix: str = "bos",
+                            progress: bool = False) -> torch.Tensor:
     """:func:`~negmonitor.evaluation.minimal_pairs.score_sentences`, this process scoring its share; every process
     gets all scores (float64, CPU, input order)."""
     sentences = list(sentences)
     if not shard.active or not sentences:
-        return score_sentences(model, tokenizer, sentences, batch_size=batch_size, score=score, prefix=prefix)
+        return score_sentences(model, tokenizer, sentences, batch_size=batch_size, score=score, prefix=prefix,
+                               progress=progress)
     if is_masked_lm(model):  # every process scores every sentence; a failure on one still reaches all
         with agree_on_failure():
             return score_sentences(model, tokenizer, sentences, batch_size=batch_size, score=score, prefix=prefix)
@@ -46,8 +48,9 @@ def sharded_sentence_scores(model: nn.Module, tokenizer, sentences: Sequence[str
 
 
 def sharded_evaluate_pairs(model: nn.Module, tokenizer, pairs_df: pd.DataFrame, shard: Shard,
-                           batch_size: int = 32, score: str = "sum", prefix: str = "bos") -> pd.DataFrame:
+                           batch_size: int = 32, score: str = "sum", prefix: str = "bos",
+                           progress: bool = False) -> pd.DataFrame:
     """:func:`~negmonitor.evaluation.minimal_pairs.evaluate_pairs` with the sentences shared out across processes."""
     return evaluate_pairs(model, tokenizer, pairs_df, batch_size=batch_size, score=score, prefix=prefix,
                           scorer=lambda sentences: sharded_sentence_scores(model, tokenizer, sentences, shard,
-                                                                           batch_size, score, prefix))
+                                                                           batch_size, score, prefix, progress))
