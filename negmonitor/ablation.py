@@ -83,6 +83,8 @@ class AblationSettings:
             built-in grammar's pairs).
         pair_prefix: ``bos`` (a BOS, else EOS, token before each sentence) or ``none`` (the tokenizer's own).
         npi_pairs: ``both`` pairs of each TSE NPI triple, or the ``last`` only (the authors').
+        count: how many neurons a fraction selects per layer: ``floor`` (``floor(f·n)``) or ``percentile`` (the
+            authors' rule: one more at most widths, e.g. 410 of 8,192 at 5%); the protocol's when None.
         lm_eval_limit: documents per lm-eval task (None: all).
         lm_eval_task_dirs: folders of custom lm-eval task YAML files.
         memory_budget: extra memory one perplexity forward may allocate on the model's device (bytes or a size such
@@ -109,6 +111,7 @@ class AblationSettings:
     tse_score: str | None = None
     pair_prefix: str | None = None
     npi_pairs: str | None = None
+    count: str | None = None
     lm_eval_limit: int | float | None = None
     lm_eval_task_dirs: tuple[str, ...] = ()
     memory_budget: int | str | None = DEFAULT_MEMORY_BUDGET
@@ -134,10 +137,13 @@ class AblationSettings:
         self._fill_from_protocol()
 
     def _fill_from_protocol(self) -> None:
-        """Take every minimal-pair choice left at None from the named protocol, then check them all."""
+        """Take every minimal-pair and selection-count choice left at None from the named protocol, then check them
+        all."""
+        from negmonitor.metrics.ranking import COUNTS
         from negmonitor.protocol import NPI_PAIRS, PREFIXES, SCORES, check_choice, get_protocol
 
         proto = get_protocol(self.protocol)
+        self.count = check_choice(self.count or proto.count, COUNTS, "count")
         self.blimp_score = check_choice(self.blimp_score or proto.blimp_score, SCORES, "blimp_score")
         self.tse_score = check_choice(self.tse_score or proto.tse_score, SCORES, "tse_score")
         self.pair_prefix = check_choice(self.pair_prefix or proto.prefix, PREFIXES, "pair_prefix")
@@ -438,7 +444,7 @@ def _nothing_to_match(values: Mapping[int, torch.Tensor], target_ppl: float, bas
 
 def _bottom(values: Mapping[int, torch.Tensor], fraction: float, settings: AblationSettings) -> Selection:
     return select_neurons(values, how="bottom", frac=fraction, metric=settings.metric, per=settings.per,
-                          layers=settings.layers, label="ppl_matched")
+                          layers=settings.layers, label="ppl_matched", count=settings.count)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -577,7 +583,8 @@ def neuron_values(model: nn.Module, tokenizer, result, settings: AblationSetting
 def _select(values: Mapping[int, torch.Tensor], how: str, fraction: float, settings: AblationSettings,
             label: str, layers: Sequence[int] | None = None) -> Selection:
     return select_neurons(values, how=how, frac=fraction, metric=settings.metric, per=settings.per,
-                          seed=settings.seed, label=label, layers=layers if layers is not None else settings.layers)
+                          seed=settings.seed, label=label, layers=layers if layers is not None else settings.layers,
+                          count=settings.count)
 
 
 def _evaluate_conditions(model: nn.Module, tokenizer, suite: EvalSuite, settings: AblationSettings,

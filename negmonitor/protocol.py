@@ -13,6 +13,10 @@ prefix        one BOS (else EOS) token in front   none added: the tokenizer's ow
 BLiMP score   summed log-probability              summed log-probability
 TSE score     summed log-probability              mean log-probability per scored token
 NPI pairs     both ungrammatical sentences        one pair per triple: good vs the last sentence
+count         ``floor(f·n)`` neurons per layer    those strictly above numpy's ``(1 − f)`` percentile
+              (top, bottom, random)               (``ceil((n − 1)·f)``: one more, e.g. 410 of 8,192 at 5%)
+dtype         the commands' default: fp32 on      fp32 everywhere (the authors load with transformers
+              CPU, as saved (fp16/bf16) on GPU    4.48.2's ``from_pretrained`` default); ``--dtype`` overrides
 ============  ==================================  ==========================================================
 
 ``get_protocol("paper")`` returns :data:`PAPER`; the commands' ``--protocol paper`` and
@@ -43,6 +47,10 @@ class Protocol:
             built-in grammar's pairs).
         prefix: ``bos`` (one BOS, else EOS, token before each sentence) or ``none`` (the tokenizer's own).
         npi_pairs: ``both`` pairs of an NPI triple, or the ``last`` (good vs the last sentence) only.
+        count: how many neurons a fraction selects in the ablations: ``floor`` (``floor(f·n)``) or ``percentile``
+            (the authors': values strictly above ``np.percentile(v, 100·(1 − f))``; below ``np.percentile(v,
+            100·f)`` for the bottom).
+        dtype: the commands' weights dtype when ``--dtype`` is not given (None: fp32 on CPU, as saved on GPU).
     """
 
     name: str
@@ -51,10 +59,12 @@ class Protocol:
     tse_score: str = "sum"
     prefix: str = "bos"
     npi_pairs: str = "both"
+    count: str = "floor"
+    dtype: str | None = None
 
 
 NEGMONITOR = Protocol("negmonitor")
-PAPER = Protocol("paper", tse_score="mean", prefix="none", npi_pairs="last")
+PAPER = Protocol("paper", tse_score="mean", prefix="none", npi_pairs="last", count="percentile", dtype="fp32")
 PROTOCOLS = {p.name: p for p in (NEGMONITOR, PAPER)}
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics.ranking import bottom_k_indices, top_k_indices
+from negmonitor.metrics.ranking import COUNTS, bottom_k_indices, percentile_count, top_k_indices
 from negmonitor.validation import check_fraction
 
 if TYPE_CHECKING:
@@ -186,6 +186,7 @@ def select_neurons(
     layers: Sequence[int] | None = None,
     seed: int = 0,
     label: str | None = None,
+    count: str = "floor",
 ) -> Selection:
     """Choose the top, bottom or a random ``frac`` of neurons by ``metric``.
 
@@ -200,6 +201,8 @@ def select_neurons(
         layers: restrict to these layers (default: every layer in ``result``).
         seed: seed of a random selection (each layer's draw depends only on the seed and the layer).
         label: a name for tables.
+        count: how many a fraction selects per ranking unit: ``floor`` (``floor(frac·n)``, at least 1) or
+            ``percentile`` (the authors' rule, :func:`~negmonitor.metrics.ranking.percentile_count`).
 
     Raises:
         NegmonitorError: bad ``how``/``per``/``group_size``, a fraction outside (0, 1], an unknown metric or layer.
@@ -207,10 +210,11 @@ def select_neurons(
     check_fraction(frac, "fraction")
     _check_choice(how, HOWS, "selection")
     _check_choice(per, PERS, "per")
+    _check_choice(count, COUNTS, "count")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise NegmonitorError(f"group_size must be a positive integer, got {group_size!r} — e.g. group_size=2")
     values = restrict_layers(_metric_values(result, metric), layers)
-    ranked = _ranked(values, "bottom" if how == "bottom" else "top", frac, per, group_size)
+    ranked = _ranked(values, "bottom" if how == "bottom" else "top", frac, per, group_size, count)
     if how == "random":
         ranked = _random(values, {layer: len(idx) for layer, idx in ranked.items()}, seed)
     return Selection(ranked, how=how, metric=metric, fraction=float(frac), per=per,
@@ -254,7 +258,7 @@ def _groups(layers: list[int], per: str, group_size: int | None) -> list[list[in
 
 
 def _ranked(values: dict[int, torch.Tensor], how: str, frac: float, per: str,
-            group_size: int | None) -> dict[int, torch.Tensor]:
+            group_size: int | None, count: str = "floor") -> dict[int, torch.Tensor]:
     """Top or bottom ``frac`` of each ranking unit, split back into layers, best-ranked first."""
     pick = top_k_indices if how == "top" else bottom_k_indices
     chosen: dict[int, torch.Tensor] = {layer: torch.empty(0, dtype=torch.long) for layer in values}
@@ -262,7 +266,8 @@ def _ranked(values: dict[int, torch.Tensor], how: str, frac: float, per: str,
         flat = torch.cat([values[layer] for layer in group])
         owner = torch.cat([torch.full((len(values[layer]),), layer, dtype=torch.long) for layer in group])
         offset = torch.cat([torch.arange(len(values[layer])) for layer in group])
-        index = pick(flat, frac)
+        k = percentile_count(flat, frac, top=how == "top") if count == "percentile" else None
+        index = pick(flat, frac, k)
         for layer in group:
             chosen[layer] = offset[index[owner[index] == layer]]
     return chosen

@@ -142,3 +142,43 @@ def test_replay_and_callback_take_the_protocol(tmp_path):
     with pytest.raises(NegmonitorError, match="only matter with --ablate"):
         replay._ablation(parser.parse_args(base + ["--ppl-window", "512"]))
     assert as_settings({"protocol": "paper", "ppl_window": 1024}).npi_pairs == "last"
+
+
+def test_the_paper_protocol_selects_as_many_neurons_as_the_authors_percentile_rule():
+    """The authors keep the neurons strictly above ``np.percentile(wd, 100 - k)``: one more than floor(k·n) at most
+    widths (410 of Pythia-1.4B's 8,192 at 5%, 9 rather than 8 at 0.1%); the random control takes the same count."""
+    import numpy as np
+
+    from negmonitor.ablation import _select
+    from negmonitor.metrics.ranking import percentile_count
+
+    gen = torch.Generator().manual_seed(0)
+    values = {layer: torch.rand(8_192, generator=gen, dtype=torch.float64) for layer in (0, 1)}
+    for fraction, authors in ((0.05, 410), (0.01, 82), (0.001, 9)):
+        v = values[0].numpy()
+        assert (v > np.percentile(v, 100 * (1 - fraction))).sum() == authors == percentile_count(values[0], fraction)
+        paper = AblationSettings(fraction=fraction, protocol="paper")
+        assert paper.count == "percentile" and AblationSettings(fraction=fraction).count == "floor"
+        for how in ("top", "random"):
+            chosen = _select(values, how, fraction, paper, label=how)
+            assert chosen.counts == {0: authors, 1: authors}, (fraction, how)
+        top = _select(values, "top", fraction, paper, label="top")
+        threshold = np.percentile(v, 100 * (1 - fraction))
+        assert set(top[0].tolist()) == set(np.flatnonzero(v > threshold).tolist())  # the same neurons
+        assert _select(values, "top", fraction, AblationSettings(fraction=fraction), label="t").counts[0] == \
+            int(fraction * 8_192 + 1e-9)
+    bottom = _select(values, "bottom", 0.05, AblationSettings(fraction=0.05, protocol="paper"), label="b")
+    assert bottom.counts[0] == (values[0].numpy() < np.percentile(values[0].numpy(), 5)).sum()
+
+
+def test_the_paper_protocol_loads_weights_in_fp32_unless_a_dtype_is_given():
+    """The authors load with transformers 4.48.2's from_pretrained default: fp32 (not the fp16/bf16 the
+    checkpoint was saved in, which negmonitor's default keeps on a GPU)."""
+    import argparse
+
+    from negmonitor.commands.common import weights_dtype
+
+    assert weights_dtype(argparse.Namespace(protocol="paper", dtype=None)) == "fp32"
+    assert weights_dtype(argparse.Namespace(protocol="paper", dtype="bf16")) == "bf16"
+    assert weights_dtype(argparse.Namespace(protocol="negmonitor", dtype=None)) is None
+    assert PAPER.dtype == "fp32" and get_protocol(None).dtype is None

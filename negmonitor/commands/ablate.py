@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from negmonitor.commands.common import (add_memory_budget_arg, add_model_args, add_ppl_window_args,
                                         add_probe_window_args, add_protocol_args, check_fraction, check_positive,
-                                        dtype_name, ensure_writable_dir, memory_budget, parse_layers, protocol_kwargs)
+                                        dtype_name, ensure_writable_dir, memory_budget, parse_layers, protocol_kwargs,
+                                        weights_dtype)
 from negmonitor.errors import NegmonitorError
 
 EVAL_NAMES = ("ppl", "blimp", "tse", "grammar", "lm-eval:TASK1+TASK2")
@@ -183,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(args.out)
     _warn_stale_outputs(out, args, fractions)
     data = _load_data(args, request, settings.npi_pairs)  # a wrong folder fails before a 16 GB model loads
-    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
-                                  tokenizer=args.tokenizer)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=weights_dtype(args),
+                                  device=args.device, tokenizer=args.tokenizer)
     if "ppl" in request.names:
         check_perplexity_budget(model, tokenizer, settings)  # before the probe, not at the first evaluation
     suite = EvalSuite.build(tokenizer, **data, lm_eval_tasks=request.lm_eval_tasks, max_ppl_tokens=args.ppl_tokens)

@@ -19,7 +19,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "for a .ckpt, the one beside it or in its run folder)")
     parser.add_argument("--revision", default=None, help="hub revision, e.g. step1000 (Pythia)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                        help="weights dtype (default: fp32 on CPU, as saved on GPU); printed and recorded")
+                        help="weights dtype (default: fp32 on CPU, as saved on GPU; fp32 under --protocol paper); "
+                             "printed and recorded")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
 
 
@@ -94,6 +95,14 @@ def add_ppl_window_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-stride", type=int, default=None,
                         help="step between perplexity windows (default: the window, disjoint chunks with the tail "
                              "dropped; less: sliding windows)")
+
+
+def weights_dtype(args: argparse.Namespace) -> str | None:
+    """``--dtype``, else the protocol's (``paper``: fp32, as the authors' code loads), else None (fp32 on CPU, as
+    saved on a GPU)."""
+    from negmonitor.protocol import get_protocol
+
+    return args.dtype or get_protocol(getattr(args, "protocol", None)).dtype
 
 
 def dtype_name(model) -> str:

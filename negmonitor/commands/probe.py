@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from negmonitor.commands.common import (add_model_args, add_probe_args, add_protocol_args, dtype_name,
-                                        ensure_writable_dir, memory_budget, parse_layers, probe_source)
+                                        ensure_writable_dir, memory_budget, parse_layers, probe_source,
+                                        weights_dtype)
 from negmonitor.errors import NegmonitorError
 
 
@@ -30,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(args.out)
     layers = parse_layers(args.layers)
     budget = memory_budget(args)
-    model, tokenizer = load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
-                                  tokenizer=args.tokenizer)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=weights_dtype(args),
+                                  device=args.device, tokenizer=args.tokenizer)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     probe_set = ProbeSet.build(probe_source(args), tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)

@@ -14,7 +14,7 @@ import argparse
 
 from negmonitor.commands.common import (add_ppl_window_args, add_probe_args, add_protocol_args, check_fraction,
                                         check_positive, ensure_writable_dir, memory_budget, parse_layers,
-                                        protocol_kwargs)
+                                        protocol_kwargs, weights_dtype)
 from negmonitor.errors import NegmonitorError
 
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise NegmonitorError("give the probe text once: --probe, --text or --dataset")
     probe = args.probe or args.text or args.dataset
     ablation, minimal_pairs, ppl_text = _ablation(args)
-    dtype = args.dtype or ("as saved" if args.device and args.device.startswith("cuda") else "fp32")
+    dtype = weights_dtype(args) or ("as saved" if args.device and args.device.startswith("cuda") else "fp32")
     print(f"replaying {args.model} ({args.revisions}) into {args.logdir} in {dtype}"
           + (f", shard {shard[0]}/{shard[1]}" if shard != (1, 1) else ""))
     result = replay(
@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         n_pairs=args.pairs, seed=args.seed, batch_size=args.batch_size, memory_budget=memory_budget(args),
         layers=parse_layers(args.layers),
         cohort_frac=check_fraction(args.cohort_frac, "--cohort-frac"), cohort_revision=args.cohort_revision,
-        ablation=ablation, minimal_pairs=minimal_pairs, ppl_text=ppl_text, dtype=args.dtype, device=args.device,
+        ablation=ablation, minimal_pairs=minimal_pairs, ppl_text=ppl_text, dtype=weights_dtype(args),
+        device=args.device,
         shard=shard, tokenizer=args.tokenizer, tokens_per_step=args.tokens_per_step, module=args.module,
         cache_dir=args.cache_dir, run_name=args.run_name, media_every=args.media_every, image_neurons=args.image_neurons,
         tensorboard=not args.no_tensorboard, progress=not args.no_progress, evict_cache=args.evict_cache)

