@@ -72,7 +72,8 @@ class AblationSettings:
         ppl_tolerance: how close the perplexity-matched control's perplexity must come to the Wasserstein
             ablation's, as a share of that ablation's damage (perplexity − baseline; 0.05 = 5%).
         max_matching_evals: at most this many perplexity evaluations in the bisection.
-        batch_size: batch size of every evaluation.
+        batch_size: windows per forward of the perplexity (and lm-eval's batch size); minimal pairs take as many
+            sentences as ``memory_budget`` holds, up to ``batch_size`` 2,048-token windows' tokens.
         per: rank within each ``layer`` or within groups of layers (``group``).
         layers: restrict the selections to these layers (default all probed layers).
         ppl_window: perplexity window (default: ``min(2048, the model's positions)``, the paper's chunks).
@@ -295,13 +296,34 @@ def _minimal_pairs(model: nn.Module, tokenizer, suite: str, pairs: pd.DataFrame,
     scored = retry_on_out_of_memory(
         lambda size: sharded_evaluate_pairs(model, tokenizer, pairs, shard or Shard(), batch_size=size, score=score,
                                             prefix=settings.pair_prefix, progress=settings.progress),
-        settings.batch_size, batch_limit, model_device(model, None), f"{suite} minimal-pair scoring",
-        "free memory on the model's device", later="evaluations")
+        _pair_batch_size(model, tokenizer, pairs, settings), batch_limit, model_device(model, None),
+        f"{suite} minimal-pair scoring", "free memory on the model's device", later="evaluations")
     table = (blimp_accuracy if suite == "blimp" else tse_accuracy)(scored)
     table.insert(0, "suite", suite)
     overall = table.loc[table["level"] == "overall", "accuracy"]
     margin = float((scored["logp_good"] - scored["logp_bad"]).mean()) if len(scored) else math.nan
     return float(overall.iloc[0]) if len(overall) else math.nan, margin, table[BREAKDOWN_COLUMNS]
+
+
+PAIR_LENGTH_SAMPLE = 64  # the longest sentences by characters, tokenized to find the longest in tokens
+
+
+def _pair_batch_size(model: nn.Module, tokenizer, pairs: pd.DataFrame, settings: AblationSettings) -> int:
+    """Sentences per minimal-pair batch: as many as ``memory_budget`` holds at the longest sentence's length, up to
+    the tokens of one perplexity batch (``batch_size`` windows of the protocol's 2,048); ``batch_size`` without a
+    budget. A minimal pair is 10–30 tokens: 8 sentences a batch left a GPU idle through TSE's 169k pairs. The
+    same on every process (FSDP needs as many forwards): it depends on all the pairs, not on a process's share."""
+    from negmonitor.evaluation._common import is_masked_lm
+    from negmonitor.protocol import WINDOW
+
+    if settings.memory_budget is None or pairs.empty or is_masked_lm(model):
+        return settings.batch_size
+    sentences = pd.concat([pairs["sentence_good"], pairs["sentence_bad"]]).astype(str)
+    longest_by_chars = sentences.loc[sentences.str.len().nlargest(PAIR_LENGTH_SAMPLE).index].tolist()
+    longest = 1 + max(len(ids) for ids in tokenizer(longest_by_chars, add_special_tokens=True,
+                                                    verbose=False)["input_ids"])
+    cap = max(settings.batch_size, settings.batch_size * WINDOW // longest)
+    return evaluation_batch_size(model, longest, cap, settings.memory_budget, what="minimal-pair", refuse=False)
 
 
 def _lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str], settings: AblationSettings,

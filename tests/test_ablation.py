@@ -367,3 +367,29 @@ def test_layer_group_breakdown_keeps_the_suite_groups(model, tokenizer, suite, v
     uids = set(groups.breakdown.query("level == 'uid'")["group"])
     assert uids and uids <= set(suite.blimp["uid"])
     assert set(groups.breakdown["layer_group"]) == {"", "0", "1"}
+
+
+@needs_data
+def test_minimal_pair_batches_fill_the_memory_budget_and_score_the_same(model, tokenizer, suite, monkeypatch):
+    """8 sentences of 10-30 tokens a batch left a GPU idle through TSE's 169k pairs (tens of thousands of forwards
+    per condition): the batches now hold as many sentences as the budget allows, up to one perplexity batch's
+    tokens, and a budget too small for that lowers them; the scores do not depend on it."""
+    import negmonitor.evaluation.sharded as sharded
+
+    sizes, real = [], sharded.sharded_evaluate_pairs
+
+    def spying(*args, batch_size, **kwargs):
+        sizes.append(batch_size)
+        return real(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(sharded, "sharded_evaluate_pairs", spying)
+    results = {}
+    for budget in ("2GiB", "64MiB", None):
+        sizes.clear()
+        settings = _settings(batch_size=8, memory_budget=budget)
+        results[budget] = ablation_module.evaluate(model, tokenizer, suite, settings, include=["blimp", "tse"])
+        results[budget] = (results[budget].metrics, list(sizes))
+    big, small, none = (results[b][1] for b in ("2GiB", "64MiB", None))
+    assert none == [8, 8] and all(s > 8 for s in big) and all(8 < s < b for s, b in zip(small, big))
+    assert results["2GiB"][0] == pytest.approx(results[None][0], rel=1e-9)
+    assert results["64MiB"][0] == pytest.approx(results[None][0], rel=1e-9)

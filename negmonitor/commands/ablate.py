@@ -88,7 +88,8 @@ def _add_probe_args(parser: argparse.ArgumentParser) -> None:
     add_probe_window_args(parser)
     parser.add_argument("--layers", default=None, help="comma-separated layers to ablate (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe windows, samples and random control")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size of probe and evaluations")
+    parser.add_argument("--batch-size", type=int, default=8, help="probe windows and perplexity chunks per forward (minimal pairs: as many "
+                             "sentences as --memory-budget holds, up to this many 2,048-token windows' tokens)")
     add_memory_budget_arg(parser)
 
 
