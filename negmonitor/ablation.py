@@ -44,7 +44,7 @@ from torch import nn
 
 from negmonitor.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
 from negmonitor.budget import (DEFAULT_MEMORY_BUDGET, BatchLimit, evaluation_batch_size, parse_bytes,
-                               retry_on_out_of_memory)
+                               retry_on_out_of_memory, rows_within_budget)
 from negmonitor.distributed import Shard
 from negmonitor.errors import NegmonitorError
 from negmonitor.interventions import ablate, check_mode
@@ -323,7 +323,7 @@ def _pair_batch_size(model: nn.Module, tokenizer, pairs: pd.DataFrame, settings:
     longest = 1 + max(len(ids) for ids in tokenizer(longest_by_chars, add_special_tokens=True,
                                                     verbose=False)["input_ids"])
     cap = max(settings.batch_size, settings.batch_size * WINDOW // longest)
-    return evaluation_batch_size(model, longest, cap, settings.memory_budget, what="minimal-pair", refuse=False)
+    return rows_within_budget(model, longest, cap, settings.memory_budget)
 
 
 def _lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str], settings: AblationSettings,

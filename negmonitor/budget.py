@@ -33,7 +33,7 @@ from negmonitor.metrics.streaming import GRID_ROWS, NeuronStatsAccumulator
 from negmonitor.summary import MD_COLUMNS
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "parse_bytes", "format_bytes", "Plan", "plan_measurement", "lm_window_bytes",
-           "evaluation_batch_size", "BatchLimit", "retry_on_out_of_memory"]
+           "evaluation_batch_size", "rows_within_budget", "BatchLimit", "retry_on_out_of_memory"]
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
 MAX_UPDATE_ELEMENTS = 1 << 22  # rows x neurons of a padded batch copied for an update at once (an unpadded one that
@@ -241,12 +241,13 @@ def log_plan_once(plan: Plan, shapes: Sequence[LayerShape], requested_batch_size
 LOSS_ROWS = 512  # positions per slice of the perplexity loss: its fp32 log-softmax is LOSS_ROWS x vocabulary
 
 
-def lm_window_bytes(model, window: int) -> int:
+def lm_window_bytes(model, window: int, rows: int = 1) -> int:
     """Planned extra memory of one ``window``-token row through a causal LM's evaluation forward (no autograd, no
     KV cache): its logits (in the dtype the head produces them: the autocast dtype when autocast is on now, else
     the head's weight dtype — bf16 logits of Qwen3-8B's 152k vocabulary are 0.6 GiB a window, fp32 would be 1.2),
     the hidden activations of one block, the eager attention's score matrices, and the loss over
-    :data:`LOSS_ROWS` positions at a time (their fp32 copy and log-softmax)."""
+    :data:`LOSS_ROWS` positions at a time (their fp32 copy and log-softmax). ``rows`` windows in one batch: the
+    loss's slice is there once, however many rows (short minimal-pair sentences fill a batch many times over)."""
     config = getattr(model, "config", None)
 
     def setting(*names: str) -> int:  # the model's config, else its text model's (composite configs)
@@ -262,8 +263,8 @@ def lm_window_bytes(model, window: int) -> int:
     d = setting("hidden_size")
     n = setting("intermediate_size", "n_inner", "ffn_dim") or 4 * d
     logits = _output_bytes(model, head)
-    return (window * (vocab * logits + (2 * n + 4 * d) * 4 + eager_attention_bytes(model, window))
-            + min(window, LOSS_ROWS) * vocab * 8)
+    return (rows * window * (vocab * logits + (2 * n + 4 * d) * 4 + eager_attention_bytes(model, window))
+            + min(rows * window, LOSS_ROWS) * vocab * 8)
 
 
 def _output_bytes(model, head) -> int:
@@ -278,6 +279,19 @@ def _output_bytes(model, head) -> int:
     if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
         return min(weight.element_size(), torch.get_autocast_dtype(device).itemsize)
     return weight.element_size() if weight.is_floating_point() else 4
+
+
+def rows_within_budget(model, window: int, cap: int, budget: int) -> int:
+    """The most rows of ``window`` tokens, from 1 to ``cap``, whose evaluation forward fits ``budget`` (1 when
+    even one does not: scored one at a time)."""
+    low, high = 1, max(1, int(cap))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if lm_window_bytes(model, window, middle) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def eager_attention_bytes(model, window: int) -> int:
@@ -309,11 +323,11 @@ def evaluation_batch_size(model, window: int, batch_size: int, budget: int | Non
                               f"window — the smallest budget that works here is {format_bytes(per_window)} "
                               f"(memory_budget='{math.ceil(per_window / (1 << 20))}MiB'); or pass a shorter ppl_window")
     size = batch_size
-    while size > 1 and size * per_window > budget:
+    while size > 1 and lm_window_bytes(model, window, size) > budget:
         size //= 2
     if size < batch_size:
         line = (f"negmonitor: memory budget {format_bytes(budget)}: {what} batch size {batch_size} -> {size} "
-                f"({window}-token windows, planned {format_bytes(size * per_window)})")
+                f"({window}-token windows, planned {format_bytes(lm_window_bytes(model, window, size))})")
         if _first_time(line):
             warnings.warn(line, stacklevel=3)
     return size

@@ -384,12 +384,12 @@ def test_minimal_pair_batches_fill_the_memory_budget_and_score_the_same(model, t
 
     monkeypatch.setattr(sharded, "sharded_evaluate_pairs", spying)
     results = {}
-    for budget in ("2GiB", "64MiB", None):
+    for budget in ("2GiB", "16MiB", None):
         sizes.clear()
         settings = _settings(batch_size=8, memory_budget=budget)
         results[budget] = ablation_module.evaluate(model, tokenizer, suite, settings, include=["blimp", "tse"])
         results[budget] = (results[budget].metrics, list(sizes))
-    big, small, none = (results[b][1] for b in ("2GiB", "64MiB", None))
+    big, small, none = (results[b][1] for b in ("2GiB", "16MiB", None))
     assert none == [8, 8] and all(s > 8 for s in big) and all(8 < s < b for s, b in zip(small, big))
     assert results["2GiB"][0] == pytest.approx(results[None][0], rel=1e-9)
-    assert results["64MiB"][0] == pytest.approx(results[None][0], rel=1e-9)
+    assert results["16MiB"][0] == pytest.approx(results[None][0], rel=1e-9)

@@ -418,6 +418,8 @@ def test_the_default_budget_holds_a_perplexity_window_of_a_bf16_qwen3_8b() -> No
     assert evaluation_batch_size(bf16, 2_048, 1, budget) == 1  # not refused
     logits = 2_048 * 151_936
     assert lm_window_bytes(fp32, 2_048) - lm_window_bytes(bf16, 2_048) == logits * 2
+    # four windows in one batch: the loss's fp32 slice (512 positions) is there once, not four times
+    assert lm_window_bytes(bf16, 2_048, rows=4) == 4 * lm_window_bytes(bf16, 2_048) - 3 * 512 * 151_936 * 8
     with pytest.raises(NegmonitorError, match="cannot hold one 2048-token perplexity window"):
         evaluation_batch_size(fp32, 2_048, 1, budget)
     tiny = AutoModelForCausalLM.from_config(Qwen3Config(vocab_size=1_000, hidden_size=32, intermediate_size=64,
