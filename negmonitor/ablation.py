@@ -458,9 +458,13 @@ def _nothing_to_match(values: Mapping[int, torch.Tensor], target_ppl: float, bas
     """The Wasserstein ablation did not raise perplexity (or it is not finite): there is no damage for a control to
     match. Said once; the control row is then the bottom neurons of the Wasserstein set's size, marked unmatched."""
     selection = _bottom(values, settings.fraction, settings)
-    warnings.warn(f"perplexity-matched control not searched: the Wasserstein ablation's perplexity {target_ppl:.4g} "
-                  f"does not exceed the clean model's {baseline_ppl:.4g}, so there is no damage to match; the "
-                  f"ppl_matched row ablates the bottom {settings.fraction:.2%} instead (marked unmatched)", stacklevel=3)
+    why = (f"the Wasserstein ablation's perplexity {target_ppl:.4g} does not exceed the clean model's "
+           f"{baseline_ppl:.4g}, so there is no damage to match" if math.isfinite(target_ppl) and
+           math.isfinite(baseline_ppl) else
+           f"a perplexity is not finite (Wasserstein ablation {target_ppl:.4g}, clean model {baseline_ppl:.4g}: an "
+           "overflow in fp16?), so there is nothing to match")
+    warnings.warn(f"perplexity-matched control not searched: {why}; the ppl_matched row ablates the bottom "
+                  f"{settings.fraction:.2%} instead (marked unmatched)", stacklevel=3)
     return MatchResult(selection, settings.fraction, math.nan, target_ppl, False, 0, pd.DataFrame(), baseline_ppl)
 
 

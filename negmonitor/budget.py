@@ -276,9 +276,10 @@ def _output_bytes(model, head) -> int:
     if weight is None:
         return 4
     device = weight.device.type
+    own = weight.element_size() if weight.is_floating_point() else 4  # a quantized head computes in fp32 or more
     if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
-        return min(weight.element_size(), torch.get_autocast_dtype(device).itemsize)
-    return weight.element_size() if weight.is_floating_point() else 4
+        return min(own, torch.get_autocast_dtype(device).itemsize)
+    return own
 
 
 def rows_within_budget(model, window: int, cap: int, budget: int) -> int:

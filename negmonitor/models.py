@@ -55,6 +55,35 @@ def placement(dtype: torch.dtype | None, device: torch.device) -> dict:
     return {"dtype": dtype if dtype is not None else "auto", "device_map": {"": device}}
 
 
+def empty_model(model_id: str | os.PathLike, revision: str | None = None, dtype: str | torch.dtype | None = None,
+                device: str | torch.device | None = None, cache_dir: str | None = None) -> nn.Module | None:
+    """The model :func:`load_model` would load, on the meta device (no weights, no memory), in the dtype it would
+    load in: to check a memory budget in the first second rather than after a 32 GB load. ``None`` when the config
+    cannot be read on its own (a Lightning ``.ckpt``, a missing id: :func:`load_model` says why)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from negmonitor.checkpoints import is_lightning_checkpoint
+
+    if is_lightning_checkpoint(str(model_id)):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(model_id), revision=revision, cache_dir=cache_dir)
+    except Exception:  # noqa: BLE001 - load_model reports it in one line
+        return None
+    chosen = parse_dtype(dtype)
+    if chosen is None:
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        saved = getattr(torch, saved, None) if isinstance(saved, str) else saved
+        on_cpu = parse_device(device).type == "cpu"
+        chosen = torch.float32 if on_cpu or not isinstance(saved, torch.dtype) else saved
+    cls = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
+    try:
+        with torch.device("meta"), quiet_transformers():
+            return cls.from_config(config, dtype=chosen)
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built empty: checked after loading instead
+        return None
+
+
 def load_model(
     model_id: str | os.PathLike,
     revision: str | None = None,

@@ -393,3 +393,18 @@ def test_minimal_pair_batches_fill_the_memory_budget_and_score_the_same(model, t
     assert none == [8, 8] and all(s > 8 for s in big) and all(8 < s < b for s, b in zip(small, big))
     assert results["2GiB"][0] == pytest.approx(results[None][0], rel=1e-9)
     assert results["16MiB"][0] == pytest.approx(results[None][0], rel=1e-9)
+
+
+def test_with_nothing_to_match_no_matched_fraction_is_logged_but_the_step_is_marked():
+    """The row with no damage to match ablates the Wasserstein set's size unsearched: logging that as the 'matched
+    fraction' put a point on the report's curve of chosen fractions that no search chose."""
+    from negmonitor.monitoring.ablation_rows import damage_rows
+
+    table = pd.DataFrame({"condition": ["baseline", "wasserstein", "random", "ppl_matched"],
+                          "ppl": [10.0, 9.9, 10.1, 10.0]})
+    nothing = {"run": True, "matched": False, "fraction": 0.05, "relative_error": None, "n_evals": 0}
+    logged = {metric: value for _, _, metric, value in damage_rows(table, None, nothing)}
+    assert "ablation/ppl_matched_fraction" not in logged and logged["ablation/ppl_matched_ok"] == 0.0
+    searched = {**nothing, "matched": True, "relative_error": 0.01, "n_evals": 5, "fraction": 0.2}
+    logged = {metric: value for _, _, metric, value in damage_rows(table, None, searched)}
+    assert logged["ablation/ppl_matched_fraction"] == 0.2 and logged["ablation/ppl_matched_ok"] == 1.0

@@ -178,3 +178,21 @@ def test_each_table_is_saved_when_done_and_an_earlier_runs_tables_are_named(save
                       str(tmp_path / "no-blimp-here")))
     err = capsys.readouterr().err
     assert code == 2 and "blimp" in err.lower() and "no-such-model" not in err
+
+
+def test_a_budget_too_small_for_one_window_is_refused_from_the_config_before_the_weights_load(saved_model, tmp_path,
+                                                                                           capsys, monkeypatch):
+    """The model's architecture is built empty from its config (meta device) for the check: a 32 GB fp32 load
+    (--protocol paper on an 8B model) is not made only to be refused."""
+    import negmonitor.models as models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the budget check")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    text = tmp_path / "text.txt"
+    text.write_text("The author that the guard likes laughs. " * 200, encoding="utf-8")
+    code = main(_args(saved_model, tmp_path / "out", "--eval", "ppl", "--text", str(text), "--ppl-window", "64",
+                      "--memory-budget", "64KiB", "--protocol", "paper"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "64-token perplexity window" in err and "smallest budget that works" in err

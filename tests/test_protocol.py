@@ -167,6 +167,8 @@ def test_the_paper_protocol_selects_as_many_neurons_as_the_authors_percentile_ru
         assert set(top[0].tolist()) == set(np.flatnonzero(v > threshold).tolist())  # the same neurons
         assert _select(values, "top", fraction, AblationSettings(fraction=fraction), label="t").counts[0] == \
             int(fraction * 8_192 + 1e-9)
+    assert percentile_count(torch.ones(64), 0.05) == 1  # tied values: the rule selects none; at least one
+    assert percentile_count(values[0], 1.0) == 8_192  # every neuron at p = 1 (the matched search's first try)
     bottom = _select(values, "bottom", 0.05, AblationSettings(fraction=0.05, protocol="paper"), label="b")
     assert bottom.counts[0] == (values[0].numpy() < np.percentile(values[0].numpy(), 5)).sum()
 

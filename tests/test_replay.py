@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -745,6 +746,10 @@ def test_a_folder_reused_for_a_longer_list_re_measures_what_a_new_revision_split
     with pytest.warns(UserWarning, match="cohort was fixed at step20 by an earlier replay, but this list goes on to "
                                          "step40"):
         replay(step_series, "all", tmp_path / "other", **settings)
+    replay(step_series, "step0,step20", tmp_path / "chosen", cohort_revision="step20", **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a reference the user chose is no surprise on a resume without the flag
+        replay(step_series, "all", tmp_path / "chosen", **settings)
 
 
 def test_a_lightning_checkpoint_loads_as_saved_without_a_random_fp32_model_first(tmp_path):
@@ -789,3 +794,29 @@ def test_hub_downloads_keep_their_progress_bars_while_transformers_is_quiet():
         assert are_progress_bars_disabled()
     finally:
         enable_progress_bars()
+
+
+def test_a_shard_after_a_broken_revision_is_not_measured_again_on_every_resume(step_series, probe_file, tmp_path,
+                                                                              monkeypatch):
+    """step10 never loads (recorded failed by shard 1/2). Shard 2/2's first revision, step20, takes its drift from
+    step0, the revision its resume expects, instead of leaving it out: a resume skips it (it was measured again on
+    every resume: one load and probe of a 12B checkpoint each time, its drift never recorded)."""
+    from negmonitor.replay import runner
+
+    real = runner._Replay._load
+
+    def step10_broken(self, revision):
+        if revision == "step10":
+            raise OSError("read error (simulated)")
+        return real(self, revision)
+
+    monkeypatch.setattr(runner._Replay, "_load", step10_broken)
+    logdir = tmp_path / "log"
+    replay(step_series, "all", logdir, probe=str(probe_file), shard="1/2", tensorboard=False, **PROBE, **QUIET)
+    first = replay(step_series, "all", logdir, probe=str(probe_file), shard="2/2", tensorboard=False, **PROBE,
+                   **QUIET)
+    assert first.processed == ["step20", "step40"]
+    assert read_manifest(logdir).set_index("revision").previous["step20"] == "step0"
+    again = replay(step_series, "all", logdir, probe=str(probe_file), shard="2/2", tensorboard=False, **PROBE,
+                   **QUIET)
+    assert again.processed == [] and again.skipped == ["step20", "step40"]

@@ -178,19 +178,25 @@ def run(args: argparse.Namespace) -> int:
     """Check arguments, load, probe, run the protocol (and sweeps), print and write the tables."""
     from negmonitor.ablation import (EvalSuite, check_perplexity_budget, fraction_sweep, format_table,
                                      layer_group_sweep, run_protocol)
-    from negmonitor.models import load_model
+    from negmonitor.models import empty_model, load_model
 
     request, settings, fractions = _check_args(args)
     memory_budget(args)  # a bad --memory-budget fails before the model loads
     out = ensure_writable_dir(args.out)
     _warn_stale_outputs(out, args, fractions)
     data = _load_data(args, request, settings.npi_pairs)  # a wrong folder fails before a 16 GB model loads
+    if "ppl" in request.names:  # a budget too small for one window, from the config: before the weights load
+        shell = empty_model(args.model, revision=args.revision, dtype=weights_dtype(args), device=args.device)
+        if shell is not None:
+            check_perplexity_budget(shell, None, settings)
+    saved_probe = _saved_probe(args)  # a wrong --probe-result fails before the model loads too
     model, tokenizer = load_model(args.model, revision=args.revision, dtype=weights_dtype(args),
                                   device=args.device, tokenizer=args.tokenizer)
     if "ppl" in request.names:
         check_perplexity_budget(model, tokenizer, settings)  # before the probe, not at the first evaluation
     suite = EvalSuite.build(tokenizer, **data, lm_eval_tasks=request.lm_eval_tasks, max_ppl_tokens=args.ppl_tokens)
-    values = _probe_values(args, model, tokenizer, settings, out)
+    values = (saved_probe.values(settings.metric) if saved_probe is not None
+              else _probe_values(args, model, tokenizer, settings, out))
     dtype = dtype_name(model)
     evaluations = ", ".join(GRAMMAR if n == "tse" and GRAMMAR in request.names else n for n in suite.names)
     print(f"ablating {args.model}{'@' + args.revision if args.revision else ''} in {dtype}: mode {settings.mode}, "
@@ -208,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
         for path in report.save(out).values():
             print(f"wrote {path}")
 
+    _remove_earlier_tables(out, ["ablation"] + ["layer_groups"] * bool(args.layer_groups)
+                           + ["fraction_sweep"] * bool(fractions))
     finish(run_protocol(model, tokenizer, values, suite, settings))
     if args.layer_groups:
         finish(layer_group_sweep(model, tokenizer, values, suite, args.layer_groups, settings))
@@ -216,6 +224,25 @@ def run(args: argparse.Namespace) -> int:
                     else suite)
         finish(fraction_sweep(model, tokenizer, values, ppl_only, fractions, settings))
     return 0
+
+
+TABLE_SUFFIXES = (".csv", ".md", "_breakdown.csv", "_selections.parquet", "_matching.csv", "_meta.json")
+
+
+def _remove_earlier_tables(out, names: list[str]) -> None:
+    """Remove an earlier run's files of the tables this run writes anew, once it is about to: if this run stops
+    part-way, the folder holds no table of another run beside its own (the report would read them as one)."""
+    from pathlib import Path
+
+    removed = []
+    for name in names:
+        for suffix in TABLE_SUFFIXES:
+            path = Path(out) / f"{name}{suffix}"
+            if path.is_file():
+                path.unlink()
+                removed.append(path.name)
+    if removed:
+        print(f"removed an earlier run's {', '.join(removed)} from {out} (this run writes them anew)")
 
 
 def _warn_stale_outputs(out, args: argparse.Namespace, fractions: list[float]) -> None:
@@ -279,14 +306,18 @@ def _names(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def _probe_values(args: argparse.Namespace, model, tokenizer, settings, out) -> dict:
-    """Per-layer metric values: from a saved probe, else a fresh probe pass (saved to ``out/probe``)."""
-    from negmonitor.probing import probe
-    from negmonitor.probeset import ProbeSet
+def _saved_probe(args: argparse.Namespace):
+    """The probe tables of ``--probe-result`` (None without it)."""
     from negmonitor.result import ProbeResult
 
-    if args.probe_result:
-        return ProbeResult.load(args.probe_result).values(settings.metric)
+    return ProbeResult.load(args.probe_result) if args.probe_result else None
+
+
+def _probe_values(args: argparse.Namespace, model, tokenizer, settings, out) -> dict:
+    """Per-layer metric values from a fresh probe pass (saved to ``out/probe``)."""
+    from negmonitor.probing import probe
+    from negmonitor.probeset import ProbeSet
+
     max_positions = getattr(model.config, "max_position_embeddings", None)
     source = _grammar_text(args) if _is_grammar(args.probe_text) else args.probe_text
     probe_set = ProbeSet.build(source, tokenizer, n_tokens=args.tokens, window=args.window,

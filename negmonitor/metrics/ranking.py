@@ -31,7 +31,7 @@ def percentile_count(values: Tensor, frac: float, top: bool = True) -> int:
     """How many values the authors' rule selects (their ``utils/ablations.py``): those strictly above numpy's
     ``(1 − frac)`` percentile (linear interpolation) for the top, strictly below the ``frac`` percentile for the
     bottom; NaN ignored. For distinct values that is ``ceil((n − 1)·frac)``, one more than ``floor(frac·n)`` for
-    most widths."""
+    most widths. At least one (tied values select none by the rule), and every value at ``frac = 1``."""
     import numpy as np
 
     _check_fraction(frac)
@@ -39,9 +39,11 @@ def percentile_count(values: Tensor, frac: float, top: bool = True) -> int:
     kept = flat[~torch.isnan(flat)].numpy()
     if not kept.size:
         return 0
+    if frac >= 1:
+        return int(kept.size)
     if top:
-        return int((kept > np.percentile(kept, 100 * (1 - frac))).sum())
-    return int((kept < np.percentile(kept, 100 * frac)).sum())
+        return max(1, int((kept > np.percentile(kept, 100 * (1 - frac))).sum()))
+    return max(1, int((kept < np.percentile(kept, 100 * frac)).sum()))
 
 
 def _check_fraction(frac: float) -> None:

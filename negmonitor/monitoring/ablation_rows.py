@@ -114,7 +114,8 @@ def damage_rows(table: pd.DataFrame, suites: str | Mapping[str, str] | None,
             rows.append((-1, -1, f"{name}/random_mean", float(values.mean())))
             rows.append((-1, -1, f"{name}/random_sd", float(values.std(ddof=1))))
     if matching.get("fraction") is not None:
-        rows.append((-1, -1, "ablation/ppl_matched_fraction", float(matching["fraction"])))
+        if matching.get("n_evals", 1):  # a searched fraction (with nothing to match, none was chosen)
+            rows.append((-1, -1, "ablation/ppl_matched_fraction", float(matching["fraction"])))
         # how far the control's perplexity stayed from the target, and whether within the tolerance: a step whose
         # control did not match is marked, not only warned about
         error = matching["relative_error"]  # None: nothing to match (the Wasserstein ablation did no damage)

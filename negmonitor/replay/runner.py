@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ from negmonitor.probeset import TEXT_SUFFIXES, ProbeSet, load_probe_texts
 from negmonitor.records import RecordStore, failure_rows
 from negmonitor.replay.manifest import Manifest, ManifestEntry, format_manifest, weights_sha256
 from negmonitor.replay.revisions import parse_shard, resolve_revisions, revision_name, shard_indices, step_of
-from negmonitor.replay.sources import CheckpointMissing, Series, open_series
+from negmonitor.replay.sources import CheckpointMissing, HubSeries, Series, open_series
 from negmonitor.replay.state import check_cohort, check_run_info, read_cohort, write_cohort
 from negmonitor.validation import check_fraction
 
@@ -302,7 +303,7 @@ class _Replay:
         try:
             model = self._load(revision)
         except Exception as exc:  # noqa: BLE001 - a missing or broken checkpoint is recorded, never fatal
-            self._release()
+            self._release(exc)
             missing = isinstance(exc, CheckpointMissing)
             entry.status = "missing" if missing else "failed"
             entry.error = str(exc) if missing else f"load: {type(exc).__name__}: {first_line(exc)}"
@@ -405,10 +406,11 @@ class _Replay:
     # -- predecessor, cohort, resume --------------------------------------------------------------------------
 
     def _predecessor(self, index: int) -> _Loaded | None:
-        """The last revision before ``index`` in the full list that loads (its hash and weight rows)."""
+        """The last revision before ``index`` in the full list that loads (its hash and weight rows), passing over
+        the ones recorded as unloadable, as :meth:`_expected_previous` does (so a resume finds the drift it wants)."""
         for earlier in range(index - 1, -1, -1):
             revision = self.revisions[earlier]
-            if not self._may_exist(revision):
+            if not self._may_exist(revision) or not self._can_precede(revision):
                 continue
             try:
                 model = self._load(revision)
@@ -445,7 +447,7 @@ class _Replay:
             try:
                 model = self._load(revision)
             except Exception as exc:  # noqa: BLE001 - the default reference walks back past a missing or broken one
-                self._release()
+                self._release(exc)
                 if explicit:
                     raise NegmonitorError(f"the cohort reference {revision} could not be loaded ({first_line(exc)}) "
                                           "— choose another with --cohort-revision") from exc
@@ -467,7 +469,7 @@ class _Replay:
                 del model
                 self._release()
             write_cohort(self.store.root, revision, step_of(revision), state.cohort, self.settings.cohort_frac,
-                         self.settings.layers)
+                         self.settings.layers, explicit=explicit)
             return read_cohort(self.store.root)
         detail = f" (last error: {errors[-1]})" if errors else ""
         raise NegmonitorError(f"no cohort reference could be loaded from the {len(self.revisions)} revisions of "
@@ -492,22 +494,26 @@ class _Replay:
         unloadable (absent from the series, or recorded missing or failing to load)."""
         for earlier in range(index - 1, -1, -1):
             revision = self.revisions[earlier]
-            if not self._may_exist(revision):
-                continue
-            entry = self.manifest.entry(revision) or {}
-            if entry.get("status") == "missing" or str(entry.get("error") or "").startswith("load:"):
-                continue
-            return revision
+            if self._may_exist(revision) and self._can_precede(revision):
+                return revision
         return None
+
+    def _can_precede(self, revision: str) -> bool:
+        """Not recorded as unable to hand on its weights: missing, or failed before its weights were read (a load
+        or hashing failure; a failed measurement still hands them on)."""
+        entry = self.manifest.entry(revision) or {}
+        status = entry.get("status")
+        return status != "missing" and not (status == "failed"
+                                            and not str(entry.get("error") or "").startswith("measure:"))
 
     def _check_cohort_reference(self, saved: dict) -> None:
         """Warn when the folder's cohort was fixed at a revision before the end of this list (a pilot replay's
         folder reused for a longer list): the records keep one cohort, so it stays, but it is not this list's
         default reference."""
-        if self.cohort_revision is not None:
+        if self.cohort_revision is not None or saved.get("explicit"):
             return
         later = [r for r in self.revisions if self._may_exist(r) and step_of(r) > int(saved["step"])
-                 and (self.manifest.entry(r) or {}).get("status") != "missing"]
+                 and self._can_precede(r)]
         if later:
             warnings.warn(f"negmonitor replay: this log folder's cohort was fixed at {saved['revision']} by an "
                           f"earlier replay, but this list goes on to {later[-1]}; every revision follows the "
@@ -525,7 +531,9 @@ class _Replay:
             try:
                 self.tokenizer = self._load_tokenizer(revision)
             except Exception as exc:
-                raise _NoTokenizer(first_line(exc)) from exc
+                if isinstance(self.series, HubSeries):  # that revision's files: an earlier one may have them
+                    raise
+                raise _NoTokenizer(first_line(exc)) from exc  # the series' one tokenizer: every revision fails
         return model
 
     def _evict(self, revision: str) -> None:
@@ -541,8 +549,11 @@ class _Replay:
         if freed:
             logger.info("%s: removed from the hub cache (%.1f GB freed)", revision, freed / 1e9)
 
-    def _release(self) -> None:
-        """Return a dropped checkpoint's memory before the next one loads (a full collection only where it pays)."""
+    def _release(self, failure: BaseException | None = None) -> None:
+        """Return a dropped checkpoint's memory before the next one loads (a full collection only where it pays);
+        after a failed load, its traceback's frames let go of the tensors loaded so far first."""
+        if failure is not None:
+            traceback.clear_frames(failure.__traceback__)
         if self.device.type == "cuda" or self._loaded_params > BIG_MODEL_PARAMS:
             gc.collect()
         if self.device.type == "cuda":

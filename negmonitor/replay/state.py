@@ -56,9 +56,9 @@ def read_cohort(root: Path) -> dict | None:
 
 
 def write_cohort(root: Path, revision: str, step: int, cohort: dict[int, list[int]], cohort_frac: float,
-                 layers: Any) -> Path:
-    """Save the cohort fixed at ``revision`` atomically."""
-    data = {"revision": revision, "step": int(step), "cohort_frac": float(cohort_frac),
+                 layers: Any, explicit: bool = False) -> Path:
+    """Save the cohort fixed at ``revision`` atomically (``explicit``: a reference the user chose)."""
+    data = {"revision": revision, "step": int(step), "explicit": bool(explicit), "cohort_frac": float(cohort_frac),
             "layers": list(layers) if layers is not None else None,
             "cohort": {str(layer): [int(n) for n in neurons] for layer, neurons in sorted(cohort.items())}}
     path = Path(root) / COHORT_FILE
