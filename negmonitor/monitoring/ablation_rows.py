@@ -118,8 +118,8 @@ def damage_rows(table: pd.DataFrame, suites: str | Mapping[str, str] | None,
             rows.append((-1, -1, "ablation/ppl_matched_fraction", float(matching["fraction"])))
         # how far the control's perplexity stayed from the target, and whether within the tolerance: a step whose
         # control did not match is marked, not only warned about
-        error = matching["relative_error"]  # None: nothing to match (the Wasserstein ablation did no damage)
-        rows.append((-1, -1, "ablation/ppl_matched_rel_error", float("nan") if error is None else float(error)))
+        if matching["relative_error"] is not None:  # None: nothing to match (the Wasserstein ablation did no damage)
+            rows.append((-1, -1, "ablation/ppl_matched_rel_error", float(matching["relative_error"])))
         rows.append((-1, -1, "ablation/ppl_matched_ok", float(bool(matching["matched"]))))
     return rows
 
