@@ -362,6 +362,21 @@ def test_ablation_damage_at_every_checkpoint(step_series, probe_file, tmp_path):
         assert sorted(scalars[scalars.metric == metric].step) == [0, 40]
     assert sorted(scalars[scalars.metric == "wd/cohort_mean"].step.unique()) == [0, 40]  # damage vs cohort WD
 
+    # A resume: a setting a later version adds (missing from the folder's replay.json) or another memory budget
+    # (how it runs, not its numbers) does not refuse the folder; another fraction does.
+    info = tmp_path / "log" / "negmonitor" / "replay.json"
+    recorded = json.loads(info.read_text())
+    del recorded["ablation"]["count"]
+    info.write_text(json.dumps(recorded))
+    again = replay(step_series, "step0,step40", tmp_path / "log", probe=str(probe_file), tensorboard=False,
+                   ablation=AblationSettings(fraction=0.05, max_matching_evals=3, memory_budget="1GiB"),
+                   minimal_pairs=pairs, ppl_text=_probe_text()[:3000], **PROBE, **QUIET)
+    assert again.skipped == ["step0", "step40"]
+    with pytest.raises(NegmonitorError, match="other settings .*ablation"):
+        replay(step_series, "step0,step40", tmp_path / "log", probe=str(probe_file), tensorboard=False,
+               ablation=AblationSettings(fraction=0.1, max_matching_evals=3), minimal_pairs=pairs,
+               ppl_text=_probe_text()[:3000], **PROBE, **QUIET)
+
 
 def test_replay_records_the_dtype_it_ran_in(step_series, probe_file, tmp_path):
     """``dtype="bf16"``: every revision's weights ran in bf16, as its manifest entry and the run info say."""

@@ -64,6 +64,7 @@ FINGERPRINT = ("model", "variant", "probe", "probe_tokens", "probe_window", "n_p
                "cohort_frac", "dtype", "ablation", "tokens_per_step")
 logger = logging.getLogger("negmonitor.replay")
 MEDIA_POINTS = 32
+UNFINGERPRINTED = ("memory_budget", "progress")  # ablation settings that change how it runs, not its numbers
 MAX_LOAD_FAILURES = 3  # broken (not missing) checkpoints in a row before a replay stops: something systemic
 BIG_MODEL_PARAMS = 50_000_000  # above this, a freed checkpoint is worth a full gc.collect()
 
@@ -606,7 +607,7 @@ class _Replay:
         return {**self.series.describe(), "probe": _probe_id(self.probe_source), "probe_tokens": s.probe_tokens,
                 "probe_window": s.probe_window, "n_pairs": s.n_pairs, "seed": s.seed,
                 "layers": list(s.layers) if s.layers is not None else None, "cohort_frac": s.cohort_frac,
-                "dtype": str(self.dtype) if self.dtype else None, "ablation": repr(s.ablation) if s.ablation else None,
+                "dtype": str(self.dtype) if self.dtype else None, "ablation": _settings_dict(s.ablation),
                 **_token_count(self.series), "run": self.run_name}
 
     def result(self) -> ReplayResult:
@@ -696,6 +697,14 @@ def _token_count(series: Series) -> dict:
     else:
         source = "step x tokens_per_step" if given else "unknown (recorded as 0)"
     return {"tokens_per_step": given, "tokens_seen_from": source}
+
+
+def _settings_dict(settings: Any) -> dict | None:
+    """A settings dataclass as a plain dict (compared key by key on a resume: a setting a later version adds does
+    not refuse a folder an earlier one started)."""
+    if settings is None:
+        return None
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name not in UNFINGERPRINTED}
 
 
 def _weights_dtype(model: nn.Module) -> str | None:

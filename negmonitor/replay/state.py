@@ -35,7 +35,7 @@ def check_run_info(root: Path, info: dict[str, Any], fingerprint_keys: tuple[str
     old = _read_json(path)
     if old is not None:
         new = json.loads(json.dumps(info, default=str))
-        changed = [k for k in fingerprint_keys if old.get(k) != new.get(k)]
+        changed = [k for k in fingerprint_keys if not _same(old.get(k), new.get(k))]
         if changed:
             detail = "; ".join(f"{k}: {old.get(k)!r} before, {new.get(k)!r} now" for k in changed[:3])
             raise NegmonitorError(f"{path.parent.parent} holds a replay with other settings ({detail}) — use a new "
@@ -44,6 +44,14 @@ def check_run_info(root: Path, info: dict[str, Any], fingerprint_keys: tuple[str
     if not write_json_once(info, path):
         return check_run_info(root, info, fingerprint_keys)
     return path
+
+
+def _same(old: Any, new: Any) -> bool:
+    """Equal, or for settings recorded as dicts, equal in every key both have (a setting added since is not a
+    change of settings)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(old[key] == new[key] for key in old.keys() & new.keys())
+    return old == new
 
 
 def read_cohort(root: Path) -> dict | None:
