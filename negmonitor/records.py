@@ -14,6 +14,7 @@ Per-layer summaries have ``neuron = -1``; whole-model values have ``layer = -1``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -52,7 +53,7 @@ class RecordStore:
         folder = self.root / kind
         if not folder.exists():
             return []
-        return sorted({int(p.name[5:14]) for p in folder.glob("step-*.parquet")})
+        return sorted({_file_step(p) for p in folder.glob("step-*.parquet")})
 
     def write(self, kind: str, frame: pd.DataFrame, step: int, key: str | None = None) -> Path:
         """Write one measurement's rows atomically and return the file."""
@@ -87,14 +88,42 @@ class RecordStore:
             self.write_histograms(run, step, tokens_seen, histograms, key=key)
         self.write_scalars(run, step, tokens_seen, scalars, key=key)
 
-    def read(self, kind: str = "scalars") -> pd.DataFrame:
-        """All rows of ``kind``, merged across files, duplicates dropped (last file wins)."""
+    def files(self, kind: str, steps: Iterable[int] | None = None) -> list[Path]:
+        """The record files of ``kind`` (of ``steps`` only, when given), in step order (a step's keyed files after
+        its plain one)."""
         folder = self.root / kind
         files = sorted(folder.glob("step-*.parquet")) if folder.exists() else []
+        if steps is not None:
+            wanted = {int(s) for s in steps}
+            files = [f for f in files if _file_step(f) in wanted]
+        return files
+
+    def file_runs(self, kind: str) -> list[tuple[Path, str, int]]:
+        """``(file, run, step)`` of every record file of ``kind``: each file holds one run's rows of one step, so
+        its run is read from its first row only (not a column of 737k rows per Pythia-12B step)."""
+        import pyarrow.parquet as pq
+
+        out = []
+        for path in self.files(kind):
+            handle = pq.ParquetFile(path)
+            if handle.metadata.num_rows == 0:
+                continue
+            first = handle.read_row_group(0, columns=["run"]).column(0)[0].as_py()
+            out.append((path, str(first), _file_step(path)))
+        return out
+
+    def read(self, kind: str = "scalars", columns: Sequence[str] | None = None,
+             steps: Iterable[int] | None = None) -> pd.DataFrame:
+        """Rows of ``kind``, merged across files, duplicates dropped (last file wins): all of them, or only
+        ``columns`` (plus the row keys) of ``steps`` — the per-neuron records of a Pythia-12B replay are 113M rows,
+        ~37 GB in pandas, when a figure needs one step's or one column's."""
+        files = self.files(kind, steps)
         row_keys = ROW_KEYS.get(kind, ROW_KEYS["neurons"])
         if not files:
             return pd.DataFrame(columns=SCALAR_COLUMNS if kind == "scalars" else row_keys)
-        frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        wanted = None if columns is None else list(dict.fromkeys([*row_keys, *columns]))
+        frames = [_read_file(f, wanted) for f in files]
+        frame = pd.concat(frames, ignore_index=True)
         keys = [c for c in row_keys if c in frame]
         return frame.drop_duplicates(subset=keys, keep="last").sort_values(keys).reset_index(drop=True)
 
@@ -105,6 +134,20 @@ class RecordStore:
     def read_neurons(self) -> pd.DataFrame:
         """All per-neuron snapshot rows."""
         return self.read("neurons")
+
+
+def _file_step(path: Path) -> int:
+    return int(path.name[5:14])
+
+
+def _read_file(path: Path, columns: list[str] | None) -> pd.DataFrame:
+    """One record file, only the ``columns`` it has of those asked for (all when None)."""
+    if columns is None:
+        return pd.read_parquet(path)
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(path).names)
+    return pd.read_parquet(path, columns=[c for c in columns if c in present])
 
 
 def _identify(rows: pd.DataFrame, run: str, step: int, tokens_seen: int) -> pd.DataFrame:

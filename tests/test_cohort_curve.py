@@ -48,3 +48,44 @@ def test_a_cohort_of_every_neuron_has_no_rest() -> None:
     curve = final_cohort_curve(pd.DataFrame(rows), frac=1.0)
     assert curve.step.tolist() == [0, 1] and curve.cohort.round(6).tolist() == [0.05, 0.15]
     assert curve.rest.isna().all()
+
+
+def test_the_records_are_followed_one_file_at_a_time_and_the_report_keeps_only_the_last_step(tmp_path) -> None:
+    """A Pythia-12B replay's snapshots are 113M rows (~37 GB in pandas, an ~90 GB peak while the report read them):
+    the report now reads each run's last step of the per-neuron and pair records, and the paper's cohort curve one
+    file at a time — equal to the curve over every snapshot in memory, for two runs in one folder, with a step
+    rewritten by a later file (last write wins) and the live cohort's first step found."""
+    import numpy as np
+
+    from negmonitor.monitoring.cohort import recorded_cohorts
+    from negmonitor.records import RecordStore
+    from negmonitor.report.sources import load_records
+
+    store = RecordStore(tmp_path / "negmonitor")
+    rng = np.random.default_rng(0)
+    for step in (0, 10, 20, 30):
+        for run in ("a", "b"):
+            frame = pd.DataFrame({"layer": np.repeat([0, 1], 50), "neuron": np.tile(np.arange(50), 2),
+                                  "wd": rng.random(100), "md": rng.random(100),
+                                  "in_cohort": np.tile(np.arange(50) < 3, 2) & (step >= 20)})
+            store.write_neurons(run, step, step, frame, key=run)
+            store.write_pairs(run, step, step, pd.DataFrame({"layer": [0], "neuron": [1], "rank": [0], "md": [0.5]}),
+                              key=run)
+        store.write_scalars("a", step, step, pd.DataFrame({"layer": [-1], "neuron": [-1], "metric": ["wd/max"],
+                                                           "value": [1.0]}), key="a")
+    rewritten = pd.DataFrame({"layer": np.repeat([0, 1], 50), "neuron": np.tile(np.arange(50), 2),
+                              "wd": rng.random(100), "md": rng.random(100), "in_cohort": False})
+    store.write_neurons("a", 10, 10, rewritten, key="a2")  # sorts after step 10's first file: it wins
+    every = store.read_neurons()
+    cohorts = recorded_cohorts(store)
+    for run in ("a", "b"):
+        expected = final_cohort_curve(every[every.run == run])
+        pd.testing.assert_frame_equal(cohorts[run].curve.astype(float), expected.astype(float))
+        assert cohorts[run].first_live_step == 20
+    runs = {run.label: run for run in load_records(store.root)}
+    assert set(runs) == {"a", "b"}
+    assert set(runs["a"].neurons.step) == {30} and len(runs["a"].neurons) == 100  # the last step only
+    assert set(runs["b"].pairs.step) == {30} and runs["a"].neuron_steps == [0, 10, 20, 30]
+    pd.testing.assert_frame_equal(runs["a"].cohort_curve, cohorts["a"].curve)
+    assert store.read("neurons", columns=["wd"], steps=[20]).columns.tolist() == ["run", "step", "layer", "neuron",
+                                                                                   "wd"]

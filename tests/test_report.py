@@ -366,7 +366,11 @@ def test_cohort_figures_follow_the_papers_cohort_and_damage_is_drawn_over_steps(
     result = build_report([log_dir], tmp_path / "out", only=["2d", "7c", "fig7e"], echo=lambda line: None)
     assert {f.key for f in result.figures} == {"fig2d_wd_vs_accuracy", "fig7c_damage_accuracy",
                                               "fig7e_damage_over_training"}
-    paper = final_cohort_curve(load_runs([log_dir])[0].neurons).set_index("step").cohort
+    from negmonitor.records import RecordStore
+
+    # the report reads one snapshot file at a time; the same curve from every snapshot in memory
+    paper = final_cohort_curve(RecordStore.for_logdir(log_dir).read_neurons()).set_index("step").cohort
+    assert len(paper) == 4
     drawn = pd.read_csv(tmp_path / "out" / "fig2d_wd_vs_accuracy.csv")
     assert np.allclose(drawn.cohort_wd, drawn.step.map(paper))
     live = load_runs([log_dir])[0].scalars.query("metric == 'wd/cohort_mean' and layer == -1")

@@ -168,7 +168,7 @@ def summary(trainer, saved: dict[str, Path] | None = None) -> str:
         lines.append(f"  records:          {monitor._store.root}")
         store = RecordStore(monitor._store.root)
         lines += headline_lines(store.read_scalars())
-        lines += retrospective_lines(store.read_neurons())
+        lines += retrospective_lines(store, monitor.run_name)
     return "\n".join(lines)
 
 
@@ -184,12 +184,15 @@ HEADLINES = [("wd/cohort_mean", "cohort mean WD (all layers)"), ("wd/rest_mean",
              ("ablation/margin_drop/grammar/random_sd", "  ... sd over the random draws")]
 
 
-def retrospective_lines(neurons) -> list[str]:
-    """The paper's cohort (top 5% WD at the last step, followed back) at the first and last snapshot."""
-    from negmonitor.monitoring.cohort import final_cohort_curve
+def retrospective_lines(store, run: str | None = None) -> list[str]:
+    """The paper's cohort (top 5% WD at the last step, followed back) at the first and last snapshot, read from
+    the records one file at a time (the training process still holds the model)."""
+    from negmonitor.monitoring.cohort import recorded_cohorts
 
-    curve = final_cohort_curve(neurons)
-    if len(curve) < 2:
+    cohorts = recorded_cohorts(store)
+    cohort = cohorts.get(run) if run in cohorts else next(iter(cohorts.values()), None)
+    curve = cohort.curve if cohort is not None else None
+    if curve is None or len(curve) < 2:
         return []
     first, last = curve.iloc[0], curve.iloc[-1]
     return [f"  {'final-step top-5% WD, followed back':<38} step {int(first.step):>5}: {first.cohort:8.4f}   "

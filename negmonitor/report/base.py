@@ -226,6 +226,8 @@ def cohort_step(run: RunData) -> int | None:
     cohort = run.meta.get("cohort") or {}
     if "step" in cohort:
         return int(cohort["step"])
+    if run.first_live_cohort_step is not None:
+        return int(run.first_live_cohort_step)
     neurons = run.neurons
     if neurons.empty or "in_cohort" not in neurons.columns or not neurons.in_cohort.any():
         return None

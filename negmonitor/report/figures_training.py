@@ -35,11 +35,17 @@ def _cohort_words(run) -> str:
     return f"cohort = top {frac:.0%} WD per layer at step {step}" if frac else f"cohort fixed at step {step}"
 
 
+def paper_cohort_curve(run) -> pd.DataFrame:
+    """``step, cohort, rest`` of the paper's cohort: computed from the records when the run was read from them
+    (one file at a time), else from the snapshots in memory."""
+    return run.cohort_curve if run.cohort_curve is not None else final_cohort_curve(run.neurons)
+
+
 def cohort_wd(run) -> tuple[pd.DataFrame, str]:
     """``step, cohort_wd`` and what the cohort is: the paper's (top 5% WD at the last measured step, followed back
     through the per-neuron snapshots) where the run has snapshots at two or more steps, else the live cohort (fixed
     during the run), labelled as such."""
-    retro = final_cohort_curve(run.neurons)
+    retro = paper_cohort_curve(run)
     if len(retro) >= 2:
         last = int(retro.step.max())
         return (retro[["step", "cohort"]].rename(columns={"cohort": "cohort_wd"}),
@@ -106,7 +112,7 @@ def _marked(snap: pd.DataFrame) -> tuple[np.ndarray, str]:
 def emergence(ctx: ReportContext):
     """Left: the live cohort (fixed during the run) vs the rest. Right: the paper's cohort — the top-WD neurons of
     the last snapshot, followed back through every earlier snapshot — vs the rest."""
-    series = [(i, run, whole_model(run, "wd/cohort_mean"), whole_model(run, "wd/rest_mean"), final_cohort_curve(run.neurons))
+    series = [(i, run, whole_model(run, "wd/cohort_mean"), whole_model(run, "wd/rest_mean"), paper_cohort_curve(run))
               for i, run in enumerate(ctx.runs)]
     series = [s for s in series if len(s[2]) >= 1 or len(s[4]) >= 2]
     if not any(len(s[2]) >= 2 or len(s[4]) >= 2 for s in series):

@@ -55,7 +55,8 @@ def _e(text: object) -> str:
 def _runs_list(runs: Sequence[RunData]) -> str:
     items = []
     for run in runs:
-        steps = sorted(set(run.scalars.step.astype(int)) | set(run.neurons.get("step", pd.Series(dtype=int))))
+        snapshots = run.neuron_steps if run.neuron_steps is not None else run.neurons.get("step", pd.Series(dtype=int))
+        steps = sorted(set(run.scalars.step.astype(int).unique()) | {int(s) for s in pd.unique(pd.Series(snapshots))})
         span = f"steps {steps[0]}–{steps[-1]}" if len(steps) > 1 else (f"step {steps[0]}" if steps else "no steps")
         model = f", model {run.meta['model']}" if run.meta.get("model") else ""
         model += f", checkpoint series {run.meta['series']}" if run.meta.get("series") else ""

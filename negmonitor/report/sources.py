@@ -25,6 +25,7 @@ import pandas as pd
 
 from negmonitor.atomic import read_json
 from negmonitor.errors import NegmonitorError
+from negmonitor.records import ROW_KEYS
 
 RECORD_KINDS = ("scalars", "neurons", "pairs")
 ABLATION_TABLES = ("ablation", "ablation_breakdown", "fraction_sweep", "fraction_sweep_breakdown", "layer_groups",
@@ -51,14 +52,19 @@ class RunData:
         path: the folder it was read from.
         kinds: what the folder held (``records``, ``probe``, ``ablate``).
         scalars: tidy scalar rows (``run, step, tokens_seen, layer, neuron, metric, value``).
-        neurons: per-neuron snapshots.
-        pairs: top pairs of the top-MD neurons, all ranks.
+        neurons: per-neuron snapshots (of a records folder: the last step's only; the figures that follow neurons
+            over steps read ``cohort_curve``).
+        pairs: top pairs of the top-MD neurons, all ranks (of a records folder: the last step's).
         histograms: the top-WD neurons' pre-activation histograms per step (``layer, neuron, bin, left, right,
             count``), from the records.
         tables: ablation tables by file stem (``ablation``, ``fraction_sweep``, ``layer_groups``, ...), plus
             ``ablation_selections``.
         meta: what is known about the model and settings (``model``, ``family``, ``probe_source``, ``cohort``,
             ``ablation_meta``, ``replay``).
+        neuron_steps: the steps with per-neuron snapshots (None: those of ``neurons``).
+        cohort_curve: the paper's cohort curve (``step, cohort, rest``) computed from the records one file at a time
+            (None: from ``neurons``).
+        first_live_cohort_step: the first step with live-cohort members in the records.
     """
 
     label: str
@@ -70,6 +76,9 @@ class RunData:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     histograms: pd.DataFrame = field(default_factory=pd.DataFrame)
+    neuron_steps: list[int] | None = None
+    cohort_curve: pd.DataFrame | None = None
+    first_live_cohort_step: int | None = None
 
     def table(self, name: str) -> pd.DataFrame | None:
         """An ablation table, or None when this run has none by that name."""
@@ -172,23 +181,47 @@ def _short_path(path: Path) -> str:
 
 
 def load_records(root: Path) -> list[RunData]:
-    """One :class:`RunData` per ``run`` value of a records root."""
+    """One :class:`RunData` per ``run`` value of a records root.
+
+    Scalars and histograms are read whole (hundreds of rows a step); of the per-neuron snapshots and top pairs
+    (737k and 369k rows a step for Pythia-12B, 113M over a 154-checkpoint replay) only each run's last step is
+    read, and the cohort curve that follows neurons over every step is computed one file at a time."""
+    from negmonitor.monitoring.cohort import recorded_cohorts
     from negmonitor.records import RecordStore
 
     store = RecordStore(root)
     scalars = _typed_scalars(store.read_scalars())
-    neurons = store.read_neurons()
-    pairs = read_pairs(root)
     histograms = store.read("histograms")
     meta = _records_meta(root)
-    labels = sorted(set(scalars.get("run", pd.Series(dtype=str)).astype(str))
-                    | set(neurons.get("run", pd.Series(dtype=str)).astype(str))
-                    | set(pairs.get("run", pd.Series(dtype=str)).astype(str)))
+    neuron_files, pair_files = store.file_runs("neurons"), store.file_runs("pairs")
+    cohorts = recorded_cohorts(store)
+    labels = sorted(set(scalars.get("run", pd.Series(dtype=str)).astype(str).unique())
+                    | {run for _, run, _ in neuron_files} | {run for _, run, _ in pair_files})
     if not labels:
         labels = [root.parent.name if root.name == "negmonitor" else root.name]
-    return [RunData(_display_name(label, root), root, ("records",), _only(scalars, label), _only(neurons, label),
-                    _only(pairs, label), meta={**meta, "run": label}, histograms=_only(histograms, label))
-            for label in labels]
+    runs = []
+    for label in labels:
+        neuron_steps = sorted({step for _, run, step in neuron_files if run == label})
+        cohort = cohorts.get(label)
+        runs.append(RunData(_display_name(label, root), root, ("records",), _only(scalars, label),
+                            _last_step_rows(neuron_files, label, ROW_KEYS["neurons"]),
+                            _last_step_rows(pair_files, label, PAIR_KEYS), meta={**meta, "run": label},
+                            histograms=_only(histograms, label), neuron_steps=neuron_steps,
+                            cohort_curve=cohort.curve if cohort is not None else None,
+                            first_live_cohort_step=cohort.first_live_step if cohort is not None else None))
+    return runs
+
+
+def _last_step_rows(files: list[tuple[Path, str, int]], label: str, keys: list[str]) -> pd.DataFrame:
+    """The rows of ``label``'s last recorded step (its files merged, last write wins)."""
+    mine = [(path, step) for path, run, step in files if run == label]
+    if not mine:
+        return pd.DataFrame(columns=keys)
+    last = max(step for _, step in mine)
+    frame = pd.concat([pd.read_parquet(path) for path, step in mine if step == last], ignore_index=True)
+    frame = frame[frame["run"].astype(str) == label]
+    present = [k for k in keys if k in frame.columns]
+    return frame.drop_duplicates(subset=present, keep="last").sort_values(present).reset_index(drop=True)
 
 
 def _display_name(label: str, root: Path) -> str:
@@ -197,17 +230,6 @@ def _display_name(label: str, root: Path) -> str:
     if re.fullmatch(r"version_\d+", label) and log_dir.name == label and log_dir.parent.name:
         return f"{log_dir.parent.name}/{label}"
     return label
-
-
-def read_pairs(root: Path) -> pd.DataFrame:
-    """All top-pair rows of a records root, every rank kept (de-duplicated on ``run, step, layer, neuron, rank``)."""
-    folder = Path(root) / "pairs"
-    files = sorted(folder.glob("step-*.parquet")) if folder.is_dir() else []
-    if not files:
-        return pd.DataFrame(columns=PAIR_KEYS)
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    keys = [k for k in PAIR_KEYS if k in frame.columns]
-    return frame.drop_duplicates(subset=keys, keep="last").sort_values(keys).reset_index(drop=True)
 
 
 def _typed_scalars(frame: pd.DataFrame) -> pd.DataFrame:
