@@ -7,9 +7,9 @@
 - ``wasserstein``: the top ``fraction`` of neurons by WD in every layer;
 - ``random``: the same number of neurons per layer, drawn at random (seeded); with ``random_draws`` > 1 also
   ``random_draw1``, ``random_draw2``, ... (seeds ``seed + 1``, ...), so the spread of the control is known;
-- ``ppl_matched``: the bottom ``p`` of neurons by WD, with ``p`` found by bisection so that perplexity matches the
-  ``wasserstein`` perplexity within a relative tolerance (a fixed budget of perplexity evaluations; the closest
-  ``p`` is reported, with a warning, when the budget runs out).
+- ``ppl_matched``: the bottom ``p`` of neurons by WD, with ``p`` found by bisection so that the perplexity damage
+  matches the ``wasserstein`` ablation's within a share of that damage (a fixed budget of perplexity evaluations;
+  the closest ``p`` is reported, with a warning, when the budget runs out).
 
 Each condition runs the same :class:`EvalSuite` (perplexity on a text, BLiMP and TSE minimal pairs, optional
 lm-eval tasks). The result is an :class:`AblationReport`: a table like the paper's A.2 (one row per condition:

@@ -53,7 +53,7 @@ def _add_ablation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-tolerance", type=float, default=0.05,
                         help="how close the matched control's perplexity must come to the Wasserstein ablation's, as "
                              "a share of that ablation's damage (default 0.05)")
-    parser.add_argument("--max-matching-evals", type=int, default=12, help="ppl evaluations for the matched control")
+    parser.add_argument("--max-matching-evals", type=int, default=12, help="perplexity evaluations of the matched control's search (default 12)")
     parser.add_argument("--layer-groups", type=int, default=None, metavar="G",
                         help="also sweep groups of G consecutive layers (alone and cumulative)")
     parser.add_argument("--fractions", default=None, metavar="F1,F2,..",

@@ -42,8 +42,8 @@ def add_memory_budget_arg(parser: argparse.ArgumentParser) -> None:
     """``--memory-budget``: the extra device memory one probe measurement may allocate."""
     parser.add_argument("--memory-budget", default="2GiB", metavar="SIZE",
                         help="extra memory one measurement may allocate on the model's device, e.g. 2GiB or 512MiB "
-                             "(layers are measured in groups that fit, perplexity batches shrink to fit; 'none': no "
-                             "limit; default 2GiB)")
+                             "(layers are measured in groups that fit, perplexity and minimal-pair batches are sized "
+                             "to fit; 'none': no limit; default 2GiB)")
 
 
 def memory_budget(args: argparse.Namespace) -> int | None:

@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ppl_window_args(parser)
     add_protocol_args(parser)
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                        help="weights dtype (default: fp32 on CPU, as saved on GPU); printed and recorded")
+                        help="weights dtype (default: fp32 on CPU, as saved on GPU; fp32 under --protocol paper); "
+                             "printed and recorded")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--shard", default=None, metavar="K/N",
                         help="replay the K-th of N blocks of the list (1-based); shards share one --logdir")
