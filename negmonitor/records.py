@@ -64,12 +64,14 @@ class RecordStore:
         return self.write("scalars", _identify(rows, run, step, tokens_seen)[SCALAR_COLUMNS], step, key)
 
     def write_neurons(self, run: str, step: int, tokens_seen: int, rows: pd.DataFrame, key: str | None = None) -> Path:
-        """Write a per-neuron snapshot (``layer, neuron, wd, ...``) with the identifying columns first."""
-        return self.write("neurons", _identify(rows, run, step, tokens_seen), step, key)
+        """Write a per-neuron snapshot (``layer, neuron, wd, ...``) with the identifying columns first, its
+        statistics in float32 (:func:`_compact`)."""
+        return self.write("neurons", _compact(_identify(rows, run, step, tokens_seen)), step, key)
 
     def write_pairs(self, run: str, step: int, tokens_seen: int, rows: pd.DataFrame, key: str | None = None) -> Path:
-        """Write the top differentiated pairs (``layer, neuron, rank, ...``) with the identifying columns first."""
-        return self.write("pairs", _identify(rows, run, step, tokens_seen), step, key)
+        """Write the top differentiated pairs (``layer, neuron, rank, ...``) with the identifying columns first, their
+        values in float32."""
+        return self.write("pairs", _compact(_identify(rows, run, step, tokens_seen)), step, key)
 
     def write_histograms(self, run: str, step: int, tokens_seen: int, rows: pd.DataFrame,
                          key: str | None = None) -> Path:
@@ -134,6 +136,14 @@ class RecordStore:
     def read_neurons(self) -> pd.DataFrame:
         """All per-neuron snapshot rows."""
         return self.read("neurons")
+
+
+def _compact(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its float64 columns in float32: the statistics are accumulated in fp32, so float64 only
+    made the per-neuron records larger (737k rows a step for Pythia-12B: 103 B a row on disk in float64, 59 B in
+    float32; ~6.7 GB instead of ~12 GB over its 154 checkpoints)."""
+    wide = [c for c in frame.columns if frame[c].dtype == "float64"]
+    return frame.astype({c: "float32" for c in wide}) if wide else frame
 
 
 def _file_step(path: Path) -> int:

@@ -77,6 +77,9 @@ def test_the_records_are_followed_one_file_at_a_time_and_the_report_keeps_only_t
                               "wd": rng.random(100), "md": rng.random(100), "in_cohort": False})
     store.write_neurons("a", 10, 10, rewritten, key="a2")  # sorts after step 10's first file: it wins
     every = store.read_neurons()
+    # stored in float32 (the statistics are fp32 sums; float64 only doubled ~12 GB of Pythia-12B records)
+    assert every.wd.dtype == "float32" and every.layer.dtype == "int64" and every.in_cohort.dtype == bool
+    assert store.read("pairs").md.dtype == "float32"
     cohorts = recorded_cohorts(store)
     for run in ("a", "b"):
         expected = final_cohort_curve(every[every.run == run])
