@@ -75,7 +75,11 @@ def test_the_records_are_followed_one_file_at_a_time_and_the_report_keeps_only_t
                                                            "value": [1.0]}), key="a")
     rewritten = pd.DataFrame({"layer": np.repeat([0, 1], 50), "neuron": np.tile(np.arange(50), 2),
                               "wd": rng.random(100), "md": rng.random(100), "in_cohort": False})
-    store.write_neurons("a", 10, 10, rewritten, key="a2")  # sorts after step 10's first file: it wins
+    store.write_neurons("a", 10, 10, rewritten, key="0")  # sorts before step 10's "a" file: that one wins
+    for key, layers in (("k1", [0, 1]), ("k2", [2, 3])):  # run "b" at step 40: two monitors, other layers each
+        store.write_neurons("b", 40, 40, pd.DataFrame({"layer": np.repeat(layers, 50),
+                                                        "neuron": np.tile(np.arange(50), 2), "wd": rng.random(100),
+                                                        "md": rng.random(100), "in_cohort": False}), key=key)
     every = store.read_neurons()
     # stored in float32 (the statistics are fp32 sums; float64 only doubled ~12 GB of Pythia-12B records)
     assert every.wd.dtype == "float32" and every.layer.dtype == "int64" and every.in_cohort.dtype == bool
@@ -88,7 +92,12 @@ def test_the_records_are_followed_one_file_at_a_time_and_the_report_keeps_only_t
     runs = {run.label: run for run in load_records(store.root)}
     assert set(runs) == {"a", "b"}
     assert set(runs["a"].neurons.step) == {30} and len(runs["a"].neurons) == 100  # the last step only
+    assert set(runs["b"].neurons.step) == {40} and len(runs["b"].neurons) == 200  # both monitors' layers
     assert set(runs["b"].pairs.step) == {30} and runs["a"].neuron_steps == [0, 10, 20, 30]
+    from negmonitor.report.base import snapshot_at
+
+    earlier = snapshot_at(runs["b"], 30)  # where b's pairs end, a step before its last snapshot: from the records
+    assert len(earlier) == 100 and set(earlier.step) == {30} and set(earlier.run) == {"b"} and earlier.wd.notna().all()
     pd.testing.assert_frame_equal(runs["a"].cohort_curve, cohorts["a"].curve)
     assert store.read("neurons", columns=["wd"], steps=[20]).columns.tolist() == ["run", "step", "layer", "neuron",
                                                                                    "wd"]

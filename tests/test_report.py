@@ -230,14 +230,14 @@ def test_negative_share_per_layer_and_over_training(live_run, ablate_dir, probe_
     for label, folder in zip(labels[:2], (gelu, relu)):
         layers = pd.read_parquet(folder / "layers.parquet").set_index("layer")
         drawn = data[data.run == label].set_index("layer").loc[layers.index]
-        np.testing.assert_allclose(drawn.share_all, layers.wd_neg_share, rtol=1e-9)
-        np.testing.assert_allclose(drawn.share_top, layers.wd_neg_share_top, rtol=1e-9)
+        np.testing.assert_allclose(drawn.share_all, layers.wd_neg_share, rtol=1e-6)  # the CSV keeps 7 significant digits
+        np.testing.assert_allclose(drawn.share_top, layers.wd_neg_share_top, rtol=1e-6)
     assert data[["share_all", "share_top"]].stack().between(0, 1).all()
     over = data[(data.run == labels[2]) & (data.layer == -1)].set_index("step")
     scalars = load_runs([log_dir])[0].scalars
     logged = scalars[(scalars.metric == "wd/neg_share") & (scalars.layer == -1)].set_index("step").value
     assert len(over) == len(logged) >= 2
-    np.testing.assert_allclose(over.share_all.loc[logged.index], logged, rtol=1e-9)
+    np.testing.assert_allclose(over.share_all.loc[logged.index], logged, rtol=1e-6)
     assert over.share_top.notna().all()
 
 

@@ -189,8 +189,7 @@ def retrospective_lines(store, run: str | None = None) -> list[str]:
     the records one file at a time (the training process still holds the model)."""
     from negmonitor.monitoring.cohort import recorded_cohorts
 
-    cohorts = recorded_cohorts(store)
-    cohort = cohorts.get(run) if run in cohorts else next(iter(cohorts.values()), None)
+    cohort = recorded_cohorts(store).get(run)  # this run's only: a folder may hold others'
     curve = cohort.curve if cohort is not None else None
     if curve is None or len(curve) < 2:
         return []

@@ -41,27 +41,34 @@ def recorded_cohorts(store: RecordStore, frac: float = 0.05) -> dict[str, Record
     """Per run of ``store``: the paper's cohort curve and the live cohort's first step, read one snapshot file at a
     time, only the columns needed (memory: one step's ``layer, neuron, wd``, not every step's every column).
 
-    Equal to :func:`final_cohort_curve` over :meth:`RecordStore.read_neurons` (a step recorded in several files
-    takes the last, as the reader's last-write-wins does when each file holds the whole step)."""
-    by_run: dict[str, list[tuple[int, object]]] = {}
+    Equal to :func:`final_cohort_curve` over :meth:`RecordStore.read_neurons`: a step's files are merged as the
+    reader merges them (last write wins)."""
+    by_run: dict[str, dict[int, list]] = {}
     for path, run, step in store.file_runs("neurons"):
-        by_run.setdefault(run, []).append((step, path))
+        by_run.setdefault(run, {}).setdefault(step, []).append(path)
     out = {}
-    for run, files in by_run.items():
-        last_step = max(step for step, _ in files)
-        last = pd.read_parquet([p for s, p in files if s == last_step][-1], columns=["layer", "neuron", "wd"])
-        members = _final_members(last, frac) if len({s for s, _ in files}) >= 2 else None
-        means: dict[int, pd.DataFrame] = {}
-        first_live = None
-        for step, path in files:
-            part = _columns(path, ["layer", "neuron", "wd", "in_cohort"])
+    for run, steps in by_run.items():
+        last = _step_rows(steps[max(steps)], run, ["layer", "neuron", "wd"])
+        members = _final_members(last, frac) if len(steps) >= 2 else None
+        means, first_live = [], None
+        for step in sorted(steps):
+            part = _step_rows(steps[step], run, ["layer", "neuron", "wd", "in_cohort"])
             if members is not None and "wd" in part:
-                means[step] = _step_means(part, members).assign(step=step)  # a later file of a step replaces it
-            if "in_cohort" in part and part.in_cohort.astype(bool).any():
-                first_live = step if first_live is None else min(first_live, step)
-        out[run] = RecordedCohort(_curve(list(means.values())) if members is not None
-                                  else pd.DataFrame(columns=CURVE_COLUMNS), first_live)
+                means.append(_step_means(part, members).assign(step=step))
+            if "in_cohort" in part and part.in_cohort.eq(True).any():
+                first_live = step if first_live is None else first_live
+        out[run] = RecordedCohort(_curve(means) if members is not None else pd.DataFrame(columns=CURVE_COLUMNS),
+                                  first_live)
     return out
+
+
+def _step_rows(paths: list, run: str, wanted: list[str]) -> pd.DataFrame:
+    """One step's rows of ``run`` from every file that holds that step (two monitors watching different layers
+    write one file each), merged as the records' reader merges them (last write wins)."""
+    parts = [_columns(path, ["run", *wanted]) for path in paths]
+    frame = pd.concat(parts, ignore_index=True)
+    frame = frame[frame["run"].astype(str) == run]
+    return frame.drop_duplicates(["layer", "neuron"], keep="last").reset_index(drop=True)
 
 
 def _columns(path, wanted: list[str]) -> pd.DataFrame:

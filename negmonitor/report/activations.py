@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from negmonitor.report.base import ReportContext, last_snapshot
+from negmonitor.report.base import ReportContext, last_snapshot, snapshot_at
 from negmonitor.report.sources import RunData
 
 FAMILY_ACTIVATIONS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
@@ -75,7 +75,7 @@ def choose_neurons(run: RunData, k: int) -> tuple[int, list[tuple[int, int]], pd
     neuron_step, snap = last_snapshot(run.neurons)
     if pair_step is not None and "y_a" in pairs.columns:
         step = pair_step
-        snap = run.neurons[run.neurons.step == step] if not run.neurons.empty else snap
+        snap = snapshot_at(run, step)
         candidates = pairs.groupby(["layer", "neuron"])["md"].first().reset_index()
         if "wd" in snap.columns and len(snap):
             candidates = candidates.merge(snap[["layer", "neuron", "wd"]], on=["layer", "neuron"], how="left")
@@ -125,7 +125,7 @@ def _from_records(run: RunData, k: int) -> RunActivations | None:
     hist = run.histograms
     step = int(hist.step.max())
     at = hist[hist.step == step]
-    snap = run.neurons[run.neurons.step == step] if not run.neurons.empty else pd.DataFrame()
+    snap = snapshot_at(run, step)
     wd = {(int(r.layer), int(r.neuron)): float(r.wd) for r in snap.itertuples(index=False)} if "wd" in snap else {}
     keys = sorted({(int(l), int(n)) for l, n in zip(at.layer, at.neuron)}, key=lambda key: -wd.get(key, -np.inf))
     name, act = FAMILY_ACTIVATIONS.get(str(run.meta.get("family")), (None, torch.nn.functional.gelu))

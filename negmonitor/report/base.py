@@ -211,6 +211,21 @@ def last_snapshot(frame: pd.DataFrame) -> tuple[int | None, pd.DataFrame]:
     return step, frame[frame.step == step].reset_index(drop=True)
 
 
+def snapshot_at(run: RunData, step: int) -> pd.DataFrame:
+    """The run's per-neuron rows at ``step``: from memory when loaded there, else that one step read from its
+    records (a records folder keeps only the last step in memory; pairs or histograms may end a step earlier)."""
+    neurons = run.neurons
+    if not neurons.empty and "step" in neurons and (neurons.step == step).any():
+        return neurons[neurons.step == step]
+    if "records" in run.kinds and run.neuron_steps and int(step) in run.neuron_steps:
+        from negmonitor.records import RecordStore
+
+        rows = RecordStore(run.path).read("neurons", steps=[int(step)])
+        label = run.meta.get("run")
+        return rows[rows["run"].astype(str) == str(label)] if label is not None else rows
+    return neurons.iloc[0:0]
+
+
 def describe_steps(steps: Sequence[int] | pd.Series) -> str:
     """``"steps 0–9 (4 measurements)"``, ``"step 9"`` or ``"no steps"``."""
     values = sorted({int(s) for s in steps})

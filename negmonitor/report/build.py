@@ -73,7 +73,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
             echo(f"  FAILED  {spec.paper:<12} {spec.key}: {type(exc).__name__}: {exc} (rerun with --debug)")
             continue
         if item.data is not None and not item.data.empty:
-            item.csv = write_text_atomic(item.data.to_csv(index=False), target / f"{item.key}.csv")
+            item.csv = write_text_atomic(item.data.to_csv(index=False, float_format="%.7g"), target / f"{item.key}.csv")
         result.figures.append(item)
         echo(f"  drew    {spec.paper:<12} {item.png or item.csv}")
     write_index(target, result.figures, result.skipped, runs, title or _title(runs))
