@@ -115,10 +115,10 @@ class RecordStore:
         return out
 
     def read(self, kind: str = "scalars", columns: Sequence[str] | None = None,
-             steps: Iterable[int] | None = None) -> pd.DataFrame:
+             steps: Iterable[int] | None = None, run: str | None = None) -> pd.DataFrame:
         """Rows of ``kind``, merged across files, duplicates dropped (last file wins): all of them, or only
-        ``columns`` (plus the row keys) of ``steps`` — the per-neuron records of a Pythia-12B replay are 113M rows,
-        ~37 GB in pandas, when a figure needs one step's or one column's."""
+        ``columns`` (plus the row keys) of ``steps`` and of ``run`` — the per-neuron records of a Pythia-12B replay
+        are 113M rows, ~37 GB in pandas, when a figure needs one step's or one column's."""
         files = self.files(kind, steps)
         row_keys = ROW_KEYS.get(kind, ROW_KEYS["neurons"])
         wanted = None if columns is None else list(dict.fromkeys([*row_keys, *columns]))
@@ -126,6 +126,8 @@ class RecordStore:
             return pd.DataFrame(columns=wanted or (SCALAR_COLUMNS if kind == "scalars" else row_keys))
         frames = [_read_file(f, wanted) for f in files]
         frame = pd.concat(frames, ignore_index=True)
+        if run is not None:
+            frame = frame[frame["run"].astype(str) == str(run)]
         keys = [c for c in row_keys if c in frame]
         return frame.drop_duplicates(subset=keys, keep="last").sort_values(keys).reset_index(drop=True)
 

@@ -53,7 +53,8 @@ def _add_ablation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-tolerance", type=float, default=0.05,
                         help="how close the matched control's perplexity must come to the Wasserstein ablation's, as "
                              "a share of that ablation's damage (default 0.05)")
-    parser.add_argument("--max-matching-evals", type=int, default=12, help="perplexity evaluations of the matched control's search (default 12)")
+    parser.add_argument("--max-matching-evals", type=int, default=12,
+                        help="perplexity evaluations of the matched control's search (default 12)")
     parser.add_argument("--layer-groups", type=int, default=None, metavar="G",
                         help="also sweep groups of G consecutive layers (alone and cumulative)")
     parser.add_argument("--fractions", default=None, metavar="F1,F2,..",
@@ -88,8 +89,9 @@ def _add_probe_args(parser: argparse.ArgumentParser) -> None:
     add_probe_window_args(parser)
     parser.add_argument("--layers", default=None, help="comma-separated layers to ablate (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe windows, samples and random control")
-    parser.add_argument("--batch-size", type=int, default=8, help="probe windows and perplexity chunks per forward (minimal pairs: as many "
-                             "sentences as --memory-budget holds, up to this many 2,048-token windows' tokens)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="probe windows and perplexity chunks per forward (minimal pairs: as many sentences as "
+                             "--memory-budget holds, up to this many 2,048-token windows' tokens)")
     add_memory_budget_arg(parser)
 
 

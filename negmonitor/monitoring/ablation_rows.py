@@ -3,9 +3,9 @@
 Metrics (whole model, ``layer = -1``): ``ablation/ppl/baseline``, ``ablation/ppl_ratio/<condition>`` (perplexity
 under ablation over the baseline's), ``ablation/acc/<suite>/<condition>`` and ``ablation/acc_drop/<suite>/<condition>``
 (baseline accuracy minus the condition's), ``ablation/margin_drop/<suite>/<condition>`` (relative drop of the mean
-log-probability margin good − bad, sensitive when accuracy is saturated), ``ablation/ppl_matched_fraction`` (the bottom-WD share that matched; ``ablation/ppl_matched_rel_error`` and
-``ablation/ppl_matched_ok``: its perplexity's distance from the target as a share of the damage to match and 1 when within the tolerance), for
-conditions ``wasserstein``, ``random`` and ``ppl_matched``, plus ``random_mean`` and ``random_sd`` over the random
+log-probability margin good − bad, sensitive when accuracy is saturated), ``ablation/ppl_matched_fraction`` (the
+bottom-WD share that matched; ``ablation/ppl_matched_rel_error`` and ``ablation/ppl_matched_ok``: its perplexity's
+distance from the target as a share of the damage to match and 1 when within the tolerance), for conditions ``wasserstein``, ``random`` and ``ppl_matched``, plus ``random_mean`` and ``random_sd`` over the random
 draws when there are several (``AblationSettings.random_draws``). ``<suite>`` is the minimal-pair set's ``suite``
 column (``blimp``, ``tse`` or ``grammar``).
 """

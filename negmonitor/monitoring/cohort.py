@@ -43,39 +43,23 @@ def recorded_cohorts(store: RecordStore, frac: float = 0.05) -> dict[str, Record
 
     Equal to :func:`final_cohort_curve` over :meth:`RecordStore.read_neurons`: a step's files are merged as the
     reader merges them (last write wins)."""
-    by_run: dict[str, dict[int, list]] = {}
-    for path, run, step in store.file_runs("neurons"):
-        by_run.setdefault(run, {}).setdefault(step, []).append(path)
+    by_run: dict[str, set[int]] = {}
+    for _, run, step in store.file_runs("neurons"):
+        by_run.setdefault(run, set()).add(step)
     out = {}
     for run, steps in by_run.items():
-        last = _step_rows(steps[max(steps)], run, ["layer", "neuron", "wd"])
+        last = store.read("neurons", columns=["wd"], steps=[max(steps)], run=run)
         members = _final_members(last, frac) if len(steps) >= 2 else None
         means, first_live = [], None
-        for step in sorted(steps):
-            part = _step_rows(steps[step], run, ["layer", "neuron", "wd", "in_cohort"])
+        for step in sorted(steps):  # one step at a time: its files merged as the reader merges them
+            part = store.read("neurons", columns=["wd", "in_cohort"], steps=[step], run=run)
             if members is not None and "wd" in part:
                 means.append(_step_means(part, members).assign(step=step))
-            if "in_cohort" in part and part.in_cohort.eq(True).any():
-                first_live = step if first_live is None else first_live
+            if first_live is None and "in_cohort" in part and part.in_cohort.eq(True).any():
+                first_live = step
         out[run] = RecordedCohort(_curve(means) if members is not None else pd.DataFrame(columns=CURVE_COLUMNS),
                                   first_live)
     return out
-
-
-def _step_rows(paths: list, run: str, wanted: list[str]) -> pd.DataFrame:
-    """One step's rows of ``run`` from every file that holds that step (two monitors watching different layers
-    write one file each), merged as the records' reader merges them (last write wins)."""
-    parts = [_columns(path, ["run", *wanted]) for path in paths]
-    frame = pd.concat(parts, ignore_index=True)
-    frame = frame[frame["run"].astype(str) == run]
-    return frame.drop_duplicates(["layer", "neuron"], keep="last").reset_index(drop=True)
-
-
-def _columns(path, wanted: list[str]) -> pd.DataFrame:
-    import pyarrow.parquet as pq
-
-    present = set(pq.read_schema(path).names)
-    return pd.read_parquet(path, columns=[c for c in wanted if c in present])
 
 
 def _step_means(frame: pd.DataFrame, members: pd.MultiIndex) -> pd.DataFrame:

@@ -311,9 +311,10 @@ class _Replay:
             logger.warning("%s: %s (%s) — skipped, recorded in the manifest", revision, entry.status, entry.error)
             self.manifest.write(entry)
             self._broken_loads = 0 if missing else self._broken_loads + 1
-            if not missing and (_fails_every_load(exc) or self._broken_loads >= MAX_LOAD_FAILURES):
+            systemic = not missing and _fails_every_load(exc)
+            if systemic or (not missing and self._broken_loads >= MAX_LOAD_FAILURES):
                 raise NegmonitorError(f"{revision} could not be loaded ({entry.error}); "
-                                      f"{'' if _fails_every_load(exc) else f'{self._broken_loads} in a row, '}so the "
+                                      f"{'' if systemic else f'{self._broken_loads} in a row, '}so the "
                                       "replay stops rather than load (and download) every later revision to fail the "
                                       "same way — fix it and run the same command again: what is recorded is "
                                       "kept") from exc

@@ -220,9 +220,7 @@ def snapshot_at(run: RunData, step: int) -> pd.DataFrame:
     if "records" in run.kinds and run.neuron_steps and int(step) in run.neuron_steps:
         from negmonitor.records import RecordStore
 
-        rows = RecordStore(run.path).read("neurons", steps=[int(step)])
-        label = run.meta.get("run")
-        return rows[rows["run"].astype(str) == str(label)] if label is not None else rows
+        return RecordStore(run.path).read("neurons", steps=[int(step)], run=run.meta.get("run"))
     return neurons.iloc[0:0]
 
 

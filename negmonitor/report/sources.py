@@ -204,24 +204,20 @@ def load_records(root: Path) -> list[RunData]:
         neuron_steps = sorted({step for _, run, step in neuron_files if run == label})
         cohort = cohorts.get(label)
         runs.append(RunData(_display_name(label, root), root, ("records",), _only(scalars, label),
-                            _last_step_rows(neuron_files, label, ROW_KEYS["neurons"]),
-                            _last_step_rows(pair_files, label, PAIR_KEYS), meta={**meta, "run": label},
+                            _last_step_rows(store, "neurons", neuron_files, label),
+                            _last_step_rows(store, "pairs", pair_files, label), meta={**meta, "run": label},
                             histograms=_only(histograms, label), neuron_steps=neuron_steps,
                             cohort_curve=cohort.curve if cohort is not None else None,
                             first_live_cohort_step=cohort.first_live_step if cohort is not None else None))
     return runs
 
 
-def _last_step_rows(files: list[tuple[Path, str, int]], label: str, keys: list[str]) -> pd.DataFrame:
-    """The rows of ``label``'s last recorded step (its files merged, last write wins)."""
-    mine = [(path, step) for path, run, step in files if run == label]
-    if not mine:
-        return pd.DataFrame(columns=keys)
-    last = max(step for _, step in mine)
-    frame = pd.concat([pd.read_parquet(path) for path, step in mine if step == last], ignore_index=True)
-    frame = frame[frame["run"].astype(str) == label]
-    present = [k for k in keys if k in frame.columns]
-    return frame.drop_duplicates(subset=present, keep="last").sort_values(present).reset_index(drop=True)
+def _last_step_rows(store, kind: str, files: list[tuple[Path, str, int]], label: str) -> pd.DataFrame:
+    """The rows of ``label``'s last recorded step of ``kind`` (its files merged, last write wins)."""
+    steps = [step for _, run, step in files if run == label]
+    if not steps:
+        return pd.DataFrame(columns=ROW_KEYS[kind])
+    return store.read(kind, steps=[max(steps)], run=label)
 
 
 def _display_name(label: str, root: Path) -> str:
