@@ -12,10 +12,14 @@
    grammar corpus with ``precision="bf16-mixed"`` for ``--steps`` steps, once without and once with
    ``NegativeDifferentiationMonitor`` (ablation on, default memory budget), printing each measurement's time, the
    growth of ``torch.cuda.max_memory_allocated`` during it (above what was allocated when it started) and the
-   overhead ratio of the monitored run's wall time against the plain run's.
+   overhead ratio of the monitored run's wall time against the plain run's. Both runs sync the device at every
+   step's end (the monitored run to time its hooks), so the ratio counts the monitor's work, not the syncs.
+5. A short run in ``precision="bf16-true"`` (bf16 weights; the way 7B–8B models are fine-tuned on one GPU), strict:
+   every measurement must be taken (before the fix that this stage checks, each one failed).
 
-It runs from the working tree with no network and no pip (``PYTHONPATH=. python benchmarks/gpu_check.py 2>&1 | tee
-"$OUT/gpu_check.log"`` on the device machine: the log comes back whole, the tool's output tail may not) and checks
+It runs from the working tree with no network and no pip (``PYTHONPATH=. python -u benchmarks/gpu_check.py 2>&1 | tee
+"$OUT/gpu_check.log"`` on the device machine: the log comes back whole, the tool's output tail may not; stdout is
+line-buffered, so a run killed at its time limit still leaves every figure printed before) and checks
 at the end that neither ``datasets``, ``lm_eval`` nor ``spacy`` was imported. A stage that fails prints its
 traceback and the next stage runs; the exit status is 1 if any failed. About 5 minutes on an H200.
 ``--dry-run`` runs a CPU-sized version of everything (tiny model, few steps, small scale run) to show that the
@@ -36,6 +40,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scale  # noqa: E402 - benchmarks/scale.py (standard library and torch at import)
+
+
+def sync_each_step(cuda: bool):
+    """A callback for the plain run that does what the timed monitor does at every step's end besides measuring:
+    a device sync and a peak-memory reset (without it the overhead ratio would count these syncs)."""
+    import lightning as L
+
+    class SyncEachStep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.memory_allocated()
+
+    return SyncEachStep()
 
 
 def timed_monitor_class():
@@ -157,7 +176,7 @@ def syncs_per_probe_batch(device: torch.device, window: int = 512, batch_size: i
     torch.cuda.empty_cache()
 
 
-def train(args, root: Path, monitored: bool) -> tuple[float, list, int]:
+def train(args, root: Path, monitored: bool, precision: str = "bf16-mixed") -> tuple[float, list, int]:
     """One Trainer run; returns its wall time, each measurement's (step, seconds, CUDA peak growth) and the
     probe's token count (0 unmonitored)."""
     import lightning as L
@@ -187,8 +206,12 @@ def train(args, root: Path, monitored: bool) -> tuple[float, list, int]:
             minimal_pairs_sample=10 if args.dry_run else 40, ppl_text=data.probe_texts(16 if args.dry_run else 64))
         monitor.records = []
         callbacks.append(monitor)
+    else:
+        callbacks.append(sync_each_step(not args.dry_run))
+    if args.dry_run and precision == "bf16-mixed":
+        precision = "32-true"
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu" if args.dry_run else "gpu", devices=1,
-                        precision="32-true" if args.dry_run else "bf16-mixed", logger=False, callbacks=callbacks,
+                        precision=precision, logger=False, callbacks=callbacks,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, default_root_dir=str(root))
     start = time.perf_counter()
@@ -200,19 +223,37 @@ def train(args, root: Path, monitored: bool) -> tuple[float, list, int]:
 
 
 def trainer_runs(args) -> None:
-    """A warm-up, then the same run without and with the monitor; prints each measurement and the overhead."""
+    """A warm-up, then the same run without and with the monitor; prints each figure as soon as it is known (a
+    failed monitored run keeps the plain run's), then each measurement and the overhead."""
+    device_name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    tiny = " (tiny in the dry run)" if args.dry_run else ""
+    print(f"\n== Trainer run on {device_name}: Pythia-160m-shaped GPT-NeoX{tiny}"
+          f", {args.steps} steps, batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{'fp32' if args.dry_run else 'bf16-mixed'}; ablation on ==")
     with tempfile.TemporaryDirectory() as tmp:
         train(argparse.Namespace(**{**vars(args), "steps": min(args.steps, 20)}), Path(tmp) / "warmup", False)
         plain, _, _ = train(args, Path(tmp) / "plain", False)
+        print(f"wall time: plain {plain:.1f} s")
         monitored, records, probed = train(args, Path(tmp) / "monitored", True)
-    device_name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
-    print(f"\n== Trainer run on {device_name}: Pythia-160m-shaped GPT-NeoX{' (tiny in the dry run)' if args.dry_run else ''}"
-          f", {args.steps} steps, batch {args.batch_size} x {args.seq_len} tokens, "
-          f"{'fp32' if args.dry_run else 'bf16-mixed'}; probe {probed:,} tokens, ablation on ==")
+    _print_measurements(records, probed)
+    print(f"wall time: plain {plain:.1f} s, monitored {monitored:.1f} s, overhead ratio {monitored / plain:.2f}")
+
+
+def bf16_true_run(args) -> None:
+    """A short strict run in ``precision="bf16-true"``: every measurement is taken (a failure ends the run)."""
+    short = argparse.Namespace(**{**vars(args), "steps": max(2, args.every // 5), "every": max(1, args.every // 10)})
+    print(f"\n== bf16-true run: {short.steps} steps, measured every {short.every} (strict) ==")
+    with tempfile.TemporaryDirectory() as tmp:
+        wall, records, probed = train(short, Path(tmp) / "bf16-true", True, precision="bf16-true")
+    _print_measurements(records, probed)
+    print(f"bf16-true: {len(records)} measurements taken in {wall:.1f} s")
+
+
+def _print_measurements(records: list, probed: int) -> None:
+    print(f"probe {probed:,} tokens")
     for step, seconds, growth in records:
         print(f"measurement at step {step}: {seconds:.2f} s, max_memory_allocated growth "
               f"{growth / 2**20:.0f} MiB" if growth == growth else f"measurement at step {step}: {seconds:.2f} s")
-    print(f"wall time: plain {plain:.1f} s, monitored {monitored:.1f} s, overhead ratio {monitored / plain:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-tokens", type=int, default=8192, help="probe tokens of the scale benchmark")
     parser.add_argument("--skip-scale", action="store_true")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # figures reach the log as printed, even if the run is killed
     if args.dry_run:
         args.steps, args.every, args.scale_tokens = 12, 6, 2048
         args.probe_tokens, args.seq_len, args.batch_size, args.sentences = 2048, 64, 16, 5_000
@@ -242,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     sync_shape = (64, 1) if args.dry_run else (512, 4)  # window, batch size
     _stage("host-sync count", failed, lambda: syncs_per_probe_batch(device, *sync_shape))
     _stage("trainer runs", failed, lambda: trainer_runs(args))
+    _stage("bf16-true run", failed, lambda: bf16_true_run(args))
     imported = [name for name in ("datasets", "lm_eval", "spacy") if name in sys.modules]
     print("heavy optional imports: " + (", ".join(imported) + " IMPORTED (should not be)" if imported else "none"))
     if failed:

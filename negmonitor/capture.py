@@ -176,12 +176,26 @@ class BatchContext:
 def _hook(recorder: SiteRecorder, batch: BatchContext, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     if batch.failures.failed:  # a hook failed earlier in this pass (held under FSDP): the forward runs on, unobserved
         return
-    with batch.failures, torch.autocast(output.device.type, enabled=False):  # statistics in fp32 in any forward
+    # statistics in fp32 in any forward: no autocast, and fp32 for the tensors they create (a Lightning "bf16-true"
+    # or "16-true" forward sets torch's default dtype to the weights')
+    with batch.failures, torch.autocast(output.device.type, enabled=False), float32_by_default():
         recorder.observe(args[0], output, batch)
     if batch.failures.failed:
         recorder.release()  # an out-of-memory error should not meet the rest of the forward with the state held
     elif recorder.stop_after:
         raise StopPass
+
+
+@contextlib.contextmanager
+def float32_by_default() -> Iterator[None]:
+    """torch's default dtype set to fp32 inside, given back on leaving (Lightning's ``*-true`` precisions set it to
+    the weights' dtype for the whole forward: fp32 statistics then met bf16 buffers and every measurement failed)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @contextlib.contextmanager

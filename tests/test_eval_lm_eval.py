@@ -76,6 +76,7 @@ def task_dir(tmp_path, monkeypatch):
 
 def test_custom_tasks_offline_and_patched_model(task_dir):
     model = tiny_causal_lm("neox", init_range=0.3).train()
+    model.gpt_neox.layers[1].eval()  # a part frozen in eval mode keeps its own flag
     tok = tiny_tokenizer(pad=False)
     plain = run_lm_eval(model, tok, ["tiny_agreement_mc", "tiny_agreement_ll"], batch_size=4, task_dirs=task_dir)
     assert list(plain.columns) == list(RESULT_COLUMNS)
@@ -85,6 +86,7 @@ def test_custom_tasks_offline_and_patched_model(task_dir):
     assert (plain["batch_size"] == 4).all() and plain.attrs["lm_eval"]["batch_size"] == 4
     assert plain.query("metric == 'perplexity'")["value"].item() > 1.0
     assert model.training and tok.pad_token is None  # training flag restored, tokenizer untouched
+    assert model.gpt_neox.layers[0].training and not model.gpt_neox.layers[1].training
 
     act = model.gpt_neox.layers[0].mlp.act
     with zero_negative_mlp(model):

@@ -144,8 +144,10 @@ def test_scorable_sentences_are_those_score_sentences_scores(tokenizer):
 
 def test_training_flag_restored_and_no_grad(tokenizer):
     model = tiny_causal_lm("llama").train()
+    model.model.layers[0].mlp.eval()  # a part frozen in eval mode keeps its own flag
     scores = score_sentences(model, tokenizer, ["The author laughs."], progress=True)
     assert model.training and not scores.requires_grad
+    assert model.model.layers[0].training and not model.model.layers[0].mlp.training
 
 
 def test_evaluate_pairs(tokenizer):

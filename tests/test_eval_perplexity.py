@@ -159,9 +159,12 @@ def test_masked_lm_is_refused(tokenizer):
 
 
 def test_training_flag_is_restored(tokenizer):
+    """Each module's own flag: a part the user froze in eval mode inside training stays so (not model.train())."""
     model = tiny_causal_lm("llama").train()
+    model.model.layers[0].eval()
     perplexity(model, tokenizer, SHORT_TEXT, window=16, progress=True)
-    assert model.training
+    assert model.training and model.model.layers[1].training
+    assert not model.model.layers[0].training and not model.model.layers[0].self_attn.training
 
 
 @pytest.mark.skipif(not WIKITEXT_VALID.exists(), reason="../shared/data/wikitext-2/valid.txt is not present")

@@ -248,11 +248,17 @@ def test_hf_bf16_training_is_probed_under_its_autocast_and_recorded(tmp_path, pr
     tokenizer = tiny_tokenizer()
     model = tiny_causal_lm("neox").train()
     seen = _probe_dtypes(model)
+    weight_cache = []  # autocast's cache of half-precision weight copies, in the probe's forwards under autocast
+    model.gpt_neox.layers[0].mlp.dense_h_to_4h.register_forward_hook(
+        lambda *args: None if torch.is_grad_enabled() or not torch.is_autocast_enabled("cpu")
+        else weight_cache.append(torch.is_autocast_cache_enabled()))
     callback = NegativeDifferentiationCallback(probe=[TEXT], every_n_steps=2, families=("wd", "health"),
                                                probe_precision=probe_precision, **PROBE)
     Trainer(model=model, args=_args(tmp_path / "out", 2, bf16=True), train_dataset=_Blocks(tokenizer),
             processing_class=tokenizer, callbacks=[callback]).train()
     assert callback.measured_steps == [0, 2] and seen and set(seen) == {dtype}
+    # bf16 copies of the fp32 weights were cached through the measurement (half the model's size, outside the budget)
+    assert set(weight_cache) == ({False} if probe_precision == "trainer" else set())
     assert not torch.is_autocast_enabled("cpu")  # the probe left no autocast behind
     (info,) = callback.records_dir.glob("run-*.json")
     assert json.loads(info.read_text())["probe_precision"] == recorded

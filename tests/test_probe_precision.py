@@ -90,14 +90,19 @@ def test_budget_plans_at_set_up_and_at_each_measurement_count_the_same_capture_d
     assert len(seen) >= 3 and set(seen) == {4}, seen
 
 
-def _bf16_true_run(tmp_path, **kwargs):
-    """A ``precision="bf16-true"`` run (bf16 weights); the probe forward's output dtypes, run.json, the warnings."""
+def _bf16_true_run(tmp_path, hook=None, **kwargs):
+    """A ``precision="bf16-true"`` run (bf16 weights); the probe forward's output dtypes, run.json, the warnings.
+    ``hook`` also watches the first layer's MLP projection in the probe forward."""
     seed_everything(0)
     module = TinyLM()
     dtypes = []
-    module.model.gpt_neox.layers[0].mlp.dense_h_to_4h.register_forward_hook(
+    projection = module.model.gpt_neox.layers[0].mlp.dense_h_to_4h
+    projection.register_forward_hook(
         lambda mod, args, out: None if torch.is_grad_enabled() else dtypes.append(out.dtype))
-    monitor = NegativeDifferentiationMonitor(every_n_steps=2, families=("wd", "health"), **SMALL, **kwargs)
+    if hook is not None:
+        projection.register_forward_hook(lambda *args: None if torch.is_grad_enabled() else hook(*args))
+    kwargs.setdefault("families", ("wd", "health"))
+    monitor = NegativeDifferentiationMonitor(every_n_steps=2, **SMALL, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(tmp_path, 2, [monitor], precision="bf16-true").fit(module, token_loader(module.tokenizer))
@@ -116,8 +121,26 @@ def test_bf16_true_weights_are_recorded_as_what_ran_and_fp32_is_said_to_be_impos
     assert len(said) == 1 and "torch.bfloat16" in said[0]
     assert "health/measurement_failed" not in set(scalars.metric) and sorted(scalars.step.unique()) == [0, 2]
 
-    dtypes, info, said, _ = _bf16_true_run(tmp_path / "trainer")
+    dtypes, info, said, scalars = _bf16_true_run(tmp_path / "trainer")
     assert dtypes == {torch.bfloat16} and info["probe_precision"] == "bf16-true" and not said
+    assert "health/measurement_failed" not in set(scalars.metric) and sorted(scalars.step.unique()) == [0, 2]
+
+
+def test_every_family_is_measured_under_bf16_true(tmp_path) -> None:
+    """Lightning's "bf16-true" forward sets torch's default dtype to bf16: the statistics' fp32 tensors met bf16
+    buffers made inside the hooks and every measurement of such a run failed (only health/measurement_failed was
+    recorded); the default dtype the forward runs under is the trainer's, and it is given back after the run."""
+    seen = []
+    module_default = lambda mod, args, out: seen.append(torch.get_default_dtype())  # noqa: E731
+    _, _, _, scalars = _bf16_true_run(
+        tmp_path, families=("wd", "md", "pairs", "drift", "cohort", "ablation", "health"), ppl_text=TEXT,
+        ablation={"fraction": 0.05, "max_matching_evals": 2}, hook=module_default)
+    assert set(seen) == {torch.bfloat16} and torch.get_default_dtype() == torch.float32
+    metrics = set(scalars.metric)
+    assert "health/measurement_failed" not in metrics
+    assert {"wd/mean", "wd/neg_share", "md/mean", "pairs/nn_share", "drift/cohort",
+            "ablation/ppl_ratio/wasserstein"} <= metrics
+    assert np.isfinite(scalars.loc[scalars.metric == "wd/mean", "value"]).all()
 
 
 def test_the_ablation_evaluations_run_in_the_trainers_precision_too(tmp_path, monkeypatch) -> None:

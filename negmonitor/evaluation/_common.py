@@ -39,13 +39,15 @@ def no_cache_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode (no dropout); restore its training flag afterwards, even on error."""
-    was_training = model.training
+    """Put ``model`` in eval mode (no dropout); give every submodule its own train/eval flag back afterwards, even
+    on error (``model.train(was_training)`` would undo a user's ``.eval()`` on a frozen part inside a training run)."""
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def max_positions(model: nn.Module, tokenizer: Any = None) -> int | None:

@@ -15,7 +15,7 @@ YAML files in ``task_dirs`` (passed to ``TaskManager(include_path=...)``); a loc
     metric_list: [{metric: acc}]
 
 The batch size is fixed (never ``"auto"``: padding can change scores slightly) and recorded in every row of the
-result. The caller's tokenizer is copied (lm-eval may add a pad token to it); the model's training flag and
+result. The caller's tokenizer is copied (lm-eval may add a pad token to it); the train/eval flag of each module and
 ``config.use_cache`` (off during the run: lm-eval's scoring forwards would otherwise build a KV cache nothing reads,
 ~12 GB for Pythia-12B at 8 x 2,048 tokens) are restored afterwards, and so are the global random streams that
 ``simple_evaluate`` reseeds (Python's, NumPy's, torch's), since this can run inside a training job.
@@ -40,7 +40,7 @@ import pandas as pd
 from torch import nn
 
 from negmonitor.errors import NegmonitorError
-from negmonitor.evaluation._common import check_batch_size, model_device
+from negmonitor.evaluation._common import check_batch_size, eval_mode, model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -74,18 +74,16 @@ def run_lm_eval(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: str
     if not names:
         raise NegmonitorError("no lm-eval tasks given — pass at least one task name")
     manager = _task_manager(TaskManager, names, _task_paths(task_dirs))
-    was_training = model.training
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     try:
         if use_cache is not None:
             config.use_cache = False
-        with _random_streams_kept():
+        with _random_streams_kept(), eval_mode(model):
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
                       device=str(model_device(model)))
             results = _evaluate(lm_eval, lm, names, manager, batch_size, limit, num_fewshot, bootstrap_iters)
     finally:
-        model.train(was_training)
         if use_cache is not None:
             config.use_cache = use_cache
     return results_table(results, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot)
