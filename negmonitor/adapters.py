@@ -152,11 +152,38 @@ def find_sites(model: nn.Module, layers: Sequence[int] | int | None = None) -> l
     """Return the MLP sites of ``model``, one per block, optionally only the blocks in ``layers``.
 
     Raises:
-        NegmonitorError: the model's family has no adapter, or a layer index is out of range.
+        NegmonitorError: the model's family has no adapter, a layer index is out of range, or a chosen block lacks
+            the projection (a mixture-of-experts block).
     """
     spec, blocks_name, blocks = _match(model)
     chosen = normalise_layers(layers, len(blocks))
+    _check_every_block_has_the_site(spec, blocks, chosen)
     return [_site(spec, blocks_name, blocks, layer) for layer in chosen]
+
+
+def _check_every_block_has_the_site(spec: AdapterSpec, blocks: nn.ModuleList, chosen: Sequence[int]) -> None:
+    """Refuse, in one line naming the blocks that have it, layers without the projection: a model whose first
+    blocks are dense and the rest mixture-of-experts (DeepSeek-V3, Qwen-MoE's ``mlp_only_layers``) matches its
+    family on block 0 only."""
+    missing = [layer for layer in chosen if not _has_path(blocks[layer], spec.projection_path)]
+    if not missing:
+        return
+    dense = [layer for layer in range(len(blocks)) if _has_path(blocks[layer], spec.projection_path)]
+    kind = type(_submodule_or_block(blocks[missing[0]], spec.projection_path)).__name__
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise NegmonitorError(
+        f"block {missing[0]}{more} has no {spec.projection_path} ({kind}: a mixture-of-experts block?) — monitor "
+        f"the blocks that have it: layers={','.join(map(str, dense))} (--layers on the command line)")
+
+
+def _submodule_or_block(block: nn.Module, path: str) -> nn.Module:
+    """The deepest module on ``path`` that exists (what stands where the projection's parent should be)."""
+    module = block
+    for part in path.split(".")[:-1]:
+        if not hasattr(module, part):
+            break
+        module = getattr(module, part)
+    return module
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

@@ -113,9 +113,8 @@ def load_model(
     if torch_dtype is None and dev.type == "cpu":
         torch_dtype = torch.float32
     name = str(model_id)
+    check_revision_applies(name, revision)
     if is_lightning_checkpoint(name):
-        if revision:
-            raise NegmonitorError(f"--revision {revision!r} does not apply to a checkpoint file — leave it out")
         model = load_lightning_model(name, dtype=torch_dtype, device=dev)
         found = tokenizer or find_tokenizer_folder(name)
         if found is None:
@@ -129,9 +128,38 @@ def load_model(
         raise _load_error(name, revision, exc) from exc
     with quiet_transformers():
         model = _weights(name, config, placement(torch_dtype, dev), revision, kwargs)
-    loaded = _tokenizer(str(tokenizer), {}, name) if tokenizer else _tokenizer(name, kwargs, name)
+    loaded = load_tokenizer(name, revision, tokenizer, cache_dir)
     model.eval()
     return model, loaded
+
+
+def load_tokenizer(model_id: str | os.PathLike, revision: str | None = None, tokenizer: str | None = None,
+                   cache_dir: str | None = None) -> object:
+    """The tokenizer :func:`load_model` returns for a hub id or ``save_pretrained`` folder (``tokenizer``: a folder
+    or hub id to use instead), on its own: a command builds its probe text before a 16–24 GB model loads.
+
+    Raises:
+        NegmonitorError: no loadable tokenizer, or one that turns text into no tokens.
+    """
+    name = str(model_id)
+    check_revision_applies(name, revision)
+    if tokenizer:
+        return _tokenizer(str(tokenizer), {}, name)
+    return _tokenizer(name, {"revision": revision, "cache_dir": cache_dir}, name)
+
+
+def check_revision_applies(name: str, revision: str | None) -> None:
+    """Refuse a revision beside a local folder or checkpoint file: transformers ignores it there, and the results
+    would be labelled with a revision whose weights never loaded (a Pythia folder is usually step143000)."""
+    from negmonitor.checkpoints import is_lightning_checkpoint
+
+    if not revision:
+        return
+    if is_lightning_checkpoint(name):
+        raise NegmonitorError(f"--revision {revision!r} does not apply to a checkpoint file — leave it out")
+    if Path(name).expanduser().is_dir():
+        raise NegmonitorError(f"--revision {revision!r} applies to hub ids, and {name} is a local folder (its own "
+                              "weights would load under that label) — leave --revision out, or pass the hub id")
 
 
 def _weights(name: str, config: object, placed: dict, revision: str | None, kwargs: dict) -> nn.Module:
@@ -154,13 +182,21 @@ def _tokenizer(source: str, kwargs: dict, model_name: str) -> object:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(_tokenizer_folder(source), **kwargs)
+        loaded = AutoTokenizer.from_pretrained(_tokenizer_folder(source), **kwargs)
     except Exception as exc:
         if source != model_name:
             raise NegmonitorError(f"could not load tokenizer {source!r} ({first_line(exc)}) — pass a tokenizer folder "
                                   "(tokenizer.save_pretrained) or a hub id") from exc
         raise NegmonitorError(f"model {model_name!r} has no loadable tokenizer ({first_line(exc)}) — pass --tokenizer "
                               "PATH, or save one beside it with tokenizer.save_pretrained(folder)") from exc
+    if not loaded("a b c", add_special_tokens=False)["input_ids"]:
+        # a folder holding a model without its tokenizer files: transformers builds an empty one from the config
+        # (GPT-NeoX's), which turns every text into no tokens
+        what = f"tokenizer {source!r}" if source != model_name else f"the tokenizer of {model_name!r}"
+        raise NegmonitorError(f"{what} turns text into no tokens (no tokenizer files: transformers built an empty one "
+                              "from the config) — pass --tokenizer PATH, or save one beside the model with "
+                              "tokenizer.save_pretrained(folder)")
+    return loaded
 
 
 def _tokenizer_folder(name: str) -> str:

@@ -113,3 +113,20 @@ def test_every_registered_model_type_finds_its_sites() -> None:
             assert sites[0].family == spec.family and (sites[0].n_neurons, sites[0].d_in) == (64, 32), model_type
             with ablate(model, {0: [0], 1: [0]}):  # AblationBypassed if the MLP never called the nonlinearity
                 model(input_ids=torch.tensor([[3, 5, 7, 9]]))
+
+
+def test_blocks_without_the_projection_are_refused_naming_those_that_have_it() -> None:
+    """Dense first blocks, mixture-of-experts after (Qwen-MoE's mlp_only_layers, DeepSeek-V3): block 0 matches the
+    Llama adapter, and the MoE blocks raised an AttributeError from inside torch."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                            num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0])
+    model = AutoModelForCausalLM.from_config(config)
+    assert [site.path for site in find_sites(model, [0])] == ["model.layers.0.mlp.gate_proj"]
+    with pytest.raises(NegmonitorError, match=r"block 1 \(and 1 more\) has no mlp.gate_proj "
+                                              r"\(Qwen3MoeSparseMoeBlock: a mixture-of-experts block\?\) .* layers=0"):
+        find_sites(model)
+    with pytest.raises(NegmonitorError, match="block 2 has no mlp.gate_proj"):
+        find_sites(model, [0, 2])

@@ -78,6 +78,7 @@ def test_too_small_budget_is_refused_when_training_starts_not_at_every_measureme
     message = str(info.value)
     assert "\n" not in message and "smallest budget that works" in message
     assert module.global_step == 0
+    assert not list((tmp_path / "small").rglob("run-*.json"))  # no run.json of a run that never measured
     smallest = re.search(r"memory_budget='(\d+MiB)'", message).group(1)
     monitor = NegativeDifferentiationMonitor(probe=[TEXT], every_n_steps=2, memory_budget=smallest,
                                              probe_tokens=512, probe_window=64, n_pairs=64)

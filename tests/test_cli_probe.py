@@ -97,3 +97,46 @@ def test_debug_shows_the_traceback(model_dir, tmp_path) -> None:
 
     with pytest.raises(NegmonitorError):
         main(["probe", "--debug", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "no-such-probe.txt"], "no-such-probe.txt"),
+    (["--layers", "7"], "layer 7 is out of range"),
+    (["--tokens", "10000000"], "fewer than --tokens"),
+    (["--memory-budget", "1KiB"], "budget"),
+])
+def test_bad_probe_input_is_refused_before_the_weights_load(model_dir, text_file, tmp_path, capsys, monkeypatch,
+                                                           args, message) -> None:
+    """A typo in the probe text, the layers or the budget must not cost a 16-24 GB download and load first."""
+    import negmonitor.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights loaded before the input was checked")
+
+    monkeypatch.setattr(negmonitor.models, "load_model", no_load)
+    base = {"--model": str(model_dir), "--text": str(text_file), "--tokens": "2048", "--window": "64",
+            "--pairs": "100", "--out": str(tmp_path / "o")}
+    base.update(dict(zip(args[::2], args[1::2])))
+    assert main(["probe"] + [x for pair in base.items() for x in pair]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("negmonitor: error: ") and message in err.splitlines()[-1], err
+
+
+def test_a_revision_beside_a_local_folder_is_refused(model_dir, text_file, tmp_path, capsys) -> None:
+    """transformers ignores revision= for a folder: its own weights (a Pythia download is step143000) would be
+    probed and written out labelled step1000."""
+    code = main(["probe", "--model", str(model_dir), "--revision", "step1000", "--text", str(text_file),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--revision 'step1000' applies to hub ids" in err and "local folder" in err
+    assert not (tmp_path / "o" / "meta.json").exists()
+
+
+def test_a_model_folder_without_tokenizer_files_is_named_as_such(text_file, tmp_path, capsys) -> None:
+    """GPT-NeoX's config alone makes transformers build an empty tokenizer: every text became no tokens and the
+    error blamed the probe text."""
+    folder = tmp_path / "model-only"
+    tiny_causal_lm("neox").save_pretrained(folder)
+    assert main(["probe", "--model", str(folder), "--text", str(text_file), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "turns text into no tokens" in err and "--tokenizer PATH" in err and "is empty" not in err

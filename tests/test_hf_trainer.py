@@ -143,6 +143,26 @@ def test_hf_callback_needs_a_probe_and_refuses_fsdp(tmp_path) -> None:
         trainer.train()
 
 
+@pytest.mark.parametrize("bad, message", [({"layers": [7]}, "layer 7 is out of range"),
+                                          ({"memory_budget": "1KiB"}, "budget")])
+def test_hf_set_up_refused_leaves_no_event_file_nor_run_json(tmp_path, bad, message) -> None:
+    """A run refused at set-up left an empty TensorBoard run (and, for the budget, a run.json the report read as a
+    run that never measured)."""
+    from transformers import Trainer
+
+    from negmonitor.errors import NegmonitorError
+    from negmonitor.integrations.hf import NegativeDifferentiationCallback
+
+    tokenizer = tiny_tokenizer()
+    callback = NegativeDifferentiationCallback(probe=[TEXT], **{**PROBE, **bad})
+    trainer = Trainer(model=tiny_causal_lm("neox"), args=_args(tmp_path / "out", 1), train_dataset=_Blocks(tokenizer),
+                      processing_class=tokenizer, callbacks=[callback])
+    with pytest.raises(NegmonitorError, match=message):
+        trainer.train()
+    left = [p.name for p in tmp_path.rglob("*") if p.is_file() and ("tfevents" in p.name or p.name.startswith("run-"))]
+    assert left == [] and callback._writer is None
+
+
 DDP_SCRIPT = textwrap.dedent('''
     import sys
     sys.path.insert(0, sys.argv[2])

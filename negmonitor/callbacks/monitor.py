@@ -300,6 +300,8 @@ class NegativeDifferentiationMonitor(Callback):
             self.precision_used = self._precision_in_use(trainer)
             self._prepare(self._hf_model, getattr(trainer, "datamodule", None), trainer.is_global_zero)
             self._check_budget(trainer)
+            if trainer.is_global_zero:
+                self._write_run_info()  # last: a run refused at set-up leaves no run.json for the report to find
 
     def _precision_in_use(self, trainer: Trainer) -> str:
         """What the probe forward computes in, named as Lightning names precisions: the autocast dtype inside its
@@ -327,7 +329,7 @@ class NegativeDifferentiationMonitor(Callback):
                                 trainer.world_size)
 
     def _prepare(self, hf_model: torch.nn.Module, datamodule: Any, is_global_zero: bool) -> None:
-        """Trainer-agnostic (also the HF callback's): resolve the ablation data, build the probe set, write run.json."""
+        """Trainer-agnostic (also the HF callback's): resolve the ablation data, build the probe set."""
         self._hf_model = hf_model
         source = self.probe_source
         if source is None and hasattr(datamodule, "probe_texts"):
@@ -350,8 +352,6 @@ class NegativeDifferentiationMonitor(Callback):
                                    "curves run)")
         max_positions = getattr(self._hf_model.config, "max_position_embeddings", None)
         self._probe_set = ProbeSet.build(source, self.tokenizer, max_positions=max_positions, **self.probe_kwargs)
-        if is_global_zero:
-            self._write_run_info()
 
     def _write_run_info(self) -> None:
         """``run.json`` beside the records: what was monitored and how (read by the report)."""

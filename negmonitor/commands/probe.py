@@ -24,19 +24,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load, probe, print the summary and write the tables."""
-    from negmonitor.models import load_model
-    from negmonitor.probing import probe
+    from negmonitor.models import check_revision_applies, empty_model, load_model, load_tokenizer
+    from negmonitor.probing import ProbeSettings, check_memory_budget, probe
     from negmonitor.probeset import ProbeSet
 
     out = ensure_writable_dir(args.out)
     layers = parse_layers(args.layers)
     budget = memory_budget(args)
-    model, tokenizer = load_model(args.model, revision=args.revision, dtype=weights_dtype(args),
-                                  device=args.device, tokenizer=args.tokenizer)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    check_revision_applies(args.model, args.revision)
+    # The probe text, the layers and the budget are checked on the model's config, before its weights load (16 GB
+    # for Llama-3.1-8B): a typo in --text must not cost a download. Without a readable config (a .ckpt file, a wrong
+    # id) the model loads first and load_model says what is wrong.
+    shell = empty_model(args.model, revision=args.revision, dtype=weights_dtype(args), device=args.device)
+    model = None
+    if shell is None:
+        model, tokenizer = load_model(args.model, revision=args.revision, dtype=weights_dtype(args),
+                                      device=args.device, tokenizer=args.tokenizer)
+    else:
+        tokenizer = load_tokenizer(args.model, revision=args.revision, tokenizer=args.tokenizer)
+    max_positions = getattr((shell if model is None else model).config, "max_position_embeddings", None)
     probe_set = ProbeSet.build(probe_source(args), tokenizer, n_tokens=args.tokens, window=args.window,
                                n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)
     check_tokens_available(probe_set, args.tokens)
+    if model is None:
+        check_memory_budget(shell, probe_set, layers, ProbeSettings(batch_size=args.batch_size, memory_budget=budget))
+        del shell
+        model, tokenizer = load_model(args.model, revision=args.revision, dtype=weights_dtype(args),
+                                      device=args.device, tokenizer=args.tokenizer)
     dtype = dtype_name(model)
     print(f"probing {args.model}{'@' + args.revision if args.revision else ''} in {dtype} on {probe_set.n_tokens} "
           f"tokens ({probe_set.n_windows} windows of {probe_set.window}) from {probe_set.source}")

@@ -125,25 +125,26 @@ class NegativeDifferentiationCallback(TrainerCallback):
         self._maybe_measure(state, monitor.schedule.due(state.global_step))
 
     def _set_up(self, args: Any, model: Any, monitor: NegativeDifferentiationMonitor, root: Path) -> None:
-        """Open the records under ``root`` and the event file (rank zero), build the probe set, check the budget."""
-        sinks = []
+        """Open the records under ``root``, build the probe set, check the budget; then (rank zero) write run.json
+        and open the event file: a run refused here leaves neither an empty TensorBoard run nor a run.json."""
+        monitor._open(root, [], self._ranks.is_global_zero,
+                      run_name=Path(str(getattr(args, "run_name", None) or args.output_dir)).name)
+        monitor._hf_model = model
+        monitor.precision_used = monitor._precision_in_use(self._ranks)
+        monitor._prepare(model, None, self._ranks.is_global_zero)
+        monitor._check_budget(self._ranks)
         if self._ranks.is_global_zero:
             from torch.utils.tensorboard import SummaryWriter
 
+            monitor._write_run_info()
             self._writer = SummaryWriter(log_dir=str(root / "negmonitor"))
-            sinks = [WriterSink(self._writer)]
+            monitor._sinks.append(WriterSink(self._writer))
             if not monitor.tokens_per_step and args.include_num_input_tokens_seen in (False, "no", None):
                 import warnings
 
                 warnings.warn("negmonitor: tokens_seen is recorded as 0 — set TrainingArguments("
                               "include_num_input_tokens_seen=True) or NegativeDifferentiationCallback("
                               "tokens_per_step=...)", stacklevel=2)
-        monitor._open(root, sinks, self._ranks.is_global_zero,
-                      run_name=Path(str(getattr(args, "run_name", None) or args.output_dir)).name)
-        monitor._hf_model = model
-        monitor.precision_used = monitor._precision_in_use(self._ranks)
-        monitor._prepare(model, None, self._ranks.is_global_zero)
-        monitor._check_budget(self._ranks)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Save the monitor's state (cohort, measured steps) beside the checkpoint just written, and the weight
@@ -190,7 +191,7 @@ class NegativeDifferentiationCallback(TrainerCallback):
             if self._ranks.is_global_zero:
                 found = next((path for path in candidates if path.is_file()), None)
                 if found is not None:
-                    saved = torch.load(found, map_location="cpu", weights_only=False)
+                    saved = torch.load(found, map_location="cpu", weights_only=True)  # plain data; no code runs
                     if max(saved.get("measured_steps") or [0]) > step:
                         warnings.warn(f"negmonitor: the monitor's state at {found} measured past step {step}, where "
                                       "this run resumed: it is another checkpoint's, left out", stacklevel=2)
