@@ -205,9 +205,9 @@ def _plan(shapes: Sequence[LayerShape], budget: int | None, batch_size: int, win
     if best is not None:
         return best
     raise NegmonitorError(
-        f"memory_budget {format_bytes(budget)} cannot hold even one layer's statistics — the smallest budget that "
-        f"works here is {format_bytes(smallest)} (memory_budget='{math.ceil(smallest / (1 << 20))}MiB'); or "
-        "monitor fewer neurons, or use fewer histogram bins")
+        f"memory_budget {format_bytes(budget)} cannot hold the measurement of even one layer — the smallest budget "
+        f"that works here is {format_bytes(smallest)} (memory_budget='{math.ceil(smallest / (1 << 20))}MiB', "
+        f"--memory-budget {math.ceil(smallest / (1 << 20))}MiB), or a shorter probe window")
 
 
 def _greedy(costs: list[tuple[int, int]], forward: int, budget: int, batch_size: int, rows: int) -> Plan:

@@ -22,7 +22,7 @@ from torchmetrics import Metric
 from negmonitor.adapters import MLPSite
 from negmonitor.distributed import FailureHold, reduce_in_place
 from negmonitor.errors import NegmonitorError
-from negmonitor.metrics.streaming import NeuronStatsAccumulator
+from negmonitor.metrics.streaming import NeuronStatsAccumulator, grid_from_rows
 
 
 def count_nonfinite_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -113,11 +113,9 @@ class SiteRecorder(nn.Module):
         if not self.pairs.allocated:
             self.pairs.allocate(x_in.dtype, y.dtype, y.device)
         rows = batch.valid_rows
-        if batch.grid_rows.numel() and (batch.calibrating or not self.stats.grid_ready):
+        if batch.grid_rows.numel() and not self.stats.grid_ready:
             # The grid reads at most GRID_ROWS rows of the probe's first window: picked here, not a copy of all.
             self.stats.init_grid(flat_y.index_select(0, batch.grid_rows))
-        if batch.calibrating:
-            return
         step = self.rows_per_update or max(1, rows.numel())
         if batch.all_valid and self.stats.fuses(flat_y):
             step = max(1, rows.numel())  # a view, not a copy: the fused CPU update is faster the longer its chunks
@@ -136,10 +134,17 @@ class SiteRecorder(nn.Module):
         self.pairs.update(batch.pair_slots, flat_x, flat_y, batch.pair_rows)
 
 
+    def take_grid(self, calibrated: "GridRecorder") -> None:
+        """Start from the grid of a calibration pass, and make the pair buffers in the dtypes it saw (a rank with no
+        probe window of its own then reduces zeros of the right dtypes)."""
+        center, unit = calibrated.grid
+        self.stats.take_grid(center, unit)
+        self.pairs.allocate(*calibrated.dtypes, center.device)
+
     def reduce_across_ranks(self) -> None:
         """Sum (min, max) every rank's state into every rank's, in place: a collective, one state at a time, no
         copies (each rank's pair slots are its own, the others' are zero, so a sum merges them exactly)."""
-        buffers = self.pairs.buffers()  # allocated at every rank's first hook call (the calibration batch's)
+        buffers = self.pairs.buffers()  # allocated by take_grid, from the calibration pass
         pairs = [(buffers["x"], "sum"), (buffers["y"], "sum"), (buffers["seen"], "sum")]
         reduce_in_place([*self.stats.states_to_reduce(), *pairs, (self.nonfinite_tokens, "sum"), (self.calls, "sum")])
 
@@ -150,6 +155,28 @@ class SiteRecorder(nn.Module):
         Metric.reset(self.stats)  # torchmetrics' defaults: one element for the histogram (no full-size rebuild)
         self.pairs.reset()
         self.pairs.allocated = False
+
+
+class GridRecorder:
+    """A site's stand-in for :class:`SiteRecorder` in the calibration pass of a probe under DDP: it keeps only the
+    histogram grid from the calibration window's rows (two floats a neuron) and the capture dtypes, so one forward
+    calibrates every monitored layer (one forward per layer group before: from the embeddings each time)."""
+
+    def __init__(self, site: MLPSite, stop_after: bool = False) -> None:
+        self.layer = site.layer
+        self.stop_after = stop_after
+        self.grid: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dtypes: tuple[torch.dtype, torch.dtype] | None = None
+        self.calls = 0
+
+    def observe(self, x_in: torch.Tensor, y: torch.Tensor, batch: "BatchContext") -> None:
+        """Take the grid from the batch's grid rows (the calibration window's)."""
+        self.dtypes = (x_in.dtype, y.dtype)
+        self.grid = grid_from_rows(y.detach().reshape(-1, y.shape[-1]).index_select(0, batch.grid_rows))
+        self.calls += 1
+
+    def release(self) -> None:
+        self.grid = None
 
 
 class StopPass(Exception):
@@ -165,7 +192,6 @@ class BatchContext:
     pair_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     pair_slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     grid_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    calibrating: bool = False
     all_valid: bool = False  # every row is a real token: chunks are views, not copies
     # Under FSDP a hook that raised would cut this rank's forward short while the other ranks' go on to gathers it
     # never joins: ``failures`` holds a hook's error there instead (see FailureHold), the hooks stay idle from then
@@ -173,7 +199,7 @@ class BatchContext:
     failures: FailureHold = field(default_factory=lambda: FailureHold(active=False))
 
 
-def _hook(recorder: SiteRecorder, batch: BatchContext, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+def _hook(recorder: SiteRecorder | GridRecorder, batch: BatchContext, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     if batch.failures.failed:  # a hook failed earlier in this pass (held under FSDP): the forward runs on, unobserved
         return
     # statistics in fp32 in any forward: no autocast, and fp32 for the tensors they create (a Lightning "bf16-true"
@@ -199,7 +225,8 @@ def float32_by_default() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def recording(sites: Sequence[MLPSite], recorders: Sequence[SiteRecorder], batch: BatchContext) -> Iterator[None]:
+def recording(sites: Sequence[MLPSite], recorders: Sequence[SiteRecorder | GridRecorder],
+              batch: BatchContext) -> Iterator[None]:
     """Install one forward hook per site feeding its recorder; remove exactly those hooks on exit."""
     handles = []
     try:
@@ -216,7 +243,7 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def check_hooks_fired(recorders: Sequence[SiteRecorder]) -> None:
+def check_hooks_fired(recorders: Sequence[SiteRecorder | GridRecorder]) -> None:
     """Refuse to report statistics from hooks that never ran (e.g. a model compiled after wrapping)."""
     silent = [r.layer for r in recorders if int(r.calls) == 0]
     if silent:

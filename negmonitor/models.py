@@ -216,6 +216,9 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> NegmonitorEr
                      or type(exc).__name__ in {"RevisionNotFoundError"}):
         return NegmonitorError(f"revision {revision!r} of {name!r} does not exist — check the name "
                                "(Pythia: step0, step1, …, step143000)")
+    if "gated repo" in text.lower() or type(exc).__name__ == "GatedRepoError":
+        return NegmonitorError(f"{name!r} is gated on the hub — accept its licence on its hub page, then log in "
+                               "(hf auth login, or set HF_TOKEN)")
     if not local and ("/" not in name or name.startswith((".", "/", "~"))):
         return NegmonitorError(f"model {name!r} is not a folder here nor a hub id — pass a save_pretrained "
                                "folder or an id like EleutherAI/pythia-70m")

@@ -98,8 +98,8 @@ class ProbeSet:
             return source
         if (n_tokens is not None and n_tokens <= 0) or window <= 1 or n_pairs < 0:
             raise NegmonitorError(
-                f"probe settings must be positive (n_tokens={n_tokens}, window={window}, n_pairs={n_pairs}) — "
-                "fix the probe arguments"
+                f"probe settings out of range (n_tokens={n_tokens}, window={window}, n_pairs={n_pairs}) — the tokens "
+                "must be positive, the window at least 2 tokens (a pair needs two positions), the pairs 0 or more"
             )
         if max_positions:
             window = min(window, int(max_positions))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import torch
@@ -20,7 +20,8 @@ from torch import nn
 from negmonitor.adapters import MLPSite, find_blocks, find_sites
 from negmonitor.budget import (DEFAULT_MEMORY_BUDGET, BatchLimit, LayerShape, Plan, eager_attention_bytes,
                                log_plan_once, parse_bytes, plan_measurement, retry_on_out_of_memory)
-from negmonitor.capture import BatchContext, SiteRecorder, StopPass, check_hooks_fired, recording, unwrap_compiled
+from negmonitor.capture import (BatchContext, GridRecorder, SiteRecorder, StopPass, check_hooks_fired, recording,
+                                unwrap_compiled)
 from negmonitor.metrics.streaming import GRID_ROWS
 from negmonitor.distributed import FailureHold, Shard, agree_on_failure, forward_is_collective, gathers_weight
 from negmonitor.errors import NegmonitorError
@@ -54,6 +55,9 @@ class ProbeSettings:
 
     def __post_init__(self) -> None:
         self.memory_budget = parse_bytes(self.memory_budget)
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise NegmonitorError(f"the probe batch size must be a positive integer, got {self.batch_size!r} — e.g. "
+                                  "--batch-size 8 (batch_size=8)")
 
 
 def probe(
@@ -81,11 +85,10 @@ def probe(
 
 def _settings(settings: ProbeSettings | None, overrides: dict) -> ProbeSettings:
     settings = settings or ProbeSettings()
-    for key, value in overrides.items():
-        if not hasattr(settings, key):
-            raise NegmonitorError(f"unknown probe setting {key!r} — known: {', '.join(vars(settings))}")
-        setattr(settings, key, parse_bytes(value) if key == "memory_budget" else value)
-    return settings
+    unknown = [key for key in overrides if not hasattr(settings, key)]
+    if unknown:
+        raise NegmonitorError(f"unknown probe setting {unknown[0]!r} — known: {', '.join(vars(settings))}")
+    return replace(settings, **overrides) if overrides else settings  # checked again, as at construction
 
 
 def measure(
@@ -190,6 +193,7 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
     guarded = world_size > 1
     cache: list[torch.Tensor] | None = None  # hidden states entering this group's first block, one per batch
     blocks = find_blocks(model) if plan.resume else None
+    grids = _shared_grids(model, probe_set, sites, forward_context) if world_size > 1 else None
     for g, group in enumerate(plan.groups):
         resume = None
         if blocks is not None:
@@ -197,7 +201,8 @@ def _measure_groups(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSi
             resume = Resume(blocks, sites[group[0]].layer if cache is not None else None, cache,
                             None if following is None else sites[following].layer)
         recorders = _measure_once(model, probe_set, [sites[i] for i in group], settings, batch_size, rank,
-                                  world_size, plan.rows_per_update, forward_context, resume)
+                                  world_size, plan.rows_per_update, forward_context, resume,
+                                  None if grids is None else [grids[i] for i in group])
         cache = None if resume is None else resume.cache_out
         while recorders:  # reduce, summarise and drop one recorder at a time: the group's state shrinks as it goes
             recorder = recorders.pop(0)
@@ -237,15 +242,18 @@ def _measure_once(
     rows_per_update: int | None = None,
     forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
     resume: Resume | None = None,
+    grids: Sequence[GridRecorder] | None = None,
 ) -> list[SiteRecorder]:
     """One pass over this rank's windows for ``sites``, stopping each forward after the last of them (not under
     FSDP, whose forward must run whole: its units gather and free parameters in hooks), or, with ``resume``, at the
-    next group's first block, and starting from cached hidden states when ``resume`` has them."""
+    next group's first block, and starting from cached hidden states when ``resume`` has them. ``grids`` (under
+    DDP, from :func:`_shared_grids`) fix the sites' histogram grids; without them each takes its grid from the
+    batch holding the probe's first window."""
     eager = unwrap_compiled(model)
     device = _device_of(eager)
     kwargs: dict = {} if settings.n_bins is None else {"n_bins": settings.n_bins}
-    # The grids are shared after the calibration phase, outside any hook (and a single-rank probe inside a DDP job
-    # must not broadcast: the other ranks are not measuring).
+    # Under DDP the grids come from _shared_grids (and a single-rank probe inside a DDP job must not broadcast: the
+    # other ranks are not measuring).
     kwargs["sync_grid"] = False
     last = max(range(len(sites)), key=lambda i: sites[i].layer)
     feed = None if resume is None or resume.feed is None else resume.blocks[resume.feed]  # where this pass stops
@@ -266,19 +274,14 @@ def _measure_once(
         recorders = [SiteRecorder(site, 2 * probe_set.n_pairs, rows_per_update=rows_per_update,
                                   stop_after=may_stop and i == last, **kwargs).to(device)
                      for i, site in enumerate(sites)]
-        calibration = _calibration_inputs(probe_set, device) if world_size > 1 else None
+        for recorder, calibrated in zip(recorders, grids or ()):
+            recorder.take_grid(calibrated)
         inputs = _batch_inputs(probe_set, batches, pair_flat, device)
         spare = (probe_set.input_ids[:1].to(device), probe_set.attention_mask[:1].to(device)) if extra else None
     batch = BatchContext(failures=FailureHold(active=forward_is_collective(eager)))
     runner = getattr(eager, "base_model", eager)
     with _eval_no_grad(eager):
-        if calibration is not None:
-            with agree_on_failure():  # every rank learns of a failure here before the grid broadcast
-                with recording(sites, recorders, batch), forward_context(), stop_at():
-                    _calibrate(runner, calibration, batch)
-                batch.failures.raise_held()
-            _share_rank0_grids(recorders)
-        with agree_on_failure(world_size > 1):  # ... and here before the reductions that follow the pass
+        with agree_on_failure(world_size > 1):  # every rank learns of a failure before the reductions that follow
             with recording(sites, recorders, batch), stop_at(None if feed is None else resume.cache_out):
                 for index, this in enumerate(_progress(inputs, settings.progress, "probe")):
                     batch.valid_rows, batch.all_valid = this.valid_rows, this.all_valid
@@ -298,11 +301,29 @@ def _measure_once(
     return recorders
 
 
-def _share_rank0_grids(recorders: Sequence[SiteRecorder]) -> None:
-    """Every rank takes rank 0's histogram grid (centre and inverse unit, bit for bit), so the states sum."""
-    for recorder in recorders:
-        torch.distributed.broadcast(recorder.stats.center, src=0)
-        torch.distributed.broadcast(recorder.stats.inv_unit, src=0)
+def _shared_grids(model: nn.Module, probe_set: ProbeSet, sites: Sequence[MLPSite],
+                  forward_context: Callable[[], ContextManager]) -> list[GridRecorder]:
+    """Every site's histogram grid from the calibration window (:func:`_calibration_inputs`), in one forward that
+    stops after the last site (not under FSDP), then rank 0's grids sent to every rank, bit for bit, so that the
+    ranks' states sum and equal a single process's. One forward per measurement: a forward per layer group, each
+    from the embeddings, cost more than the probe pass itself at 8 ranks (8 windows a rank: 1)."""
+    eager = unwrap_compiled(model)
+    device = _device_of(eager)
+    last = max(range(len(sites)), key=lambda i: sites[i].layer)
+    may_stop = not any(gathers_weight(site.projection) for site in sites)
+    calibrated = [GridRecorder(site, stop_after=may_stop and i == last) for i, site in enumerate(sites)]
+    batch = BatchContext(failures=FailureHold(active=forward_is_collective(eager)))
+    with agree_on_failure():  # the inputs on the device before any forward: under FSDP a forward is a collective
+        calibration = _calibration_inputs(probe_set, device)
+    with agree_on_failure():  # every rank learns of a failure here before the broadcasts
+        with _eval_no_grad(eager), recording(sites, calibrated, batch), forward_context():
+            _calibrate(getattr(eager, "base_model", eager), calibration, batch)
+        batch.failures.raise_held()
+        check_hooks_fired(calibrated)
+    for recorder in calibrated:
+        for tensor in recorder.grid:
+            torch.distributed.broadcast(tensor, src=0)
+    return calibrated
 
 
 def _run(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -335,19 +356,15 @@ def _calibration_inputs(probe_set: ProbeSet, device: torch.device) -> _BatchInpu
 
 
 def _calibrate(runner: nn.Module, this: _BatchInputs, batch: BatchContext) -> None:
-    """Fix every histogram grid from :func:`_calibration_inputs`, as a single process does in the batch that holds
-    that window.
+    """Run the calibration window (:func:`_calibration_inputs`) past :class:`GridRecorder` hooks: each takes its
+    grid from it, as a single process does in the batch that holds that window.
 
     Under DDP each rank would otherwise take its grid from its own first batch; with a shared calibration window the
     reduced statistics equal the single-process ones.
     """
     batch.valid_rows, batch.grid_rows = this.valid_rows, this.grid_rows
     batch.pair_rows, batch.pair_slots = this.pair_rows, this.pair_slots
-    batch.calibrating = True
-    try:
-        _run(runner, this.ids, this.mask)
-    finally:
-        batch.calibrating = False
+    _run(runner, this.ids, this.mask)
 
 
 @dataclass

@@ -114,3 +114,44 @@ def test_shard_pads_every_rank_to_rank_zeros_batches() -> None:
     assert own == [2, 1, 1] and extra == [0, 1, 1]
     assert Shard(2, 3).take(list(range(10))) == [2, 5, 8]
     assert Shard().extra_batches(7, 3) == 0 and not Shard().active
+
+
+END_SCRIPT = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    import lightning as L
+    from lightning.pytorch import seed_everything
+    from lightning_helpers import TEXT, TinyLM, token_loader
+    from negmonitor.callbacks import NegativeDifferentiationMonitor
+    from negmonitor.train.grammar import GrammarCorpus
+
+    seed_everything(0)
+    module = TinyLM()
+    # no ablation at step 2 (due every 100 steps): the end of training, unknown at step 2 (max_epochs), adds it
+    monitor = NegativeDifferentiationMonitor(probe=[TEXT], probe_tokens=1_024, probe_window=64, n_pairs=100,
+                                             every_n_steps=2, ablation_every_n_steps=100, log_dir=sys.argv[1],
+                                             ablation=json.loads(sys.argv[3]), ppl_text=TEXT[:2_000],
+                                             minimal_pairs=GrammarCorpus(0).minimal_pairs(2))
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False,
+                        callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=sys.argv[1])
+    trainer.fit(module, token_loader(module.tokenizer, n_batches=4))  # 2 steps a rank
+    print(f"rank {trainer.global_rank} finished at step {trainer.global_step}", flush=True)
+''')
+
+
+def test_ddp_end_of_training_ablation_runs_on_every_rank(tmp_path) -> None:
+    """Every rank but 0 failed each measurement after its probe pass (its scalars had no columns), so it kept no
+    last measurement: at the end of a max_epochs run, rank 0 ran the final ablation's collectives alone and hung."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    code, out, err = run_script(tmp_path, "ddp_end.py", END_SCRIPT, str(logs), str(Path(__file__).parent),
+                                json.dumps({**ABLATION, "random_draws": 1, "max_matching_evals": 2}),
+                                extra_env={"PYTHONWARNINGS": "always::UserWarning"},
+                                hang="the DDP run hung at the end of training (rank 0's final ablation alone)")
+    assert code == 0, err[-3000:]
+    assert "rank 0 finished at step 2" in out and "rank 1 finished at step 2" in out, out
+    assert "failed" not in err, err[-3000:]
+    scalars = RecordStore.for_logdir(logs).read_scalars()
+    assert sorted(scalars.step.unique()) == [0, 2]
+    assert "ablation/ppl_ratio/wasserstein" in set(scalars[scalars.step == 2].metric)

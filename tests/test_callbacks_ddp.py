@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -32,7 +33,21 @@ SCRIPT = textwrap.dedent('''
     trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=2, logger=False, callbacks=[monitor],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=sys.argv[1])
+    import json
+    from negmonitor import probing
+    calls = {}  # calibration forwards per measurement step, rank 0
+    calibrate = probing._calibrate
+
+    def counted(*args):
+        if trainer.global_rank == 0:
+            calls[str(trainer.global_step)] = calls.get(str(trainer.global_step), 0) + 1
+        return calibrate(*args)
+
+    probing._calibrate = counted
     trainer.fit(module, token_loader(module.tokenizer))
+    if trainer.global_rank == 0:
+        with open(f"{sys.argv[1]}/calibrations.json", "w") as f:
+            json.dump(calls, f)
 ''')
 
 
@@ -54,6 +69,10 @@ def test_ddp_equals_single_process(tmp_path, one_layer_per_pass) -> None:
                               budget, timeout=300, hang="the DDP run hung")
     assert code == 0, err[-3000:]
     assert ("2 pass(es)" in err) == one_layer_per_pass
+    assert "failed" not in err, err[-3000:]  # rank 1 failed every measurement after its probe pass (no columns)
+    # one calibration forward per measurement for every layer, not one per pass (each from the embeddings)
+    calls = json.loads((tmp_path / "logs" / "calibrations.json").read_text())
+    assert calls == {"0": 1, "2": 1}, calls
     store = RecordStore.for_logdir(tmp_path / "logs")
     assert list((tmp_path / "logs" / "negmonitor" / "scalars").glob("*.parquet")), "rank 0 wrote no records"
     neurons = store.read_neurons()

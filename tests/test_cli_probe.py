@@ -140,3 +140,31 @@ def test_a_model_folder_without_tokenizer_files_is_named_as_such(text_file, tmp_
     assert main(["probe", "--model", str(folder), "--text", str(text_file), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "turns text into no tokens" in err and "--tokenizer PATH" in err and "is empty" not in err
+
+
+def test_an_earlier_result_in_out_is_said_to_be_replaced(model_dir, text_file, tmp_path, capsys) -> None:
+    argv = ["probe", "--model", str(model_dir), "--text", str(text_file), "--tokens", "1024", "--window", "128",
+            "--pairs", "100", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "replaces" not in capsys.readouterr().err
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out'} holds an earlier probe result of {model_dir}; this run replaces it" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "the probe batch size must be a positive integer, got 0"),
+    (["--window", "1"], "the window at least 2 tokens"),
+])
+def test_out_of_range_numbers_are_one_line(model_dir, text_file, tmp_path, capsys, args, message) -> None:
+    argv = ["probe", "--model", str(model_dir), "--text", str(text_file), "--out", str(tmp_path / "o"), *args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_gated_hub_model_says_how_to_log_in() -> None:
+    from negmonitor.models import _load_error
+
+    error = _load_error("meta-llama/Llama-3.1-8B", None, OSError(
+        "You are trying to access a gated repo.\nMake sure to have access to it at https://huggingface.co/..."))
+    assert "is gated on the hub" in str(error) and "hf auth login" in str(error) and "\n" not in str(error)

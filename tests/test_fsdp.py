@@ -102,7 +102,7 @@ SCRIPT = textwrap.dedent('''
         def failing_observe(self, x_in, y, batch):
             """Rank 0, step 2: layer 0's hook fails in the probe forward, before the FSDP units of the layers after
             it gather their parameters (collectives the other rank is running)."""
-            if trainer.global_rank == 0 and trainer.global_step == 2 and self.layer == 0 and not batch.calibrating:
+            if trainer.global_rank == 0 and trainer.global_step == 2 and self.layer == 0:
                 raise RuntimeError("injected failure in rank 0's probe hook")
             return real_observe(self, x_in, y, batch)
 

@@ -381,3 +381,13 @@ def test_a_model_spread_over_devices_is_refused_in_one_line(tokenizer) -> None:
     assert {str(p.device) for p in model.parameters()} == {"cpu", "meta"}
     with pytest.raises(NegmonitorError, match=r"spread over cpu, meta \(a device_map across devices, or offloading"):
         probe(model, probe_set, tokenizer=tokenizer)
+
+
+def test_a_probe_batch_size_below_one_is_refused_however_it_is_given() -> None:
+    from negmonitor.probing import ProbeSettings, _settings
+
+    with pytest.raises(NegmonitorError, match="positive integer, got 0"):
+        ProbeSettings(batch_size=0)
+    with pytest.raises(NegmonitorError, match="positive integer, got -2"):
+        _settings(None, {"batch_size": -2})  # probe(model, probe_set, batch_size=-2)
+    assert _settings(None, {"batch_size": 3}).batch_size == 3

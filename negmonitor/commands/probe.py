@@ -29,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from negmonitor.probeset import ProbeSet
 
     out = ensure_writable_dir(args.out)
+    _say_what_is_replaced(out)
     layers = parse_layers(args.layers)
-    budget = memory_budget(args)
+    settings = ProbeSettings(batch_size=args.batch_size, memory_budget=memory_budget(args), progress=True)
     check_revision_applies(args.model, args.revision)
     # The probe text, the layers and the budget are checked on the model's config, before its weights load (16 GB
     # for Llama-3.1-8B): a typo in --text must not cost a download. Without a readable config (a .ckpt file, a wrong
@@ -47,20 +48,37 @@ def run(args: argparse.Namespace) -> int:
                                n_pairs=args.pairs, seed=args.seed, max_positions=max_positions)
     check_tokens_available(probe_set, args.tokens)
     if model is None:
-        check_memory_budget(shell, probe_set, layers, ProbeSettings(batch_size=args.batch_size, memory_budget=budget))
+        check_memory_budget(shell, probe_set, layers, settings)
         del shell
         model, tokenizer = load_model(args.model, revision=args.revision, dtype=weights_dtype(args),
                                       device=args.device, tokenizer=args.tokenizer)
     dtype = dtype_name(model)
     print(f"probing {args.model}{'@' + args.revision if args.revision else ''} in {dtype} on {probe_set.n_tokens} "
           f"tokens ({probe_set.n_windows} windows of {probe_set.window}) from {probe_set.source}")
-    result = probe(model, probe_set, layers=layers, tokenizer=tokenizer, batch_size=args.batch_size, progress=True,
-                   memory_budget=budget)
+    result = probe(model, probe_set, layers=layers, tokenizer=tokenizer, settings=settings)
     result.meta.update(model=args.model, revision=args.revision, dtype=dtype, protocol=args.protocol)
     result.save(out)
     print(format_summary(result.layers))
     print(f"tables written to {out}/ (neurons.parquet, layers.parquet, pairs.parquet, top_pairs.parquet, meta.json)")
     return 0
+
+
+def _say_what_is_replaced(out) -> None:
+    """One line when ``out`` already holds a probe result: this run's tables replace it (meta.json goes first)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    meta = Path(out) / "meta.json"
+    if not meta.is_file():
+        return
+    try:
+        earlier = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    what = f" of {earlier['model']}{'@' + earlier['revision'] if earlier.get('revision') else ''}" \
+        if earlier.get("model") else ""
+    print(f"negmonitor probe: {out} holds an earlier probe result{what}; this run replaces it", file=sys.stderr)
 
 
 def check_tokens_available(probe_set, requested: int | None) -> None:

@@ -248,6 +248,12 @@ class NeuronStatsAccumulator(Metric):
         self.inv_unit = (1.0 / unit).clone()
         self._grid_set = True
 
+    def take_grid(self, center: Tensor, unit: Tensor) -> None:
+        """Fix the grid :func:`grid_from_rows` computed (no checks, no read-back): the probe under DDP takes every
+        layer's grid in one calibration forward. Call before updating."""
+        self._check_no_data()
+        self._set_grid(center, unit)
+
     def init_grid(self, x: Tensor) -> None:
         """Set the grid from a calibration batch ``[tokens, neurons]`` (median and robust spread per neuron)."""
         self._check_no_data()
@@ -603,6 +609,13 @@ def _reduce_pair(reduce_fn: Any, local: Tensor, incoming: Tensor) -> Tensor:
     if getattr(reduce_fn, "__name__", "") == "dim_zero_max":
         return torch.maximum(local, incoming)
     return local + incoming
+
+
+def grid_from_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The grid (centre, unit per neuron) that :meth:`NeuronStatsAccumulator.init_grid` fixes from a calibration
+    batch ``[tokens, neurons]`` on the same device, computed without an accumulator (two floats a neuron)."""
+    x = x.detach().reshape(-1, x.shape[-1])
+    return _grid_from_batch(x, _CPU_BLOCK_ELEMENTS if x.device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS)
 
 
 def _grid_from_batch(x: Tensor, block_elements: int) -> tuple[Tensor, Tensor]:

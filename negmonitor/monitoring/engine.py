@@ -149,7 +149,7 @@ def take_measurement(
         with agree_on_failure(world_size > 1):  # learn whether rank 0's part below failed (and tell it of ours)
             if gathered:
                 _join_weight_reads(sites)
-        return Measurement(step, result, pd.DataFrame(), pd.DataFrame())
+        return Measurement(step, result, scalar_rows([]), pd.DataFrame())  # with the columns rank 0's scalars have
     # Rank 0 alone follows the cohort, measures drift and builds the tables; a failure here reaches every rank
     # before what follows the measurement (an ablation's collectives), so all skip it together. Under FSDP the
     # drift's weight reads are collectives: rank 0 joins every one of them even after a failure, so the guard's
